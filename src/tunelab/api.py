@@ -1,0 +1,126 @@
+"""The public Python API: attach a method, count, save, load and merge.
+
+    model = tunelab.attach(model, "lora", r=8, alpha=16)
+    tunelab.save(model, "out/")            # method.json + method.safetensors
+    model = tunelab.load(fresh_base, "out/")
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pydantic import ValidationError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from tunelab import methods as _methods  # noqa: F401  (registers every method)
+from tunelab.checkpoint import atomic_dir
+from tunelab.methods.base import (
+    HEAD_NAMES,
+    METHODS,
+    count_parameters,
+    install_context,
+    method_state_dict,
+)
+
+METHOD_JSON = "method.json"
+METHOD_WEIGHTS = "method.safetensors"
+
+
+def method_config(name: str, params: dict):
+    """Validate ``params`` against method ``name``'s schema (clear error on a bad key/value)."""
+    method = METHODS.get(name)
+    try:
+        return method.Config(**params)
+    except ValidationError as e:
+        raise ValueError(f"bad parameters for method '{name}':\n{e}") from None
+
+
+def attach(model: nn.Module, method_name: str, **params) -> nn.Module:
+    """Inject ``method_name`` into ``model``, freeze what it does not train, return the model."""
+    if getattr(model, "tunelab_method", None):
+        raise ValueError(f"a method ({model.tunelab_method['name']}) is already attached to this model")
+    method = METHODS.get(method_name)
+    cfg = method_config(method_name, params)
+    install_context(model)
+    model = method.attach(model, cfg)
+    # A head created for this run (tunelab.models marks it) trains with any method.
+    for name in getattr(model, "tunelab_new_head", []):
+        for p in model.get_submodule(name).parameters():
+            p.requires_grad_(True)
+    model.tunelab_method = {"name": method_name, "params": cfg.model_dump(mode="json")}
+    return model
+
+
+def trainable_parameters(model: nn.Module) -> dict[str, float]:
+    """``{"trainable": int, "total": int, "percent": float}``."""
+    return count_parameters(model)
+
+
+def save(model: nn.Module, directory: str | Path) -> Path:
+    """Write the method's tensors (safetensors) and its name + params (JSON), atomically."""
+    info = getattr(model, "tunelab_method", None)
+    if not info:
+        raise ValueError("no tunelab method is attached to this model; call tunelab.attach first")
+    directory = Path(directory)
+    state = {k: v.contiguous() for k, v in method_state_dict(model).items()}
+    with atomic_dir(directory) as tmp:
+        save_file(state, str(tmp / METHOD_WEIGHTS))
+        meta = dict(info, heads=list(getattr(model, "tunelab_new_head", [])))
+        (tmp / METHOD_JSON).write_text(json.dumps(meta, indent=2))
+    return directory
+
+
+def read_method(directory: str | Path) -> dict:
+    path = Path(directory) / METHOD_JSON
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: not found (is this a tunelab method directory?)")
+    return json.loads(path.read_text())
+
+
+def load(model: nn.Module, directory: str | Path) -> nn.Module:
+    """Attach the saved method to ``model`` (a fresh base) and load its tensors."""
+    directory = Path(directory)
+    meta = read_method(directory)
+    if not getattr(model, "tunelab_method", None):
+        model = attach(model, meta["name"], **meta["params"])
+    elif model.tunelab_method["name"] != meta["name"]:
+        raise ValueError(f"{directory}: holds method '{meta['name']}' but the model has '{model.tunelab_method['name']}'")
+    state = load_file(str(directory / METHOD_WEIGHTS), device="cpu")
+    own = model.state_dict()
+    missing = [k for k in method_state_dict(model) if k not in state]
+    unknown = [k for k in state if k not in own]
+    if missing or unknown:
+        raise ValueError(
+            f"{directory / METHOD_WEIGHTS}: does not match the model "
+            f"(missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"unexpected {unknown[:5]}{'...' if len(unknown) > 5 else ''})"
+        )
+    model.load_state_dict(state, strict=False)
+    return model
+
+
+def merge(model: nn.Module) -> nn.Module:
+    """Fold the attached method into the base weights and return a plain model."""
+    info = getattr(model, "tunelab_method", None)
+    if not info:
+        raise ValueError("no tunelab method is attached to this model")
+    method = METHODS.get(info["name"])
+    if not hasattr(method, "merge"):
+        reason = getattr(method, "merge_refusal", "this method has no merge")
+        raise ValueError(f"cannot merge '{info['name']}': {reason}")
+    model = method.merge(model)
+    model.tunelab_method = None
+    return model
+
+
+def unmerge(model: nn.Module) -> nn.Module:
+    info = getattr(model, "tunelab_method", None) or {}
+    method = METHODS.get(info.get("name", "")) if info else None
+    if method is None or not hasattr(method, "unmerge"):
+        raise ValueError("unmerge needs an attached method that supports it")
+    return method.unmerge(model)
+
+
+__all__ = ["attach", "trainable_parameters", "save", "load", "merge", "unmerge", "HEAD_NAMES"]

@@ -1,0 +1,127 @@
+"""The method interface and the helpers every method shares.
+
+A method is an object with a ``name``, a pydantic ``Config`` holding its hyperparameters, and
+``attach(model, cfg) -> model`` that injects its modules and freezes everything else. It may also
+define ``merge(model) -> model`` (fold the update into the base weights) and ``unmerge(model)``;
+a method without ``merge`` sets ``merge_refusal`` to a sentence saying why it cannot be merged.
+
+What gets saved is generic (see ``method_state_dict``): every parameter that trains, plus the
+persistent buffers of modules that set ``tunelab_state = True`` (e.g. random masking's indices).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Protocol
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from torch import nn
+
+from tunelab.registry import Registry
+
+
+class MethodConfig(BaseModel):
+    """Base for method configs: unknown keys are errors, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class Method(Protocol):
+    name: ClassVar[str]
+    Config: ClassVar[type[MethodConfig]]
+
+    def attach(self, model: nn.Module, cfg: Any) -> nn.Module: ...
+
+
+METHODS: Registry[Method] = Registry("method")
+
+# Module names of the output heads that must never be adapted by "all-linear" and that train
+# alongside any method when the head is new (set by tunelab.models when it creates one).
+HEAD_NAMES = ("lm_head", "score", "classifier", "qa_outputs", "cls")
+
+
+def freeze(model: nn.Module) -> None:
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+
+def find_linears(
+    model: nn.Module, target_modules: list[str] | str, types=(nn.Linear,)
+) -> list[tuple[str, nn.Module]]:
+    """Modules of ``types`` whose qualified name ends with one of ``target_modules``.
+
+    ``"all-linear"`` selects every linear except the output heads. An empty selection is an error
+    that lists the linear names the model has, so a typo is easy to fix.
+    """
+    found = []
+    for name, mod in model.named_modules():
+        if not isinstance(mod, types):
+            continue
+        if target_modules == "all-linear":
+            if any(part in HEAD_NAMES for part in name.split(".")):
+                continue
+            found.append((name, mod))
+        elif any(name == t or name.endswith("." + t) for t in target_modules):
+            found.append((name, mod))
+    if not found:
+        have = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, types)})
+        raise ValueError(f"target_modules={target_modules!r} matched no module; the model's linears are named {have}")
+    return found
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def method_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors a method owns: trainable parameters + persistent buffers of tunelab modules."""
+    state = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    for mname, mod in model.named_modules():
+        if getattr(mod, "tunelab_state", False):
+            for bname, buf in mod.named_buffers(recurse=False):
+                if bname not in mod._non_persistent_buffers_set:
+                    state[f"{mname}.{bname}" if mname else bname] = buf.detach()
+    return state
+
+
+def count_parameters(model: nn.Module) -> dict[str, float]:
+    """Trainable and total parameter counts (shared tensors counted once, NF4 bases by element)."""
+    seen, total, trainable = set(), 0, 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        if p.requires_grad:
+            trainable += p.numel()
+    return {"trainable": trainable, "total": total, "percent": 100.0 * trainable / max(total, 1)}
+
+
+# ---- the per-forward context: data the batch carries beyond what the model's forward takes ----
+# The collator emits `prompt_mask` (True on prompt tokens); methods such as ReFT need it to find
+# their positions. A pre-hook on the top model moves it out of the kwargs into `model.tunelab_context`
+# so the loop can call `model(**batch)` whatever is attached.
+CONTEXT_KEYS = ("prompt_mask",)
+
+
+def _pop_context(module, args, kwargs):
+    ctx = module.tunelab_context
+    for key in CONTEXT_KEYS:
+        if key in kwargs:
+            ctx[key] = kwargs.pop(key)
+    return args, kwargs
+
+
+def install_context(model: nn.Module) -> nn.Module:
+    """Idempotently make ``model`` accept (and stash) the context keys. Returns the model."""
+    if not hasattr(model, "tunelab_context"):
+        model.tunelab_context = {}
+        model.register_forward_pre_hook(_pop_context, with_kwargs=True)
+    return model
+
+
+def context(model: nn.Module) -> dict:
+    """The context dict of the top model (``{}`` if none installed)."""
+    return getattr(model, "tunelab_context", {})

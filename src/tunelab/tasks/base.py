@@ -1,0 +1,75 @@
+"""The task interface: a task family is data plus a small hook.
+
+A task has a ``name``, a pydantic ``Config`` (field names, template, formulation, ...), and:
+
+- ``read(source, cfg, *, limit, skip_bad) -> list[dict]``: examples from a file or hub id, each a
+  plain dict of the family's canonical fields (plus ``"_where"``: "file:line" for error messages).
+- ``head(cfg, examples) -> HeadSpec | None``: the model head the formulation needs (``None`` =
+  causal LM with prompt/target text).
+- ``encode(example, tokenizer, cfg, max_length) -> dict``: one training feature with
+  ``input_ids`` (list[int]), ``labels`` (list[int] with -100 on prompt tokens, or an int / list of
+  ints for a head) and ``prompt_len`` (how many leading tokens are prompt).
+- ``evaluate(model, tokenizer, examples, cfg, *, batch_size, gen) -> (metrics, predictions)``:
+  the family's metric(s) with ``"n"`` (examples scored) included; predictions are JSON-able dicts.
+
+Nothing outside ``tasks/`` branches on a task name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal, Protocol
+
+from pydantic import BaseModel, ConfigDict
+
+from tunelab.registry import Registry
+
+
+class TaskConfig(BaseModel):
+    """Settings every family shares; families extend it with their own."""
+
+    model_config = ConfigDict(extra="forbid")
+    formulation: Literal["lm", "head"] = "lm"
+    # Maps the family's canonical field names onto the columns of the user's file.
+    fields: dict[str, str] = {}
+    # Prompt template (a str.format string over the canonical fields); None = the family default.
+    template: str | None = None
+    # Wrap prompts in the tokenizer's chat template when it has one.
+    chat: bool = True
+
+
+@dataclass
+class HeadSpec:
+    kind: Literal["sequence", "token", "qa"]
+    labels: list[str] = field(default_factory=list)
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.labels) if self.kind != "qa" else 2
+
+
+class Task(Protocol):
+    name: ClassVar[str]
+    Config: ClassVar[type[TaskConfig]]
+
+    def read(self, source: str, cfg: Any, *, limit: int | None, skip_bad: bool) -> list[dict]: ...
+    def head(self, cfg: Any, examples: list[dict]) -> HeadSpec | None: ...
+    def encode(self, example: dict, tokenizer, cfg: Any, max_length: int) -> dict: ...
+    def evaluate(self, model, tokenizer, examples: list[dict], cfg: Any, *, batch_size: int, gen: dict) -> tuple[dict, list[dict]]: ...
+
+
+TASKS: Registry[Task] = Registry("task")
+
+
+def field_name(cfg: TaskConfig, canonical: str) -> str:
+    """The column that holds ``canonical`` in the user's data."""
+    return cfg.fields.get(canonical, canonical)
+
+
+def render_prompt(tokenizer, text: str, chat: bool, system: str | None = None) -> str:
+    """The prompt string the model sees: the chat template (with the assistant turn opened) when
+    ``chat`` and the tokenizer has one, else ``text`` itself."""
+    if chat and getattr(tokenizer, "chat_template", None):
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return text
