@@ -55,3 +55,38 @@ def tiny_bert(num_labels: int = 2, seed: int = 0):
 @pytest.fixture
 def llama():
     return tiny_llama()
+
+
+# A tiny WordPiece tokenizer (ids < 128, so it fits tiny_llama): whole words for most of the vocab, a
+# few words split into sub-tokens ("Smith" -> "Sm" "##ith") to exercise label alignment, and digit
+# pieces so numbers round-trip. Built in code: no files, no hub.
+TINY_WORDS = (
+    "[PAD] <s> </s> [UNK] . , : ; ? ! ' - ( ) # = "
+    "0 1 2 3 4 5 6 7 8 9 ##0 ##1 ##2 ##3 ##4 ##5 ##6 ##7 ##8 ##9 "
+    "Sm ##ith Par ##is Lon ##don "
+    "the a an is was in of to and on at with for has had he she it they "
+    "John Mary Tom Berlin EU Google Paris PER LOC ORG MISC none "
+    "Sentence Entities Answer Question Context Summary Summarize dialogue answer correct "
+    "true false answer1 answer2 answer3 option1 option2 solution1 solution2 "
+    "what who where how many did does cat dog sat mat apples bought gave more left "
+    "The A yes no lives visited city capital says hello hi bye"
+).split()
+
+
+def tiny_tokenizer_obj():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(TINY_WORDS)}
+    assert len(vocab) == len(TINY_WORDS) <= 128
+    tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=50))
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="[PAD]", unk_token="[UNK]"
+    )
+
+
+@pytest.fixture
+def tiny_tokenizer():
+    return tiny_tokenizer_obj()
