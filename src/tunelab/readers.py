@@ -1,0 +1,358 @@
+"""Read task data into plain records (list of dicts), each tagged with where it came from.
+
+Formats (inferred from the file name unless `fmt` is given):
+
+- ``jsonl``: one JSON object per line; ``_where`` is ``path:line``.
+- ``json``: a JSON array of objects (``_where`` is ``path:[i]``), or SQuAD JSON (see `read_squad`).
+- ``csv`` / ``tsv``: a header row, then one record per row (``_where`` is the row's first physical line).
+  Files are read as ``utf-8-sig`` so a UTF-8 BOM does not end up in the first column name. Tab-separated
+  files default to ``quoting="none"`` (csv.QUOTE_NONE): TSV has no quoting convention and GLUE files such as
+  MRPC contain bare ``"`` characters that a quote-aware reader would swallow together with tabs.
+- ``conll``: whitespace-separated token columns, blank line between sentences (see `read_conll`).
+- ``squad``: SQuAD v1/v2 JSON, one record per question.
+- ``hub``: a `datasets.load_dataset` name, used when `source` is not a file: ``"hf:glue/sst2:validation"``,
+  ``"glue/sst2"`` with ``split="validation"``. ``a/b`` means dataset ``a`` with config ``b``; ``a/b/c`` means
+  repository ``a/b`` with config ``c``.
+
+A malformed row (bad JSON, wrong column count, a `required` field missing or empty) raises `DataError` naming
+file, line and field. With ``skip_bad=True`` such rows are skipped and counted instead: a warning is logged and
+`report` (a dict the caller passes) receives ``{"skipped": n, "reasons": {reason: count}}``. No rows at all is
+always a `DataError`, never a silent empty list.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+CONLL_SUFFIXES = {".conll", ".conllu", ".iob", ".iob2", ".bio", ".testa", ".testb", ".train"}
+SUFFIX_FORMATS = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "tsv", ".txt": "tsv"}
+QUOTING = {"none": csv.QUOTE_NONE, "minimal": csv.QUOTE_MINIMAL, "all": csv.QUOTE_ALL,
+           "nonnumeric": csv.QUOTE_NONNUMERIC}
+FORMATS = ("jsonl", "json", "csv", "tsv", "conll", "squad", "hub")
+
+
+class DataError(ValueError):
+    """A data file (or dataset) that cannot be read as asked: the message names file, line and field."""
+
+
+class _Rows:
+    """Collects good records; either raises on a bad one or counts it by reason."""
+
+    def __init__(self, source: str, skip_bad: bool, limit: int | None, required, report: dict | None):
+        self.source, self.skip_bad, self.limit, self.report = source, skip_bad, limit, report
+        self.required = [required] if isinstance(required, str) else list(required or [])
+        self.records: list[dict] = []
+        self.reasons: Counter = Counter()
+        self.first: list[str] = []
+
+    @property
+    def full(self) -> bool:
+        return self.limit is not None and len(self.records) >= self.limit
+
+    def bad(self, where: str, reason: str, detail: str) -> None:
+        if not self.skip_bad:
+            raise DataError(f"{where}: {detail}")
+        self.reasons[reason] += 1
+        if len(self.first) < 3:
+            self.first.append(f"{where}: {detail}")
+
+    def add(self, record: dict, where: str) -> None:
+        for key in self.required:
+            if key not in record:
+                return self.bad(where, f"missing field {key!r}",
+                                f"field {key!r} is missing (required: {self.required}; present: {sorted(record)})")
+            if _empty(record[key]):
+                return self.bad(where, f"empty field {key!r}", f"field {key!r} is empty (required: {self.required})")
+        record["_where"] = where
+        self.records.append(record)
+
+    def finish(self) -> list[dict]:
+        skipped = sum(self.reasons.values())
+        if self.report is not None:
+            self.report.update({"skipped": skipped, "reasons": dict(self.reasons)})
+        if skipped:
+            log.warning("%s: skipped %d bad rows (%s); first: %s", self.source, skipped,
+                        ", ".join(f"{r}: {n}" for r, n in self.reasons.most_common()), " | ".join(self.first))
+        if not self.records:
+            why = f"all {skipped} rows were bad ({dict(self.reasons)})" if skipped else "it holds no records"
+            raise DataError(f"{self.source}: no records read: {why}")
+        return self.records
+
+
+def _empty(value) -> bool:
+    if isinstance(value, str):
+        return not value.strip()
+    return value is None or (isinstance(value, list | dict | tuple) and not value)
+
+
+def infer_format(path: Path) -> str:
+    """The reader format for a file name; raises DataError listing the known suffixes."""
+    suffix = path.suffix.lower()
+    if suffix in SUFFIX_FORMATS:
+        return SUFFIX_FORMATS[suffix]
+    if suffix in CONLL_SUFFIXES:
+        return "conll"
+    known = sorted(SUFFIX_FORMATS) + sorted(CONLL_SUFFIXES)
+    raise DataError(f"{path}: cannot infer the format from suffix {suffix!r}; known suffixes: {known}; "
+                    f"or pass fmt= one of {FORMATS}")
+
+
+def _is_hub_name(source: str) -> bool:
+    if source.startswith("hf:"):
+        return True
+    path = Path(source)
+    return not path.exists() and not path.suffix and not path.is_absolute() and not source.startswith(".")
+
+
+def read_records(source, fmt: str | None = None, *, skip_bad: bool = False, delimiter: str | None = None,
+                 quoting: str | int | None = None, limit: int | None = None, required=None,
+                 report: dict | None = None, split: str | None = None) -> list[dict]:
+    """Read `source` (a file path or hub dataset name) into records, each with ``"_where"``.
+
+    `required`: field names every record must have, non-empty. `limit`: stop after that many good records.
+    `split`: the hub split when the name does not carry one (default "train"). See the module docstring.
+    """
+    source_s = str(source)
+    if fmt is not None and fmt not in FORMATS:
+        raise DataError(f"{source_s}: unknown fmt {fmt!r}; allowed: {FORMATS}")
+    if fmt == "hub" or (fmt is None and _is_hub_name(source_s)):
+        rows = _Rows(source_s, skip_bad, limit, required, report)
+        _read_hub(source_s, split, rows)
+        return rows.finish()
+    path = Path(source)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found" + (" (it is a directory)" if path.is_dir() else ""))
+    fmt = fmt or infer_format(path)
+    rows = _Rows(str(path), skip_bad, limit, required, report)
+    if fmt == "jsonl":
+        _read_jsonl(path, rows)
+    elif fmt == "json":
+        _read_json(path, rows)
+    elif fmt in ("csv", "tsv"):
+        if delimiter is None:
+            delimiter = "\t" if fmt == "tsv" else ","
+        if quoting is None:
+            quoting = "none" if delimiter == "\t" else "minimal"
+        _read_csv(path, rows, delimiter, quoting)
+    elif fmt == "conll":
+        _read_conll(path, rows, 0, -1)
+    elif fmt == "squad":
+        _read_squad(path, _load_json(path), rows)
+    return rows.finish()
+
+
+def read_conll(path, token_col: int = 0, tag_col: int = -1, *, skip_bad: bool = False, limit: int | None = None,
+               report: dict | None = None) -> list[dict]:
+    """CoNLL column file -> one record ``{"tokens": [...], "tags": [...]}`` per sentence.
+
+    Blank lines separate sentences; ``-DOCSTART-`` lines are skipped. ``_where`` is the sentence's first line.
+    A line without `token_col`/`tag_col` is bad: its whole sentence is rejected (or skipped with `skip_bad`).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    rows = _Rows(str(path), skip_bad, limit, None, report)
+    _read_conll(path, rows, token_col, tag_col)
+    return rows.finish()
+
+
+def read_squad(path, *, skip_bad: bool = False, limit: int | None = None, report: dict | None = None) -> list[dict]:
+    """SQuAD JSON -> one record per question: ``{id, title, context, question, answers, answer_starts}``.
+
+    ``answers`` is the list of reference texts, ``answer_starts`` their character offsets in ``context``
+    (both empty for unanswerable SQuAD v2 questions). ``_where`` is ``path:data[i].paragraphs[j].qas[k]``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    rows = _Rows(str(path), skip_bad, limit, None, report)
+    _read_squad(path, _load_json(path), rows)
+    return rows.finish()
+
+
+def _read_jsonl(path: Path, rows: _Rows) -> None:
+    with path.open(encoding="utf-8-sig") as f:
+        for n, line in enumerate(f, 1):
+            if rows.full:
+                return
+            if not line.strip():
+                continue
+            where = f"{path}:{n}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                rows.bad(where, "bad json", f"invalid JSON ({e.msg} at column {e.colno})")
+                continue
+            if not isinstance(obj, dict):
+                rows.bad(where, "not an object", f"expected a JSON object, got {type(obj).__name__}")
+                continue
+            rows.add(obj, where)
+
+
+def _load_json(path: Path) -> Any:
+    try:
+        with path.open(encoding="utf-8-sig") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+
+
+def _is_squad(obj: Any) -> bool:
+    return (isinstance(obj, dict) and isinstance(obj.get("data"), list) and bool(obj["data"])
+            and isinstance(obj["data"][0], dict) and "paragraphs" in obj["data"][0])
+
+
+def _read_json(path: Path, rows: _Rows) -> None:
+    try:
+        with path.open(encoding="utf-8-sig") as f:
+            obj = json.load(f)
+    except json.JSONDecodeError as e:
+        if e.msg == "Extra data":  # several top-level values: it is really JSON lines
+            return _read_jsonl(path, rows)
+        raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+    if _is_squad(obj):
+        return _read_squad(path, obj, rows)
+    if isinstance(obj, dict) and isinstance(obj.get("data"), list):
+        obj = obj["data"]
+    if not isinstance(obj, list):
+        raise DataError(f"{path}: expected a JSON array of objects or SQuAD JSON, got {type(obj).__name__}")
+    for i, item in enumerate(obj):
+        if rows.full:
+            return
+        where = f"{path}:[{i}]"
+        if not isinstance(item, dict):
+            rows.bad(where, "not an object", f"expected a JSON object, got {type(item).__name__}")
+            continue
+        rows.add(item, where)
+
+
+def _read_csv(path: Path, rows: _Rows, delimiter: str, quoting: str | int) -> None:
+    if isinstance(quoting, str):
+        if quoting.lower() not in QUOTING:
+            raise DataError(f"{path}: unknown quoting {quoting!r}; allowed: {sorted(QUOTING)}")
+        quoting = QUOTING[quoting.lower()]
+    with path.open(encoding="utf-8-sig", newline="") as f:
+        reader = csv.reader(f, delimiter=delimiter, quoting=quoting)
+        header, last = None, 0
+        try:
+            for row in reader:
+                start, last = last + 1, reader.line_num  # a quoted field may span several physical lines
+                if not row or (len(row) == 1 and not row[0].strip()):
+                    continue
+                if header is None:
+                    header = [h.strip() for h in row]
+                    continue
+                if rows.full:
+                    return
+                where = f"{path}:{start}"
+                if len(row) != len(header):
+                    rows.bad(where, "column count", f"expected {len(header)} columns {header}, got {len(row)}")
+                    continue
+                rows.add(dict(zip(header, row, strict=True)), where)
+        except csv.Error as e:
+            raise DataError(f"{path}:{reader.line_num}: unreadable CSV ({e})") from None
+
+
+def _read_conll(path: Path, rows: _Rows, token_col: int, tag_col: int) -> None:
+    need = max(token_col if token_col >= 0 else -token_col - 1, tag_col if tag_col >= 0 else -tag_col - 1) + 1
+
+    tokens: list[str] = []
+    tags: list[str] = []
+    start, broken = 0, None
+
+    def flush():
+        if tokens or broken:
+            if broken:
+                rows.bad(*broken)
+            else:
+                rows.add({"tokens": list(tokens), "tags": list(tags)}, f"{path}:{start}")
+
+    with path.open(encoding="utf-8-sig") as f:
+        for n, line in enumerate(f, 1):
+            cols = line.split()
+            if not cols:
+                flush()
+                tokens.clear()
+                tags.clear()
+                broken = None
+                if rows.full:
+                    return
+                continue
+            if cols[0] == "-DOCSTART-":
+                continue
+            if not tokens and not broken:
+                start = n
+            if len(cols) < need:
+                broken = broken or (f"{path}:{n}", "column count",
+                                    f"expected at least {need} columns (token_col={token_col}, "
+                                    f"tag_col={tag_col}), got {len(cols)}")
+                continue
+            tokens.append(cols[token_col])
+            tags.append(cols[tag_col])
+        if not rows.full:
+            flush()
+
+
+def _read_squad(path: Path, obj: Any, rows: _Rows) -> None:
+    if not _is_squad(obj):
+        raise DataError(f"{path}: not SQuAD JSON (expected {{'data': [{{'title', 'paragraphs': [...]}}]}})")
+    for i, article in enumerate(obj["data"]):
+        for j, para in enumerate(article.get("paragraphs", [])):
+            context = para.get("context")
+            for k, qa in enumerate(para.get("qas", [])):
+                if rows.full:
+                    return
+                where = f"{path}:data[{i}].paragraphs[{j}].qas[{k}]"
+                missing = [key for key in ("id", "question") if not qa.get(key)]
+                if not context:
+                    missing.insert(0, "context")
+                if missing:
+                    rows.bad(where, f"missing field {missing[0]!r}", f"field {missing[0]!r} is missing or empty")
+                    continue
+                answers = qa.get("answers") or []
+                if any("text" not in a or "answer_start" not in a for a in answers):
+                    rows.bad(where, "bad answers", "each answer needs 'text' and 'answer_start'")
+                    continue
+                rows.add({"id": qa["id"], "title": article.get("title", ""), "context": context,
+                          "question": qa["question"], "answers": [a["text"] for a in answers],
+                          "answer_starts": [int(a["answer_start"]) for a in answers]}, where)
+
+
+def parse_hub_name(source: str, split: str | None = None) -> tuple[str, str | None, str]:
+    """``"hf:glue/sst2:validation"`` -> ("glue", "sst2", "validation"); see the module docstring."""
+    name = source[3:] if source.startswith("hf:") else source
+    if ":" in name:
+        name, name_split = name.split(":", 1)
+        if split is not None and split != name_split:
+            raise DataError(f"{source}: split {name_split!r} in the name conflicts with split={split!r}")
+        split = name_split
+    parts = [p for p in name.split("/") if p]
+    if not 1 <= len(parts) <= 3:
+        raise DataError(f"{source}: expected a hub name 'dataset', 'dataset/config' or 'owner/name/config'")
+    if len(parts) == 3:
+        path, config = f"{parts[0]}/{parts[1]}", parts[2]
+    else:
+        path, config = parts[0], (parts[1] if len(parts) == 2 else None)
+    return path, config, split or "train"
+
+
+def _read_hub(source: str, split: str | None, rows: _Rows) -> None:
+    path, config, split = parse_hub_name(source, split)
+    try:
+        import datasets
+
+        ds = datasets.load_dataset(path, config, split=split)
+    except Exception as e:  # network, unknown name, unknown split: say which dataset it was
+        raise DataError(f"{source}: cannot load hub dataset {path!r} (config {config!r}, split {split!r}): "
+                        f"{type(e).__name__}: {e}") from e
+    for i, item in enumerate(ds):
+        if rows.full:
+            return
+        rows.add(dict(item), f"hf:{path}{'/' + config if config else ''}:{split}:[{i}]")
