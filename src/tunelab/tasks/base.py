@@ -4,6 +4,8 @@ A task has a ``name``, a pydantic ``Config`` (field names, template, formulation
 
 - ``read(source, cfg, *, limit, skip_bad) -> list[dict]``: examples from a file or hub id, each a
   plain dict of the family's canonical fields (plus ``"_where"``: "file:line" for error messages).
+- optional ``fit(cfg, train_examples) -> cfg``: complete the config from the training data (e.g. the
+  label set); the loop calls it once and saves the result, so evaluation uses the same labels.
 - ``head(cfg, examples) -> HeadSpec | None``: the model head the formulation needs (``None`` =
   causal LM with prompt/target text).
 - ``encode(example, tokenizer, cfg, max_length) -> dict``: one training feature with
@@ -11,6 +13,7 @@ A task has a ``name``, a pydantic ``Config`` (field names, template, formulation
   ints for a head) and ``prompt_len`` (how many leading tokens are prompt).
 - ``evaluate(model, tokenizer, examples, cfg, *, batch_size, gen) -> (metrics, predictions)``:
   the family's metric(s) with ``"n"`` (examples scored) included; predictions are JSON-able dicts.
+  The first key of ``metrics`` is the family's primary metric (used to pick the best checkpoint).
 
 Nothing outside ``tasks/`` branches on a task name.
 """

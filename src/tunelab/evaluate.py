@@ -1,0 +1,158 @@
+"""Batched scoring and generation for evaluation.
+
+- ``score_choices``: log-likelihood of each choice continuation after its prompt. Left padding puts
+  every continuation at the end of the row, so the LM head runs only on the last few positions
+  (``logits_to_keep``); when every choice is a single token, one forward per prompt scores all of them.
+- ``generate``: left-padded batches, pad-aware attention masks, the KV cache, stop at EOS.
+- ``classify``: logits of a classification head.
+
+Rows are sorted by length before batching (less padding) and results returned in input order.
+Every call records ``prompt_mask`` in the model context, so methods that act on prompt positions
+(ReFT) see them during scoring and generation too.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from tunelab.data import tokenize_prompt
+from tunelab.methods.base import context
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _pad_left(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            ids[i, width - len(r):] = torch.tensor(r)
+            mask[i, width - len(r):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _by_length(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def _takes_logits_to_keep(model) -> bool:
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
+
+
+def _choice_ids(tokenizer, choice: str) -> list[int]:
+    ids = tokenizer(choice, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise ValueError(f"choice {choice!r} tokenizes to nothing")
+    return ids
+
+
+@torch.no_grad()
+def score_choices(model, tokenizer, prompts: list[str], choices: list[list[str]], *, batch_size: int = 16) -> list[list[float]]:
+    """Sum log-probability of each ``choices[i][j]`` following ``prompts[i]``."""
+    if len(prompts) != len(choices):
+        raise ValueError(f"{len(prompts)} prompts but {len(choices)} choice lists")
+    was_training = model.training
+    model.eval()
+    dev, pad = _device(model), tokenizer.pad_token_id
+    keep = _takes_logits_to_keep(model)
+    prompt_ids = [tokenize_prompt(tokenizer, p) for p in prompts]
+    choice_ids = [[_choice_ids(tokenizer, c) for c in cs] for cs in choices]
+    scores: list[list[float]] = [[0.0] * len(cs) for cs in choices]
+    single = all(len(c) == 1 for cs in choice_ids for c in cs)
+    if single:
+        # One forward per prompt: the next-token distribution at the prompt's end scores all choices.
+        for batch in _by_length([len(p) for p in prompt_ids], batch_size):
+            ids, mask = _pad_left([prompt_ids[i] for i in batch], pad, dev)
+            context(model)["prompt_mask"] = mask.bool()
+            out = model(input_ids=ids, attention_mask=mask, **({"logits_to_keep": 1} if keep else {}))
+            logp = F.log_softmax(out.logits[:, -1].float(), dim=-1)
+            for row, i in enumerate(batch):
+                for j, c in enumerate(choice_ids[i]):
+                    scores[i][j] = logp[row, c[0]].item()
+    else:
+        pairs = [(i, j) for i, cs in enumerate(choice_ids) for j in range(len(cs))]
+        rows = [prompt_ids[i] + choice_ids[i][j] for i, j in pairs]
+        for batch in _by_length([len(r) for r in rows], batch_size):
+            ids, mask = _pad_left([rows[k] for k in batch], pad, dev)
+            n = max(len(choice_ids[pairs[k][0]][pairs[k][1]]) for k in batch)
+            pm = mask.bool().clone()
+            for row, k in enumerate(batch):
+                pm[row, ids.shape[1] - len(choice_ids[pairs[k][0]][pairs[k][1]]):] = False
+            context(model)["prompt_mask"] = pm
+            out = model(input_ids=ids, attention_mask=mask, **({"logits_to_keep": n + 1} if keep else {}))
+            logp = F.log_softmax(out.logits[:, -(n + 1) : -1].float(), dim=-1)  # predicts the last n tokens
+            for row, k in enumerate(batch):
+                i, j = pairs[k]
+                c = torch.tensor(choice_ids[i][j], device=dev)
+                lp = logp[row, n - len(c) :].gather(-1, c[:, None]).sum()
+                scores[i][j] = lp.item()
+    context(model).pop("prompt_mask", None)
+    model.train(was_training)
+    return scores
+
+
+@torch.no_grad()
+def generate(
+    model,
+    tokenizer,
+    prompts: list[str],
+    *,
+    max_new_tokens: int = 64,
+    batch_size: int = 16,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    num_beams: int = 1,
+    stop: list[str] | None = None,
+) -> list[str]:
+    """Continuations of ``prompts`` (special tokens removed, cut at the first ``stop`` string)."""
+    was_training = model.training
+    model.eval()
+    dev, pad = _device(model), tokenizer.pad_token_id
+    prompt_ids = [tokenize_prompt(tokenizer, p) for p in prompts]
+    outputs = [""] * len(prompts)
+    sampling = {"temperature": temperature, "top_p": top_p} if do_sample else {}
+    for batch in _by_length([len(p) for p in prompt_ids], batch_size):
+        ids, mask = _pad_left([prompt_ids[i] for i in batch], pad, dev)
+        context(model)["prompt_mask"] = mask.bool()
+        out = model.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
+            num_beams=num_beams, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id, **sampling,
+        )
+        for row, i in enumerate(batch):
+            text = tokenizer.decode(out[row, ids.shape[1]:], skip_special_tokens=True)
+            for s in stop or []:
+                text = text.split(s, 1)[0]
+            outputs[i] = text.strip()
+    context(model).pop("prompt_mask", None)
+    model.train(was_training)
+    return outputs
+
+
+@torch.no_grad()
+def classify(model, tokenizer, texts: list[str], pairs: list[str] | None = None, *, batch_size: int = 32, max_length: int = 256) -> torch.Tensor:
+    """Head logits (n, num_labels) for ``texts`` (and optional second segments ``pairs``)."""
+    was_training = model.training
+    model.eval()
+    dev = _device(model)
+    lengths = [len(t) + (len(pairs[i]) if pairs else 0) for i, t in enumerate(texts)]
+    result: list[torch.Tensor | None] = [None] * len(texts)
+    for batch in _by_length(lengths, batch_size):
+        a = [texts[i] for i in batch]
+        b = [pairs[i] for i in batch] if pairs else None
+        enc = tokenizer(a, b, padding=True, truncation=True, max_length=max_length, return_tensors="pt").to(dev)
+        context(model)["prompt_mask"] = enc["attention_mask"].bool()
+        logits = model(**enc).logits.float().cpu()
+        for row, i in enumerate(batch):
+            result[i] = logits[row]
+    context(model).pop("prompt_mask", None)
+    model.train(was_training)
+    return torch.stack(result)

