@@ -1,0 +1,228 @@
+"""LoRA (Hu et al., 2021) and DoRA (Liu et al., 2024) on linear layers.
+
+LoRA:  y = W0 x + b + s * B A drop(x),   A (r x d_in) ~ kaiming-uniform(a=sqrt 5), B (d_out x r) = 0,
+       s = alpha / r  (rsLoRA: alpha / sqrt r).  W0 (d_out x d_in) and b stay frozen.
+DoRA:  y = g * (W0 x + s B A x) + b,  g = m / ||W0 + s B A||_row  (d_out),  m (d_out) trains and starts
+       at ||W0||_row; the norm is treated as a constant (detached), as in the paper (sec. 4.3) and PEFT.
+       With dropout the PEFT form is kept: y = W0 x + b + (g - 1) * W0 drop(x) + g * s B A drop(x).
+Merge: W = W0 + s B A (DoRA: W = g * (W0 + s B A)); unmerge restores W0 to rounding.
+
+``LoRALinear`` wraps a frozen ``nn.Linear`` or a ``tunelab.quant.QuantLinear`` (QLoRA, LoftQ).
+Adapter weights are fp32 when the base is fp16/bf16 (cast to the input dtype in the forward).
+The hot path is three matmuls: base, x A^T, and one fused ``addmm`` that adds s * (x A^T) B^T.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field, field_validator
+from torch import nn
+
+from tunelab.methods.base import METHODS, MethodConfig, find_linears, freeze, replace_module
+
+
+class LoRAConfig(MethodConfig):
+    r: int = Field(8, ge=1)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] | str = "all-linear"
+    rslora: bool = False
+
+    @field_validator("target_modules")
+    @classmethod
+    def _targets(cls, v):
+        if isinstance(v, str) and v != "all-linear":  # "q_proj,v_proj" from a command line
+            v = [t.strip() for t in v.split(",") if t.strip()]
+        if not v:
+            raise ValueError("target_modules must be 'all-linear' or a non-empty list of module-name suffixes")
+        return v
+
+
+def scaling(cfg: LoRAConfig) -> float:
+    return cfg.alpha / (math.sqrt(cfg.r) if cfg.rslora else cfg.r)
+
+
+class LoRALinear(nn.Module):
+    def __init__(
+        self,
+        base: nn.Module,
+        r: int,
+        scale: float,
+        dropout: float = 0.0,
+        dora: bool = False,
+        A: torch.Tensor | None = None,
+        B: torch.Tensor | None = None,
+    ):
+        super().__init__()
+        self.base_layer = base
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.r, self.scaling, self.dropout, self.merged = r, scale, dropout, False
+        w = self.base_weight()
+        dtype = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype
+        if A is None:
+            A = torch.empty(r, self.in_features, device=w.device, dtype=dtype)
+            nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+        if B is None:
+            B = torch.zeros(self.out_features, r, device=w.device, dtype=dtype)
+        self.lora_A = nn.Parameter(A.to(w.device, dtype).contiguous())
+        self.lora_B = nn.Parameter(B.to(w.device, dtype).contiguous())
+        if dora:
+            self.lora_magnitude = nn.Parameter(self.weight_norm(w.to(dtype)))
+        else:
+            self.lora_magnitude = None
+
+    @property
+    def weight(self):  # some model code reads module.weight (dtype, device)
+        return self.base_layer.weight
+
+    @property
+    def bias(self):
+        return self.base_layer.bias
+
+    def base_weight(self, dtype=None) -> torch.Tensor:
+        """Dense W0 (dequantized for a quantized base)."""
+        base = self.base_layer
+        w = base.dequantized() if hasattr(base, "dequantized") else base.weight.detach()
+        return w if dtype is None else w.to(dtype)
+
+    def delta(self) -> torch.Tensor:
+        """s * B A, detached, in the adapter dtype."""
+        return self.scaling * (self.lora_B.detach() @ self.lora_A.detach())
+
+    @torch.no_grad()
+    def weight_norm(self, w0: torch.Tensor) -> torch.Tensor:
+        return torch.linalg.norm(w0 + self.delta().to(w0.dtype), dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            return self.base_layer(x)
+        A, B = self.lora_A, self.lora_B
+        if A.dtype != x.dtype:
+            A, B = A.to(x.dtype), B.to(x.dtype)
+        xd = F.dropout(x, self.dropout, True) if self.dropout and self.training else x
+        if self.lora_magnitude is not None:
+            return self._dora(x, xd, A, B)
+        base = self.base_layer
+        y = F.linear(x, base.weight, base.bias) if type(base) is nn.Linear else base(x)
+        h = F.linear(xd, A)
+        out = torch.addmm(y.view(-1, y.shape[-1]), h.view(-1, self.r), B.t(), alpha=self.scaling)
+        return out.view(y.shape)
+
+    def _dora(self, x, xd, A, B):
+        w0 = self.base_weight(x.dtype)
+        g = (self.lora_magnitude / self.weight_norm(w0).to(self.lora_magnitude)).to(x.dtype)
+        lora = F.linear(F.linear(xd, A), B) * self.scaling
+        if xd is x:
+            y = (F.linear(x, w0) + lora) * g
+        else:
+            y = F.linear(x, w0) + (g - 1) * F.linear(xd, w0) + g * lora
+        bias = self.base_layer.bias
+        return y if bias is None else y + bias.to(y.dtype)
+
+    @torch.no_grad()
+    def merged_weight(self) -> torch.Tensor:
+        """W0 + s B A (DoRA: g * (W0 + s B A)), in the base dtype."""
+        w0 = self.base_weight()
+        w = w0.float() + self.delta().float()
+        if self.lora_magnitude is not None:
+            w = w * (self.lora_magnitude.float() / torch.linalg.norm(w, dim=1)).unsqueeze(1)
+        return w.to(w0.dtype)
+
+    def to_plain(self) -> nn.Linear:
+        """A plain nn.Linear with the update folded in (dequantized first for a quantized base)."""
+        w = self.merged_weight()
+        bias = self.base_layer.bias
+        lin = nn.Linear(self.in_features, self.out_features, bias=bias is not None, device=w.device, dtype=w.dtype)
+        lin.weight.data.copy_(w)
+        if bias is not None:
+            lin.bias.data.copy_(bias.detach())
+        return lin.requires_grad_(False)
+
+    @torch.no_grad()
+    def merge_(self) -> None:
+        """Fold in place into a plain base (kept so ``unmerge_`` can restore W0)."""
+        if self.merged:
+            return
+        if type(self.base_layer) is not nn.Linear:
+            raise ValueError("in-place merge needs a plain nn.Linear base; use merge() for a quantized one")
+        w = self.base_layer.weight
+        self._w0_norm = self.weight_norm(w.float()) if self.lora_magnitude is not None else None
+        w.copy_(self.merged_weight())
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge_(self) -> None:
+        if not self.merged:
+            return
+        w = self.base_layer.weight
+        full = w.float()
+        if self._w0_norm is not None:  # W = g (W0 + dW) with g = m / norm: undo the row scaling first
+            full = full * (self._w0_norm / self.lora_magnitude.float()).unsqueeze(1)
+        w.copy_(full - self.delta().float())
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        dora = ", dora" if self.lora_magnitude is not None else ""
+        return f"r={self.r}, scaling={self.scaling:g}, dropout={self.dropout}{dora}"
+
+
+def lora_modules(model: nn.Module) -> list[tuple[str, LoRALinear]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+
+
+def inject(model: nn.Module, cfg: LoRAConfig, make_base=None, dora: bool = False, init=None) -> nn.Module:
+    """Freeze ``model`` and wrap every target linear; ``make_base(name, linear)`` may swap the base
+    (quantize it) and ``init(name, linear, base) -> (A, B)`` may set the adapter's start."""
+    freeze(model)
+    for name, lin in find_linears(model, cfg.target_modules):
+        base = make_base(name, lin) if make_base else lin
+        A, B = init(name, lin, base) if init else (None, None)
+        replace_module(model, name, LoRALinear(base, cfg.r, scaling(cfg), cfg.dropout, dora, A, B))
+    return model
+
+
+def merge_model(model: nn.Module) -> nn.Module:
+    """Replace every LoRALinear by a plain nn.Linear holding W0 + s B A; returns the plain model."""
+    for name, mod in lora_modules(model):
+        replace_module(model, name, mod.to_plain())
+    return model
+
+
+def merge_in_place(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its base but keep the modules, so ``unmerge_model`` can undo it."""
+    for _, mod in lora_modules(model):
+        mod.merge_()
+    return model
+
+
+def unmerge_model(model: nn.Module) -> nn.Module:
+    for _, mod in lora_modules(model):
+        mod.unmerge_()
+    return model
+
+
+class LoRA:
+    name = "lora"
+    Config = LoRAConfig
+    dora = False
+
+    def attach(self, model: nn.Module, cfg: LoRAConfig) -> nn.Module:
+        return inject(model, cfg, dora=self.dora)
+
+    def merge(self, model: nn.Module) -> nn.Module:
+        return merge_model(model)
+
+    def unmerge(self, model: nn.Module) -> nn.Module:
+        return unmerge_model(model)
+
+
+class DoRA(LoRA):
+    name = "dora"
+    dora = True
+
+
+METHODS.register(LoRA.name, LoRA())
+METHODS.register(DoRA.name, DoRA())

@@ -1,0 +1,203 @@
+"""Block-wise weight quantizers for QLoRA and LoftQ: NF4, NF2 and uniform k-bit.
+
+A weight W (d_out x d_in) is cut into blocks of 64 consecutive values (row-major); each block keeps
+its absmax a and each value the index of the nearest level of a codebook c in [-1, 1]:
+    code = argmin_k |w / a - c_k|,    dequantized w~ = a * c[code].
+- NF4 (QLoRA): torchao's ``NF4Tensor`` (16 NormalFloat levels, block 64, absmax scales themselves
+  8-bit quantized per 256 blocks). It runs on CPU and CUDA and dequantizes on the fly.
+- NFk / uniform k-bit (LoftQ's 2-bit): the pure-torch ``Packed`` below (codes packed 8/k per byte,
+  fp16 scales). NormalFloat levels are normal quantiles, 2^(k-1) positive, 2^(k-1)-1 negative and 0,
+  scaled to [-1, 1]; uniform levels are 2^k evenly spaced values from -1 to 1. It is also the NF4
+  fallback for shapes torchao cannot take (numel not a multiple of 64, all-zero blocks).
+
+``QuantLinear`` is a frozen linear over such a weight; its forward dequantizes into a temporary and
+its backward does it again, so no dense copy of W lives between steps.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+try:  # torchao prints loader noise for kernels this machine lacks; the NF4 tensor is pure torch
+    from torchao.quantization import NF4Tensor
+except Exception:  # pragma: no cover - torchao is a dependency; keep the pure-torch path usable
+    NF4Tensor = None
+
+BLOCK = 64
+NF_OFFSET = 0.9677083  # the outermost quantile of NF4 (Dettmers et al.): keeps +-1 finite
+
+
+def nf_levels(bits: int) -> torch.Tensor:
+    """The 2^bits NormalFloat levels in [-1, 1] (asymmetric: one more positive level, and an exact 0)."""
+    pos = torch.special.ndtri(torch.linspace(NF_OFFSET, 0.5, 2 ** (bits - 1) + 1, dtype=torch.float64)[:-1])
+    neg = -torch.special.ndtri(torch.linspace(NF_OFFSET, 0.5, 2 ** (bits - 1), dtype=torch.float64)[:-1])
+    levels = torch.cat([neg, torch.zeros(1, dtype=torch.float64), pos]).sort().values
+    return (levels / levels.max()).float()
+
+
+def uniform_levels(bits: int) -> torch.Tensor:
+    return torch.linspace(-1.0, 1.0, 2**bits)
+
+
+def levels(bits: int, kind: str) -> torch.Tensor:
+    if kind not in ("nf", "uniform"):
+        raise ValueError(f"quantizer kind {kind!r} is unknown; allowed: 'nf', 'uniform'")
+    if bits not in (2, 4, 8):
+        raise ValueError(f"bits={bits} is not supported; allowed: 2, 4, 8")
+    return nf_levels(bits) if kind == "nf" else uniform_levels(bits)
+
+
+class Packed:
+    """Pure-torch block-quantized weight: k-bit codes packed into uint8 + one fp16 absmax per block."""
+
+    def __init__(self, codes, scales, codebook, shape, bits):
+        self.codes, self.scales, self.codebook = codes, scales, codebook
+        self.shape, self.bits = torch.Size(shape), bits
+
+    @classmethod
+    @torch.no_grad()
+    def from_tensor(cls, w: torch.Tensor, bits: int, kind: str = "nf") -> Packed:
+        book = levels(bits, kind).to(w.device)
+        flat = w.detach().float().reshape(-1)
+        pad = (-flat.numel()) % BLOCK
+        blocks = F.pad(flat, (0, pad)).view(-1, BLOCK)
+        absmax = blocks.abs().amax(1)
+        scales = absmax.half() if absmax.max() < 6e4 else absmax  # fp16 unless it would overflow
+        denom = scales.float().clamp_min(1e-12).unsqueeze(1)
+        mids = (book[1:] + book[:-1]) / 2  # nearest level = number of midpoints below the value
+        codes = torch.bucketize((blocks / denom).clamp(-1, 1), mids).to(torch.uint8).view(-1)
+        per_byte = 8 // bits
+        codes = F.pad(codes, (0, (-codes.numel()) % per_byte)).view(-1, per_byte)
+        shifts = torch.arange(per_byte, device=w.device, dtype=torch.uint8) * bits
+        packed = (codes << shifts).sum(1, dtype=torch.uint8)  # disjoint bit fields: sum == or
+        return cls(packed, scales, book.to(w.dtype), w.shape, bits)
+
+    def dequantize(self, dtype=None) -> torch.Tensor:
+        per_byte = 8 // self.bits
+        shifts = torch.arange(per_byte, device=self.codes.device, dtype=torch.uint8) * self.bits
+        codes = ((self.codes.unsqueeze(1) >> shifts) & (2**self.bits - 1)).view(-1).long()
+        n = self.shape.numel()
+        vals = self.codebook.float()[codes[: self.scales.numel() * BLOCK]].view(-1, BLOCK)
+        w = (vals * self.scales.float().unsqueeze(1)).view(-1)[:n].view(self.shape)
+        return w.to(dtype or self.codebook.dtype)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"codes": self.codes, "scales": self.scales, "codebook": self.codebook}
+
+
+def _nf4_ok(w: torch.Tensor) -> bool:
+    if NF4Tensor is None or w.dim() != 2 or w.numel() % BLOCK:
+        return False
+    n_blocks = w.numel() // BLOCK
+    return math.gcd(n_blocks, 256) >= 2 and bool(w.detach().reshape(-1, BLOCK).abs().amax(1).min() > 0)
+
+
+@torch.no_grad()
+def quantize(w: torch.Tensor, bits: int = 4, kind: str = "nf"):
+    """Quantize ``w``: an ``NF4Tensor`` for NF4 where torchao can, else a ``Packed``."""
+    if bits == 4 and kind == "nf" and _nf4_ok(w):
+        n_blocks = w.numel() // BLOCK
+        # double quantization groups 256 block scales; smaller matrices use the largest divisor
+        return NF4Tensor.from_tensor(w.detach().contiguous(), BLOCK, math.gcd(n_blocks, 256))
+    return Packed.from_tensor(w, bits, kind)
+
+
+def dequantize(q, dtype=None) -> torch.Tensor:
+    if isinstance(q, Packed):
+        return q.dequantize(dtype)
+    w = q.get_original_weight()  # NF4Tensor
+    return w if dtype is None else w.to(dtype)
+
+
+def tensor_bytes(t) -> int:
+    """Bytes a tensor (or a quantized weight) really occupies, counting its scales and codebook."""
+    if isinstance(t, Packed):
+        return sum(x.numel() * x.element_size() for x in t.tensors().values())
+    if NF4Tensor is not None and isinstance(t, NF4Tensor):
+        inner, _ = t.__tensor_flatten__()
+        return sum(getattr(t, n).numel() * getattr(t, n).element_size() for n in inner)
+    return t.numel() * t.element_size()
+
+
+def model_bytes(model: nn.Module) -> int:
+    """Bytes of every parameter and buffer (quantized weights at their packed size), shared ones once."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += tensor_bytes(t)
+    return total
+
+
+class _DequantLinear(torch.autograd.Function):
+    """y = x W~^T + b with W~ dequantized in forward and again in backward (nothing dense saved)."""
+
+    @staticmethod
+    def forward(ctx, x, mod):
+        ctx.mod = mod
+        return F.linear(x, mod.dequantized(x.dtype), mod.bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad @ ctx.mod.dequantized(grad.dtype), None
+
+
+class QuantLinear(nn.Module):
+    """A frozen linear whose weight is stored quantized (NF4Tensor parameter or Packed buffers).
+
+    It keeps a persistent ``checksum`` (sum and sum of squares of W~ in float64) that tunelab saves:
+    a base re-quantized on load that differs from the one the adapter was trained on is reported.
+    """
+
+    tunelab_state = True
+
+    def __init__(self, q, bias: torch.Tensor | None):
+        super().__init__()
+        self.out_features, self.in_features = q.shape
+        self.is_nf4 = not isinstance(q, Packed)
+        self.bits = 4 if self.is_nf4 else q.bits
+        if self.is_nf4:
+            self.weight = nn.Parameter(q, requires_grad=False)
+        else:
+            for name, t in q.tensors().items():
+                self.register_buffer(name, t, persistent=False)
+            self.tunelab_frozen_numel = q.shape.numel()  # counted as parameters by count_parameters
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+        w = self.dequantized(torch.float64)
+        self.register_buffer("checksum", torch.stack([w.sum(), (w * w).sum()]))
+        self.register_load_state_dict_pre_hook(QuantLinear._check)
+
+    def dequantized(self, dtype=None) -> torch.Tensor:
+        if self.is_nf4:
+            return dequantize(self.weight, dtype)
+        return self.as_packed().dequantize(dtype)
+
+    def as_packed(self) -> Packed:  # rebuilt from the buffers, which follow .to(device)
+        return Packed(self.codes, self.scales, self.codebook, (self.out_features, self.in_features), self.bits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:
+            return _DequantLinear.apply(x, self)
+        return F.linear(x, self.dequantized(x.dtype), self.bias)
+
+    def nbytes(self) -> int:
+        w = self.weight if self.is_nf4 else self.as_packed()
+        return tensor_bytes(w) + (0 if self.bias is None else tensor_bytes(self.bias))
+
+    def _check(self, state_dict, prefix, *args):
+        saved = state_dict.get(prefix + "checksum")
+        if saved is not None and not torch.allclose(saved.to(self.checksum), self.checksum, rtol=1e-9, atol=0):
+            warnings.warn(
+                f"{prefix}: the re-quantized base differs from the one this adapter was saved with "
+                f"(checksum {saved.tolist()} vs {self.checksum.tolist()}); outputs will not match exactly",
+                stacklevel=2,
+            )
+
+    def extra_repr(self) -> str:
+        kind = "NF4 (torchao)" if self.is_nf4 else f"{self.bits}-bit packed"
+        return f"in_features={self.in_features}, out_features={self.out_features}, {kind}"
