@@ -1,0 +1,253 @@
+"""Named-entity recognition over IOB-tagged tokens (CoNLL-2003 and friends).
+
+Data: CoNLL column files (token first, tag last by default; ``token_col`` / ``tag_col`` move them) or
+JSON/JSONL/CSV records whose ``tokens`` and ``tags`` fields are lists or space-separated strings.
+
+Formulations:
+- ``lm`` (generative): the model writes the entities as text, ``"PER: John Smith; LOC: Paris"`` (or
+  ``"none"``), which is parsed back and placed on the sentence's tokens (first free occurrence);
+  an entity that cannot be placed counts as a false positive.
+- ``head`` (token classification): one label per sub-token, the first sub-token of each word carries
+  the word's tag and the rest get -100 (no loss, not scored); words are matched to sub-tokens by
+  character offsets, so any fast tokenizer works (WordPiece, byte-level BPE, ...).
+
+Metric: entity-level micro precision / recall / F1 (seqeval's chunking rules), F1 first.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import torch
+from seqeval.metrics.sequence_labeling import get_entities
+
+from tunelab.data import encode_lm
+from tunelab.evaluate import generate
+from tunelab.methods.base import context
+from tunelab.metrics import entity_prf
+from tunelab.readers import DataError, infer_format, read_conll, read_records
+from tunelab.tasks.base import TASKS, HeadSpec, TaskConfig, field_name, render_prompt
+
+DEFAULT_TEMPLATE = (
+    "List the named entities in the sentence as 'TYPE: entity' separated by '; ', with TYPE one of "
+    "{types}. Answer 'none' if there are none.\nSentence: {text}"
+)
+GEN_KEYS = ("max_new_tokens", "batch_size", "do_sample", "temperature", "top_p", "num_beams", "stop")
+
+
+class NERConfig(TaskConfig):
+    labels: list[str] | None = None  # IOB tags in head-label order; None: from the training data (fit)
+    format: Literal["auto", "conll", "records"] = "auto"  # auto: CoNLL by file suffix, else records
+    token_col: int = 0  # CoNLL columns
+    tag_col: int = -1
+    eval_max_length: int = 512  # truncation when scoring with a head (words beyond it are tagged O)
+
+
+def render_entities(tokens: list[str], tags: list[str]) -> str:
+    found = [f"{t}: {' '.join(tokens[a : b + 1])}" for t, a, b in get_entities(list(tags))]
+    return "; ".join(found) or "none"
+
+
+def parse_entities(text: str, types: list[str]) -> tuple[list[tuple[str, str]], int]:
+    """``"PER: John Smith; LOC: Paris"`` -> ([("PER", "John Smith"), ("LOC", "Paris")], invalid), where
+    ``invalid`` counts parts that name no known type."""
+    found, invalid = [], 0
+    for part in text.replace("\n", ";").split(";"):
+        part = part.strip()
+        if not part or part.lower().rstrip(".") == "none":
+            continue
+        etype, sep, ent = part.partition(":")
+        etype, ent = etype.strip().upper(), ent.strip()
+        if sep and etype in types and ent:
+            found.append((etype, ent))
+        else:
+            invalid += 1
+    return found, invalid
+
+
+def place_entities(tokens: list[str], entities: list[tuple[str, str]]) -> tuple[list[str], int]:
+    """IOB2 tags for ``entities`` placed at their first free exact (then case-blind) occurrence among
+    ``tokens``; returns (tags, how many could not be placed)."""
+    tags, unplaced = ["O"] * len(tokens), 0
+    for etype, text in entities:
+        words = text.split()
+        spot = None
+        for fold in (False, True):
+            norm = (lambda s: s.lower()) if fold else (lambda s: s)
+            want = [norm(w) for w in words]
+            for i in range(len(tokens) - len(words) + 1):
+                if [norm(t) for t in tokens[i : i + len(words)]] == want and all(t == "O" for t in tags[i : i + len(words)]):
+                    spot = i
+                    break
+            if spot is not None:
+                break
+        if spot is None:
+            unplaced += 1
+            continue
+        tags[spot : spot + len(words)] = [f"B-{etype}"] + [f"I-{etype}"] * (len(words) - 1)
+    return tags, unplaced
+
+
+def word_offsets(tokens: list[str]) -> tuple[str, list[tuple[int, int]]]:
+    """The sentence joined by single spaces and each word's (start, end) character span in it."""
+    out, pos = [], 0
+    for t in tokens:
+        out.append((pos, pos + len(t)))
+        pos += len(t) + 1
+    return " ".join(tokens), out
+
+
+def first_subtokens(offsets: list[tuple[int, int]], words: list[tuple[int, int]]) -> list[int | None]:
+    """For each sub-token, the index of the word it starts (first sub-token of that word), else None.
+
+    A sub-token belongs to the word its character span overlaps (byte-level BPE offsets may include the
+    leading space, which overlaps no word); special tokens have empty spans and belong to none."""
+    out, seen, w = [], set(), 0
+    for s, e in offsets:
+        owner = None
+        if e > s:
+            while w < len(words) and words[w][1] <= s:
+                w += 1
+            if w < len(words) and words[w][0] < e:
+                owner = w
+        out.append(owner if owner is not None and owner not in seen else None)
+        if owner is not None:
+            seen.add(owner)
+    return out
+
+
+class NER:
+    name = "ner"
+    Config = NERConfig
+
+    def read(self, source, cfg, *, limit=None, skip_bad=False) -> list[dict]:
+        conll = cfg.format == "conll"
+        if cfg.format == "auto":
+            try:
+                conll = infer_format(Path(str(source))) == "conll"
+            except DataError:
+                conll = False
+        if conll:
+            return read_conll(source, cfg.token_col, cfg.tag_col, skip_bad=skip_bad, limit=limit)
+        tcol, gcol = field_name(cfg, "tokens"), field_name(cfg, "tags")
+        out = []
+        for r in read_records(source, skip_bad=skip_bad, limit=limit, required=[tcol, gcol]):
+            tokens, tags = (r[c].split() if isinstance(r[c], str) else [str(x) for x in r[c]] for c in (tcol, gcol))
+            if len(tokens) != len(tags):
+                if skip_bad:
+                    continue
+                raise DataError(f"{r['_where']}: field {tcol!r} has {len(tokens)} tokens but {gcol!r} has {len(tags)} tags")
+            bad = [t for t in tags if t != "O" and t[:2] not in ("B-", "I-")]
+            if bad:
+                if skip_bad:
+                    continue
+                raise DataError(f"{r['_where']}: field {gcol!r} has tag {bad[0]!r}; allowed: O, B-TYPE, I-TYPE")
+            out.append({"tokens": tokens, "tags": tags, "_where": r["_where"]})
+        if not out:
+            raise DataError(f"{source}: no usable sentences")
+        return out
+
+    # ---- labels -------------------------------------------------------------------------------
+    def _labels(self, cfg, examples) -> list[str]:
+        if cfg.labels:
+            return cfg.labels
+        types = sorted({t[2:] for ex in examples for t in ex["tags"] if t != "O"})
+        return ["O"] + [f"{p}-{t}" for t in types for p in ("B", "I")]
+
+    def _types(self, cfg, examples) -> list[str]:
+        return sorted({lab[2:] for lab in self._labels(cfg, examples) if lab != "O"})
+
+    def fit(self, cfg, examples):
+        return cfg if cfg.labels else cfg.model_copy(update={"labels": self._labels(cfg, examples)})
+
+    def head(self, cfg, examples):
+        return HeadSpec("token", self._labels(cfg, examples)) if cfg.formulation == "head" else None
+
+    # ---- training features --------------------------------------------------------------------
+    def prompt(self, ex, tokenizer, cfg, types: list[str]) -> str:
+        text = (cfg.template or DEFAULT_TEMPLATE).format(text=" ".join(ex["tokens"]), types=", ".join(types))
+        return render_prompt(tokenizer, text, cfg.chat)
+
+    def align(self, tokenizer, tokens: list[str], tags: list[str] | None, label2id: dict, max_length: int) -> dict:
+        """Sub-token ids and labels (-100 except on each word's first sub-token) plus ``words``: the word
+        each labelled position belongs to (None elsewhere)."""
+        text, words = word_offsets(tokens)
+        enc = tokenizer(text, truncation=True, max_length=max_length, return_offsets_mapping=True)
+        owners = first_subtokens(enc["offset_mapping"], words)
+        labels = [-100 if w is None or tags is None else label2id[tags[w]] for w in owners]
+        return {"input_ids": list(enc["input_ids"]), "labels": labels, "words": owners}
+
+    def encode(self, ex, tokenizer, cfg, max_length) -> dict:
+        labels = self._labels(cfg, [ex])
+        if cfg.formulation == "head":
+            unknown = [t for t in ex["tags"] if t not in labels]
+            if unknown:
+                raise DataError(f"{ex['_where']}: tag {unknown[0]!r} is not in the label set {labels}")
+            feat = self.align(tokenizer, ex["tokens"], ex["tags"], {t: i for i, t in enumerate(labels)}, max_length)
+            ids = feat["input_ids"]
+            return {"input_ids": ids, "labels": feat["labels"], "prompt_len": len(ids)}
+        target = render_entities(ex["tokens"], ex["tags"])
+        return encode_lm(tokenizer, self.prompt(ex, tokenizer, cfg, self._types(cfg, [ex])), target, max_length)
+
+    # ---- evaluation ---------------------------------------------------------------------------
+    def evaluate(self, model, tokenizer, examples, cfg, *, batch_size=16, gen=None):
+        gold = [ex["tags"] for ex in examples]
+        unplaced = 0
+        if cfg.formulation == "head":
+            pred, texts = self._tag_with_head(model, tokenizer, examples, cfg, batch_size), None
+        else:
+            types = self._types(cfg, examples)
+            args = {"max_new_tokens": 64, "stop": ["\n"], **{k: v for k, v in (gen or {}).items() if k in GEN_KEYS}}
+            args["batch_size"] = args.get("batch_size", batch_size)
+            texts = generate(model, tokenizer, [self.prompt(ex, tokenizer, cfg, types) for ex in examples], **args)
+            pred = []
+            for ex, out in zip(examples, texts, strict=True):
+                ents, invalid = parse_entities(out, types)
+                tags, missed = place_entities(ex["tokens"], ents)
+                pred.append(tags)
+                unplaced += invalid + missed
+        metrics = entity_prf(gold, pred, unplaced=unplaced)
+        metrics = {"f1": metrics.pop("f1"), **metrics, "n": len(examples)}
+        if texts is not None:
+            metrics["unplaced"] = unplaced
+        preds = []
+        for i, ex in enumerate(examples):
+            row = {"where": ex["_where"], "input": " ".join(ex["tokens"]),
+                   "prediction": render_entities(ex["tokens"], pred[i]), "reference": render_entities(ex["tokens"], gold[i])}
+            if texts is not None:
+                row["output"] = texts[i]
+            preds.append(row)
+        return metrics, preds
+
+    @torch.no_grad()
+    def _tag_with_head(self, model, tokenizer, examples, cfg, batch_size) -> list[list[str]]:
+        id2label = self._labels(cfg, examples) if cfg.labels else [
+            model.config.id2label[i] for i in range(model.config.num_labels)]
+        was_training, dev = model.training, next(model.parameters()).device
+        model.eval()
+        feats = [self.align(tokenizer, ex["tokens"], None, {}, cfg.eval_max_length) for ex in examples]
+        out: list[list[str]] = [["O"] * len(ex["tokens"]) for ex in examples]
+        order = sorted(range(len(feats)), key=lambda i: -len(feats[i]["input_ids"]))
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        for b in range(0, len(order), batch_size):
+            batch = order[b : b + batch_size]
+            width = max(len(feats[i]["input_ids"]) for i in batch)
+            ids = torch.full((len(batch), width), pad, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for row, i in enumerate(batch):
+                n = len(feats[i]["input_ids"])
+                ids[row, :n] = torch.tensor(feats[i]["input_ids"])
+                mask[row, :n] = 1
+            context(model)["prompt_mask"] = mask.bool().to(dev)
+            best = model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits.argmax(-1).cpu()
+            for row, i in enumerate(batch):
+                for pos, w in enumerate(feats[i]["words"]):
+                    if w is not None:
+                        out[i][w] = id2label[int(best[row, pos])]
+        context(model).pop("prompt_mask", None)
+        model.train(was_training)
+        return out
+
+
+TASKS.register(NER.name, NER())
