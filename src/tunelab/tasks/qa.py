@@ -1,0 +1,265 @@
+"""Reading-comprehension QA (SQuAD v1.1 style): answer = a span of the context.
+
+Data: SQuAD JSON (one example per question), or JSON/JSONL/CSV records with ``context``,
+``question``, ``answers`` (a list of strings or one string) and optional ``answer_starts``, ``id``,
+``title``.
+
+Formulations:
+- ``lm`` (generative): the model writes the answer after the prompt; first reference is the target.
+- ``head`` (extractive): start/end logits over the tokens of ``question [SEP] context``. Contexts
+  longer than the window are cut into overlapping windows (``window`` tokens, ``stride`` shared
+  tokens); the answer is the best ``start + end`` logit span over all windows whose tokens lie in the
+  context, ``end >= start`` and at most ``max_answer_tokens`` long, mapped back to context characters
+  with the offsets mapping. Training uses the first window that holds the first reference answer
+  (token 0 for start and end when no window does). So that features pad like any token-head
+  feature, ``labels`` is per token: ``START`` (1) on the start token, ``END`` (2) on the end token,
+  ``BOTH`` (3) for a one-token answer, -100 elsewhere; `install_qa_labels` turns that into the
+  ``start_positions`` / ``end_positions`` the model takes.
+
+Metric: SQuAD exact match and F1 (official normalisation, max over the references), F1 first.
+
+Train / eval without leakage (there is no SQuAD train split here). Select whole articles with a
+fragment on the source path, Python slice syntax over the file's articles in order::
+
+    data:
+      train: ../shared/data/squad_v1.1/dev-v1.1.json#articles=0:40
+      eval:  ../shared/data/squad_v1.1/dev-v1.1.json#articles=40:48
+
+Questions of one article (all its paragraphs) stay on one side, so no context is shared. For
+non-SQuAD records an article is a distinct ``title`` (or, without titles, a distinct context).
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from tunelab.data import encode_lm
+from tunelab.evaluate import generate
+from tunelab.methods.base import context as model_context
+from tunelab.metrics import squad_scores
+from tunelab.readers import DataError, read_records
+from tunelab.tasks.base import TASKS, HeadSpec, TaskConfig, field_name, render_prompt
+
+DEFAULT_TEMPLATE = (
+    "Answer the question with a short phrase copied from the context.\nContext: {context}\nQuestion: {question}"
+)
+GEN_KEYS = ("max_new_tokens", "batch_size", "do_sample", "temperature", "top_p", "num_beams", "stop")
+START, END, BOTH = 1, 2, 3
+_FRAGMENT = re.compile(r"^(?P<path>.*)#(?P<key>\w+)=(?P<value>[^#]*)$")
+
+
+class QAConfig(TaskConfig):
+    window: int = 384  # extractive head: tokens per window (question + context + specials)
+    stride: int = 128  # tokens shared by consecutive windows
+    max_answer_tokens: int = 30
+    n_best: int = 20  # start/end candidates tried per window
+
+
+def split_source(source: str) -> tuple[str, slice | None]:
+    """``"file.json#articles=0:40"`` -> ("file.json", slice(0, 40)); a plain path -> (path, None)."""
+    m = _FRAGMENT.match(str(source))
+    if not m:
+        return str(source), None
+    if m["key"] != "articles":
+        raise DataError(f"{source}: unknown selector {m['key']!r}; allowed: '#articles=START:STOP'")
+    parts = m["value"].split(":")
+    try:
+        if len(parts) != 2:
+            raise ValueError
+        start, stop = (int(p) if p.strip() else None for p in parts)
+    except ValueError:
+        raise DataError(f"{source}: '#articles=' wants START:STOP (Python slice, e.g. 0:40 or 40:), got {m['value']!r}") from None
+    return m["path"], slice(start, stop)
+
+
+def select_articles(records: list[dict], articles: slice, keys: list) -> list[dict]:
+    """Records whose article (``keys[i]``, in order of first appearance) falls in ``articles``."""
+    order = list(dict.fromkeys(keys))
+    chosen = set(order[articles])
+    return [r for r, k in zip(records, keys, strict=True) if k in chosen]
+
+
+def windows(tokenizer, question: str, context: str, max_length: int, stride: int) -> list[dict]:
+    """Overlapping ``question + context`` windows: ``input_ids``, ``token_type_ids`` (when the tokenizer
+    makes them) and ``offsets``: the (start, end) context characters of each token, None for question,
+    special and padding tokens."""
+    enc = tokenizer(question, context, truncation="only_second", max_length=max_length, stride=stride,
+                    return_overflowing_tokens=True, return_offsets_mapping=True)
+    out = []
+    for w in range(len(enc["input_ids"])):
+        seq = enc.sequence_ids(w)
+        offsets = [tuple(o) if s == 1 else None for o, s in zip(enc["offset_mapping"][w], seq, strict=True)]
+        win = {"input_ids": list(enc["input_ids"][w]), "offsets": offsets}
+        if "token_type_ids" in enc:
+            win["token_type_ids"] = list(enc["token_type_ids"][w])
+        out.append(win)
+    return out
+
+
+def answer_tokens(offsets: list, start_char: int, end_char: int) -> tuple[int, int] | None:
+    """First and last token of the window covering context characters [start_char, end_char)."""
+    inside = [i for i, o in enumerate(offsets) if o is not None and o[1] > start_char and o[0] < end_char]
+    if not inside or offsets[inside[0]][0] > start_char or offsets[inside[-1]][1] < end_char:
+        return None  # the answer is not wholly in this window
+    return inside[0], inside[-1]
+
+
+def best_span(start: torch.Tensor, end: torch.Tensor, offsets: list, max_answer_tokens: int, n_best: int):
+    """(score, first, last) of the best valid span in one window, or None: both ends on context tokens,
+    ``last >= first``, at most ``max_answer_tokens`` tokens; score = start + end logit."""
+    ok = torch.tensor([o is not None for o in offsets])
+    if not ok.any():
+        return None
+    s_log = start.float().masked_fill(~ok, float("-inf"))
+    e_log = end.float().masked_fill(~ok, float("-inf"))
+    k = min(n_best, int(ok.sum()))
+    best = None
+    for s in s_log.topk(k).indices.tolist():
+        for e in e_log.topk(k).indices.tolist():
+            if e < s or e - s + 1 > max_answer_tokens:
+                continue
+            score = float(s_log[s] + e_log[e])
+            if best is None or score > best[0]:
+                best = (score, s, e)
+    return best
+
+
+def span_labels(length: int, start: int, end: int) -> list[int]:
+    labels = [-100] * length
+    labels[start], labels[end] = (BOTH, BOTH) if start == end else (START, END)
+    return labels
+
+
+def install_qa_labels(model):
+    """Let a ``*ForQuestionAnswering`` model take the loop's per-token ``labels`` (see `span_labels`)
+    as ``start_positions`` / ``end_positions``. Idempotent."""
+    if getattr(model, "tunelab_qa_labels", False):
+        return model
+
+    def hook(module, args, kwargs):
+        labels = kwargs.pop("labels", None)
+        if labels is not None:
+            both = labels == BOTH
+            kwargs["start_positions"] = ((labels == START) | both).int().argmax(-1)
+            kwargs["end_positions"] = ((labels == END) | both).int().argmax(-1)
+        return args, kwargs
+
+    model.register_forward_pre_hook(hook, with_kwargs=True)
+    model.tunelab_qa_labels = True
+    return model
+
+
+class QA:
+    name = "qa"
+    Config = QAConfig
+
+    def read(self, source, cfg, *, limit=None, skip_bad=False) -> list[dict]:
+        path, articles = split_source(source)
+        cols = {k: field_name(cfg, k) for k in ("context", "question", "answers", "answer_starts", "id", "title")}
+        rows = read_records(path, skip_bad=skip_bad)
+        if ".paragraphs[" in rows[0]["_where"]:  # SQuAD JSON: canonical keys, article index in _where
+            cols = {k: k for k in cols}
+            keys = [re.search(r"data\[(\d+)\]", r["_where"])[1] for r in rows]
+        else:
+            need = (cols["context"], cols["question"])
+            bad = [(r["_where"], c) for r in rows for c in need if not str(r.get(c) or "").strip()]
+            if bad and not skip_bad:
+                raise DataError(f"{bad[0][0]}: field {bad[0][1]!r} is missing or empty (required: {list(need)})")
+            rows = [r for r in rows if all(str(r.get(c) or "").strip() for c in need)]
+            keys = [r.get(cols["title"]) or r[cols["context"]] for r in rows]
+        if articles is not None:
+            rows = select_articles(rows, articles, keys)
+            if not rows:
+                raise DataError(f"{source}: the article selection holds no questions ({len(set(keys))} articles in the file)")
+        out = []
+        for r in rows:
+            answers = r.get(cols["answers"]) or []
+            answers = [answers] if isinstance(answers, str) else [str(a) for a in answers]
+            if not answers:
+                if skip_bad:
+                    continue
+                raise DataError(f"{r['_where']}: field {cols['answers']!r} is missing or empty (unanswerable questions are not supported)")
+            ctx = str(r[cols["context"]])
+            starts = r.get(cols["answer_starts"]) or [ctx.find(a) for a in answers]
+            out.append({"id": str(r.get(cols["id"], r["_where"])), "title": r.get(cols["title"], ""), "context": ctx,
+                        "question": str(r[cols["question"]]), "answers": answers,
+                        "answer_starts": [int(s) for s in starts], "_where": r["_where"]})
+        return out[:limit] if limit is not None else out
+
+    def head(self, cfg, examples):
+        return HeadSpec("qa") if cfg.formulation == "head" else None
+
+    def prompt(self, ex, tokenizer, cfg) -> str:
+        text = (cfg.template or DEFAULT_TEMPLATE).format(context=ex["context"], question=ex["question"])
+        return render_prompt(tokenizer, text, cfg.chat)
+
+    def encode(self, ex, tokenizer, cfg, max_length) -> dict:
+        if cfg.formulation != "head":
+            return encode_lm(tokenizer, self.prompt(ex, tokenizer, cfg), ex["answers"][0], max_length)
+        start = ex["answer_starts"][0]
+        if start < 0 or ex["context"][start : start + len(ex["answers"][0])] != ex["answers"][0]:
+            raise DataError(f"{ex['_where']}: answer {ex['answers'][0]!r} is not at character {start} of the context")
+        wins = windows(tokenizer, ex["question"], ex["context"], max_length, min(cfg.stride, max_length // 2))
+        span, win = (0, 0), wins[0]
+        for w in wins:
+            found = answer_tokens(w["offsets"], start, start + len(ex["answers"][0]))
+            if found is not None:
+                span, win = found, w
+                break
+        n = len(win["input_ids"])
+        feat = {"input_ids": win["input_ids"], "labels": span_labels(n, *span), "prompt_len": n}
+        if "token_type_ids" in win:
+            feat["token_type_ids"] = win["token_type_ids"]
+        return feat
+
+    def evaluate(self, model, tokenizer, examples, cfg, *, batch_size=16, gen=None):
+        if cfg.formulation == "head":
+            answers = self._extract(model, tokenizer, examples, cfg, batch_size)
+        else:
+            args = {"max_new_tokens": 32, "stop": ["\n"], **{k: v for k, v in (gen or {}).items() if k in GEN_KEYS}}
+            args["batch_size"] = args.get("batch_size", batch_size)
+            answers = generate(model, tokenizer, [self.prompt(ex, tokenizer, cfg) for ex in examples], **args)
+        scores = squad_scores(answers, [ex["answers"] for ex in examples])
+        metrics = {"f1": scores["f1"], "exact_match": scores["exact_match"], "n": len(examples)}
+        preds = [{"id": ex["id"], "where": ex["_where"], "input": ex["question"], "prediction": a, "reference": ex["answers"]}
+                 for ex, a in zip(examples, answers, strict=True)]
+        return metrics, preds
+
+    @torch.no_grad()
+    def _extract(self, model, tokenizer, examples, cfg, batch_size) -> list[str]:
+        was_training, dev = model.training, next(model.parameters()).device
+        model.eval()
+        feats = [(i, w) for i, ex in enumerate(examples)
+                 for w in windows(tokenizer, ex["question"], ex["context"], cfg.window, cfg.stride)]
+        best: list = [None] * len(examples)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        order = sorted(range(len(feats)), key=lambda k: -len(feats[k][1]["input_ids"]))
+        for b in range(0, len(order), batch_size):
+            batch = [feats[k] for k in order[b : b + batch_size]]
+            width = max(len(w["input_ids"]) for _, w in batch)
+            ids = torch.full((len(batch), width), pad, dtype=torch.long)
+            mask, types = torch.zeros_like(ids), torch.zeros_like(ids)
+            for row, (_, w) in enumerate(batch):
+                n = len(w["input_ids"])
+                ids[row, :n], mask[row, :n] = torch.tensor(w["input_ids"]), 1
+                if "token_type_ids" in w:
+                    types[row, :n] = torch.tensor(w["token_type_ids"])
+            inputs = {"input_ids": ids.to(dev), "attention_mask": mask.to(dev)}
+            if "token_type_ids" in batch[0][1]:
+                inputs["token_type_ids"] = types.to(dev)
+            model_context(model)["prompt_mask"] = inputs["attention_mask"].bool()
+            out = model(**inputs)
+            for row, (i, w) in enumerate(batch):
+                n = len(w["input_ids"])
+                span = best_span(out.start_logits[row, :n].cpu(), out.end_logits[row, :n].cpu(), w["offsets"],
+                                 cfg.max_answer_tokens, cfg.n_best)
+                if span is not None and (best[i] is None or span[0] > best[i][0]):
+                    best[i] = (span[0], w["offsets"][span[1]][0], w["offsets"][span[2]][1])
+        model_context(model).pop("prompt_mask", None)
+        model.train(was_training)
+        return [examples[i]["context"][b[1] : b[2]] if b else "" for i, b in enumerate(best)]
+
+
+TASKS.register(QA.name, QA())
