@@ -1,0 +1,84 @@
+"""Abstractive summarization (SAMSum dialogues and any document/summary pairs).
+
+Data: JSON/JSONL/CSV records with ``dialogue`` (the text to summarise) and ``summary`` (the
+reference), optional ``id``. Windows line ends (SAMSum's ``\\r\\n``) become ``\\n``. Records whose text
+or summary is empty (SAMSum train has one empty dialogue) are dropped and counted in the log; a
+record without the fields at all is an error naming file, line and field.
+
+Formulation: ``lm`` only: prompt = template over the dialogue (chat-wrapped for chat models),
+target = the summary; evaluation generates greedily (``gen`` settings) and scores with ROUGE-1/2/L
+(rouge-score, Porter stemming, F-measure), ROUGE-1 first.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from tunelab.data import encode_lm
+from tunelab.evaluate import generate
+from tunelab.metrics import rouge
+from tunelab.readers import DataError, read_records
+from tunelab.tasks.base import TASKS, TaskConfig, field_name, render_prompt
+
+log = logging.getLogger(__name__)
+DEFAULT_TEMPLATE = "Summarize the dialogue in one or two sentences.\n\n{dialogue}"
+GEN_KEYS = ("max_new_tokens", "batch_size", "do_sample", "temperature", "top_p", "num_beams", "stop")
+
+
+class SummarizationConfig(TaskConfig):
+    pass
+
+
+def clean(text) -> str:
+    return str(text).replace("\r\n", "\n").replace("\r", "\n").strip()
+
+
+class Summarization:
+    name = "summarization"
+    Config = SummarizationConfig
+
+    def read(self, source, cfg, *, limit=None, skip_bad=False) -> list[dict]:
+        dcol, scol, icol = (field_name(cfg, k) for k in ("dialogue", "summary", "id"))
+        out, empty = [], 0
+        for r in read_records(source, skip_bad=skip_bad):
+            missing = [c for c in (dcol, scol) if c not in r]
+            if missing:
+                if skip_bad:
+                    continue
+                raise DataError(f"{r['_where']}: field {missing[0]!r} is missing (present: {sorted(k for k in r if k != '_where')}; "
+                                "map your columns with task.fields, e.g. {dialogue: article, summary: highlights})")
+            ex = {"id": str(r.get(icol, r["_where"])), "dialogue": clean(r[dcol]), "summary": clean(r[scol]), "_where": r["_where"]}
+            if not ex["dialogue"] or not ex["summary"]:
+                empty += 1
+                continue
+            out.append(ex)
+            if limit is not None and len(out) >= limit:
+                break
+        if empty:
+            log.warning("%s: dropped %d records with an empty %r or %r", source, empty, dcol, scol)
+        if not out:
+            raise DataError(f"{source}: no records with both {dcol!r} and {scol!r} filled")
+        return out
+
+    def head(self, cfg, examples):
+        if cfg.formulation != "lm":
+            raise ValueError("task 'summarization' has only the 'lm' formulation")
+        return None
+
+    def prompt(self, ex, tokenizer, cfg) -> str:
+        return render_prompt(tokenizer, (cfg.template or DEFAULT_TEMPLATE).format(dialogue=ex["dialogue"]), cfg.chat)
+
+    def encode(self, ex, tokenizer, cfg, max_length) -> dict:
+        return encode_lm(tokenizer, self.prompt(ex, tokenizer, cfg), ex["summary"], max_length)
+
+    def evaluate(self, model, tokenizer, examples, cfg, *, batch_size=16, gen=None):
+        args = {"max_new_tokens": 64, **{k: v for k, v in (gen or {}).items() if k in GEN_KEYS}}
+        args["batch_size"] = args.get("batch_size", batch_size)
+        outputs = generate(model, tokenizer, [self.prompt(ex, tokenizer, cfg) for ex in examples], **args)
+        metrics = {**rouge(outputs, [ex["summary"] for ex in examples]), "n": len(examples)}
+        preds = [{"id": ex["id"], "where": ex["_where"], "input": ex["dialogue"], "prediction": o, "reference": ex["summary"]}
+                 for ex, o in zip(examples, outputs, strict=True)]
+        return metrics, preds
+
+
+TASKS.register(Summarization.name, Summarization())
