@@ -1,0 +1,92 @@
+"""Instruction following on Alpaca-style data.
+
+Data: JSON/JSONL/CSV records with ``instruction``, optional ``input`` (context for the instruction)
+and ``output`` (the reference response). Rows with an empty instruction or output are dropped and
+counted in the log.
+
+Formulation: ``lm`` only. The user turn is ``template`` (instruction and input) or
+``template_no_input`` when the input is empty, wrapped in the tokenizer's chat template for chat
+models (``system`` adds a system turn); the target is the output.
+
+Metrics: ROUGE-L (first), BLEU (sacrebleu, 0-100) on greedy generations, and the perplexity of the
+reference outputs given their prompts: exp(total negative log-likelihood / total reference tokens),
+scored with ``tunelab.evaluate.score_choices`` (no generation needed for it).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from tunelab.data import encode_lm
+from tunelab.evaluate import generate, score_choices
+from tunelab.metrics import bleu, perplexity, rouge
+from tunelab.readers import DataError, read_records
+from tunelab.tasks.base import TASKS, TaskConfig, field_name, render_prompt
+
+log = logging.getLogger(__name__)
+DEFAULT_TEMPLATE = "{instruction}\n\n{input}"
+GEN_KEYS = ("max_new_tokens", "batch_size", "do_sample", "temperature", "top_p", "num_beams", "stop")
+
+
+class GenerationConfig(TaskConfig):
+    template_no_input: str = "{instruction}"
+    system: str | None = None
+
+
+class Generation:
+    name = "generation"
+    Config = GenerationConfig
+
+    def read(self, source, cfg, *, limit=None, skip_bad=False) -> list[dict]:
+        icol, xcol, ocol = (field_name(cfg, k) for k in ("instruction", "input", "output"))
+        out, empty = [], 0
+        for r in read_records(source, skip_bad=skip_bad):
+            missing = [c for c in (icol, ocol) if c not in r]
+            if missing:
+                if skip_bad:
+                    continue
+                raise DataError(f"{r['_where']}: field {missing[0]!r} is missing (present: {sorted(k for k in r if k != '_where')}; "
+                                "map your columns with task.fields, e.g. {instruction: prompt, output: response})")
+            ex = {"instruction": str(r[icol]).strip(), "input": str(r.get(xcol) or "").strip(),
+                  "output": str(r[ocol]).strip(), "_where": r["_where"]}
+            if not ex["instruction"] or not ex["output"]:
+                empty += 1
+                continue
+            out.append(ex)
+            if limit is not None and len(out) >= limit:
+                break
+        if empty:
+            log.warning("%s: dropped %d records with an empty %r or %r", source, empty, icol, ocol)
+        if not out:
+            raise DataError(f"{source}: no records with both {icol!r} and {ocol!r} filled")
+        return out
+
+    def head(self, cfg, examples):
+        if cfg.formulation != "lm":
+            raise ValueError("task 'generation' has only the 'lm' formulation")
+        return None
+
+    def prompt(self, ex, tokenizer, cfg) -> str:
+        template = (cfg.template or DEFAULT_TEMPLATE) if ex["input"] else cfg.template_no_input
+        text = template.format(instruction=ex["instruction"], input=ex["input"])
+        return render_prompt(tokenizer, text, cfg.chat, system=cfg.system)
+
+    def encode(self, ex, tokenizer, cfg, max_length) -> dict:
+        return encode_lm(tokenizer, self.prompt(ex, tokenizer, cfg), ex["output"], max_length)
+
+    def evaluate(self, model, tokenizer, examples, cfg, *, batch_size=16, gen=None):
+        prompts = [self.prompt(ex, tokenizer, cfg) for ex in examples]
+        refs = [ex["output"] for ex in examples]
+        args = {"max_new_tokens": 128, **{k: v for k, v in (gen or {}).items() if k in GEN_KEYS}}
+        args["batch_size"] = args.get("batch_size", batch_size)
+        outputs = generate(model, tokenizer, prompts, **args)
+        logp = score_choices(model, tokenizer, prompts, [[r] for r in refs], batch_size=args["batch_size"])
+        n_tokens = sum(len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in refs)
+        metrics = {"rougeL": rouge(outputs, refs, types=("rougeL",))["rougeL"], "bleu": bleu(outputs, refs),
+                   "perplexity": perplexity(sum(s[0] for s in logp), n_tokens), "n": len(examples)}
+        preds = [{"where": ex["_where"], "input": ex["instruction"] + (f"\n\n{ex['input']}" if ex["input"] else ""),
+                  "prediction": o, "reference": ex["output"]} for ex, o in zip(examples, outputs, strict=True)]
+        return metrics, preds
+
+
+TASKS.register(Generation.name, Generation())
