@@ -45,6 +45,18 @@ def test_read_alpaca(tmp_path):
         GEN.read(str(path), GEN.Config(), limit=None, skip_bad=False)
 
 
+def test_row_range_split(tmp_path):
+    path = tmp_path / "alpaca.jsonl"
+    path.write_text("".join(json.dumps({"instruction": f"q{i}", "output": f"a{i}"}) + "\n" for i in range(10)))
+    train = GEN.read(f"{path}#rows=0:7", GEN.Config(), limit=None, skip_bad=False)
+    evals = GEN.read(f"{path}#rows=7:", GEN.Config(), limit=None, skip_bad=False)
+    assert [e["instruction"] for e in train] == [f"q{i}" for i in range(7)]
+    assert [e["instruction"] for e in evals] == ["q7", "q8", "q9"]
+    assert len(GEN.read(f"{path}#rows=7:", GEN.Config(), limit=2, skip_bad=False)) == 2
+    with pytest.raises(DataError, match="allowed: '#rows=START:STOP'"):
+        GEN.read(f"{path}#articles=0:1", GEN.Config(), limit=None, skip_bad=False)
+
+
 def test_templates_plain_and_chat(tiny_tokenizer):
     ex = {"instruction": "Add", "input": "2 and 3", "output": "5"}
     plain = GEN.Config(chat=False)

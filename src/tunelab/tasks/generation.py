@@ -2,7 +2,9 @@
 
 Data: JSON/JSONL/CSV records with ``instruction``, optional ``input`` (context for the instruction)
 and ``output`` (the reference response). Rows with an empty instruction or output are dropped and
-counted in the log.
+counted in the log. A file without its own splits is cut by row range, Python slice syntax over the
+file's rows: ``alpaca_en_demo.json#rows=0:900`` to train, ``alpaca_en_demo.json#rows=900:`` to
+evaluate (disjoint rows; identical duplicate rows in the file can still fall on both sides).
 
 Formulation: ``lm`` only. The user turn is ``template`` (instruction and input) or
 ``template_no_input`` when the input is empty, wrapped in the tokenizer's chat template for chat
@@ -22,6 +24,7 @@ from tunelab.evaluate import generate, score_choices
 from tunelab.metrics import bleu, perplexity, rouge
 from tunelab.readers import DataError, read_records
 from tunelab.tasks.base import TASKS, TaskConfig, field_name, render_prompt
+from tunelab.tasks.qa import split_source
 
 log = logging.getLogger(__name__)
 DEFAULT_TEMPLATE = "{instruction}\n\n{input}"
@@ -40,7 +43,9 @@ class Generation:
     def read(self, source, cfg, *, limit=None, skip_bad=False) -> list[dict]:
         icol, xcol, ocol = (field_name(cfg, k) for k in ("instruction", "input", "output"))
         out, empty = [], 0
-        for r in read_records(source, skip_bad=skip_bad):
+        path, rows = split_source(source, "rows")
+        records = read_records(path, skip_bad=skip_bad)
+        for r in records[rows] if rows is not None else records:
             missing = [c for c in (icol, ocol) if c not in r]
             if missing:
                 if skip_bad:

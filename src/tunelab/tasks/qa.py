@@ -57,20 +57,21 @@ class QAConfig(TaskConfig):
     n_best: int = 20  # start/end candidates tried per window
 
 
-def split_source(source: str) -> tuple[str, slice | None]:
-    """``"file.json#articles=0:40"`` -> ("file.json", slice(0, 40)); a plain path -> (path, None)."""
+def split_source(source: str, key: str = "articles") -> tuple[str, slice | None]:
+    """``"file.json#articles=0:40"`` -> ("file.json", slice(0, 40)); a plain path -> (path, None).
+    ``key`` is the one selector the caller supports (other families use ``rows``)."""
     m = _FRAGMENT.match(str(source))
     if not m:
         return str(source), None
-    if m["key"] != "articles":
-        raise DataError(f"{source}: unknown selector {m['key']!r}; allowed: '#articles=START:STOP'")
+    if m["key"] != key:
+        raise DataError(f"{source}: unknown selector {m['key']!r}; allowed: '#{key}=START:STOP'")
     parts = m["value"].split(":")
     try:
         if len(parts) != 2:
             raise ValueError
         start, stop = (int(p) if p.strip() else None for p in parts)
     except ValueError:
-        raise DataError(f"{source}: '#articles=' wants START:STOP (Python slice, e.g. 0:40 or 40:), got {m['value']!r}") from None
+        raise DataError(f"{source}: '#{key}=' wants START:STOP (Python slice, e.g. 0:40 or 40:), got {m['value']!r}") from None
     return m["path"], slice(start, stop)
 
 
