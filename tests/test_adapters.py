@@ -125,4 +125,4 @@ def test_bf16_host_keeps_its_dtype_and_bad_config_is_clear():
         tunelab.attach(tiny_llama(), "series_adapter", activation="sigmoidish")
     with pytest.raises(ValueError, match="matched no module"):
         tunelab.attach(tiny_llama(), "series_adapter", target_modules=["ffn"])
-    assert ad.SeriesAdapter.recommended_lr(ad.AdapterConfig()) == 3e-4
+    assert ad.SeriesAdapter.recommended_lr == ad.ParallelAdapter.recommended_lr == 3e-4

@@ -144,7 +144,11 @@ def test_save_load_restores_indices_from_the_file(tmp_path):
 
 
 def test_recommended_lr_and_bad_config():
-    lr = rm.RandomMask.recommended_lr
+    lr = rm.RandomMask.lr_for
+    assert rm.RandomMask.recommended_lr == pytest.approx(lr(rm.RandomMaskConfig()))
+    from tunelab.train import default_lr
+
+    assert default_lr("random_mask") == rm.RandomMask.recommended_lr  # what the loop defaults to
     cfg = rm.RandomMaskConfig
     assert lr(cfg(fraction=1e-4)) == pytest.approx(1e-2)
     assert lr(cfg(fraction=1e-5)) > lr(cfg(fraction=1e-4)) > lr(cfg(fraction=1e-3)) > lr(cfg(fraction=1.0))

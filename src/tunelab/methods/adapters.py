@@ -113,9 +113,7 @@ class _Adapter:
         "weights; only activation='identity' on a linear target merges"
     )
 
-    @staticmethod
-    def recommended_lr(cfg: AdapterConfig) -> float:
-        return 3e-4  # LLM-Adapters' setting for both placements (AdamW, 3 epochs)
+    recommended_lr = 3e-4  # LLM-Adapters' setting for both placements (AdamW, 3 epochs)
 
     def attach(self, model: nn.Module, cfg: AdapterConfig) -> nn.Module:
         targets = find_linears(model, cfg.target_modules or _default_targets(model), types=(nn.Module,))

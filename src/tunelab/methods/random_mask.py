@@ -16,9 +16,10 @@ module, tunelab_state = True) and ``values``; never a dense mask.
 Merge is exact: W = W0 + S, the entries outside I stay bit-identical.
 
 Sparse masks need much larger learning rates than dense tuning (flatter loss landscape): the reference
-trains 0.01% of q/v with lr 1e-2 where full tuning uses ~1e-5. ``RandomMask.recommended_lr(cfg)``
+trains 0.01% of q/v with lr 1e-2 where full tuning uses ~1e-5. ``RandomMask.lr_for(cfg)``
 interpolates log-linearly between those two points, lr = 1e-2 * (1e-4 / fraction) ** 0.75, clipped to
-[1e-5, 1e-1] (0.1% -> 1.8e-3, 0.01% -> 1e-2, 0.001% -> 5.6e-2).
+[1e-5, 1e-1] (0.1% -> 1.8e-3, 0.01% -> 1e-2, 0.001% -> 5.6e-2); ``recommended_lr`` (a float, read by
+the loop when no lr is set) is its value at the default fraction.
 """
 
 from __future__ import annotations
@@ -144,9 +145,12 @@ class RandomMask:
     Config = RandomMaskConfig
 
     @staticmethod
-    def recommended_lr(cfg: RandomMaskConfig) -> float:
-        """Default learning rate for AdamW at this mask density (see the module docstring)."""
+    def lr_for(cfg: RandomMaskConfig) -> float:
+        """Default AdamW learning rate at this mask density (see the module docstring)."""
         return float(min(1e-1, max(1e-5, 1e-2 * (1e-4 / cfg.fraction) ** 0.75)))
+
+    # what the loop reads when the run sets no lr: the value at the default fraction (0.1% -> 1.8e-3)
+    recommended_lr = lr_for(RandomMaskConfig())
 
     def attach(self, model: nn.Module, cfg: RandomMaskConfig) -> nn.Module:
         targets = _resolve_targets(model, cfg.target_modules)
