@@ -85,6 +85,13 @@ def test_stride_windows_cover_and_overlap(tiny_tokenizer):
         assert len(shared) == 6
 
 
+def test_long_question_and_big_stride_are_tamed(tiny_tokenizer):
+    # a 75-token question in a 32-token window: cut to half the window, stride capped (no tokenizer abort)
+    wins = windows(tiny_tokenizer, "who lives in Paris ? " * 15, LONG, max_length=32, stride=30)
+    assert len(wins) > 1 and all(len(w["input_ids"]) <= 32 for w in wins)
+    assert all(sum(o is None for o in w["offsets"]) == 16 for w in wins)
+
+
 def test_encode_head_picks_the_window_with_the_answer(tiny_tokenizer):
     start = LONG.index("Mary lives in Paris")
     ex = {"context": LONG, "question": "who lives in Paris ?", "answers": ["Mary lives in Paris"],

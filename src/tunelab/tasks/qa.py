@@ -85,7 +85,17 @@ def select_articles(records: list[dict], articles: slice, keys: list) -> list[di
 def windows(tokenizer, question: str, context: str, max_length: int, stride: int) -> list[dict]:
     """Overlapping ``question + context`` windows: ``input_ids``, ``token_type_ids`` (when the tokenizer
     makes them) and ``offsets``: the (start, end) context characters of each token, None for question,
-    special and padding tokens."""
+    special and padding tokens.
+
+    The question keeps at most half the window (a longer one is cut at a token boundary) and the
+    stride is capped below the context room: the tokenizer aborts otherwise."""
+    specials = tokenizer.num_special_tokens_to_add(pair=True)
+    q = tokenizer(question, add_special_tokens=False, return_offsets_mapping=True)
+    keep = max(1, max_length // 2 - specials)
+    if len(q["input_ids"]) > keep:
+        question = question[: q["offset_mapping"][keep - 1][1]]
+    room = max_length - specials - min(len(q["input_ids"]), keep)
+    stride = max(0, min(stride, room - 1))
     enc = tokenizer(question, context, truncation="only_second", max_length=max_length, stride=stride,
                     return_overflowing_tokens=True, return_offsets_mapping=True)
     out = []
