@@ -111,7 +111,9 @@ def test_encode_head_and_lm(tiny_tokenizer):
     bad = {"tokens": ["x"], "tags": ["B-ORG"], "_where": "x:9"}
     with pytest.raises(DataError, match="x:9: tag 'B-ORG' is not in the label set"):
         NER.encode(bad, tiny_tokenizer, cfg, 64)
-    lm = NER.encode(ex, tiny_tokenizer, NER.Config(chat=False), 128)
+    with pytest.raises(ValueError, match="labels are unset; call fit"):
+        NER.encode(ex, tiny_tokenizer, NER.Config(chat=False), 128)
+    lm = NER.encode(ex, tiny_tokenizer, NER.fit(NER.Config(chat=False), [ex]), 128)
     target = [t for t, lab in zip(lm["input_ids"], lm["labels"], strict=True) if lab != -100]
     assert tiny_tokenizer.decode(target, skip_special_tokens=True) == "PER : John Smith ; LOC : Paris"
 

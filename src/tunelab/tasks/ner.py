@@ -179,7 +179,9 @@ class NER:
         return {"input_ids": list(enc["input_ids"]), "labels": labels, "words": owners}
 
     def encode(self, ex, tokenizer, cfg, max_length) -> dict:
-        labels = self._labels(cfg, [ex])
+        if not cfg.labels:  # one sentence's tags would give a per-example label set / prompt
+            raise ValueError("task 'ner': labels are unset; call fit(cfg, train_examples) first (train.run does)")
+        labels = cfg.labels
         if cfg.formulation == "head":
             unknown = [t for t in ex["tags"] if t not in labels]
             if unknown:
@@ -188,7 +190,7 @@ class NER:
             ids = feat["input_ids"]
             return {"input_ids": ids, "labels": feat["labels"], "prompt_len": len(ids)}
         target = render_entities(ex["tokens"], ex["tags"])
-        return encode_lm(tokenizer, self.prompt(ex, tokenizer, cfg, self._types(cfg, [ex])), target, max_length)
+        return encode_lm(tokenizer, self.prompt(ex, tokenizer, cfg, self._types(cfg, [])), target, max_length)
 
     # ---- evaluation ---------------------------------------------------------------------------
     def evaluate(self, model, tokenizer, examples, cfg, *, batch_size=16, gen=None):
