@@ -96,6 +96,8 @@ def count_parameters(model: nn.Module) -> dict[str, float]:
         total += p.numel()
         if p.requires_grad:
             trainable += p.numel()
+    # frozen weights stored outside parameters (tunelab.quant's packed 2-bit bases) still count
+    total += sum(getattr(m, "tunelab_frozen_numel", 0) for m in model.modules())
     return {"trainable": trainable, "total": total, "percent": 100.0 * trainable / max(total, 1)}
 
 

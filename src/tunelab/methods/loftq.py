@@ -1,0 +1,146 @@
+"""LoftQ (Li et al., ICLR 2024): quantization-aware LoRA initialisation.
+
+Given W (d_out x d_in), rank r, LoRA scaling s, an N-bit quantizer q and T steps, with s B0 A0 = 0:
+    for t = 1..T:  Q_t = q(W - s B_{t-1} A_{t-1});   U S V^T = svd(W - Q_t)
+                   B_t = U_r sqrt(S_r / s)  (d_out x r),   A_t = sqrt(S_r / s) V_r^T  (r x d_in)
+so s B_T A_T = U_r S_r V_r^T, the best rank-r fit of W - Q_T, for *any* alpha (PEFT's version stores
+the split without 1/s and reconstructs W only when alpha = r). The frozen base is Q_T and LoRA starts
+at (A_T, B_T): y = deq(Q_T) x + b + s B A drop(x). T = 0 is QLoRA (Q = q(W), B = 0).
+
+Quantizers: bits=4 -> NF4 (torchao), bits=2 -> NF2 (quant="nf") or uniform 2-bit (quant="uniform"),
+both block 64; ``mixed_4bit_layers=k`` keeps NF4 on transformer layers 0..k-1 (the paper's mixed
+precision). Everything runs on the weight's device (CPU or CUDA), in fp32.
+
+Q_T is a deterministic function of W, so tunelab saves only A, B (+ a checksum of Q_T) and re-attaching
+recomputes Q_T; ``model.tunelab_info["loftq"]`` holds ||W - Q_1|| (QLoRA's error) and
+||W - (Q_t + s B_t A_t)|| for t = 1..T per matrix, and the mean ratio kept/QLoRA. The iteration is not
+monotone at 2 bits, so by default (``keep_best``) the iterate with the lowest error is kept.
+Merge folds s B A into a dequantized copy of Q_T: lossy with respect to W by the residual above.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from pydantic import Field, field_validator
+from torch import nn
+
+from tunelab import quant
+from tunelab.methods.base import METHODS
+from tunelab.methods.lora import LoRAConfig, inject, merge_model, scaling
+from tunelab.methods.qlora import linear_bytes, quant_info
+
+
+class LoftQConfig(LoRAConfig):
+    bits: int = 4
+    iters: int = Field(5, ge=0)
+    keep_best: bool = True
+    quant: str = "nf"
+    mixed_4bit_layers: int = Field(0, ge=0)
+
+    @field_validator("bits")
+    @classmethod
+    def _bits(cls, v):
+        if v not in (2, 4):
+            raise ValueError(f"loftq supports bits=4 (NF4) or bits=2 (NF2 / uniform); got bits={v}")
+        return v
+
+    @field_validator("quant")
+    @classmethod
+    def _quant(cls, v):
+        if v not in ("nf", "uniform"):
+            raise ValueError(f"quant={v!r}: allowed 'nf' (NormalFloat) or 'uniform'")
+        return v
+
+
+def top_r(R: torch.Tensor, r: int):
+    """The top-r singular triplets of R: (U_r, S_r, V_r) with U_r diag(S_r) V_r^T the best rank-r fit.
+
+    Uses the eigenvectors of the small Gram matrix (d x d, d = min side), ~4x faster than a full SVD on
+    CPU and accurate for the leading triplets, which are all LoftQ needs.
+    """
+    tall = R.shape[0] > R.shape[1]
+    M = R.T if tall else R  # (small x large)
+    k = min(r, M.shape[0])
+    ev, vec = torch.linalg.eigh(M @ M.T)
+    u, s = vec[:, -k:].flip(1), ev[-k:].flip(0).clamp_min(0).sqrt()
+    v = (M.T @ u) / torch.where(s > 0, s, torch.ones_like(s))
+    if k < r:  # rank above the smaller side: the extra directions stay zero
+        u, s, v = (
+            torch.nn.functional.pad(u, (0, r - k)),
+            torch.nn.functional.pad(s, (0, r - k)),
+            torch.nn.functional.pad(v, (0, r - k)),
+        )
+    return (v, s, u) if tall else (u, s, v)
+
+
+@torch.no_grad()
+def loftq_init(
+    w: torch.Tensor, r: int, scale: float, bits: int = 4, kind: str = "nf", iters: int = 5, keep_best: bool = True
+):
+    """LoftQ for one matrix: returns (Q, A, B, errors); A, B fp32 (None when iters = 0) and
+    errors = [||W - q(W)||_F, ||W - (Q_1 + s B_1 A_1)||_F, ..., ||W - (Q_T + s B_T A_T)||_F].
+
+    The iteration is not monotone (the block scales move with W - s B A; at 2 bits the error can rise
+    after a few steps), so ``keep_best`` returns the iterate with the lowest error, which makes the
+    result never worse as T grows; ``keep_best=False`` returns the T-th, as in the paper."""
+    w32 = w.detach().float()
+    low = torch.zeros_like(w32)  # s B A of the previous step
+    errors, best = [], (None, None, None)
+    for _ in range(iters):
+        q = quant.quantize((w32 - low).to(w.dtype), bits, kind)
+        res = w32 - quant.dequantize(q, torch.float32)
+        if not errors:
+            errors.append(res.norm().item())  # Q_1 = q(W): the plain quantization error
+        U, S, V = top_r(res, r)
+        root = (S / scale).sqrt()
+        low = (U * S) @ V.T
+        errors.append((res - low).norm().item())  # what the rank-r fit leaves
+        if not keep_best or errors[-1] <= min(errors[1:]):
+            best = (q, root.unsqueeze(1) * V.T, U * root)
+    if not iters:
+        q = quant.quantize(w, bits, kind)
+        errors.append((w32 - quant.dequantize(q, torch.float32)).norm().item())
+        best = (q, None, None)
+    return (*best, errors)
+
+
+def layer_index(name: str) -> int | None:
+    """The transformer layer a module belongs to: the first integer in its dotted name."""
+    m = re.search(r"\.(\d+)\.", f".{name}.")
+    return int(m.group(1)) if m else None
+
+
+class LoftQ:
+    name = "loftq"
+    Config = LoftQConfig
+
+    def attach(self, model: nn.Module, cfg: LoftQConfig) -> nn.Module:
+        before_model, before_linears = quant.model_bytes(model), 0
+        s, starts, errors = scaling(cfg), {}, {}
+
+        def make_base(name, lin):
+            nonlocal before_linears
+            before_linears += linear_bytes(lin)
+            layer = layer_index(name)
+            early = layer is not None and layer < cfg.mixed_4bit_layers
+            bits, kind = (4, "nf") if early else (cfg.bits, cfg.quant)
+            q, A, B, errs = loftq_init(lin.weight.data, cfg.r, s, bits, kind, cfg.iters, cfg.keep_best)
+            kept = min(errs[1:]) if cfg.keep_best and cfg.iters else errs[-1]
+            starts[name], errors[name] = (A, B), {"bits": bits, "errors": errs, "kept": kept}
+            return quant.QuantLinear(q, lin.bias)
+
+        inject(model, cfg, make_base=make_base, init=lambda name, lin, base: starts.pop(name))
+        info = quant_info(model, before_model, before_linears)
+        ratios = [e["kept"] / e["errors"][0] for e in errors.values() if e["errors"][0] > 0]
+        info["loftq"] = {"mean_ratio": sum(ratios) / max(len(ratios), 1), "per_matrix": errors}
+        model.tunelab_info = info
+        return model
+
+    def merge(self, model: nn.Module) -> nn.Module:
+        """Lossy: returns plain linears holding deq(Q_T) + s B A (see the module docstring)."""
+        return merge_model(model)
+
+
+METHODS.register(LoftQ.name, LoftQ())
