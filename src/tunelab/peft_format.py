@@ -1,0 +1,173 @@
+"""Read and write PEFT's LoRA adapter format, so adapters move between tunelab and ``peft``.
+
+A PEFT LoRA directory holds ``adapter_config.json`` (peft_type "LORA", r, lora_alpha, target_modules,
+use_rslora, use_dora, modules_to_save, ...) and ``adapter_model.safetensors`` with keys
+    base_model.model.<module>.lora_A.weight            (r x d_in)
+    base_model.model.<module>.lora_B.weight            (d_out x r)
+    base_model.model.<module>.lora_magnitude_vector    (d_out, DoRA only)
+    base_model.model.<head>.<param>                    (modules_to_save: a new classification head)
+tunelab's LoRALinear holds the same tensors (lora_A, lora_B, lora_magnitude), so the mapping is a rename.
+
+For "qlora" / "loftq" the exported adapter was trained over a quantized base: PEFT must load it over the
+same base (for LoftQ: the dequantized Q_T, which ``tunelab.merge`` style code can write), not over W.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from tunelab.methods.base import find_linears
+from tunelab.methods.lora import lora_modules
+
+CONFIG = "adapter_config.json"
+WEIGHTS = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+LORA_FAMILY = ("lora", "dora", "qlora", "loftq")
+# Keys of adapter_config.json that change what LoRA computes and that tunelab does not implement.
+UNSUPPORTED = {
+    "rank_pattern": {},
+    "alpha_pattern": {},
+    "fan_in_fan_out": False,
+    "bias": "none",
+    "lora_bias": False,
+    "layers_to_transform": None,
+    "layers_pattern": None,
+    "layer_replication": None,
+    "target_parameters": None,
+    "use_qalora": False,
+    "trainable_token_indices": None,
+    "alora_invocation_tokens": None,
+}
+TASK_TYPES = {
+    "ForCausalLM": "CAUSAL_LM",
+    "ForSequenceClassification": "SEQ_CLS",
+    "ForTokenClassification": "TOKEN_CLS",
+    "ForQuestionAnswering": "QUESTION_ANS",
+    "ForConditionalGeneration": "SEQ_2_SEQ_LM",
+}
+
+
+def _task_type(model: nn.Module) -> str | None:
+    cls = type(model).__name__
+    return next((t for suffix, t in TASK_TYPES.items() if cls.endswith(suffix)), None)
+
+
+def _target_names(model: nn.Module, adapted: list[str]) -> list[str]:
+    """Leaf names when PEFT's suffix match on them selects exactly ``adapted``, else the full names."""
+    leaves = sorted({n.rsplit(".", 1)[-1] for n in adapted})
+    chosen = {n for n, _ in model.named_modules() if n and n.rsplit(".", 1)[-1] in leaves}
+    return leaves if chosen == set(adapted) else sorted(adapted)
+
+
+def export_peft(model: nn.Module, directory: str | Path) -> Path:
+    """Write ``model``'s LoRA-family adapter (and its new head) in PEFT's format; returns the directory.
+
+    ``peft.PeftModel.from_pretrained(fresh_base, directory)`` then gives the same outputs.
+    """
+    info = getattr(model, "tunelab_method", None) or {}
+    if info.get("name") not in LORA_FAMILY:
+        raise ValueError(
+            f"export_peft needs a LoRA-family method ({', '.join(LORA_FAMILY)}); the model has {info.get('name')!r}"
+        )
+    mods = lora_modules(model)
+    if any(m.merged for _, m in mods):
+        raise ValueError("the adapters are merged into the weights; unmerge before exporting")
+    p, heads = info["params"], list(getattr(model, "tunelab_new_head", []))
+    tensors: dict[str, torch.Tensor] = {}
+    for name, m in mods:
+        tensors[f"{PREFIX}{name}.lora_A.weight"] = m.lora_A.detach()
+        tensors[f"{PREFIX}{name}.lora_B.weight"] = m.lora_B.detach()
+        if m.lora_magnitude is not None:
+            tensors[f"{PREFIX}{name}.lora_magnitude_vector"] = m.lora_magnitude.detach()
+    for head in heads:
+        for pname, t in model.get_submodule(head).state_dict().items():
+            tensors[f"{PREFIX}{head}.{pname}"] = t.detach()
+    config = {
+        "peft_type": "LORA",
+        "task_type": _task_type(model),
+        "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None) or None,
+        "r": p["r"],
+        "lora_alpha": int(p["alpha"]) if float(p["alpha"]).is_integer() else p["alpha"],
+        "lora_dropout": p["dropout"],
+        "use_rslora": p["rslora"],
+        "use_dora": any(m.lora_magnitude is not None for _, m in mods),
+        "target_modules": _target_names(model, [n for n, _ in mods]),
+        "modules_to_save": heads or None,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+    }
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(directory / WEIGHTS))
+    (directory / CONFIG).write_text(json.dumps(config, indent=2))
+    return directory
+
+
+def import_peft(model: nn.Module, directory: str | Path) -> nn.Module:
+    """Attach a PEFT LoRA (or DoRA) adapter saved in ``directory`` to ``model`` as tunelab "lora"/"dora".
+
+    Heads listed in ``modules_to_save`` are loaded and keep training with the adapter.
+    """
+    import tunelab  # the public attach (late import: tunelab.api imports the methods package)
+
+    directory = Path(directory)
+    cfg_path, w_path = directory / CONFIG, directory / WEIGHTS
+    if not cfg_path.exists():
+        raise FileNotFoundError(f"{cfg_path}: not found (is this a PEFT adapter directory?)")
+    if not w_path.exists():
+        raise FileNotFoundError(f"{w_path}: not found (only safetensors adapters are read)")
+    cfg = json.loads(cfg_path.read_text())
+    if cfg.get("peft_type") != "LORA":
+        raise ValueError(f"{cfg_path}: peft_type {cfg.get('peft_type')!r} is not supported; only 'LORA' is")
+    for key, default in UNSUPPORTED.items():
+        if cfg.get(key) is not None and cfg[key] != default:
+            raise ValueError(f"{cfg_path}: {key}={cfg[key]!r} is not supported by tunelab (expected {default!r})")
+    state = load_file(str(w_path), device="cpu")
+    state = {k.removeprefix(PREFIX): v for k, v in state.items()}
+    adapted = sorted(k.removesuffix(".lora_A.weight") for k in state if k.endswith(".lora_A.weight"))
+    if not adapted:
+        raise ValueError(f"{w_path}: holds no '*.lora_A.weight' tensor")
+    heads = list(cfg.get("modules_to_save") or [])
+    present = [h for h in heads if any(k.startswith(h + ".") for k in state)]
+    model.tunelab_new_head = sorted(set(getattr(model, "tunelab_new_head", [])) | set(present))
+    targets = cfg.get("target_modules")
+    targets = sorted(targets) if isinstance(targets, list) else targets  # PEFT writes a set: any order
+    try:
+        same = isinstance(targets, list) and sorted(n for n, _ in find_linears(model, targets)) == adapted
+    except ValueError:  # the list matched no linear
+        same = False
+    if not same:  # a regex, or names that select other modules too: use the exact module names
+        targets = adapted
+    model = tunelab.attach(
+        model,
+        "dora" if cfg.get("use_dora") else "lora",
+        r=cfg["r"],
+        alpha=cfg["lora_alpha"],
+        dropout=cfg.get("lora_dropout", 0.0),
+        rslora=bool(cfg.get("use_rslora")),
+        target_modules=targets,
+    )
+    got = sorted(n for n, _ in lora_modules(model))
+    if got != adapted:
+        raise ValueError(f"{w_path}: the adapter's modules {adapted[:3]}... do not match the model's {got[:3]}...")
+    ours = {}
+    for name in adapted:
+        ours[f"{name}.lora_A"] = state[f"{name}.lora_A.weight"]
+        ours[f"{name}.lora_B"] = state[f"{name}.lora_B.weight"]
+        if cfg.get("use_dora"):
+            ours[f"{name}.lora_magnitude"] = state[f"{name}.lora_magnitude_vector"]
+    for head in present:
+        ours.update({k: v for k, v in state.items() if k.startswith(head + ".")})
+    own = model.state_dict()
+    for k, v in ours.items():
+        if own[k].shape != v.shape:
+            raise ValueError(f"{w_path}: {k} has shape {tuple(v.shape)}, the model expects {tuple(own[k].shape)}")
+    model.load_state_dict(ours, strict=False)
+    return model
