@@ -11,7 +11,6 @@ import tunelab.train as train_mod
 from conftest import SHARED_DATA, tiny_llama, tiny_tokenizer_obj
 from tunelab.config import load_config
 from tunelab.tasks import TASKS
-from tunelab.tasks.qa import install_qa_labels
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 FAMILIES = ("ner", "qa", "summarization", "generation", "reasoning")
@@ -64,15 +63,6 @@ def fixture_data(tmp_path, task):
 
 @pytest.mark.parametrize("task,formulation", [(t, "lm") for t in FAMILIES] + [("ner", "head"), ("qa", "head")])
 def test_two_steps_through_the_loop(task, formulation, llama_dir, bert_dir, tmp_path, monkeypatch):
-    load = train_mod.load_model
-
-    def load_with_qa_labels(name, head=None, **kw):  # what models.load should do for QA heads
-        model, tok = load(name, head=head, **kw)
-        if head is not None and head.kind == "qa":
-            install_qa_labels(model)
-        return model, tok
-
-    monkeypatch.setattr(train_mod, "load_model", load_with_qa_labels)
     train, dev = fixture_data(tmp_path, task)
     model = bert_dir if formulation == "head" else llama_dir
     cfg = load_config(None, [

@@ -114,6 +114,46 @@ def demo(
     typer.echo(f"  accuracy before: {before:.3f}\n  accuracy after:  {after:.3f}\nrun directory: {cfg.run_dir()}")
 
 
+def _trained(run_dir: Path):
+    """The base model of a run with its trained method loaded."""
+    import tunelab
+    from tunelab.train import Run
+
+    if not (run_dir / "method" / "method.json").exists():
+        _fail(f"{run_dir}: no trained method here (expected {run_dir / 'method' / 'method.json'})")
+    cfg = _guard(_run_config, run_dir, [])
+    r = _guard(Run, cfg.model_copy(update={"data": cfg.data.model_copy(update={"train": None})}))
+    return _guard(tunelab.load, r.model, run_dir / "method"), r.tok
+
+
+@app.command()
+def merge(run_dir: Path = typer.Argument(..., help="a finished run directory"), out_dir: Path = typer.Argument(...)):
+    """Fold the run's method into the base weights and save a plain transformers model (+ tokenizer)."""
+    import tunelab
+
+    model, tok = _trained(run_dir)
+    merged = _guard(tunelab.merge, model)
+    merged.save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
+    typer.echo(f"merged model written to {out_dir}")
+
+
+@app.command()
+def export(
+    run_dir: Path = typer.Argument(..., help="a finished run directory"),
+    out_dir: Path = typer.Argument(...),
+    format: str = typer.Option("peft", "--format", help="peft: adapter_config.json + adapter_model.safetensors"),
+):
+    """Export the run's adapter for other tools (PEFT's LoRA format)."""
+    if format != "peft":
+        _fail(f"unknown export format '{format}'; available: peft")
+    from tunelab.peft_format import export_peft
+
+    model, _ = _trained(run_dir)
+    _guard(export_peft, model, out_dir)
+    typer.echo(f"PEFT adapter written to {out_dir}")
+
+
 @app.command()
 def methods():
     """List the fine-tuning methods and their parameters."""

@@ -98,7 +98,7 @@ class TrainSection(Section):
 class EvalSection(Section):
     batch_size: int = Field(16, ge=1)
     before: bool = False  # also score the model before training (the zero-shot baseline)
-    max_new_tokens: int = Field(64, ge=1)
+    max_new_tokens: int | None = Field(None, ge=1)  # None: the task family's default
     do_sample: bool = False
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
@@ -106,7 +106,8 @@ class EvalSection(Section):
     save_predictions: bool = True
 
     def gen(self) -> dict:
-        return self.model_dump(include={"max_new_tokens", "do_sample", "temperature", "top_p", "num_beams"})
+        keys = {"max_new_tokens", "do_sample", "temperature", "top_p", "num_beams"}
+        return {k: v for k, v in self.model_dump(include=keys).items() if v is not None}
 
 
 class RunConfig(Section):
@@ -173,6 +174,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError:
         value = raw
+    if isinstance(value, dict) and not raw.lstrip().startswith("{"):
+        value = raw  # "path#articles=40:" is a string, not a YAML mapping
     return key.strip().split("."), value
 
 

@@ -144,5 +144,7 @@ def load(
     # Modules whose weights the checkpoint lacked were created fresh: they are the task head.
     model.tunelab_new_head = sorted({k.rsplit(".", 1)[0] for k in info.get("missing_keys", [])}) if head else []
     model.tunelab_method = None
+    if head is not None and head.install is not None:
+        head.install(model)
     install_context(model)
     return model, tok

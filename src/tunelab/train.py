@@ -34,6 +34,7 @@ from tunelab.config import RunConfig, dump_config, task_config
 from tunelab.data import Collator, batches, pack
 from tunelab.methods.base import METHODS, method_state_dict
 from tunelab.models import load as load_model
+from tunelab.models import resolve
 from tunelab.tasks import TASKS
 
 DEFAULT_LR = 1e-4
@@ -116,26 +117,37 @@ def lr_lambda(schedule: str, warmup_steps: int, total: int):
     return f
 
 
-def default_lr(method_name: str) -> float:
+def default_lr(method_name: str, params: dict | None = None) -> float:
+    """The method's own learning rate (``lr_for(cfg)`` when it depends on the settings, e.g. random
+    masking's density, else its ``recommended_lr``), or DEFAULT_LR."""
     method = METHODS.get(method_name)
-    return getattr(method, "default_lr", None) or getattr(method, "recommended_lr", None) or DEFAULT_LR
+    if hasattr(method, "lr_for"):
+        return method.lr_for(method.Config(**(params or {})))
+    return getattr(method, "recommended_lr", None) or DEFAULT_LR
 
 
 # ---------------------------------------------------------------- checkpoints
 def save_checkpoint(path: Path, model, optimizer, scheduler, position: dict) -> None:
+    """Every rank calls it (sharded tensors are gathered, each rank's RNG state is kept); only
+    rank 0 writes."""
     opt = optimizer.state_dict()
     tensors, scalars = {}, {}
     for idx, st in opt["state"].items():
         for key, val in st.items():
             if torch.is_tensor(val):
-                tensors[f"{idx}.{key}"] = val.detach().cpu().contiguous()
+                tensors[f"{idx}.{key}"] = dist.full(val).detach().cpu().contiguous()
             else:
                 scalars[f"{idx}.{key}"] = val
-    rng = {"torch": torch.get_rng_state()}
+    with dist.gathered(model):
+        own = {k: v.cpu().contiguous() for k, v in method_state_dict(model).items()} if dist.is_lead() else {}
+    ranks = dist.gather_bytes(torch.get_rng_state())
+    rng = {"torch": ranks[0]} | {f"torch.rank{i}": s for i, s in enumerate(ranks) if i}
     if torch.cuda.is_available():
         rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    if not dist.is_lead():
+        return
     with atomic_dir(path) as tmp:
-        save_file({k: v.cpu().contiguous() for k, v in method_state_dict(model).items()}, str(tmp / "trainable.safetensors"))
+        save_file(own, str(tmp / "trainable.safetensors"))
         save_file(tensors, str(tmp / "optimizer.safetensors"))
         save_file(rng, str(tmp / "rng.safetensors"))
         state = {
@@ -165,17 +177,23 @@ def _tuple(x):
 def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
     state = json.loads((path / "state.json").read_text())
     own = load_file(str(path / "trainable.safetensors"))
-    model.load_state_dict(own, strict=False)
+    current = model.state_dict()
+    model.load_state_dict({k: dist.like(v, current.get(k)) for k, v in own.items()}, strict=False)
     tensors = load_file(str(path / "optimizer.safetensors"))
+    params = [p for g in optimizer.param_groups for p in g["params"]]
     opt_state: dict = {}
     for key, val in list(tensors.items()) + list(state["optimizer"]["scalars"].items()):
         idx, _, name = key.partition(".")
+        if torch.is_tensor(val) and val.dim() and int(idx) < len(params):
+            val = dist.like(val, params[int(idx)])
         opt_state.setdefault(int(idx), {})[name] = val
     optimizer.load_state_dict({"state": opt_state, "param_groups": state["optimizer"]["param_groups"]})
     sched = {k: v for k, v in state["scheduler"].items() if k != "lr_lambdas"}
     scheduler.load_state_dict(sched | {"lr_lambdas": [None]})
     rng = load_file(str(path / "rng.safetensors"))
-    torch.set_rng_state(rng["torch"])
+    mine = f"torch.rank{dist.rank()}"
+    same_world = state["position"].get("world", 1) == dist.world()
+    torch.set_rng_state(rng[mine] if same_world and mine in rng else rng["torch"])
     if torch.cuda.is_available():
         cuda = [rng[k] for k in sorted(k for k in rng if k.startswith("cuda"))]
         if cuda:
@@ -214,7 +232,7 @@ class Run:
     def evaluate(self) -> tuple[dict, list[dict]]:
         if not self.eval_ex:
             return {}, []
-        with autocast(self.device, self.amp):
+        with autocast(self.device, self.amp), dist.split_eval(not dist.is_sharded(self.model)):
             return self.task.evaluate(self.model, self.tok, self.eval_ex, self.tcfg, batch_size=self.cfg.eval.batch_size, gen=self.cfg.eval.gen())
 
 
@@ -224,6 +242,10 @@ def run(cfg: RunConfig) -> dict:
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     dist.init()
+    if dist.active():  # an embedded model is converted on first use: once per machine, not per process
+        if dist.local_rank() == 0:
+            resolve(cfg.model.name)
+        dist.barrier_if(True)
     seed_all(cfg.train.seed)
     r = Run(cfg)
     out = r.dir
@@ -242,8 +264,9 @@ def run(cfg: RunConfig) -> dict:
     train_stats = {}
     if r.train_ex and (cfg.train.max_steps is None or cfg.train.max_steps > 0):
         train_stats = _train(r, model, out, lead)
-    if lead:
-        tunelab.save(model, out / "method")
+    with dist.gathered(model):
+        if lead:
+            tunelab.save(model, out / "method")
     final, preds = r.evaluate()
     metrics = {**final, **metrics}
     metrics.update(
@@ -274,23 +297,24 @@ def _train(r: Run, model, out: Path, lead: bool) -> dict:
     )
     steps_per_epoch = max(1, len(epoch_batches(0)) // tc.grad_accum)
     total = tc.max_steps if tc.max_steps is not None else math.ceil(tc.epochs * steps_per_epoch)
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
+    if not any(p.requires_grad for p in model.parameters()):
         raise ValueError(f"method '{cfg.method.name}' left no parameter trainable")
-    lr = tc.lr or default_lr(cfg.method.name)
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=tc.weight_decay, foreach=True)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(tc.schedule, int(tc.warmup * total), total))
     if tc.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = dist.wrap(model, full=cfg.method.name == "full")
+    params = [p for p in model.parameters() if p.requires_grad]
+    lr = tc.lr or default_lr(cfg.method.name, cfg.method.params())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=tc.weight_decay, foreach=True)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(tc.schedule, int(tc.warmup * total), total))
 
     ckpt = out / "checkpoints"
-    pos = {"step": 0, "epoch": 0, "batch": 0, "best": None, "world": dist.world()}
-    last = recover(ckpt / "last")
-    if tc.resume and last is not None:
+    pos = {"step": 0, "epoch": 0, "batch": 0, "best": None, "world": dist.world(), "global_batch": per_rank * dist.world()}
+    last = _agree_last(ckpt, lead) if tc.resume else None
+    if last is not None:
         pos = load_checkpoint(last, dist.unwrap(model), opt, sched)
-        dist.check_resume(pos)
-        _truncate_log(out / "log.jsonl", pos["step"])
+        dist.check_resume(pos, per_rank, len(lengths))
+        if lead:
+            _truncate_log(out / "log.jsonl", pos["step"])
         dist.log(f"resumed from {last} at step {pos['step']}")
     order = epoch_batches(pos["epoch"])
 
@@ -326,6 +350,7 @@ def _train(r: Run, model, out: Path, lead: bool) -> dict:
                 (out_loss * weight).backward()
                 step_loss += out_loss.detach() * weight
             gnorm = torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm) if tc.max_grad_norm else None
+            gnorm = dist.full(gnorm)
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
@@ -348,11 +373,20 @@ def _train(r: Run, model, out: Path, lead: bool) -> dict:
                     bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens / t_train:,.0f}")
             if tc.eval_every and pos["step"] % tc.eval_every == 0 and pos["step"] < total:
                 _eval_and_keep_best(r, dist.unwrap(model), out, pos, log_f)
-            if tc.save_every and pos["step"] % tc.save_every == 0 and pos["step"] < total and lead:
+            if tc.save_every and pos["step"] % tc.save_every == 0 and pos["step"] < total:
                 save_checkpoint(ckpt / "last", dist.unwrap(model), opt, sched, pos)
             dist.barrier_if(tc.save_every and pos["step"] % tc.save_every == 0)
-        if lead:
-            save_checkpoint(ckpt / "last", dist.unwrap(model), opt, sched, pos)
+        save_checkpoint(ckpt / "last", dist.unwrap(model), opt, sched, pos)
+    except Exception as e:
+        if dist.lost_peer(e):
+            saved = next((p for p in (ckpt / "last", ckpt / ".last.old") if p.exists()), None)
+            raise RuntimeError(
+                f"rank {dist.rank()}: another process of this {dist.world()}-process run failed or stopped "
+                f"answering ({type(e).__name__}); "
+                + (f"the last checkpoint {saved} is intact: relaunch the same command to resume"
+                   if saved else "no checkpoint was written yet (set train.save_every to keep one)")
+            ) from e
+        raise
     finally:
         if bar:
             bar.close()
@@ -363,15 +397,37 @@ def _train(r: Run, model, out: Path, lead: bool) -> dict:
 
 
 def _eval_and_keep_best(r: Run, model, out: Path, pos: dict, log_f) -> None:
-    metrics, _ = r.evaluate()
-    if not metrics or not dist.is_lead():
+    metrics, _ = r.evaluate()  # the same on every rank
+    if not metrics:
         return
     primary = next(k for k in metrics if k != "n")
-    log_f.write(json.dumps({"step": pos["step"], "eval": metrics}) + "\n")
-    log_f.flush()
+    if log_f:
+        log_f.write(json.dumps({"step": pos["step"], "eval": metrics}) + "\n")
+        log_f.flush()
     if pos["best"] is None or metrics[primary] > pos["best"]:
         pos["best"] = metrics[primary]
-        tunelab.save(model, out / "checkpoints" / "best")
+        with dist.gathered(model):
+            if dist.is_lead():
+                tunelab.save(model, out / "checkpoints" / "best")
+
+
+def _agree_last(ckpt: Path, lead: bool) -> Path | None:
+    """Rank 0 decides whether to resume (only it repairs a half-renamed checkpoint); every rank
+    must then find the same checkpoint, i.e. output_dir must be on a filesystem all nodes share."""
+    step = None
+    if lead:
+        last = recover(ckpt / "last")
+        step = json.loads((last / "state.json").read_text())["position"]["step"] if last else None
+    step = dist.broadcast_json(step)
+    if step is None:
+        return None
+    last = ckpt / "last"
+    mine = json.loads((last / "state.json").read_text())["position"]["step"] if (last / "state.json").exists() else None
+    if mine != step:
+        raise RuntimeError(f"rank {dist.rank()}: rank 0 resumes from {last} at step {step} but this process sees "
+                           f"{'no checkpoint' if mine is None else f'step {mine}'} there: output_dir must be on a "
+                           "filesystem every node shares")
+    return last
 
 
 def _truncate_log(path: Path, step: int) -> None:

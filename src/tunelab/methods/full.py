@@ -18,6 +18,7 @@ class FullConfig(MethodConfig):
 class Full:
     name = "full"
     Config = FullConfig
+    recommended_lr = 2e-5  # AdamW on small models: 1e-5 .. 5e-5
     merge_refusal = "full fine-tuning changes the weights themselves; there is nothing to merge"
 
     def attach(self, model: nn.Module, cfg: FullConfig) -> nn.Module:

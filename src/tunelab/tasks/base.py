@@ -21,6 +21,7 @@ Nothing outside ``tasks/`` branches on a task name.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any, ClassVar, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict
@@ -45,6 +46,8 @@ class TaskConfig(BaseModel):
 class HeadSpec:
     kind: Literal["sequence", "token", "qa"]
     labels: list[str] = field(default_factory=list)
+    # Called on the loaded model (e.g. to map the loop's ``labels`` onto a head's own arguments).
+    install: Callable | None = None
 
     @property
     def num_labels(self) -> int:

@@ -200,7 +200,7 @@ class QA:
         return out[:limit] if limit is not None else out
 
     def head(self, cfg, examples):
-        return HeadSpec("qa") if cfg.formulation == "head" else None
+        return HeadSpec("qa", install=install_qa_labels) if cfg.formulation == "head" else None
 
     def prompt(self, ex, tokenizer, cfg) -> str:
         text = (cfg.template or DEFAULT_TEMPLATE).format(context=ex["context"], question=ex["question"])
