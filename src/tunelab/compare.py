@@ -1,0 +1,287 @@
+"""Run several methods (``compare``) or a data-size sweep (``scale``) from one config, then report.
+
+Every run shares the config's task, data, step budget and evaluation; only the method (or the swept
+factor), the seed, ``data.max_train`` (scale) and ``output_dir`` change. Runs go to
+``OUT/runs/<label>-s<seed>`` (compare) or ``OUT/runs/<value>-n<size>-s<seed>`` (scale). A run whose
+``metrics.json`` exists is finished and reused, so an interrupted comparison continues where it stopped
+(an unfinished run is started again; the training loop resumes it from its own checkpoints).
+
+The sweep may be given in the YAML beside the run config; CLI arguments win over it:
+
+    compare:
+      methods: [lora, "lora:r=64", {name: prompt_tuning, label: pt20, length: 20, train: {lr: 0.3}}]
+      seeds: [0, 1, 2]
+      out_dir: runs/cmp
+    scale:
+      factor: rank              # model | rank | prompt_length | method | any dotted key (method.r)
+      values: [4, 8, 16, 32]
+      sizes: [250, 500, 1000, 2000, 4000]
+      holdout: 1                # the largest size(s) are held out and predicted
+
+A method entry is a name, ``name:key=value:...``, or a mapping with ``name``, its params, and optional
+``label`` and ``train`` (settings merged into the train section for that method only, e.g. its lr).
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import json
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import yaml
+
+from tunelab.checkpoint import atomic_write_text
+from tunelab.report import MANIFEST, build_report
+
+SWEEP_SECTIONS = ("compare", "scale")
+DEFAULT_SIZES = (250, 500, 1000, 2000, 4000)
+# Factor names -> the config key they set. "model" takes X from the runs' total_params.
+FACTOR_KEYS = {
+    "model": "model.name",
+    "rank": "method.r",
+    "prompt_length": "method.num_virtual_tokens",
+    "method": "method",
+}
+
+
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _build_config(raw: dict, source: str):
+    from tunelab.config import build_config
+
+    return build_config(raw, source)
+
+
+def _train_run(cfg) -> dict:
+    return importlib.import_module("tunelab.train").run(cfg)
+
+
+def read_sweep_config(cfg_path, overrides=()) -> tuple[dict, dict]:
+    """(run config as a raw dict with overrides applied, {"compare": {...}, "scale": {...}})."""
+    from tunelab.config import apply_overrides
+
+    raw = {}
+    if cfg_path is not None:
+        path = Path(cfg_path)
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: config file not found")
+        raw = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: the top level must be a mapping of sections")
+    raw = apply_overrides(raw, list(overrides))
+    sweep = {k: raw.pop(k) or {} for k in SWEEP_SECTIONS if k in raw}
+    for k, v in sweep.items():
+        if not isinstance(v, dict):
+            raise ValueError(f"{cfg_path}: section '{k}' must be a mapping (got {type(v).__name__})")
+    return raw, sweep
+
+
+def slug(text) -> str:
+    return re.sub(r"[^A-Za-z0-9_.+-]+", "_", str(text)).strip("_") or "run"
+
+
+def method_spec(entry, base_method) -> tuple[str, dict, dict]:
+    """(label, method section, train settings) for one method entry (see the module docstring)."""
+    base = {"name": base_method} if isinstance(base_method, str) else dict(base_method or {})
+    train: dict = {}
+    if isinstance(entry, str):
+        name, *pairs = entry.strip().split(":")
+        params = {}
+        for pair in pairs:
+            key, eq, val = pair.partition("=")
+            if not eq or not key:
+                raise ValueError(f"method '{entry}': '{pair}' is not key=value (e.g. lora:r=16:alpha=32)")
+            params[key.strip()] = yaml.safe_load(val)
+        label = "-".join([name] + [f"{k}{v}" for k, v in params.items()])
+    elif isinstance(entry, dict) and entry.get("name"):
+        params = {k: v for k, v in entry.items() if k not in ("name", "label", "train")}
+        name, train = entry["name"], dict(entry.get("train") or {})
+        label = str(entry.get("label") or "-".join([name] + [f"{k}{v}" for k, v in params.items()]))
+    else:
+        raise ValueError(f"method entry {entry!r}: expected a name or a mapping with 'name'")
+    # Same method as the config's own: keep its params (the user tuned them), the entry's win.
+    section = {**base, **params} if base.get("name") == name else {"name": name, **params}
+    return slug(label), {**section, "name": name}, train
+
+
+def _set(raw: dict, dotted: str, value) -> None:
+    *parents, last = dotted.split(".")
+    node = raw
+    for part in parents:
+        child = node.get(part)
+        if isinstance(child, str):  # the short form "method: lora"
+            child = {"name": child}
+        node[part] = child = dict(child or {})
+        node = child
+    node[last] = value
+
+
+def _variant(raw: dict, run_dir: Path, seed: int, sets: dict) -> dict:
+    out = copy.deepcopy(raw)
+    for key, value in sets.items():
+        if key == "train" and isinstance(value, dict):
+            out["train"] = {**(out.get("train") or {}), **value}
+        else:
+            _set(out, key, value)
+    _set(out, "train.seed", int(seed))
+    out["output_dir"] = str(run_dir)
+    return out
+
+
+def _execute(
+    out_dir: Path, manifest: dict, plan: list[tuple[dict, dict]], keep_going: bool, say: Callable[[str], None]
+) -> dict:
+    """Validate every run's config first (a typo fails before hours of training), then run them."""
+    cfgs = [_build_config(raw, f"run {info['run']}") for info, raw in plan]
+    manifest["failed"] = {}
+    atomic_write_text(out_dir / MANIFEST, json.dumps(manifest, indent=2))
+    for i, ((info, _), cfg) in enumerate(zip(plan, cfgs, strict=True), 1):
+        run_dir = out_dir / "runs" / info["run"]
+        if (run_dir / "metrics.json").exists():
+            say(f"[{i}/{len(plan)}] {info['run']}: finished before, reused")
+            if _config_changed(run_dir, cfg):
+                say(f"  warning: {run_dir / 'config.yaml'} differs from this config; delete the run to redo it")
+            continue
+        say(f"[{i}/{len(plan)}] {info['run']}: training")
+        try:
+            metrics = _train_run(cfg)
+        except Exception as e:  # one bad method must not sink the whole comparison
+            if not keep_going:
+                raise
+            manifest["failed"][info["run"]] = f"{type(e).__name__}: {e}"
+            say(f"[{i}/{len(plan)}] {info['run']}: FAILED {type(e).__name__}: {e}")
+            continue
+        if not (run_dir / "metrics.json").exists():  # keep the "finished" marker true to the contract
+            atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2, default=str))
+    atomic_write_text(out_dir / MANIFEST, json.dumps(manifest, indent=2))
+    return manifest
+
+
+def _config_changed(run_dir: Path, cfg) -> bool:
+    from tunelab.config import dump_config
+
+    saved = run_dir / "config.yaml"
+    return saved.exists() and yaml.safe_load(saved.read_text()) != yaml.safe_load(dump_config(cfg))
+
+
+def _seeds(seeds, section: dict, raw: dict) -> list[int]:
+    seeds = seeds if seeds else section.get("seeds")
+    if seeds is None:
+        seeds = [(raw.get("train") or {}).get("seed", 0)]
+    seeds = [seeds] if isinstance(seeds, int) else list(seeds)
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds repeat: {seeds}")
+    return [int(s) for s in seeds]
+
+
+def compare(
+    cfg_path,
+    overrides=(),
+    methods: list | None = None,
+    seeds: list[int] | None = None,
+    out_dir=None,
+    *,
+    metric: str | None = None,
+    keep_going: bool = True,
+    say: Callable[[str], None] = _say,
+) -> Path:
+    """Run each method x seed on the config's task, then write the report; returns ``out_dir``."""
+    raw, sweep = read_sweep_config(cfg_path, overrides)
+    section = sweep.get("compare", {})
+    entries = methods or section.get("methods")
+    if not entries:
+        raise ValueError("no methods to compare: pass --methods a,b or add compare.methods to the config")
+    seeds = _seeds(seeds, section, raw)
+    out_dir = Path(out_dir or section.get("out_dir") or f"runs/compare-{Path(cfg_path or 'config').stem}")
+    specs = [method_spec(e, raw.get("method")) for e in entries]
+    labels = [s[0] for s in specs]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"method labels repeat: {labels}; give each variant a distinct 'label'")
+    plan = []
+    for label, method, train in specs:
+        for seed in seeds:
+            name = f"{label}-s{seed}"
+            info = {"run": name, "label": label, "method": method["name"], "seed": seed}
+            plan.append((info, _variant(raw, out_dir / "runs" / name, seed, {"method": method, "train": train})))
+    manifest = {
+        "kind": "compare",
+        "config": str(cfg_path),
+        "overrides": list(overrides),
+        "metric": metric,
+        "methods": labels,
+        "seeds": seeds,
+        "runs": [info for info, _ in plan],
+    }
+    _execute(out_dir, manifest, plan, keep_going, say)
+    say(f"report: {build_report(out_dir, metric)}")
+    return out_dir
+
+
+def scale(
+    cfg_path,
+    overrides=(),
+    sizes: list[int] | None = None,
+    factor: str | None = None,
+    values: list | None = None,
+    out_dir=None,
+    *,
+    seeds: list[int] | None = None,
+    target: str | None = None,
+    holdout: int | None = None,
+    keep_going: bool = True,
+    say: Callable[[str], None] = _say,
+) -> Path:
+    """Sweep data.max_train over ``sizes`` against ``factor`` in ``values``, fit the laws, report."""
+    raw, sweep = read_sweep_config(cfg_path, overrides)
+    section = sweep.get("scale", {})
+    sizes = [int(s) for s in (sizes or section.get("sizes") or DEFAULT_SIZES)]
+    factor = factor or section.get("factor")
+    values = values or section.get("values")
+    if not factor or not values:
+        raise ValueError(
+            "scale needs a factor and its values (--factor rank --values 4,8,16, or scale.factor/"
+            f"scale.values in the config); factors: {', '.join(FACTOR_KEYS)} or a dotted config key"
+        )
+    holdout = int(holdout or section.get("holdout", 1))
+    if holdout >= len(set(sizes)):
+        raise ValueError(f"holdout={holdout} leaves no data size to fit among {sorted(set(sizes))}")
+    seeds = _seeds(seeds, section, raw)
+    out_dir = Path(out_dir or section.get("out_dir") or f"runs/scale-{Path(cfg_path or 'config').stem}")
+    key = FACTOR_KEYS.get(factor, factor)
+    categorical = key == "method"
+    plan = []
+    for value in values:
+        if categorical:
+            label, method, train = method_spec(value, raw.get("method"))
+            sets, shown = {"method": method, "train": train}, label
+        else:
+            sets, shown = {key: value}, slug(value)
+        for size in sizes:
+            for seed in seeds:
+                name = f"{shown}-n{size}-s{seed}"
+                info = {"run": name, "label": f"{shown}-n{size}", "value": shown, "size": size, "seed": seed}
+                plan.append((info, _variant(raw, out_dir / "runs" / name, seed, {**sets, "data.max_train": size})))
+    manifest = {
+        "kind": "scale",
+        "config": str(cfg_path),
+        "overrides": list(overrides),
+        "factor": factor,
+        "factor_key": key,
+        "categorical": categorical,
+        "x_from": "total_params" if factor == "model" else "value",
+        "values": [str(v) if isinstance(v, dict) else v for v in values],
+        "sizes": sizes,
+        "seeds": seeds,
+        "target": target,
+        "holdout": holdout,
+        "runs": [info for info, _ in plan],
+    }
+    _execute(out_dir, manifest, plan, keep_going, say)
+    say(f"report: {build_report(out_dir, target=target, holdout=holdout)}")
+    return out_dir

@@ -1,0 +1,244 @@
+"""compare/scale orchestration with a fake ``tunelab.train.run``: same budget per run, resume, reports."""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tunelab import compare as cmp
+from tunelab.config import dump_config
+from tunelab.report.fit import predict
+
+BASE = {
+    "model": "smollm2-135m",
+    "method": {"name": "lora", "r": 16, "alpha": 32},
+    "task": {"name": "sentiment"},
+    "data": {"train": "train.jsonl", "eval": "dev.jsonl"},
+    "train": {"max_steps": 5, "batch_size": 2, "lr": 1e-3},
+}
+ACC = {"lora": 0.8, "loreft": 0.75, "full": 0.9, "prompt_tuning": 0.6}
+TRUE = {"A": 30.0, "alpha": 0.1, "beta": 0.4, "E": 0.9}
+
+
+class FakeTrain:
+    """Stands in for tunelab.train: records each config and writes a run directory like the real loop."""
+
+    def __init__(self, fail_on: set[str] = frozenset(), interrupt_after: int | None = None):
+        self.calls, self.fail_on, self.interrupt_after = [], set(fail_on), interrupt_after
+
+    def run(self, cfg) -> dict:
+        out = cfg.run_dir()
+        if self.interrupt_after is not None and len(self.calls) >= self.interrupt_after:
+            out.mkdir(parents=True, exist_ok=True)  # started, then killed: no metrics.json
+            raise KeyboardInterrupt
+        self.calls.append(cfg)
+        if out.name in self.fail_on:
+            raise RuntimeError("CUDA out of memory (fake)")
+        m = cfg.method
+        n = cfg.data.max_train or 1000
+        x = m.params().get("r", 8)
+        metrics = {
+            "accuracy": ACC[m.name] + 0.01 * cfg.train.seed,
+            "method": m.name,
+            "task": cfg.task.name,
+            "seed": cfg.train.seed,
+            "trainable_params": 1000 * x,
+            "total_params": 135_000_000,
+            "trainable_percent": 100 * 1000 * x / 135e6,
+            "train_tokens_per_s": 500.0,
+            "wall_time_s": 3.0,
+            "peak_memory_mb": 800.0,
+            "final_loss": 1.0 - ACC[m.name],
+            "eval_loss": float(predict("multiplicative", TRUE, n, x)) * {"lora": 1.0, "full": 0.8}.get(m.name, 1.1),
+        }
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(dump_config(cfg))
+        (out / "log.jsonl").write_text("".join(json.dumps({"step": s, "loss": 2.0 / s}) + "\n" for s in (1, 2, 3)))
+        (out / "metrics.json").write_text(json.dumps(metrics))
+        return metrics
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    def install(**kw) -> FakeTrain:
+        f = FakeTrain(**kw)
+        monkeypatch.setitem(sys.modules, "tunelab.train", types.SimpleNamespace(run=f.run))
+        return f
+
+    return install
+
+
+def write_cfg(tmp_path: Path, **sections) -> Path:
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump({**BASE, **sections}))
+    return path
+
+
+def quiet(_msg: str) -> None:
+    pass
+
+
+def test_compare_runs_every_method_and_seed_on_the_same_budget(tmp_path, fake):
+    f = fake()
+    out = cmp.compare(
+        write_cfg(tmp_path), ["train.batch_size=4"], ["lora", "loreft", "full"], [0, 1], tmp_path / "cmp", say=quiet
+    )
+    assert sorted(c.run_dir().name for c in f.calls) == sorted(
+        f"{m}-s{s}" for m in ("lora", "loreft", "full") for s in (0, 1)
+    )
+    for c in f.calls:
+        assert (c.task.name, c.data.train, c.train.max_steps, c.train.batch_size) == ("sentiment", "train.jsonl", 5, 4)
+        assert c.run_dir() == out / "runs" / f"{c.method.name}-s{c.train.seed}"
+    by = {c.method.name: c.method.params() for c in f.calls}
+    assert by["lora"] == {"r": 16, "alpha": 32}  # the config's own lora settings are kept
+    assert by["loreft"] == {} and by["full"] == {}  # another method starts from its defaults
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["kind"] == "compare" and manifest["seeds"] == [0, 1] and manifest["failed"] == {}
+    md = (out / "results.md").read_text()
+    assert md.index("| full |") < md.index("| lora |") < md.index("| loreft |")
+    assert "0.905 ± 0.0071" in md
+    assert all((out / n).exists() for n in ("results.csv", "summary.csv", "report.html", "plots/loss_curves.png"))
+
+
+def test_interrupted_compare_resumes_and_reuses_finished_runs(tmp_path, fake):
+    cfg = write_cfg(tmp_path)
+    args = (cfg, (), ["lora", "loreft"], [0, 1], tmp_path / "cmp")
+    first = fake(interrupt_after=3)
+    with pytest.raises(KeyboardInterrupt):
+        cmp.compare(*args, say=quiet)
+    assert len(first.calls) == 3
+    second = fake()
+    msgs = []
+    out = cmp.compare(*args, say=msgs.append)
+    assert [c.run_dir().name for c in second.calls] == ["loreft-s1"]  # only the unfinished run
+    assert sum("reused" in m for m in msgs) == 3
+    assert len((out / "results.csv").read_text().splitlines()) == 1 + 4
+    assert not any("differs" in m for m in msgs)
+    # Reusing a run made under another config is allowed, but said.
+    fake()
+    msgs.clear()
+    cmp.compare(cfg, ["train.max_steps=7"], ["lora", "loreft"], [0, 1], tmp_path / "cmp", say=msgs.append)
+    assert sum("differs from this config" in m for m in msgs) == 4
+
+
+def test_methods_and_seeds_from_the_yaml(tmp_path, fake):
+    f = fake()
+    section = {
+        "methods": [
+            "lora:r=4",
+            {"name": "prompt_tuning", "label": "pt10", "num_virtual_tokens": 10, "train": {"lr": 0.3}},
+        ],
+        "seeds": [3],
+        "out_dir": str(tmp_path / "y"),
+    }
+    out = cmp.compare(write_cfg(tmp_path, compare=section), say=quiet)
+    assert out == tmp_path / "y"
+    got = {c.run_dir().name: c for c in f.calls}
+    assert set(got) == {"lora-r4-s3", "pt10-s3"}
+    assert got["lora-r4-s3"].method.params() == {"r": 4, "alpha": 32}
+    assert got["pt10-s3"].method.params() == {"num_virtual_tokens": 10}
+    assert got["pt10-s3"].train.lr == 0.3 and got["lora-r4-s3"].train.lr == 1e-3  # per-method lr only
+    assert got["pt10-s3"].train.max_steps == got["lora-r4-s3"].train.max_steps == 5
+
+
+def test_a_failed_run_is_recorded_and_the_rest_go_on(tmp_path, fake):
+    f = fake(fail_on={"loreft-s0"})
+    out = cmp.compare(write_cfg(tmp_path), (), ["lora", "loreft"], [0], tmp_path / "c", say=quiet)
+    assert len(f.calls) == 2
+    failed = json.loads((out / "manifest.json").read_text())["failed"]
+    assert "out of memory" in failed["loreft-s0"]
+    html = (out / "report.html").read_text()
+    assert "Failed" in html and "loreft-s0" in html
+    fake(fail_on={"loreft-s0"})
+    with pytest.raises(RuntimeError, match="out of memory"):
+        cmp.compare(write_cfg(tmp_path), (), ["lora", "loreft"], [0], tmp_path / "c", keep_going=False, say=quiet)
+
+
+@pytest.mark.parametrize(
+    ("methods", "match"),
+    [
+        (["lora:rank=4"], "rank"),  # a bad method parameter fails before any training
+        (["lora", "lora"], "labels repeat"),
+        (["lora:r"], "not key=value"),
+        ([], "no methods to compare"),
+    ],
+)
+def test_bad_method_lists_fail_before_training(tmp_path, fake, methods, match):
+    f = fake()
+    with pytest.raises(ValueError, match=match):
+        cmp.compare(write_cfg(tmp_path), (), methods, [0], tmp_path / "c", say=quiet)
+    assert f.calls == []
+
+
+def test_scale_sweeps_rank_and_data_size_and_fits_the_law(tmp_path, fake):
+    f = fake()
+    out = cmp.scale(
+        write_cfg(tmp_path),
+        (),
+        [250, 500, 1000, 2000, 4000],
+        "rank",
+        [4, 16, 64],
+        tmp_path / "s",
+        target="eval_loss",
+        say=quiet,
+    )
+    assert len(f.calls) == 15
+    assert {(c.method.params()["r"], c.data.max_train) for c in f.calls} == {
+        (r, n) for r in (4, 16, 64) for n in (250, 500, 1000, 2000, 4000)
+    }
+    assert all(c.method.params()["alpha"] == 32 for c in f.calls)
+    res = json.loads((out / "scaling.json").read_text())
+    mult = next(x for x in res["fits"] if x["form"] == "multiplicative")
+    assert mult["params"]["alpha"] == pytest.approx(0.1, abs=1e-3)
+    assert mult["params"]["beta"] == pytest.approx(0.4, abs=1e-3)
+    assert {h["d"] for h in mult["heldout"]} == {4000.0} and mult["errors"]["max_rel_error"] < 1e-4
+    assert "additive" in {x["form"] for x in res["fits"]}
+    assert "Scaling law" in (out / "report.html").read_text()
+
+
+def test_scale_over_methods_fits_each_in_data_size_alone(tmp_path, fake):
+    fake()
+    out = cmp.scale(
+        write_cfg(tmp_path, scale={"factor": "method", "values": ["lora", "full"], "sizes": [250, 500, 1000, 2000]}),
+        out_dir=tmp_path / "m",
+        target="eval_loss",
+        say=quiet,
+    )
+    res = json.loads((out / "scaling.json").read_text())
+    assert "D alone" in res["note"]
+    assert {(x["group"], x["form"]) for x in res["fits"]} == {("lora", "data"), ("full", "data")}
+    assert all(x["params"]["beta"] == pytest.approx(0.4, abs=1e-3) for x in res["fits"])
+
+
+def test_scale_over_models_takes_x_from_total_params(tmp_path, fake, monkeypatch):
+    sizes = {"small": 1e8, "mid": 3e8, "big": 1e9}
+    f = fake()
+    real_run = f.run
+
+    def run(cfg):
+        m = real_run(cfg)
+        m["total_params"] = sizes[cfg.model.name]
+        m["eval_loss"] = float(predict("multiplicative", TRUE, cfg.data.max_train, sizes[cfg.model.name]))
+        (cfg.run_dir() / "metrics.json").write_text(json.dumps(m))
+        return m
+
+    monkeypatch.setitem(sys.modules, "tunelab.train", types.SimpleNamespace(run=run))
+    out = cmp.scale(write_cfg(tmp_path), (), [250, 500, 1000, 2000], "model", list(sizes), tmp_path / "mod", say=quiet)
+    assert {c.model.name for c in f.calls} == set(sizes)
+    res = json.loads((out / "scaling.json").read_text())
+    assert res["target"] == "eval_loss"
+    mult = next(x for x in res["fits"] if x["form"] == "multiplicative")
+    assert mult["params"]["alpha"] == pytest.approx(0.1, abs=1e-3)
+
+
+def test_scale_needs_a_factor_and_enough_sizes(tmp_path, fake):
+    fake()
+    with pytest.raises(ValueError, match="needs a factor"):
+        cmp.scale(write_cfg(tmp_path), out_dir=tmp_path / "x", say=quiet)
+    with pytest.raises(ValueError, match="leaves no data size"):
+        cmp.scale(write_cfg(tmp_path), (), [250], "rank", [4, 8], tmp_path / "x", say=quiet)
