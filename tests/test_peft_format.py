@@ -8,9 +8,10 @@ import pytest
 import torch
 
 import tunelab
-from conftest import tiny_bert, tiny_llama
 from tunelab.methods.lora import lora_modules
-from tunelab.peft_format import export_peft, import_peft
+from tunelab.peft_format import export_peft, import_peft, save_dequantized_base
+
+from conftest import tiny_bert, tiny_llama
 
 peft = pytest.importorskip("peft")
 
@@ -64,6 +65,22 @@ def test_export_with_a_classification_head_all_linear_encoder(tmp_path):
     pm = peft.PeftModel.from_pretrained(tiny_bert(), str(tmp_path)).eval()
     with torch.no_grad():
         assert (pm(input_ids=X[:, :8]).logits - ref).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("method,kw", [("loftq", {"bits": 2, "iters": 2}), ("qlora", {})])
+def test_quantized_adapter_loads_in_peft_over_the_dequantized_base(tmp_path, method, kw):
+    from transformers import AutoModelForCausalLM
+
+    ours = tunelab.attach(tiny_llama(), method, r=4, alpha=16, target_modules=["q_proj", "gate_proj"], **kw)
+    randomize(ours)
+    with torch.no_grad():
+        ref = ours(X).logits
+    export_peft(ours, tmp_path / "adapter")
+    save_dequantized_base(ours, tmp_path / "base")
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    pm = peft.PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()
+    with torch.no_grad():
+        assert (pm(input_ids=X).logits - ref).abs().max() < 1e-5
 
 
 def test_export_writes_full_names_when_leaf_names_would_select_more(tmp_path):

@@ -10,10 +10,11 @@ import pytest
 import torch
 
 import tunelab
-from conftest import tiny_llama
 from tunelab import quant
 from tunelab.methods.loftq import layer_index, loftq_init, top_r
 from tunelab.methods.lora import lora_modules
+
+from conftest import tiny_llama
 
 X = torch.randint(3, 128, (2, 11), generator=torch.Generator().manual_seed(1))
 
@@ -40,7 +41,10 @@ def test_packed_codes_round_trip_to_the_nearest_level(bits, kind):
 
 
 def test_quantize_picks_torchao_nf4_and_falls_back_for_odd_shapes():
-    assert isinstance(quant.quantize(torch.randn(64, 64)), quant.NF4Tensor)
+    w = torch.randn(96, 128)
+    fast, ref = quant.quantize(w), quant.NF4Tensor.from_tensor(w, 64, 64)  # our faster builder = torchao's
+    assert isinstance(fast, quant.NF4Tensor) and torch.equal(fast.quantized_data, ref.quantized_data)
+    assert torch.equal(quant.dequantize(fast), ref.get_original_weight())
     odd = quant.quantize(torch.randn(10, 10))
     assert isinstance(odd, quant.Packed) and odd.dequantize().shape == (10, 10)
     zero_block = torch.randn(64, 64)

@@ -8,8 +8,8 @@ use_rslora, use_dora, modules_to_save, ...) and ``adapter_model.safetensors`` wi
     base_model.model.<head>.<param>                    (modules_to_save: a new classification head)
 tunelab's LoRALinear holds the same tensors (lora_A, lora_B, lora_magnitude), so the mapping is a rename.
 
-For "qlora" / "loftq" the exported adapter was trained over a quantized base: PEFT must load it over the
-same base (for LoftQ: the dequantized Q_T, which ``tunelab.merge`` style code can write), not over W.
+For "qlora" / "loftq" the adapter was trained over a quantized base: load it in PEFT over that base,
+which ``save_dequantized_base`` writes (required for LoftQ, whose B A compensates W - Q_T).
 """
 
 from __future__ import annotations
@@ -108,6 +108,20 @@ def export_peft(model: nn.Module, directory: str | Path) -> Path:
     save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(directory / WEIGHTS))
     (directory / CONFIG).write_text(json.dumps(config, indent=2))
     return directory
+
+
+def save_dequantized_base(model: nn.Module, directory: str | Path) -> Path:
+    """Write the base a QLoRA/LoftQ adapter was trained over, dequantized, as a Hugging Face model
+    directory (``save_pretrained``). A LoftQ adapter must be loaded over this Q_T, not over the original
+    W (its B A holds W - Q_T); a QLoRA adapter is close on either. Returns the directory."""
+    mods = dict(lora_modules(model))
+    state = {k: v for k, v in model.state_dict().items() if not any(k.startswith(n + ".") for n in mods)}
+    for name, m in mods.items():
+        state[f"{name}.weight"] = m.base_weight().contiguous()
+        if m.base_layer.bias is not None:
+            state[f"{name}.bias"] = m.base_layer.bias.detach()
+    model.save_pretrained(str(directory), state_dict=state)
+    return Path(directory)
 
 
 def import_peft(model: nn.Module, directory: str | Path) -> nn.Module:

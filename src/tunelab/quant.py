@@ -109,7 +109,7 @@ def _to_nf4(w: torch.Tensor, scaler_block: int):
     distance table, here a ``bucketize`` on the midpoints of the same levels picks the same codes.
     Falls back to ``from_tensor`` if torchao's constructor ever changes."""
     try:
-        lut = _nf4_lut(w.dtype, w.device)
+        lut = _nf4_lut(w.dtype, w.device).clone()  # each tensor owns its table, as from_tensor's do
         n_blocks = w.numel() // BLOCK
         scalers, factor, mean = NF4Tensor.double_quantize_scalers(w.flatten(), BLOCK, scaler_block)
         blocks = w.reshape(n_blocks, BLOCK)
