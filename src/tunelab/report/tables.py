@@ -58,6 +58,10 @@ _NOT_METRICS = set(RUN_KEYS) | {
     "eval_examples",
     "train_tokens",
     "max_train",
+    "lr",
+    "grad_norm",
+    "train_time_s",
+    "world_size",
 }
 _SEED_SUFFIX = re.compile(r"-s(\d+)$")
 
