@@ -69,6 +69,18 @@ def test_qlora_quantizes_targets_reports_bytes_and_trains_only_lora():
     assert counts["total"] == sum(p.numel() for p in base.parameters()) + counts["trainable"]
 
 
+@pytest.mark.parametrize("bits", [4, 2])
+def test_quant_linear_forward_and_backward_equal_the_dense_dequantized_linear(bits):
+    w, b = torch.randn(32, 64), torch.randn(32)
+    ql = quant.QuantLinear(quant.quantize(w, bits), b)
+    x = torch.randn(3, 5, 64, requires_grad=True)
+    ql(x).pow(2).sum().backward()
+    x2 = x.detach().clone().requires_grad_(True)
+    ref = torch.nn.functional.linear(x2, ql.dequantized(), b)
+    ref.pow(2).sum().backward()
+    assert torch.allclose(ql(x), ref, atol=1e-6) and torch.allclose(x.grad, x2.grad, atol=1e-5)
+
+
 def test_qlora_rejects_other_bit_widths():
     with pytest.raises(ValueError, match="4-bit NF4 only"):
         tunelab.attach(tiny_llama(), "qlora", bits=2)
