@@ -154,6 +154,75 @@ def export(
     typer.echo(f"PEFT adapter written to {out_dir}")
 
 
+def _split(text: str | None) -> list[str] | None:
+    return [t.strip() for t in text.split(",") if t.strip()] if text else None
+
+
+def _numbers(text: str | None) -> list | None:
+    import yaml
+
+    return [yaml.safe_load(t) for t in _split(text)] if text else None
+
+
+@app.command()
+def compare(
+    config: Path = typer.Argument(..., help="run YAML (may hold a compare: {methods, seeds} section)"),
+    overrides: list[str] = OVERRIDES,
+    methods: str = typer.Option(None, "--methods", help="comma list; an entry may carry params: lora:r=64"),
+    seeds: str = typer.Option(None, "--seeds", help="comma list of seeds, e.g. 0,1,2"),
+    out: Path = typer.Option(None, "--out", help="output directory (default runs/compare-<task>)"),
+    metric: str = typer.Option(None, help="metric to rank by (default: the task's primary metric)"),
+):
+    """Run several methods on the same task, data, budget and seeds; write results.csv, a Markdown table, plots and report.html. Rerun to resume."""
+    from tunelab.compare import compare as run_compare
+
+    seed_list = [int(s) for s in _split(seeds)] if seeds else None
+    out_dir = _guard(run_compare, config, overrides or [], _split(methods), seed_list, out, metric=metric)
+    _report_summary(out_dir)
+
+
+@app.command()
+def scale(
+    config: Path = typer.Argument(..., help="run YAML (may hold a scale: {sizes, factor, values} section)"),
+    overrides: list[str] = OVERRIDES,
+    sizes: str = typer.Option(None, "--sizes", help="fine-tuning data sizes, e.g. 250,500,1000,2000,4000"),
+    factor: str = typer.Option(None, "--factor", help="model | rank | prompt_length | method | a dotted config key"),
+    values: str = typer.Option(None, "--values", help="comma list of the factor's values"),
+    out: Path = typer.Option(None, "--out", help="output directory"),
+    holdout: int = typer.Option(None, help="how many of the largest sizes to hold out and predict"),
+):
+    """Sweep data size against a second factor and fit L(X, D) = A X^-alpha D^-beta + E (and the additive form)."""
+    from tunelab.compare import scale as run_scale
+
+    size_list = [int(s) for s in _split(sizes)] if sizes else None
+    out_dir = _guard(run_scale, config, overrides or [], size_list, factor, _numbers(values), out, holdout=holdout)
+    _report_summary(out_dir)
+    fit = out_dir / "scaling.json"
+    if fit.exists():
+        typer.echo(fit.read_text()[:4000])
+
+
+@app.command()
+def report(directory: Path = typer.Argument(..., help="a compare or scale output directory"),
+           metric: str = typer.Option(None, help="metric to rank by")):
+    """Rebuild results.csv, the tables, plots and report.html from the finished runs in DIRECTORY."""
+    from tunelab.report import build_report
+
+    html = _guard(build_report, directory, metric)
+    _report_summary(directory)
+    typer.echo(f"report: {html}")
+
+
+def _report_summary(out_dir: Path) -> None:
+    md = out_dir / "results.md"
+    if md.exists():
+        typer.echo(md.read_text())
+    typer.echo(f"output: {out_dir} (report.html, results.csv, plots/)")
+    manifest = out_dir / "manifest.json"
+    if manifest.exists() and json.loads(manifest.read_text()).get("failed"):
+        _fail(f"some runs failed; see {manifest}")
+
+
 @app.command()
 def methods():
     """List the fine-tuning methods and their parameters."""

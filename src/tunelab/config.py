@@ -104,6 +104,7 @@ class EvalSection(Section):
     top_p: float = Field(1.0, gt=0, le=1)
     num_beams: int = Field(1, ge=1)
     save_predictions: bool = True
+    loss: bool = True  # also report eval_loss (the token-mean loss on the eval set)
 
     def gen(self) -> dict:
         keys = {"max_new_tokens", "do_sample", "temperature", "top_p", "num_beams"}

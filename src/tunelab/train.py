@@ -233,7 +233,28 @@ class Run:
         if not self.eval_ex:
             return {}, []
         with autocast(self.device, self.amp), dist.split_eval(not dist.is_sharded(self.model)):
-            return self.task.evaluate(self.model, self.tok, self.eval_ex, self.tcfg, batch_size=self.cfg.eval.batch_size, gen=self.cfg.eval.gen())
+            metrics, preds = self.task.evaluate(self.model, self.tok, self.eval_ex, self.tcfg, batch_size=self.cfg.eval.batch_size, gen=self.cfg.eval.gen())
+        if self.cfg.eval.loss:
+            with autocast(self.device, self.amp):
+                metrics["eval_loss"] = self.eval_loss()
+        return metrics, preds
+
+    @torch.no_grad()
+    def eval_loss(self) -> float:
+        """Token-mean training loss on the eval set (what scaling-law fits use)."""
+        feats = [self.task.encode(ex, self.tok, self.tcfg, self.cfg.data.max_length) for ex in self.eval_ex]
+        collate = Collator(self.tok.pad_token_id)
+        was_training = self.model.training
+        self.model.eval()
+        total, count = 0.0, 0
+        for idx in batches([len(f["input_ids"]) for f in feats], self.cfg.eval.batch_size, seed=0, epoch=0, shuffle=False):
+            batch = {k: v.to(self.device) for k, v in collate([feats[i] for i in idx]).items()}
+            n = loss_tokens(batch, self.causal)
+            if n:
+                total += float(self.model(**batch).loss) * n
+                count += n
+        self.model.train(was_training)
+        return total / max(count, 1)
 
 
 def run(cfg: RunConfig) -> dict:
