@@ -147,11 +147,16 @@ def export(
     """Export the run's adapter for other tools (PEFT's LoRA format)."""
     if format != "peft":
         _fail(f"unknown export format '{format}'; available: peft")
-    from tunelab.peft_format import export_peft
+    from tunelab.peft_format import export_peft, save_dequantized_base
 
-    model, _ = _trained(run_dir)
+    model, tok = _trained(run_dir)
     _guard(export_peft, model, out_dir)
     typer.echo(f"PEFT adapter written to {out_dir}")
+    if model.tunelab_method["name"] in ("qlora", "loftq"):
+        # The adapter was trained over the quantized base: PEFT must load it over that base, not W.
+        base = _guard(save_dequantized_base, model, out_dir / "base")
+        tok.save_pretrained(base)
+        typer.echo(f"the quantized base it was trained over (dequantized) is in {base}")
 
 
 def _split(text: str | None) -> list[str] | None:
