@@ -1,10 +1,11 @@
-"""Config drift: every example YAML still validates against the schema."""
+"""Config drift: every example YAML still validates against the schema (sweep sections included)."""
 
 from pathlib import Path
 
 import pytest
 
-from tunelab.config import load_config
+from tunelab.compare import method_spec, read_sweep_config
+from tunelab.config import build_config
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.yaml"))
 
@@ -15,5 +16,9 @@ def test_there_are_examples():
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
 def test_example_validates(path):
-    cfg = load_config(path)
+    raw, sweep = read_sweep_config(path)
+    cfg = build_config(raw, str(path))
     assert cfg.task.name and cfg.method.name and cfg.data.eval
+    for entry in sweep.get("compare", {}).get("methods", []):  # each variant validates too
+        label, method, train = method_spec(entry, raw.get("method"))
+        build_config({**raw, "method": method, "train": {**raw.get("train", {}), **train}}, f"{path} [{label}]")
