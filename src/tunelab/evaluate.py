@@ -19,6 +19,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from tunelab import distributed as dist
 from tunelab.data import tokenize_prompt
 from tunelab.methods.base import context
 
@@ -54,6 +55,7 @@ def _choice_ids(tokenizer, choice: str) -> list[int]:
     return ids
 
 
+@dist.spread("prompts", "choices")  # under torchrun each rank scores its share
 @torch.no_grad()
 def score_choices(model, tokenizer, prompts: list[str], choices: list[list[str]], *, batch_size: int = 16) -> list[list[float]]:
     """Sum log-probability of each ``choices[i][j]`` following ``prompts[i]``."""
@@ -99,6 +101,7 @@ def score_choices(model, tokenizer, prompts: list[str], choices: list[list[str]]
     return scores
 
 
+@dist.spread("prompts")
 @torch.no_grad()
 def generate(
     model,
@@ -137,6 +140,7 @@ def generate(
     return outputs
 
 
+@dist.spread("texts", "pairs")
 @torch.no_grad()
 def classify(model, tokenizer, texts: list[str], pairs: list[str] | None = None, *, batch_size: int = 32, max_length: int = 256) -> torch.Tensor:
     """Head logits (n, num_labels) for ``texts`` (and optional second segments ``pairs``)."""
