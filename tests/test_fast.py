@@ -1,0 +1,131 @@
+"""Speed levers leave the loss and the gradients unchanged; the bench measures the real loop."""
+
+import json
+
+import pytest
+import torch
+
+import tunelab
+from tunelab import fast
+from tunelab.bench import batch_shape, bench, matmul_counts, train_flops
+from tunelab.config import load_config
+from tunelab.data import Collator, pack
+
+from conftest import tiny_llama, tiny_tokenizer_obj
+
+FEATS = [
+    {"input_ids": [5, 6, 7, 8, 9, 10], "labels": [-100, -100, -100, -100, 9, 10], "prompt_len": 4},
+    {"input_ids": [5, 6, 7, 8, 9, 10, 11, 12, 13], "labels": [-100] * 6 + [11, 12, 13], "prompt_len": 6},
+    {"input_ids": [5, 6, 7], "labels": [-100, 6, 7], "prompt_len": 1},
+]
+
+
+def _grads(model, batch):
+    model.zero_grad(set_to_none=True)
+    loss = model(**batch).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _lora_model(method="lora", **params):
+    model = tunelab.attach(tiny_llama(), method, **params)
+    torch.manual_seed(1)
+    for p in model.parameters():
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.1)  # LoRA's B starts at 0: make the adapters matter
+    return model.train()
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+@pytest.mark.parametrize("method", ["lora", "full", "loreft"])
+def test_loss_positions_only_keeps_loss_and_grads(side, method):
+    model = _lora_model(method) if method != "full" else tunelab.attach(tiny_llama(), "full").train()
+    batch = Collator(0, padding_side=side)(FEATS)
+    assert fast.supports_loss_inputs(model, batch)
+    ref_loss, ref = _grads(model, batch)
+    trimmed = fast.loss_inputs(batch)
+    assert trimmed["labels"].tolist() == [9, 10, 11, 12, 13, 6, 7]  # the shifted targets, row by row
+    loss, got = _grads(model, trimmed)
+    torch.testing.assert_close(loss, ref_loss)
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_loss_positions_only_on_packed_rows():
+    model = _lora_model()
+    batch = Collator(0)(pack(FEATS, 12))
+    assert batch["attention_mask"].dim() == 4
+    ref_loss, ref = _grads(model, batch)
+    loss, got = _grads(model, fast.loss_inputs(batch))
+    torch.testing.assert_close(loss, ref_loss)
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], rtol=1e-5, atol=1e-6)
+
+
+def test_probe_refuses_a_method_that_changes_the_sequence():
+    model = tunelab.attach(tiny_llama(), "prompt_tuning", num_virtual_tokens=3, init="random").train()
+    batch = Collator(0)(FEATS)
+    assert not fast.supports_loss_inputs(model, batch)
+    assert model.training  # the probe restores the mode
+
+
+def test_probe_refuses_sequence_labels():
+    model = tiny_llama()
+    batch = Collator(0)([{"input_ids": [5, 6], "labels": 1}, {"input_ids": [7], "labels": 0}])
+    assert not fast.supports_loss_inputs(model, batch)
+
+
+def test_lowered_frozen_linears_give_the_same_bf16_loss_and_grads():
+    model = _lora_model()
+    batch = Collator(0)(FEATS)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref_loss, ref = _grads(model, batch)
+    n = fast.lower_frozen_linears(model, torch.bfloat16)
+    assert n == 2 * 7  # every adapted projection's base; the tied head stays fp32 (it is the embedding)
+    assert model.lm_head.weight.dtype == torch.float32
+    assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, got = _grads(model, batch)
+    torch.testing.assert_close(loss, ref_loss)
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name])
+
+
+def test_flops_count_the_body_once_per_pass_and_the_head_at_loss_positions():
+    model = _lora_model(r=4)
+    c = matmul_counts(model)
+    d, layers = 64, 2
+    per_layer = d * d + 2 * d * 32 + d * d + 3 * d * 128  # q, k, v (2 kv heads of 16), o, mlp
+    assert c["body_frozen"] == layers * per_layer and c["body_trained"] == 0
+    assert c["head"] == 128 * d and not c["head_trains"]
+    assert c["adapters"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    shape = batch_shape(Collator(0)(FEATS), 0)
+    assert shape == {"tokens": 18, "loss_positions": 7, "sq_len": 36 + 81 + 9}
+    f = train_flops(c, shape)
+    expect = 4 * c["body_frozen"] * 18 + 4 * c["head"] * 7 + 6 * c["adapters"] * 18 + 6 * layers * d * 126
+    assert f == expect
+
+
+@pytest.fixture
+def tiny_run(tmp_path):
+    d = tmp_path / "tiny-model"
+    tiny_llama().save_pretrained(d)
+    tiny_tokenizer_obj().save_pretrained(d)
+    rows = [{"sentence": " ".join(["the cat sat on mat"] * (1 + i % 3)), "label": i % 2} for i in range(40)]
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return load_config(None, [
+        f"model.name={d}", "method.name=lora", "task.name=sentiment", "task.chat=false",
+        'task.labels=["no", "yes"]', "task.template={text} ?", f"data.train={data}", f"data.eval={data}",
+        "train.batch_size=4", "train.threads=1", "eval.batch_size=8", f"output_dir={tmp_path / 'unused'}",
+    ])
+
+
+def test_bench_runs_the_loop_and_reports(tiny_run):
+    res = bench(tiny_run, steps=3, warmup=1, eval_examples=8)
+    t, e = res["train"], res["eval"]
+    assert t["steps"] == 3 and t["tokens_per_s"]["median"] > 0 and t["peak_memory_mb"] > 0
+    assert t["tokens_per_s"]["min"] <= t["tokens_per_s"]["median"] <= t["tokens_per_s"]["max"]
+    assert 0 < t["mfu"]["median"] < 1
+    assert e["examples"] == 8 and e["examples_per_s"] > 0 and "accuracy" in e["metrics"]
+    assert not (tiny_run.run_dir()).exists()  # the timing run lives in a temporary directory
