@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 
 import tunelab
 from tunelab import distributed as dist
+from tunelab import fast
 from tunelab.checkpoint import atomic_dir, atomic_write_text, recover
 from tunelab.config import RunConfig, dump_config, task_config
 from tunelab.data import Collator, batches, pack
@@ -322,6 +323,9 @@ def _train(r: Run, model, out: Path, lead: bool) -> dict:
         raise ValueError(f"method '{cfg.method.name}' left no parameter trainable")
     if tc.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # LM head and loss only where a target is (same loss and grads; see tunelab.fast)
+    probe = {k: v.to(r.device) for k, v in collate(feats[:2]).items()}
+    trim = r.causal and fast.supports_loss_inputs(model, probe, autocast(r.device, r.amp))
     model = dist.wrap(model, full=cfg.method.name == "full")
     params = [p for p in model.parameters() if p.requires_grad]
     lr = tc.lr or default_lr(cfg.method.name, cfg.method.params())
@@ -366,7 +370,7 @@ def _train(r: Run, model, out: Path, lead: bool) -> dict:
             for i, b in enumerate(micro):
                 sync = dist.no_sync(model) if i < len(micro) - 1 else contextlib.nullcontext()
                 with sync, autocast(r.device, r.amp):
-                    out_loss = model(**b).loss
+                    out_loss = model(**(fast.loss_inputs(b) if trim else b)).loss
                 weight = loss_tokens(b, r.causal) / n_total * dist.world()
                 (out_loss * weight).backward()
                 step_loss += out_loss.detach() * weight
