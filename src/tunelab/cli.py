@@ -43,8 +43,12 @@ def train(config: Path = typer.Argument(..., help="run YAML"), overrides: list[s
     """Fine-tune as CONFIG says; writes a run directory (config, metrics.json, log.jsonl, method/, checkpoints/)."""
     from tunelab.train import run
 
+    from tunelab import distributed as dist
+
     cfg = _guard(_run_config, config, overrides)
     metrics = _guard(run, cfg)
+    if not dist.is_lead():
+        return
     typer.echo(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, dict)}, indent=2))
     if "before" in metrics:
         typer.echo("before training: " + json.dumps(metrics["before"]))
@@ -262,7 +266,10 @@ def models():
 
 
 def main() -> None:
-    app()
+    # Under torchrun, the elastic agent then reports the failing rank's own error and traceback.
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    record(app)()
 
 
 if __name__ == "__main__":
