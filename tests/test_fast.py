@@ -1,5 +1,6 @@
 """Speed levers leave the loss and the gradients unchanged; the bench measures the real loop."""
 
+import contextlib
 import json
 
 import pytest
@@ -75,22 +76,6 @@ def test_probe_refuses_sequence_labels():
     assert not fast.supports_loss_inputs(model, batch)
 
 
-def test_lowered_frozen_linears_give_the_same_bf16_loss_and_grads():
-    model = _lora_model()
-    batch = Collator(0)(FEATS)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        ref_loss, ref = _grads(model, batch)
-    n = fast.lower_frozen_linears(model, torch.bfloat16)
-    assert n == 2 * 7  # every adapted projection's base; the tied head stays fp32 (it is the embedding)
-    assert model.lm_head.weight.dtype == torch.float32
-    assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss, got = _grads(model, batch)
-    torch.testing.assert_close(loss, ref_loss)
-    for name in ref:
-        torch.testing.assert_close(got[name], ref[name])
-
-
 def test_flops_count_the_body_once_per_pass_and_the_head_at_loss_positions():
     model = _lora_model(r=4)
     c = matmul_counts(model)
@@ -129,3 +114,44 @@ def test_bench_runs_the_loop_and_reports(tiny_run):
     assert 0 < t["mfu"]["median"] < 1
     assert e["examples"] == 8 and e["examples_per_s"] > 0 and "accuracy" in e["metrics"]
     assert not (tiny_run.run_dir()).exists()  # the timing run lives in a temporary directory
+
+
+PREFIX = "the cat sat on the mat . the dog was in the city ."
+PROMPTS = [PREFIX + " John visited Paris", PREFIX + " Mary", PREFIX + " it was"]
+
+
+@pytest.mark.parametrize("choices", [["yes", "no"], ["Paris", "Smith", "the dog"]])
+@pytest.mark.parametrize("method", ["lora", "loreft"])
+def test_shared_prefix_scoring_matches_full_rows(monkeypatch, choices, method):
+    from tunelab.evaluate import score_choices
+
+    tok = tiny_tokenizer_obj()
+    model = _lora_model(method)
+    made = []
+    real = fast.PrefixForward
+
+    def spy(*a, **k):
+        made.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(fast, "PrefixForward", spy)
+    fast_scores = score_choices(model, tok, PROMPTS, [choices] * 3, batch_size=2)
+    assert len(made) == (1 if method == "lora" else 0)  # ReFT's hooks read positions: no prefix reuse
+    monkeypatch.setattr(fast, "MIN_PREFIX", 10**6)
+    plain = score_choices(model, tok, PROMPTS, [choices] * 3, batch_size=2)
+    torch.testing.assert_close(torch.tensor(fast_scores), torch.tensor(plain), rtol=1e-4, atol=1e-4)
+
+
+def test_shared_prefix_leaves_each_row_its_tail():
+    assert fast.shared_prefix([[1, 2, 3, 4], [1, 2, 3, 5, 6]]) == 3
+    assert fast.shared_prefix([[1, 2, 3], [1, 2, 3, 4]]) == 2  # the shorter row keeps one token
+    assert fast.shared_prefix([[1, 2, 3, 7, 8], [1, 2, 3, 4, 9]], keep_last=3) == 2
+    assert fast.shared_prefix([[1, 2]]) == 0
+
+
+def test_math_attention_only_for_short_cpu_training_rows():
+    short = {"input_ids": torch.zeros(2, 64, dtype=torch.long)}
+    long = {"input_ids": torch.zeros(2, fast.MATH_ATTENTION_MAX_LEN + 1, dtype=torch.long)}
+    assert not isinstance(fast.attention_for(short, torch.device("cpu")), contextlib.nullcontext)
+    assert isinstance(fast.attention_for(long, torch.device("cpu")), contextlib.nullcontext)
+    assert isinstance(fast.attention_for(short, torch.device("cuda")), contextlib.nullcontext)

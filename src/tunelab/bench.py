@@ -232,7 +232,8 @@ def bench_eval(cfg: RunConfig, *, max_examples: int | None = None, peak_flops: f
     return {"impl": "tunelab", "kind": "eval", "task": bc.task.name, "method": bc.method.name, "device": str(r.device),
             "precision": str(r.amp).replace("torch.", "") if r.amp else "float32", "batch_size": bc.eval.batch_size,
             "examples": n, "seconds": dt, "examples_per_s": n / dt, "peak_memory_mb": peak_memory_mb(r.device),
-            "metrics": metrics, "threads": torch.get_num_threads()}
+            "metrics": metrics, "threads": torch.get_num_threads(),
+            "matmul_peak_tflops": (peak_flops or matmul_peak(r.device, r.amp or torch.float32)) / 1e12}
 
 
 def bench(cfg: RunConfig, *, steps: int = 8, warmup: int = 2, eval_examples: int | None = 256) -> dict:

@@ -1,4 +1,4 @@
-"""Speed levers for the training loop that leave the loss and the gradients unchanged.
+"""Speed levers for training and scoring that leave the results unchanged.
 
 Loss positions only. A causal LM's loss reads the logits only where the next token is a target, yet
 the model projects every position onto the vocabulary (SmolLM2: 49k x 576, a fifth of the forward's
@@ -15,12 +15,18 @@ A model that cannot take it (an older forward, or a method whose hooks change th
 such as prompt tuning) is caught once by ``supports_loss_inputs``, which compares the kept logits
 with the full ones on two rows of the first batch; the loop then calls the model as before.
 
-Frozen weights in the autocast dtype. Under bf16 autocast every frozen ``nn.Linear`` weight is
-re-cast from fp32 on every forward (autocast caches casts only of leaves that require grad), and
-kept in both precisions meanwhile. ``lower_frozen_linears`` stores those weights in bf16 once:
-autocast would have fed the matmul exactly these bf16 values, so results are unchanged, while
-memory and the per-step casts go. Weights that train (fp32 masters), embeddings, norms and weights
-shared with an embedding (tied LM heads) are left alone.
+Attention kernel (CPU training). For short rows torch's CPU flash-attention backward is slow (8 x
+9 heads x 64 tokens: 10 ms per layer against 3 ms for the math kernel, forward about even); past
+~256 tokens flash wins. ``attention_for`` picks the math kernel for training batches on CPU up to
+``MATH_ATTENTION_MAX_LEN`` tokens (same function, different summation order).
+
+Shared prompt prefix (scoring). Templated prompts start with the same tokens (SmolLM2's chat
+system prompt + the SST-2 instruction: 41 of ~70 tokens). ``PrefixForward`` runs that prefix
+once, keeps its KV cache, and feeds each batch only the rows' remaining tokens against the cache
+repeated per row (left-padded; positions continue after the prefix). It is used only for models
+without forward hooks (besides the context hook), whose outputs at a position depend on the
+tokens up to it and nothing else; a method with hooks (ReFT, prompt tuning, adapters) scores the
+usual way.
 """
 
 from __future__ import annotations
@@ -86,26 +92,88 @@ def supports_loss_inputs(model: nn.Module, batch: dict, amp: contextlib.Abstract
     return bool((got.float() - want).abs().max() <= tol and torch.isclose(trimmed.loss.float(), full.loss.float(), rtol=1e-2))
 
 
-def _embedding_weights(model: nn.Module) -> set[int]:
-    return {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+# ---------------------------------------------------------------- attention kernel
+MATH_ATTENTION_MAX_LEN = 192
 
 
-def lower_frozen_linears(model: nn.Module, dtype: torch.dtype) -> int:
-    """Store every frozen ``nn.Linear`` weight (and bias) in ``dtype``; returns how many linears.
+def attention_for(batch: dict, device: torch.device):
+    """The SDPA kernel for a training forward of ``batch`` on ``device`` (a context manager)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    Only valid while the model runs under autocast to ``dtype`` (the training loop's and the
-    evaluation's case): there the matmul sees the same ``dtype`` values either way."""
-    tied = _embedding_weights(model)
-    n = 0
+    if device.type != "cpu" or batch["input_ids"].shape[-1] > MATH_ATTENTION_MAX_LEN:
+        return contextlib.nullcontext()
+    return sdpa_kernel([SDPBackend.MATH])
+
+
+# ---------------------------------------------------------------- shared prompt prefix
+MIN_PREFIX = 8
+
+
+def hook_free(model: nn.Module) -> bool:
+    """No forward hooks anywhere except the context pre-hook on the top model."""
     for mod in model.modules():
-        if type(mod) is not nn.Linear or mod.weight.requires_grad or id(mod.weight) in tied:
-            continue
-        if mod.bias is not None and mod.bias.requires_grad:
-            continue
-        if mod.weight.dtype == dtype or not mod.weight.dtype.is_floating_point:
-            continue
-        mod.weight.data = mod.weight.data.to(dtype)
-        if mod.bias is not None:
-            mod.bias.data = mod.bias.data.to(dtype)
-        n += 1
+        hooks = list(mod._forward_hooks.values()) + list(mod._forward_pre_hooks.values())
+        if mod is model:
+            hooks = [h for h in hooks if getattr(h, "__name__", "") != "_pop_context"]
+        if hooks:
+            return False
+    return True
+
+
+def shared_prefix(rows: list[list[int]], keep_last: int = 1) -> int:
+    """Length of the prefix every row shares, leaving each row its last ``keep_last`` tokens."""
+    if len(rows) < 2:
+        return 0
+    n = max(min(len(r) for r in rows) - keep_last, 0)
+    first = rows[0]
+    for i in range(n):
+        t = first[i]
+        if any(r[i] != t for r in rows):
+            return i
     return n
+
+
+class PrefixForward:
+    """Forward batches of rows that start with ``prefix`` while computing the prefix once."""
+
+    def __init__(self, model: nn.Module, prefix: list[int], device):
+        self.model, self.p, self.device = model, len(prefix), device
+        params = inspect.signature(model.forward).parameters
+        self.cache_key = "cache" if "cache" in params else "past_key_values"
+        ids = torch.tensor([prefix], device=device)
+        out = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True)
+        self.cache = getattr(out, self.cache_key, None) or getattr(out, "past_key_values", None)
+        if self.cache is None:
+            raise ValueError("the model returned no KV cache")
+
+    def __call__(self, suffixes: list[list[int]], pad_id: int, logits_to_keep: int) -> torch.Tensor:
+        """Logits (B, logits_to_keep, V) at the last positions of prefix + suffix, suffixes left-padded."""
+        import copy
+
+        width = max(len(s) for s in suffixes)
+        ids = torch.full((len(suffixes), width), pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, s in enumerate(suffixes):
+            ids[i, width - len(s):] = torch.tensor(s)
+            mask[i, width - len(s):] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        cache = copy.deepcopy(self.cache)
+        cache.batch_repeat_interleave(len(suffixes))
+        full = torch.cat([mask.new_ones(len(suffixes), self.p), mask], 1)
+        pos = self.p + (mask.cumsum(-1) - 1).clamp(min=0)
+        out = self.model(input_ids=ids, attention_mask=full, position_ids=pos, use_cache=True,
+                         logits_to_keep=logits_to_keep, **{self.cache_key: cache})
+        return out.logits
+
+
+def prefix_forward(model: nn.Module, rows: list[list[int]], device, keep_last: int = 1) -> tuple[PrefixForward | None, int]:
+    """(a PrefixForward for the prefix ``rows`` share, its length), or (None, 0) where it does not
+    apply: a short prefix, a model with hooks, or one without a KV cache or ``logits_to_keep``.
+    Every row keeps at least its last ``keep_last`` tokens out of the prefix."""
+    p = shared_prefix(rows, keep_last)
+    if p < MIN_PREFIX or not hook_free(model) or not _takes_logits_to_keep(model):
+        return None, 0
+    try:
+        return PrefixForward(model, rows[0][:p], device), p
+    except (TypeError, ValueError, AttributeError):
+        return None, 0
