@@ -3,6 +3,7 @@
 - ``score_choices``: log-likelihood of each choice continuation after its prompt. Left padding puts
   every continuation at the end of the row, so the LM head runs only on the last few positions
   (``logits_to_keep``); when every choice is a single token, one forward per prompt scores all of them.
+  A prefix every row shares (a prompt template) runs once, through the KV cache (``tunelab.fast``).
 - ``generate``: left-padded batches, pad-aware attention masks, the KV cache, stop at EOS.
 - ``classify``: logits of a classification head.
 
@@ -20,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from tunelab import distributed as dist
+from tunelab import fast
 from tunelab.data import tokenize_prompt
 from tunelab.methods.base import context
 
@@ -71,26 +73,34 @@ def score_choices(model, tokenizer, prompts: list[str], choices: list[list[str]]
     single = all(len(c) == 1 for cs in choice_ids for c in cs)
     if single:
         # One forward per prompt: the next-token distribution at the prompt's end scores all choices.
+        pre, cut = fast.prefix_forward(model, prompt_ids, dev)  # a shared template prefix runs once
         for batch in _by_length([len(p) for p in prompt_ids], batch_size):
-            ids, mask = _pad_left([prompt_ids[i] for i in batch], pad, dev)
-            context(model)["prompt_mask"] = mask.bool()
-            out = model(input_ids=ids, attention_mask=mask, **({"logits_to_keep": 1} if keep else {}))
-            logp = F.log_softmax(out.logits[:, -1].float(), dim=-1)
+            if pre:
+                logits = pre([prompt_ids[i][cut:] for i in batch], pad, 1)
+            else:
+                ids, mask = _pad_left([prompt_ids[i] for i in batch], pad, dev)
+                context(model)["prompt_mask"] = mask.bool()
+                logits = model(input_ids=ids, attention_mask=mask, **({"logits_to_keep": 1} if keep else {})).logits
+            logp = F.log_softmax(logits[:, -1].float(), dim=-1)
             for row, i in enumerate(batch):
                 for j, c in enumerate(choice_ids[i]):
                     scores[i][j] = logp[row, c[0]].item()
     else:
         pairs = [(i, j) for i, cs in enumerate(choice_ids) for j in range(len(cs))]
         rows = [prompt_ids[i] + choice_ids[i][j] for i, j in pairs]
+        pre, cut = fast.prefix_forward(model, rows, dev, keep_last=1 + max(len(c) for cs in choice_ids for c in cs))
         for batch in _by_length([len(r) for r in rows], batch_size):
-            ids, mask = _pad_left([rows[k] for k in batch], pad, dev)
             n = max(len(choice_ids[pairs[k][0]][pairs[k][1]]) for k in batch)
-            pm = mask.bool().clone()
-            for row, k in enumerate(batch):
-                pm[row, ids.shape[1] - len(choice_ids[pairs[k][0]][pairs[k][1]]):] = False
-            context(model)["prompt_mask"] = pm
-            out = model(input_ids=ids, attention_mask=mask, **({"logits_to_keep": n + 1} if keep else {}))
-            logp = F.log_softmax(out.logits[:, -(n + 1) : -1].float(), dim=-1)  # predicts the last n tokens
+            if pre:
+                logits = pre([rows[k][cut:] for k in batch], pad, n + 1)
+            else:
+                ids, mask = _pad_left([rows[k] for k in batch], pad, dev)
+                pm = mask.bool().clone()
+                for row, k in enumerate(batch):
+                    pm[row, ids.shape[1] - len(choice_ids[pairs[k][0]][pairs[k][1]]):] = False
+                context(model)["prompt_mask"] = pm
+                logits = model(input_ids=ids, attention_mask=mask, **({"logits_to_keep": n + 1} if keep else {})).logits
+            logp = F.log_softmax(logits[:, -(n + 1) : -1].float(), dim=-1)  # predicts the last n tokens
             for row, k in enumerate(batch):
                 i, j = pairs[k]
                 c = torch.tensor(choice_ids[i][j], device=dev)
