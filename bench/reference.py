@@ -1,0 +1,340 @@
+"""The reference implementations, on the same model, data, batches, precision and hyperparameters.
+
+- ``peft_loop``: PEFT (LoRA, or LoRA over a torchao NF4 base for QLoRA) in a plain PyTorch loop:
+  forward under autocast, backward, clip, AdamW (torch's default implementation), schedule.
+- ``trainer``: full fine-tuning with the Hugging Face Trainer (its default fused AdamW, bf16 via
+  accelerate's autocast), fed the training loop's batches in the loop's order.
+- ``pyreft_loop``: LoReFT with pyreft (pyvene) at the same positions, in a plain loop.
+- ``score_plain``: label-word scoring by a plain forward over all positions (full logits), batches
+  in file order, right padding, the last prompt position read per row.
+- ``generate_plain``: ``model.generate`` over batches in file order, left padding.
+
+Batches are collated before the clock starts (the tunelab loop times its own collation).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import types
+
+import torch
+
+from tunelab.bench import (
+    batch_shape,
+    eval_flops,
+    loop_batches,
+    matmul_counts,
+    peak_memory_mb,
+    summarize,
+    train_flops,
+)
+from tunelab.config import RunConfig, task_config
+from tunelab.data import Collator, tokenize_prompt
+from tunelab.models import resolve
+from tunelab.tasks import TASKS
+from tunelab.train import autocast, autocast_dtype, lr_lambda, pick_device
+
+MODEL_KEYS = ("input_ids", "attention_mask", "labels")
+
+
+def prepare(cfg: RunConfig, split: str = "train"):
+    """Tokenizer, task and examples exactly as tunelab reads them, without loading a model."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(resolve(cfg.model.name))
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token or tok.unk_token
+    task = TASKS.get(cfg.task.name)
+    tcfg = task_config(cfg.task.name, cfg.task.params())
+    src = cfg.data.train if split == "train" else cfg.data.eval
+    limit = cfg.data.max_train if split == "train" else cfg.data.max_eval
+    examples = task.read(src, tcfg, limit=limit)
+    if hasattr(task, "fit"):
+        tcfg = task.fit(tcfg, examples)
+    return types.SimpleNamespace(tok=tok, task=task, tcfg=tcfg, train_ex=examples, eval_ex=examples)
+
+
+def load_plain(cfg: RunConfig, device):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(resolve(cfg.model.name), dtype=torch.float32)
+    return model.to(device)
+
+
+def _shuffled_batches(r, cfg: RunConfig, seed: int) -> list[dict]:
+    """What a plain loop does by default: a random permutation cut into batches, padded to the longest."""
+    feats = [r.task.encode(ex, r.tok, r.tcfg, cfg.data.max_length) for ex in r.train_ex]
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(feats), generator=g).tolist()
+    bs = cfg.train.batch_size
+    collate = Collator(r.tok.pad_token_id)
+    return [collate([feats[i] for i in order[s : s + bs]]) for s in range(0, len(order), bs)]
+
+
+def _timed_loop(model, batches, cfg: RunConfig, device, amp, warmup: int, lr: float):
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.train.weight_decay)
+    total = len(batches)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.train.schedule, int(cfg.train.warmup * total), total))
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    model.train()
+    times, loss = [], float("nan")
+    for b in batches:
+        t = time.perf_counter()
+        inputs = {k: v.to(device) for k, v in b.items() if k in MODEL_KEYS}
+        with autocast(device, amp):
+            out = model(**inputs)
+        out.loss.backward()
+        if cfg.train.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        loss = out.loss.item()
+        sync()
+        times.append(time.perf_counter() - t)
+    return times, loss
+
+
+def _train_result(impl, cfg, device, amp, batches, times, warmup, counts, pad_id, peak_flops, loss, extra=None):
+    shapes = [batch_shape(b, pad_id) for b in batches]
+    tok_s = [s["tokens"] / t for s, t in zip(shapes[warmup:], times[warmup:], strict=True)]
+    mfu = [train_flops(counts, s) / t / peak_flops for s, t in zip(shapes[warmup:], times[warmup:], strict=True)]
+    return {
+        "impl": impl, "kind": "train", "device": str(device),
+        "precision": str(amp).replace("torch.", "") if amp else "float32",
+        "batch_size": cfg.train.batch_size, "max_length": cfg.data.max_length, "steps": len(tok_s),
+        "tokens_per_s": summarize(tok_s), "step_s": summarize(times[warmup:]), "peak_memory_mb": peak_memory_mb(device),
+        "final_loss": loss, "threads": torch.get_num_threads(), "mfu": summarize(mfu),
+        "matmul_peak_tflops": peak_flops / 1e12,
+    } | (extra or {})
+
+
+def peft_loop(cfg: RunConfig, steps: int, warmup: int, peak_flops: float, *, lora: dict, quantize: bool = False,
+              defaults: bool = False) -> dict:
+    """PEFT LoRA (``lora``: LoraConfig kwargs) in a plain loop; ``defaults``: PEFT's and a plain
+    loop's defaults (LoraConfig() as is, fp32, shuffled batches) instead of tunelab's settings."""
+    from peft import LoraConfig, get_peft_model
+
+    device = pick_device(cfg.train.device)
+    amp = None if defaults else autocast_dtype(cfg.train.precision, device)
+    r = prepare(cfg)
+    batches = _shuffled_batches(r, cfg, cfg.train.seed) if defaults else loop_batches(r, cfg)
+    batches = batches[: warmup + steps]
+    model = load_plain(cfg, device)
+    if quantize:
+        _nf4_base(model, lora.get("target_modules", "all-linear"))
+    model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **lora))
+    counts = matmul_counts(model)
+    lr = cfg.train.lr or 1e-4
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times, loss = _timed_loop(model, batches, cfg, device, amp, warmup, lr)
+    res = _train_result("peft", cfg, device, amp, batches, times, warmup, counts, r.tok.pad_token_id, peak_flops, loss)
+    res["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    res["settings"] = {k: v for k, v in model.peft_config["default"].to_dict().items()
+                       if k in ("r", "lora_alpha", "lora_dropout", "target_modules")}
+    res["settings"]["target_modules"] = sorted(res["settings"]["target_modules"] or [])
+    return res
+
+
+def _nf4_base(model, targets) -> None:
+    """Store the target linears' weights as torchao NF4 (block 64, double-quantized scales), as
+    QLoRA does; PEFT's LoRA then wraps linears whose weight dequantizes on the fly."""
+    from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import to_nf4
+
+    for name, mod in model.named_modules():
+        if not isinstance(mod, torch.nn.Linear) or name.endswith("lm_head"):
+            continue
+        if targets != "all-linear" and not any(name.endswith(t) for t in targets):
+            continue
+        w = mod.weight.data
+        mod.weight = torch.nn.Parameter(to_nf4(w, 64, math.gcd(w.numel() // 64, 256)), requires_grad=False)
+
+
+def trainer(cfg: RunConfig, steps: int, warmup: int, peak_flops: float) -> dict:
+    """Full fine-tuning with transformers.Trainer on the loop's batches (sequential sampler over the
+    loop's order, the same collator); step times from a callback."""
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    device = pick_device(cfg.train.device)
+    amp = autocast_dtype(cfg.train.precision, device)
+    r = prepare(cfg)
+    batches = loop_batches(r, cfg)[: warmup + steps]
+    feats = [r.task.encode(ex, r.tok, r.tcfg, cfg.data.max_length) for ex in r.train_ex]
+    order = _loop_order(r, cfg, feats)[: warmup + steps]
+    flat = [feats[i] for idx in order for i in idx]
+    collate = Collator(r.tok.pad_token_id)
+
+    def data_collator(rows):
+        return {k: v for k, v in collate(rows).items() if k in MODEL_KEYS}
+
+    model = load_plain(cfg, device)
+    counts = matmul_counts(model)
+    counts["body_trained"], counts["body_frozen"], counts["head_trains"] = counts["body_frozen"], 0, True
+    stamps: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            if not stamps:
+                stamps.append(time.perf_counter())
+
+        def on_step_end(self, args, state, control, **kw):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            stamps.append(time.perf_counter())
+
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        args = TrainingArguments(
+            output_dir=tmp, per_device_train_batch_size=cfg.train.batch_size, max_steps=warmup + steps,
+            learning_rate=cfg.train.lr or 2e-5, weight_decay=cfg.train.weight_decay, lr_scheduler_type=cfg.train.schedule,
+            warmup_steps=int(cfg.train.warmup * (warmup + steps)), max_grad_norm=cfg.train.max_grad_norm or 0.0,
+            bf16=amp == torch.bfloat16, use_cpu=device.type == "cpu", logging_steps=10**6, save_strategy="no",
+            report_to=[], train_sampling_strategy="sequential", dataloader_num_workers=0, seed=cfg.train.seed,
+            disable_tqdm=True,
+        )
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        t = Trainer(model=model, args=args, train_dataset=flat, data_collator=data_collator, callbacks=[Clock()])
+        out = t.train()
+        peak = peak_memory_mb(device)
+    times = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
+    res = _train_result("hf-trainer", cfg, device, amp, batches, times, warmup, counts, r.tok.pad_token_id,
+                        peak_flops, out.training_loss)
+    res["peak_memory_mb"] = peak
+    res["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    res["optimizer"] = str(args.optim)
+    return res
+
+
+def _loop_order(r, cfg, feats):
+    from tunelab.data import batches as batch_order
+
+    lengths = [len(f["input_ids"]) for f in feats]
+    return batch_order(lengths, cfg.train.batch_size, seed=cfg.train.seed, epoch=0, group_by_length=cfg.data.group_by_length)
+
+
+def pyreft_loop(cfg: RunConfig, steps: int, warmup: int, peak_flops: float, *, rank: int, first: int, last: int) -> dict:
+    """LoReFT on every block output with pyreft, interventions at the first/last prompt positions."""
+    import pyreft
+
+    device = pick_device(cfg.train.device)
+    amp = autocast_dtype(cfg.train.precision, device)
+    r = prepare(cfg)
+    batches = loop_batches(r, cfg)[: warmup + steps]
+    model = load_plain(cfg, device)
+    layers, d = model.config.num_hidden_layers, model.config.hidden_size
+    reps = [{"layer": i, "component": "block_output", "low_rank_dimension": rank,
+             "intervention": pyreft.LoreftIntervention(embed_dim=d, low_rank_dimension=rank, dtype=torch.float32)}
+            for i in range(layers)]
+    reft = pyreft.get_reft_model(model, pyreft.ReftConfig(representations=reps))
+    reft.set_device(str(device))
+    for b in batches:  # right padding: the prompt is columns [0, prompt_len)
+        n = b["prompt_mask"].sum(1).tolist()
+        locs = [list(range(min(first, k))) + list(range(max(k - last, 0), k)) for k in n]
+        b["_locations"] = [locs] * layers
+    counts = matmul_counts(model)
+    counts["adapters"] = sum(p.numel() for p in reft.parameters() if p.requires_grad)
+    params = [p for p in reft.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.train.lr or 1e-4, weight_decay=cfg.train.weight_decay)
+    reft.model.train()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times, loss = [], float("nan")
+    for b in batches:
+        t = time.perf_counter()
+        base = {k: b[k].to(device) for k in ("input_ids", "attention_mask")}
+        with autocast(device, amp):
+            _, out = reft(base, unit_locations={"sources->base": (None, b["_locations"])}, labels=b["labels"].to(device))
+        out.loss.backward()
+        if cfg.train.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        loss = out.loss.item()
+        times.append(time.perf_counter() - t)
+    res = _train_result("pyreft", cfg, device, amp, batches, times, warmup, counts, r.tok.pad_token_id, peak_flops, loss)
+    res["trainable_params"] = counts["adapters"]
+    return res
+
+
+@torch.no_grad()
+def score_plain(cfg: RunConfig, peak_flops: float, max_examples: int | None = None) -> dict:
+    """Label-word scoring with full logits, file order, right padding, at eval.batch_size."""
+    device = pick_device(cfg.train.device)
+    amp = autocast_dtype(cfg.train.precision, device)
+    r = prepare(cfg, "eval")
+    examples = r.eval_ex[:max_examples] if max_examples else r.eval_ex
+    labels = r.tcfg.labels
+    words = r.tcfg.label_words or labels
+    word_ids = [r.tok(w, add_special_tokens=False)["input_ids"][0] for w in words]
+    model = load_plain(cfg, device).eval()
+    counts = matmul_counts(model)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    correct, tokens, sq, bs = 0, 0, 0, cfg.eval.batch_size
+    for s in range(0, len(examples), bs):
+        chunk = examples[s : s + bs]
+        rows = [tokenize_prompt(r.tok, r.task.prompt(ex, r.tok, r.tcfg, labels)) for ex in chunk]
+        width = max(len(x) for x in rows)
+        ids = torch.full((len(rows), width), r.tok.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, x in enumerate(rows):
+            ids[i, : len(x)], mask[i, : len(x)] = torch.tensor(x), 1
+        ids, mask = ids.to(device), mask.to(device)
+        with autocast(device, amp):
+            logits = model(input_ids=ids, attention_mask=mask).logits
+        last = logits[torch.arange(len(rows), device=device), mask.sum(1) - 1].float().log_softmax(-1)
+        pred = last[:, word_ids].argmax(-1).tolist()
+        correct += sum(p == r.task.label_id(ex, labels) for p, ex in zip(pred, chunk, strict=True))
+        tokens += sum(len(x) for x in rows)
+        sq += sum(len(x) ** 2 for x in rows)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    dt = time.perf_counter() - t
+    n = len(examples)
+    return {"impl": "plain-forward", "kind": "eval", "task": cfg.task.name, "device": str(device),
+            "precision": str(amp).replace("torch.", "") if amp else "float32", "batch_size": bs, "examples": n,
+            "seconds": dt, "examples_per_s": n / dt, "peak_memory_mb": peak_memory_mb(device),
+            "metrics": {"accuracy": correct / n}, "threads": torch.get_num_threads(),
+            "model_flops": eval_flops(counts, tokens, n, sq), "matmul_peak_tflops": peak_flops / 1e12}
+
+
+@torch.no_grad()
+def generate_plain(cfg: RunConfig, peak_flops: float, max_examples: int | None = None, max_new_tokens: int = 32) -> dict:
+    """``model.generate`` (greedy, KV cache) over batches in file order with left padding."""
+    device = pick_device(cfg.train.device)
+    amp = autocast_dtype(cfg.train.precision, device)
+    r = prepare(cfg, "eval")
+    examples = r.eval_ex[:max_examples] if max_examples else r.eval_ex
+    prompts = [r.task.prompt(ex, r.tok, r.tcfg) for ex in examples]
+    model = load_plain(cfg, device).eval()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    bs, new_tokens = cfg.eval.batch_size, 0
+    for s in range(0, len(prompts), bs):
+        rows = [tokenize_prompt(r.tok, p) for p in prompts[s : s + bs]]
+        width = max(len(x) for x in rows)
+        ids = torch.full((len(rows), width), r.tok.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, x in enumerate(rows):
+            ids[i, width - len(x) :], mask[i, width - len(x) :] = torch.tensor(x), 1
+        with autocast(device, amp):
+            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+                                 do_sample=False, pad_token_id=r.tok.pad_token_id, eos_token_id=r.tok.eos_token_id)
+        new_tokens += int((out[:, width:] != r.tok.pad_token_id).sum())
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    dt = time.perf_counter() - t
+    n = len(prompts)
+    return {"impl": "hf-generate", "kind": "eval", "task": cfg.task.name, "device": str(device),
+            "precision": str(amp).replace("torch.", "") if amp else "float32", "batch_size": bs, "examples": n,
+            "seconds": dt, "examples_per_s": n / dt, "new_tokens": new_tokens,
+            "peak_memory_mb": peak_memory_mb(device), "threads": torch.get_num_threads()}

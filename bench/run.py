@@ -1,0 +1,297 @@
+"""tunelab against the reference implementations, side by side (not run in CI).
+
+    python bench/run.py                          # every configuration, CPU (CUDA when present)
+    python bench/run.py --configs lora,score --repeats 3 --threads 2 --out bench/results.json
+
+Each measurement runs in a fresh process (one configuration, one implementation), so peak memory
+is that run's own. Configurations (embedded SmolLM2-135M, SST-2 at batch 8 x max_length 128 unless
+noted, the same rows, batches, precision and hyperparameters on both sides):
+
+    full           tunelab full fine-tuning        vs the Hugging Face Trainer
+    lora           tunelab LoRA r8 all-linear      vs PEFT LoRA, same settings, plain PyTorch loop
+    lora-defaults  tunelab LoRA, all its defaults  vs PEFT LoraConfig() defaults, fp32, shuffled batches
+    qlora          tunelab QLoRA (NF4 base)        vs PEFT LoRA over a torchao NF4 base
+    loreft         tunelab LoReFT r8 f7+l7         vs pyreft (PEFT LoRA if pyreft is not importable)
+    score          SST-2 dev label-word scoring    vs a full-logits forward in file order
+    generate       Alpaca prompts, 32 new tokens   vs model.generate in file order
+
+The machine is shared in some setups: before each measurement the script waits (up to
+--max-wait s) until other processes use less than --quiet CPUs, and it records the CPU that others
+used during the measurement (``foreign_cpu``); a measurement disturbed by more than --quiet CPUs is
+retried up to --retries times and flagged if it never ran clean.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+SST2 = [f"data.train={DATA / 'sst2/train.tsv'}", f"data.eval={DATA / 'sst2/dev.tsv'}"]
+BASE = ["model.name=smollm2-135m", "task.name=sentiment", *SST2, "data.max_length=128",
+        "train.batch_size=8", "train.seed=0", "eval.batch_size=32"]
+LORA = ["method.name=lora", "method.r=8", "method.alpha=16", "train.lr=1e-4"]
+PEFT_LORA = {"r": 8, "lora_alpha": 16, "target_modules": "all-linear", "lora_dropout": 0.0}
+ALPACA = [f"data.eval={DATA / 'alpaca_demo/alpaca_en_demo.json'}#rows=900:999", "task.name=generation",
+          "eval.batch_size=8", "eval.max_new_tokens=32"]
+
+CONFIGS = {
+    "full": {"tunelab": ["method.name=full", "train.lr=2e-5"], "ref": ("trainer", {})},
+    "lora": {"tunelab": LORA, "ref": ("peft", {"lora": PEFT_LORA})},
+    "lora-defaults": {"tunelab": ["method.name=lora", "train.lr=1e-4"], "ref": ("peft", {"lora": {}, "defaults": True})},
+    "qlora": {"tunelab": ["method.name=qlora", "method.r=8", "method.alpha=16", "train.lr=1e-4"],
+              "ref": ("peft", {"lora": PEFT_LORA, "quantize": True})},
+    "loreft": {"tunelab": ["method.name=loreft", "method.rank=8", "method.positions=f7+l7", "train.lr=1e-4"],
+               "ref": ("pyreft", {"rank": 8, "first": 7, "last": 7})},
+    "score": {"tunelab": ["method.name=full"], "ref": ("score", {}), "eval": True},
+    "generate": {"tunelab": ["method.name=full", *ALPACA], "ref": ("generate", {}), "eval": True, "max_examples": 32},
+}
+
+
+# ---------------------------------------------------------------- the child: one measurement
+def child(spec: dict) -> dict:
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    sys.path.insert(0, str(ROOT / "bench"))
+    for extra in spec.get("pythonpath", []):
+        sys.path.append(extra)
+    from tunelab.config import load_config
+
+    conf = CONFIGS[spec["config"]]
+    overrides = BASE + conf["tunelab"] + [f"train.threads={spec['threads']}", f"train.device={spec['device']}",
+                                          *spec.get("extra", [])]
+    cfg = load_config(None, overrides)
+    steps, warmup, peak = spec["steps"], spec["warmup"], spec["peak_flops"]
+    if spec["impl"] == "tunelab":
+        return _tunelab(spec, cfg, conf, steps, warmup, peak)
+    import reference
+
+    kind, kw = conf["ref"]
+    if kind == "trainer":
+        return reference.trainer(cfg, steps, warmup, peak)
+    if kind == "peft":
+        res = reference.peft_loop(cfg, steps, warmup, peak, **kw)
+        if kw.get("quantize"):
+            res["impl"] = "peft+torchao-nf4"
+        return res
+    if kind == "pyreft":
+        try:
+            import pyreft  # noqa: F401
+        except ImportError:
+            res = reference.peft_loop(cfg, steps, warmup, peak, lora=PEFT_LORA)
+            res["impl"] = "peft-lora (pyreft not installed)"
+            return res
+        return reference.pyreft_loop(cfg, steps, warmup, peak, **kw)
+    if kind == "score":
+        return reference.score_plain(cfg, peak, conf.get("max_examples"))
+    return reference.generate_plain(cfg, peak, conf.get("max_examples"), cfg.eval.max_new_tokens)
+
+
+def _tunelab(spec, cfg, conf, steps, warmup, peak) -> dict:
+    import torch
+
+    from tunelab import bench, fast
+
+    if spec.get("no_fast"):  # ablation: the loop without the loss-positions lever
+        fast.supports_loss_inputs = lambda *a, **k: False
+    if not conf.get("eval"):
+        return bench.bench_train(cfg, steps=steps, warmup=warmup, peak_flops=peak)
+    if conf["ref"][0] == "score":
+        return bench.bench_eval(cfg, max_examples=conf.get("max_examples"), peak_flops=peak)
+    # generation: tunelab.evaluate.generate alone (the task's evaluate also scores perplexity)
+    import tunelab
+    from tunelab.evaluate import generate
+    from tunelab.train import Run, autocast
+
+    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"train": None, "max_eval": conf.get("max_examples")})})
+    r = Run(cfg)
+    tunelab.attach(r.model, cfg.method.name)
+    prompts = [r.task.prompt(ex, r.tok, r.tcfg) for ex in r.eval_ex]
+    t = time.perf_counter()
+    with autocast(r.device, r.amp):
+        generate(r.model, r.tok, prompts, max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size)
+    if r.device.type == "cuda":
+        torch.cuda.synchronize()
+    dt = time.perf_counter() - t
+    return {"impl": "tunelab", "kind": "eval", "task": cfg.task.name, "device": str(r.device),
+            "precision": str(r.amp).replace("torch.", "") if r.amp else "float32", "batch_size": cfg.eval.batch_size,
+            "examples": len(prompts), "seconds": dt, "examples_per_s": len(prompts) / dt,
+            "peak_memory_mb": bench.peak_memory_mb(r.device), "threads": torch.get_num_threads()}
+
+
+# ---------------------------------------------------------------- the parent: schedule and report
+def _busy_seconds() -> float:
+    """CPU seconds all processes have spent busy since boot (from /proc/stat)."""
+    try:
+        parts = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    except OSError:
+        return 0.0
+    v = [int(x) for x in parts]
+    idle = v[3] + (v[4] if len(v) > 4 else 0)
+    return (sum(v[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def others_busy(seconds: float = 3.0) -> float:
+    """CPUs kept busy by other processes, sampled over ``seconds`` (we run nothing meanwhile)."""
+    a = _busy_seconds()
+    time.sleep(seconds)
+    return (_busy_seconds() - a) / seconds
+
+
+def wait_quiet(quiet: float, max_wait: float) -> float:
+    t0, busy = time.time(), others_busy()
+    while busy > quiet and time.time() - t0 < max_wait:
+        print(f"  waiting: other processes use {busy:.2f} CPUs (> {quiet})", flush=True)
+        time.sleep(20)
+        busy = others_busy()
+    return busy
+
+
+def measure(spec: dict, quiet: float, max_wait: float, retries: int) -> dict:
+    res: dict = {}
+    for attempt in range(retries + 1):
+        before = wait_quiet(quiet, max_wait)
+        ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        busy0, t0 = _busy_seconds(), time.time()
+        proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True)
+        wall = time.time() - t0
+        ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        mine = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
+        foreign = max(0.0, (_busy_seconds() - busy0 - mine) / wall)
+        line = next((ln for ln in reversed(proc.stdout.splitlines()) if ln.startswith("RESULT ")), None)
+        if proc.returncode or line is None:
+            res = {"error": (proc.stderr or proc.stdout)[-3000:]}
+            print(f"  {spec['config']}/{spec['impl']} failed:\n{res['error'][-1500:]}", flush=True)
+            return res | {"config": spec["config"], "side": spec["impl"]}
+        res = json.loads(line[len("RESULT "):])
+        res.update(config=spec["config"], side=spec["impl"], others_before=before, foreign_cpu=foreign,
+                   wall_s=wall, attempt=attempt, disturbed=foreign > quiet)
+        if not res["disturbed"]:
+            break
+        print(f"  disturbed: others used {foreign:.2f} CPUs during the run; retrying", flush=True)
+    return res
+
+
+def speed(res: dict) -> float:
+    return res["tokens_per_s"]["median"] if res["kind"] == "train" else res["examples_per_s"]
+
+
+def table(results: list[dict]) -> str:
+    """Markdown: per configuration and side, median and min..max over repeats, and the ratio."""
+    rows = ["| config | implementation | precision | speed (median) | spread over repeats | peak memory MB | MFU | loss/acc | tunelab / ref |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    by = {}
+    for r in results:
+        if "error" not in r:
+            by.setdefault(r["config"], {}).setdefault(r["side"], []).append(r)
+    for name in CONFIGS:
+        if name not in by:
+            continue
+        med = {}
+        for side in ("tunelab", "reference"):
+            rs = by[name].get(side, [])
+            if not rs:
+                continue
+            sp = [speed(r) for r in rs]
+            med[side] = statistics.median(sp)
+            unit = "tok/s" if rs[0]["kind"] == "train" else "ex/s"
+            mem = statistics.median(r["peak_memory_mb"] for r in rs)
+            flops = next((x["model_flops"] for x in by[name].get("reference", []) if "model_flops" in x), None)
+            mfu = [r["mfu"]["median"] if isinstance(r.get("mfu"), dict)
+                   else (flops / r["seconds"] / (r["matmul_peak_tflops"] * 1e12) if flops and "seconds" in r else None)
+                   for r in rs]
+            mfu_s = f"{100 * statistics.median(mfu):.1f}%" if all(m is not None for m in mfu) else "-"
+            q = rs[0].get("final_loss")
+            q = f"{q:.3f}" if isinstance(q, float) else (f"{rs[0]['metrics'].get('accuracy', float('nan')):.3f}"
+                                                         if "accuracy" in rs[0].get("metrics", {}) else "-")
+            flag = " (disturbed)" if any(r.get("disturbed") for r in rs) else ""
+            ratio = f"**{med['tunelab'] / med['reference']:.2f}x**" if side == "reference" and "tunelab" in med else ""
+            rows.append(f"| {name} | {rs[0]['impl']} | {rs[0]['precision']} | {med[side]:,.1f} {unit} | "
+                        f"{min(sp):,.1f} .. {max(sp):,.1f} (n={len(sp)}){flag} | {mem:,.0f} | {mfu_s} | {q} | {ratio} |")
+    return "\n".join(rows)
+
+
+def machine(device: str) -> dict:
+    import torch
+
+    info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+            "cpus": os.cpu_count()}
+    try:
+        info["cpu"] = next(ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                           if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        info["cpu"] = platform.processor()
+    if device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(0)
+    import peft
+    import transformers
+
+    info.update(transformers=transformers.__version__, peft=peft.__version__)
+    return info
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    ap.add_argument("--threads", type=int, default=min(os.cpu_count() or 1, 16))
+    ap.add_argument("--steps", type=int, default=6, help="timed steps per measurement (after --warmup)")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3, help="processes per configuration and side")
+    ap.add_argument("--quiet", type=float, default=0.3, help="CPUs other processes may use during a measurement")
+    ap.add_argument("--max-wait", type=float, default=600)
+    ap.add_argument("--retries", type=int, default=1)
+    ap.add_argument("--pythonpath", action="append", default=[], help="extra import path for the children (e.g. pyreft)")
+    ap.add_argument("--no-fast", action="store_true", help="ablation: tunelab without the loss-positions lever")
+    ap.add_argument("--set", action="append", default=[], dest="extra", help="config override for both sides (key=value)")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results.json"))
+    a = ap.parse_args()
+    if a.child:
+        print("RESULT " + json.dumps(child(json.loads(a.child))), flush=True)
+        return
+
+    import torch
+
+    from tunelab.bench import matmul_peak
+
+    device = a.device if a.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    torch.set_num_threads(a.threads)
+    from tunelab.train import autocast_dtype
+
+    dtype = autocast_dtype("auto", torch.device(device)) or torch.float32
+    peak = matmul_peak(device, dtype, seconds=2.0)
+    peak32 = matmul_peak(device, torch.float32, seconds=2.0)
+    print(f"matmul peak: {peak / 1e12:.2f} TFLOP/s in {dtype}, {peak32 / 1e12:.2f} in float32 ({a.threads} threads)")
+    results: list[dict] = []
+    names = [c.strip() for c in a.configs.split(",") if c.strip()]
+    for rep in range(a.repeats):
+        for name in names:
+            for side in ("tunelab", "reference"):
+                spec = {"config": name, "impl": side, "threads": a.threads, "device": device, "steps": a.steps,
+                        "warmup": a.warmup, "peak_flops": peak, "pythonpath": a.pythonpath, "no_fast": a.no_fast, "extra": a.extra}
+                print(f"[{rep + 1}/{a.repeats}] {name} / {side}", flush=True)
+                res = measure(spec, a.quiet, a.max_wait, a.retries)
+                if "error" not in res:
+                    print(f"  {res['impl']}: {speed(res):,.1f} {'tok/s' if res['kind'] == 'train' else 'ex/s'}, "
+                          f"peak {res['peak_memory_mb']:,.0f} MB, others {res['foreign_cpu']:.2f} CPUs", flush=True)
+                results.append(res)
+                Path(a.out).write_text(json.dumps({"machine": machine(device), "threads": a.threads, "device": device,
+                                                   "matmul_peak_tflops": {str(dtype): peak / 1e12, "float32": peak32 / 1e12},
+                                                   "results": results}, indent=1))
+    print(table(results))
+    print(f"results written to {a.out}")
+
+
+if __name__ == "__main__":
+    main()
