@@ -7,7 +7,8 @@ tunelab half of ``bench/run.py`` (which runs the reference implementations besid
 
 Figures:
 - tokens/s: non-pad tokens of a step / its wall time (data collation included), median over the
-  steps after ``warmup``; the spread is the min..max of those steps.
+  steps after the warm-up (by default one pass over the same batches, so that kernels built per
+  new shape are not timed); the spread is the min..max of those steps.
 - peak memory: RSS high-water mark on CPU (whole process, weights included), max allocated on CUDA.
 - MFU: model FLOPs / time / the matmul peak measured on this machine in the compute dtype.
   Model FLOPs count the work the step needs, whoever does it: per token 2 N forward and 2 N backward
@@ -132,22 +133,22 @@ def eval_flops(c: dict, tokens: int, reads: int, sq_len: int) -> float:
 
 
 # ---------------------------------------------------------------- the loop's batches
-def loop_batches(r, cfg: RunConfig) -> list[dict]:
-    """The batches the training loop draws in epoch 0, in its order (as ``train._train`` builds them)."""
+def loop_batches(r, cfg: RunConfig, epoch: int = 0) -> list[dict]:
+    """The batches the training loop draws in ``epoch``, in its order (as ``train._train`` builds them)."""
     feats = [r.task.encode(ex, r.tok, r.tcfg, cfg.data.max_length) for ex in r.train_ex]
     if cfg.data.pack:
         feats = pack(feats, cfg.data.max_length)
     lengths = [len(f["input_ids"]) for f in feats]
-    order = batches(lengths, cfg.train.batch_size, seed=cfg.train.seed, epoch=0, group_by_length=cfg.data.group_by_length)
+    order = batches(lengths, cfg.train.batch_size, seed=cfg.train.seed, epoch=epoch, group_by_length=cfg.data.group_by_length)
     collate = Collator(r.tok.pad_token_id)
     return [collate([feats[i] for i in idx]) for idx in order]
 
 
 def bench_config(cfg: RunConfig, steps: int, warmup: int, out_dir: str) -> RunConfig:
-    """``cfg`` trimmed to a timing run: enough rows for one epoch of ``warmup + steps`` steps, no
+    """``cfg`` trimmed to a timing run: an epoch of ``steps`` batches, ``warmup + steps`` steps, no
     evaluation, no resume, a log line per step."""
     n = warmup + steps
-    rows = cfg.train.batch_size * cfg.train.grad_accum * n
+    rows = cfg.train.batch_size * cfg.train.grad_accum * steps
     data = cfg.data.model_copy(update={"max_train": min(cfg.data.max_train or rows, rows), "eval": None})
     train = cfg.train.model_copy(update={"max_steps": n, "log_every": 1, "progress": False, "resume": False,
                                          "save_every": 0, "eval_every": 0})
@@ -160,8 +161,14 @@ def summarize(values: list[float]) -> dict:
 
 
 # ---------------------------------------------------------------- the benchmarks
-def bench_train(cfg: RunConfig, *, steps: int = 8, warmup: int = 2, peak_flops: float | None = None) -> dict:
-    """Train ``warmup + steps`` steps with the real loop; tokens/s, peak memory and MFU."""
+def bench_train(cfg: RunConfig, *, steps: int = 8, warmup: int | None = None, peak_flops: float | None = None) -> dict:
+    """Train ``warmup + steps`` steps with the real loop; tokens/s, peak memory and MFU.
+
+    The data is one epoch of ``steps`` batches; the default warm-up is that whole epoch, so the
+    timed steps (epoch 2, the same batch shapes) are free of first-use costs (oneDNN builds its
+    kernels per new shape: ~0.2-1 s each on CPU), which a long run pays once per distinct length.
+    The first epoch's speed is reported as ``first_pass_tokens_per_s``."""
+    warmup = steps if warmup is None else warmup
     from tunelab.train import Run, _train, seed_all
 
     if cfg.train.threads:
@@ -180,13 +187,16 @@ def bench_train(cfg: RunConfig, *, steps: int = 8, warmup: int = 2, peak_flops: 
         log = [json.loads(ln) for ln in (Path(tmp) / "log.jsonl").read_text().splitlines() if ln.strip()]
         steps_log = [rec for rec in log if "tokens_per_s" in rec]
         counts = matmul_counts(model)
-        planned = loop_batches(r, bc)
-    times, tok_s, flops = [], [], []
+        planned = loop_batches(r, bc, 0)
+        for e in range(1, -(-(warmup + steps) // max(1, len(planned)))):
+            planned += loop_batches(r, bc, e)
+    times, tok_s, flops, first = [], [], [], []
     prev = 0.0
     for i, rec in enumerate(steps_log):
         dt = rec["elapsed_s"] - prev
         prev = rec["elapsed_s"]
         if i < warmup:
+            first.append(rec["tokens_per_s"])
             continue
         times.append(dt)
         tok_s.append(rec["tokens_per_s"])
@@ -198,6 +208,7 @@ def bench_train(cfg: RunConfig, *, steps: int = 8, warmup: int = 2, peak_flops: 
         "batch_size": bc.train.batch_size, "max_length": bc.data.max_length, "steps": len(times),
         "tokens_per_s": summarize(tok_s), "step_s": summarize(times), "peak_memory_mb": peak,
         "final_loss": stats.get("final_loss"), "threads": torch.get_num_threads(),
+        "first_pass_tokens_per_s": summarize(first) if first else None,
         "trainable_params": tunelab.trainable_parameters(model)["trainable"],
     }
     if flops:
@@ -236,7 +247,7 @@ def bench_eval(cfg: RunConfig, *, max_examples: int | None = None, peak_flops: f
             "matmul_peak_tflops": (peak_flops or matmul_peak(r.device, r.amp or torch.float32)) / 1e12}
 
 
-def bench(cfg: RunConfig, *, steps: int = 8, warmup: int = 2, eval_examples: int | None = 256) -> dict:
+def bench(cfg: RunConfig, *, steps: int = 8, warmup: int | None = None, eval_examples: int | None = 256) -> dict:
     """What ``tunelab bench`` prints: training speed and memory of ``cfg`` (and its evaluation's
     speed when it has eval data and ``eval_examples`` is not 0)."""
     out = {"train": bench_train(cfg, steps=steps, warmup=warmup)} if cfg.data.train else {}
