@@ -329,7 +329,7 @@ def _train(r: Run, model, out: Path, lead: bool) -> dict:
     model = dist.wrap(model, full=cfg.method.name == "full")
     params = [p for p in model.parameters() if p.requires_grad]
     lr = tc.lr or default_lr(cfg.method.name, cfg.method.params())
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=tc.weight_decay, foreach=True)
+    opt = fast.adamw(params, lr=lr, weight_decay=tc.weight_decay)  # fused where it runs
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(tc.schedule, int(tc.warmup * total), total))
 
     ckpt = out / "checkpoints"
