@@ -62,6 +62,16 @@ def load_plain(cfg: RunConfig, device):
     return model.to(device)
 
 
+def planned_batches(r, cfg: RunConfig, n: int) -> list[dict]:
+    """The first ``n`` batches the tunelab loop draws (epoch after epoch) for this config."""
+    out: list[dict] = []
+    epoch = 0
+    while len(out) < n:
+        out += loop_batches(r, cfg, epoch)
+        epoch += 1
+    return out[:n]
+
+
 def _shuffled_batches(r, cfg: RunConfig, seed: int) -> list[dict]:
     """What a plain loop does by default: a random permutation cut into batches, padded to the longest."""
     feats = [r.task.encode(ex, r.tok, r.tcfg, cfg.data.max_length) for ex in r.train_ex]
@@ -120,8 +130,11 @@ def peft_loop(cfg: RunConfig, steps: int, warmup: int, peak_flops: float, *, lor
     device = pick_device(cfg.train.device)
     amp = None if defaults else autocast_dtype(cfg.train.precision, device)
     r = prepare(cfg)
-    batches = _shuffled_batches(r, cfg, cfg.train.seed) if defaults else loop_batches(r, cfg)
-    batches = batches[: warmup + steps]
+    if defaults:  # its own epoch, repeated: the timed pass sees only shapes it has seen
+        batches = _shuffled_batches(r, cfg, cfg.train.seed)
+        batches = (batches * (1 + (warmup + steps) // len(batches)))[: warmup + steps]
+    else:
+        batches = planned_batches(r, cfg, warmup + steps)
     model = load_plain(cfg, device)
     if quantize:
         _nf4_base(model, lora.get("target_modules", "all-linear"))
@@ -161,9 +174,9 @@ def trainer(cfg: RunConfig, steps: int, warmup: int, peak_flops: float) -> dict:
     device = pick_device(cfg.train.device)
     amp = autocast_dtype(cfg.train.precision, device)
     r = prepare(cfg)
-    batches = loop_batches(r, cfg)[: warmup + steps]
+    batches = planned_batches(r, cfg, warmup + steps)
     feats = [r.task.encode(ex, r.tok, r.tcfg, cfg.data.max_length) for ex in r.train_ex]
-    order = _loop_order(r, cfg, feats)[: warmup + steps]
+    order = _loop_order(r, cfg, feats, warmup + steps)
     flat = [feats[i] for idx in order for i in idx]
     collate = Collator(r.tok.pad_token_id)
 
@@ -171,8 +184,7 @@ def trainer(cfg: RunConfig, steps: int, warmup: int, peak_flops: float) -> dict:
         return {k: v for k, v in collate(rows).items() if k in MODEL_KEYS}
 
     model = load_plain(cfg, device)
-    counts = matmul_counts(model)
-    counts["body_trained"], counts["body_frozen"], counts["head_trains"] = counts["body_frozen"], 0, True
+    counts = matmul_counts(model)  # every parameter trains
     stamps: list[float] = []
 
     class Clock(TrainerCallback):
@@ -210,11 +222,16 @@ def trainer(cfg: RunConfig, steps: int, warmup: int, peak_flops: float) -> dict:
     return res
 
 
-def _loop_order(r, cfg, feats):
+def _loop_order(r, cfg, feats, n):
     from tunelab.data import batches as batch_order
 
     lengths = [len(f["input_ids"]) for f in feats]
-    return batch_order(lengths, cfg.train.batch_size, seed=cfg.train.seed, epoch=0, group_by_length=cfg.data.group_by_length)
+    out, epoch = [], 0
+    while len(out) < n:
+        out += batch_order(lengths, cfg.train.batch_size, seed=cfg.train.seed, epoch=epoch,
+                           group_by_length=cfg.data.group_by_length)
+        epoch += 1
+    return out[:n]
 
 
 def pyreft_loop(cfg: RunConfig, steps: int, warmup: int, peak_flops: float, *, rank: int, first: int, last: int) -> dict:
@@ -224,7 +241,7 @@ def pyreft_loop(cfg: RunConfig, steps: int, warmup: int, peak_flops: float, *, r
     device = pick_device(cfg.train.device)
     amp = autocast_dtype(cfg.train.precision, device)
     r = prepare(cfg)
-    batches = loop_batches(r, cfg)[: warmup + steps]
+    batches = planned_batches(r, cfg, warmup + steps)
     model = load_plain(cfg, device)
     layers, d = model.config.num_hidden_layers, model.config.hidden_size
     reps = [{"layer": i, "component": "block_output", "low_rank_dimension": rank,

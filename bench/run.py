@@ -71,9 +71,14 @@ def child(spec: dict) -> dict:
     overrides = BASE + conf["tunelab"] + [f"train.threads={spec['threads']}", f"train.device={spec['device']}",
                                           *spec.get("extra", [])]
     cfg = load_config(None, overrides)
-    steps, warmup, peak = spec["steps"], spec["warmup"], spec["peak_flops"]
+    steps, peak = spec["steps"], spec["peak_flops"]
+    warmup = steps if spec["warmup"] is None else spec["warmup"]
     if spec["impl"] == "tunelab":
         return _tunelab(spec, cfg, conf, steps, warmup, peak)
+    if not conf.get("eval"):
+        from tunelab.bench import bench_config
+
+        cfg = bench_config(cfg, steps, warmup, "unused")  # the same rows as the tunelab half
     import reference
 
     kind, kw = conf["ref"]
@@ -246,8 +251,8 @@ def main() -> None:
     ap.add_argument("--configs", default=",".join(CONFIGS))
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--threads", type=int, default=min(os.cpu_count() or 1, 16))
-    ap.add_argument("--steps", type=int, default=6, help="timed steps per measurement (after --warmup)")
-    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=8, help="timed steps per measurement; the data is one epoch of them")
+    ap.add_argument("--warmup", type=int, default=None, help="warm-up steps (default: one epoch, so every shape is seen)")
     ap.add_argument("--repeats", type=int, default=3, help="processes per configuration and side")
     ap.add_argument("--quiet", type=float, default=0.3, help="CPUs other processes may use during a measurement")
     ap.add_argument("--max-wait", type=float, default=600)
