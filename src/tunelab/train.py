@@ -247,12 +247,14 @@ class Run:
         collate = Collator(self.tok.pad_token_id)
         was_training = self.model.training
         self.model.eval()
-        total, count = 0.0, 0
+        total, count, trim = 0.0, 0, None
         for idx in batches([len(f["input_ids"]) for f in feats], self.cfg.eval.batch_size, seed=0, epoch=0, shuffle=False):
             batch = {k: v.to(self.device) for k, v in collate([feats[i] for i in idx]).items()}
+            if trim is None:  # the LM head only where a target is (tunelab.fast)
+                trim = self.causal and fast.supports_loss_inputs(self.model, batch)
             n = loss_tokens(batch, self.causal)
             if n:
-                total += float(self.model(**batch).loss) * n
+                total += float(self.model(**(fast.loss_inputs(batch) if trim else batch)).loss) * n
                 count += n
         self.model.train(was_training)
         return total / max(count, 1)
