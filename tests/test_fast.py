@@ -1,6 +1,5 @@
 """Speed levers leave the loss and the gradients unchanged; the bench measures the real loop."""
 
-import contextlib
 import json
 
 import pytest
@@ -149,9 +148,31 @@ def test_shared_prefix_leaves_each_row_its_tail():
     assert fast.shared_prefix([[1, 2]]) == 0
 
 
-def test_math_attention_only_for_short_cpu_training_rows():
-    short = {"input_ids": torch.zeros(2, 64, dtype=torch.long)}
-    long = {"input_ids": torch.zeros(2, fast.MATH_ATTENTION_MAX_LEN + 1, dtype=torch.long)}
-    assert not isinstance(fast.attention_for(short, torch.device("cpu")), contextlib.nullcontext)
-    assert isinstance(fast.attention_for(long, torch.device("cpu")), contextlib.nullcontext)
-    assert isinstance(fast.attention_for(short, torch.device("cuda")), contextlib.nullcontext)
+def test_eager_attention_only_for_short_cpu_training_rows(monkeypatch):
+    model = _lora_model()
+    batch = Collator(0)(FEATS)
+    cpu = torch.device("cpu")
+
+    def impl(m, device):
+        with fast.attention_for(m, batch, device):
+            return m.config._attn_implementation
+
+    assert model.config._attn_implementation == "sdpa"
+    assert impl(model, cpu) == "eager" and model.config._attn_implementation == "sdpa"
+    assert impl(model, torch.device("cuda")) == "sdpa"
+    monkeypatch.setattr(fast, "EAGER_MAX_BYTES", 6 * 3 * 4 * 9**2 * 2 - 1)  # B x heads x L^2 x layers
+    assert impl(model, cpu) == "sdpa"
+    monkeypatch.undo()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert impl(model, cpu) == "sdpa"  # the recompute in backward must use the same kernel
+
+
+def test_eager_attention_gives_the_same_loss_and_grads():
+    model = _lora_model()
+    batch = Collator(0)(FEATS)
+    ref_loss, ref = _grads(model, batch)
+    with fast.attention_for(model, batch, torch.device("cpu")):
+        loss, got = _grads(model, batch)
+    torch.testing.assert_close(loss, ref_loss)
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], rtol=1e-4, atol=1e-6)
