@@ -371,7 +371,7 @@ def _train(r: Run, model, out: Path, lead: bool) -> dict:
             step_loss = torch.zeros((), device=r.device)
             for i, b in enumerate(micro):
                 sync = dist.no_sync(model) if i < len(micro) - 1 else contextlib.nullcontext()
-                with sync, autocast(r.device, r.amp), fast.attention_for(b, r.device):
+                with sync, autocast(r.device, r.amp), fast.attention_for(model, b, r.device):
                     out_loss = model(**(fast.loss_inputs(b) if trim else b)).loss
                 weight = loss_tokens(b, r.causal) / n_total * dist.world()
                 (out_loss * weight).backward()
