@@ -89,7 +89,7 @@ def _timed_loop(model, batches, cfg: RunConfig, device, amp, warmup: int, lr: fl
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.train.schedule, int(cfg.train.warmup * total), total))
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     model.train()
-    times, loss = [], float("nan")
+    times, losses = [], []
     for b in batches:
         t = time.perf_counter()
         inputs = {k: v.to(device) for k, v in b.items() if k in MODEL_KEYS}
@@ -101,10 +101,10 @@ def _timed_loop(model, batches, cfg: RunConfig, device, amp, warmup: int, lr: fl
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        loss = out.loss.item()
+        losses.append(out.loss.item())
         sync()
         times.append(time.perf_counter() - t)
-    return times, loss
+    return times, sum(losses) / len(losses)
 
 
 def _train_result(impl, cfg, device, amp, batches, times, warmup, counts, pad_id, peak_flops, loss, extra=None):
@@ -116,13 +116,13 @@ def _train_result(impl, cfg, device, amp, batches, times, warmup, counts, pad_id
         "precision": str(amp).replace("torch.", "") if amp else "float32",
         "batch_size": cfg.train.batch_size, "max_length": cfg.data.max_length, "steps": len(tok_s),
         "tokens_per_s": summarize(tok_s), "step_s": summarize(times[warmup:]), "peak_memory_mb": peak_memory_mb(device),
-        "final_loss": loss, "threads": torch.get_num_threads(), "mfu": summarize(mfu),
+        "mean_loss": loss, "threads": torch.get_num_threads(), "mfu": summarize(mfu),
         "matmul_peak_tflops": peak_flops / 1e12,
     } | (extra or {})
 
 
 def peft_loop(cfg: RunConfig, steps: int, warmup: int, peak_flops: float, *, lora: dict, quantize: bool = False,
-              defaults: bool = False) -> dict:
+              defaults: bool = False, checkpointing: bool = False) -> dict:
     """PEFT LoRA (``lora``: LoraConfig kwargs) in a plain loop; ``defaults``: PEFT's and a plain
     loop's defaults (LoraConfig() as is, fp32, shuffled batches) instead of tunelab's settings."""
     from peft import LoraConfig, get_peft_model
@@ -138,6 +138,8 @@ def peft_loop(cfg: RunConfig, steps: int, warmup: int, peak_flops: float, *, lor
     model = load_plain(cfg, device)
     if quantize:
         _nf4_base(model, lora.get("target_modules", "all-linear"))
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **lora))
     counts = matmul_counts(model)
     lr = cfg.train.lr or 1e-4
@@ -255,12 +257,13 @@ def pyreft_loop(cfg: RunConfig, steps: int, warmup: int, peak_flops: float, *, r
         b["_locations"] = [locs] * layers
     counts = matmul_counts(model)
     counts["adapters"] = sum(p.numel() for p in reft.parameters() if p.requires_grad)
+    counts["grad"] = True  # the interventions train; gradients flow back through the frozen blocks
     params = [p for p in reft.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.train.lr or 1e-4, weight_decay=cfg.train.weight_decay)
     reft.model.train()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    times, loss = [], float("nan")
+    times, losses = [], []
     for b in batches:
         t = time.perf_counter()
         base = {k: b[k].to(device) for k in ("input_ids", "attention_mask")}
@@ -271,8 +274,9 @@ def pyreft_loop(cfg: RunConfig, steps: int, warmup: int, peak_flops: float, *, r
             torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        loss = out.loss.item()
+        losses.append(out.loss.item())
         times.append(time.perf_counter() - t)
+    loss = sum(losses) / len(losses)
     res = _train_result("pyreft", cfg, device, amp, batches, times, warmup, counts, r.tok.pad_token_id, peak_flops, loss)
     res["trainable_params"] = counts["adapters"]
     return res

@@ -2,6 +2,7 @@
 
     python bench/run.py                          # every configuration, CPU (CUDA when present)
     python bench/run.py --configs lora,score --repeats 3 --threads 2 --out bench/results.json
+    python bench/run.py --configs lora,full --ablate  # also tunelab without each lever
 
 Each measurement runs in a fresh process (one configuration, one implementation), so peak memory
 is that run's own. Configurations (embedded SmolLM2-135M, SST-2 at batch 8 x max_length 128 unless
@@ -10,6 +11,7 @@ noted, the same rows, batches, precision and hyperparameters on both sides):
     full           tunelab full fine-tuning        vs the Hugging Face Trainer
     lora           tunelab LoRA r8 all-linear      vs PEFT LoRA, same settings, plain PyTorch loop
     lora-defaults  tunelab LoRA, all its defaults  vs PEFT LoraConfig() defaults, fp32, shuffled batches
+    lora-ckpt      lora with gradient checkpointing on both sides (its cost: compare with lora)
     qlora          tunelab QLoRA (NF4 base)        vs PEFT LoRA over a torchao NF4 base
     loreft         tunelab LoReFT r8 f7+l7         vs pyreft (PEFT LoRA if pyreft is not importable)
     score          SST-2 dev label-word scoring    vs a full-logits forward in file order
@@ -47,14 +49,34 @@ ALPACA = [f"data.eval={DATA / 'alpaca_demo/alpaca_en_demo.json'}#rows=900:999", 
 CONFIGS = {
     "full": {"tunelab": ["method.name=full", "train.lr=2e-5"], "ref": ("trainer", {})},
     "lora": {"tunelab": LORA, "ref": ("peft", {"lora": PEFT_LORA})},
-    "lora-defaults": {"tunelab": ["method.name=lora", "train.lr=1e-4"], "ref": ("peft", {"lora": {}, "defaults": True})},
+    "lora-defaults": {"tunelab": ["method.name=lora"], "ref": ("peft", {"lora": {}, "defaults": True})},
+    "lora-ckpt": {"tunelab": [*LORA, "train.gradient_checkpointing=true"],
+                  "ref": ("peft", {"lora": PEFT_LORA, "checkpointing": True})},
     "qlora": {"tunelab": ["method.name=qlora", "method.r=8", "method.alpha=16", "train.lr=1e-4"],
               "ref": ("peft", {"lora": PEFT_LORA, "quantize": True})},
     "loreft": {"tunelab": ["method.name=loreft", "method.rank=8", "method.positions=f7+l7", "train.lr=1e-4"],
                "ref": ("pyreft", {"rank": 8, "first": 7, "last": 7})},
-    "score": {"tunelab": ["method.name=full"], "ref": ("score", {}), "eval": True},
+    "score": {"tunelab": ["method.name=full", "eval.loss=false"], "ref": ("score", {}), "eval": True},
     "generate": {"tunelab": ["method.name=full", *ALPACA], "ref": ("generate", {}), "eval": True, "max_examples": 32},
 }
+
+
+# Levers of the tunelab loop that an ablation can turn off (bench/run.py --ablate).
+def _no_loss_positions(fast):
+    fast.supports_loss_inputs = lambda *a, **k: False
+
+
+def _no_eager(fast):
+    fast.EAGER_MAX_BYTES = 0
+
+
+def _no_fused(fast):
+    import torch
+
+    fast.adamw = lambda params, **kw: torch.optim.AdamW(params, foreach=True, **kw)
+
+
+LEVERS = {"loss-positions": _no_loss_positions, "eager-attention": _no_eager, "fused-adamw": _no_fused}
 
 
 # ---------------------------------------------------------------- the child: one measurement
@@ -107,8 +129,8 @@ def _tunelab(spec, cfg, conf, steps, warmup, peak) -> dict:
 
     from tunelab import bench, fast
 
-    if spec.get("no_fast"):  # ablation: the loop without the loss-positions lever
-        fast.supports_loss_inputs = lambda *a, **k: False
+    for lever in spec.get("disable", []):  # ablation: the loop without one of its levers
+        LEVERS[lever](fast)
     if not conf.get("eval"):
         return bench.bench_train(cfg, steps=steps, warmup=warmup, peak_flops=peak)
     if conf["ref"][0] == "score":
@@ -177,9 +199,9 @@ def measure(spec: dict, quiet: float, max_wait: float, retries: int) -> dict:
         if proc.returncode or line is None:
             res = {"error": (proc.stderr or proc.stdout)[-3000:]}
             print(f"  {spec['config']}/{spec['impl']} failed:\n{res['error'][-1500:]}", flush=True)
-            return res | {"config": spec["config"], "side": spec["impl"]}
+            return res | {"config": spec["config"], "side": spec["side"]}
         res = json.loads(line[len("RESULT "):])
-        res.update(config=spec["config"], side=spec["impl"], others_before=before, foreign_cpu=foreign,
+        res.update(config=spec["config"], side=spec["side"], others_before=before, foreign_cpu=foreign,
                    wall_s=wall, attempt=attempt, disturbed=foreign > quiet)
         if not res["disturbed"]:
             break
@@ -193,7 +215,7 @@ def speed(res: dict) -> float:
 
 def table(results: list[dict]) -> str:
     """Markdown: per configuration and side, median and min..max over repeats, and the ratio."""
-    rows = ["| config | implementation | precision | speed (median) | spread over repeats | peak memory MB | MFU | loss/acc | tunelab / ref |",
+    rows = ["| config | implementation | precision | speed (median) | spread over repeats | peak memory MB | MFU | mean loss / acc | tunelab / ref |",
             "|---|---|---|---|---|---|---|---|---|"]
     by = {}
     for r in results:
@@ -203,8 +225,8 @@ def table(results: list[dict]) -> str:
         if name not in by:
             continue
         med = {}
-        for side in ("tunelab", "reference"):
-            rs = by[name].get(side, [])
+        for side in sorted(by[name], key=lambda s: (s == "reference", s)):
+            rs = by[name][side]
             if not rs:
                 continue
             sp = [speed(r) for r in rs]
@@ -216,12 +238,13 @@ def table(results: list[dict]) -> str:
                    else (flops / r["seconds"] / (r["matmul_peak_tflops"] * 1e12) if flops and "seconds" in r else None)
                    for r in rs]
             mfu_s = f"{100 * statistics.median(mfu):.1f}%" if all(m is not None for m in mfu) else "-"
-            q = rs[0].get("final_loss")
+            q = rs[0].get("mean_loss")
             q = f"{q:.3f}" if isinstance(q, float) else (f"{rs[0]['metrics'].get('accuracy', float('nan')):.3f}"
                                                          if "accuracy" in rs[0].get("metrics", {}) else "-")
             flag = " (disturbed)" if any(r.get("disturbed") for r in rs) else ""
             ratio = f"**{med['tunelab'] / med['reference']:.2f}x**" if side == "reference" and "tunelab" in med else ""
-            rows.append(f"| {name} | {rs[0]['impl']} | {rs[0]['precision']} | {med[side]:,.1f} {unit} | "
+            impl = rs[0]["impl"] if side in ("tunelab", "reference") else side
+            rows.append(f"| {name} | {impl} | {rs[0]['precision']} | {med[side]:,.1f} {unit} | "
                         f"{min(sp):,.1f} .. {max(sp):,.1f} (n={len(sp)}){flag} | {mem:,.0f} | {mfu_s} | {q} | {ratio} |")
     return "\n".join(rows)
 
@@ -258,7 +281,7 @@ def main() -> None:
     ap.add_argument("--max-wait", type=float, default=600)
     ap.add_argument("--retries", type=int, default=1)
     ap.add_argument("--pythonpath", action="append", default=[], help="extra import path for the children (e.g. pyreft)")
-    ap.add_argument("--no-fast", action="store_true", help="ablation: tunelab without the loss-positions lever")
+    ap.add_argument("--ablate", action="store_true", help="also run tunelab without each of its levers (and all)")
     ap.add_argument("--set", action="append", default=[], dest="extra", help="config override for both sides (key=value)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results.json"))
     a = ap.parse_args()
@@ -282,9 +305,13 @@ def main() -> None:
     names = [c.strip() for c in a.configs.split(",") if c.strip()]
     for rep in range(a.repeats):
         for name in names:
-            for side in ("tunelab", "reference"):
-                spec = {"config": name, "impl": side, "threads": a.threads, "device": device, "steps": a.steps,
-                        "warmup": a.warmup, "peak_flops": peak, "pythonpath": a.pythonpath, "no_fast": a.no_fast, "extra": a.extra}
+            sides = [("tunelab", [])] + [(f"tunelab without {lv}", [lv]) for lv in (LEVERS if a.ablate else [])]
+            if a.ablate:
+                sides.append(("tunelab without any", list(LEVERS)))
+            for side, off in [*sides, ("reference", [])]:
+                spec = {"config": name, "impl": "reference" if side == "reference" else "tunelab", "side": side,
+                        "disable": off, "threads": a.threads, "device": device, "steps": a.steps, "warmup": a.warmup,
+                        "peak_flops": peak, "pythonpath": a.pythonpath, "extra": a.extra}
                 print(f"[{rep + 1}/{a.repeats}] {name} / {side}", flush=True)
                 res = measure(spec, a.quiet, a.max_wait, a.retries)
                 if "error" not in res:

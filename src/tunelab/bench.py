@@ -182,7 +182,7 @@ def bench_train(cfg: RunConfig, *, steps: int = 8, warmup: int | None = None, pe
         model = tunelab.attach(r.model, bc.method.name, **bc.method.params())
         if r.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(r.device)
-        stats = _train(r, model, Path(tmp), True)
+        _train(r, model, Path(tmp), True)
         peak = peak_memory_mb(r.device)
         log = [json.loads(ln) for ln in (Path(tmp) / "log.jsonl").read_text().splitlines() if ln.strip()]
         steps_log = [rec for rec in log if "tokens_per_s" in rec]
@@ -207,7 +207,7 @@ def bench_train(cfg: RunConfig, *, steps: int = 8, warmup: int | None = None, pe
         "device": str(r.device), "precision": str(r.amp).replace("torch.", "") if r.amp else "float32",
         "batch_size": bc.train.batch_size, "max_length": bc.data.max_length, "steps": len(times),
         "tokens_per_s": summarize(tok_s), "step_s": summarize(times), "peak_memory_mb": peak,
-        "final_loss": stats.get("final_loss"), "threads": torch.get_num_threads(),
+        "mean_loss": statistics.mean(rec["loss"] for rec in steps_log), "threads": torch.get_num_threads(),
         "first_pass_tokens_per_s": summarize(first) if first else None,
         "trainable_params": tunelab.trainable_parameters(model)["trainable"],
     }

@@ -1,0 +1,91 @@
+"""Where a training step's time goes: torch.profiler over one tunelab step, grouped by kind of op.
+
+    python bench/profile_step.py --method lora --threads 2      # SmolLM2, SST-2 batch 8 x <=128
+
+It builds the loop's batches for the config, runs the step the loop runs (autocast, LM head on loss
+positions, eager attention for short rows, fused AdamW) a few times, then profiles one and prints
+the self-CPU time per group: matmuls (mm/addmm/bmm/linear), dtype casts (copy/_to_copy),
+attention (softmax, SDPA), elementwise, optimizer, everything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+GROUPS = [
+    ("matmul", ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear", "aten::baddbmm")),
+    ("casts", ("aten::copy_", "aten::_to_copy", "aten::to")),
+    ("attention", ("softmax", "scaled_dot_product", "flash_attention")),
+    ("optimizer", ("adam", "Optimizer", "_foreach", "_fused")),
+    ("elementwise", ("aten::mul", "aten::add", "aten::silu", "aten::pow", "aten::rsqrt", "aten::mean", "aten::neg",
+                     "aten::cat", "aten::sum", "aten::div", "aten::where", "aten::masked_fill", "aten::sub",
+                     "aten::fill_", "aten::zero_", "aten::embedding", "aten::index", "aten::gather", "aten::cos",
+                     "aten::sin", "aten::log_softmax", "aten::nll_loss", "backward")),
+]
+
+
+def group_of(name: str) -> str:
+    for group, keys in GROUPS:
+        if any(k.lower() in name.lower() for k in keys):
+            return group
+    return "other"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--method", default="lora")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--set", action="append", default=[], dest="extra")
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    import tunelab
+    from tunelab import fast
+    from tunelab.bench import loop_batches
+    from tunelab.config import load_config
+    from tunelab.train import Run, autocast
+
+    sst2 = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2" / "train.tsv"
+    cfg = load_config(None, ["model.name=smollm2-135m", "task.name=sentiment", f"data.train={sst2}",
+                             "data.max_train=64", "data.max_length=128", "train.batch_size=8",
+                             f"method.name={a.method}", *a.extra])
+    r = Run(cfg)
+    model = tunelab.attach(r.model, cfg.method.name, **cfg.method.params()).train()
+    batches = loop_batches(r, cfg)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = fast.adamw(params, lr=1e-4)
+    trim = fast.supports_loss_inputs(model, {k: v[:2] for k, v in batches[0].items()}, autocast(r.device, r.amp))
+
+    def step(b):
+        with autocast(r.device, r.amp), fast.attention_for(model, b, r.device):
+            loss = model(**(fast.loss_inputs(b) if trim else b)).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.item()
+
+    for b in batches * 2:  # every shape twice: kernels built
+        step(b)
+    b = batches[len(batches) // 2]
+    t = time.perf_counter()
+    step(b)
+    wall = time.perf_counter() - t
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        step(b)
+    totals: dict[str, float] = defaultdict(float)
+    for ev in prof.key_averages():
+        totals[group_of(ev.key)] += ev.self_cpu_time_total / 1e6
+    total = sum(totals.values())
+    print(f"{cfg.method.name} step on batch {tuple(b['input_ids'].shape)}, {a.threads} threads: {wall:.3f} s wall "
+          f"(profiled self time {total:.3f} s)")
+    for g, v in sorted(totals.items(), key=lambda kv: -kv[1]):
+        print(f"  {g:12s} {v:7.3f} s  {100 * v / total:5.1f}%")
+
+
+if __name__ == "__main__":
+    main()
