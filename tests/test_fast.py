@@ -176,3 +176,46 @@ def test_eager_attention_gives_the_same_loss_and_grads():
     torch.testing.assert_close(loss, ref_loss)
     for name in ref:
         torch.testing.assert_close(got[name], ref[name], rtol=1e-4, atol=1e-6)
+
+
+SHARED = list(range(10, 22))  # a 12-token "template" every row starts with
+PFEATS = [
+    {"input_ids": SHARED + [30, 31, 32, 40], "labels": [-100] * 15 + [40], "prompt_len": 15},
+    {"input_ids": SHARED + [33, 41, 42], "labels": [-100] * 13 + [41, 42], "prompt_len": 13},
+    {"input_ids": SHARED + [34, 35, 36, 37, 38, 43], "labels": [-100] * 17 + [43], "prompt_len": 17},
+]
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_shared_prefix_training_keeps_loss_and_grads(method):
+    model = _lora_model(method) if method != "full" else tunelab.attach(tiny_llama(), "full").train()
+    batch = Collator(0)(PFEATS)
+    assert fast.batch_prefix(batch, fast.loss_inputs(batch)["logits_to_keep"]) == 12
+    assert fast.supports_shared_prefix(model, batch)
+    ref_loss, ref = _grads(model, batch)
+    model.zero_grad(set_to_none=True)
+    loss = fast.loss(model, batch, trim=True, prefix=True)
+    loss.backward()
+    torch.testing.assert_close(loss.detach(), ref_loss)
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, ref[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_shared_prefix_stops_before_the_first_loss_position():
+    feats = [dict(f) for f in PFEATS]
+    feats[1] = {"input_ids": SHARED + [33, 41, 42], "labels": [-100] * 10 + SHARED[10:] + [33, 41, 42], "prompt_len": 10}
+    batch = Collator(0)(feats)
+    assert fast.batch_prefix(batch, fast.loss_inputs(batch)["logits_to_keep"]) == 9  # position 9 predicts 10
+
+
+def test_shared_prefix_refused_where_it_would_not_be_exact():
+    batch = Collator(0)(PFEATS)
+    assert not fast.supports_shared_prefix(_lora_model("loreft"), batch)  # hooks read positions
+    assert not fast.supports_shared_prefix(_lora_model(dropout=0.1), batch)  # one dropout mask for all rows
+    assert not fast.supports_shared_prefix(_lora_model(), batch, distributed=True)
+    ckpt = _lora_model()
+    ckpt.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert not fast.supports_shared_prefix(ckpt, batch)
+    assert not fast.supports_shared_prefix(_lora_model(), Collator(0)(FEATS))  # no shared prefix to check
+    assert fast.batch_prefix(Collator(0, padding_side="left")(PFEATS)) == 0
