@@ -328,6 +328,7 @@ def _train(r: Run, model, out: Path, lead: bool) -> dict:
     # LM head and loss only where a target is (same loss and grads; see tunelab.fast)
     probe = {k: v.to(r.device) for k, v in collate(feats[:2]).items()}
     trim = r.causal and fast.supports_loss_inputs(model, probe, autocast(r.device, r.amp))
+    shared = trim and fast.supports_shared_prefix(model, probe, autocast(r.device, r.amp), distributed=dist.active())
     model = dist.wrap(model, full=cfg.method.name == "full")
     params = [p for p in model.parameters() if p.requires_grad]
     lr = tc.lr or default_lr(cfg.method.name, cfg.method.params())
@@ -372,7 +373,7 @@ def _train(r: Run, model, out: Path, lead: bool) -> dict:
             for i, b in enumerate(micro):
                 sync = dist.no_sync(model) if i < len(micro) - 1 else contextlib.nullcontext()
                 with sync, autocast(r.device, r.amp), fast.attention_for(model, b, r.device):
-                    out_loss = model(**(fast.loss_inputs(b) if trim else b)).loss
+                    out_loss = fast.loss(model, b, trim, shared)
                 weight = loss_tokens(b, r.causal) / n_total * dist.world()
                 (out_loss * weight).backward()
                 step_loss += out_loss.detach() * weight
