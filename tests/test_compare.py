@@ -65,6 +65,10 @@ class FakeTrain:
 
 @pytest.fixture
 def fake(monkeypatch):
+    import tunelab.compare
+
+    monkeypatch.setattr(tunelab.compare, "ISOLATE", False)  # the fake trains in this process
+
     def install(**kw) -> FakeTrain:
         f = FakeTrain(**kw)
         monkeypatch.setitem(sys.modules, "tunelab.train", types.SimpleNamespace(run=f.run))

@@ -58,8 +58,28 @@ def _build_config(raw: dict, source: str):
     return build_config(raw, source)
 
 
+# Each run trains in a fresh process by default: peak memory (RSS never shrinks), threads and any
+# state a method leaves behind then belong to that run alone, as when a user runs it by itself.
+ISOLATE = True
+
+
 def _train_run(cfg) -> dict:
-    return importlib.import_module("tunelab.train").run(cfg)
+    if not ISOLATE:
+        return importlib.import_module("tunelab.train").run(cfg)
+    import subprocess
+
+    from tunelab.config import dump_config
+
+    run_dir = cfg.run_dir()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    spec = run_dir / "requested.yaml"
+    atomic_write_text(spec, dump_config(cfg))
+    with open(run_dir / "train.out", "w") as out:
+        done = subprocess.run([sys.executable, "-m", "tunelab", "train", str(spec)], stdout=out, stderr=subprocess.STDOUT)
+    if done.returncode != 0:
+        tail = (run_dir / "train.out").read_text().strip().splitlines()[-5:]
+        raise RuntimeError(f"training exited with status {done.returncode}; last lines of {run_dir / 'train.out'}:\n" + "\n".join(tail))
+    return json.loads((run_dir / "metrics.json").read_text())
 
 
 def read_sweep_config(cfg_path, overrides=()) -> tuple[dict, dict]:
