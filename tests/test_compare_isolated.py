@@ -3,8 +3,8 @@
 import json
 
 import yaml
-from test_train import WORDS, tiny_dir  # noqa: F401  (fixture)
 
+from test_train import WORDS, tiny_dir  # noqa: F401  (fixture)
 from tunelab.compare import compare
 
 
