@@ -250,11 +250,12 @@ class Run:
         total, count, trim = 0.0, 0, None
         for idx in batches([len(f["input_ids"]) for f in feats], self.cfg.eval.batch_size, seed=0, epoch=0, shuffle=False):
             batch = {k: v.to(self.device) for k, v in collate([feats[i] for i in idx]).items()}
-            if trim is None:  # the LM head only where a target is (tunelab.fast)
+            if trim is None:  # the LM head only where a target is, a shared prefix once (tunelab.fast)
                 trim = self.causal and fast.supports_loss_inputs(self.model, batch)
+                shared = trim and fast.supports_shared_prefix(self.model, batch)
             n = loss_tokens(batch, self.causal)
             if n:
-                total += float(self.model(**(fast.loss_inputs(batch) if trim else batch)).loss) * n
+                total += float(fast.loss(self.model, batch, trim, shared)) * n
                 count += n
         self.model.train(was_training)
         return total / max(count, 1)
@@ -328,7 +329,7 @@ def _train(r: Run, model, out: Path, lead: bool) -> dict:
     # LM head and loss only where a target is (same loss and grads; see tunelab.fast)
     probe = {k: v.to(r.device) for k, v in collate(feats[:2]).items()}
     trim = r.causal and fast.supports_loss_inputs(model, probe, autocast(r.device, r.amp))
-    shared = trim and fast.supports_shared_prefix(model, probe, autocast(r.device, r.amp), distributed=dist.active())
+    shared = trim and fast.supports_shared_prefix(model, probe, distributed=dist.active())
     model = dist.wrap(model, full=cfg.method.name == "full")
     params = [p for p in model.parameters() if p.requires_grad]
     lr = tc.lr or default_lr(cfg.method.name, cfg.method.params())
