@@ -76,7 +76,12 @@ def _no_fused(fast):
     fast.adamw = lambda params, **kw: torch.optim.AdamW(params, foreach=True, **kw)
 
 
-LEVERS = {"loss-positions": _no_loss_positions, "eager-attention": _no_eager, "fused-adamw": _no_fused}
+def _no_prefix(fast):
+    fast.supports_shared_prefix = lambda *a, **k: False
+
+
+LEVERS = {"loss-positions": _no_loss_positions, "shared-prefix": _no_prefix, "eager-attention": _no_eager,
+          "fused-adamw": _no_fused}
 
 
 # ---------------------------------------------------------------- the child: one measurement
