@@ -219,3 +219,17 @@ def test_shared_prefix_refused_where_it_would_not_be_exact():
     assert not fast.supports_shared_prefix(ckpt, batch)
     assert not fast.supports_shared_prefix(_lora_model(), Collator(0)(FEATS))  # no shared prefix to check
     assert fast.batch_prefix(Collator(0, padding_side="left")(PFEATS)) == 0
+
+
+def test_levers_together_keep_loss_and_grads():
+    model = _lora_model()
+    batch = Collator(0)(PFEATS)
+    ref_loss, ref = _grads(model, batch)
+    model.zero_grad(set_to_none=True)
+    with fast.attention_for(model, batch, torch.device("cpu")):
+        loss = fast.loss(model, batch, trim=True, prefix=True)
+    loss.backward()
+    torch.testing.assert_close(loss.detach(), ref_loss)
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, ref[name], rtol=1e-4, atol=1e-6, msg=name)
