@@ -23,14 +23,14 @@ def row(run: Path) -> str | None:
     cells = ", ".join(f"{k} {before[k]:.3f} → {m[k]:.3f}" for k in keys)
     data = cfg["data"]
     n_train = m.get("steps", 0) * cfg["train"]["batch_size"]
-    return (f"| {m['task']} ({cfg['task'].get('formulation', 'lm')}) | {m['model']} | {m['method']} | "
+    return (f"| {run.name} | {m['task']} ({cfg['task'].get('formulation', 'lm')}) | {m['model']} | {m['method']} | "
             f"{data.get('max_train') or 'all'} rows, {m.get('steps', 0)} steps ({n_train} examples seen) | "
             f"{m['n']} | {m['wall_time_s'] / 60:.1f} | {cells} |")
 
 
 def main(paths: list[str]) -> None:
-    print("| task (formulation) | model | method | training budget | eval n | minutes | metric before → after |")
-    print("|---|---|---|---|---|---|---|")
+    print("| run | task (formulation) | model | method | training budget | eval n | minutes | metric before → after |")
+    print("|---|---|---|---|---|---|---|---|")
     for p in paths:
         r = row(Path(p))
         if r:
