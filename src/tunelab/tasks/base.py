@@ -20,8 +20,8 @@ Nothing outside ``tasks/`` branches on a task name.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict
@@ -70,6 +70,15 @@ TASKS: Registry[Task] = Registry("task")
 def field_name(cfg: TaskConfig, canonical: str) -> str:
     """The column that holds ``canonical`` in the user's data."""
     return cfg.fields.get(canonical, canonical)
+
+
+GEN_KEYS = ("max_new_tokens", "batch_size", "do_sample", "temperature", "top_p", "num_beams", "stop")
+
+
+def gen_args(gen: dict | None, batch_size: int, **defaults) -> dict:
+    """Arguments for ``tunelab.evaluate.generate``: the family's ``defaults``, then the run's decoding
+    settings (``eval.*``) on top; the eval batch size unless the settings name one."""
+    return {"batch_size": batch_size, **defaults, **{k: v for k, v in (gen or {}).items() if k in GEN_KEYS}}
 
 
 def render_prompt(tokenizer, text: str, chat: bool, system: str | None = None) -> str:

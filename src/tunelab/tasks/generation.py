@@ -23,12 +23,11 @@ from tunelab.data import encode_lm
 from tunelab.evaluate import generate, score_choices
 from tunelab.metrics import bleu, perplexity, rouge
 from tunelab.readers import DataError, read_records
-from tunelab.tasks.base import TASKS, TaskConfig, field_name, render_prompt
+from tunelab.tasks.base import TASKS, TaskConfig, field_name, gen_args, render_prompt
 from tunelab.tasks.qa import split_source
 
 log = logging.getLogger(__name__)
 DEFAULT_TEMPLATE = "{instruction}\n\n{input}"
-GEN_KEYS = ("max_new_tokens", "batch_size", "do_sample", "temperature", "top_p", "num_beams", "stop")
 
 
 class GenerationConfig(TaskConfig):
@@ -82,8 +81,7 @@ class Generation:
     def evaluate(self, model, tokenizer, examples, cfg, *, batch_size=16, gen=None):
         prompts = [self.prompt(ex, tokenizer, cfg) for ex in examples]
         refs = [ex["output"] for ex in examples]
-        args = {"max_new_tokens": 128, **{k: v for k, v in (gen or {}).items() if k in GEN_KEYS}}
-        args["batch_size"] = args.get("batch_size", batch_size)
+        args = gen_args(gen, batch_size, max_new_tokens=128)
         outputs = generate(model, tokenizer, prompts, **args)
         logp = score_choices(model, tokenizer, prompts, [[r] for r in refs], batch_size=args["batch_size"])
         n_tokens = sum(len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in refs)

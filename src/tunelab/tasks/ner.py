@@ -27,13 +27,12 @@ from tunelab.evaluate import generate
 from tunelab.methods.base import context
 from tunelab.metrics import entity_prf
 from tunelab.readers import DataError, infer_format, read_conll, read_records
-from tunelab.tasks.base import TASKS, HeadSpec, TaskConfig, field_name, render_prompt
+from tunelab.tasks.base import TASKS, HeadSpec, TaskConfig, field_name, gen_args, render_prompt
 
 DEFAULT_TEMPLATE = (
     "List the named entities in the sentence as 'TYPE: entity' separated by '; ', with TYPE one of "
     "{types}. Answer 'none' if there are none.\nSentence: {text}"
 )
-GEN_KEYS = ("max_new_tokens", "batch_size", "do_sample", "temperature", "top_p", "num_beams", "stop")
 
 
 class NERConfig(TaskConfig):
@@ -200,8 +199,7 @@ class NER:
             pred, texts = self._tag_with_head(model, tokenizer, examples, cfg, batch_size), None
         else:
             types = self._types(cfg, examples)
-            args = {"max_new_tokens": 64, "stop": ["\n"], **{k: v for k, v in (gen or {}).items() if k in GEN_KEYS}}
-            args["batch_size"] = args.get("batch_size", batch_size)
+            args = gen_args(gen, batch_size, max_new_tokens=64, stop=["\n"])
             texts = generate(model, tokenizer, [self.prompt(ex, tokenizer, cfg, types) for ex in examples], **args)
             pred = []
             for ex, out in zip(examples, texts, strict=True):

@@ -40,12 +40,11 @@ from tunelab.evaluate import generate
 from tunelab.methods.base import context as model_context
 from tunelab.metrics import squad_scores
 from tunelab.readers import DataError, read_records
-from tunelab.tasks.base import TASKS, HeadSpec, TaskConfig, field_name, render_prompt
+from tunelab.tasks.base import TASKS, HeadSpec, TaskConfig, field_name, gen_args, render_prompt
 
 DEFAULT_TEMPLATE = (
     "Answer the question with a short phrase copied from the context.\nContext: {context}\nQuestion: {question}"
 )
-GEN_KEYS = ("max_new_tokens", "batch_size", "do_sample", "temperature", "top_p", "num_beams", "stop")
 START, END, BOTH = 1, 2, 3
 _FRAGMENT = re.compile(r"^(?P<path>.*)#(?P<key>\w+)=(?P<value>[^#]*)$")
 
@@ -229,8 +228,7 @@ class QA:
         if cfg.formulation == "head":
             answers = self._extract(model, tokenizer, examples, cfg, batch_size)
         else:
-            args = {"max_new_tokens": 32, "stop": ["\n"], **{k: v for k, v in (gen or {}).items() if k in GEN_KEYS}}
-            args["batch_size"] = args.get("batch_size", batch_size)
+            args = gen_args(gen, batch_size, max_new_tokens=32, stop=["\n"])
             answers = generate(model, tokenizer, [self.prompt(ex, tokenizer, cfg) for ex in examples], **args)
         scores = squad_scores(answers, [ex["answers"] for ex in examples])
         metrics = {"f1": scores["f1"], "exact_match": scores["exact_match"], "n": len(examples)}

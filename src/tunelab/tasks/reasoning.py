@@ -30,10 +30,9 @@ from tunelab.data import encode_lm
 from tunelab.evaluate import generate, score_choices
 from tunelab.metrics import numbers_match
 from tunelab.readers import DataError, read_records
-from tunelab.tasks.base import TASKS, TaskConfig, field_name, render_prompt
+from tunelab.tasks.base import TASKS, TaskConfig, field_name, gen_args, render_prompt
 
 DEFAULT_TEMPLATE = "{instruction}\n\n{input}"
-GEN_KEYS = ("max_new_tokens", "batch_size", "do_sample", "temperature", "top_p", "num_beams", "stop")
 _CHOICE = re.compile(r"^(?:(answer|option|solution)\d+|true|false)$")
 _NUMBER = re.compile(r"-?\d+\.?\d*")
 
@@ -172,8 +171,7 @@ class Reasoning:
                 pred[i] = examples[i]["choices"][max(range(len(s)), key=s.__getitem__)]
                 outputs[i] = {c: round(v, 4) for c, v in zip(examples[i]["choices"], s, strict=True)}
         if gen_idx:
-            args = {"max_new_tokens": 256, **{k: v for k, v in (gen or {}).items() if k in GEN_KEYS}}
-            args["batch_size"] = args.get("batch_size", batch_size)
+            args = gen_args(gen, batch_size, max_new_tokens=256)
             texts = generate(model, tokenizer, [prompts[i] for i in gen_idx], **args)
             for i, text in zip(gen_idx, texts, strict=True):
                 ex, outputs[i] = examples[i], text

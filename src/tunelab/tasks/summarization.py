@@ -18,11 +18,10 @@ from tunelab.data import encode_lm
 from tunelab.evaluate import generate
 from tunelab.metrics import rouge
 from tunelab.readers import DataError, read_records
-from tunelab.tasks.base import TASKS, TaskConfig, field_name, render_prompt
+from tunelab.tasks.base import TASKS, TaskConfig, field_name, gen_args, render_prompt
 
 log = logging.getLogger(__name__)
 DEFAULT_TEMPLATE = "Summarize the dialogue in one or two sentences.\n\n{dialogue}"
-GEN_KEYS = ("max_new_tokens", "batch_size", "do_sample", "temperature", "top_p", "num_beams", "stop")
 
 
 class SummarizationConfig(TaskConfig):
@@ -72,8 +71,7 @@ class Summarization:
         return encode_lm(tokenizer, self.prompt(ex, tokenizer, cfg), ex["summary"], max_length)
 
     def evaluate(self, model, tokenizer, examples, cfg, *, batch_size=16, gen=None):
-        args = {"max_new_tokens": 64, **{k: v for k, v in (gen or {}).items() if k in GEN_KEYS}}
-        args["batch_size"] = args.get("batch_size", batch_size)
+        args = gen_args(gen, batch_size, max_new_tokens=64)
         outputs = generate(model, tokenizer, [self.prompt(ex, tokenizer, cfg) for ex in examples], **args)
         metrics = {**rouge(outputs, [ex["summary"] for ex in examples]), "n": len(examples)}
         preds = [{"id": ex["id"], "where": ex["_where"], "input": ex["dialogue"], "prediction": o, "reference": ex["summary"]}
