@@ -7,9 +7,10 @@ import torch
 from torch import nn
 
 import tunelab
-from conftest import tiny_bert, tiny_llama
 from tunelab.methods import adapters as ad
 from tunelab.methods.base import replace_module
+
+from conftest import tiny_bert, tiny_llama
 
 IDS = torch.randint(3, 128, (2, 10), generator=torch.Generator().manual_seed(0))
 

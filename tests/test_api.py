@@ -2,10 +2,11 @@
 
 import pytest
 import torch
-from conftest import tiny_llama
 
 import tunelab
 from tunelab.methods import METHODS
+
+from conftest import tiny_llama
 
 
 def test_attach_full_counts_and_round_trip(tmp_path):

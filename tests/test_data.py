@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import TINY_WORDS, tiny_llama, tiny_tokenizer_obj
 from tunelab.data import (
     IGNORE,
     Collator,
@@ -17,6 +16,8 @@ from tunelab.data import (
     shard,
     tokenize_prompt,
 )
+
+from conftest import TINY_WORDS, tiny_llama, tiny_tokenizer_obj
 
 
 def bos_tokenizer():

@@ -7,8 +7,9 @@ import torch
 from torch import nn
 
 import tunelab
-from conftest import tiny_bert, tiny_llama
 from tunelab.methods.lora import LoRALinear, lora_modules, merge_in_place
+
+from conftest import tiny_bert, tiny_llama
 
 peft = pytest.importorskip("peft")
 

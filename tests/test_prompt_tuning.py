@@ -9,9 +9,10 @@ import torch
 import torch.nn.functional as F
 
 import tunelab
-from conftest import tiny_bert, tiny_llama
 from tunelab.methods import prompt_tuning as pt
 from tunelab.methods.base import context
+
+from conftest import tiny_bert, tiny_llama
 
 P = 4
 SEQS = [[5, 17, 33, 80, 9, 41], [7, 99, 23, 64]]  # two lengths, to pad

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 import tunelab
-from conftest import tiny_llama
 from tunelab.methods import random_mask as rm
+
+from conftest import tiny_llama
 
 
 def _batch(seed=0, batch=2, length=12, vocab=128):

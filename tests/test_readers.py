@@ -7,9 +7,10 @@ import logging
 
 import pytest
 
-from conftest import shared_data
 from tunelab import readers
 from tunelab.readers import DataError, parse_hub_name, read_conll, read_records, read_squad
+
+from conftest import shared_data
 
 
 def write(tmp_path, name, text, encoding="utf-8"):

@@ -9,9 +9,10 @@ import pytest
 import torch
 
 import tunelab
-from conftest import tiny_bert, tiny_llama
 from tunelab.methods.base import method_state_dict
 from tunelab.methods.reft import DiReFT, LoReFT, parse_positions, prompt_sites
+
+from conftest import tiny_bert, tiny_llama
 
 D, V = 64, 128
 

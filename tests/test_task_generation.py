@@ -7,11 +7,12 @@ import math
 import pytest
 import torch
 
-from conftest import shared_data, tiny_llama
 from tunelab.evaluate import generate
 from tunelab.methods.base import install_context
 from tunelab.readers import DataError
 from tunelab.tasks import TASKS
+
+from conftest import shared_data, tiny_llama
 
 GEN = TASKS.get("generation")
 CHAT = "{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"

@@ -6,12 +6,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import shared_data
 from tunelab.data import Collator
 from tunelab.readers import DataError
 from tunelab.tasks import TASKS
 from tunelab.tasks import ner as ner_mod
 from tunelab.tasks.ner import first_subtokens, parse_entities, place_entities, render_entities
+
+from conftest import shared_data
 
 NER = TASKS.get("ner")
 TOKENS = ["John", "Smith", "lives", "in", "Paris", "."]

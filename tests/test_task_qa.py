@@ -6,12 +6,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import shared_data
 from tunelab.data import Collator
 from tunelab.readers import DataError
 from tunelab.tasks import TASKS
 from tunelab.tasks import qa as qa_mod
 from tunelab.tasks.qa import answer_tokens, best_span, install_qa_labels, split_source, windows
+
+from conftest import shared_data
 
 QA = TASKS.get("qa")
 LONG = ("the cat sat on the mat and the dog sat on the mat . " * 3 + "Mary lives in Paris . " + "the dog has the cat . " * 3).strip()

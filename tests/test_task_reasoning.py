@@ -5,11 +5,12 @@ import json
 
 import pytest
 
-from conftest import shared_data
 from tunelab.readers import DataError
 from tunelab.tasks import TASKS
 from tunelab.tasks import reasoning as rmod
 from tunelab.tasks.reasoning import candidates, extract_choice, extract_letter, extract_number
+
+from conftest import shared_data
 
 R = TASKS.get("reasoning")
 ARC = ("Please choose the correct answer to the question: Which is a mammal?\n\nAnswer1: a cat Answer2: a fish "

@@ -4,10 +4,11 @@ import json
 
 import pytest
 
-from conftest import shared_data
 from tunelab.readers import DataError
 from tunelab.tasks import TASKS
 from tunelab.tasks import summarization as summ_mod
+
+from conftest import shared_data
 
 SUM = TASKS.get("summarization")
 

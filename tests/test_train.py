@@ -6,8 +6,9 @@ import pytest
 from safetensors.torch import load_file
 
 import tunelab.train as train_mod
-from conftest import tiny_llama, tiny_tokenizer_obj
 from tunelab.config import load_config
+
+from conftest import tiny_llama, tiny_tokenizer_obj
 
 WORDS = "the cat sat on mat dog was in John Mary Tom Paris Berlin visited city".split()
 
