@@ -232,6 +232,25 @@ def _report_summary(out_dir: Path) -> None:
 
 
 @app.command()
+def bench(
+    config: Path = typer.Argument(..., help="run YAML"),
+    overrides: list[str] = OVERRIDES,
+    steps: int = typer.Option(8, help="timed optimizer steps (after a warm-up pass over the same batches)"),
+    eval_examples: int = typer.Option(256, help="eval examples to time (0: skip evaluation)"),
+    json_out: Path = typer.Option(None, "--json", help="also write the figures as JSON"),
+):
+    """Size a run before launching it: train tokens/s, peak memory and MFU for CONFIG, and eval speed."""
+    from tunelab.bench import bench as run_bench
+    from tunelab.bench import format_result
+
+    cfg = _guard(_run_config, config, overrides)
+    res = _guard(run_bench, cfg, steps=steps, eval_examples=eval_examples)
+    typer.echo(format_result(res))
+    if json_out:
+        json_out.write_text(json.dumps(res, indent=2, default=str))
+
+
+@app.command()
 def methods():
     """List the fine-tuning methods and their parameters."""
     from tunelab.methods import METHODS
