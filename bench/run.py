@@ -287,8 +287,9 @@ def main() -> None:
     ap.add_argument("--retries", type=int, default=1)
     ap.add_argument("--pythonpath", action="append", default=[], help="extra import path for the children (e.g. pyreft)")
     ap.add_argument("--ablate", action="store_true", help="also run tunelab without each of its levers (and all)")
+    ap.add_argument("--levers", default=",".join(LEVERS), help="the levers --ablate turns off, one at a time")
     ap.add_argument("--set", action="append", default=[], dest="extra", help="config override for both sides (key=value)")
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results.json"))
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "latest.json"))
     a = ap.parse_args()
     if a.child:
         print("RESULT " + json.dumps(child(json.loads(a.child))), flush=True)
@@ -310,9 +311,10 @@ def main() -> None:
     names = [c.strip() for c in a.configs.split(",") if c.strip()]
     for rep in range(a.repeats):
         for name in names:
-            sides = [("tunelab", [])] + [(f"tunelab without {lv}", [lv]) for lv in (LEVERS if a.ablate else [])]
-            if a.ablate:
-                sides.append(("tunelab without any", list(LEVERS)))
+            ablate = [lv.strip() for lv in a.levers.split(",")] if a.ablate else []
+            sides = [("tunelab", [])] + [(f"tunelab without {lv}", [lv]) for lv in ablate]
+            if len(ablate) > 1:
+                sides.append(("tunelab without any", ablate))
             for side, off in [*sides, ("reference", [])]:
                 spec = {"config": name, "impl": "reference" if side == "reference" else "tunelab", "side": side,
                         "disable": off, "threads": a.threads, "device": device, "steps": a.steps, "warmup": a.warmup,
