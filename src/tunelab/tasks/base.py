@@ -72,6 +72,39 @@ def field_name(cfg: TaskConfig, canonical: str) -> str:
     return cfg.fields.get(canonical, canonical)
 
 
+def text_pairs(records, source: str, cols: tuple[str, str], build: Callable[[dict], dict], *, limit: int | None,
+               skip_bad: bool, keys: tuple[str, str], hint: str) -> list[dict]:
+    """Examples of a prompt/target family (summarization, generation) from raw records.
+
+    ``cols`` must be present in every record (else a DataError naming the record, or a skip with
+    ``skip_bad``); ``build`` maps a record to an example; examples whose ``keys`` are empty are
+    dropped and counted; an empty result is an error."""
+    import logging
+
+    from tunelab.readers import DataError
+
+    out, empty = [], 0
+    for r in records:
+        missing = [c for c in cols if c not in r]
+        if missing:
+            if skip_bad:
+                continue
+            raise DataError(f"{r['_where']}: field {missing[0]!r} is missing (present: {sorted(k for k in r if k != '_where')}; "
+                            f"map your columns with task.fields, e.g. {hint})")
+        ex = build(r)
+        if not ex[keys[0]] or not ex[keys[1]]:
+            empty += 1
+            continue
+        out.append(ex)
+        if limit is not None and len(out) >= limit:
+            break
+    if empty:
+        logging.getLogger(__name__).warning("%s: dropped %d records with an empty %r or %r", source, empty, *cols)
+    if not out:
+        raise DataError(f"{source}: no records with both {cols[0]!r} and {cols[1]!r} filled")
+    return out
+
+
 GEN_KEYS = ("max_new_tokens", "batch_size", "do_sample", "temperature", "top_p", "num_beams", "stop")
 
 

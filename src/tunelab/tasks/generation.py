@@ -17,16 +17,13 @@ scored with ``tunelab.evaluate.score_choices`` (no generation needed for it).
 
 from __future__ import annotations
 
-import logging
-
 from tunelab.data import encode_lm
 from tunelab.evaluate import generate, score_choices
 from tunelab.metrics import bleu, perplexity, rouge
-from tunelab.readers import DataError, read_records
-from tunelab.tasks.base import TASKS, TaskConfig, field_name, gen_args, render_prompt
+from tunelab.readers import read_records
+from tunelab.tasks.base import TASKS, TaskConfig, field_name, gen_args, render_prompt, text_pairs
 from tunelab.tasks.qa import split_source
 
-log = logging.getLogger(__name__)
 DEFAULT_TEMPLATE = "{instruction}\n\n{input}"
 
 
@@ -41,29 +38,15 @@ class Generation:
 
     def read(self, source, cfg, *, limit=None, skip_bad=False) -> list[dict]:
         icol, xcol, ocol = (field_name(cfg, k) for k in ("instruction", "input", "output"))
-        out, empty = [], 0
         path, rows = split_source(source, "rows")
         records = read_records(path, skip_bad=skip_bad)
-        for r in records[rows] if rows is not None else records:
-            missing = [c for c in (icol, ocol) if c not in r]
-            if missing:
-                if skip_bad:
-                    continue
-                raise DataError(f"{r['_where']}: field {missing[0]!r} is missing (present: {sorted(k for k in r if k != '_where')}; "
-                                "map your columns with task.fields, e.g. {instruction: prompt, output: response})")
-            ex = {"instruction": str(r[icol]).strip(), "input": str(r.get(xcol) or "").strip(),
-                  "output": str(r[ocol]).strip(), "_where": r["_where"]}
-            if not ex["instruction"] or not ex["output"]:
-                empty += 1
-                continue
-            out.append(ex)
-            if limit is not None and len(out) >= limit:
-                break
-        if empty:
-            log.warning("%s: dropped %d records with an empty %r or %r", source, empty, icol, ocol)
-        if not out:
-            raise DataError(f"{source}: no records with both {icol!r} and {ocol!r} filled")
-        return out
+
+        def build(r):
+            return {"instruction": str(r[icol]).strip(), "input": str(r.get(xcol) or "").strip(),
+                    "output": str(r[ocol]).strip(), "_where": r["_where"]}
+
+        return text_pairs(records[rows] if rows is not None else records, source, (icol, ocol), build, limit=limit,
+                          skip_bad=skip_bad, keys=("instruction", "output"), hint="{instruction: prompt, output: response}")
 
     def head(self, cfg, examples):
         if cfg.formulation != "lm":

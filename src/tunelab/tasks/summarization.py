@@ -12,15 +12,12 @@ target = the summary; evaluation generates greedily (``gen`` settings) and score
 
 from __future__ import annotations
 
-import logging
-
 from tunelab.data import encode_lm
 from tunelab.evaluate import generate
 from tunelab.metrics import rouge
-from tunelab.readers import DataError, read_records
-from tunelab.tasks.base import TASKS, TaskConfig, field_name, gen_args, render_prompt
+from tunelab.readers import read_records
+from tunelab.tasks.base import TASKS, TaskConfig, field_name, gen_args, render_prompt, text_pairs
 
-log = logging.getLogger(__name__)
 DEFAULT_TEMPLATE = "Summarize the dialogue in one or two sentences.\n\n{dialogue}"
 
 
@@ -38,26 +35,11 @@ class Summarization:
 
     def read(self, source, cfg, *, limit=None, skip_bad=False) -> list[dict]:
         dcol, scol, icol = (field_name(cfg, k) for k in ("dialogue", "summary", "id"))
-        out, empty = [], 0
-        for r in read_records(source, skip_bad=skip_bad):
-            missing = [c for c in (dcol, scol) if c not in r]
-            if missing:
-                if skip_bad:
-                    continue
-                raise DataError(f"{r['_where']}: field {missing[0]!r} is missing (present: {sorted(k for k in r if k != '_where')}; "
-                                "map your columns with task.fields, e.g. {dialogue: article, summary: highlights})")
-            ex = {"id": str(r.get(icol, r["_where"])), "dialogue": clean(r[dcol]), "summary": clean(r[scol]), "_where": r["_where"]}
-            if not ex["dialogue"] or not ex["summary"]:
-                empty += 1
-                continue
-            out.append(ex)
-            if limit is not None and len(out) >= limit:
-                break
-        if empty:
-            log.warning("%s: dropped %d records with an empty %r or %r", source, empty, dcol, scol)
-        if not out:
-            raise DataError(f"{source}: no records with both {dcol!r} and {scol!r} filled")
-        return out
+        def build(r):
+            return {"id": str(r.get(icol, r["_where"])), "dialogue": clean(r[dcol]), "summary": clean(r[scol]), "_where": r["_where"]}
+
+        return text_pairs(read_records(source, skip_bad=skip_bad), source, (dcol, scol), build, limit=limit,
+                          skip_bad=skip_bad, keys=("dialogue", "summary"), hint="{dialogue: article, summary: highlights}")
 
     def head(self, cfg, examples):
         if cfg.formulation != "lm":
