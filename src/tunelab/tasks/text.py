@@ -5,8 +5,8 @@ for one per line or per file), or a ``text`` column in JSONL/JSON/CSV/Parquet/Ar
 (``fields`` maps another column name), or a folder of such files. ``#rows=START:STOP`` selects rows.
 
 Encoding: each document is tokenized (BOS first when the tokenizer normally adds one), EOS appended, and
-cut into consecutive pieces of at most ``data.max_length`` tokens (no token is thrown away); empty
-documents are dropped and counted. With ``data.pack: true`` the pieces are packed into full rows and the
+cut into consecutive pieces of at most ``data.max_length`` tokens (nothing is thrown away but a last
+piece of a single token, which nothing could predict); empty documents are dropped and counted. With ``data.pack: true`` the pieces are packed into full rows and the
 collator's block-diagonal mask keeps documents from attending to each other (`tunelab.data`).
 
 Metrics: next-token accuracy (first, because the loop keeps the checkpoint whose first metric is highest)
