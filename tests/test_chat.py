@@ -142,3 +142,15 @@ def test_evaluate_scores_last_assistant_turn_and_perplexity(tmp_path):
 def test_unknown_template_is_rejected():
     with pytest.raises(ValueError, match="unknown template 'chatlm'.*chatml"):
         CHAT.read("x.jsonl", task_config("chat", {"template": "chatlm"}))
+
+
+def test_template_skeleton_is_exact_or_not_used():
+    from tunelab.chat_format import _sentinel
+
+    tok = chat_tok()
+    convs = [[{"role": "user", "content": f"the cat {i}"}, {"role": "assistant", "content": f"yes {i}"}] for i in range(6)]
+    assert [render(c, tok, None) for c in convs] == [_sentinel(c, tok, False) for c in convs]
+    tok.chat_template = CHATML_JINJA.replace("{{ m['content'] }}", "{{ m['content'] | trim }}")  # alters contents
+    padded = [[{"role": "user", "content": f"  the cat {i} "}, {"role": "assistant", "content": f" yes {i}  "}] for i in range(6)]
+    assert [render(c, tok, None) for c in padded] == [_sentinel(c, tok, False) for c in padded]
+    assert "<|im_start|>user\nthe cat 5<|im_end|>" in render(padded[5], tok, None)[0]

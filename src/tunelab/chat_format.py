@@ -19,6 +19,7 @@ the end marker is the text the template puts after an assistant content, probed 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -153,6 +154,49 @@ def render(messages: list[dict], tokenizer=None, template: str | None = None, *,
         return _named(messages, TEMPLATES[template], eos, add_generation_prompt)
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         raise ChatError(f"the tokenizer has no chat template of its own; set task.template to one of {sorted(TEMPLATES)}")
+    return _own(messages, tokenizer, add_generation_prompt)
+
+
+_SHAPES: dict = {}
+_MARK = re.compile("\ue002(\\d+)\ue003")
+
+
+def _own(messages, tokenizer, agp: bool):
+    """The tokenizer's template through a skeleton per conversation shape (roles, options): rendered once
+    with numbered placeholders, then filled by string joins. A shape's skeleton is trusted only after it
+    matched the real rendering of three conversations exactly; otherwise every row takes `_sentinel`."""
+    key = (id(tokenizer), tokenizer.chat_template, tuple(m["role"] for m in messages), agp)
+    st = _SHAPES.get(key)
+    if st is None:
+        if len(_SHAPES) > 10000:
+            _SHAPES.clear()
+        marked = [{"role": m["role"], "content": f"\ue002{i}\ue003"} for i, m in enumerate(messages)]
+        parts = _MARK.split(tokenizer.apply_chat_template(marked, tokenize=False, add_generation_prompt=agp))
+        ok = [int(x) for x in parts[1::2]] == list(range(len(messages)))
+        st = _SHAPES[key] = {"parts": parts, "ok": ok, "checked": 0, "end": _end_marker(tokenizer)}
+    if st["ok"] and st["checked"] >= 3:
+        return _fill(st, messages)
+    real = _sentinel(messages, tokenizer, agp)
+    if st["ok"]:
+        st["ok"] = _fill(st, messages) == real
+        st["checked"] += 1
+    return real
+
+
+def _fill(st: dict, messages) -> tuple[str, list[tuple[int, int]]]:
+    parts, end = st["parts"], st["end"]
+    out, spans, pos = [parts[0]], [], len(parts[0])
+    for i, m in enumerate(messages):
+        after = parts[2 * i + 2]
+        out += [m["content"], after]
+        if m["role"] == "assistant":
+            spans.append((pos, pos + len(m["content"]) + (len(end) if end and after.startswith(end) else 0)))
+        pos += len(m["content"]) + len(after)
+    return "".join(out), spans
+
+
+def _sentinel(messages, tokenizer, add_generation_prompt: bool) -> tuple[str, list[tuple[int, int]]]:
+    """One real Jinja render with private-use sentinels around each assistant content."""
     marked = [dict(m, content=OPEN + m["content"] + CLOSE) if m["role"] == "assistant" else m for m in messages]
     text = tokenizer.apply_chat_template(marked, tokenize=False, add_generation_prompt=add_generation_prompt)
     end = _end_marker(tokenizer)
