@@ -30,7 +30,8 @@ def make_run(tmp_path, method, params, template=TEMPLATE):
     tok.save_pretrained(base)
     model = perturbed(method, **params)
     tunelab.save(model, run / "method")
-    cfg = load_config(None, [f"model.name={base}", f"method.name={method}", "task.name=generation", f"output_dir={run}"])
+    cfg = load_config(None, [f"model.name={base}", f"method.name={method}", "task.name=generation", "train.precision=fp32",
+                                f"output_dir={run}"])
     (run / "config.yaml").write_text(dump_config(cfg))
     return run, model, tok
 
