@@ -8,13 +8,14 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from conftest import tiny_llama
 from test_chat_cli import make_run
 from tunelab.cli import app
 from tunelab.evaluate import generate
 from tunelab.readers import DataError
 from tunelab.tasks import TASKS
 from tunelab.tasks.base import targets_optional
+
+from conftest import tiny_llama
 
 runner = CliRunner()
 GEN, SUM = TASKS.get("generation"), TASKS.get("summarization")

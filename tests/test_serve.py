@@ -11,40 +11,19 @@ import urllib.error
 import urllib.request
 
 import pytest
-import torch
 
-import tunelab
-from conftest import tiny_llama, tiny_tokenizer_obj
+from test_chat_cli import TEMPLATE, perturbed
 from tunelab.evaluate import generate
 from tunelab.serve.engine import Engine, Params, QueueFull, _stream_cut
 from tunelab.serve.loading import render_chat
 
+from conftest import tiny_llama, tiny_tokenizer_obj
+
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 
-TEMPLATE = ("{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} . {% endfor %}"
-            "{% if add_generation_prompt %}Answer :{% endif %}")
 PROMPTS = ["the cat sat on the mat", "John visited Paris", "how many apples did Mary buy ?", "hello"]
 KEY = "test-key-123"
-
-
-def perturbed(method, scale=0.5, **params):
-    """A tiny Llama (weights shaken so it does more than repeat its input) with ``method`` attached and
-    its trainable tensors moved off their init."""
-    model = tiny_llama()
-    torch.manual_seed(5)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.add_(torch.randn_like(p) * 0.1)
-    if method:
-        model = tunelab.attach(model, method, **params)
-        torch.manual_seed(1)
-        with torch.no_grad():
-            for p in model.parameters():
-                if p.requires_grad:
-                    p.add_(torch.randn_like(p) * scale)
-    return model
 
 
 @pytest.fixture(scope="module")
