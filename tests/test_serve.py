@@ -211,3 +211,19 @@ def test_serve_command_binds_loopback_and_reads_key_from_env(tmp_path, tok, monk
         assert [m["id"] for m in r.json()["data"]] == [str(model_dir)]
     res = CliRunner().invoke(app, ["serve", str(tmp_path / "nope")])
     assert res.exit_code == 2 and "nope" in res.output and "Traceback" not in res.output
+
+
+def test_full_queue_gets_429_and_long_prompt_400(tok):
+    from fastapi.testclient import TestClient
+
+    from tunelab.serve.server import create_app
+
+    engine = Engine(tiny_llama(), tok, max_queue=1)
+    engine._thread = object()  # no worker: what is queued stays queued
+    http = TestClient(create_app(engine, "tiny", max_tokens_limit=64))
+    body = {"model": "tiny", "prompt": "hello", "max_tokens": 4}
+    engine.submit(engine.encode("hello"), Params(max_tokens=4))
+    r = http.post("/v1/completions", json=body)
+    assert r.status_code == 429 and "queue is full" in r.json()["error"]["message"]
+    r = http.post("/v1/completions", json={**body, "prompt": "the cat " * 200, "max_tokens": 64})
+    assert r.status_code == 400 and "exceeds the model's context of 256" in r.json()["error"]["message"]
