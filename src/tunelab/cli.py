@@ -78,14 +78,14 @@ def predict(
     target: Path = typer.Argument(..., help="run directory or config YAML"),
     overrides: list[str] = OVERRIDES,
     out: Path = typer.Option(Path("predictions.jsonl"), "--out", "-o", help="JSONL file for the predictions"),
-    input: Path = typer.Option(None, "--input", "-i", help="JSONL/CSV/JSON to predict instead of data.eval; "
+    input_file: Path = typer.Option(None, "--input", "-i", help="JSONL/CSV/JSON to predict instead of data.eval; "
                                "prompt/target tasks need no references in it"),
 ):
     """Write one JSON line of prediction per eval example (and print the metrics, when there are references)."""
     from tunelab.tasks.base import targets_optional
 
-    if input is not None:
-        overrides = [*(overrides or []), f"data.eval={input}", "data.train=null"]
+    if input_file is not None:
+        overrides = [*(overrides or []), f"data.eval={input_file}", "data.train=null"]
     with targets_optional():
         metrics, preds = _eval(target, overrides, out)
     if metrics.get("without_reference"):
