@@ -209,6 +209,12 @@ def test_tiny_preference_run_learns(tiny_dir, tmp_path, method, objective):
     assert all(math.isfinite(r["loss"]) for r in log if "loss" in r)
     if objective == "dpo":
         assert "reward_accuracy" in log[-1]
+    if method == "lora" and objective == "dpo":  # a finished run re-scores to the same numbers (tunelab eval)
+        from tunelab.train import evaluate_run
+
+        again, _ = evaluate_run(cfg, tmp_path / "run" / "method")
+        assert again["reward_accuracy"] == after["reward_accuracy"]
+        assert again["reward_margin"] == pytest.approx(after["reward_margin"], abs=1e-5)
 
 
 def test_packing_preference_pairs_is_refused(tmp_path):
