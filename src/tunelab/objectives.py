@@ -129,9 +129,13 @@ def pair_stats(model, batch: dict, with_reference: bool = True, base=None) -> di
     half = logps.shape[0] // 2
     out = {"policy": (logps[:half], logps[half:]), "tokens": (tokens[:half].clamp(min=1), tokens[half:].clamp(min=1))}
     if with_reference:
-        ref_model, ctx = _reference(base if base is not None else model)
-        with torch.no_grad(), ctx:
-            ref, _ = sequence_logps(ref_model, batch)
+        top = base if base is not None else model
+        ref_model, ctx = _reference(top)
+        if ref_model is top and isinstance(ctx, contextlib.nullcontext):  # nothing attached: its own reference
+            ref = logps.detach()
+        else:
+            with torch.no_grad(), ctx:
+                ref, _ = sequence_logps(ref_model, batch)
         out["reference"] = (ref[:half], ref[half:])
     return out
 
