@@ -110,17 +110,18 @@ class Preference:
     def loss(self, model, batch: dict, base=None) -> torch.Tensor:
         """Mean loss over the batch's pairs; ``base`` is the unwrapped model (DDP) for the reference."""
         stats = pair_stats(model, batch, self.kind == "dpo", base)
+        self.last = summary(stats, self.beta)
+        return self.pair_losses(stats).mean()
+
+    def pair_losses(self, stats: dict) -> torch.Tensor:
+        """Per-pair loss from ``pair_stats`` (DPO needs its "reference")."""
         c, r = stats["policy"]
         nc, nr = stats["tokens"]
         if self.kind == "dpo":
-            rc, rr = stats["reference"]
-            losses = dpo_loss(c, r, rc, rr, self.beta, self.eps)
-        elif self.kind == "simpo":
-            losses = simpo_loss(c / nc, r / nr, self.beta, self.gamma, self.eps)
-        else:
-            losses = orpo_loss(c / nc, r / nr, self.lam)
-        self.last = summary(stats, self.beta)
-        return losses.mean()
+            return dpo_loss(c, r, *stats["reference"], self.beta, self.eps)
+        if self.kind == "simpo":
+            return simpo_loss(c / nc, r / nr, self.beta, self.gamma, self.eps)
+        return orpo_loss(c / nc, r / nr, self.lam)
 
 
 def pair_stats(model, batch: dict, with_reference: bool = True, base=None) -> dict:

@@ -242,7 +242,7 @@ class Run:
             return {}, []
         with autocast(self.device, self.amp), dist.split_eval(not dist.is_sharded(self.model)):
             metrics, preds = self.task.evaluate(self.model, self.tok, self.eval_ex, self.tcfg, batch_size=self.cfg.eval.batch_size, gen=self.cfg.eval.gen())
-        if self.cfg.eval.loss:
+        if self.cfg.eval.loss and "eval_loss" not in metrics:  # a task may report it itself (on the way)
             with autocast(self.device, self.amp):
                 metrics["eval_loss"] = self.eval_loss()
         return metrics, preds

@@ -14,7 +14,7 @@ a batch holds the chosen rows, then the rejected rows, so one forward scores bot
 
 Metrics on held-out pairs: reward_accuracy (first), reward_margin, chosen_logp, rejected_logp (mean
 summed log-probability of each response), logp_accuracy (the model itself prefers the chosen one),
-and pref_loss (DPO's loss at this beta); implicit rewards are beta * (log pi - log pi_base), so they
+and eval_loss (the training objective's loss on the pairs); implicit rewards are beta * (log pi - log pi_base), so they
 are measured against the base model whatever the training objective.
 """
 
@@ -26,7 +26,7 @@ import torch
 from pydantic import Field
 
 from tunelab.data import Collator, encode_lm
-from tunelab.objectives import Preference, dpo_loss, pair_stats
+from tunelab.objectives import Preference, pair_stats
 from tunelab.readers import DataError, read_records
 from tunelab.tasks.base import TASKS, TaskConfig, field_name, render_prompt
 from tunelab.tasks.qa import split_source
@@ -162,22 +162,22 @@ class PreferenceTask:
         device = next(model.parameters()).device
         collate = self.collator(tokenizer)
         feats = [self.encode(ex, tokenizer, cfg, cfg.max_length) for ex in examples]
-        pc, pr, rc, rr = [], [], [], []
+        objective = self.objective(cfg)
+        pc, pr, rc, rr, losses = [], [], [], [], []
         step = max(1, batch_size // 2)  # each pair is two rows
         for s in range(0, len(feats), step):
             batch = {k: v.to(device) for k, v in collate(feats[s : s + step]).items()}
             st = pair_stats(model, batch)
-            for acc, t in zip((pc, pr, rc, rr), (*st["policy"], *st["reference"]), strict=True):
+            for acc, t in zip((pc, pr, rc, rr, losses), (*st["policy"], *st["reference"], objective.pair_losses(st)), strict=True):
                 acc.append(t.float().cpu())
         model.train(was_training)
-        pc, pr, rc, rr = (torch.cat(t) for t in (pc, pr, rc, rr))
+        pc, pr, rc, rr, losses = (torch.cat(t) for t in (pc, pr, rc, rr, losses))
         wc, wr = cfg.beta * (pc - rc), cfg.beta * (pr - rr)
         half = lambda a, b: ((a > b).float() + 0.5 * (a == b).float())  # noqa: E731  (a tie counts 1/2)
         correct = half(wc, wr)
         metrics = {"reward_accuracy": correct.mean().item(), "reward_margin": (wc - wr).mean().item(),
                    "chosen_logp": pc.mean().item(), "rejected_logp": pr.mean().item(),
-                   "logp_accuracy": half(pc, pr).mean().item(),
-                   "pref_loss": dpo_loss(pc, pr, rc, rr, cfg.beta).mean().item(), "n": len(examples)}
+                   "logp_accuracy": half(pc, pr).mean().item(), "eval_loss": losses.mean().item(), "n": len(examples)}
         preds = [{"where": ex["_where"], "chosen_reward": float(a), "rejected_reward": float(b),
                   "prediction": "chosen" if a > b else "rejected", "reference": "chosen"}
                  for ex, a, b in zip(examples, wc.tolist(), wr.tolist(), strict=True)]
