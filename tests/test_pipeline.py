@@ -104,3 +104,14 @@ def test_chat_run_through_the_loop_reports_data_facts(tmp_path):
     assert {"rougeL", "perplexity", "eval_loss"} <= set(m)
     log = [json.loads(ln) for ln in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert log[-1]["loss"] < log[0]["loss"]
+
+
+def test_a_familys_own_feature_keys_survive_the_cache(tmp_path):
+    task, tok = TASKS.get("preference"), tiny_tokenizer_obj()
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(json.dumps({"prompt": "the cat", "chosen": f"yes {i}", "rejected": "no"}) + "\n" for i in range(6)))
+    cfg = task_config("preference", {"chat": False})
+    ex = task.read(str(path), cfg, limit=None, skip_bad=False)
+    got = pipeline.features(task, ex, tok, cfg, 32, cache=True)
+    assert [got[i] for i in range(len(ex))] == [task.encode(e, tok, cfg, 32) for e in ex]
+    assert "rejected_input_ids" in got[0]

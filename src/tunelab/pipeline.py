@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 VERSION = "1"
 CACHE_MIN_ROWS = 2000
 KEPT, TRUNCATED, DROPPED = 0, 1, 2
+KNOWN = {"input_ids", "labels", "scalar", "prompt_len", "token_type_ids", "prompt_mask", "length", "status"}
 
 
 class ArrowExamples(Sequence):
@@ -104,6 +105,8 @@ def _per_row(task, examples, tokenizer, cfg, max_length):
         else:
             feats = [task.encode(ex, tokenizer, cfg, max_length) for ex in rows]
         for f in feats:
+            for key in f.keys() - KNOWN:  # a family's own keys (e.g. a preference pair's rejected side)
+                out.setdefault(key, []).append(f[key])
             n = len(f["input_ids"])
             scalar = not isinstance(f["labels"], list | tuple)
             out["input_ids"].append(list(f["input_ids"]))
@@ -228,6 +231,7 @@ class _ArrowRows:
         self.ds = ds.with_format(None)
         self.status = ds.data.column("status").to_numpy().astype(np.int8)
         self.length = ds.data.column("length").to_numpy().astype(np.int64)
+        self.extra = [c for c in ds.column_names if c not in KNOWN]
 
     def row(self, i: int) -> dict:
         r = self.ds[int(i)]
@@ -237,6 +241,8 @@ class _ArrowRows:
         for key in ("token_type_ids", "prompt_mask"):
             if r.get(key):
                 f[key] = r[key]
+        for key in self.extra:
+            f[key] = r[key]
         return f
 
 
