@@ -124,7 +124,6 @@ def _per_row(task, examples, tokenizer, cfg, max_length):
 def _encode_to_arrow(task, examples, tokenizer, cfg, max_length, path, desc):
     import datasets
 
-    datasets.disable_caching()  # our own key names the file; datasets' fingerprints are not needed
     procs = num_proc(len(examples))
     if isinstance(examples, ArrowExamples):
         src = examples.ds
@@ -171,15 +170,18 @@ def features(task, examples, tokenizer, cfg, max_length: int, *, pack: bool = Fa
         folder.mkdir(parents=True, exist_ok=True)
         key = cache_key(task, examples, tokenizer, cfg, max_length)
         meta = folder / f"{key}.json"
-        if meta.exists():
-            import datasets
+        from filelock import FileLock
 
-            files = json.loads(meta.read_text())["files"]
-            ds = datasets.concatenate_datasets([datasets.Dataset.from_file(f) for f in files])
-            stats["cached"] = True
-        else:
-            ds = _encode_to_arrow(task, examples, tokenizer, cfg, max_length, folder / f"{key}.arrow", desc)
-            meta.write_text(json.dumps({"files": [c["filename"] for c in ds.cache_files]}))
+        with FileLock(str(folder / f"{key}.lock")):  # several processes (torchrun ranks): one encodes, the rest wait
+            if meta.exists():
+                import datasets
+
+                files = json.loads(meta.read_text())["files"]
+                ds = datasets.concatenate_datasets([datasets.Dataset.from_file(f) for f in files])
+                stats["cached"] = True
+            else:
+                ds = _encode_to_arrow(task, examples, tokenizer, cfg, max_length, folder / f"{key}.arrow", desc)
+                meta.write_text(json.dumps({"files": [c["filename"] for c in ds.cache_files]}))
         base = _ArrowRows(ds)
     status = base.status
     stats.update(dropped=int((status == DROPPED).sum()), truncated=int((status == TRUNCATED).sum()))
