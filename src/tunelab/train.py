@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 
 import tunelab
 from tunelab import distributed as dist
-from tunelab import fast
+from tunelab import fast, tracking
 from tunelab.checkpoint import atomic_dir, atomic_write_text, recover
 from tunelab.config import RunConfig, dump_config, task_config
 from tunelab.data import Collator, batches, pack
@@ -209,6 +209,8 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
 class Run:
     """Everything a run needs, loaded once: task, data, model with its method, features."""
 
+    tracker = None  # tunelab.tracking.Tracker of a training run (lead process only)
+
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
         self.dir = cfg.run_dir()
@@ -267,6 +269,7 @@ def run(cfg: RunConfig) -> dict:
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     dist.init()
+    tracking.check(cfg.train.report_to)  # a missing tracking library fails here, before any loading
     if dist.active():  # an embedded model is converted on first use: once per machine, not per process
         if dist.local_rank() == 0:
             resolve(cfg.model.name)
@@ -278,10 +281,13 @@ def run(cfg: RunConfig) -> dict:
     if lead:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "config.yaml", dump_config(cfg))
+    r.tracker = tracking.start(cfg, lead)
     metrics: dict = {}
     if cfg.eval.before and r.eval_ex:
         before, _ = r.evaluate()
         metrics["before"] = before
+        if r.tracker:
+            r.tracker.log_eval(0, before)
         dist.log(f"before training: {before}")
 
     model = tunelab.attach(r.model, cfg.method.name, **cfg.method.params())
@@ -305,6 +311,8 @@ def run(cfg: RunConfig) -> dict:
         if preds and cfg.eval.save_predictions:
             atomic_write_text(out / "predictions.jsonl", "".join(json.dumps(p) + "\n" for p in preds))
         atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
+    if r.tracker:
+        r.tracker.finish(metrics)
     return metrics
 
 
@@ -397,6 +405,8 @@ def _train(r: Run, model, out: Path, lead: bool) -> dict:
                 if pos["step"] % tc.log_every == 0 or pos["step"] in (1, total):
                     log_f.write(json.dumps(rec) + "\n")
                     log_f.flush()
+                    if r.tracker:
+                        r.tracker.log_step(rec)
                 if bar:
                     bar.update(1)
                     bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens / t_train:,.0f}")
@@ -433,6 +443,8 @@ def _eval_and_keep_best(r: Run, model, out: Path, pos: dict, log_f) -> None:
     if log_f:
         log_f.write(json.dumps({"step": pos["step"], "eval": metrics}) + "\n")
         log_f.flush()
+        if r.tracker:
+            r.tracker.log_eval(pos["step"], metrics)
     if pos["best"] is None or metrics[primary] > pos["best"]:
         pos["best"] = metrics[primary]
         with dist.gathered(model):
