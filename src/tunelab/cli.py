@@ -306,6 +306,11 @@ def models():
 
 
 def main() -> None:
+    import os
+
+    if not os.environ.get("TORCHELASTIC_RUN_ID"):  # not under torchrun: keep --help free of torch
+        app()
+        return
     # Under torchrun, the elastic agent then reports the failing rank's own error and traceback.
     from torch.distributed.elastic.multiprocessing.errors import record
 

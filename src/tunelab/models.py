@@ -14,12 +14,12 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from tunelab.checkpoint import atomic_dir
-from tunelab.methods.base import install_context
-from tunelab.tasks.base import HeadSpec
+
+if TYPE_CHECKING:  # torch and the task/method packages load on first use: `tunelab models` stays fast
+    from tunelab.tasks.base import HeadSpec
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ EMBEDDED = {
     ),
 }
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = ("float32", "bfloat16", "float16")  # torch dtype names (getattr(torch, name))
 
 
 def cache_dir() -> Path:
@@ -69,6 +69,7 @@ def _package_dir(emb: Embedded, alias: str) -> Path:
 
 def _gguf_to_safetensors(src: Path, gguf: str, dest: Path) -> None:
     """Dequantize the GGUF once and keep a plain safetensors copy (20 s once, ~1 s afterwards)."""
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     # Said once, on stderr: the first run otherwise sits silent for ~20 s (transformers' own bar
@@ -122,6 +123,7 @@ def load(
 ):
     """Return ``(model, tokenizer)``. ``head`` picks a classification / token / QA head (new heads
     are recorded in ``model.tunelab_new_head`` so they train with any method)."""
+    import torch
     from transformers import AutoTokenizer
 
     if dtype not in DTYPES:
@@ -140,7 +142,7 @@ def load(
             extra = {"num_labels": head.num_labels, "id2label": dict(enumerate(head.labels)),
                      "label2id": {lab: i for i, lab in enumerate(head.labels)}}
         model, info = _auto_class(head).from_pretrained(
-            path, dtype=DTYPES[dtype], output_loading_info=True, **extra, **kwargs
+            path, dtype=getattr(torch, dtype), output_loading_info=True, **extra, **kwargs
         )
     except OSError as e:
         raise OSError(f"could not load model '{name}' from {path}: {e}") from None
@@ -153,5 +155,7 @@ def load(
     model.tunelab_method = None
     if head is not None and head.install is not None:
         head.install(model)
+    from tunelab.methods.base import install_context
+
     install_context(model)
     return model, tok
