@@ -49,3 +49,22 @@ def test_listings_need_torch_only():
 def test_the_public_api_still_loads_on_first_use():
     code = "import tunelab\nassert callable(tunelab.load)\nfrom tunelab import attach, merge\nassert callable(attach)"
     assert "torch" in loaded(code)
+
+
+def test_evaluation_progress_bars_show_rows_per_second_and_follow_the_switch(monkeypatch, capsys):
+    from conftest import tiny_llama, tiny_tokenizer_obj
+    from tunelab import evaluate
+
+    model, tok = tiny_llama(), tiny_tokenizer_obj()
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    evaluate.show_progress(True)
+    try:
+        evaluate.generate(model, tok, ["the cat", "a dog sat"], max_new_tokens=2, batch_size=1)
+        evaluate.score_choices(model, tok, ["the cat", "a dog"], [["yes", "no"], ["yes", "no"]], batch_size=1)
+        err = capsys.readouterr().err
+        assert "generating" in err and "scoring" in err and "row/s" in err and "2/2" in err
+        evaluate.show_progress(False)  # train.progress: false
+        evaluate.generate(model, tok, ["the cat"], max_new_tokens=2)
+        assert capsys.readouterr().err == ""
+    finally:
+        evaluate.show_progress(True)

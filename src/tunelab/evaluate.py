@@ -8,6 +8,8 @@
 - ``classify``: logits of a classification head.
 
 Rows are sorted by length before batching (less padding) and results returned in input order.
+Each call shows a progress bar (rows/s, ETA) on the lead process when stderr is a terminal, unless
+``show_progress(False)`` (``train.progress: false``) turned it off.
 Every call records ``prompt_mask`` in the model context, so methods that act on prompt positions
 (ReFT) see them during scoring and generation too.
 """
@@ -15,6 +17,7 @@ Every call records ``prompt_mask`` in the model context, so methods that act on 
 from __future__ import annotations
 
 import inspect
+import sys
 from collections.abc import Sequence
 
 import torch
@@ -24,6 +27,20 @@ from tunelab import distributed as dist
 from tunelab import fast
 from tunelab.data import tokenize_prompt
 from tunelab.methods.base import context
+
+_PROGRESS = {"on": True}
+
+
+def show_progress(on: bool) -> None:
+    """Turn the evaluation progress bars on (where stderr is a terminal) or off."""
+    _PROGRESS["on"] = bool(on)
+
+
+def _bar(total: int, desc: str):
+    from tqdm.auto import tqdm
+
+    on = _PROGRESS["on"] and dist.is_lead() and sys.stderr.isatty()
+    return tqdm(total=total, desc=desc, unit="row", disable=not on, leave=False, dynamic_ncols=True)
 
 
 def _device(model) -> torch.device:
@@ -74,6 +91,7 @@ def score_choices(model, tokenizer, prompts: list[str], choices: list[list[str]]
     if single:
         # One forward per prompt: the next-token distribution at the prompt's end scores all choices.
         pre, cut = fast.prefix_forward(model, prompt_ids, dev)  # a shared template prefix runs once
+        bar = _bar(len(prompt_ids), "scoring")
         for batch in _by_length([len(p) for p in prompt_ids], batch_size):
             if pre:
                 logits = pre([prompt_ids[i][cut:] for i in batch], pad, 1)
@@ -85,10 +103,12 @@ def score_choices(model, tokenizer, prompts: list[str], choices: list[list[str]]
             for row, i in enumerate(batch):
                 for j, c in enumerate(choice_ids[i]):
                     scores[i][j] = logp[row, c[0]].item()
+            bar.update(len(batch))
     else:
         pairs = [(i, j) for i, cs in enumerate(choice_ids) for j in range(len(cs))]
         rows = [prompt_ids[i] + choice_ids[i][j] for i, j in pairs]
         pre, cut = fast.prefix_forward(model, rows, dev, keep_last=1 + max(len(c) for cs in choice_ids for c in cs))
+        bar = _bar(len(rows), "scoring choices")
         for batch in _by_length([len(r) for r in rows], batch_size):
             n = max(len(choice_ids[pairs[k][0]][pairs[k][1]]) for k in batch)
             if pre:
@@ -106,6 +126,8 @@ def score_choices(model, tokenizer, prompts: list[str], choices: list[list[str]]
                 c = torch.tensor(choice_ids[i][j], device=dev)
                 lp = logp[row, n - len(c) :].gather(-1, c[:, None]).sum()
                 scores[i][j] = lp.item()
+            bar.update(len(batch))
+    bar.close()
     context(model).pop("prompt_mask", None)
     model.train(was_training)
     return scores
@@ -133,6 +155,7 @@ def generate(
     prompt_ids = [tokenize_prompt(tokenizer, p) for p in prompts]
     outputs = [""] * len(prompts)
     sampling = {"temperature": temperature, "top_p": top_p} if do_sample else {}
+    bar = _bar(len(prompt_ids), "generating")
     for batch in _by_length([len(p) for p in prompt_ids], batch_size):
         ids, mask = _pad_left([prompt_ids[i] for i in batch], pad, dev)
         context(model)["prompt_mask"] = mask.bool()
@@ -145,6 +168,8 @@ def generate(
             for s in stop or []:
                 text = text.split(s, 1)[0]
             outputs[i] = text.strip()
+        bar.update(len(batch))
+    bar.close()
     context(model).pop("prompt_mask", None)
     model.train(was_training)
     return outputs
@@ -159,6 +184,7 @@ def classify(model, tokenizer, texts: list[str], pairs: list[str] | None = None,
     dev = _device(model)
     lengths = [len(t) + (len(pairs[i]) if pairs else 0) for i, t in enumerate(texts)]
     result: list[torch.Tensor | None] = [None] * len(texts)
+    bar = _bar(len(texts), "classifying")
     for batch in _by_length(lengths, batch_size):
         a = [texts[i] for i in batch]
         b = [pairs[i] for i in batch] if pairs else None
@@ -167,6 +193,8 @@ def classify(model, tokenizer, texts: list[str], pairs: list[str] | None = None,
         logits = model(**enc).logits.float().cpu()
         for row, i in enumerate(batch):
             result[i] = logits[row]
+        bar.update(len(batch))
+    bar.close()
     context(model).pop("prompt_mask", None)
     model.train(was_training)
     return torch.stack(result)

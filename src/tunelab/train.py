@@ -33,6 +33,7 @@ from tunelab import fast, tracking
 from tunelab.checkpoint import atomic_dir, atomic_write_text, recover
 from tunelab.config import RunConfig, dump_config, task_config
 from tunelab.data import Collator, batches, pack
+from tunelab.evaluate import show_progress
 from tunelab.methods.base import METHODS, method_state_dict
 from tunelab.models import load as load_model
 from tunelab.models import resolve
@@ -214,6 +215,7 @@ class Run:
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
         self.dir = cfg.run_dir()
+        show_progress(cfg.train.progress)  # evaluation bars follow train.progress too
         self.task = TASKS.get(cfg.task.name)
         self.tcfg = task_config(cfg.task.name, cfg.task.params())
         self.device = pick_device(cfg.train.device)
