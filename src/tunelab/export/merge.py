@@ -94,6 +94,8 @@ def merge_run(run_dir: str | Path, out_dir: str | Path, dtype: str | None = None
     dtype = dtype or native_dtype(cfg.model.name)
     model = merged(model, method).to(DTYPES[dtype])
     model.config._name_or_path = recorded_base(cfg.model.name)
+    if hasattr(model.config, "_model_name_or_path"):  # set by transformers' GGUF loader to the GGUF's title
+        model.config._model_name_or_path = recorded_base(cfg.model.name)
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
