@@ -7,9 +7,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import tiny_llama
 from tunelab.cli import app
 from tunelab.config import dump_config, load_config
+
+from conftest import tiny_llama
 
 runner = CliRunner()
 TEXTS = [
@@ -150,3 +151,22 @@ def test_quantized_rows_not_a_block_multiple_fall_back_to_f16(tmp_path):
     write_gguf(model, bpe_tokenizer(), tmp_path / "m.gguf", "q8_0")
     types = {t.name: t.tensor_type.name for t in GGUFReader(str(tmp_path / "m.gguf")).tensors}
     assert types["blk.0.attn_q.weight"] == "F16" and types["blk.0.ffn_down.weight"] == "Q8_0"  # 96 = 3 blocks
+
+
+def test_first_conversion_of_a_gguf_model_says_so_once(tmp_path, capsys):
+    """GGUF in (the embedded-model path, on a GGUF we write) -> safetensors copy, with a one-line notice."""
+    from tunelab.export.gguf import write_gguf
+    from tunelab.models import _gguf_to_safetensors
+
+    src = tmp_path / "pkg"
+    model = tiny_llama(vocab_size=320).eval()
+    write_gguf(model, bpe_tokenizer(), src / "m.gguf", "f32")
+    _gguf_to_safetensors(src, "m.gguf", tmp_path / "copy")
+    err = capsys.readouterr().err
+    assert err.count("tunelab: converting the embedded m.gguf") == 1 and "first use only" in err
+    from transformers import AutoModelForCausalLM
+
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "copy")
+    ids = torch.tensor([[5, 9, 30, 7]])
+    with torch.no_grad():
+        assert (back(ids).logits - model(ids).logits).abs().max() < 1e-4

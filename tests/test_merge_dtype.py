@@ -9,26 +9,33 @@ from safetensors import safe_open
 from typer.testing import CliRunner
 
 import tunelab
-from conftest import tiny_llama, tiny_tokenizer_obj
-from test_train import cfg_for, data  # noqa: F401  (fixture)
+from test_train import cfg_for
 from tunelab.cli import app
 from tunelab.config import dump_config
 from tunelab.export.merge import base_identity, native_dtype, recorded_base
 
+from conftest import tiny_llama, tiny_tokenizer_obj
+
 runner = CliRunner()
 
 
-@pytest.fixture
-def bf16_run(tmp_path, data):  # noqa: F811
+@pytest.fixture(scope="module")
+def bf16_run(tmp_path_factory):
     """A LoRA run over a base whose checkpoint is bf16 (trained in fp32, as tunelab loads it)."""
-    base = tmp_path / "base-bf16"
+    root = tmp_path_factory.mktemp("merge")
+    base = root / "base-bf16"
     tiny_llama().to(torch.bfloat16).save_pretrained(base)
     tiny_tokenizer_obj().save_pretrained(base)
-    cfg = cfg_for(base, data, tmp_path / "run", "method.name=lora", "method.r=2", "train.max_steps=2", "eval.before=true")
-    (tmp_path / "run.yaml").write_text(dump_config(cfg))
-    res = runner.invoke(app, ["train", str(tmp_path / "run.yaml")])
+    rows = [{"sentence": f"the cat {w} sat {'yes' if i % 2 else 'no'}", "label": i % 2}
+            for i, w in enumerate("John Mary Tom Berlin Paris Google apples dog mat city hello bye".split())]
+    (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:8]))
+    (root / "dev.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[8:]))
+    cfg = cfg_for(base, (root / "train.jsonl", root / "dev.jsonl"), root / "run", "method.name=lora", "method.r=2",
+                  "train.max_steps=2", "eval.before=true")
+    (root / "run.yaml").write_text(dump_config(cfg))
+    res = runner.invoke(app, ["train", str(root / "run.yaml")])
     assert res.exit_code == 0, res.output
-    return tmp_path / "run"
+    return root / "run"
 
 
 def _dtypes(directory):
@@ -37,7 +44,7 @@ def _dtypes(directory):
 
 
 def test_merge_default_is_the_base_dtype_and_dtype_flag_works(bf16_run, tmp_path):
-    assert native_dtype(str(tmp_path / "base-bf16")) == "bf16"
+    assert native_dtype(str(bf16_run.parent / "base-bf16")) == "bf16"
     res = runner.invoke(app, ["merge", str(bf16_run), str(tmp_path / "m-default")])
     assert res.exit_code == 0 and "bf16" in res.output, res.output
     assert _dtypes(tmp_path / "m-default") == {torch.bfloat16}
@@ -71,7 +78,7 @@ def test_merge_default_is_the_base_dtype_and_dtype_flag_works(bf16_run, tmp_path
 def test_card_and_base_name_never_a_cache_path(bf16_run, tmp_path):
     runner.invoke(app, ["merge", str(bf16_run), str(tmp_path / "m")])
     card = (tmp_path / "m" / "README.md").read_text()
-    base = str(tmp_path / "base-bf16")
+    base = str(bf16_run.parent / "base-bf16")
     assert f"base_model: {base}" in card and "lora" in card and "accuracy" in card
     assert f"tunelab merge {bf16_run} {tmp_path / 'm'}" in card
     metrics = json.loads((bf16_run / "metrics.json").read_text())
