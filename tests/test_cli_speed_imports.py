@@ -52,8 +52,9 @@ def test_the_public_api_still_loads_on_first_use():
 
 
 def test_evaluation_progress_bars_show_rows_per_second_and_follow_the_switch(monkeypatch, capsys):
-    from conftest import tiny_llama, tiny_tokenizer_obj
     from tunelab import evaluate
+
+    from conftest import tiny_llama, tiny_tokenizer_obj
 
     model, tok = tiny_llama(), tiny_tokenizer_obj()
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
