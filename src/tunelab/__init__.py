@@ -8,8 +8,8 @@ for _name in ("torchao", "torch.utils._pytree"):
     logging.getLogger(_name).setLevel(logging.ERROR)
 
 __version__ = "0.1.0"
-__all__ = ["attach", "load", "merge", "save", "trainable_parameters", "unmerge", "__version__"]
-_API = {"attach", "load", "merge", "save", "trainable_parameters", "unmerge"}
+__all__ = ["attach", "disabled", "load", "merge", "save", "trainable_parameters", "unmerge", "__version__"]
+_API = {"attach", "disabled", "load", "merge", "save", "trainable_parameters", "unmerge"}
 
 
 def __getattr__(name: str):
