@@ -2,10 +2,6 @@
 method that applies through the real loop, and SAMSum through ``tunelab train`` with a tiny random T5."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,9 +15,6 @@ from tunelab.models import load as load_model
 from tunelab.tasks import TASKS
 
 from conftest import shared_data, tiny_tokenizer_obj
-
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def tiny_t5(seed=0):
     from transformers import T5Config, T5ForConditionalGeneration
@@ -177,8 +170,16 @@ def test_reft_stacks_and_positions(arch, tok):
     assert enc.rows["both"].tolist() == [0, n0 - 1, width, 2 * width - 1]
     # decoder: only its start token (column 0) of each row
     assert dec.rows["both"].tolist() == [0, b["labels"].shape[1]]
-    out = generate(model, tok, SOURCES, max_new_tokens=4, batch_size=3)
-    assert len(out) == 3
+    # generation (encoder called alone, decoder step by step with a KV cache) edits what training edits:
+    # greedy tokens = the argmax of the teacher-forced forward over them, and the edit changes the output
+    ids = torch.tensor([tok(SOURCES[1])["input_ids"]])
+    one = torch.ones_like(ids)
+    gen = model.generate(input_ids=ids, attention_mask=one, max_new_tokens=6, min_new_tokens=6, do_sample=False,
+                         pad_token_id=0, eos_token_id=2)[:, :-1]  # BART forces EOS as the last token: drop it
+    forced = model(input_ids=ids, attention_mask=one, decoder_input_ids=gen[:, :-1]).logits
+    assert forced.argmax(-1).tolist() == gen[:, 1:].tolist()
+    base = MODELS[arch]()(input_ids=ids, attention_mask=one, decoder_input_ids=gen[:, :-1]).logits
+    assert not torch.allclose(base, forced, atol=1e-3)
     with pytest.raises(ValueError, match="the decoder has 2 blocks"):
         tunelab.attach(MODELS[arch](), "direft", stack="decoder", layers=[5])
 
@@ -221,11 +222,13 @@ METHOD_ARGS = {
     "loreft": ["method.rank=4", "method.stack=both"],
     "direft": ["method.rank=4", "method.positions=f3+l3"],
     "prompt_tuning": ["method.num_virtual_tokens=4"],
+    "random_mask": ["method.fraction=0.2"],
     "series_adapter": ["method.bottleneck=8"],
     "parallel_adapter": ["method.bottleneck=8"],
 }
 ADAPTER_TARGETS = {"t5": "DenseReluDense", "bart": "fc2"}
-LR = {"full": 3e-3, "prompt_tuning": 0.3, "loreft": 2e-2, "direft": 2e-2}
+MASK_TARGETS = {"t5": "q,v", "bart": "q_proj,v_proj"}
+LR = {"full": 3e-3, "prompt_tuning": 0.3, "loreft": 2e-2, "direft": 2e-2, "random_mask": 3e-2}
 
 
 def summaries(tmp_path, n=4):
@@ -244,6 +247,8 @@ def overrides(model_dir, data, out, method, arch, steps=12, task="summarization"
             "train.schedule=constant", "eval.max_new_tokens=8", "eval.before=true", f"output_dir={out}"]
     if method.endswith("_adapter"):
         args.append(f"method.target_modules=[{ADAPTER_TARGETS[arch]}]")
+    if method == "random_mask":
+        args.append(f"method.target_modules=[{MASK_TARGETS[arch]}]")
     return args
 
 
@@ -312,11 +317,13 @@ train: {{max_steps: 2, batch_size: 4, threads: 1, progress: false, precision: fp
 eval: {{max_new_tokens: 8, before: true}}
 output_dir: {tmp_path / 'run'}
 """)
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.run([sys.executable, "-m", "tunelab", "train", str(cfg)], capture_output=True, text=True,
-                          timeout=600, env=env)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    from typer.testing import CliRunner
+
+    from tunelab.cli import app
     from tunelab.results import read_metrics
+
+    res = CliRunner().invoke(app, ["train", str(cfg)])
+    assert res.exit_code == 0, res.output[-2000:]
 
     m = read_metrics(tmp_path / "run")
     flat = {**m.get("run", {}), **m.get("metrics", m)}
