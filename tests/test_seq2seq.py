@@ -16,6 +16,7 @@ from tunelab.tasks import TASKS
 
 from conftest import shared_data, tiny_tokenizer_obj
 
+
 def tiny_t5(seed=0):
     from transformers import T5Config, T5ForConditionalGeneration
 

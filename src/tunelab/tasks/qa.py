@@ -35,10 +35,9 @@ non-SQuAD records an article is a distinct ``title`` (or, without titles, a dist
 from __future__ import annotations
 
 import re
+from typing import Literal
 
 import torch
-
-from typing import Literal
 
 from tunelab.data import encode_lm, encode_seq2seq
 from tunelab.evaluate import generate
