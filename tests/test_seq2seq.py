@@ -253,8 +253,11 @@ def overrides(model_dir, data, out, method, arch, steps=12, task="summarization"
     return args
 
 
-@pytest.mark.parametrize("method", list(METHOD_ARGS))
-@pytest.mark.parametrize("arch", list(MODELS))
+CELLS = [(a, m) for a in MODELS for m in METHOD_ARGS] + [("t5", "qlora"), ("bart", "loftq")]  # quantized: one each
+METHOD_ARGS.update(qlora=["method.r=4"], loftq=["method.r=4"])
+
+
+@pytest.mark.parametrize("arch,method", CELLS)
 def test_every_method_trains_through_the_loop(arch, method, model_dirs, tmp_path):
     data = summaries(tmp_path)
     cfg = load_config(None, overrides(model_dirs[arch], data, tmp_path / "run", method, arch))
