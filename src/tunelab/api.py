@@ -34,7 +34,9 @@ def method_config(name: str, params: dict):
     try:
         return method.Config(**params)
     except ValidationError as e:
-        raise ValueError(f"bad parameters for method '{name}':\n{e}") from None
+        from tunelab.config import _explain
+
+        raise ValueError(f"bad parameters for method '{name}':\n{_explain(e, method.Config)}") from None
 
 
 def attach(model: nn.Module, method_name: str, **params) -> nn.Module:

@@ -49,6 +49,9 @@ def pick_device(name: str) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"train.device=cuda but CUDA is not available here (torch {torch.__version__}); "
+                             "use train.device=auto or train.device=cpu")
         return torch.device("cuda", dist.local_rank())
     return torch.device(name)
 
@@ -230,6 +233,9 @@ class Run:
             self.tcfg = self.task.fit(self.tcfg, self.train_ex or self.eval_ex)
         head = self.task.head(self.tcfg, self.train_ex or self.eval_ex)
         self.causal = head is None
+        if d.pack and not self.causal:
+            raise ValueError(f"data.pack=true needs a causal-LM formulation, but task '{cfg.task.name}' uses a "
+                             f"{head.kind} head here: packing would mix rows' labels; set data.pack=false")
         m = cfg.model
         self.model, self.tok = load_model(m.name, head=head, dtype=m.dtype, trust_remote_code=m.trust_remote_code, revision=m.revision)
         self.model.to(self.device)
@@ -512,7 +518,7 @@ def _agree_last(ckpt: Path, lead: bool, total: int) -> Path | None:
                 break
             except ValueError as e:
                 problems.append(str(e))
-                dist.log(f"warning: checkpoint {cand} is unusable ({e})" + ("; trying the previous one" if cand.name == "last" else ""))
+                dist.log(f"warning: checkpoint {cand} is unusable ({e})" + ("; trying the previous one" if cand.name == "last" and (ckpt / "prev").exists() else ""))
         if choice is None and problems:
             raise ValueError(f"{ckpt}: no usable checkpoint to resume from ({'; '.join(problems)}); "
                              "delete it or set train.resume=false to start over")
