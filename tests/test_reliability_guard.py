@@ -9,11 +9,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import tunelab.train as train_mod
+from test_train import cfg_for, data, tiny_dir  # noqa: F401  (fixtures)
 from tunelab import fast
 from tunelab.config import load_config
 from tunelab.guard import Diverged, warn_rank
-
-from test_train import cfg_for, data, tiny_dir  # noqa: F401  (fixtures)
 
 
 def nan_from_step(monkeypatch, step):

@@ -10,15 +10,13 @@ import sys
 import pytest
 from typer.testing import CliRunner
 
+import tunelab.runlock
 import tunelab.train as train_mod
+from test_train import cfg_for, data, tiny_dir  # noqa: F401  (fixtures)
 from tunelab import compare as compare_mod
 from tunelab.cli import app
 from tunelab.config import dump_config
 from tunelab.runlock import RunLock, RunLocked, locked_by
-
-from test_train import cfg_for, data, tiny_dir  # noqa: F401  (fixtures)
-
-import tunelab.runlock
 
 # runlock.py imports nothing of tunelab: load it alone so the holder starts fast (no torch import)
 HOLD = ("import importlib.util, sys, time\n"

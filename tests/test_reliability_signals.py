@@ -11,10 +11,9 @@ import pytest
 from safetensors.torch import load_file
 
 import tunelab.train as train_mod
+from test_train import cfg_for, data, losses, tiny_dir  # noqa: F401  (fixtures)
 from tunelab.config import dump_config
 from tunelab.runlock import Stopped
-
-from test_train import cfg_for, data, losses, tiny_dir  # noqa: F401  (fixtures)
 
 STEPS = ["train.max_steps=9", "train.save_every=4", "train.grad_accum=2", "train.schedule=cosine", "train.warmup=0.2"]
 
