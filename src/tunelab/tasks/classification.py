@@ -40,11 +40,20 @@ class Classification:
     def read(self, source, cfg, *, limit=None, skip_bad=False) -> list[dict]:
         keys = ["text", "label"] + (["text_pair"] if cfg.pair else [])
         cols = {k: field_name(cfg, k) for k in keys}
-        rows = read_records(source, skip_bad=skip_bad, quoting=cfg.quoting, limit=limit, required=list(cols.values()))
+        texts = [c for k, c in cols.items() if k != "label"]
+        rows = read_records(source, skip_bad=skip_bad, quoting=cfg.quoting, limit=limit, required=list(cols.values()),
+                            text=texts)
         out = []
         for r in rows:
             ex = {k: str(r[c]).strip() for k, c in cols.items() if k != "label"}
-            ex["label"] = str(r[cols["label"]]).strip()
+            label = r[cols["label"]]
+            if isinstance(label, float) and label.is_integer():
+                label = int(label)
+            if not isinstance(label, str | int):  # a list, a mapping, 0.5: never a class name
+                if skip_bad:
+                    continue
+                raise DataError(f"{r['_where']}: field {cols['label']!r} must be a class name or index, got {label!r}")
+            ex["label"] = str(label).strip()
             ex["_where"] = r.get("_where", source)
             out.append(ex)
         return out

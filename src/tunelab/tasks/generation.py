@@ -39,7 +39,7 @@ class Generation:
     def read(self, source, cfg, *, limit=None, skip_bad=False) -> list[dict]:
         icol, xcol, ocol = (field_name(cfg, k) for k in ("instruction", "input", "output"))
         path, rows = split_source(source, "rows")
-        records = read_records(path, skip_bad=skip_bad)
+        records = read_records(path, skip_bad=skip_bad, text=[icol, ocol])
 
         def build(r):
             return {"instruction": str(r[icol]).strip(), "input": str(r.get(xcol) or "").strip(),

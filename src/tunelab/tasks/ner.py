@@ -128,7 +128,7 @@ class NER:
             except DataError:
                 conll = False
         if conll:
-            return read_conll(source, cfg.token_col, cfg.tag_col, skip_bad=skip_bad, limit=limit)
+            return read_conll(source, cfg.token_col, cfg.tag_col, skip_bad=skip_bad, limit=limit, iob=True)
         tcol, gcol = field_name(cfg, "tokens"), field_name(cfg, "tags")
         out = []
         for r in read_records(source, skip_bad=skip_bad, limit=limit, required=[tcol, gcol]):

@@ -161,6 +161,19 @@ def install_qa_labels(model):
     return model
 
 
+def answer_mismatch(context: str, answers: list[str], starts) -> str | None:
+    """Why the answers do not sit at their ``answer_start`` offsets in ``context`` (None when they do)."""
+    if not isinstance(starts, list) or len(starts) != len(answers):
+        return f"answer_starts {starts!r} does not give one offset per answer ({len(answers)} answers)"
+    for text, start in zip(answers, starts, strict=True):
+        if isinstance(start, bool) or not isinstance(start, int | str) or not str(start).lstrip("-").isdigit():
+            return f"answer_start {start!r} is not a character offset"
+        start = int(start)
+        if start < 0 or context[start : start + len(text)] != text:
+            return f"answer {text!r} is not at character {start} of the context"
+    return None
+
+
 class QA:
     name = "qa"
     Config = QAConfig
@@ -168,7 +181,7 @@ class QA:
     def read(self, source, cfg, *, limit=None, skip_bad=False) -> list[dict]:
         path, articles = split_source(source)
         cols = {k: field_name(cfg, k) for k in ("context", "question", "answers", "answer_starts", "id", "title")}
-        rows = read_records(path, skip_bad=skip_bad)
+        rows = read_records(path, skip_bad=skip_bad, text=[cols["context"], cols["question"]])
         if ".paragraphs[" in rows[0]["_where"]:  # SQuAD JSON: canonical keys, article index in _where
             cols = {k: k for k in cols}
             keys = [re.search(r"data\[(\d+)\]", r["_where"])[1] for r in rows]
@@ -193,6 +206,11 @@ class QA:
                 raise DataError(f"{r['_where']}: field {cols['answers']!r} is missing or empty (unanswerable questions are not supported)")
             ctx = str(r[cols["context"]])
             starts = r.get(cols["answer_starts"]) or [ctx.find(a) for a in answers]
+            wrong = answer_mismatch(ctx, answers, starts)  # checked for every formulation, before training
+            if wrong:
+                if skip_bad:
+                    continue
+                raise DataError(f"{r['_where']}: {wrong}")
             out.append({"id": str(r.get(cols["id"], r["_where"])), "title": r.get(cols["title"], ""), "context": ctx,
                         "question": str(r[cols["question"]]), "answers": answers,
                         "answer_starts": [int(s) for s in starts], "_where": r["_where"]})

@@ -38,7 +38,7 @@ class Summarization:
         def build(r):
             return {"id": str(r.get(icol, r["_where"])), "dialogue": clean(r[dcol]), "summary": clean(r[scol]), "_where": r["_where"]}
 
-        return text_pairs(read_records(source, skip_bad=skip_bad), source, (dcol, scol), build, limit=limit,
+        return text_pairs(read_records(source, skip_bad=skip_bad, text=[dcol, scol]), source, (dcol, scol), build, limit=limit,
                           skip_bad=skip_bad, keys=("dialogue", "summary"), hint="{dialogue: article, summary: highlights}")
 
     def head(self, cfg, examples):
