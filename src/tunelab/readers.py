@@ -69,6 +69,8 @@ class _Rows:
             if key not in record:
                 return self.bad(where, f"missing field {key!r}",
                                 f"field {key!r} is missing (required: {self.required}; present: {sorted(record)})")
+            if record[key] is None:
+                return self.bad(where, f"null field {key!r}", f"field {key!r} is null (required: {self.required})")
             if _empty(record[key]):
                 return self.bad(where, f"empty field {key!r}", f"field {key!r} is empty (required: {self.required})")
             if isinstance(record[key], float) and record[key] != record[key]:
