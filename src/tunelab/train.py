@@ -37,6 +37,7 @@ from tunelab.guard import check_step, check_tensors, warn_rank
 from tunelab.methods.base import METHODS, method_state_dict
 from tunelab.models import load as load_model
 from tunelab.models import resolve
+from tunelab.preflight import check_run
 from tunelab.results import read_metrics
 from tunelab.runlock import RunLock, StopOnSignal, Stopped
 from tunelab.tasks import TASKS
@@ -238,6 +239,7 @@ class Run:
                              f"{head.kind} head here: packing would mix rows' labels; set data.pack=false")
         m = cfg.model
         self.model, self.tok = load_model(m.name, head=head, dtype=m.dtype, trust_remote_code=m.trust_remote_code, revision=m.revision)
+        check_run(self.task, self.tcfg, self.train_ex, self.eval_ex, self.tok, self.model, d.max_length)  # before step 1
         self.model.to(self.device)
 
     def evaluate(self) -> tuple[dict, list[dict]]:
@@ -354,6 +356,10 @@ def _run(cfg: RunConfig, t_start: float) -> dict:
 def _train(r: Run, model, out: Path, lead: bool) -> dict:
     cfg, tc = r.cfg, r.cfg.train
     feats = [r.task.encode(ex, r.tok, r.tcfg, cfg.data.max_length) for ex in r.train_ex]
+    truncated = sum(1 for f in feats if f.get("truncated"))
+    if truncated:
+        dist.log(f"warning: {truncated} of {len(feats)} training rows are longer than data.max_length="
+                 f"{cfg.data.max_length} and were truncated (their document part; see metrics.json run.truncated_rows)")
     if cfg.data.pack:
         feats = pack(feats, cfg.data.max_length)
     lengths = [len(f["input_ids"]) for f in feats]
@@ -480,7 +486,8 @@ def _train(r: Run, model, out: Path, lead: bool) -> dict:
             log_f.close()
     return {"steps": pos["step"], "train_tokens": tokens, "train_time_s": t_train,
             "train_tokens_per_s": tokens / t_train if t_train else 0.0, "final_loss": loss,
-            "mean_train_loss": pos["loss_sum"] / pos["step"] if pos["step"] else float("nan"), "lr": lr}
+            "mean_train_loss": pos["loss_sum"] / pos["step"] if pos["step"] else float("nan"), "lr": lr,
+            "truncated_rows": truncated}
 
 
 def _last_saved(ckpt: Path) -> Path | None:

@@ -17,7 +17,7 @@ scored with ``tunelab.evaluate.score_choices`` (no generation needed for it).
 
 from __future__ import annotations
 
-from tunelab.data import encode_lm
+from tunelab.data import encode_lm, encode_lm_document
 from tunelab.evaluate import generate, score_choices
 from tunelab.metrics import bleu, perplexity, rouge
 from tunelab.readers import read_records
@@ -59,6 +59,9 @@ class Generation:
         return render_prompt(tokenizer, text, cfg.chat, system=cfg.system)
 
     def encode(self, ex, tokenizer, cfg, max_length) -> dict:
+        if ex["input"]:  # too long: the input is cut, never the instruction or chat header
+            return encode_lm_document(tokenizer, lambda d: self.prompt({**ex, "input": d}, tokenizer, cfg),
+                                      ex["input"], ex["output"], max_length)
         return encode_lm(tokenizer, self.prompt(ex, tokenizer, cfg), ex["output"], max_length)
 
     def evaluate(self, model, tokenizer, examples, cfg, *, batch_size=16, gen=None):

@@ -35,7 +35,7 @@ import re
 
 import torch
 
-from tunelab.data import encode_lm
+from tunelab.data import encode_lm_document
 from tunelab.evaluate import generate
 from tunelab.methods.base import context as model_context
 from tunelab.metrics import squad_scores
@@ -219,13 +219,25 @@ class QA:
     def head(self, cfg, examples):
         return HeadSpec("qa", install=install_qa_labels) if cfg.formulation == "head" else None
 
+    def check(self, cfg, train_ex, eval_ex, tokenizer, model) -> None:
+        """Before step 1: the head's eval windows must fit the model's positions."""
+        n = getattr(model.config, "max_position_embeddings", None)
+        if cfg.formulation != "head" or not n or cfg.window <= n or not eval_ex:
+            return
+        lengths = [len(ids) for ids in tokenizer([ex["question"] for ex in eval_ex], [ex["context"] for ex in eval_ex])["input_ids"]]
+        long = next((ex for ex, k in zip(eval_ex, lengths, strict=True) if k > n), None)
+        if long is not None:
+            raise ValueError(f"{long['_where']}: question + context is longer than the model's {n} positions and "
+                             f"task.window={cfg.window} would not cut it; set task.window={n}")
+
     def prompt(self, ex, tokenizer, cfg) -> str:
         text = (cfg.template or DEFAULT_TEMPLATE).format(context=ex["context"], question=ex["question"])
         return render_prompt(tokenizer, text, cfg.chat)
 
     def encode(self, ex, tokenizer, cfg, max_length) -> dict:
         if cfg.formulation != "head":
-            return encode_lm(tokenizer, self.prompt(ex, tokenizer, cfg), ex["answers"][0], max_length)
+            return encode_lm_document(tokenizer, lambda c: self.prompt({**ex, "context": c}, tokenizer, cfg),
+                                      ex["context"], ex["answers"][0], max_length)
         start = ex["answer_starts"][0]
         if start < 0 or ex["context"][start : start + len(ex["answers"][0])] != ex["answers"][0]:
             raise DataError(f"{ex['_where']}: answer {ex['answers'][0]!r} is not at character {start} of the context")

@@ -12,7 +12,7 @@ target = the summary; evaluation generates greedily (``gen`` settings) and score
 
 from __future__ import annotations
 
-from tunelab.data import encode_lm
+from tunelab.data import encode_lm_document
 from tunelab.evaluate import generate
 from tunelab.metrics import rouge
 from tunelab.readers import read_records
@@ -50,7 +50,9 @@ class Summarization:
         return render_prompt(tokenizer, (cfg.template or DEFAULT_TEMPLATE).format(dialogue=ex["dialogue"]), cfg.chat)
 
     def encode(self, ex, tokenizer, cfg, max_length) -> dict:
-        return encode_lm(tokenizer, self.prompt(ex, tokenizer, cfg), ex["summary"], max_length)
+        # too long: the dialogue is cut, never the instruction or chat header around it
+        return encode_lm_document(tokenizer, lambda d: self.prompt({**ex, "dialogue": d}, tokenizer, cfg),
+                                  ex["dialogue"], ex["summary"], max_length)
 
     def evaluate(self, model, tokenizer, examples, cfg, *, batch_size=16, gen=None):
         args = gen_args(gen, batch_size, max_new_tokens=64)
