@@ -44,6 +44,7 @@ def atomic_dir(target: str | Path, keep: str | Path | None = None):
     try:
         yield tmp
         for f in tmp.iterdir():
+            readable(f, directory=f.is_dir())  # safetensors writes 0600
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
         old = Path(keep) if keep is not None else target.with_name(f".{target.name}.old")
