@@ -101,3 +101,40 @@ def test_squad_answer_start_checked_in_every_formulation(tmp_path, formulation):
     p = jsonl(tmp_path, [{"context": "Paris is in France.", "question": "Where?", "answers": ["Spain"]}])
     with pytest.raises(DataError, match=r"answer 'Spain' is not at character -1"):
         read("qa", p, formulation=formulation)
+
+
+def test_long_rows_are_cut_in_the_document_never_the_instruction_or_header(tmp_path):
+    from conftest import tiny_tokenizer_obj
+
+    tok = tiny_tokenizer_obj()
+    task = TASKS.get("summarization")
+    cfg = task_config("summarization", {"chat": False, "template": "Summarize the dialogue : {dialogue} Summary :"})
+    ex = {"id": "1", "dialogue": " ".join(["Tom : hi Mary"] * 40), "summary": "Tom says hi", "_where": "x:1"}
+    f = task.encode(ex, tok, cfg, 40)
+    assert f["truncated"] and len(f["input_ids"]) <= 40
+    text = tok.decode(f["input_ids"][: f["prompt_len"]])
+    assert text.startswith("Summarize the dialogue : Tom : hi Mary") and text.endswith("Summary :")
+    assert tok.decode([t for t in f["labels"] if t >= 0]).startswith("Tom says hi")
+    short = task.encode({**ex, "dialogue": "Tom : hi"}, tok, cfg, 40)
+    assert "truncated" not in short
+
+
+def test_truncated_rows_are_counted_in_the_run_facts(tmp_path):
+    import json as _json
+
+    import tunelab.train as train_mod
+    from tunelab.config import load_config
+
+    from conftest import tiny_llama, tiny_tokenizer_obj
+
+    model = tmp_path / "m"
+    tiny_llama().save_pretrained(model)
+    tiny_tokenizer_obj().save_pretrained(model)
+    rows = [{"sentence": ("the cat sat on the mat . " * (12 if i % 2 else 1)).strip(), "label": i % 2} for i in range(8)]
+    d = tmp_path / "d.jsonl"
+    d.write_text("".join(_json.dumps(r) + "\n" for r in rows))
+    rec = train_mod.run(load_config(None, [
+        f"model.name={model}", "method.name=full", "task.name=sentiment", "task.chat=false", 'task.labels=["no", "yes"]',
+        "task.template=Is it good ? {text} Answer :", f"data.train={d}", "data.max_length=24", "train.max_steps=1",
+        "train.progress=false", "eval.loss=false", f"output_dir={tmp_path / 'run'}"]))
+    assert rec["run"]["truncated_rows"] == 4
