@@ -219,7 +219,7 @@ def _execute(
             manifest["failed"][info["run"]] = f"{type(e).__name__}: {e}"
             say(f"[{i}/{len(plan)}] {info['run']}: FAILED {type(e).__name__}: {e}")
             continue
-        if not (run_dir / "metrics.json").exists():  # keep the "finished" marker true to the contract
+        if metrics and not (run_dir / "metrics.json").exists():  # keep the "finished" marker true to the contract
             atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2, default=str))
     atomic_write_text(out_dir / MANIFEST, json.dumps(manifest, indent=2))
     return manifest
