@@ -12,7 +12,8 @@ from typer.testing import CliRunner
 
 import tunelab.runlock
 import tunelab.train as train_mod
-from test_train import cfg_for, data, tiny_dir  # noqa: F401  (fixtures)
+from reliability_fixtures import tiny_dir  # noqa: F401  (fixture)
+from test_train import cfg_for, data  # noqa: F401  (fixtures)
 from tunelab import compare as compare_mod
 from tunelab.cli import app
 from tunelab.config import dump_config
