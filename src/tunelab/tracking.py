@@ -135,6 +135,9 @@ class Tracker:
             b.log("eval", _scalars(metrics), step)
 
     def finish(self, metrics: dict) -> None:
+        if isinstance(metrics.get("metrics"), dict) and isinstance(metrics.get("run"), dict):  # metrics.json's form
+            metrics = {**metrics["metrics"], **({"before": metrics["before"]} if "before" in metrics else {}),
+                       **metrics["run"]}
         final = _scalars(metrics)
         for b in self.backends:
             b.finish(final, self.step)
