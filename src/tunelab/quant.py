@@ -24,11 +24,30 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-try:  # torchao prints loader noise for kernels this machine lacks; the NF4 tensor is pure torch
-    from torchao.quantization import NF4Tensor
-    from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import SubclassTensorArgs
-except Exception:  # pragma: no cover - torchao is a dependency; keep the pure-torch path usable
-    NF4Tensor = SubclassTensorArgs = None
+_TORCHAO: bool | None = None  # imported on first use: torchao pulls in torch._dynamo (seconds), which
+# `tunelab methods` and every run without QLoRA/LoftQ never need. NF4Tensor / SubclassTensorArgs become
+# module globals then (``quant.NF4Tensor`` from outside imports it too, via __getattr__).
+
+
+def _torchao() -> bool:
+    global _TORCHAO, NF4Tensor, SubclassTensorArgs
+    if _TORCHAO is None:
+        try:  # torchao prints loader noise for kernels this machine lacks; the NF4 tensor is pure torch
+            from torchao.quantization import NF4Tensor
+            from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import SubclassTensorArgs
+
+            _TORCHAO = True
+        except Exception:  # pragma: no cover - torchao is a dependency; keep the pure-torch path usable
+            NF4Tensor = SubclassTensorArgs = None
+            _TORCHAO = False
+    return _TORCHAO
+
+
+def __getattr__(name: str):
+    if name in ("NF4Tensor", "SubclassTensorArgs"):
+        _torchao()
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 BLOCK = 64
 NF_OFFSET = 0.9677083  # the outermost quantile of NF4 (Dettmers et al.): keeps +-1 finite
@@ -93,7 +112,7 @@ class Packed:
 
 
 def _nf4_ok(w: torch.Tensor) -> bool:
-    if NF4Tensor is None or w.dim() != 2 or w.numel() % BLOCK:
+    if not _torchao() or w.dim() != 2 or w.numel() % BLOCK:
         return False
     n_blocks = w.numel() // BLOCK
     return math.gcd(n_blocks, 256) >= 2 and bool(w.detach().reshape(-1, BLOCK).abs().amax(1).min() > 0)
@@ -141,7 +160,7 @@ def tensor_bytes(t) -> int:
     """Bytes a tensor (or a quantized weight) really occupies, counting its scales and codebook."""
     if isinstance(t, Packed):
         return sum(x.numel() * x.element_size() for x in t.tensors().values())
-    if NF4Tensor is not None and isinstance(t, NF4Tensor):
+    if _TORCHAO and isinstance(t, NF4Tensor):
         inner, _ = t.__tensor_flatten__()
         return sum(getattr(t, n).numel() * getattr(t, n).element_size() for n in inner)
     return t.numel() * t.element_size()
