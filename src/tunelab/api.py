@@ -89,7 +89,7 @@ def load(model: nn.Module, directory: str | Path) -> nn.Module:
         raise ValueError(f"{directory}: holds method '{meta['name']}' but the model has '{model.tunelab_method['name']}'")
     state = load_file(str(directory / METHOD_WEIGHTS), device="cpu")
     upgrade = getattr(METHODS.get(meta["name"]), "upgrade_state", None)
-    state = upgrade(state) if upgrade else state  # a method's older saved format, converted
+    state = upgrade(model, state, directory / METHOD_WEIGHTS) if upgrade else state  # an older format, converted
     own = model.state_dict()
     missing = [k for k in method_state_dict(model) if k not in state]
     unknown = [k for k in state if k not in own]

@@ -301,7 +301,7 @@ class _Reft:
     def __init__(self, name: str, module: type[nn.Module]):
         self.name, self.module = name, module
 
-    def upgrade_state(self, state: dict) -> dict:
+    def upgrade_state(self, model: nn.Module, state: dict, where) -> dict:
         """Saved states of older tunelab versions, in today's format (called by tunelab.load)."""
         return upgrade_state(state) if self.name == "loreft" else state
 
