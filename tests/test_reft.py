@@ -473,3 +473,18 @@ def test_dropout_placement_options(cls):
     assert torch.allclose(edit_only(h), output(h), atol=1e-6)
     with pytest.raises(ValueError, match="dropout_on"):
         tunelab.attach(tiny_llama(), "loreft", dropout_on="input")
+
+
+def test_methods_listing_shows_default_lrs_and_why():
+    from typer.testing import CliRunner
+
+    from tunelab.cli import app
+    from tunelab.train import default_lr
+
+    out = CliRunner().invoke(app, ["methods"]).output
+    block = out.split("loreft", 1)[1].split("\nparallel_adapter", 1)[0]
+    assert "default lr: 0.002" in block and "short_prompt=pyreft" in block
+    assert "init=zero_up" in out.split("series_adapter", 1)[1]
+    for name in ("loreft", "direft", "lora", "qlora", "loftq", "series_adapter", "parallel_adapter", "random_mask"):
+        assert default_lr(name) != 1e-4  # every method has its own, none falls to the generic default
+    assert default_lr("loreft") == 2e-3

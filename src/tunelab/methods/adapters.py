@@ -158,6 +158,11 @@ class _Adapter:
     )
 
     recommended_lr = 3e-4  # LLM-Adapters' setting for both placements (AdamW, 3 epochs)
+    about_defaults = (
+        "init=zero_up (= LLM-Adapters' mam_adapter: kaiming D, U = 0) so training starts exactly at the base model "
+        "(the reference defaults to init=bert); hosts: the MLP block (reference recipes: series on gate/up/down_proj, "
+        "parallel on v_proj+down_proj); series go before gate/up_proj and after down_proj, as the reference"
+    )
 
     def attach(self, model: nn.Module, cfg: AdapterConfig) -> nn.Module:
         targets = find_linears(model, cfg.target_modules or _default_targets(model), types=(nn.Module,))

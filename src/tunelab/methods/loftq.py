@@ -118,6 +118,10 @@ class LoftQ:
     name = "loftq"
     Config = LoftQConfig
     recommended_lr = 3e-4  # as LoRA (the LoftQ paper fine-tunes with LoRA's usual 1e-4..3e-4)
+    about_defaults = (
+        "bits=4: NF4; bits=2: quant=nf (NF2) or uniform (the LoftQ repository's mean + 2.5 std block scale; "
+        "uniform_absmax is tunelab 0.1's); keep_best keeps the lowest-error iterate (keep_best=false: the paper's T-th)"
+    )
 
     def attach(self, model: nn.Module, cfg: LoftQConfig) -> nn.Module:
         before_model, before_linears = quant.model_bytes(model), 0

@@ -171,6 +171,10 @@ class RandomMask:
 
     # what the loop reads when the run sets no lr: the value at the default fraction (0.1% -> 1.8e-3)
     recommended_lr = lr_for(RandomMaskConfig())
+    about_defaults = (
+        "kept count per matrix ~ Binomial(n, fraction) (expected = fraction * n, the reference's per-entry mask); "
+        "lr from the density: 1e-2 * (1e-4 / fraction) ** 0.75"
+    )
 
     def attach(self, model: nn.Module, cfg: RandomMaskConfig) -> nn.Module:
         targets = _resolve_targets(model, cfg.target_modules)

@@ -293,6 +293,10 @@ class _Sites:
 class _Reft:
     Config = ReftConfig
     recommended_lr = 2e-3  # AdamW, constant lr as in tunelab's SST-2 runs; pyreft's GLUE recipes use 1e-3..4e-2
+    about_defaults = (
+        "the paper's short-prompt rule and dropout on the edit (pyreft's: short_prompt=pyreft, dropout_on=output); "
+        "R trivialized at torch orthogonal()'s identity point like pyreft, so one step moves R as pyreft's does"
+    )
     merge_refusal = (
         "ReFT edits hidden states at chosen prompt positions, not weights; no weight "
         "change reproduces it, so keep the interventions attached (they only touch the prompt)"
@@ -300,6 +304,11 @@ class _Reft:
 
     def __init__(self, name: str, module: type[nn.Module]):
         self.name, self.module = name, module
+        if name == "direft":
+            self.about_defaults = (
+                "the paper's DiReFT h + W2^T (W1 h + b), W2 not orthonormal (= pyreft's NodireftIntervention); "
+                "the paper's short-prompt rule and dropout on the edit (pyreft's: short_prompt=pyreft, dropout_on=output)"
+            )
 
     def upgrade_state(self, model: nn.Module, state: dict, where) -> dict:
         """Saved states of older tunelab versions, in today's format (called by tunelab.load)."""
