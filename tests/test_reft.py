@@ -488,3 +488,19 @@ def test_methods_listing_shows_default_lrs_and_why():
     for name in ("loreft", "direft", "lora", "qlora", "loftq", "series_adapter", "parallel_adapter", "random_mask"):
         assert default_lr(name) != 1e-4  # every method has its own, none falls to the generic default
     assert default_lr("loreft") == 2e-3
+
+
+def test_old_state_converts_on_any_load_path():
+    """model.load_state_dict (what resuming a checkpoint does) converts a 0.1 state as tunelab.load does."""
+    torch.manual_seed(0)
+    old = LoReFT(D, 4)
+    X = torch.geqrf(torch.nn.init.orthogonal_(torch.empty(D, 4)))[0].mT
+    A = X.mT.tril(-1)
+    R = torch.linalg.householder_product(A, 2.0 / (1.0 + (A * A).sum(-2))).mT
+    W, b = old.learned_source.weight.detach(), old.learned_source.bias.detach()
+    state = {"rotate.parametrizations.weight.original": X, "learned_source.weight": W, "learned_source.bias": b}
+    new = LoReFT(D, 4)
+    new.load_state_dict(state, strict=False)
+    h = torch.randn(5, D)
+    with torch.no_grad():
+        assert torch.allclose(new(h), h + (h @ W.T + b - h @ R.T) @ R, atol=1e-5)

@@ -162,6 +162,13 @@ class LoReFT(nn.Module):
         self.learned_source = nn.Linear(d, r)
         self.dropout = nn.Dropout(dropout)
         self.dropout_on = dropout_on
+        self._register_load_state_dict_pre_hook(self._upgrade)
+
+    @staticmethod
+    def _upgrade(state_dict, prefix, *args):
+        # any load path (tunelab.load, resuming a checkpoint) converts a tunelab 0.1 state in place
+        if prefix + "rotate.parametrizations.weight.original" in state_dict:
+            state_dict.update(upgrade_state({k: v for k, v in state_dict.items() if k.startswith(prefix)}))
 
     def forward(self, h):  # h (K, d) -> (K, d)
         R = self.rotate.weight
