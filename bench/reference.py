@@ -5,7 +5,10 @@
 - ``trainer``: full fine-tuning with the Hugging Face Trainer (its default fused AdamW, bf16 via
   accelerate's autocast), fed the training loop's batches in the loop's order.
 - ``pyreft_loop``: LoReFT with pyreft (pyvene) at the same positions (the paper's short-prompt rule,
-  as tunelab's default), seeded with train.seed, the same lr, schedule and clipping, in a plain loop.
+  as tunelab's default), the same lr, schedule and clipping, in a plain loop, starting from the
+  R, W, b that tunelab's run draws for train.seed (its orthogonal() base set to tunelab's base, its
+  raw parameter at the identity point, as pyreft initialises it), so the two losses are comparable
+  step by step and not only in distribution.
 - ``score_plain``: label-word scoring by a plain forward over all positions (full logits), batches
   in file order, right padding, the last prompt position read per row.
 - ``generate_plain``: ``model.generate`` over batches in file order, left padding.
@@ -247,11 +250,17 @@ def pyreft_loop(cfg: RunConfig, steps: int, warmup: int, peak_flops: float, *, r
     batches = planned_batches(r, cfg, warmup + steps)
     model = load_plain(cfg, device)
     layers, d = model.config.num_hidden_layers, model.config.hidden_size
-    torch.manual_seed(cfg.train.seed)  # the interventions' random start, seeded as tunelab's run is
+    start = _tunelab_loreft_start(cfg)
     reps = [{"layer": i, "component": "block_output", "low_rank_dimension": rank,
              "intervention": pyreft.LoreftIntervention(embed_dim=d, low_rank_dimension=rank, dtype=torch.float32)}
             for i in range(layers)]
     reft = pyreft.get_reft_model(model, pyreft.ReftConfig(representations=reps))
+    with torch.no_grad():
+        for (base, w, b), iv in zip(start, reft.interventions.values(), strict=True):
+            iv = iv[0] if isinstance(iv, tuple) else iv
+            iv.rotate_layer.parametrizations.weight[0].base = base.clone()
+            iv.learned_source.weight.copy_(w)
+            iv.learned_source.bias.copy_(b)
     reft.set_device(str(device))
     for b in batches:  # right padding: the prompt is columns [0, prompt_len)
         n = b["prompt_mask"].sum(1).tolist()
@@ -286,6 +295,23 @@ def pyreft_loop(cfg: RunConfig, steps: int, warmup: int, peak_flops: float, *, r
     res["trainable_params"] = counts["adapters"]
     res["losses"] = losses
     return res
+
+
+def _tunelab_loreft_start(cfg: RunConfig) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(B, W, b) per layer, as tunelab's bench run draws them: seed_all, Run, attach (the same calls)."""
+    import tunelab
+    from tunelab.train import Run, seed_all
+
+    seed_all(cfg.train.seed)
+    r = Run(cfg)
+    model = tunelab.attach(r.model, cfg.method.name, **cfg.method.params())
+    out = []
+    for blk in model.model.layers:
+        iv = blk.reft.both
+        out.append((iv.rotate.parametrizations.weight[0].base().detach(), iv.learned_source.weight.detach().clone(),
+                    iv.learned_source.bias.detach().clone()))
+    del model, r
+    return out
 
 
 def _sites(n: int, first: int, last: int) -> list[int]:
