@@ -72,6 +72,8 @@ def series_side(name: str, cfg: AdapterConfig) -> str:
 class Bottleneck(nn.Module):
     """a(z) = scale * up(act(down(dropout(z)))); placement "series_before", "series_after" or "parallel"."""
 
+    tunelab_active = True  # False: the host computes alone (tunelab.disabled)
+
     def __init__(self, d_in: int, d_out: int, cfg: AdapterConfig, placement: str, gen: torch.Generator, device=None):
         super().__init__()
         self.placement, self.activation = placement, cfg.activation
@@ -107,6 +109,8 @@ class Bottleneck(nn.Module):
 def _adapter_hook(module: nn.Module, args, kwargs, output):
     # A forward hook keeps the host module (and its state-dict names) unchanged.
     adapter = module.adapter
+    if not adapter.tunelab_active:  # switched off: the host's own output (tunelab.disabled)
+        return output
     if adapter.placement == "series_before":
         return None  # done by _adapter_pre_hook
     y = output[0] if isinstance(output, tuple) else output
@@ -120,7 +124,7 @@ def _adapter_hook(module: nn.Module, args, kwargs, output):
 
 def _adapter_pre_hook(module: nn.Module, args, kwargs):
     # series before the host: f(x + a(x)), the reference's mh_adapter
-    if module.adapter.placement != "series_before":
+    if module.adapter.placement != "series_before" or not module.adapter.tunelab_active:
         return None
     if args:
         return (args[0] + module.adapter(args[0]), *args[1:]), kwargs

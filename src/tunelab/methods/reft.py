@@ -50,6 +50,15 @@ Options (the paper's rule is the default; pyreft's behaviour is one setting away
 DiReFT is the paper's formula h + W2^T (W1 h + b) with a plain (not orthonormal) W2, which is
 pyreft's ``NodireftIntervention`` (with ``add_bias=False`` on W2); pyreft's class named
 ``DireftIntervention`` keeps an orthonormal R in W2's place. ReFT cannot be merged into the weights.
+
+Encoder-decoder models (T5, BART). ``stack`` picks the layers' stack: "encoder" (the default there),
+"decoder" or "both"; ``layers`` indexes blocks within each chosen stack. The prompt is the encoder's
+input, so encoder interventions act at the source's positions (first p / last s real source tokens;
+the source is the whole prompt, its padding excluded). The decoder's only prompt position is its start
+token (column 0 of the first decoder forward: in training, where the labels are shifted in behind it,
+and at generation's first step, whose KV entries every later step then reads); target and generated
+tokens are never edited, as the paper keeps interventions off generated tokens. ``stack`` on a
+decoder-only or encoder-only model is an error.
 """
 
 from __future__ import annotations
@@ -74,6 +83,7 @@ class ReftConfig(MethodConfig):
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     dropout_on: Literal["edit", "output"] = "edit"  # "output": pyreft's dropout(h + edit)
     short_prompt: Literal["paper", "pyreft"] = "paper"  # "pyreft": p, s = min(p, n//2), min(s, n//2)
+    stack: Literal["encoder", "decoder", "both"] | None = None  # encoder-decoder models only (default encoder)
 
     @field_validator("layers", mode="before")
     @classmethod
@@ -150,6 +160,8 @@ class _Rotation(nn.Module):
 
 
 class LoReFT(nn.Module):
+    tunelab_active = True  # False: h passes unchanged (tunelab.disabled)
+
     def __init__(self, d: int, r: int, dropout: float = 0.0, dropout_on: str = "edit"):
         super().__init__()
         if r > d:
@@ -203,6 +215,8 @@ def upgrade_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 class DiReFT(nn.Module):
+    tunelab_active = True
+
     def __init__(self, d: int, r: int, dropout: float = 0.0, dropout_on: str = "edit"):
         super().__init__()
         self.learned_source = nn.Linear(d, r)  # W1, b
@@ -291,7 +305,7 @@ class _Sites:
             return None
         flat = h.reshape(B * T, d)
         for key, rows in self.rows.items():
-            if rows.numel():
+            if rows.numel() and block.reft[key].tunelab_active:
                 flat = flat.index_copy(0, rows, block.reft[key](flat.index_select(0, rows)))
         h = flat.view(B, T, d)
         return h if isinstance(output, torch.Tensor) else (h, *output[1:])
@@ -322,6 +336,11 @@ class _Reft:
         return upgrade_state(state) if self.name == "loreft" else state
 
     def attach(self, model: nn.Module, cfg: ReftConfig) -> nn.Module:
+        if getattr(model.config, "is_encoder_decoder", False):
+            return attach_stacks(self.module, model, cfg)
+        if cfg.stack is not None:
+            raise ValueError(f"stack={cfg.stack!r} applies to encoder-decoder models (T5, BART) only; "
+                             f"{type(model).__name__} has one stack: leave stack unset")
         freeze(model)
         blocks = _blocks(model)
         n, d = len(blocks), model.config.hidden_size
@@ -341,6 +360,70 @@ class _Reft:
         model.register_forward_pre_hook(sites.pre_hook, with_kwargs=True, prepend=True)
         model.tunelab_reft = sites
         return model
+
+
+# ---------------------------------------------------------------- encoder-decoder stacks
+def stack_blocks(stack: nn.Module) -> nn.ModuleList:
+    """The block list of one encoder or decoder stack (T5Stack.block, BartEncoder/Decoder.layers).
+    For the architecture table (tunelab.arch) to absorb once it lists encoder/decoder block paths."""
+    for attr in ("block", "layers", "layer"):
+        blocks = getattr(stack, attr, None)
+        if isinstance(blocks, nn.ModuleList) and len(blocks):
+            return blocks
+    raise ValueError(f"found no block list (block/layers) in {type(stack).__name__}")
+
+
+class _StackSites(_Sites):
+    """Sites for one stack of an encoder-decoder, found from that stack's own inputs (generation calls
+    the encoder directly, not through the top model): the encoder's prompt is its attended tokens, the
+    decoder's is column 0 of its first (cache-free) forward."""
+
+    def __init__(self, p: int, s: int, keys: list[str], decoder: bool, rule: str = "paper"):
+        super().__init__(p, s, keys, rule)
+        self.decoder = decoder
+
+    def pre_hook(self, stack, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        x = ids if ids is not None else kwargs["inputs_embeds"]
+        B, T = x.shape[:2]
+        pm = torch.zeros(B, T, dtype=torch.bool, device=x.device)
+        if self.decoder:
+            cache = kwargs.get("cache", kwargs.get("past_key_values"))
+            if not (cache is not None and hasattr(cache, "get_seq_length") and int(cache.get_seq_length()) > 0):
+                pm[:, 0] = True
+        else:
+            am = kwargs.get("attention_mask")
+            pm = am.bool() if isinstance(am, torch.Tensor) and am.dim() == 2 and am.shape[1] == T else ~pm
+        pre, suf = prompt_sites(pm, self.p, self.s, self.rule)
+        sides = {"both": pre | suf, "prefix": pre, "suffix": suf}
+        self.shape = (B, T)
+        self.rows = {key: sides[key].reshape(-1).nonzero().squeeze(1) for key in self.keys}
+
+
+def attach_stacks(module: type[nn.Module], model: nn.Module, cfg: ReftConfig) -> nn.Module:
+    freeze(model)
+    d = model.config.hidden_size
+    p, s = parse_positions(cfg.positions)
+    keys = ["both"] if cfg.tied else [k for k, c in (("prefix", p), ("suffix", s)) if c]
+    names = ["encoder", "decoder"] if cfg.stack == "both" else [cfg.stack or "encoder"]
+    model.tunelab_reft = {}
+    for name in names:
+        stack = model.get_encoder() if name == "encoder" else model.get_decoder()
+        blocks = stack_blocks(stack)
+        n = len(blocks)
+        layers = list(range(n)) if cfg.layers == "all" else cfg.layers
+        if any(not -n <= i < n for i in layers) or not layers or len({i % n for i in layers}) != len(layers):
+            raise ValueError(f"layers={cfg.layers}: the {name} has {n} blocks; need distinct indices in [0, {n}) "
+                             f"(or -{n}..-1), or 'all'")
+        sites = _StackSites(p, s, keys, decoder=name == "decoder", rule=cfg.short_prompt)
+        for i in sorted(i % n for i in layers):
+            block = blocks[i]
+            block.reft = nn.ModuleDict({k: module(d, cfg.rank, cfg.dropout, cfg.dropout_on) for k in keys})
+            block.reft.to(next(block.parameters()).device)
+            block.register_forward_hook(sites.edit)
+        stack.register_forward_pre_hook(sites.pre_hook, with_kwargs=True, prepend=True)
+        model.tunelab_reft[name] = sites
+    return model
 
 
 METHODS.register("loreft", _Reft("loreft", LoReFT))

@@ -6,6 +6,9 @@ Data: SQuAD JSON (one example per question), or JSON/JSONL/CSV records with ``co
 
 Formulations:
 - ``lm`` (generative): the model writes the answer after the prompt; first reference is the target.
+- ``seq2seq`` (generative, encoder-decoder: T5, Flan-T5, BART): source = template over question and
+  context (default ``"question: {question} context: {context}"``, T5's SQuAD format; never chat-wrapped)
+  into the encoder, the first reference answer into the decoder.
 - ``head`` (extractive): start/end logits over the tokens of ``question [SEP] context``. Contexts
   longer than the window are cut into overlapping windows (``window`` tokens, ``stride`` shared
   tokens); the answer is the best ``start + end`` logit span over all windows whose tokens lie in the
@@ -32,10 +35,11 @@ non-SQuAD records an article is a distinct ``title`` (or, without titles, a dist
 from __future__ import annotations
 
 import re
+from typing import Literal
 
 import torch
 
-from tunelab.data import encode_lm
+from tunelab.data import encode_lm, encode_seq2seq
 from tunelab.evaluate import generate
 from tunelab.methods.base import context as model_context
 from tunelab.metrics import squad_scores
@@ -45,11 +49,13 @@ from tunelab.tasks.base import TASKS, HeadSpec, TaskConfig, field_name, gen_args
 DEFAULT_TEMPLATE = (
     "Answer the question with a short phrase copied from the context.\nContext: {context}\nQuestion: {question}"
 )
+SEQ2SEQ_TEMPLATE = "question: {question} context: {context}"
 START, END, BOTH = 1, 2, 3
 _FRAGMENT = re.compile(r"^(?P<path>.*)#(?P<key>\w+)=(?P<value>[^#]*)$")
 
 
 class QAConfig(TaskConfig):
+    formulation: Literal["lm", "head", "seq2seq"] = "lm"
     window: int = 384  # extractive head: tokens per window (question + context + specials)
     stride: int = 128  # tokens shared by consecutive windows
     max_answer_tokens: int = 30
@@ -199,13 +205,19 @@ class QA:
         return out[:limit] if limit is not None else out
 
     def head(self, cfg, examples):
+        if cfg.formulation == "seq2seq":
+            return HeadSpec("seq2seq")
         return HeadSpec("qa", install=install_qa_labels) if cfg.formulation == "head" else None
 
     def prompt(self, ex, tokenizer, cfg) -> str:
+        if cfg.formulation == "seq2seq":
+            return (cfg.template or SEQ2SEQ_TEMPLATE).format(context=ex["context"], question=ex["question"])
         text = (cfg.template or DEFAULT_TEMPLATE).format(context=ex["context"], question=ex["question"])
         return render_prompt(tokenizer, text, cfg.chat)
 
     def encode(self, ex, tokenizer, cfg, max_length) -> dict:
+        if cfg.formulation == "seq2seq":
+            return encode_seq2seq(tokenizer, self.prompt(ex, tokenizer, cfg), ex["answers"][0], max_length)
         if cfg.formulation != "head":
             return encode_lm(tokenizer, self.prompt(ex, tokenizer, cfg), ex["answers"][0], max_length)
         start = ex["answer_starts"][0]
