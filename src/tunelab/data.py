@@ -81,11 +81,43 @@ def encode_lm(tokenizer, prompt: str, target: str, max_length: int, add_eos: boo
         if tokenizer.eos_token_id is None:
             raise ValueError("add_eos=True but the tokenizer has no eos_token_id; set one or pass add_eos=False")
         t.append(tokenizer.eos_token_id)
-    if len(p) + len(t) > max_length:
+    cut = len(p) + len(t) > max_length
+    if cut:
         keep_p = max_length - len(t) if len(t) < max_length else min(len(p), max_length // 2)
         p = _keep_tail(p, keep_p, tokenizer.bos_token_id)
         t = t[: max_length - len(p)]
-    return {"input_ids": p + t, "labels": [IGNORE] * len(p) + t, "prompt_len": len(p)}
+    feature = {"input_ids": p + t, "labels": [IGNORE] * len(p) + t, "prompt_len": len(p)}
+    if cut:
+        feature["truncated"] = True  # counted by the loop (metrics.json run.truncated_rows)
+    return feature
+
+
+def encode_lm_document(tokenizer, render, document: str, target: str, max_length: int, add_eos: bool = True) -> dict:
+    """`encode_lm` for a prompt that the task renders around a document (``render(document) -> prompt``).
+
+    A row that does not fit is cut in the DOCUMENT (its last tokens go), never in the instruction, the
+    template or the chat header around it: the largest document prefix, in whole tokens, that fits with
+    the whole target is found by bisection. Only when even an empty document does not fit does
+    `encode_lm`'s rule apply. A cut row carries ``truncated: True``.
+    """
+    feature = encode_lm(tokenizer, render(document), target, max_length, add_eos)
+    if not feature.get("truncated"):
+        return feature
+    doc = list(tokenizer(document, add_special_tokens=False)["input_ids"])
+    t_len = len(tokenizer(target, add_special_tokens=False)["input_ids"]) + (1 if add_eos else 0)
+
+    def fits(k: int) -> bool:
+        return len(tokenize_prompt(tokenizer, render(tokenizer.decode(doc[:k])))) + t_len <= max_length
+
+    if not fits(0):
+        return feature
+    lo, hi = 0, len(doc)  # fits(lo) holds, fits(hi) does not
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    feature = encode_lm(tokenizer, render(tokenizer.decode(doc[:lo])), target, max_length, add_eos)
+    feature["truncated"] = True
+    return feature
 
 
 def tokenize_source(tokenizer, text: str, max_length: int | None = None) -> list[int]:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from tunelab.data import encode_lm, encode_seq2seq
+from tunelab.data import encode_lm, encode_lm_document, encode_seq2seq
 from tunelab.evaluate import generate, score_choices
 from tunelab.metrics import bleu, perplexity, rouge
 from tunelab.readers import read_records
@@ -53,7 +53,7 @@ class Generation:
     def read(self, source, cfg, *, limit=None, skip_bad=False) -> list[dict]:
         icol, xcol, ocol = (field_name(cfg, k) for k in ("instruction", "input", "output"))
         path, rows = split_source(source, "rows")
-        records = read_records(path, skip_bad=skip_bad)
+        records = read_records(path, skip_bad=skip_bad, text=[icol, ocol])
 
         def build(r):
             return {"instruction": str(r[icol]).strip(), "input": str(r.get(xcol) or "").strip(),
@@ -75,8 +75,12 @@ class Generation:
         return render_prompt(tokenizer, text, cfg.chat, system=cfg.system)
 
     def encode(self, ex, tokenizer, cfg, max_length) -> dict:
-        encode = encode_seq2seq if cfg.formulation == "seq2seq" else encode_lm
-        return encode(tokenizer, self.prompt(ex, tokenizer, cfg), ex["output"], max_length)
+        if cfg.formulation == "seq2seq":
+            return encode_seq2seq(tokenizer, self.prompt(ex, tokenizer, cfg), ex["output"], max_length)
+        if ex["input"]:  # too long: the input is cut, never the instruction or chat header
+            return encode_lm_document(tokenizer, lambda d: self.prompt({**ex, "input": d}, tokenizer, cfg),
+                                      ex["input"], ex["output"], max_length)
+        return encode_lm(tokenizer, self.prompt(ex, tokenizer, cfg), ex["output"], max_length)
 
     def evaluate(self, model, tokenizer, examples, cfg, *, batch_size=16, gen=None):
         prompts = [self.prompt(ex, tokenizer, cfg) for ex in examples]

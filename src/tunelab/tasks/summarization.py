@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from tunelab.data import encode_lm, encode_seq2seq
+from tunelab.data import encode_lm_document, encode_seq2seq
 from tunelab.evaluate import generate
 from tunelab.metrics import rouge
 from tunelab.readers import read_records
@@ -52,7 +52,7 @@ class Summarization:
         def build(r):
             return {"id": str(r.get(icol, r["_where"])), "dialogue": clean(r[dcol]), "summary": clean(r[scol]), "_where": r["_where"]}
 
-        return text_pairs(read_records(source, skip_bad=skip_bad), source, (dcol, scol), build, limit=limit,
+        return text_pairs(read_records(source, skip_bad=skip_bad, text=[dcol, scol]), source, (dcol, scol), build, limit=limit,
                           skip_bad=skip_bad, keys=("dialogue", "summary"), hint="{dialogue: article, summary: highlights}")
 
     def head(self, cfg, examples):
@@ -66,8 +66,11 @@ class Summarization:
         return render_prompt(tokenizer, (cfg.template or DEFAULT_TEMPLATE).format(dialogue=ex["dialogue"]), cfg.chat)
 
     def encode(self, ex, tokenizer, cfg, max_length) -> dict:
-        encode = encode_seq2seq if cfg.formulation == "seq2seq" else encode_lm
-        return encode(tokenizer, self.prompt(ex, tokenizer, cfg), ex["summary"], max_length)
+        if cfg.formulation == "seq2seq":
+            return encode_seq2seq(tokenizer, self.prompt(ex, tokenizer, cfg), ex["summary"], max_length)
+        # too long: the dialogue is cut, never the instruction or chat header around it
+        return encode_lm_document(tokenizer, lambda d: self.prompt({**ex, "dialogue": d}, tokenizer, cfg),
+                                  ex["dialogue"], ex["summary"], max_length)
 
     def evaluate(self, model, tokenizer, examples, cfg, *, batch_size=16, gen=None):
         args = gen_args(gen, batch_size, max_new_tokens=64)
