@@ -261,15 +261,16 @@ METHOD_ARGS.update(qlora=["method.r=4"], loftq=["method.r=4"])
 def test_every_method_trains_through_the_loop(arch, method, model_dirs, tmp_path):
     data = summaries(tmp_path)
     cfg = load_config(None, overrides(model_dirs[arch], data, tmp_path / "run", method, arch))
-    metrics = train_mod.run(cfg)
+    out = train_mod.run(cfg)
+    metrics, facts = out["metrics"], out["run"]
     losses = [json.loads(ln)["loss"] for ln in (tmp_path / "run" / "log.jsonl").read_text().splitlines()
               if "loss" in json.loads(ln)]
     assert len(losses) == 12 and losses[-1] < 0.8 * losses[0], losses
-    assert metrics["steps"] == 12 and metrics["n"] == 4 and list(metrics)[0] == "rouge1"
-    assert 0.0 <= metrics["rouge1"] <= 1.0 and "rouge1" in metrics["before"]
+    assert facts["steps"] == 12 and metrics["n"] == 4 and list(metrics)[0] == "rouge1"
+    assert 0.0 <= metrics["rouge1"] <= 1.0 and "rouge1" in out["before"]
     preds = [json.loads(ln) for ln in (tmp_path / "run" / "predictions.jsonl").read_text().splitlines()]
     assert len(preds) == 4 and preds[0]["reference"] == "Tom says hi to Mary"
-    assert 0 < metrics["trainable_params"] <= metrics["total_params"]
+    assert 0 < facts["trainable_params"] <= facts["total_params"]
     if method != "full":  # the saved method reloads onto a fresh base and gives the same predictions
         model, tk = load_model(str(model_dirs[arch]), head=TASKS.get("summarization").head(cfg.task, []) or None)
         tunelab.load(model, tmp_path / "run" / "method")
@@ -288,11 +289,12 @@ def test_qa_and_generation_seq2seq(task, model_dirs, tmp_path):
     data.write_text(json.dumps(rows))
     cfg = load_config(None, overrides(model_dirs["t5"], data, tmp_path / "run", "lora", "t5", steps=20, task=task)
                       + ["train.lr=3e-2"])
-    metrics = train_mod.run(cfg)
+    out = train_mod.run(cfg)
+    metrics, before = out["metrics"], out["before"]
     first = {"qa": "f1", "generation": "rougeL"}[task]
-    assert list(metrics)[0] == first and metrics[first] >= metrics["before"][first]
+    assert list(metrics)[0] == first and metrics[first] >= before[first]
     if task == "generation":
-        assert metrics["perplexity"] < metrics["before"]["perplexity"]
+        assert metrics["perplexity"] < before["perplexity"]
     else:
         assert "exact_match" in metrics
 
