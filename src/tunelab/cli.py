@@ -370,12 +370,16 @@ def bench(
 def methods():
     """List the fine-tuning methods and their parameters."""
     from tunelab.methods import METHODS
+    from tunelab.train import default_lr
 
     for name in METHODS.names():
         m = METHODS.get(name)
         doc = (sys.modules[type(m).__module__].__doc__ or "").strip().splitlines()[0]
         params = ", ".join(f"{k}={f.default!r}" for k, f in m.Config.model_fields.items())
         typer.echo(f"{name:18s} {doc}\n{'':18s} params: {params or '-'}")
+        typer.echo(f"{'':18s} default lr: {default_lr(name):g} (used when train.lr is not set)")
+        if getattr(m, "about_defaults", None):
+            typer.echo(f"{'':18s} defaults: {m.about_defaults}")
 
 
 @app.command()
