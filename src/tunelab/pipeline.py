@@ -38,7 +38,8 @@ log = logging.getLogger(__name__)
 VERSION = "1"
 CACHE_MIN_ROWS = 2000
 KEPT, TRUNCATED, DROPPED = 0, 1, 2
-KNOWN = {"input_ids", "labels", "scalar", "prompt_len", "token_type_ids", "prompt_mask", "length", "status"}
+# "truncated" (a per-row encoder's flag) is kept as the row's status
+KNOWN = {"input_ids", "labels", "scalar", "prompt_len", "token_type_ids", "prompt_mask", "length", "status", "truncated"}
 
 
 class ArrowExamples(Sequence):
@@ -104,9 +105,10 @@ def _per_row(task, examples, tokenizer, cfg, max_length):
             feats = fast.encode_rows(lambda ex, tok: task.encode(ex, tok, cfg, max_length), rows)
         else:
             feats = [task.encode(ex, tokenizer, cfg, max_length) for ex in rows]
+        extra = sorted(set().union(*(f.keys() for f in feats)) - KNOWN)  # a family's own keys (a pair's rejected side)
         for f in feats:
-            for key in f.keys() - KNOWN:  # a family's own keys (e.g. a preference pair's rejected side)
-                out.setdefault(key, []).append(f[key])
+            for key in extra:
+                out.setdefault(key, []).append(f.get(key))
             n = len(f["input_ids"])
             scalar = not isinstance(f["labels"], list | tuple)
             out["input_ids"].append(list(f["input_ids"]))
@@ -116,9 +118,14 @@ def _per_row(task, examples, tokenizer, cfg, max_length):
             out["token_type_ids"].append(list(f.get("token_type_ids", [])))
             out["prompt_mask"].append(list(f.get("prompt_mask", [])))
             out["length"].append(n)
-            out["status"].append(TRUNCATED if n >= max_length else KEPT)
+            out["status"].append(TRUNCATED if _truncated(f, max_length) else KEPT)
         return out
     return fn
+
+
+def _truncated(f: dict, max_length: int) -> bool:
+    """Per-row encoders say so with a ``truncated`` flag on the feature (`tunelab.data.encode_lm`)."""
+    return bool(f.get("truncated"))
 
 
 def _encode_to_arrow(task, examples, tokenizer, cfg, max_length, path, desc):
@@ -163,7 +170,7 @@ def features(task, examples, tokenizer, cfg, max_length: int, *, pack: bool = Fa
             base = _ListRows(cols)
         else:
             base = [task.encode(ex, tokenizer, cfg, max_length) for ex in examples]
-            status = np.array([TRUNCATED if len(f["input_ids"]) >= max_length else KEPT for f in base], dtype=np.int8)
+            status = np.array([TRUNCATED if _truncated(f, max_length) else KEPT for f in base], dtype=np.int8)
             base = _ListRows.from_features(base, status)
     else:
         folder = cache_dir() / "features"
