@@ -99,9 +99,13 @@ def test_chat_run_through_the_loop_reports_data_facts(tmp_path):
                              "train.threads=1", "eval.max_new_tokens=4", f"output_dir={tmp_path / 'run'}"])
     import tunelab.train as train_mod
 
-    m = train_mod.run(cfg)
-    assert m["data_rows"] == 24 and m["data_dropped"] == 0 and m["steps"] == 6
-    assert {"rougeL", "perplexity", "eval_loss"} <= set(m)
+    train_mod.run(cfg)
+    from tunelab.results import read_metrics
+
+    rec = read_metrics(tmp_path / "run")
+    m = {**rec["metrics"], **rec["run"]}
+    assert m["data_rows"] == 24 and m["data_dropped"] == 0 and m["steps"] == 6 and m["truncated_rows"] == 0
+    assert {"rougeL", "perplexity", "eval_loss"} <= set(rec["metrics"])
     log = [json.loads(ln) for ln in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert log[-1]["loss"] < log[0]["loss"]
 
