@@ -12,6 +12,7 @@ Unknown keys and bad values are errors naming the key and suggesting the closest
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -229,7 +230,43 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple = ()) -> R
             raise ValueError(f"{path}: not valid YAML: {e}") from None
         if not isinstance(raw, dict):
             raise ValueError(f"{path}: the top level must be a mapping of sections")
+    if path is not None:
+        raw = resolve_data_paths(raw, path.parent)
     return build_config(apply_overrides(raw, list(overrides)), str(path or "config"))
+
+
+def resolve_data_paths(raw: dict, base: Path) -> dict:
+    """``data.train`` / ``data.eval`` of a config file, relative to the file's folder ``base``.
+
+    Kept as written: ``hf:`` ids, absolute paths, names that look like hub ids (no suffix, nothing on
+    disk), and (with a warning, for older configs) paths that exist only relative to the current
+    directory. A ``#rows=...`` selector stays attached. Overrides on the command line are not touched:
+    those are relative to the shell, as the user typed them."""
+    import logging
+
+    data = raw.get("data")
+    if not isinstance(data, dict):
+        return raw
+    data = dict(data)
+    for key in ("train", "eval"):
+        value = data.get(key)
+        if not isinstance(value, str) or not value or value.startswith("hf:"):
+            continue
+        path, hash_, frag = value.partition("#")
+        if Path(path).is_absolute():
+            continue
+        here = base / path
+        if here.exists():
+            data[key] = str(here) + hash_ + frag
+        elif Path(path).exists():
+            logging.getLogger(__name__).warning(
+                "data.%s %r exists only relative to the current directory; paths in a config are read relative to "
+                "the config file (%s): write it as %r", key, path, base, str(Path(os.path.relpath(Path(path).resolve(), base.resolve()))))
+        elif not Path(path).suffix and not path.startswith("."):
+            continue  # a hub dataset name
+        else:
+            data[key] = str(here) + hash_ + frag
+    return dict(raw, data=data)
 
 
 def dump_config(cfg: RunConfig) -> str:

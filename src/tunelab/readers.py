@@ -170,6 +170,8 @@ def read_records(source, fmt: str | None = None, *, skip_bad: bool = False, deli
         rows = _Rows(source_s, skip_bad, limit, required, report, text)
         _read_hub(source_s, split, rows)
         return rows.finish()
+    if fmt is None and (Path(source_s).is_dir() or Path(source_s).suffix.lower() in (".parquet", ".arrow")):
+        return read_table_records(source_s, limit=limit, required=required, skip_bad=skip_bad, report=report, split=split)
     path = Path(source)
     if not path.is_file():
         raise DataError(f"{path}: file not found" + (" (it is a directory)" if path.is_dir() else ""))
@@ -413,3 +415,221 @@ def _read_hub(source: str, split: str | None, rows: _Rows) -> None:
         if rows.full:
             return
         rows.add(dict(item), f"hf:{path}{'/' + config if config else ''}:{split}:[{i}]")
+
+
+# ---------------------------------------------------------------- Arrow-backed sources (large sets)
+# Parquet / Arrow files, `datasets.save_to_disk` folders, a folder of files of one format, JSON/JSONL/CSV/
+# TSV/TXT files and hub ids with config, split and revision, read as a memory-mapped `datasets.Dataset`
+# (`load_table`), so a million rows never become Python objects. Hub syntax:
+# ``hf:owner/name[/config][:split][@revision]``; ``streaming=True`` streams a hub set row by row.
+TABLE_BUILDERS = {".parquet": "parquet", ".arrow": "arrow", ".jsonl": "json", ".json": "json", ".csv": "csv",
+                  ".tsv": "csv", ".txt": "text"}
+
+
+class Table:
+    """A dataset plus where each row came from: ``where(i)`` -> ``"file row n"`` (1-based, per file)."""
+
+    def __init__(self, ds, starts: list[tuple[int, str]], fingerprint: str):
+        self.ds, self.starts, self.fingerprint = ds, starts, fingerprint
+
+    def where(self, i: int) -> str:
+        import bisect
+
+        k = bisect.bisect_right([s for s, _ in self.starts], i) - 1
+        start, name = self.starts[max(k, 0)]
+        return f"{name} row {i - start + 1}"
+
+
+def _file_fingerprint(paths: list[Path]) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for p in paths:
+        st = p.stat()
+        h.update(f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def _load_file(path: Path, datasets, text_unit: str = "line"):
+    builder = TABLE_BUILDERS.get(path.suffix.lower())
+    if builder is None:
+        raise DataError(f"{path}: cannot read {path.suffix!r} files as a table; known: {sorted(TABLE_BUILDERS)}")
+    if builder == "arrow":
+        try:
+            return datasets.Dataset.from_file(str(path))
+        except Exception:  # the IPC file format (pyarrow.feather / ipc.new_file) rather than a stream
+            import pyarrow as pa
+
+            with pa.memory_map(str(path)) as src:
+                return datasets.Dataset(pa.ipc.open_file(src).read_all())
+    kwargs = {"delimiter": "\t"} if path.suffix.lower() == ".tsv" else {"sample_by": text_unit} if builder == "text" else {}
+    from tunelab.models import cache_dir
+
+    try:
+        return datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=str(cache_dir() / "datasets"), **kwargs)
+    except Exception as e:
+        raise DataError(f"{path}: cannot read as {builder}: {type(e).__name__}: {e}") from None
+
+
+def load_table(source, *, split: str | None = None, streaming: bool = False, text_unit: str = "line") -> Table:
+    """`Table` of a file, folder or hub id (see above); a DataError names the source when it cannot be read.
+    ``text_unit``: what one row of a .txt file is: "line", "paragraph" (blank-line separated) or "document"."""
+    import datasets
+
+    source_s = str(source)
+    path = Path(source_s)
+    if source_s.startswith("hf:") or (not path.exists() and _is_hub_name(source_s)):
+        return _load_hub_table(source_s, split, streaming)
+    if path.is_dir():
+        if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists() or (path / "state.json").exists():
+            ds = datasets.load_from_disk(str(path))
+            if isinstance(ds, datasets.DatasetDict):
+                name = split or ("train" if "train" in ds else None)
+                if name not in ds:
+                    raise DataError(f"{path}: a DatasetDict with splits {list(ds)}; name one as {path}:SPLIT")
+                ds = ds[name]
+            return Table(ds, [(0, str(path))], ds._fingerprint)
+        files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+        suffixes = sorted({p.suffix.lower() for p in files})
+        if not files:
+            raise DataError(f"{path}: the folder holds no data files")
+        if len(suffixes) != 1:
+            raise DataError(f"{path}: a data folder must hold files of one format, found {suffixes}")
+        parts, starts, n = [], [], 0
+        for p in files:
+            ds = _load_file(p, datasets, text_unit)
+            starts.append((n, str(p)))
+            n += len(ds)
+            parts.append(ds)
+        try:
+            ds = datasets.concatenate_datasets(parts)
+        except ValueError as e:
+            raise DataError(f"{path}: the files' columns differ: {e}") from None
+        return Table(ds, starts, _file_fingerprint(files) + text_unit)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    return Table(_load_file(path, datasets, text_unit), [(0, str(path))], _file_fingerprint([path]) + text_unit)
+
+
+def _load_hub_table(source: str, split: str | None, streaming: bool) -> Table:
+    import datasets
+
+    name, _, revision = source.partition("@")
+    repo, config, split = parse_hub_name(name, split)
+    label = f"hf:{repo}{'/' + config if config else ''}:{split}{'@' + revision if revision else ''}"
+    try:
+        ds = datasets.load_dataset(repo, config, split=split, revision=revision or None, streaming=streaming)
+    except Exception as e:  # network, unknown name, unknown split: say which dataset it was
+        raise DataError(f"{source}: cannot load hub dataset {repo!r} (config {config!r}, split {split!r}, "
+                        f"revision {revision or None!r}): {type(e).__name__}: {e}") from e
+    if streaming:  # features must be random-access: the stream is written to Arrow once, row by row
+        ds = datasets.Dataset.from_generator(lambda: (yield from ds))
+    return Table(ds, [(0, label)], getattr(ds, "_fingerprint", label))
+
+
+def check_column(table: Table, column: str, kind: str, source: str) -> None:
+    """A DataError when ``column`` is absent or not of ``kind`` ("text" or "list") in the table's schema."""
+    import pyarrow as pa
+
+    schema = table.ds.data.schema if hasattr(table.ds, "data") else None
+    names = table.ds.column_names
+    if column not in names:
+        raise DataError(f"{source}: column {column!r} is missing (present: {names}); map yours with task.fields")
+    if schema is None:
+        return
+    t = schema.field(column).type
+    ok = (pa.types.is_string(t) or pa.types.is_large_string(t)) if kind == "text" else (
+        pa.types.is_list(t) or pa.types.is_large_list(t))
+    if not ok:
+        want = "text (string)" if kind == "text" else "a list of turns"
+        raise DataError(f"{table.where(0)}: field {column!r} has Arrow type {t}, expected {want} (the whole column)")
+
+
+def read_table_records(source, *, limit: int | None = None, required=None, skip_bad: bool = False,
+                       report: dict | None = None, split: str | None = None) -> list[dict]:
+    """Records of an Arrow-backed source (small sets; large ones stay a `Table`)."""
+    table = load_table(source, split=split)
+    rows = _Rows(str(source), skip_bad, limit, required, report)
+    for i in range(len(table.ds)):
+        if rows.full:
+            break
+        rows.add(dict(table.ds[i]), table.where(i))
+    return rows.finish()
+
+
+# ---------------------------------------------------------------- preference pairs
+def _pref_side(value, where: str, key: str):
+    """A side of a pair: text, or a normalised turn list (OpenAI or ShareGPT turns)."""
+    from tunelab.chat_format import normalize
+
+    if isinstance(value, str):
+        if not value.strip():
+            raise DataError(f"{where}: field {key!r} is empty")
+        return value
+    if isinstance(value, list):
+        style = "sharegpt" if value and isinstance(value[0], dict) and "from" in value[0] else "openai"
+        try:
+            if key == "prompt":
+                return normalize(value + [{"role": "assistant", "content": ""}] if style == "openai" else
+                                 value + [{"from": "gpt", "value": ""}], style)[:-1]
+            return normalize(value, style)
+        except (ValueError, TypeError) as e:
+            raise DataError(f"{where}: field {key!r}: {e}") from None
+    raise DataError(f"{where}: field {key!r} must be text or a list of turns, got {type(value).__name__}")
+
+
+def read_preferences(source, *, fields: dict | None = None, limit: int | None = None, skip_bad: bool = False,
+                     report: dict | None = None) -> list[dict]:
+    """Preference pairs ``{"prompt", "chosen", "rejected", "form", "_where"}`` from any source.
+
+    Plain form: three texts. Chat form: ``chosen``/``rejected`` are turn lists ending in an assistant turn,
+    with ``prompt`` the shared earlier turns, or absent when both sides carry the whole conversation (the
+    longest common run of leading turns becomes the prompt). Errors name file, row and field: a missing or
+    empty field, a side that is neither text nor turns, a mix of forms, identical chosen and rejected, a chat
+    side whose last turn is not the assistant's.
+    """
+    f = {k: (fields or {}).get(k, k) for k in ("prompt", "chosen", "rejected")}
+    records = read_records(source, skip_bad=skip_bad, required=[f["chosen"], f["rejected"]], report=report)
+    out, bad = [], Counter()
+    for r in records:
+        where = r["_where"]
+        try:
+            chosen, rejected = (_pref_side(r[f[k]], where, k) for k in ("chosen", "rejected"))
+            if type(chosen) is not type(rejected):
+                raise DataError(f"{where}: 'chosen' and 'rejected' must both be text or both be turn lists")
+            prompt = r.get(f["prompt"])
+            if isinstance(chosen, str):
+                if prompt is None:
+                    raise DataError(f"{where}: field {f['prompt']!r} is missing (plain pairs need a prompt)")
+                prompt = _pref_side(prompt, where, "prompt")
+            else:
+                for key, side in (("chosen", chosen), ("rejected", rejected)):
+                    if side[-1]["role"] != "assistant":
+                        raise DataError(f"{where}: field {key!r}: the last turn is {side[-1]['role']!r}, not 'assistant'")
+                if prompt is None:
+                    n = 0
+                    while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
+                        n += 1
+                    prompt, chosen, rejected = chosen[:n], chosen[n:], rejected[n:]
+                else:
+                    prompt = _pref_side(prompt, where, "prompt") if isinstance(prompt, list) else [{"role": "user", "content": str(prompt)}]
+            if chosen == rejected:
+                raise DataError(f"{where}: 'chosen' and 'rejected' are identical: the pair carries no preference")
+        except DataError as e:
+            if not skip_bad:
+                raise
+            bad[str(e).split(": ", 1)[-1][:60]] += 1
+            continue
+        out.append({"prompt": prompt, "chosen": chosen, "rejected": rejected,
+                    "form": "plain" if isinstance(chosen, str) else "chat", "_where": where})
+        if limit is not None and len(out) >= limit:
+            break
+    if bad:
+        log.warning("%s: skipped %d bad preference pairs", source, sum(bad.values()))
+        if report is not None:
+            report["skipped"] = report.get("skipped", 0) + sum(bad.values())
+    if not out:
+        raise DataError(f"{source}: no usable preference pairs")
+    if len({ex["form"] for ex in out}) > 1:
+        raise DataError(f"{source}: mixes plain-text and chat pairs; use one form per file")
+    return out

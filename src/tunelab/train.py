@@ -29,10 +29,10 @@ from safetensors.torch import load_file, save_file
 
 import tunelab
 from tunelab import distributed as dist
-from tunelab import fast, tracking
+from tunelab import fast, pipeline, tracking
 from tunelab.checkpoint import atomic_dir, atomic_write_text, recover, remove_stale, verify_checkpoint
 from tunelab.config import RunConfig, dump_config, task_config
-from tunelab.data import Collator, batches, pack
+from tunelab.data import Collator, batches
 from tunelab.evaluate import show_progress
 from tunelab.guard import check_step, check_tensors, warn_rank
 from tunelab.methods.base import METHODS, method_state_dict
@@ -266,12 +266,12 @@ class Run:
     @torch.no_grad()
     def eval_loss(self) -> float:
         """Token-mean training loss on the eval set (what scaling-law fits use)."""
-        feats = [self.task.encode(ex, self.tok, self.tcfg, self.cfg.data.max_length) for ex in self.eval_ex]
+        feats = pipeline.features(self.task, self.eval_ex, self.tok, self.tcfg, self.cfg.data.max_length, desc="tokenizing eval")
         collate = self.collate
         was_training = self.model.training
         self.model.eval()
         total, count, trim = 0.0, 0, None
-        for idx in batches([len(f["input_ids"]) for f in feats], self.cfg.eval.batch_size, seed=0, epoch=0, shuffle=False):
+        for idx in batches(feats.lengths, self.cfg.eval.batch_size, seed=0, epoch=0, shuffle=False):
             batch = {k: v.to(self.device) for k, v in collate([feats[i] for i in idx]).items()}
             if trim is None:  # the LM head only where a target is, a shared prefix once (tunelab.fast)
                 trim = self.causal and not self.objective and fast.supports_loss_inputs(self.model, batch)
@@ -373,14 +373,15 @@ def _run(cfg: RunConfig, t_start: float) -> dict:
 
 def _train(r: Run, model, out: Path, lead: bool) -> dict:
     cfg, tc = r.cfg, r.cfg.train
-    feats = [r.task.encode(ex, r.tok, r.tcfg, cfg.data.max_length) for ex in r.train_ex]
-    truncated = sum(1 for f in feats if f.get("truncated"))
+    # batched, cached, memory-mapped where the task and the data size allow (tunelab.pipeline)
+    feats = pipeline.features(r.task, r.train_ex, r.tok, r.tcfg, cfg.data.max_length, pack=cfg.data.pack, desc="tokenizing train")
+    if not len(feats):
+        raise ValueError(f"{cfg.data.train}: no training features left ({feats.stats['dropped']} rows dropped)")
+    truncated = feats.stats["truncated"]
     if truncated:
-        dist.log(f"warning: {truncated} of {len(feats)} training rows are longer than data.max_length="
+        dist.log(f"warning: {truncated} of {feats.stats['rows']} training rows are longer than data.max_length="
                  f"{cfg.data.max_length} and were truncated (their document part; see metrics.json run.truncated_rows)")
-    if cfg.data.pack:
-        feats = pack(feats, cfg.data.max_length)
-    lengths = [len(f["input_ids"]) for f in feats]
+    lengths = feats.lengths
     collate = r.collate
     per_rank = tc.batch_size
     epoch_batches = lambda epoch: dist.shard(  # noqa: E731
@@ -510,7 +511,8 @@ def _train(r: Run, model, out: Path, lead: bool) -> dict:
             bar.close()
         if log_f:
             log_f.close()
-    return {"steps": pos["step"], "train_tokens": tokens, "train_time_s": t_train,
+    data = {f"data_{k}": feats.stats[k] for k in ("rows", "dropped", "cached", "seconds")}
+    return {**data, "steps": pos["step"], "train_tokens": tokens, "train_time_s": t_train,
             "train_tokens_per_s": tokens / t_train if t_train else 0.0, "final_loss": loss,
             "mean_train_loss": pos["loss_sum"] / pos["step"] if pos["step"] else float("nan"), "lr": lr,
             "truncated_rows": truncated}
