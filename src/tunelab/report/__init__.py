@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import re
+from html import escape as _esc
 from pathlib import Path
 
 from tunelab.checkpoint import atomic_write_text
@@ -105,7 +106,7 @@ def build_report(
     if not rows:
         raise ValueError(f"{out_dir}: no finished runs (no runs/*/metrics.json) to report on")
     kind = manifest.get("kind")
-    is_scale = kind == "scale" or (kind is None and all(_SCALE_NAME.match(r["run"]) for r in rows))
+    is_scale = kind in ("scale", "advise") or (kind is None and all(_SCALE_NAME.match(r["run"]) for r in rows))
     if is_scale:  # a sweep's table is ranked by the fitted target (e.g. eval_loss) unless told otherwise
         metric = metric or scale_target(rows, target or manifest.get("target"))[0]
     metric = tables.primary_metric(rows, metric or manifest.get("metric"))
@@ -137,7 +138,21 @@ def build_report(
             *figs,
         ]
     extra = ""
-    if is_scale:
+    if kind == "advise":
+        from tunelab.report import advise
+
+        task_metric = tables.primary_metric(rows, manifest.get("metric") or _task_metric(rows))
+        result = advise.analyse(rows, manifest, task_metric, tables.higher_is_better(task_metric))
+        atomic_write_text(out_dir / "advise.json", json.dumps(result, indent=2, default=float))
+        png = advise.plot(result, advise._points(rows, {r["run"]: r for r in manifest.get("runs", [])}, task_metric))
+        _write_png(out_dir / "plots" / "advise.png", png)
+        md = advise.markdown(result) + "\n## All data sizes\n\n" + md
+        heads, cells = advise.table_rows(result)
+        extra = (f"<h2>Advice at {result['full_size']:g} rows</h2>"
+                 + "".join(f'<p class="note">{_esc(x)}</p>' for x in advise.markdown(result).splitlines()[2:4] if x)
+                 + html._table(heads, [f"<tr>{''.join(html._td(c, cls='t') for c in r)}</tr>" for r in cells])
+                 + f'<div class="plots">{html.figure(png, "eval loss vs data size: fits, predictions, truth")}</div>')
+    elif is_scale:
         points, key, shown = scaling_points(rows, manifest, target or manifest.get("target"))
         categorical = bool(manifest.get("categorical")) or any(p["x"] is None for p in points)
         result = fit_sweep(points, categorical=categorical, holdout=holdout or manifest.get("holdout", 1))
@@ -209,6 +224,14 @@ def budget_facts(manifest: dict) -> dict:
         scores = ", ".join(f"{lr:g} -> {s:.4g}" for lr, s in v.get("scores", []) if s is not None)
         out[f"lr search {label}"] = f"best {v.get('best_lr'):g} ({v.get('metric')} on {v.get('split')}: {scores})"
     return out
+
+
+def _task_metric(rows: list[dict]) -> str | None:
+    """The primary task metric (never eval_loss, the advice's fitted target) when the runs have one."""
+    for name in tables.PRIMARY_METRICS:
+        if name != "eval_loss" and all(tables._number(r.get(name)) for r in rows):
+            return name
+    return None
 
 
 def scaling_markdown(result: dict) -> str:
