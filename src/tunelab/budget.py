@@ -59,7 +59,7 @@ def match_steps(cost_per_step: dict[str, float], total: float) -> dict[str, int]
     for label, cost in cost_per_step.items():
         if not (cost and cost > 0 and math.isfinite(cost)):
             raise ValueError(f"budget probe for '{label}' measured a cost per step of {cost!r}")
-        out[label] = max(1, int(total // cost))
+        out[label] = max(1, math.floor(total / cost + 1e-9))  # 30 / 0.4 is 74.999...
     return out
 
 

@@ -261,7 +261,6 @@ def tune_lr(plan, out_dir: Path, raw: dict, metric: str | None, keep_going: bool
     """The learning-rate search of ``--tune lr`` (see tunelab.tune); sets each method's best lr in ``plan``."""
     from tunelab import tune
     from tunelab.report.tables import higher_is_better
-    from tunelab.train import default_lr
 
     data = raw.get("data") or {}
     if not data.get("train"):
@@ -274,7 +273,7 @@ def tune_lr(plan, out_dir: Path, raw: dict, metric: str | None, keep_going: bool
     for label, cfg in cfgs.items():
         if cfg.train.max_steps == 0:
             continue
-        base = cfg.train.lr or default_lr(cfg.method.name, cfg.method.params())
+        base = cfg.train.lr or importlib.import_module("tunelab.train").default_lr(cfg.method.name, cfg.method.params())
         grids[label] = tune.grid(base)
         first = next(r for i, r in plan if i["label"] == label)
         for lr in grids[label]:
