@@ -115,6 +115,7 @@ def test_a_flat_loss_is_flagged_not_trusted(monkeypatch):
     ({"factor": "rank"}, "go together"),
     ({"factor": "method", "values": ["lora"]}, "must be numeric"),
     ({"budget": "dollars"}, "unknown budget 'dollars'"),
+    ({"steps": "most"}, "advise.steps: 'most'"),
 ])
 def test_bad_advise_settings_fail_before_training(tmp_path, fake, advise, match):
     with pytest.raises(ValueError, match=match):
@@ -128,3 +129,9 @@ def test_output_dir_override_sets_the_directory_or_says_to_use_out(tmp_path, fak
     assert out == tmp_path / "here" and (out / "advise.json").exists()
     with pytest.raises(ValueError, match="pass the sweep's directory once, as --out"):
         adv.advise(cfg, [f"output_dir={tmp_path / 'a'}"], out_dir=tmp_path / "b", seeds=[0], say=lambda m: None)
+
+
+def test_steps_full_trains_every_size_at_the_full_budget(tmp_path, fake):
+    adv.advise(write_cfg(tmp_path, steps="full", sizes=[125, 250, 500], full_size=1000), seeds=[0],
+               out_dir=tmp_path / "adv", say=lambda m: None)
+    assert {c.train.max_steps for c in fake.calls} == {125}  # ceil(1000 rows / batch 8), one epoch of the full set

@@ -9,6 +9,8 @@
       values: [4, 16]                 #   its values; the law becomes L = A·X^-alpha·D^-beta + E
       x: 16                           #   the value to predict at (default: the largest)
       budget: steps                   # steps | time | flops, as in compare (matched per data size)
+      steps: per_size                 # per_size: each size trains its own epochs; full: every run trains
+                                      #   the full-size run's step count (fixed compute, only the data varies)
       verify: false                   # also train at full_size and report prediction vs truth
       out_dir: runs/advise
 
@@ -98,11 +100,16 @@ def advise(
                         _set(run, key, _num(x))
                     info = {"run": name, "label": label, "value": label, "size": size, "seed": seed, "x": x}
                     plan.append((info, run))
+    steps_mode = section.get("steps", "per_size")
+    if steps_mode not in ("per_size", "full"):
+        raise ValueError(f"advise.steps: '{steps_mode}' is not one of per_size (each size's own epochs) or full")
+    if steps_mode == "full":
+        _full_steps(plan, full_size)
     budget_info = _match_per_size(plan, budget or section.get("budget"), out_dir, section, say, max(sizes))
     manifest = {
         "kind": "advise", "config": str(cfg_path), "overrides": list(overrides), "methods": labels,
         "sizes": sizes, "full_size": full_size, "verify": verify, "factor": factor, "x_full": x_full,
-        "seeds": seeds, "budget": budget_info, "metric": section.get("metric"),
+        "seeds": seeds, "budget": budget_info, "metric": section.get("metric"), "steps": steps_mode,
         "runs": [info for info, _ in plan],
     }
     from tunelab.report.stats import environment
@@ -111,6 +118,17 @@ def advise(
     _execute(out_dir, manifest, plan, keep_going, say)
     say(f"report: {build_report(out_dir)}")
     return out_dir
+
+
+def _full_steps(plan, full_size: int) -> None:
+    """advise.steps: full: every run trains the steps of the full-size run (more epochs on less data),
+    so the law is fitted at the user's own compute budget and only the data varies."""
+    from tunelab import budget as bud
+    from tunelab.compare import _build_config
+
+    for info, raw in plan:
+        cfg = _build_config(raw, f"run {info['run']}")
+        _set(raw, "train.max_steps", bud.planned_steps(cfg, full_size))
 
 
 def _num(x):

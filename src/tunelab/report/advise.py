@@ -309,9 +309,10 @@ def markdown(result: dict) -> str:
             lines.append(f"- warning ({label} backtest): {wn}")
     for label, e in result.get("errors", {}).items():
         lines.append(f"- {label}: not fitted: {e}")
-    lines.append("\nIntervals on predictions: 2.5-97.5 percentiles of refits on seed-bootstrap resamples; "
-                 "backtest: the largest small size held out and predicted (mean relative error), beside "
-                 "predicting it with the mean of the other sizes' losses.")
+    lines.append("\nIntervals on predictions: 2.5-97.5 percentiles of refits on seed-bootstrap resamples, so "
+                 "they measure seed noise only, not whether the law's form is right: the backtest says that "
+                 "(the largest small size held out and predicted, mean relative error, beside predicting it with "
+                 "the mean of the other sizes' losses; 'good' needs at most half the constant's error).")
     return "\n".join(lines) + "\n"
 
 

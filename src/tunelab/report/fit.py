@@ -16,7 +16,8 @@ original units afterwards. Exponents are boxed to [-3, 5] and log-coefficients t
 normalised units) so that no start overflows.
 
 ``fit_and_check`` also reports the held-out error of a constant prediction (the mean of the fitted
-losses) and ``diagnose`` refuses to call a fit good when it is no better than that constant, when a
+losses) and ``diagnose`` refuses to call a fit good unless it has at most half that constant's
+held-out error, and when a
 parameter sits at its bound (E at its lower bound, i.e. E = 0, is allowed), or when an exponent is
 negative.
 """
@@ -32,6 +33,7 @@ import numpy as np
 from scipy.optimize import minimize
 
 HUBER_DELTA = 1e-3
+GOOD_FRACTION = 0.5  # a fit is "good" only at <= half the held-out error of a constant prediction
 
 FORMS: dict[str, tuple[str, ...]] = {
     "multiplicative": ("a", "alpha", "beta", "e"),
@@ -295,9 +297,9 @@ def fit_and_check(
 
 
 def diagnose(result: dict) -> dict:
-    """Is a held-out-checked fit worth believing? ``good`` only when its held-out error beats the
-    constant prediction (the mean of the fitted losses), no parameter sits at its bound, and the
-    exponents are not negative (a negative one says loss grows with data or with X)."""
+    """Is a held-out-checked fit worth believing? ``good`` only when its held-out error is at most
+    ``GOOD_FRACTION`` of the constant prediction's (the mean of the fitted losses), no parameter sits
+    at its bound, and the exponents are not negative (a negative one says loss grows with data or X)."""
     warnings = []
     p, e, b = result["params"], result["errors"], result["baseline_errors"]
     for name in result.get("at_bounds") or []:
@@ -309,6 +311,11 @@ def diagnose(result: dict) -> dict:
         warnings.append(
             f"held-out error {100 * e['mean_rel_error']:.2f}% is no better than predicting the mean of the "
             f"fitted losses ({100 * b['mean_rel_error']:.2f}%): the law explains nothing here"
+        )
+    elif e["mean_rel_error"] > GOOD_FRACTION * b["mean_rel_error"]:
+        warnings.append(
+            f"held-out error {100 * e['mean_rel_error']:.2f}% is not clearly better than predicting the mean of "
+            f"the fitted losses ({100 * b['mean_rel_error']:.2f}%; a good fit has at most {GOOD_FRACTION:g}x its error)"
         )
     return {"good": not warnings, "warnings": warnings, "baseline": "constant = mean of the fitted points' losses"}
 
