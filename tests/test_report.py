@@ -206,3 +206,6 @@ def test_html_loads_in_headless_chromium_without_console_errors(cmp_dir, tmp_pat
     # Chromium writes every console message (and uncaught exceptions) to stderr as CONSOLE lines.
     console = [ln for ln in proc.stderr.splitlines() if "CONSOLE" in ln or "Uncaught" in ln]
     assert console == [], console
+    # What a researcher cites is on the rendered page: intervals, the paired test, the settings, the machine.
+    for text in ("95% CI", "[0.626, 1.13]", "vs best: Δ [95% CI] p", "p=", "Environment", "torch", "hyperparameters"):
+        assert text in dom, text

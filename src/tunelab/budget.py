@@ -89,8 +89,8 @@ def probe_time(cfg) -> float:
 
 def train_rows(cfg) -> int:
     """How many training rows the config reads (for an epoch-based budget)."""
-    from tunelab.tasks import TASKS
     from tunelab.config import task_config
+    from tunelab.tasks import TASKS
 
     tcfg = task_config(cfg.task.name, cfg.task.params())
     return len(TASKS.get(cfg.task.name).read(cfg.data.train, tcfg, limit=cfg.data.max_train, skip_bad=cfg.data.skip_bad_rows))
