@@ -135,3 +135,15 @@ def test_steps_full_trains_every_size_at_the_full_budget(tmp_path, fake):
     adv.advise(write_cfg(tmp_path, steps="full", sizes=[125, 250, 500], full_size=1000), seeds=[0],
                out_dir=tmp_path / "adv", say=lambda m: None)
     assert {c.train.max_steps for c in fake.calls} == {125}  # ceil(1000 rows / batch 8), one epoch of the full set
+
+
+def test_cli_advise_bad_input_is_one_clear_line(tmp_path, fake):
+    from typer.testing import CliRunner
+
+    from tunelab.cli import app
+
+    res = CliRunner().invoke(app, ["advise", str(write_cfg(tmp_path)), "--full-size", "500"])
+    assert res.exit_code == 2 and "full_size 500 must be larger than the largest small size 1000" in res.output
+    assert "Traceback" not in res.output and fake.calls == []
+    res = CliRunner().invoke(app, ["compare", str(write_cfg(tmp_path)), "--methods", "lora", "--budget", "joules"])
+    assert res.exit_code == 2 and "unknown budget 'joules'" in res.output
