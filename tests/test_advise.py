@@ -137,6 +137,15 @@ def test_steps_full_trains_every_size_at_the_full_budget(tmp_path, fake):
     assert {c.train.max_steps for c in fake.calls} == {125}  # ceil(1000 rows / batch 8), one epoch of the full set
 
 
+def test_verify_with_some_seeds_only(tmp_path, fake):
+    adv.advise(write_cfg(tmp_path, sizes=[125, 250, 500], full_size=1000, verify=[1]), seeds=[0, 1],
+               out_dir=tmp_path / "adv", say=lambda m: None)
+    full = sorted(c.run_dir().name for c in fake.calls if c.data.max_train == 1000)
+    assert full == ["full-n1000-s1", "lora-n1000-s1"]
+    res = json.loads((tmp_path / "adv" / "advise.json").read_text())
+    assert res["truth"]["lora"]["seeds"] == 1
+
+
 def test_cli_advise_bad_input_is_one_clear_line(tmp_path, fake):
     from typer.testing import CliRunner
 

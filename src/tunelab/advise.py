@@ -12,6 +12,7 @@
       steps: per_size                 # per_size: each size trains its own epochs; full: every run trains
                                       #   the full-size run's step count (fixed compute, only the data varies)
       verify: false                   # also train at full_size and report prediction vs truth
+                                      #   (true: with every seed; a list such as [0]: with those seeds)
       out_dir: runs/advise
 
 Runs go to ``OUT/runs/<label>[-x<value>]-n<size>-s<seed>`` (finished runs are reused), then the
@@ -52,6 +53,7 @@ def advise(
     seeds: list[int] | None = None,
     budget: str | None = None,
     verify: bool | None = None,
+    verify_seeds: list[int] | None = None,
     keep_going: bool = True,
     say: Callable[[str], None] = _say,
 ) -> Path:
@@ -71,7 +73,12 @@ def advise(
         raise ValueError(f"full_size {full_size} must be larger than the largest small size {max(sizes)}")
     seeds = _seeds(seeds, section, raw, default_n=3)
     out_dir = sweep_out_dir(out_dir, section, overrides, f"runs/advise-{Path(cfg_path or 'config').stem}")
-    verify = bool(section.get("verify", False) if verify is None else verify)
+    verify = section.get("verify", False) if verify is None else verify
+    if isinstance(verify, list) or verify_seeds:  # verify: [0] checks the full size with those seeds only
+        verify_seeds = [int(v) for v in (verify_seeds or verify)]
+        verify = True
+    verify = bool(verify)
+    verify_seeds = verify_seeds or seeds
     factor, values = section.get("factor"), section.get("values")
     if bool(factor) != bool(values):
         raise ValueError("advise.factor and advise.values go together (e.g. factor: rank, values: [4, 16])")
@@ -91,7 +98,7 @@ def advise(
             for size in run_sizes:
                 if x is not None and size == full_size and x != x_full:
                     continue  # the truth is needed only where the prediction is made
-                for seed in seeds:
+                for seed in verify_seeds if size == full_size else seeds:
                     tag = f"-x{slug(_num(x))}" if x is not None else ""
                     name = f"{label}{tag}-n{size}-s{seed}"
                     sets = {"method": method, "train": train, "data.max_train": size}

@@ -272,6 +272,7 @@ def advise(
     budget: str = typer.Option(None, "--budget", help="match budgets by steps (default) | time | flops"),
     seeds: str = typer.Option(None, "--seeds", help="comma list of seeds (default 3)"),
     verify: bool = typer.Option(None, "--verify/--no-verify", help="also train at the full size: prediction vs truth"),
+    verify_seeds: str = typer.Option(None, "--verify-seeds", help="seeds for the full-size check (default: all)"),
     out: Path = typer.Option(None, "--out", help="output directory (default runs/advise-<config>)"),
 ):
     """Which method will win at your full data size: fit each method's scaling law on small runs and predict, with intervals and the sizes where the ranking flips."""
@@ -280,7 +281,8 @@ def advise(
     seed_list = [int(s) for s in _split(seeds)] if seeds else None
     size_list = [int(s) for s in _split(sizes)] if sizes else None
     out_dir = _guard(run_advise, config, overrides or [], _split(methods), size_list, full_size, out,
-                     seeds=seed_list, budget=budget, verify=verify)
+                     seeds=seed_list, budget=budget, verify=verify,
+                     verify_seeds=[int(s) for s in _split(verify_seeds)] if verify_seeds else None)
     _report_summary(out_dir)
 
 
