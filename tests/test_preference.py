@@ -199,9 +199,8 @@ def test_tiny_preference_run_learns(tiny_dir, tmp_path, method, objective):
         "train.log_every=1", "eval.before=true", f"output_dir={tmp_path / 'run'}",
     ])
     m = run(cfg)
-    saved = read_metrics(tmp_path / "run")
-    after = saved["metrics"] if saved and "metrics" in saved else m
-    before = m["before"]
+    assert read_metrics(tmp_path / "run") == m
+    after, before = m["metrics"], m["before"]
     assert before["reward_accuracy"] == 0.5  # nothing trained yet: every reward is 0
     assert after["reward_accuracy"] > 0.5, after
     assert after["chosen_logp"] > before["chosen_logp"] or objective != "dpo" or after["reward_margin"] > 0

@@ -21,9 +21,15 @@ def _fail(msg: str) -> None:
 
 def _guard(fn, *args, **kwargs):
     """Run ``fn``; user errors (bad config, bad data, missing files) print one clear message."""
+    from tunelab.guard import Diverged
+    from tunelab.runlock import Stopped
+
     try:
         return fn(*args, **kwargs)
-    except (ValueError, FileNotFoundError, ModuleNotFoundError, KeyError, OSError) as e:
+    except Stopped as e:  # a signal: the checkpoint is saved and the message says how to resume
+        typer.secho(str(e), fg="yellow", err=True)
+        raise typer.Exit(e.exit_code) from None
+    except (ValueError, FileNotFoundError, ModuleNotFoundError, KeyError, OSError, Diverged) as e:
         _fail(str(e))
 
 
@@ -45,12 +51,12 @@ def train(config: Path = typer.Argument(..., help="run YAML"), overrides: list[s
     from tunelab.train import run
 
     cfg = _guard(_run_config, config, overrides)
-    metrics = _guard(run, cfg)
+    record = _guard(run, cfg)
     if not dist.is_lead():
         return
-    typer.echo(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, dict)}, indent=2))
-    if "before" in metrics:
-        typer.echo("before training: " + json.dumps(metrics["before"]))
+    typer.echo(json.dumps({"metrics": record["metrics"], "run": record["run"]}, indent=2))
+    if "before" in record:
+        typer.echo("before training: " + json.dumps(record["before"]))
     typer.echo(f"run directory: {cfg.run_dir()}")
 
 
@@ -180,10 +186,11 @@ def demo(
     from tunelab.config import apply_overrides
 
     cfg = _guard(build_config, apply_overrides(raw, overrides or []), "demo")
-    m = _guard(run, cfg)
-    before, after = m["before"]["accuracy"], m["accuracy"]
-    typer.echo(f"\nSmolLM2-135M-Instruct + {method} on {m['n']} held-out reviews ({m['steps']} steps, "
-               f"{m['trainable_params']:,} trainable parameters, {m['train_tokens_per_s']:.0f} train tokens/s)")
+    rec = _guard(run, cfg)
+    m, facts = rec["metrics"], rec["run"]
+    before, after = rec["before"]["accuracy"], m["accuracy"]
+    typer.echo(f"\nSmolLM2-135M-Instruct + {method} on {m['n']} held-out reviews ({facts['steps']} steps, "
+               f"{facts['trainable_params']:,} trainable parameters, {facts['train_tokens_per_s']:.0f} train tokens/s)")
     typer.echo(f"  accuracy before: {before:.3f}\n  accuracy after:  {after:.3f}\nrun directory: {cfg.run_dir()}")
 
 
@@ -236,6 +243,21 @@ def _split(text: str | None) -> list[str] | None:
     return [t.strip() for t in text.split(",") if t.strip()] if text else None
 
 
+def _ints(text: str | None, option: str) -> list[int] | None:
+    """A comma list of whole numbers, or one clear error naming the option and the bad entry."""
+    if not text:
+        return None
+    out = []
+    for t in _split(text) or []:
+        try:
+            out.append(int(t))
+        except ValueError:
+            _fail(f"{option}: {t!r} is not a whole number (expected a comma list such as 0,1,2)")
+    if not out:
+        _fail(f"{option}: no numbers in {text!r}")
+    return out
+
+
 def _numbers(text: str | None) -> list | None:
     import yaml
 
@@ -256,7 +278,7 @@ def compare(
     """Run several methods on the same task, data, budget and seeds (3 by default); write results.csv, a Markdown table with 95% CIs and paired tests, plots and report.html. Rerun to resume."""
     from tunelab.compare import compare as run_compare
 
-    seed_list = [int(s) for s in _split(seeds)] if seeds else None
+    seed_list = _ints(seeds, "--seeds")
     out_dir = _guard(run_compare, config, overrides or [], _split(methods), seed_list, out, metric=metric,
                      budget=budget, tune=tune)
     _report_summary(out_dir)
@@ -278,11 +300,11 @@ def advise(
     """Which method will win at your full data size: fit each method's scaling law on small runs and predict, with intervals and the sizes where the ranking flips."""
     from tunelab.advise import advise as run_advise
 
-    seed_list = [int(s) for s in _split(seeds)] if seeds else None
-    size_list = [int(s) for s in _split(sizes)] if sizes else None
+    seed_list = _ints(seeds, "--seeds")
+    size_list = _ints(sizes, "--sizes")
     out_dir = _guard(run_advise, config, overrides or [], _split(methods), size_list, full_size, out,
                      seeds=seed_list, budget=budget, verify=verify,
-                     verify_seeds=[int(s) for s in _split(verify_seeds)] if verify_seeds else None)
+                     verify_seeds=_ints(verify_seeds, "--verify-seeds"))
     _report_summary(out_dir)
 
 
@@ -299,7 +321,9 @@ def scale(
     """Sweep data size against a second factor and fit L(X, D) = A X^-alpha D^-beta + E (and the additive form)."""
     from tunelab.compare import scale as run_scale
 
-    size_list = [int(s) for s in _split(sizes)] if sizes else None
+    size_list = _ints(sizes, "--sizes")
+    if size_list and min(size_list) < 1:
+        _fail(f"--sizes: every size must be at least 1 (got {min(size_list)})")
     out_dir = _guard(run_scale, config, overrides or [], size_list, factor, _numbers(values), out, holdout=holdout)
     _report_summary(out_dir)
     fit = out_dir / "scaling.json"

@@ -75,14 +75,14 @@ class DataSection(Section):
 
 class TrainSection(Section):
     max_steps: int | None = Field(None, ge=0)
-    epochs: float = Field(1.0, gt=0)
+    epochs: float = Field(1.0, gt=0, allow_inf_nan=False)
     batch_size: int = Field(8, ge=1)
     grad_accum: int = Field(1, ge=1)
-    lr: float | None = Field(None, gt=0)  # None: the method's default learning rate
-    weight_decay: float = Field(0.0, ge=0)
+    lr: float | None = Field(None, gt=0, allow_inf_nan=False)  # None: the method's default learning rate
+    weight_decay: float = Field(0.0, ge=0, allow_inf_nan=False)
     warmup: float = Field(0.06, ge=0, le=1)  # fraction of the steps
     schedule: Literal["linear", "cosine", "constant"] = "linear"
-    max_grad_norm: float | None = 1.0
+    max_grad_norm: float | None = Field(1.0, ge=0, allow_inf_nan=False)  # 0 / None: no clipping
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     gradient_checkpointing: bool = False
     seed: int = 0
@@ -162,6 +162,8 @@ def _explain(err: ValidationError, schema: type[BaseModel]) -> str:
         if e["type"] == "extra_forbidden":
             valid = _fields_at(schema, loc)
             lines.append(f"  unknown key '{key}'{suggest(loc[-1], valid)}; valid keys here: {', '.join(valid)}")
+        elif e["type"] == "value_error":  # a nested schema's own explanation (method/task params): as it is
+            lines.append(f"  {key}: {(e.get('ctx') or {}).get('error', e['msg'])}")
         else:
             lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
     return "\n".join(lines)

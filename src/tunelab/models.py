@@ -102,7 +102,27 @@ def _auto_class(head: HeadSpec | None):
         "sequence": tf.AutoModelForSequenceClassification,
         "token": tf.AutoModelForTokenClassification,
         "qa": tf.AutoModelForQuestionAnswering,
+        "seq2seq": tf.AutoModelForSeq2SeqLM,  # encoder-decoder (T5, BART): the LM head is the model's own
     }[head.kind]
+
+
+def _check_encoder_decoder(name: str, path: str, head: HeadSpec | None, kwargs: dict) -> None:
+    """A clear error when the formulation and the architecture disagree (a T5 with ``lm``, a Llama
+    with ``seq2seq``), before transformers' "Unrecognized configuration class"."""
+    if head is not None and head.kind != "seq2seq":
+        return
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(path, **kwargs)
+    except (OSError, ValueError):
+        return  # the model load below reports it
+    enc_dec = bool(getattr(config, "is_encoder_decoder", False))
+    if head is None and enc_dec:
+        raise ValueError(f"model '{name}' ({config.model_type}) is an encoder-decoder: set task.formulation=seq2seq")
+    if head is not None and not enc_dec:
+        raise ValueError(f"task.formulation=seq2seq needs an encoder-decoder model (T5, BART, ...); '{name}' is "
+                         f"{config.model_type}: use formulation 'lm'")
 
 
 def load(
@@ -126,10 +146,11 @@ def load(
             "nor a hub id of the form owner/name"
         )
     kwargs = {"trust_remote_code": trust_remote_code, "revision": revision}
+    _check_encoder_decoder(name, path, head, kwargs)
     try:
         tok = AutoTokenizer.from_pretrained(path, **kwargs)
         extra = {}
-        if head is not None and head.kind != "qa":
+        if head is not None and head.kind not in ("qa", "seq2seq"):
             extra = {"num_labels": head.num_labels, "id2label": dict(enumerate(head.labels)),
                      "label2id": {lab: i for i, lab in enumerate(head.labels)}}
         model, info = _auto_class(head).from_pretrained(
@@ -142,7 +163,8 @@ def load(
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tok.pad_token_id
     # Modules whose weights the checkpoint lacked were created fresh: they are the task head.
-    model.tunelab_new_head = sorted({k.rsplit(".", 1)[0] for k in info.get("missing_keys", [])}) if head else []
+    new_head = head is not None and head.kind != "seq2seq"
+    model.tunelab_new_head = sorted({k.rsplit(".", 1)[0] for k in info.get("missing_keys", [])}) if new_head else []
     model.tunelab_method = None
     if head is not None and head.install is not None:
         head.install(model)

@@ -18,10 +18,11 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
-from tunelab.methods.base import find_linears
+from tunelab.loadcheck import check_peft_config, check_state, load_tensors, read_json_object
+from tunelab.methods.base import find_linears, method_state_dict
 from tunelab.methods.lora import lora_modules
 
 CONFIG = "adapter_config.json"
@@ -137,19 +138,24 @@ def import_peft(model: nn.Module, directory: str | Path) -> nn.Module:
         raise FileNotFoundError(f"{cfg_path}: not found (is this a PEFT adapter directory?)")
     if not w_path.exists():
         raise FileNotFoundError(f"{w_path}: not found (only safetensors adapters are read)")
-    cfg = json.loads(cfg_path.read_text())
+    cfg = read_json_object(cfg_path, "a PEFT adapter config")
     if cfg.get("peft_type") != "LORA":
         raise ValueError(f"{cfg_path}: peft_type {cfg.get('peft_type')!r} is not supported; only 'LORA' is")
     for key, default in UNSUPPORTED.items():
         if cfg.get(key) is not None and cfg[key] != default:
             raise ValueError(f"{cfg_path}: {key}={cfg[key]!r} is not supported by tunelab (expected {default!r})")
-    state = load_file(str(w_path), device="cpu")
-    state = {k.removeprefix(PREFIX): v for k, v in state.items()}
+    check_peft_config(cfg, cfg_path, getattr(model, "tunelab_new_head", []))
+    state = {k.removeprefix(PREFIX): v for k, v in load_tensors(w_path).items()}
     adapted = sorted(k.removesuffix(".lora_A.weight") for k in state if k.endswith(".lora_A.weight"))
     if not adapted:
         raise ValueError(f"{w_path}: holds no '*.lora_A.weight' tensor")
     heads = list(cfg.get("modules_to_save") or [])
     present = [h for h in heads if any(k.startswith(h + ".") for k in state)]
+    lora_keys = (".lora_A.weight", ".lora_B.weight") + ((".lora_magnitude_vector",) if cfg.get("use_dora") else ())
+    foreign = sorted(k for k in state if not k.endswith(lora_keys) and not any(k.startswith(h + ".") for h in present))
+    if foreign:  # e.g. an embed_tokens that would overwrite the base (and be persisted by merge)
+        raise ValueError(f"{w_path}: holds {len(foreign)} tensor(s) that are neither LoRA weights nor a head in "
+                         f"modules_to_save, e.g. {foreign[:3]}; refusing to overwrite base weights")
     model.tunelab_new_head = sorted(set(getattr(model, "tunelab_new_head", [])) | set(present))
     targets = cfg.get("target_modules")
     targets = sorted(targets) if isinstance(targets, list) else targets  # PEFT writes a set: any order
@@ -179,9 +185,8 @@ def import_peft(model: nn.Module, directory: str | Path) -> nn.Module:
             ours[f"{name}.lora_magnitude"] = state[f"{name}.lora_magnitude_vector"]
     for head in present:
         ours.update({k: v for k, v in state.items() if k.startswith(head + ".")})
-    own = model.state_dict()
-    for k, v in ours.items():
-        if own[k].shape != v.shape:
-            raise ValueError(f"{w_path}: {k} has shape {tuple(v.shape)}, the model expects {tuple(own[k].shape)}")
+    absent = [h for h in model.tunelab_new_head if h not in present]  # heads the adapter does not carry stay fresh
+    owned = {k: v for k, v in method_state_dict(model).items() if not any(k.startswith(h + ".") for h in absent)}
+    check_state(ours, owned, w_path, model.tunelab_method["name"])
     model.load_state_dict(ours, strict=False)
     return model

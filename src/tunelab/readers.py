@@ -45,9 +45,10 @@ class DataError(ValueError):
 class _Rows:
     """Collects good records; either raises on a bad one or counts it by reason."""
 
-    def __init__(self, source: str, skip_bad: bool, limit: int | None, required, report: dict | None):
+    def __init__(self, source: str, skip_bad: bool, limit: int | None, required, report: dict | None, text=None):
         self.source, self.skip_bad, self.limit, self.report = source, skip_bad, limit, report
         self.required = [required] if isinstance(required, str) else list(required or [])
+        self.text = [text] if isinstance(text, str) else list(text or [])
         self.records: list[dict] = []
         self.reasons: Counter = Counter()
         self.first: list[str] = []
@@ -68,8 +69,15 @@ class _Rows:
             if key not in record:
                 return self.bad(where, f"missing field {key!r}",
                                 f"field {key!r} is missing (required: {self.required}; present: {sorted(record)})")
+            if record[key] is None:
+                return self.bad(where, f"null field {key!r}", f"field {key!r} is null (required: {self.required})")
             if _empty(record[key]):
                 return self.bad(where, f"empty field {key!r}", f"field {key!r} is empty (required: {self.required})")
+            if isinstance(record[key], float) and record[key] != record[key]:
+                return self.bad(where, f"NaN field {key!r}", f"field {key!r} is NaN")
+        for key in self.text:
+            if key in record and not isinstance(record[key], str):
+                return self.bad(where, f"non-text field {key!r}", f"field {key!r} must be text, got {_kind(record[key])}")
         record["_where"] = where
         self.records.append(record)
 
@@ -84,6 +92,40 @@ class _Rows:
             why = f"all {skipped} rows were bad ({dict(self.reasons)})" if skipped else "it holds no records"
             raise DataError(f"{self.source}: no records read: {why}")
         return self.records
+
+
+def _kind(value) -> str:
+    """How a non-text value reads in an error: null, NaN, a list, a number (shown)."""
+    if value is None:
+        return "null"
+    if isinstance(value, float) and value != value:
+        return "NaN"
+    if isinstance(value, list | dict):
+        return f"a {'list' if isinstance(value, list) else 'mapping'} ({json.dumps(value)[:40]})"
+    return f"{type(value).__name__} {value!r}"
+
+
+def _utf8_lines(path: Path, rows: _Rows):
+    """(line number, text) for each line of ``path``; a line that is not UTF-8 is a bad row naming it."""
+    with path.open("rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                rows.bad(f"{path}:{n}", "not UTF-8", f"not valid UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1}); "
+                         "re-save the file as UTF-8 or set data.skip_bad_rows=true to skip such lines")
+                continue
+            yield n, line.removeprefix("\ufeff") if n == 1 else line
+
+
+def _read_text(path: Path) -> str:
+    """The whole file as UTF-8 text (a BOM dropped), or a DataError naming the first bad line."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise DataError(f"{path}:{line}: not valid UTF-8 (byte {data[e.start]:#04x}); re-save the file as UTF-8") from None
 
 
 def _empty(value) -> bool:
@@ -113,24 +155,26 @@ def _is_hub_name(source: str) -> bool:
 
 def read_records(source, fmt: str | None = None, *, skip_bad: bool = False, delimiter: str | None = None,
                  quoting: str | int | None = None, limit: int | None = None, required=None,
-                 report: dict | None = None, split: str | None = None) -> list[dict]:
+                 report: dict | None = None, split: str | None = None, text=None) -> list[dict]:
     """Read `source` (a file path or hub dataset name) into records, each with ``"_where"``.
 
-    `required`: field names every record must have, non-empty. `limit`: stop after that many good records.
+    `required`: field names every record must have, non-empty (and not NaN). `text`: fields that, when
+    present, must be strings (null, numbers, lists are bad rows, never the text "None").
+    `limit`: stop after that many good records.
     `split`: the hub split when the name does not carry one (default "train"). See the module docstring.
     """
     source_s = str(source)
     if fmt is not None and fmt not in FORMATS:
         raise DataError(f"{source_s}: unknown fmt {fmt!r}; allowed: {FORMATS}")
     if fmt == "hub" or (fmt is None and _is_hub_name(source_s)):
-        rows = _Rows(source_s, skip_bad, limit, required, report)
+        rows = _Rows(source_s, skip_bad, limit, required, report, text)
         _read_hub(source_s, split, rows)
         return rows.finish()
     path = Path(source)
     if not path.is_file():
         raise DataError(f"{path}: file not found" + (" (it is a directory)" if path.is_dir() else ""))
     fmt = fmt or infer_format(path)
-    rows = _Rows(str(path), skip_bad, limit, required, report)
+    rows = _Rows(str(path), skip_bad, limit, required, report, text)
     if fmt == "jsonl":
         _read_jsonl(path, rows)
     elif fmt == "json":
@@ -149,17 +193,19 @@ def read_records(source, fmt: str | None = None, *, skip_bad: bool = False, deli
 
 
 def read_conll(path, token_col: int = 0, tag_col: int = -1, *, skip_bad: bool = False, limit: int | None = None,
-               report: dict | None = None) -> list[dict]:
+               report: dict | None = None, iob: bool = False) -> list[dict]:
     """CoNLL column file -> one record ``{"tokens": [...], "tags": [...]}`` per sentence.
 
     Blank lines separate sentences; ``-DOCSTART-`` lines are skipped. ``_where`` is the sentence's first line.
-    A line without `token_col`/`tag_col` is bad: its whole sentence is rejected (or skipped with `skip_bad`).
+    A line without `token_col`/`tag_col`, or with another column count than the file's first token line,
+    is bad: its whole sentence is rejected (or skipped with `skip_bad`). With `iob`, so is a tag other than
+    ``O``, ``B-TYPE``, ``I-TYPE`` (an entity tag column).
     """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     rows = _Rows(str(path), skip_bad, limit, None, report)
-    _read_conll(path, rows, token_col, tag_col)
+    _read_conll(path, rows, token_col, tag_col, iob)
     return rows.finish()
 
 
@@ -178,28 +224,26 @@ def read_squad(path, *, skip_bad: bool = False, limit: int | None = None, report
 
 
 def _read_jsonl(path: Path, rows: _Rows) -> None:
-    with path.open(encoding="utf-8-sig") as f:
-        for n, line in enumerate(f, 1):
-            if rows.full:
-                return
-            if not line.strip():
-                continue
-            where = f"{path}:{n}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                rows.bad(where, "bad json", f"invalid JSON ({e.msg} at column {e.colno})")
-                continue
-            if not isinstance(obj, dict):
-                rows.bad(where, "not an object", f"expected a JSON object, got {type(obj).__name__}")
-                continue
-            rows.add(obj, where)
+    for n, line in _utf8_lines(path, rows):
+        if rows.full:
+            return
+        if not line.strip():
+            continue
+        where = f"{path}:{n}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            rows.bad(where, "bad json", f"invalid JSON ({e.msg} at column {e.colno})")
+            continue
+        if not isinstance(obj, dict):
+            rows.bad(where, "not an object", f"expected a JSON object, got {type(obj).__name__}")
+            continue
+        rows.add(obj, where)
 
 
 def _load_json(path: Path) -> Any:
     try:
-        with path.open(encoding="utf-8-sig") as f:
-            return json.load(f)
+        return json.loads(_read_text(path))
     except json.JSONDecodeError as e:
         raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
 
@@ -211,8 +255,7 @@ def _is_squad(obj: Any) -> bool:
 
 def _read_json(path: Path, rows: _Rows) -> None:
     try:
-        with path.open(encoding="utf-8-sig") as f:
-            obj = json.load(f)
+        obj = json.loads(_read_text(path))
     except json.JSONDecodeError as e:
         if e.msg == "Extra data":  # several top-level values: it is really JSON lines
             return _read_jsonl(path, rows)
@@ -238,34 +281,40 @@ def _read_csv(path: Path, rows: _Rows, delimiter: str, quoting: str | int) -> No
         if quoting.lower() not in QUOTING:
             raise DataError(f"{path}: unknown quoting {quoting!r}; allowed: {sorted(QUOTING)}")
         quoting = QUOTING[quoting.lower()]
-    with path.open(encoding="utf-8-sig", newline="") as f:
-        reader = csv.reader(f, delimiter=delimiter, quoting=quoting)
-        header, last = None, 0
-        try:
-            for row in reader:
-                start, last = last + 1, reader.line_num  # a quoted field may span several physical lines
-                if not row or (len(row) == 1 and not row[0].strip()):
-                    continue
-                if header is None:
-                    header = [h.strip() for h in row]
-                    continue
-                if rows.full:
-                    return
-                where = f"{path}:{start}"
-                if len(row) != len(header):
-                    rows.bad(where, "column count", f"expected {len(header)} columns {header}, got {len(row)}")
-                    continue
-                rows.add(dict(zip(header, row, strict=True)), where)
-        except csv.Error as e:
-            raise DataError(f"{path}:{reader.line_num}: unreadable CSV ({e})") from None
+    lines = list(_utf8_lines(path, rows))  # a non-UTF-8 line is a bad row (skipped with skip_bad)
+    number = [n for n, _ in lines]  # reader.line_num counts the lines it was fed: map back to the file's
+    reader = csv.reader((ln for _, ln in lines), delimiter=delimiter, quoting=quoting)
+    header, last = None, 0
+    try:
+        for row in reader:
+            start, last = last + 1, reader.line_num  # a quoted field may span several physical lines
+            if not row or (len(row) == 1 and not row[0].strip()):
+                continue
+            if header is None:
+                header = [h.strip() for h in row]
+                dup = sorted({h for h in header if header.count(h) > 1})
+                if dup:
+                    raise DataError(f"{path}:{number[start - 1]}: duplicate column name(s) {dup} in the header "
+                                    f"{header}: a later column would silently replace an earlier one")
+                continue
+            if rows.full:
+                return
+            where = f"{path}:{number[start - 1]}"
+            if len(row) != len(header):
+                rows.bad(where, "column count", f"expected {len(header)} columns {header}, got {len(row)}")
+                continue
+            rows.add(dict(zip(header, row, strict=True)), where)
+    except csv.Error as e:
+        line = number[min(reader.line_num, len(number)) - 1] if number else 1
+        raise DataError(f"{path}:{line}: unreadable CSV ({e})") from None
 
 
-def _read_conll(path: Path, rows: _Rows, token_col: int, tag_col: int) -> None:
+def _read_conll(path: Path, rows: _Rows, token_col: int, tag_col: int, iob: bool = False) -> None:
     need = max(token_col if token_col >= 0 else -token_col - 1, tag_col if tag_col >= 0 else -tag_col - 1) + 1
 
     tokens: list[str] = []
     tags: list[str] = []
-    start, broken = 0, None
+    start, broken, width = 0, None, None
 
     def flush():
         if tokens or broken:
@@ -274,30 +323,38 @@ def _read_conll(path: Path, rows: _Rows, token_col: int, tag_col: int) -> None:
             else:
                 rows.add({"tokens": list(tokens), "tags": list(tags)}, f"{path}:{start}")
 
-    with path.open(encoding="utf-8-sig") as f:
-        for n, line in enumerate(f, 1):
-            cols = line.split()
-            if not cols:
-                flush()
-                tokens.clear()
-                tags.clear()
-                broken = None
-                if rows.full:
-                    return
-                continue
-            if cols[0] == "-DOCSTART-":
-                continue
-            if not tokens and not broken:
-                start = n
-            if len(cols) < need:
-                broken = broken or (f"{path}:{n}", "column count",
-                                    f"expected at least {need} columns (token_col={token_col}, "
-                                    f"tag_col={tag_col}), got {len(cols)}")
-                continue
-            tokens.append(cols[token_col])
-            tags.append(cols[tag_col])
-        if not rows.full:
+    for n, line in _utf8_lines(path, rows):
+        cols = line.split()
+        if not cols:
             flush()
+            tokens.clear()
+            tags.clear()
+            broken = None
+            if rows.full:
+                return
+            continue
+        if cols[0] == "-DOCSTART-":
+            continue
+        if not tokens and not broken:
+            start = n
+        if len(cols) < need:
+            broken = broken or (f"{path}:{n}", "column count",
+                                f"expected at least {need} columns (token_col={token_col}, "
+                                f"tag_col={tag_col}), got {len(cols)}")
+            continue
+        width = width or len(cols)  # the file's column count, set by its first token line
+        if len(cols) != width:
+            broken = broken or (f"{path}:{n}", "column count",
+                                f"expected {width} columns like the file's first token line, got {len(cols)}")
+            continue
+        tag = cols[tag_col]
+        if iob and tag != "O" and not (tag[:2] in ("B-", "I-") and len(tag) > 2):
+            broken = broken or (f"{path}:{n}", "bad tag", f"tag {tag!r} (column {tag_col}) is not O, B-TYPE or I-TYPE")
+            continue
+        tokens.append(cols[token_col])
+        tags.append(cols[tag_col])
+    if not rows.full:
+        flush()
 
 
 def _read_squad(path: Path, obj: Any, rows: _Rows) -> None:

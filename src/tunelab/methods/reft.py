@@ -30,6 +30,15 @@ householder map multiplies by ``diagonal().int()``, so weight decay on those zer
 zeroes rows of R after one AdamW step, and its default trivialization keeps a d x d ``base``
 buffer that is not a parameter (lost on save). Dropout acts on the edit, not on h (pyreft applies
 it to the whole output). ReFT cannot be merged into the weights.
+
+Encoder-decoder models (T5, BART). ``stack`` picks the layers' stack: "encoder" (the default there),
+"decoder" or "both"; ``layers`` indexes blocks within each chosen stack. The prompt is the encoder's
+input, so encoder interventions act at the source's positions (first p / last s real source tokens;
+the source is the whole prompt, its padding excluded). The decoder's only prompt position is its start
+token (column 0 of the first decoder forward: in training, where the labels are shifted in behind it,
+and at generation's first step, whose KV entries every later step then reads); target and generated
+tokens are never edited, as the paper keeps interventions off generated tokens. ``stack`` on a
+decoder-only or encoder-only model is an error.
 """
 
 from __future__ import annotations
@@ -52,6 +61,7 @@ class ReftConfig(MethodConfig):
     positions: str = "f7+l7"
     tied: bool = True
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    stack: Literal["encoder", "decoder", "both"] | None = None  # encoder-decoder models only (default encoder)
 
     @field_validator("layers", mode="before")
     @classmethod
@@ -229,6 +239,11 @@ class _Reft:
         self.name, self.module = name, module
 
     def attach(self, model: nn.Module, cfg: ReftConfig) -> nn.Module:
+        if getattr(model.config, "is_encoder_decoder", False):
+            return attach_stacks(self.module, model, cfg)
+        if cfg.stack is not None:
+            raise ValueError(f"stack={cfg.stack!r} applies to encoder-decoder models (T5, BART) only; "
+                             f"{type(model).__name__} has one stack: leave stack unset")
         freeze(model)
         blocks = _blocks(model)
         n, d = len(blocks), model.config.hidden_size
@@ -248,6 +263,70 @@ class _Reft:
         model.register_forward_pre_hook(sites.pre_hook, with_kwargs=True, prepend=True)
         model.tunelab_reft = sites
         return model
+
+
+# ---------------------------------------------------------------- encoder-decoder stacks
+def stack_blocks(stack: nn.Module) -> nn.ModuleList:
+    """The block list of one encoder or decoder stack (T5Stack.block, BartEncoder/Decoder.layers).
+    For the architecture table (tunelab.arch) to absorb once it lists encoder/decoder block paths."""
+    for attr in ("block", "layers", "layer"):
+        blocks = getattr(stack, attr, None)
+        if isinstance(blocks, nn.ModuleList) and len(blocks):
+            return blocks
+    raise ValueError(f"found no block list (block/layers) in {type(stack).__name__}")
+
+
+class _StackSites(_Sites):
+    """Sites for one stack of an encoder-decoder, found from that stack's own inputs (generation calls
+    the encoder directly, not through the top model): the encoder's prompt is its attended tokens, the
+    decoder's is column 0 of its first (cache-free) forward."""
+
+    def __init__(self, p: int, s: int, keys: list[str], decoder: bool):
+        super().__init__(p, s, keys)
+        self.decoder = decoder
+
+    def pre_hook(self, stack, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        x = ids if ids is not None else kwargs["inputs_embeds"]
+        B, T = x.shape[:2]
+        pm = torch.zeros(B, T, dtype=torch.bool, device=x.device)
+        if self.decoder:
+            cache = kwargs.get("cache", kwargs.get("past_key_values"))
+            if not (cache is not None and hasattr(cache, "get_seq_length") and int(cache.get_seq_length()) > 0):
+                pm[:, 0] = True
+        else:
+            am = kwargs.get("attention_mask")
+            pm = am.bool() if isinstance(am, torch.Tensor) and am.dim() == 2 and am.shape[1] == T else ~pm
+        pre, suf = prompt_sites(pm, self.p, self.s)
+        sides = {"both": pre | suf, "prefix": pre, "suffix": suf}
+        self.shape = (B, T)
+        self.rows = {key: sides[key].reshape(-1).nonzero().squeeze(1) for key in self.keys}
+
+
+def attach_stacks(module: type[nn.Module], model: nn.Module, cfg: ReftConfig) -> nn.Module:
+    freeze(model)
+    d = model.config.hidden_size
+    p, s = parse_positions(cfg.positions)
+    keys = ["both"] if cfg.tied else [k for k, c in (("prefix", p), ("suffix", s)) if c]
+    names = ["encoder", "decoder"] if cfg.stack == "both" else [cfg.stack or "encoder"]
+    model.tunelab_reft = {}
+    for name in names:
+        stack = model.get_encoder() if name == "encoder" else model.get_decoder()
+        blocks = stack_blocks(stack)
+        n = len(blocks)
+        layers = list(range(n)) if cfg.layers == "all" else cfg.layers
+        if any(not -n <= i < n for i in layers) or not layers or len({i % n for i in layers}) != len(layers):
+            raise ValueError(f"layers={cfg.layers}: the {name} has {n} blocks; need distinct indices in [0, {n}) "
+                             f"(or -{n}..-1), or 'all'")
+        sites = _StackSites(p, s, keys, decoder=name == "decoder")
+        for i in sorted(i % n for i in layers):
+            block = blocks[i]
+            block.reft = nn.ModuleDict({k: module(d, cfg.rank, cfg.dropout) for k in keys})
+            block.reft.to(next(block.parameters()).device)
+            block.register_forward_hook(sites.edit)
+        stack.register_forward_pre_hook(sites.pre_hook, with_kwargs=True, prepend=True)
+        model.tunelab_reft[name] = sites
+    return model
 
 
 METHODS.register("loreft", _Reft("loreft", LoReFT))

@@ -17,6 +17,7 @@ import re
 from pathlib import Path
 
 from tunelab.report.stats import t_interval
+from tunelab.results import read_metrics
 
 # Task metrics in the order a default is picked, when the caller names none.
 PRIMARY_METRICS = (
@@ -80,21 +81,22 @@ def _scalar(v) -> bool:
 def read_run(run_dir: str | Path) -> dict | None:
     """The row for one run directory, or None when it has not finished (no metrics.json).
 
-    Read through ``tunelab.results.read_metrics``: the run facts, then the task metrics (which win a
-    name clash), then ``before.<metric>``; nested metric groups are flattened with a dot."""
-    from tunelab.results import read_metrics
-
+    Read through ``tunelab.results.read_metrics``; its config.yaml adds ``hyperparameters``."""
     run_dir = Path(run_dir)
-    data = read_metrics(run_dir)
-    if data is None:
+    record = read_metrics(run_dir)
+    if record is None:
         return None
-    row: dict = {}
-    for space, prefix in (("run", ""), ("metrics", ""), ("before", "before.")):
-        for k, v in (data.get(space) or {}).items():
-            if _scalar(v):
-                row[prefix + k] = v
-            elif isinstance(v, dict):
-                row.update({f"{prefix}{k}.{kk}": vv for kk, vv in v.items() if _number(vv)})
+    # Task metrics win the plain names; a run fact of the same name (a NER run's "precision") is "run.<key>".
+    facts, task = record["run"], record["metrics"]
+    metrics = {**{(f"run.{k}" if k in task else k): v for k, v in facts.items()}, **task}
+    metrics.update({k: v for k, v in record.items() if k not in ("metrics", "run")})
+    row = {k: v for k, v in metrics.items() if _scalar(v)}
+    # Nested metric groups ({"eval": {"accuracy": ..}}) are flattened with a dot.
+    for k, v in metrics.items():
+        if isinstance(v, dict):
+            row.update(
+                {f"{k}.{kk}": vv for kk, vv in v.items() if isinstance(vv, int | float) and not isinstance(vv, bool)}
+            )
     row = {"run": run_dir.name, "label": label_of(run_dir.name), **row, "run_dir": str(run_dir)}
     if "seed" not in row and (m := _SEED_SUFFIX.search(run_dir.name)):
         row["seed"] = int(m.group(1))
