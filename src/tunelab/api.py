@@ -105,6 +105,8 @@ def load(model: nn.Module, directory: str | Path) -> nn.Module:
     elif model.tunelab_method["name"] != meta["name"]:
         raise ValueError(f"{directory}: holds method '{meta['name']}' but the model has '{model.tunelab_method['name']}'")
     state = load_tensors(weights)
+    upgrade = getattr(METHODS.get(meta["name"]), "upgrade_state", None)
+    state = upgrade(model, state, weights) if upgrade else state  # a method's older format, converted
     # Only what the method owns, shape for shape, finite: a foreign tensor (embed_tokens) is refused.
     check_state(state, method_state_dict(model), weights, meta["name"])
     model.load_state_dict(state, strict=False)

@@ -207,30 +207,52 @@ def _trained(run_dir: Path):
 
 
 @app.command()
-def merge(run_dir: Path = typer.Argument(..., help="a finished run directory"), out_dir: Path = typer.Argument(...)):
-    """Fold the run's method into the base weights and save a plain transformers model (+ tokenizer)."""
-    import tunelab
+def merge(
+    run_dir: Path = typer.Argument(..., help="a finished run directory"),
+    out_dir: Path = typer.Argument(...),
+    dtype: str = typer.Option(None, "--dtype", help="bf16 | fp16 | fp32 (default: the base checkpoint's own dtype)"),
+):
+    """Fold the run's method into the base weights and save a plain transformers model (+ tokenizer, README.md)."""
+    from tunelab.export.card import cli_command
+    from tunelab.export.merge import merge_run
 
-    model, tok = _trained(run_dir)
-    merged = _guard(tunelab.merge, model)
-    merged.save_pretrained(out_dir)
-    tok.save_pretrained(out_dir)
-    typer.echo(f"merged model written to {out_dir}")
+    cmd = cli_command("merge", run_dir, out_dir, *(["--dtype", dtype] if dtype else []))
+    res = _guard(merge_run, run_dir, out_dir, dtype, cmd)
+    typer.echo(f"merged model ({res['dtype']}, {res['bytes'] / 1e6:.1f} MB of weights) written to {out_dir}")
+
+
+EXPORT_FORMATS = ("peft", "gguf")
 
 
 @app.command()
 def export(
     run_dir: Path = typer.Argument(..., help="a finished run directory"),
     out_dir: Path = typer.Argument(...),
-    format: str = typer.Option("peft", "--format", help="peft: adapter_config.json + adapter_model.safetensors"),
+    format: str = typer.Option("peft", "--format", help="peft: adapter_config.json + adapter_model.safetensors "
+                               "(LoRA family, prompt tuning); gguf: one llama.cpp file of the merged model"),
+    outtype: str = typer.Option("f16", "--outtype", help="gguf only: f32 | f16 | bf16 | q8_0 | q4_0"),
 ):
-    """Export the run's adapter for other tools (PEFT's LoRA format)."""
-    if format != "peft":
-        _fail(f"unknown export format '{format}'; available: peft")
+    """Export the run for other tools: PEFT's adapter format, or GGUF for llama.cpp / Ollama (+ README.md)."""
+    from tunelab.export.card import cli_command
+
+    cmd = cli_command("export", run_dir, out_dir, "--format", format, *(["--outtype", outtype] if format == "gguf" else []))
+    if format not in EXPORT_FORMATS:
+        _fail(f"unknown export format '{format}'; available: {', '.join(EXPORT_FORMATS)}")
+    if format == "gguf":
+        from tunelab.export.gguf import export_run
+
+        path = _guard(export_run, run_dir, out_dir, outtype, cmd, progress=sys.stderr.isatty())
+        typer.echo(f"GGUF ({outtype}, {path.stat().st_size / 1e6:.1f} MB) written to {path}")
+        return
+    from tunelab.export.card import write_card
+    from tunelab.export.merge import load_trained, recorded_base
     from tunelab.peft_format import export_peft, save_dequantized_base
 
-    model, tok = _trained(run_dir)
-    _guard(export_peft, model, out_dir)
+    if not (run_dir / "method" / "method.json").exists():
+        _fail(f"{run_dir}: no trained method here (expected {run_dir / 'method' / 'method.json'})")
+    model, tok, cfg = _guard(load_trained, run_dir)
+    _guard(export_peft, model, out_dir, recorded_base(cfg.model.name))
+    _guard(write_card, out_dir, run_dir, cfg, "peft", None, cmd)
     typer.echo(f"PEFT adapter written to {out_dir}")
     if model.tunelab_method["name"] in ("qlora", "loftq"):
         # The adapter was trained over the quantized base: PEFT must load it over that base, not W.
@@ -375,12 +397,16 @@ def bench(
 def methods():
     """List the fine-tuning methods and their parameters."""
     from tunelab.methods import METHODS
+    from tunelab.train import default_lr
 
     for name in METHODS.names():
         m = METHODS.get(name)
         doc = (sys.modules[type(m).__module__].__doc__ or "").strip().splitlines()[0]
         params = ", ".join(f"{k}={f.default!r}" for k, f in m.Config.model_fields.items())
         typer.echo(f"{name:18s} {doc}\n{'':18s} params: {params or '-'}")
+        typer.echo(f"{'':18s} default lr: {default_lr(name):g} (used when train.lr is not set)")
+        if getattr(m, "about_defaults", None):
+            typer.echo(f"{'':18s} defaults: {m.about_defaults}")
 
 
 @app.command()
@@ -405,6 +431,11 @@ def models():
 
 
 def main() -> None:
+    import os
+
+    if not os.environ.get("TORCHELASTIC_RUN_ID"):  # not under torchrun: keep --help free of torch
+        app()
+        return
     # Under torchrun, the elastic agent then reports the failing rank's own error and traceback.
     from torch.distributed.elastic.multiprocessing.errors import record
 

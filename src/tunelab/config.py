@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tunelab.registry import suggest
 
@@ -93,6 +93,16 @@ class TrainSection(Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int | None = Field(None, ge=1)
     progress: bool = True
+    report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(default_factory=list)  # see tunelab.tracking
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _report_to(cls, v):  # "tensorboard,mlflow" from a command line; "none" / null: no tracking
+        if v is None:
+            return []
+        if isinstance(v, str):
+            v = [t.strip() for t in v.split(",") if t.strip() and t.strip() != "none"]
+        return v
 
 
 class EvalSection(Section):

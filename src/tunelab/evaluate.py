@@ -12,6 +12,8 @@
   log-probabilities of each choice given the source (teacher forcing, labels = the choice).
 
 Rows are sorted by length before batching (less padding) and results returned in input order.
+Each call shows a progress bar (rows/s, ETA) on the lead process when stderr is a terminal, unless
+``show_progress(False)`` (``train.progress: false``) turned it off.
 Every call records ``prompt_mask`` in the model context, so methods that act on prompt positions
 (ReFT) see them during scoring and generation too.
 """
@@ -19,6 +21,7 @@ Every call records ``prompt_mask`` in the model context, so methods that act on 
 from __future__ import annotations
 
 import inspect
+import sys
 from collections.abc import Sequence
 
 import torch
@@ -28,6 +31,20 @@ from tunelab import distributed as dist
 from tunelab import fast
 from tunelab.data import IGNORE, tokenize_prompt, tokenize_source
 from tunelab.methods.base import context
+
+_PROGRESS = {"on": True}
+
+
+def show_progress(on: bool) -> None:
+    """Turn the evaluation progress bars on (where stderr is a terminal) or off."""
+    _PROGRESS["on"] = bool(on)
+
+
+def _bar(total: int, desc: str):
+    from tqdm.auto import tqdm
+
+    on = _PROGRESS["on"] and dist.is_lead() and sys.stderr.isatty()
+    return tqdm(total=total, desc=desc, unit="row", disable=not on, leave=False, dynamic_ncols=True)
 
 
 def _device(model) -> torch.device:
@@ -117,6 +134,7 @@ def score_choices(model, tokenizer, prompts: list[str], choices: list[list[str]]
     if single:
         # One forward per prompt: the next-token distribution at the prompt's end scores all choices.
         pre, cut = fast.prefix_forward(model, prompt_ids, dev)  # a shared template prefix runs once
+        bar = _bar(len(prompt_ids), "scoring")
         for batch in _by_length([len(p) for p in prompt_ids], batch_size):
             if pre:
                 logits = pre([prompt_ids[i][cut:] for i in batch], pad, 1)
@@ -128,10 +146,12 @@ def score_choices(model, tokenizer, prompts: list[str], choices: list[list[str]]
             for row, i in enumerate(batch):
                 for j, c in enumerate(choice_ids[i]):
                     scores[i][j] = logp[row, c[0]].item()
+            bar.update(len(batch))
     else:
         pairs = [(i, j) for i, cs in enumerate(choice_ids) for j in range(len(cs))]
         rows = [prompt_ids[i] + choice_ids[i][j] for i, j in pairs]
         pre, cut = fast.prefix_forward(model, rows, dev, keep_last=1 + max(len(c) for cs in choice_ids for c in cs))
+        bar = _bar(len(rows), "scoring choices")
         for batch in _by_length([len(r) for r in rows], batch_size):
             n = max(len(choice_ids[pairs[k][0]][pairs[k][1]]) for k in batch)
             if pre:
@@ -149,6 +169,8 @@ def score_choices(model, tokenizer, prompts: list[str], choices: list[list[str]]
                 c = torch.tensor(choice_ids[i][j], device=dev)
                 lp = logp[row, n - len(c) :].gather(-1, c[:, None]).sum()
                 scores[i][j] = lp.item()
+            bar.update(len(batch))
+    bar.close()
     context(model).pop("prompt_mask", None)
     model.train(was_training)
     return scores
@@ -177,6 +199,7 @@ def generate(
     prompt_ids = [(tokenize_source if enc_dec else tokenize_prompt)(tokenizer, p) for p in prompts]
     outputs = [""] * len(prompts)
     sampling = {"temperature": temperature, "top_p": top_p} if do_sample else {}
+    bar = _bar(len(prompt_ids), "generating")
     for batch in _by_length([len(p) for p in prompt_ids], batch_size):
         ids, mask = (_pad_right if enc_dec else _pad_left)([prompt_ids[i] for i in batch], pad, dev)
         context(model)["prompt_mask"] = mask.bool()
@@ -189,6 +212,8 @@ def generate(
             for s in stop or []:
                 text = text.split(s, 1)[0]
             outputs[i] = text.strip()
+        bar.update(len(batch))
+    bar.close()
     context(model).pop("prompt_mask", None)
     model.train(was_training)
     return outputs
@@ -203,6 +228,7 @@ def classify(model, tokenizer, texts: list[str], pairs: list[str] | None = None,
     dev = _device(model)
     lengths = [len(t) + (len(pairs[i]) if pairs else 0) for i, t in enumerate(texts)]
     result: list[torch.Tensor | None] = [None] * len(texts)
+    bar = _bar(len(texts), "classifying")
     for batch in _by_length(lengths, batch_size):
         a = [texts[i] for i in batch]
         b = [pairs[i] for i in batch] if pairs else None
@@ -211,6 +237,8 @@ def classify(model, tokenizer, texts: list[str], pairs: list[str] | None = None,
         logits = model(**enc).logits.float().cpu()
         for row, i in enumerate(batch):
             result[i] = logits[row]
+        bar.update(len(batch))
+    bar.close()
     context(model).pop("prompt_mask", None)
     model.train(was_training)
     return torch.stack(result)

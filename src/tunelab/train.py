@@ -29,10 +29,11 @@ from safetensors.torch import load_file, save_file
 
 import tunelab
 from tunelab import distributed as dist
-from tunelab import fast
+from tunelab import fast, tracking
 from tunelab.checkpoint import atomic_dir, atomic_write_text, recover, remove_stale, verify_checkpoint
 from tunelab.config import RunConfig, dump_config, task_config
 from tunelab.data import Collator, batches, pack
+from tunelab.evaluate import show_progress
 from tunelab.guard import check_step, check_tensors, warn_rank
 from tunelab.methods.base import METHODS, method_state_dict
 from tunelab.models import load as load_model
@@ -217,9 +218,12 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
 class Run:
     """Everything a run needs, loaded once: task, data, model with its method, features."""
 
+    tracker = None  # tunelab.tracking.Tracker of a training run (lead process only)
+
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
         self.dir = cfg.run_dir()
+        show_progress(cfg.train.progress)  # evaluation bars follow train.progress too
         self.task = TASKS.get(cfg.task.name)
         self.tcfg = task_config(cfg.task.name, cfg.task.params())
         self.device = pick_device(cfg.train.device)
@@ -291,6 +295,7 @@ def run(cfg: RunConfig) -> dict:
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     dist.init()
+    tracking.check(cfg.train.report_to)  # a missing tracking library fails here, before any loading
     out = cfg.run_dir()
     with RunLock(out) if dist.is_lead() else contextlib.nullcontext():
         if dist.is_lead():
@@ -328,10 +333,13 @@ def _run(cfg: RunConfig, t_start: float) -> dict:
         atomic_write_text(out / "config.yaml", dump_config(cfg))
     if lead:
         (out / "metrics.json").unlink(missing_ok=True)  # a metrics.json always belongs to the config beside it
+    r.tracker = tracking.start(cfg, lead)
     record: dict = {}
     if cfg.eval.before and r.eval_ex:
         before, _ = r.evaluate()
         record["before"] = before
+        if r.tracker:
+            r.tracker.log_eval(0, before)
         dist.log(f"before training: {before}")
 
     model = tunelab.attach(r.model, cfg.method.name, **cfg.method.params())
@@ -358,6 +366,8 @@ def _run(cfg: RunConfig, t_start: float) -> dict:
         if preds and cfg.eval.save_predictions:
             atomic_write_text(out / "predictions.jsonl", "".join(json.dumps(p) + "\n" for p in preds))
         atomic_write_text(out / "metrics.json", json.dumps(record, indent=2))
+    if r.tracker:
+        r.tracker.finish(record)
     return record
 
 
@@ -467,6 +477,8 @@ def _train(r: Run, model, out: Path, lead: bool) -> dict:
                 if pos["step"] % tc.log_every == 0 or pos["step"] in (1, total):
                     log_f.write(json.dumps(rec) + "\n")
                     log_f.flush()
+                    if r.tracker:
+                        r.tracker.log_step(rec)
                 if bar:
                     bar.update(1)
                     bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens / t_train:,.0f}")
@@ -516,6 +528,8 @@ def _eval_and_keep_best(r: Run, model, out: Path, pos: dict, log_f) -> None:
     if log_f:
         log_f.write(json.dumps({"step": pos["step"], "eval": metrics}) + "\n")
         log_f.flush()
+        if r.tracker:
+            r.tracker.log_eval(pos["step"], metrics)
     if pos["best"] is None or metrics[primary] > pos["best"]:
         pos["best"] = metrics[primary]
         with dist.gathered(model):

@@ -53,6 +53,7 @@ class QLoRA:
     name = "qlora"
     Config = QLoRAConfig
     merge_refusal = None
+    recommended_lr = 3e-4  # as LoRA: the frozen base is quantized, the adapter trains the same way
 
     def attach(self, model: nn.Module, cfg: QLoRAConfig) -> nn.Module:
         before_model, before_linears = quant.model_bytes(model), 0

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 from typing import Literal
 
-from sklearn.metrics import f1_score
-
 from tunelab.data import encode_head, encode_lm_document
 from tunelab.evaluate import classify, score_choices
 from tunelab.readers import DataError, read_records
@@ -119,6 +117,8 @@ class Classification:
             scores = score_choices(model, tokenizer, prompts, [words] * len(prompts), batch_size=batch_size)
             pred = [max(range(len(s)), key=s.__getitem__) for s in scores]
         metrics = {"accuracy": sum(p == g for p, g in zip(pred, gold, strict=True)) / len(gold)}
+        from sklearn.metrics import f1_score  # here: sklearn (+ scipy, pandas) costs seconds to import
+
         metrics["macro_f1"] = float(f1_score(gold, pred, average="macro", labels=list(range(len(labels)))))
         if len(labels) == 2:
             metrics["f1"] = float(f1_score(gold, pred, pos_label=1, average="binary", zero_division=0))

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from seqeval.metrics.sequence_labeling import get_entities
 
 from tunelab.data import encode_lm
 from tunelab.evaluate import generate
@@ -44,6 +43,8 @@ class NERConfig(TaskConfig):
 
 
 def render_entities(tokens: list[str], tags: list[str]) -> str:
+    from seqeval.metrics.sequence_labeling import get_entities  # here: seqeval imports sklearn (seconds)
+
     found = [f"{t}: {' '.join(tokens[a : b + 1])}" for t, a, b in get_entities(list(tags))]
     return "; ".join(found) or "none"
 
