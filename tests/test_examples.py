@@ -19,6 +19,7 @@ def test_example_validates(path):
     raw, sweep = read_sweep_config(path)
     cfg = build_config(raw, str(path))
     assert cfg.task.name and cfg.method.name and cfg.data.eval
-    for entry in sweep.get("compare", {}).get("methods", []):  # each variant validates too
+    entries = sweep.get("compare", {}).get("methods", []) + sweep.get("advise", {}).get("methods", [])
+    for entry in entries:  # each variant validates too
         label, method, train = method_spec(entry, raw.get("method"))
         build_config({**raw, "method": method, "train": {**raw.get("train", {}), **train}}, f"{path} [{label}]")

@@ -136,3 +136,25 @@ def test_fit_sweep_numeric_and_categorical():
     assert by["lora"]["form"] == "data" and by["lora"]["params"]["beta"] == pytest.approx(0.3, abs=1e-3)
     assert by["full"]["params"]["beta"] == pytest.approx(0.5, abs=1e-3)
     assert "error" in by["tiny"]
+
+
+def test_diagnostics_accept_a_real_law_and_reject_chance_level_losses():
+    d = np.array([250.0, 500.0, 1000.0, 2000.0, 4000.0])
+    good = fit_and_check("data", d, predict("data", {"A": 5.0, "beta": 0.4, "E": 0.3}, d))
+    assert good["diagnostics"]["good"] and good["diagnostics"]["warnings"] == []
+    assert good["errors"]["mean_rel_error"] < good["baseline_errors"]["mean_rel_error"]
+    # The case: every loss at chance (ln 2) up to noise -> the fit must not be called good.
+    flat = np.log(2) * (1 + np.array([0.002, -0.001, 0.001, -0.002, 0.0015]))
+    bad = fit_and_check("data", d, flat)
+    diag = bad["diagnostics"]
+    assert not diag["good"]
+    assert any("no better than predicting the mean" in w or "at its bound" in w or "< 0" in w for w in diag["warnings"])
+    assert bad["baseline_errors"]["n"] == 1
+
+
+def test_parameters_at_their_bounds_are_named():
+    d = np.array([100.0, 200.0, 400.0, 800.0])
+    rising = 0.2 + 1e-3 * d  # loss grows with data: beta pinned at its lower bound or negative
+    res = fit_and_check("data", np.append(d, 1600.0), np.append(rising, 0.2 + 1.6))
+    warns = " ".join(res["diagnostics"]["warnings"])
+    assert not res["diagnostics"]["good"] and ("beta" in warns)

@@ -74,7 +74,7 @@ def test_compare_never_starts_a_locked_run(tmp_path, monkeypatch):
     monkeypatch.setattr(compare_mod, "build_report", lambda *a, **k: "report.html")
     (tmp_path / "c.yaml").write_text("task: sentiment\n")
     with RunLock(tmp_path / "cmp" / "runs" / "lora-s0"):
-        compare_mod.compare(tmp_path / "c.yaml", methods=["lora"], out_dir=tmp_path / "cmp", say=lambda m: None)
+        compare_mod.compare(tmp_path / "c.yaml", methods=["lora"], seeds=[0], out_dir=tmp_path / "cmp", say=lambda m: None)
     manifest = (tmp_path / "cmp" / "manifest.json").read_text()
     assert not started and "locked" in manifest and str(os.getpid()) in manifest
 

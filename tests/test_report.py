@@ -55,6 +55,11 @@ def cmp_dir(tmp_path):
                 },
                 extra_log='{"step": 40, "lo',
             )  # a line cut off by a crash
+            right = round(acc * 200)  # per-example predictions that score exactly `acc`
+            preds = [{"where": f"dev.tsv:{i + 2}", "prediction": "pos" if i < right else "neg", "reference": "pos"}
+                     for i in range(200)]
+            (tmp_path / "runs" / f"{method}-s{seed}" / "predictions.jsonl").write_text(
+                "".join(json.dumps(p) + "\n" for p in preds))
     (tmp_path / "runs" / "prompt_tuning-s0").mkdir()  # started, never finished
     return tmp_path
 
@@ -95,8 +100,9 @@ def test_single_seed_has_no_std_and_markdown_shows_plus_minus():
     summary = tables.summarize(rows, tables.primary_metric(rows))
     assert summary[1]["f1_std"] is None
     md = tables.markdown_table(summary, "f1").splitlines()
-    assert md[0].startswith("| label | method | f1 ↑ |")
-    assert "0.8 ± 0.14" in md[2] and "| 0.5 |" in md[3]
+    assert md[0].startswith("| label | method | f1 ↑ (± 95% CI) | 95% CI | std |")
+    # two seeds: t(0.975, 1) = 12.706, half-width = 12.706 * 0.1414 / sqrt(2) = 1.27
+    assert "| 0.8 ± 1.3 | [-0.471, 2.07] | 0.14 |" in md[2] and "| 0.5 | – | – |" in md[3]
 
 
 def test_build_report_writes_every_output(cmp_dir):
@@ -107,7 +113,14 @@ def test_build_report_writes_every_output(cmp_dir):
     assert list(rows[0])[:6] == ["run", "label", "method", "task", "seed", "accuracy"]
     summary = list(csv.DictReader(io.StringIO((cmp_dir / "summary.csv").read_text())))
     assert [r["label"] for r in summary] == ["full", "lora", "loreft"]
-    assert "| full | full | 0.88 ± 0.028 | 135M | 100% |" in (cmp_dir / "results.md").read_text()
+    md = (cmp_dir / "results.md").read_text()
+    assert "| full | full | 0.88 ± 0.25 | [0.626, 1.13] | 0.028 | best | 135M | 100% |" in md
+    assert "Student-t interval over seeds" in md and "## Environment" in md and "torch:" in md
+    # paired bootstrap vs full: lora scores 0.82 vs 0.88 on the same examples; every lora hit is a full hit
+    lora = next(r for r in summary if r["label"] == "lora")
+    assert float(lora["vs_best_diff"]) == pytest.approx(-0.06) and float(lora["vs_best_p"]) < 0.01
+    assert float(lora["vs_best_lo"]) < -0.06 < float(lora["vs_best_hi"]) < 0
+    assert "paired bootstrap against full" in md and "correct = prediction == reference" in md
     for name in ("metric_vs_params", "metric_vs_time", "loss_curves"):
         assert (cmp_dir / "plots" / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     text = page.read_text()
@@ -193,3 +206,6 @@ def test_html_loads_in_headless_chromium_without_console_errors(cmp_dir, tmp_pat
     # Chromium writes every console message (and uncaught exceptions) to stderr as CONSOLE lines.
     console = [ln for ln in proc.stderr.splitlines() if "CONSOLE" in ln or "Uncaught" in ln]
     assert console == [], console
+    # What a researcher cites is on the rendered page: intervals, the paired test, the settings, the machine.
+    for text in ("95% CI", "[0.626, 1.13]", "vs best: Δ [95% CI] p", "p=", "Environment", "torch", "hyperparameters"):
+        assert text in dom, text

@@ -90,7 +90,7 @@ def test_two_steps_through_the_loop(task, formulation, llama_dir, bert_dir, tmp_
 
 def example_configs():
     # Sweep configs (compare/scale sections) are checked by test_examples.py.
-    plain = [p for p in EXAMPLES.glob("*.yaml") if not ({"compare", "scale"} & set(yaml.safe_load(p.read_text())))]
+    plain = [p for p in EXAMPLES.glob("*.yaml") if not ({"compare", "scale", "advise"} & set(yaml.safe_load(p.read_text())))]
     return sorted(p for p in plain if load_config(p).task.name in FAMILIES) if EXAMPLES.exists() else []
 
 

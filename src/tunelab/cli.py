@@ -1,5 +1,5 @@
-"""The command line: ``tunelab train | eval | predict | chat | serve | compare | report | scale | merge | export |
-bench | methods | tasks | models``. Every command takes ``--help``."""
+"""The command line: ``tunelab train | eval | predict | chat | serve | compare | advise | report | scale | merge |
+export | bench | methods | tasks | models``. Every command takes ``--help``."""
 
 from __future__ import annotations
 
@@ -294,12 +294,39 @@ def compare(
     seeds: str = typer.Option(None, "--seeds", help="comma list of seeds, e.g. 0,1,2"),
     out: Path = typer.Option(None, "--out", help="output directory (default runs/compare-<task>)"),
     metric: str = typer.Option(None, help="metric to rank by (default: the task's primary metric)"),
+    budget: str = typer.Option(None, "--budget", help="match budgets by steps (default) | time | flops"),
+    tune: str = typer.Option(None, "--tune", help="lr: pick each method's lr (x1/3, x1, x3) on a split of the training data"),
 ):
-    """Run several methods on the same task, data, budget and seeds; write results.csv, a Markdown table, plots and report.html. Rerun to resume."""
+    """Run several methods on the same task, data, budget and seeds (3 by default); write results.csv, a Markdown table with 95% CIs and paired tests, plots and report.html. Rerun to resume."""
     from tunelab.compare import compare as run_compare
 
     seed_list = _ints(seeds, "--seeds")
-    out_dir = _guard(run_compare, config, overrides or [], _split(methods), seed_list, out, metric=metric)
+    out_dir = _guard(run_compare, config, overrides or [], _split(methods), seed_list, out, metric=metric,
+                     budget=budget, tune=tune)
+    _report_summary(out_dir)
+
+
+@app.command()
+def advise(
+    config: Path = typer.Argument(..., help="run YAML (may hold an advise: {methods, sizes, full_size} section)"),
+    overrides: list[str] = OVERRIDES,
+    methods: str = typer.Option(None, "--methods", help="comma list; an entry may carry params: lora:r=64"),
+    sizes: str = typer.Option(None, "--sizes", help="small training sizes to run, e.g. 125,250,500,1000"),
+    full_size: int = typer.Option(None, "--full-size", help="the training-set size to predict the outcome for"),
+    budget: str = typer.Option(None, "--budget", help="match budgets by steps (default) | time | flops"),
+    seeds: str = typer.Option(None, "--seeds", help="comma list of seeds (default 3)"),
+    verify: bool = typer.Option(None, "--verify/--no-verify", help="also train at the full size: prediction vs truth"),
+    verify_seeds: str = typer.Option(None, "--verify-seeds", help="seeds for the full-size check (default: all)"),
+    out: Path = typer.Option(None, "--out", help="output directory (default runs/advise-<config>)"),
+):
+    """Which method will win at your full data size: fit each method's scaling law on small runs and predict, with intervals and the sizes where the ranking flips."""
+    from tunelab.advise import advise as run_advise
+
+    seed_list = _ints(seeds, "--seeds")
+    size_list = _ints(sizes, "--sizes")
+    out_dir = _guard(run_advise, config, overrides or [], _split(methods), size_list, full_size, out,
+                     seeds=seed_list, budget=budget, verify=verify,
+                     verify_seeds=_ints(verify_seeds, "--verify-seeds"))
     _report_summary(out_dir)
 
 

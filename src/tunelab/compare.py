@@ -42,7 +42,7 @@ from tunelab.report import MANIFEST, build_report
 from tunelab.results import read_metrics
 from tunelab.runlock import Stopped, locked_by
 
-SWEEP_SECTIONS = ("compare", "scale")
+SWEEP_SECTIONS = ("compare", "scale", "advise")
 DEFAULT_SIZES = (250, 500, 1000, 2000, 4000)
 # Factor names -> the config key they set. "model" takes X from the runs' total_params.
 FACTOR_KEYS = {
@@ -232,14 +232,112 @@ def _config_changed(run_dir: Path, cfg) -> bool:
     return saved.exists() and yaml.safe_load(saved.read_text()) != yaml.safe_load(dump_config(cfg))
 
 
-def _seeds(seeds, section: dict, raw: dict) -> list[int]:
+def _seeds(seeds, section: dict, raw: dict, default_n: int = 1) -> list[int]:
     seeds = seeds if seeds else section.get("seeds")
-    if seeds is None:
-        seeds = [(raw.get("train") or {}).get("seed", 0)]
+    if seeds is None:  # default_n seeds from the config's own: train.seed, +1, +2, ...
+        base = int((raw.get("train") or {}).get("seed", 0))
+        seeds = list(range(base, base + default_n))
     seeds = [seeds] if isinstance(seeds, int) else list(seeds)
     if len(set(seeds)) != len(seeds):
         raise ValueError(f"seeds repeat: {seeds}")
     return [int(s) for s in seeds]
+
+
+def sweep_out_dir(out_dir, section: dict, overrides, default: str) -> Path:
+    """--out, else an ``output_dir=`` override, else the section's out_dir, else ``default``.
+
+    A run config's own output_dir names one run; a sweep puts each run under OUT/runs/<name>, so an
+    ``output_dir=`` override on the command line is taken as the sweep's directory (never ignored)."""
+    given = [o.split("=", 1)[1].strip() for o in overrides or () if str(o).strip().startswith("output_dir=")]
+    if given:
+        if out_dir is not None and Path(out_dir) != Path(given[-1]):
+            raise ValueError(
+                f"output_dir={given[-1]} and --out {out_dir} disagree: pass the sweep's directory once, as --out "
+                "(each run goes to OUT/runs/<name>)"
+            )
+        out_dir = given[-1]
+    return Path(out_dir or section.get("out_dir") or default)
+
+
+def method_plan(raw: dict, entries, seeds, out_dir: Path, suffix: str = "") -> tuple[list[str], list]:
+    specs = [method_spec(e, raw.get("method")) for e in entries]
+    labels = [s[0] for s in specs]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"method labels repeat: {labels}; give each variant a distinct 'label'")
+    plan = []
+    for label, method, train in specs:
+        for seed in seeds:
+            name = f"{label}{suffix}-s{seed}"
+            info = {"run": name, "label": label, "method": method["name"], "seed": seed}
+            plan.append((info, _variant(raw, out_dir / "runs" / name, seed, {"method": method, "train": train})))
+    return labels, plan
+
+
+def _by_label(plan) -> dict:
+    """label -> the RunConfig of its first seed (probes and the lr search use it)."""
+    out = {}
+    for info, raw in plan:
+        out.setdefault(info["label"], _build_config(raw, f"run {info['run']}"))
+    return out
+
+
+def match_budget(plan, mode: str, out_dir: Path, section: dict, say=_say) -> dict:
+    """Set train.max_steps per method so that budgets match by ``mode`` (see tunelab.budget)."""
+    from tunelab import budget as bud
+
+    mode = bud.check_mode(mode)
+    if mode == "steps":
+        return bud.plan("steps", {}, out_dir)
+    say(f"matching budgets by {mode}: probing each method")
+    total = section.get("time_s") if mode == "time" else section.get("flops")
+    result = bud.plan(mode, _by_label(plan), out_dir, ref=section.get("budget_ref"), total=total)
+    for info, raw in plan:
+        steps = result["per_label"].get(info["label"], {}).get("steps")
+        if steps is not None:
+            _set(raw, "train.max_steps", int(steps))
+    say(f"  {result['note']}: " + ", ".join(f"{k} {v['steps']} steps" for k, v in result["per_label"].items()))
+    return result
+
+
+def tune_lr(plan, out_dir: Path, raw: dict, metric: str | None, keep_going: bool, say=_say) -> dict:
+    """The learning-rate search of ``--tune lr`` (see tunelab.tune); sets each method's best lr in ``plan``."""
+    from tunelab import tune
+    from tunelab.report.tables import higher_is_better
+
+    data = raw.get("data") or {}
+    if not data.get("train"):
+        raise ValueError("--tune lr needs data.train to split into a tuning train and validation part")
+    tdir = out_dir / "tune"
+    tr, va, n_tr, n_va = tune.split_file(data["train"], tdir / "data", data.get("max_train"))
+    split = f"a split of the training rows ({n_tr} train / {n_va} validation; the eval set is never read)"
+    cfgs = _by_label(plan)
+    trials, grids = [], {}
+    for label, cfg in cfgs.items():
+        if cfg.train.max_steps == 0:
+            continue
+        base = cfg.train.lr or importlib.import_module("tunelab.train").default_lr(cfg.method.name, cfg.method.params())
+        grids[label] = tune.grid(base)
+        first = next(r for i, r in plan if i["label"] == label)
+        for lr in grids[label]:
+            name = f"{label}-lr{lr:g}"
+            t = _variant(first, tdir / "runs" / name, cfg.train.seed, {"train": {"lr": lr}})
+            t["data"] = {**t.get("data", {}), "train": str(tr), "eval": str(va), "max_train": None, "max_eval": None}
+            trials.append(({"run": name, "label": label, "lr": lr, "seed": cfg.train.seed}, t))
+    say(f"--tune lr: {len(trials)} trial runs on {split}")
+    _execute(tdir, {"kind": "tune", "runs": [i for i, _ in trials]}, trials, keep_going, say)
+    result = {}
+    for label, lrs in grids.items():
+        scores, name = [], metric
+        for lr in lrs:
+            value, name = tune.trial_score(tdir / "runs" / f"{label}-lr{lr:g}", name)
+            scores.append((lr, value))
+        best = tune.best_lr(scores, higher_is_better(name or "accuracy"))
+        result[label] = {"best_lr": best, "scores": scores, "metric": name, "split": split}
+        for info, r in plan:
+            if info["label"] == label:
+                r["train"] = {**(r.get("train") or {}), "lr": best}
+        say(f"  {label}: lr {best:g} (" + ", ".join(f"{lr:g}: {v}" for lr, v in scores) + ")")
+    return result
 
 
 def compare(
@@ -250,27 +348,31 @@ def compare(
     out_dir=None,
     *,
     metric: str | None = None,
+    budget: str | None = None,
+    tune: str | None = None,
     keep_going: bool = True,
     say: Callable[[str], None] = _say,
 ) -> Path:
-    """Run each method x seed on the config's task, then write the report; returns ``out_dir``."""
+    """Run each method x seed on the config's task, then write the report; returns ``out_dir``.
+
+    ``budget`` (or compare.budget): "steps" (default), "time" or "flops" (see tunelab.budget).
+    ``tune`` (or compare.tune): "lr" runs a small learning-rate search per method first (tunelab.tune).
+    Seeds default to three: train.seed, +1, +2."""
+    from tunelab.report.stats import environment
+
     raw, sweep = read_sweep_config(cfg_path, overrides)
     section = sweep.get("compare", {})
     entries = methods or section.get("methods")
     if not entries:
         raise ValueError("no methods to compare: pass --methods a,b or add compare.methods to the config")
-    seeds = _seeds(seeds, section, raw)
-    out_dir = Path(out_dir or section.get("out_dir") or f"runs/compare-{Path(cfg_path or 'config').stem}")
-    specs = [method_spec(e, raw.get("method")) for e in entries]
-    labels = [s[0] for s in specs]
-    if len(set(labels)) != len(labels):
-        raise ValueError(f"method labels repeat: {labels}; give each variant a distinct 'label'")
-    plan = []
-    for label, method, train in specs:
-        for seed in seeds:
-            name = f"{label}-s{seed}"
-            info = {"run": name, "label": label, "method": method["name"], "seed": seed}
-            plan.append((info, _variant(raw, out_dir / "runs" / name, seed, {"method": method, "train": train})))
+    seeds = _seeds(seeds, section, raw, default_n=3)
+    out_dir = sweep_out_dir(out_dir, section, overrides, f"runs/compare-{Path(cfg_path or 'config').stem}")
+    tune = tune or section.get("tune")
+    if tune not in (None, "lr"):
+        raise ValueError(f"--tune {tune}: only 'lr' (a learning-rate search per method) is supported")
+    labels, plan = method_plan(raw, entries, seeds, out_dir)
+    budget_info = match_budget(plan, budget or section.get("budget"), out_dir, section, say)
+    tuning = tune_lr(plan, out_dir, raw, metric, keep_going, say) if tune == "lr" else {}
     manifest = {
         "kind": "compare",
         "config": str(cfg_path),
@@ -278,6 +380,9 @@ def compare(
         "metric": metric,
         "methods": labels,
         "seeds": seeds,
+        "budget": budget_info,
+        "tuning": tuning,
+        "environment": environment(),
         "runs": [info for info, _ in plan],
     }
     _execute(out_dir, manifest, plan, keep_going, say)
@@ -314,7 +419,7 @@ def scale(
     if holdout >= len(set(sizes)):
         raise ValueError(f"holdout={holdout} leaves no data size to fit among {sorted(set(sizes))}")
     seeds = _seeds(seeds, section, raw)
-    out_dir = Path(out_dir or section.get("out_dir") or f"runs/scale-{Path(cfg_path or 'config').stem}")
+    out_dir = sweep_out_dir(out_dir, section, overrides, f"runs/scale-{Path(cfg_path or 'config').stem}")
     key = FACTOR_KEYS.get(factor, factor)
     categorical = key == "method"
     plan = []

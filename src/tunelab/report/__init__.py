@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import json
 import re
+from html import escape as _esc
 from pathlib import Path
 
 from tunelab.checkpoint import atomic_write_text
-from tunelab.report import html, plots, tables
+from tunelab.report import html, plots, stats, tables
 from tunelab.report.fit import fit_sweep
 
 MANIFEST = "manifest.json"
@@ -105,15 +106,30 @@ def build_report(
     if not rows:
         raise ValueError(f"{out_dir}: no finished runs (no runs/*/metrics.json) to report on")
     kind = manifest.get("kind")
-    is_scale = kind == "scale" or (kind is None and all(_SCALE_NAME.match(r["run"]) for r in rows))
+    is_scale = kind in ("scale", "advise") or (kind is None and all(_SCALE_NAME.match(r["run"]) for r in rows))
     if is_scale:  # a sweep's table is ranked by the fitted target (e.g. eval_loss) unless told otherwise
         metric = metric or scale_target(rows, target or manifest.get("target"))[0]
     metric = tables.primary_metric(rows, metric or manifest.get("metric"))
     summary = tables.summarize(rows, metric)
+    notes = [stats.INTERVAL_NOTE + "; with one seed there is no interval."]
+    if not is_scale and len(summary) > 1:
+        kind = stats.compare_to_best(rows, summary)
+        if kind:
+            notes.append(
+                f"vs best: paired bootstrap against {summary[0]['label']} over eval examples (per-example "
+                f"score: {SCORE_NAMES.get(kind, kind)}, averaged over each method's seeds per example; "
+                "10,000 resamples; Δ = mean score difference, percentile 95% CI, two-sided p)."
+            )
+    _add_manifest_facts(summary, manifest)
     columns = tables.results_columns(rows, metric)
     atomic_write_text(out_dir / "results.csv", tables.to_csv(rows, columns))
     atomic_write_text(out_dir / "summary.csv", tables.to_csv(summary))
-    md = tables.markdown_table(summary, metric)
+    env = manifest.get("environment") or {"(report machine)": "", **stats.environment()}
+    facts = budget_facts(manifest)
+    md = tables.markdown_table(summary, metric) + "\n" + "\n".join(notes) + "\n"
+    if facts:
+        md += "\n## Budget\n\n" + "\n".join(f"- {k}: {v}" for k, v in facts.items()) + "\n"
+    md += "\n## Environment\n\n" + "\n".join(f"- {k}: {v}" for k, v in env.items()) + "\n"
     figs = [(plots.loss_curves(rows), "training loss per run (log.jsonl)")]
     if not is_scale:  # one point per method; a sweep's many points are plotted by the scaling fit
         figs = [
@@ -122,7 +138,21 @@ def build_report(
             *figs,
         ]
     extra = ""
-    if is_scale:
+    if kind == "advise":
+        from tunelab.report import advise
+
+        task_metric = tables.primary_metric(rows, manifest.get("metric") or _task_metric(rows))
+        result = advise.analyse(rows, manifest, task_metric, tables.higher_is_better(task_metric))
+        atomic_write_text(out_dir / "advise.json", json.dumps(result, indent=2, default=float))
+        png = advise.plot(result, advise._points(rows, {r["run"]: r for r in manifest.get("runs", [])}, task_metric))
+        _write_png(out_dir / "plots" / "advise.png", png)
+        md = advise.markdown(result) + "\n## All data sizes\n\n" + md
+        heads, cells = advise.table_rows(result)
+        extra = (f"<h2>Advice at {result['full_size']:g} rows</h2>"
+                 + "".join(f'<p class="note">{_esc(x)}</p>' for x in advise.markdown(result).splitlines()[2:4] if x)
+                 + html._table(heads, [f"<tr>{''.join(html._td(c, cls='t') for c in r)}</tr>" for r in cells])
+                 + f'<div class="plots">{html.figure(png, "eval loss vs data size: fits, predictions, truth")}</div>')
+    elif is_scale:
         points, key, shown = scaling_points(rows, manifest, target or manifest.get("target"))
         categorical = bool(manifest.get("categorical")) or any(p["x"] is None for p in points)
         result = fit_sweep(points, categorical=categorical, holdout=holdout or manifest.get("holdout", 1))
@@ -152,11 +182,56 @@ def build_report(
         meta=meta,
         unfinished=unfinished,
         failed=manifest.get("failed"),
-        extra_html=extra,
+        extra_html=extra + html.kv_table("Budget", facts) + html.kv_table("Environment", env),
+        notes=notes,
     )
     path = out_dir / "report.html"
     atomic_write_text(path, page)
     return path
+
+
+SCORE_NAMES = {
+    "match": "correct = prediction == reference",
+    "correct": "the task's own correctness flag",
+    "token_f1": "token F1 against the best-matching reference answer",
+    "rougeL": "ROUGE-L F1 against the reference",
+}
+
+
+def _add_manifest_facts(summary: list[dict], manifest: dict) -> None:
+    """Per-label budget (steps, FLOPs/step, s/step) and tuned learning rate from the manifest."""
+    per = (manifest.get("budget") or {}).get("per_label") or {}
+    tuning = manifest.get("tuning") or {}
+    for s in summary:
+        for k, v in (per.get(str(s["label"])) or {}).items():
+            s[f"budget_{k}"] = v
+        t = tuning.get(str(s["label"]))
+        if t:
+            s["tuned_lr"] = t.get("best_lr")
+            s["tune_scores"] = " ".join(f"{lr:g}:{v:.4g}" for lr, v in t.get("scores", []) if v is not None)
+
+
+def budget_facts(manifest: dict) -> dict:
+    """The budget matching and lr search of a comparison, as display lines."""
+    out = {}
+    b = manifest.get("budget") or {}
+    if b:
+        out["matched by"] = b.get("note") or b.get("mode")
+        for label, v in (b.get("per_label") or {}).items():
+            out[f"{label}"] = ", ".join(f"{k} {tables.fmt_num(x, 4)}" for k, x in v.items())
+    t = manifest.get("tuning") or {}
+    for label, v in t.items():
+        scores = ", ".join(f"{lr:g} -> {s:.4g}" for lr, s in v.get("scores", []) if s is not None)
+        out[f"lr search {label}"] = f"best {v.get('best_lr'):g} ({v.get('metric')} on {v.get('split')}: {scores})"
+    return out
+
+
+def _task_metric(rows: list[dict]) -> str | None:
+    """The primary task metric (never eval_loss, the advice's fitted target) when the runs have one."""
+    for name in tables.PRIMARY_METRICS:
+        if name != "eval_loss" and all(tables._number(r.get(name)) for r in rows):
+            return name
+    return None
 
 
 def scaling_markdown(result: dict) -> str:
@@ -165,20 +240,28 @@ def scaling_markdown(result: dict) -> str:
         "",
         result["note"],
         "",
-        "| group | form | A | alpha | beta | B | E | held-out mean rel. error |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| group | form | A | alpha | beta | B | E | held-out mean rel. error | constant baseline | verdict |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
+    warnings = []
     for f in result["fits"]:
         if "params" not in f:
-            lines.append(f"| {f.get('group', 'all')} | {f['form']} | {f['error']} ||||||")
+            lines.append(f"| {f.get('group', 'all')} | {f['form']} | {f['error']} ||||||||")
             continue
         p = f["params"]
         cells = [tables.fmt_num(p.get(k)) for k in ("A", "alpha", "beta", "B", "E")]
+        diag = f.get("diagnostics") or {}
+        base = f.get("baseline_errors", {}).get("mean_rel_error")
         lines.append(
             f"| {f.get('group', 'all')} | {f['form']} | "
             + " | ".join(cells)
-            + f" | {100 * f['errors']['mean_rel_error']:.2f}% |"
+            + f" | {100 * f['errors']['mean_rel_error']:.2f}% | "
+            + ("–" if base is None else f"{100 * base:.2f}%")
+            + f" | {'good' if diag.get('good') else 'NOT a good fit'} |"
         )
+        warnings += [f"- {f.get('group', 'all')} / {f['form']}: {w}" for w in diag.get("warnings", [])]
+    if warnings:
+        lines += ["", "Warnings:", *warnings]
     return "\n".join(lines) + "\n"
 
 

@@ -14,6 +14,12 @@ initialisations, keeping the best. X and D are divided by their geometric means 
 initialisation grid then suits ranks of 4 and model sizes of 1e9 alike) and A, B are mapped back to the
 original units afterwards. Exponents are boxed to [-3, 5] and log-coefficients to [-30, 30] (in the
 normalised units) so that no start overflows.
+
+``fit_and_check`` also reports the held-out error of a constant prediction (the mean of the fitted
+losses) and ``diagnose`` refuses to call a fit good unless it has at most half that constant's
+held-out error, and when a
+parameter sits at its bound (E at its lower bound, i.e. E = 0, is allowed), or when an exponent is
+negative.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import numpy as np
 from scipy.optimize import minimize
 
 HUBER_DELTA = 1e-3
+GOOD_FRACTION = 0.5  # a fit is "good" only at <= half the held-out error of a constant prediction
 
 FORMS: dict[str, tuple[str, ...]] = {
     "multiplicative": ("a", "alpha", "beta", "e"),
@@ -47,6 +54,7 @@ DEFAULT_GRID: dict[str, tuple[float, ...]] = {
     "beta": (0.0, 0.3, 1.0),
 }
 _EXPONENT_BOUNDS = (-3.0, 5.0)
+_SHOWN = {"a": "A", "b": "B", "e": "E", "alpha": "alpha", "beta": "beta"}
 _LOG_BOUNDS = (-30.0, 30.0)
 
 
@@ -146,6 +154,7 @@ class Fit:
             "n_points": self.n_points,
             "converged": self.converged,
             "starts": self.starts,
+            **self.extra,
         }
 
 
@@ -222,7 +231,13 @@ def fit_law(
     else:
         params["A"] = math.exp(theta["a"]) * d0 ** theta["beta"]
     params = {k: float(v) for k, v in params.items() if v is not None}
-    return Fit(form, params, float(best.fun) / scale, len(d), bool(best.success), len(starts))
+    # A parameter pinned to its box did not find an optimum inside it: the law does not describe the data.
+    at_bounds = [
+        _SHOWN[n] for n, v, (lo, hi) in zip(names, best.x, bounds, strict=True)
+        if min(v - lo, hi - v) < 1e-3 and not (n == "e" and v - lo < 1e-3)  # E -> 0 is a valid answer
+    ]
+    return Fit(form, params, float(best.fun) / scale, len(d), bool(best.success), len(starts),
+               {"at_bounds": at_bounds})
 
 
 def heldout_mask(d, n_largest: int = 1) -> np.ndarray:
@@ -275,7 +290,34 @@ def fit_and_check(
             d[held], xs[held] if xs is not None else [None] * int(held.sum()), loss[held], pred, strict=True
         )
     ]
-    return {**fit.to_dict(), "heldout": rows, "errors": errors(loss[held], pred)}
+    out = {**fit.to_dict(), "heldout": rows, "errors": errors(loss[held], pred)}
+    out["baseline_errors"] = errors(loss[held], np.full(int(held.sum()), loss[~held].mean()))
+    out["diagnostics"] = diagnose(out)
+    return out
+
+
+def diagnose(result: dict) -> dict:
+    """Is a held-out-checked fit worth believing? ``good`` only when its held-out error is at most
+    ``GOOD_FRACTION`` of the constant prediction's (the mean of the fitted losses), no parameter sits
+    at its bound, and the exponents are not negative (a negative one says loss grows with data or X)."""
+    warnings = []
+    p, e, b = result["params"], result["errors"], result["baseline_errors"]
+    for name in result.get("at_bounds") or []:
+        warnings.append(f"{name} is at its bound: the optimum lies outside the allowed range")
+    for name in ("alpha", "beta"):
+        if p.get(name) is not None and p[name] < 0:
+            warnings.append(f"{name} = {p[name]:.3g} < 0: the fitted loss grows with {'X' if name == 'alpha' else 'D'}")
+    if e["mean_rel_error"] >= b["mean_rel_error"]:
+        warnings.append(
+            f"held-out error {100 * e['mean_rel_error']:.2f}% is no better than predicting the mean of the "
+            f"fitted losses ({100 * b['mean_rel_error']:.2f}%): the law explains nothing here"
+        )
+    elif e["mean_rel_error"] > GOOD_FRACTION * b["mean_rel_error"]:
+        warnings.append(
+            f"held-out error {100 * e['mean_rel_error']:.2f}% is not clearly better than predicting the mean of "
+            f"the fitted losses ({100 * b['mean_rel_error']:.2f}%; a good fit has at most {GOOD_FRACTION:g}x its error)"
+        )
+    return {"good": not warnings, "warnings": warnings, "baseline": "constant = mean of the fitted points' losses"}
 
 
 def fit_sweep(

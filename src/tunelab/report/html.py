@@ -70,6 +70,9 @@ def summary_table(summary: list[dict], metric: str, by: str = "label") -> str:
             None,
             None,
             s[f"{metric}_mean"],
+            s.get(f"{metric}_lo"),
+            s.get(f"{metric}_std"),
+            s.get("vs_best_diff"),
             s.get("trainable_params_mean"),
             s.get("trainable_percent_mean"),
             s.get("wall_time_s_mean"),
@@ -77,8 +80,11 @@ def summary_table(summary: list[dict], metric: str, by: str = "label") -> str:
             s.get("peak_memory_mb_mean"),
             s.get("final_loss_mean"),
             s["seeds"],
+            None,
         ]
-        tds = "".join(_td(c, v, "t" if j < 2 else "") for j, (c, v) in enumerate(zip(cells, raw, strict=True)))
+        tds = "".join(
+            _td(c, v, "t" if j < 2 or j == len(cells) - 1 else "") for j, (c, v) in enumerate(zip(cells, raw, strict=True))
+        )
         rows.append(f"<tr{' class=best' if i == 0 else ''}>{tds}</tr>")
     return _table(summary_headers(metric, by), rows)
 
@@ -99,6 +105,16 @@ def runs_table(rows: list[dict], columns: list[str]) -> str:
             tds.append(_td(text, v, "t" if not isinstance(v, int | float) else ""))
         body.append(f"<tr>{''.join(tds)}</tr>")
     return _table(cols, body)
+
+
+def _pct(v):
+    return ("–", None) if v is None else (f"{100 * v:.2f}%", v)
+
+
+def kv_table(title: str, items: dict) -> str:
+    """A two-column table of facts (environment, budgets)."""
+    body = [f"<tr>{_td(str(k), cls='t')}{_td(str(v), cls='t')}</tr>" for k, v in items.items() if v is not None]
+    return f"<h2>{escape(title)}</h2>" + _table(["", ""], body, sortable=False) if body else ""
 
 
 def figure(png: bytes | None, caption: str) -> str:
@@ -131,17 +147,19 @@ def scaling_section(result: dict, png: bytes | None) -> str:
         "fitted points",
         "held-out mean rel. error",
         "held-out max rel. error",
+        "constant baseline",
+        "verdict",
     ]
-    body, held = [], []
+    body, held, warns = [], [], []
     for f in result.get("fits", []):
         group = str(f.get("group") or "all")
         if "params" not in f:
             body.append(
                 f"<tr>{_td(group, cls='t')}{_td(f['form'], cls='t')}"
-                f'<td class="t warn" colspan="9">{escape(f.get("error", "not fitted"))}</td></tr>'
+                f'<td class="t warn" colspan="11">{escape(f.get("error", "not fitted"))}</td></tr>'
             )
             continue
-        p, e = f["params"], f["errors"]
+        p, e, diag = f["params"], f["errors"], f.get("diagnostics") or {}
         vals = [p.get("A"), p.get("alpha"), p.get("beta"), p.get("B"), p["E"]]
         body.append(
             "<tr>"
@@ -152,8 +170,11 @@ def scaling_section(result: dict, png: bytes | None) -> str:
             + _td(str(f["n_points"]), f["n_points"])
             + _td(f"{100 * e['mean_rel_error']:.2f}%", e["mean_rel_error"])
             + _td(f"{100 * e['max_rel_error']:.2f}%", e["max_rel_error"])
+            + _td(*_pct(f.get("baseline_errors", {}).get("mean_rel_error")))
+            + _td("good" if diag.get("good") else "NOT a good fit", cls="t" if diag.get("good") else "t warn")
             + "</tr>"
         )
+        warns += [f"{group} / {f['form']}: {w}" for w in diag.get("warnings", [])]
         for h in f["heldout"]:
             held.append(
                 "<tr>"
@@ -167,7 +188,9 @@ def scaling_section(result: dict, png: bytes | None) -> str:
                 + "</tr>"
             )
     out.append(_table(heads, body))
-    out.append('<p class="note">The largest data size(s) are held out of each fit and predicted.</p>')
+    out += [f'<p class="warn">{escape(w)}</p>' for w in warns]
+    out.append('<p class="note">The largest data size(s) are held out of each fit and predicted; the '
+               "constant baseline predicts them with the mean of the fitted points' losses.</p>")
     out.append(_table(["group", "form", "X", "D", "actual", "predicted", "rel. error"], held))
     out.append(f'<div class="plots">{figure(png, "fit (lines) against the runs (points)")}</div>')
     return "\n".join(out)
@@ -186,6 +209,7 @@ def render(
     unfinished: list[str] = (),
     failed: dict[str, str] | None = None,
     extra_html: str = "",
+    notes: list[str] = (),
 ) -> str:
     """The whole report page as a string."""
     when = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
@@ -193,9 +217,10 @@ def render(
     parts = [
         f"<h1>{escape(title)}</h1>",
         f'<p class="meta">{meta_txt}{" · " if meta_txt else ""}generated {when} · ranked by '
-        f"<code>{escape(metric)}</code> (mean ± sample std over seeds)</p>",
+        f"<code>{escape(metric)}</code> (mean ± 95% CI over seeds)</p>",
         "<h2>Summary</h2>",
         summary_table(summary, metric, by),
+        *(f'<p class="note">{escape(n)}</p>' for n in notes),
     ]
     if unfinished:
         parts.append(f'<p class="warn">Unfinished (no metrics.json): {escape(", ".join(unfinished))}</p>')

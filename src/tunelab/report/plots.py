@@ -54,8 +54,8 @@ def _scatter_summary(summary: list[dict], metric: str, xkey: str, by: str, xlabe
         ax.errorbar(
             [x],
             [y],
-            yerr=None if s[f"{metric}_std"] is None else [s[f"{metric}_std"]],
-            xerr=None if s.get(f"{xkey}_std") is None else [s[f"{xkey}_std"]],
+            yerr=None if s.get(f"{metric}_ci") is None else [s[f"{metric}_ci"]],
+            xerr=None if s.get(f"{xkey}_ci") is None else [s[f"{xkey}_ci"]],
             fmt="o",
             color=c,
             capsize=3,
@@ -67,12 +67,13 @@ def _scatter_summary(summary: list[dict], metric: str, xkey: str, by: str, xlabe
         ax.set_xscale("log")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(metric)
+    ax.set_title("mean over seeds; error bars: 95% t-interval", fontsize=9)
     ax.legend(fontsize=8, loc="best")
     return png_bytes(fig)
 
 
 def metric_vs_params(summary: list[dict], metric: str, by: str = "label") -> bytes | None:
-    """Metric (mean, error bar = std over seeds) against trainable parameters on a log axis."""
+    """Metric (mean, error bar = 95% t-interval over seeds) against trainable parameters on a log axis."""
     return _scatter_summary(summary, metric, "trainable_params", by, "trainable parameters (log scale)", True)
 
 

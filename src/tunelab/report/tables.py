@@ -1,9 +1,11 @@
-"""Finished runs -> rows -> CSV and Markdown tables, with mean ± std over seeds.
+"""Finished runs -> rows -> CSV and Markdown tables, with mean, 95% CI and std over seeds.
 
-A run directory is finished when its ``metrics.json`` exists. Its row is that JSON's scalar values plus
-``run`` (the directory name) and ``label`` (the name less a trailing ``-s<seed>``), so runs of one
-method (or one method variant) with several seeds share a label and are averaged together. The std is
-the sample standard deviation (ddof = 1); with one seed it is left empty.
+A run directory is finished when its ``metrics.json`` exists. Its row is that file's run facts and
+task metrics (read by ``tunelab.results.read_metrics``) plus ``run`` (the directory name), ``label``
+(the name less a trailing ``-s<seed>``) and ``hyperparameters`` (from its config.yaml), so runs of one
+method (or one method variant) with several seeds share a label and are averaged together. The
+interval is the Student-t 95% CI of the mean over seeds (``stats.t_interval``), the std the sample
+standard deviation (ddof = 1); with one seed both are left empty.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import math
 import re
 from pathlib import Path
 
+from tunelab.report.stats import t_interval
 from tunelab.results import read_metrics
 
 # Task metrics in the order a default is picked, when the caller names none.
@@ -76,7 +79,9 @@ def _scalar(v) -> bool:
 
 
 def read_run(run_dir: str | Path) -> dict | None:
-    """The row for one run directory, or None when it has not finished (no metrics.json)."""
+    """The row for one run directory, or None when it has not finished (no metrics.json).
+
+    Read through ``tunelab.results.read_metrics``; its config.yaml adds ``hyperparameters``."""
     run_dir = Path(run_dir)
     record = read_metrics(run_dir)
     if record is None:
@@ -95,7 +100,35 @@ def read_run(run_dir: str | Path) -> dict | None:
     row = {"run": run_dir.name, "label": label_of(run_dir.name), **row, "run_dir": str(run_dir)}
     if "seed" not in row and (m := _SEED_SUFFIX.search(run_dir.name)):
         row["seed"] = int(m.group(1))
+    hp = hyperparameters(run_dir, row)
+    if hp:
+        row["hyperparameters"] = hp
     return row
+
+
+# Train settings shown beside a method's own parameters (the rest are shared by every run).
+_HP_TRAIN = ("lr", "batch_size", "grad_accum", "max_steps", "epochs", "weight_decay", "schedule", "warmup")
+
+
+def hyperparameters(run_dir: Path, row: dict) -> str:
+    """'r=8 alpha=16 · lr=0.001 steps=63 batch=16' from the run's saved config.yaml and its facts."""
+    import yaml
+
+    path = Path(run_dir) / "config.yaml"
+    try:
+        cfg = yaml.safe_load(path.read_text()) if path.exists() else None
+    except yaml.YAMLError:
+        cfg = None
+    if not isinstance(cfg, dict):
+        return ""
+    method = cfg.get("method") if isinstance(cfg.get("method"), dict) else {}
+    own = " ".join(f"{k}={v}" for k, v in method.items() if k != "name" and v is not None)
+    train = cfg.get("train") if isinstance(cfg.get("train"), dict) else {}
+    lr = row.get("lr") if _number(row.get("lr")) else train.get("lr")
+    bits = [f"lr={fmt_num(lr, 3)}" if lr is not None else ""]
+    bits.append(f"steps={row['steps']}" if _number(row.get("steps")) else "")
+    bits.append(f"batch={train['batch_size']}" if train.get("batch_size") else "")
+    return " · ".join(b for b in (own, " ".join(b for b in bits if b)) if b)
 
 
 def run_dirs(root: str | Path) -> list[Path]:
@@ -173,6 +206,10 @@ def summarize(rows: list[dict], metric: str, by: str = "label") -> list[dict]:
             if key in s:
                 continue
             s[f"{key}_mean"], s[f"{key}_std"] = mean_std([r.get(key) for r in rs])
+            ci = t_interval([r.get(key) for r in rs if _number(r.get(key))])
+            s[f"{key}_ci"], s[f"{key}_lo"], s[f"{key}_hi"] = ci["half"], ci["lo"], ci["hi"]
+        hps = list(dict.fromkeys(str(r["hyperparameters"]) for r in rs if r.get("hyperparameters")))
+        s["hyperparameters"] = " | ".join(hps)
         out.append(s)
     sign = -1.0 if higher_is_better(metric) else 1.0
     out.sort(key=lambda s: (s[f"{metric}_mean"] is None, sign * (s[f"{metric}_mean"] or 0.0)))
@@ -228,20 +265,39 @@ def fmt_pm(mean, std, digits: int = 4) -> str:
     return fmt_num(mean, digits) if std is None else f"{fmt_num(mean, digits)} ± {fmt_num(std, 2)}"
 
 
+def fmt_ci(lo, hi, digits: int = 3) -> str:
+    return "–" if lo is None or hi is None else f"[{fmt_num(lo, digits)}, {fmt_num(hi, digits)}]"
+
+
+def fmt_test(s: dict) -> str:
+    """'-0.021 [-0.034, -0.008] p=0.002' for a row's paired bootstrap against the best; '–' if none."""
+    if s.get("vs_best_diff") is None:
+        return "best" if s.get("is_best") else "–"
+    p = s["vs_best_p"]
+    return f"{s['vs_best_diff']:+.3g} {fmt_ci(s['vs_best_lo'], s['vs_best_hi'])} p={p:.2g}"
+
+
 def summary_cells(s: dict, metric: str, by: str = "label") -> list[str]:
-    """The display cells of one summary row (shared by the Markdown and HTML tables)."""
+    """The display cells of one summary row (shared by the Markdown and HTML tables).
+
+    The metric is shown as mean ± the half-width of its 95% t-interval over seeds, then the interval
+    itself, the sample std, and the paired bootstrap against the best method."""
     pct = s.get("trainable_percent_mean")
     return [
         str(s[by]),
         str(s["method"]),
-        fmt_pm(s[f"{metric}_mean"], s[f"{metric}_std"]),
+        fmt_pm(s[f"{metric}_mean"], s.get(f"{metric}_ci")),
+        fmt_ci(s.get(f"{metric}_lo"), s.get(f"{metric}_hi")),
+        fmt_num(s.get(f"{metric}_std"), 2),
+        fmt_test(s),
         fmt_count(s.get("trainable_params_mean")),
         "–" if pct is None else f"{pct:.3g}%",
-        fmt_pm(s.get("wall_time_s_mean"), s.get("wall_time_s_std"), 3),
-        fmt_pm(s.get("train_tokens_per_s_mean"), s.get("train_tokens_per_s_std"), 3),
+        fmt_pm(s.get("wall_time_s_mean"), s.get("wall_time_s_ci"), 3),
+        fmt_pm(s.get("train_tokens_per_s_mean"), s.get("train_tokens_per_s_ci"), 3),
         fmt_num(s.get("peak_memory_mb_mean"), 4),
-        fmt_pm(s.get("final_loss_mean"), s.get("final_loss_std")),
+        fmt_pm(s.get("final_loss_mean"), s.get("final_loss_ci")),
         str(s["seeds"]),
+        str(s.get("hyperparameters") or "–"),
     ]
 
 
@@ -250,7 +306,10 @@ def summary_headers(metric: str, by: str = "label") -> list[str]:
     return [
         by,
         "method",
-        f"{metric} {arrow}",
+        f"{metric} {arrow} (± 95% CI)",
+        "95% CI",
+        "std",
+        "vs best: Δ [95% CI] p",
         "trainable params",
         "trainable %",
         "wall time (s)",
@@ -258,16 +317,17 @@ def summary_headers(metric: str, by: str = "label") -> list[str]:
         "peak memory (MB)",
         "final loss",
         "seeds",
+        "hyperparameters",
     ]
 
 
 def markdown_table(summary: list[dict], metric: str, by: str = "label") -> str:
-    """A GitHub-flavoured Markdown table of ``summarize`` rows (mean ± sample std over seeds)."""
+    """A GitHub-flavoured Markdown table of ``summarize`` rows (mean ± 95% t-interval over seeds)."""
 
     def line(cells):
         return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
 
     head = summary_headers(metric, by)
-    out = [line(head), "|" + "|".join(["---"] * 2 + ["---:"] * (len(head) - 2)) + "|"]
+    out = [line(head), "|" + "|".join(["---"] * 2 + ["---:"] * (len(head) - 3) + ["---"]) + "|"]
     out += [line(summary_cells(s, metric, by)) for s in summary]
     return "\n".join(out) + "\n"

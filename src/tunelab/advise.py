@@ -1,0 +1,172 @@
+"""``tunelab advise``: run each method at a few small data sizes, fit its scaling law, predict the winner.
+
+    advise:
+      methods: [lora, {name: full, train: {lr: 1.0e-4}}]
+      sizes: [125, 250, 500, 1000]    # small training sizes to run (data.max_train)
+      full_size: 4000                 # the size to predict for (your full data set)
+      seeds: [0, 1, 2]
+      factor: rank                    # optional: also sweep a numeric factor (rank | prompt_length | dotted key)
+      values: [4, 16]                 #   its values; the law becomes L = A·X^-alpha·D^-beta + E
+      x: 16                           #   the value to predict at (default: the largest)
+      budget: steps                   # steps | time | flops, as in compare (matched per data size)
+      steps: per_size                 # per_size: each size trains its own epochs; full: every run trains
+                                      #   the full-size run's step count (fixed compute, only the data varies)
+      verify: false                   # also train at full_size and report prediction vs truth
+                                      #   (true: with every seed; a list such as [0]: with those seeds)
+      out_dir: runs/advise
+
+Runs go to ``OUT/runs/<label>[-x<value>]-n<size>-s<seed>`` (finished runs are reused), then the
+report (``tunelab.report.advise``) writes advise.json, results.md and report.html. Every run trains
+with the config's own budget at its size (``train.epochs`` over the rows, or ``train.max_steps``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from tunelab.compare import (
+    FACTOR_KEYS,
+    _execute,
+    _say,
+    _seeds,
+    _set,
+    _variant,
+    method_spec,
+    read_sweep_config,
+    slug,
+    sweep_out_dir,
+)
+from tunelab.report import build_report
+
+DEFAULT_SIZES = (125, 250, 500, 1000)
+
+
+def advise(
+    cfg_path,
+    overrides=(),
+    methods: list | None = None,
+    sizes: list[int] | None = None,
+    full_size: int | None = None,
+    out_dir=None,
+    *,
+    seeds: list[int] | None = None,
+    budget: str | None = None,
+    verify: bool | None = None,
+    verify_seeds: list[int] | None = None,
+    keep_going: bool = True,
+    say: Callable[[str], None] = _say,
+) -> Path:
+    """Run the small-size sweep (and, with ``verify``, the full size), then write the advice."""
+    raw, sweep = read_sweep_config(cfg_path, overrides)
+    section = sweep.get("advise", {})
+    entries = methods or section.get("methods")
+    if not entries:
+        raise ValueError("no methods to advise on: pass --methods a,b or add advise.methods to the config")
+    sizes = sorted({int(s) for s in (sizes or section.get("sizes") or DEFAULT_SIZES)})
+    full_size = int(full_size or section.get("full_size") or 0)
+    if not full_size:
+        raise ValueError("advise needs the full data size to predict for: --full-size N or advise.full_size")
+    if len(sizes) < 3:
+        raise ValueError(f"advise needs at least 3 small data sizes to fit a law (got {sizes})")
+    if full_size <= max(sizes):
+        raise ValueError(f"full_size {full_size} must be larger than the largest small size {max(sizes)}")
+    seeds = _seeds(seeds, section, raw, default_n=3)
+    out_dir = sweep_out_dir(out_dir, section, overrides, f"runs/advise-{Path(cfg_path or 'config').stem}")
+    verify = section.get("verify", False) if verify is None else verify
+    if isinstance(verify, list) or verify_seeds:  # verify: [0] checks the full size with those seeds only
+        verify_seeds = [int(v) for v in (verify_seeds or verify)]
+        verify = True
+    verify = bool(verify)
+    verify_seeds = verify_seeds or seeds
+    factor, values = section.get("factor"), section.get("values")
+    if bool(factor) != bool(values):
+        raise ValueError("advise.factor and advise.values go together (e.g. factor: rank, values: [4, 16])")
+    key = FACTOR_KEYS.get(factor, factor) if factor else None
+    if key == "method":
+        raise ValueError("advise compares methods already; advise.factor must be numeric (rank, prompt_length, ...)")
+    xs = [float(v) for v in values] if values else [None]
+    x_full = float(section.get("x", max(xs))) if values else None
+    specs = [method_spec(e, raw.get("method")) for e in entries]
+    labels = [s[0] for s in specs]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"method labels repeat: {labels}; give each variant a distinct 'label'")
+    run_sizes = sizes + ([full_size] if verify else [])
+    plan = []
+    for label, method, train in specs:
+        for x in xs:
+            for size in run_sizes:
+                if x is not None and size == full_size and x != x_full:
+                    continue  # the truth is needed only where the prediction is made
+                for seed in verify_seeds if size == full_size else seeds:
+                    tag = f"-x{slug(_num(x))}" if x is not None else ""
+                    name = f"{label}{tag}-n{size}-s{seed}"
+                    sets = {"method": method, "train": train, "data.max_train": size}
+                    run = _variant(raw, out_dir / "runs" / name, seed, sets)
+                    if key:
+                        _set(run, key, _num(x))
+                    info = {"run": name, "label": label, "value": label, "size": size, "seed": seed, "x": x}
+                    plan.append((info, run))
+    steps_mode = section.get("steps", "per_size")
+    if steps_mode not in ("per_size", "full"):
+        raise ValueError(f"advise.steps: '{steps_mode}' is not one of per_size (each size's own epochs) or full")
+    if steps_mode == "full":
+        _full_steps(plan, full_size)
+    budget_info = _match_per_size(plan, budget or section.get("budget"), out_dir, section, say, max(sizes))
+    manifest = {
+        "kind": "advise", "config": str(cfg_path), "overrides": list(overrides), "methods": labels,
+        "sizes": sizes, "full_size": full_size, "verify": verify, "factor": factor, "x_full": x_full,
+        "seeds": seeds, "budget": budget_info, "metric": section.get("metric"), "steps": steps_mode,
+        "runs": [info for info, _ in plan],
+    }
+    from tunelab.report.stats import environment
+
+    manifest["environment"] = environment()
+    _execute(out_dir, manifest, plan, keep_going, say)
+    say(f"report: {build_report(out_dir)}")
+    return out_dir
+
+
+def _full_steps(plan, full_size: int) -> None:
+    """advise.steps: full: every run trains the steps of the full-size run (more epochs on less data),
+    so the law is fitted at the user's own compute budget and only the data varies."""
+    from tunelab import budget as bud
+    from tunelab.compare import _build_config
+
+    for info, raw in plan:
+        cfg = _build_config(raw, f"run {info['run']}")
+        _set(raw, "train.max_steps", bud.planned_steps(cfg, full_size))
+
+
+def _num(x):
+    return int(x) if x is not None and float(x).is_integer() else x
+
+
+def _match_per_size(plan, mode, out_dir: Path, section: dict, say, top: int) -> dict:
+    """Budget matching across methods, applied at every data size: the probe's cost ratios (measured
+    once, at the largest small size) scale each method's steps against the reference's."""
+    import math
+
+    from tunelab import budget as bud
+    from tunelab.compare import _build_config
+
+    mode = bud.check_mode(mode)
+    if mode == "steps":
+        return bud.plan("steps", {}, out_dir)
+    probe_cfgs = {}
+    for info, raw in plan:
+        if info["size"] == top and info["label"] not in probe_cfgs:
+            probe_cfgs[info["label"]] = _build_config(raw, f"run {info['run']}")
+    say(f"matching budgets by {mode}: probing each method")
+    res = bud.plan(mode, probe_cfgs, out_dir, ref=section.get("budget_ref"))
+    cost_key = "s_per_step" if mode == "time" else "flops_per_step"
+    costs = {k: v[cost_key] for k, v in res["per_label"].items()}
+    ref = res["ref"]
+    for info, raw in plan:
+        if info["label"] not in costs:
+            continue
+        cfg = _build_config(raw, f"run {info['run']}")
+        ref_steps = bud.planned_steps(cfg, info["size"])
+        _set(raw, "train.max_steps", max(1, math.floor(ref_steps * costs[ref] / costs[info["label"]])))
+    res["note"] += f"; applied at every data size as steps x cost({ref}) / cost(method)"
+    return res

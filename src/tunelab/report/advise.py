@@ -1,0 +1,345 @@
+"""``tunelab advise``: which method will win at the full data size, predicted from small runs.
+
+Per method, the eval loss of its runs at a few small data sizes D (and, optionally, factor values X
+such as LoRA ranks) is fitted with the scaling paper's law, ``L = A·D^-beta + E`` (data only) or
+``L = A·X^-alpha·D^-beta + E`` (with X), by ``report.fit.fit_law`` over every run (each seed is a
+point). The fit is then evaluated at the full size (and the chosen X):
+
+- uncertainty: a bootstrap over seeds (``N_BOOT`` resamples; at every (D, X) cell the seeds are
+  drawn with replacement, the law refitted from the point estimate, and the full-size loss
+  predicted); the interval is the 2.5-97.5 percentile range, and ``p_win`` the share of resamples in
+  which the method has the lowest predicted loss;
+- the task metric: one monotone map from eval loss to the metric fitted over all runs of every method,
+  ``m = lo + (hi - lo) / (1 + exp((L - c) / s))`` (a logistic in the loss; ``s > 0`` keeps it
+  decreasing), applied to every bootstrap loss;
+- critical points: the data sizes at which two methods' fitted curves cross (the ranking flips),
+  searched between a tenth of the smallest size and ten times the full size;
+- backtest: the same fit without the largest small size, predicting it, beside a constant baseline
+  (``fit.diagnose`` warns when the law is no better);
+- verification (``--verify``): runs at the full size itself; prediction, truth (mean and 95% t-interval
+  over seeds) and error per method.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from tunelab.report import fit as fitmod
+from tunelab.report.stats import t_interval
+
+N_BOOT = 200
+
+
+def _points(rows: list[dict], plan: dict, key: str) -> dict[str, list[dict]]:
+    """label -> [{"d", "x", "loss", "metric", "seed"}] of the finished runs in the manifest's plan."""
+    out: dict[str, list[dict]] = {}
+    for r in rows:
+        info = plan.get(r["run"])
+        if info is None or not isinstance(r.get("eval_loss"), int | float):
+            continue
+        out.setdefault(info["label"], []).append({
+            "d": float(info["size"]), "x": None if info.get("x") is None else float(info["x"]),
+            "loss": float(r["eval_loss"]), "metric": r.get(key), "seed": info["seed"],
+        })
+    return out
+
+
+def _fit(pts: list[dict], grid: dict | None = None) -> fitmod.Fit:
+    d = [p["d"] for p in pts]
+    xs = [p["x"] for p in pts]
+    form = "data" if any(x is None for x in xs) or len(set(xs)) < 2 else "multiplicative"
+    return fitmod.fit_law(form, d, [p["loss"] for p in pts], None if form == "data" else xs, grid=grid, refine=1)
+
+
+def _start(f: fitmod.Fit, pts: list[dict]) -> dict:
+    """A one-point initialisation grid at fit ``f`` (in fit_law's normalised units)."""
+    d0 = float(np.exp(np.mean(np.log([p["d"] for p in pts]))))
+    p = f.params
+    g = {"beta": (p["beta"],), "e": (math.log(max(p["E"], 1e-12)),)}
+    a = p["A"] * d0 ** -p["beta"]
+    if f.form == "multiplicative":
+        x0 = float(np.exp(np.mean(np.log([q["x"] for q in pts]))))
+        a *= x0 ** -p["alpha"]
+        g["alpha"] = (p["alpha"],)
+    g["a"] = (math.log(max(a, 1e-12)),)
+    return g
+
+
+def _predict(f: fitmod.Fit, d, x) -> np.ndarray:
+    return f.predict(d, None if f.form == "data" else np.full_like(np.asarray(d, dtype=float), x))
+
+
+def bootstrap(pts: list[dict], f: fitmod.Fit, d_full: float, x_full, n_boot: int | None = None, seed: int = 0) -> np.ndarray:
+    """Predicted full-size losses under resampling of the seeds within each (d, x) cell."""
+    n_boot = N_BOOT if n_boot is None else n_boot
+    rng = np.random.default_rng(seed)
+    cells: dict[tuple, list[dict]] = {}
+    for p in pts:
+        cells.setdefault((p["d"], p["x"]), []).append(p)
+    grid = _start(f, pts)
+    out = []
+    for _ in range(n_boot):
+        sample = [c[i] for c in cells.values() for i in rng.integers(0, len(c), len(c))]
+        try:
+            out.append(float(_predict(_fit(sample, grid), [d_full], x_full)[0]))
+        except ValueError:
+            continue
+    return np.asarray(out)
+
+
+def metric_map(losses, metrics) -> dict | None:
+    """The logistic loss -> metric map fitted to all runs (None with too few or constant points)."""
+    from scipy.optimize import curve_fit
+
+    loss, m = np.asarray(losses, dtype=float), np.asarray(metrics, dtype=float)
+    if len(loss) < 5 or np.ptp(m) == 0 or np.ptp(loss) == 0:
+        return None
+    top = 100.0 if m.max() > 1.0 else 1.0
+
+    def f(x, lo, hi, c, s):
+        return lo + (hi - lo) / (1.0 + np.exp((x - c) / s))
+
+    p0 = [max(0.0, m.min() - 0.05 * top), min(top, m.max() + 0.05 * top), float(np.median(loss)), float(np.std(loss)) or 0.1]
+    try:
+        p, _ = curve_fit(f, loss, m, p0=p0, bounds=([0, 0, -np.inf, 1e-6], [top, top, np.inf, np.inf]), maxfev=20000)
+    except (RuntimeError, ValueError):
+        return None
+    resid = m - f(loss, *p)
+    return {"lo": float(p[0]), "hi": float(p[1]), "c": float(p[2]), "s": float(p[3]),
+            "rmse": float(np.sqrt(np.mean(resid**2))), "n": int(len(loss))}
+
+
+def apply_map(mp: dict | None, loss):
+    if mp is None:
+        return None
+    return mp["lo"] + (mp["hi"] - mp["lo"]) / (1.0 + np.exp((np.asarray(loss, dtype=float) - mp["c"]) / mp["s"]))
+
+
+def crossings(fits: dict[str, fitmod.Fit], x_full, lo: float, hi: float) -> list[dict]:
+    """Data sizes in [lo, hi] where two methods' predicted losses cross (the ranking flips)."""
+    dd = np.geomspace(lo, hi, 400)
+    curves = {k: _predict(f, dd, x_full) for k, f in fits.items()}
+    out = []
+    names = list(curves)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            diff = curves[a] - curves[b]
+            for j in np.nonzero(np.sign(diff[:-1]) * np.sign(diff[1:]) < 0)[0]:
+                # log-linear interpolation of the zero between grid points j and j+1
+                t = diff[j] / (diff[j] - diff[j + 1])
+                d = float(np.exp(np.log(dd[j]) + t * (np.log(dd[j + 1]) - np.log(dd[j]))))
+                below = a if diff[j] < 0 else b
+                out.append({"between": [a, b], "d": d, "better_below": below,
+                            "better_above": b if below == a else a})
+    return sorted(out, key=lambda c: c["d"])
+
+
+def _summary(v) -> dict:
+    v = np.asarray(v, dtype=float)
+    if len(v) == 0:
+        return {"lo": None, "hi": None}
+    lo, hi = np.quantile(v, [0.025, 0.975])
+    return {"lo": float(lo), "hi": float(hi)}
+
+
+def analyse(rows: list[dict], manifest: dict, metric: str, higher: bool) -> dict:
+    """The whole advice (JSON-able): per-method fits, predictions with intervals, winner, crossings,
+    backtest on the largest small size and, when present, the full-size truth."""
+    plan = {r["run"]: r for r in manifest.get("runs", [])}
+    d_full = float(manifest["full_size"])
+    x_full = manifest.get("x_full")
+    small = {s for s in manifest.get("sizes", [])}
+    pts = _points(rows, plan, metric)
+    fit_pts = {k: [p for p in v if p["d"] in small] for k, v in pts.items()}
+    all_small = [p for v in fit_pts.values() for p in v if isinstance(p["metric"], int | float)]
+    mp = metric_map([p["loss"] for p in all_small], [p["metric"] for p in all_small])
+    methods, fits, boots, errors = {}, {}, {}, {}
+    for label, ps in fit_pts.items():
+        try:
+            f = _fit(ps)
+        except ValueError as e:
+            errors[label] = str(e)
+            continue
+        fits[label] = f
+        boots[label] = bootstrap(ps, f, d_full, x_full)
+        loss = float(_predict(f, [d_full], x_full)[0])
+        m = apply_map(mp, loss)
+        methods[label] = {
+            "fit": f.to_dict(), "points": len(ps), "loss": loss, "loss_ci": _summary(boots[label]),
+            "metric": None if m is None else float(m),
+            "metric_ci": _summary(apply_map(mp, boots[label])) if mp else {"lo": None, "hi": None},
+            "backtest": backtest(ps),
+        }
+    if fits:
+        n = min(len(b) for b in boots.values())
+        names = list(boots)
+        stack = np.stack([boots[k][:n] for k in names]) if n else np.zeros((len(names), 0))
+        wins = np.bincount(stack.argmin(axis=0), minlength=len(names)) if n else np.zeros(len(names))
+        for k, w in zip(names, wins, strict=True):
+            methods[k]["p_win"] = float(w / n) if n else None
+    winner = min(methods, key=lambda k: methods[k]["loss"]) if methods else None
+    sizes = sorted(small)
+    result = {
+        "metric": metric, "higher_is_better": higher, "full_size": d_full, "x_full": x_full, "sizes": sizes,
+        "methods": methods, "errors": errors, "winner": winner, "metric_map": mp,
+        "crossings": crossings(fits, x_full, sizes[0] / 10, d_full * 10) if len(fits) > 1 and sizes else [],
+        "n_boot": min((len(b) for b in boots.values()), default=0),
+    }
+    truth = verify(pts, d_full, x_full)
+    if truth:
+        for label, t in truth.items():
+            if label in methods:
+                p = methods[label]
+                t["loss_error"] = p["loss"] - t["loss"]["mean"]
+                t["loss_rel_error"] = abs(t["loss_error"]) / t["loss"]["mean"]
+                if p["metric"] is not None and t["metric"]["mean"] is not None:
+                    t["metric_error"] = p["metric"] - t["metric"]["mean"]
+                t["in_loss_ci"] = p["loss_ci"]["lo"] is not None and p["loss_ci"]["lo"] <= t["loss"]["mean"] <= p["loss_ci"]["hi"]
+        result["truth"] = truth
+        best = min(truth, key=lambda k: truth[k]["loss"]["mean"])
+        by_metric = [k for k in truth if truth[k]["metric"]["mean"] is not None]
+        result["true_winner"] = best
+        if by_metric:
+            sign = -1 if higher else 1
+            result["true_winner_by_metric"] = min(by_metric, key=lambda k: sign * truth[k]["metric"]["mean"])
+    return result
+
+
+def backtest(ps: list[dict]) -> dict:
+    """Fit without the largest size, predict it: the fit's error next to a constant baseline's."""
+    sizes = sorted({p["d"] for p in ps})
+    if len(sizes) < 3:
+        return {"error": "needs at least 3 data sizes"}
+    held = [p for p in ps if p["d"] == sizes[-1]]
+    rest = [p for p in ps if p["d"] != sizes[-1]]
+    try:
+        f = _fit(rest)
+    except ValueError as e:
+        return {"error": str(e)}
+    actual = float(np.mean([p["loss"] for p in held]))
+    x = held[0]["x"]
+    pred = float(_predict(f, [sizes[-1]], x)[0])
+    res = {"params": f.params, "at_bounds": f.extra.get("at_bounds", []), "d": sizes[-1], "actual": actual,
+           "predicted": pred, "errors": fitmod.errors([actual], [pred]),
+           "baseline_errors": fitmod.errors([actual], [float(np.mean([p["loss"] for p in rest]))])}
+    res["diagnostics"] = fitmod.diagnose(res)
+    return res
+
+
+def verify(pts: dict[str, list[dict]], d_full: float, x_full) -> dict:
+    out = {}
+    for label, ps in pts.items():
+        full = [p for p in ps if p["d"] == d_full and (x_full is None or p["x"] == x_full)]
+        if full:
+            metrics = [p["metric"] for p in full if isinstance(p["metric"], int | float)]
+            out[label] = {"loss": t_interval([p["loss"] for p in full]), "metric": t_interval(metrics), "seeds": len(full)}
+    return out
+
+
+def _f(v, digits: int = 4) -> str:
+    return "–" if v is None else f"{v:.{digits}g}"
+
+
+def _ci(c: dict, digits: int = 3) -> str:
+    return "–" if not c or c.get("lo") is None else f"[{c['lo']:.{digits}g}, {c['hi']:.{digits}g}]"
+
+
+def table_rows(result: dict) -> tuple[list[str], list[list[str]]]:
+    """Headers and cells of the prediction table (shared by Markdown and HTML)."""
+    m = result["metric"]
+    truth = result.get("truth") or {}
+    heads = ["method", "law", "beta", "E", f"predicted loss @ {result['full_size']:g}", "95% interval",
+             f"predicted {m}", "95% interval", "P(best)", "backtest error (fit / constant)", "fit"]
+    if truth:
+        heads += ["true loss (95% CI)", f"true {m} (95% CI)", "loss error", f"{m} error"]
+    rows = []
+    for label, p in result["methods"].items():
+        bt = p["backtest"]
+        if "errors" in bt:
+            back = f"{100 * bt['errors']['mean_rel_error']:.1f}% / {100 * bt['baseline_errors']['mean_rel_error']:.1f}%"
+            verdict = "good" if bt["diagnostics"]["good"] else "NOT good"
+        else:
+            back, verdict = bt.get("error", "–"), "–"
+        fp = p["fit"]["params"]
+        cells = [label, p["fit"]["formula"], _f(fp.get("beta"), 3), _f(fp.get("E"), 3), _f(p["loss"]), _ci(p["loss_ci"]),
+                 _f(p["metric"]), _ci(p["metric_ci"]), _f(p.get("p_win"), 2), back, verdict]
+        if truth:
+            t = truth.get(label)
+            if t:
+                tl, tm = t["loss"], t["metric"]
+                cells += [f"{_f(tl['mean'])} {_ci(tl)}", f"{_f(tm['mean'])} {_ci(tm)}",
+                          f"{t['loss_error']:+.3g} ({100 * t['loss_rel_error']:.1f}%)",
+                          "–" if t.get("metric_error") is None else f"{t['metric_error']:+.3g}"]
+            else:
+                cells += ["not run"] * 4
+        rows.append(cells)
+    return heads, rows
+
+
+def markdown(result: dict) -> str:
+    heads, rows = table_rows(result)
+    lines = [f"## Advice: which method wins at {result['full_size']:g} training rows", ""]
+    w = result.get("winner")
+    if w:
+        p = result["methods"][w]
+        lines.append(f"**Predicted winner: {w}** (eval loss {p['loss']:.4g} {_ci(p['loss_ci'])}, "
+                     f"{result['metric']} {_f(p['metric'])} {_ci(p['metric_ci'])}, best in "
+                     f"{100 * (p.get('p_win') or 0):.0f}% of {result['n_boot']} seed-bootstrap refits).")
+    if "true_winner" in result:
+        ok = "correct" if result["true_winner"] == w else "WRONG"
+        lines.append(f"Verified at the full size: lowest true eval loss: {result['true_winner']} (prediction {ok}); "
+                     f"best true {result['metric']}: {result.get('true_winner_by_metric', '–')}.")
+    lines += ["", "| " + " | ".join(heads) + " |", "|" + "|".join("---" for _ in heads) + "|"]
+    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in rows]
+    lines.append("")
+    if result["crossings"]:
+        lines.append("Critical points (the predicted ranking flips):")
+        lines += [f"- D ≈ {c['d']:.0f}: {c['better_below']} is better below, {c['better_above']} above" for c in result["crossings"]]
+    else:
+        lines.append(f"No ranking flip predicted between {result['sizes'][0] / 10:g} and {10 * result['full_size']:g} rows.")
+    mp = result.get("metric_map")
+    if mp:
+        lines.append(f"\nLoss -> {result['metric']} map (all runs, logistic): {result['metric']} = {mp['lo']:.3g} + "
+                     f"({mp['hi']:.3g} - {mp['lo']:.3g}) / (1 + exp((L - {mp['c']:.3g}) / {mp['s']:.3g})), "
+                     f"RMSE {mp['rmse']:.3g} over {mp['n']} runs.")
+    for label, p in result["methods"].items():
+        for wn in (p["backtest"].get("diagnostics") or {}).get("warnings", []):
+            lines.append(f"- warning ({label} backtest): {wn}")
+    for label, e in result.get("errors", {}).items():
+        lines.append(f"- {label}: not fitted: {e}")
+    lines.append("\nIntervals on predictions: 2.5-97.5 percentiles of refits on seed-bootstrap resamples, so "
+                 "they measure seed noise only, not whether the law's form is right: the backtest says that "
+                 "(the largest small size held out and predicted, mean relative error, beside predicting it with "
+                 "the mean of the other sizes' losses; 'good' needs at most half the constant's error).")
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, pts: dict[str, list[dict]]) -> bytes | None:
+    from tunelab.report.plots import _colors, _figure, png_bytes
+
+    if not result["methods"]:
+        return None
+    fig, ax = _figure(7.0, 4.6)
+    lo, hi = result["sizes"][0] / 1.5, result["full_size"] * 1.5
+    dd = np.geomspace(lo, hi, 200)
+    for (label, p), c in zip(result["methods"].items(), _colors(len(result["methods"])), strict=True):
+        f = fitmod.Fit(p["fit"]["form"], p["fit"]["params"], 0.0, 0, True, 0)
+        ax.plot(dd, _predict(f, dd, result.get("x_full")), color=c, linewidth=1.3, label=label)
+        ps = pts.get(label, [])
+        small = [q for q in ps if q["d"] in set(result["sizes"])]
+        ax.scatter([q["d"] for q in small], [q["loss"] for q in small], color=c, s=14, alpha=0.7)
+        ci = p["loss_ci"]
+        if ci["lo"] is not None:
+            ax.errorbar([result["full_size"]], [p["loss"]], yerr=[[max(0.0, p["loss"] - ci["lo"])], [max(0.0, ci["hi"] - p["loss"])]],
+                        fmt="D", color=c, capsize=4, markersize=6, mfc="none")
+        t = (result.get("truth") or {}).get(label)
+        if t:
+            ax.scatter([result["full_size"] * 1.06], [t["loss"]["mean"]], marker="*", s=90, color=c, zorder=4)
+    ax.set_xscale("log")
+    ax.set_xlabel("training rows D (log scale)")
+    ax.set_ylabel("eval loss")
+    ax.set_title("dots: runs; lines: fitted laws; hollow diamond: prediction (95%); star: truth", fontsize=9)
+    ax.legend(fontsize=8)
+    return png_bytes(fig)

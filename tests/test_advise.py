@@ -1,0 +1,158 @@
+"""tunelab advise on synthetic losses that follow a known law per method (no models)."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import types
+
+import pytest
+import yaml
+
+from tunelab import advise as adv
+from tunelab.report import advise as ra
+
+# lora is better with little data, full with more: the curves cross near D = 676.
+LAWS = {"lora": {"A": 2.0, "beta": 0.3, "E": 0.3}, "full": {"A": 10.0, "beta": 0.5, "E": 0.2}}
+NOISE = {0: 0.0, 1: 0.01, 2: -0.01}  # relative, per seed
+
+
+def law(method: str, d: float) -> float:
+    p = LAWS[method]
+    return p["A"] * d ** -p["beta"] + p["E"]
+
+
+def accuracy(loss: float) -> float:
+    return 0.5 + 0.45 / (1 + math.exp((loss - 0.7) / 0.1))
+
+
+def crossing() -> float:
+    lo, hi = 100.0, 5000.0
+    for _ in range(100):
+        mid = math.sqrt(lo * hi)
+        lo, hi = (mid, hi) if law("lora", mid) < law("full", mid) else (lo, mid)
+    return lo
+
+
+class FakeTrain:
+    def __init__(self):
+        self.calls = []
+
+    def run(self, cfg) -> dict:
+        self.calls.append(cfg)
+        out = cfg.run_dir()
+        loss = law(cfg.method.name, cfg.data.max_train) * (1 + NOISE[cfg.train.seed])
+        metrics = {"metrics": {"accuracy": accuracy(loss), "n": 872, "eval_loss": loss},
+                   "run": {"method": cfg.method.name, "task": "sentiment", "seed": cfg.train.seed,
+                           "trainable_params": 1000, "wall_time_s": 1.0, "steps": 3}}
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.json").write_text(json.dumps(metrics))
+        return metrics
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    import tunelab.compare
+
+    monkeypatch.setattr(tunelab.compare, "ISOLATE", False)
+    monkeypatch.setattr(ra, "N_BOOT", 40)  # enough resamples for the test's loose interval checks
+    f = FakeTrain()
+    monkeypatch.setitem(sys.modules, "tunelab.train", types.SimpleNamespace(run=f.run))
+    return f
+
+
+def write_cfg(tmp_path, **advise):
+    cfg = {"model": "smollm2-135m", "method": "lora", "task": {"name": "sentiment"},
+           "data": {"train": "train.jsonl", "eval": "dev.jsonl"}, "train": {"epochs": 1, "batch_size": 8},
+           "advise": {"methods": ["lora", "full"], "sizes": [125, 250, 500, 1000], "full_size": 4000, **advise}}
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_advise_predicts_the_known_law_the_winner_and_the_flip(tmp_path, fake):
+    out = adv.advise(write_cfg(tmp_path, verify=True), out_dir=tmp_path / "adv", say=lambda m: None)
+    names = sorted(c.run_dir().name for c in fake.calls)
+    assert len(names) == 2 * 5 * 3 and "full-n4000-s2" in names  # 4 small sizes + the verify size, 3 seeds
+    assert {c.data.max_train for c in fake.calls} == {125, 250, 500, 1000, 4000}
+    res = json.loads((out / "advise.json").read_text())
+    for m in LAWS:
+        p = res["methods"][m]
+        assert p["loss"] == pytest.approx(law(m, 4000), rel=0.02)  # extrapolated 4x beyond the data
+        assert p["fit"]["params"]["beta"] == pytest.approx(LAWS[m]["beta"], abs=0.05)
+        assert p["loss_ci"]["lo"] <= p["loss"] <= p["loss_ci"]["hi"]
+        assert p["metric"] == pytest.approx(accuracy(law(m, 4000)), abs=0.02)  # through the loss->metric map
+        assert p["backtest"]["diagnostics"]["good"], p["backtest"]
+        assert res["truth"][m]["loss_rel_error"] < 0.02 and res["truth"][m]["in_loss_ci"]
+    assert res["winner"] == "full" == res["true_winner"] and res["methods"]["full"]["p_win"] >= 0.9
+    flips = res["crossings"]
+    assert len(flips) == 1 and flips[0]["d"] == pytest.approx(crossing(), rel=0.1)
+    assert flips[0]["better_below"] == "lora" and flips[0]["better_above"] == "full"
+    md = (out / "results.md").read_text()
+    assert "**Predicted winner: full**" in md and "prediction correct" in md and "lora is better below" in md
+    assert (out / "plots" / "advise.png").read_bytes()[:4] == b"\x89PNG" and "Advice at 4000" in (out / "report.html").read_text()
+
+
+def test_a_flat_loss_is_flagged_not_trusted(monkeypatch):
+    monkeypatch.setattr(ra, "N_BOOT", 10)
+    """All losses at chance (the issue's failure): the backtest must not call the law good."""
+    rows, runs = [], []
+    for size in (125, 250, 500, 1000):
+        for seed in (0, 1, 2):
+            name = f"m-n{size}-s{seed}"
+            runs.append({"run": name, "label": "m", "size": size, "seed": seed})
+            rows.append({"run": name, "eval_loss": 0.6931 + 0.002 * ((seed * 7 + size) % 3 - 1), "accuracy": 0.5})
+    res = ra.analyse(rows, {"runs": runs, "sizes": [125, 250, 500, 1000], "full_size": 4000}, "accuracy", True)
+    diag = res["methods"]["m"]["backtest"]["diagnostics"]
+    assert not diag["good"] and diag["warnings"]
+
+
+@pytest.mark.parametrize("advise, match", [
+    ({"full_size": None}, "full data size"),
+    ({"full_size": 800}, "must be larger than the largest small size 1000"),
+    ({"sizes": [250, 500]}, "at least 3 small data sizes"),
+    ({"factor": "rank"}, "go together"),
+    ({"factor": "method", "values": ["lora"]}, "must be numeric"),
+    ({"budget": "dollars"}, "unknown budget 'dollars'"),
+    ({"steps": "most"}, "advise.steps: 'most'"),
+])
+def test_bad_advise_settings_fail_before_training(tmp_path, fake, advise, match):
+    with pytest.raises(ValueError, match=match):
+        adv.advise(write_cfg(tmp_path, **advise), out_dir=tmp_path / "adv", say=lambda m: None)
+    assert fake.calls == []
+
+
+def test_output_dir_override_sets_the_directory_or_says_to_use_out(tmp_path, fake):
+    cfg = write_cfg(tmp_path, sizes=[125, 250, 500], full_size=1000)
+    out = adv.advise(cfg, [f"output_dir={tmp_path / 'here'}"], seeds=[0], say=lambda m: None)
+    assert out == tmp_path / "here" and (out / "advise.json").exists()
+    with pytest.raises(ValueError, match="pass the sweep's directory once, as --out"):
+        adv.advise(cfg, [f"output_dir={tmp_path / 'a'}"], out_dir=tmp_path / "b", seeds=[0], say=lambda m: None)
+
+
+def test_steps_full_trains_every_size_at_the_full_budget(tmp_path, fake):
+    adv.advise(write_cfg(tmp_path, steps="full", sizes=[125, 250, 500], full_size=1000), seeds=[0],
+               out_dir=tmp_path / "adv", say=lambda m: None)
+    assert {c.train.max_steps for c in fake.calls} == {125}  # ceil(1000 rows / batch 8), one epoch of the full set
+
+
+def test_verify_with_some_seeds_only(tmp_path, fake):
+    adv.advise(write_cfg(tmp_path, sizes=[125, 250, 500], full_size=1000, verify=[1]), seeds=[0, 1],
+               out_dir=tmp_path / "adv", say=lambda m: None)
+    full = sorted(c.run_dir().name for c in fake.calls if c.data.max_train == 1000)
+    assert full == ["full-n1000-s1", "lora-n1000-s1"]
+    res = json.loads((tmp_path / "adv" / "advise.json").read_text())
+    assert res["truth"]["lora"]["seeds"] == 1
+
+
+def test_cli_advise_bad_input_is_one_clear_line(tmp_path, fake):
+    from typer.testing import CliRunner
+
+    from tunelab.cli import app
+
+    res = CliRunner().invoke(app, ["advise", str(write_cfg(tmp_path)), "--full-size", "500"])
+    assert res.exit_code == 2 and "full_size 500 must be larger than the largest small size 1000" in res.output
+    assert "Traceback" not in res.output and fake.calls == []
+    res = CliRunner().invoke(app, ["compare", str(write_cfg(tmp_path)), "--methods", "lora", "--budget", "joules"])
+    assert res.exit_code == 2 and "unknown budget 'joules'" in res.output

@@ -1,0 +1,79 @@
+"""Budget matching (equal steps / wall time / FLOPs) and the lr search's data split, without models."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tunelab import budget, tune
+from tunelab.config import build_config
+
+
+def cfg(**train):
+    return build_config({"model": "smollm2-135m", "data": {"train": "t.jsonl"}, "train": {"batch_size": 8, **train}})
+
+
+def test_match_steps_gives_equal_totals():
+    steps = budget.match_steps({"lora": 4.0e12, "full": 6.0e12, "pt": 1.0e12}, 6.0e12 * 100)
+    assert steps == {"lora": 150, "full": 100, "pt": 600}
+    with pytest.raises(ValueError, match="cost per step"):
+        budget.match_steps({"x": 0.0}, 1.0)
+
+
+def test_planned_steps_from_max_steps_or_epochs():
+    assert budget.planned_steps(cfg(max_steps=40), 1000) == 40
+    assert budget.planned_steps(cfg(epochs=2), 1001) == 2 * 126  # ceil(1001 / 8) per epoch
+
+
+def test_plan_flops_and_time_with_a_fake_probe_and_its_cache(tmp_path):
+    cfgs = {"full": cfg(max_steps=100), "lora": cfg(max_steps=100), "zero-shot": cfg(max_steps=0)}
+    cost = {id(cfgs["full"]): 6.0, id(cfgs["lora"]): 4.0}
+    res = budget.plan("flops", cfgs, tmp_path, probe=lambda c: cost[id(c)])
+    assert res["ref"] == "full" and res["total"] == 600.0
+    assert {k: v["steps"] for k, v in res["per_label"].items()} == {"full": 100, "lora": 150}  # zero-shot untouched
+    assert json.loads((tmp_path / "budget.json").read_text()) == res
+    # A resumed comparison reuses the measured budget instead of probing again.
+    again = budget.plan("flops", cfgs, tmp_path, probe=lambda c: pytest.fail("probed twice"))
+    assert again == res
+    t = budget.plan("time", cfgs, tmp_path / "t", probe=lambda c: cost[id(c)] / 10, ref="lora", total=30.0)
+    assert {k: v["steps"] for k, v in t["per_label"].items()} == {"full": 50, "lora": 75}
+    assert budget.plan("steps", cfgs, tmp_path)["mode"] == "steps"
+    with pytest.raises(ValueError, match="unknown budget 'money'"):
+        budget.plan("money", cfgs, tmp_path)
+    with pytest.raises(ValueError, match="budget_ref 'nope'"):
+        budget.plan("time", cfgs, tmp_path / "u", probe=lambda c: 1.0, ref="nope")
+
+
+def test_split_keeps_the_format_and_never_overlaps(tmp_path):
+    src = tmp_path / "train.tsv"
+    rows = [f'it \'s "good" {i} \t{i % 2}' for i in range(50)]
+    src.write_text("sentence\tlabel\n" + "\n".join(rows) + "\n")
+    tr, va, n_tr, n_va = tune.split_file(src, tmp_path / "s", limit=40)
+    assert (n_tr, n_va) == (32, 8)
+    assert tr.read_text().splitlines() == ["sentence\tlabel"] + rows[:32]  # bytes kept, quotes and all
+    assert va.read_text().splitlines() == ["sentence\tlabel"] + rows[32:40]
+    js = tmp_path / "d.jsonl"
+    js.write_text("".join(json.dumps({"text": str(i), "label": "a"}) + "\n" for i in range(10)))
+    tr, va, n_tr, n_va = tune.split_file(js, tmp_path / "j")
+    assert (n_tr, n_va) == (8, 2) and json.loads(va.read_text().splitlines()[0])["text"] == "8"
+
+
+def test_split_rejects_what_it_cannot_split(tmp_path):
+    with pytest.raises(FileNotFoundError, match="needed to split it for --tune lr"):
+        tune.split_file(tmp_path / "missing.jsonl", tmp_path / "s")
+    (tmp_path / "eng.train").write_text("EU NNP B-NP B-ORG\n")
+    with pytest.raises(ValueError, match="can split .jsonl, .json, .csv and .tsv"):
+        tune.split_file(tmp_path / "eng.train", tmp_path / "s")
+    (tmp_path / "one.jsonl").write_text('{"a": 1}\n')
+    with pytest.raises(ValueError, match="too few to split"):
+        tune.split_file(tmp_path / "one.jsonl", tmp_path / "s")
+
+
+def test_lr_grid_and_pick():
+    assert tune.grid(3e-4) == [1e-4, 3e-4, 9e-4]
+    assert tune.best_lr([(1e-4, 0.8), (3e-4, 0.9), (9e-4, 0.85)], True) == 3e-4
+    assert tune.best_lr([(1e-4, 0.5), (3e-4, 0.4), (9e-4, None)], False) == 3e-4
+    assert tune.best_lr([(1e-4, 0.9), (3e-4, 0.9), (9e-4, 0.9)], True) == 3e-4  # ties: the base rate
+    with pytest.raises(ValueError, match="every learning-rate trial failed"):
+        tune.best_lr([(1e-4, None)], True)
