@@ -96,7 +96,9 @@ def test_compare_runs_every_method_and_seed_on_the_same_budget(tmp_path, fake):
         f"{m}-s{s}" for m in ("lora", "loreft", "full") for s in (0, 1)
     )
     for c in f.calls:
-        assert (c.task.name, c.data.train, c.train.max_steps, c.train.batch_size) == ("sentiment", "train.jsonl", 5, 4)
+        # data paths are read relative to the config file (and made absolute for the runs' own configs)
+        want = ("sentiment", str(tmp_path.resolve() / "train.jsonl"), 5, 4)
+        assert (c.task.name, c.data.train, c.train.max_steps, c.train.batch_size) == want
         assert c.run_dir() == out / "runs" / f"{c.method.name}-s{c.train.seed}"
     by = {c.method.name: c.method.params() for c in f.calls}
     assert by["lora"] == {"r": 16, "alpha": 32}  # the config's own lora settings are kept

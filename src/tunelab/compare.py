@@ -118,7 +118,7 @@ def _forward_signals(child):
 
 def read_sweep_config(cfg_path, overrides=()) -> tuple[dict, dict]:
     """(run config as a raw dict with overrides applied, {"compare": {...}, "scale": {...}})."""
-    from tunelab.config import apply_overrides
+    from tunelab.config import apply_overrides, resolve_data_paths
 
     raw = {}
     if cfg_path is not None:
@@ -128,6 +128,9 @@ def read_sweep_config(cfg_path, overrides=()) -> tuple[dict, dict]:
         raw = yaml.safe_load(path.read_text()) or {}
         if not isinstance(raw, dict):
             raise ValueError(f"{path}: the top level must be a mapping of sections")
+        # data paths are relative to the config file, as for tunelab train; absolute here, because each
+        # run's own config.yaml lives elsewhere (OUT/runs/...)
+        raw = resolve_data_paths(raw, path.parent.resolve())
     raw = apply_overrides(raw, list(overrides))
     sweep = {k: raw.pop(k) or {} for k in SWEEP_SECTIONS if k in raw}
     for k, v in sweep.items():
