@@ -194,18 +194,6 @@ def demo(
     typer.echo(f"  accuracy before: {before:.3f}\n  accuracy after:  {after:.3f}\nrun directory: {cfg.run_dir()}")
 
 
-def _trained(run_dir: Path):
-    """The base model of a run with its trained method loaded."""
-    import tunelab
-    from tunelab.train import Run
-
-    if not (run_dir / "method" / "method.json").exists():
-        _fail(f"{run_dir}: no trained method here (expected {run_dir / 'method' / 'method.json'})")
-    cfg = _guard(_run_config, run_dir, [])
-    r = _guard(Run, cfg.model_copy(update={"data": cfg.data.model_copy(update={"train": None})}))
-    return _guard(tunelab.load, r.model, run_dir / "method"), r.tok
-
-
 @app.command()
 def merge(
     run_dir: Path = typer.Argument(..., help="a finished run directory"),
