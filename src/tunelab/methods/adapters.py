@@ -7,10 +7,10 @@ no biases (as the reference code), attached to a named module f with a placement
     parallel (beside f): y = f(x) + a(x)         d_a = f's input width, d_out = f's output width
 
 Trainable parameters per target: b * (d_a + d_out). Defaults: b = 256, act = tanh, s = 1.0, on the MLP
-block ("mlp"; BERT-style models: the FFN's output linear "layer.N.output.dense"). Any module can be
-named in ``target_modules`` (suffix match); a non-linear module is assumed to map hidden -> hidden.
-LLM-Adapters' own LLaMA runs place series adapters around gate/up/down_proj and parallel ones beside
-v_proj/down_proj: pass those names to reproduce them. Init "zero_up" (default): D kaiming-uniform,
+hosts from ``tunelab.arch``: LLaMA-style models take LLM-Adapters' recipe (series after gate_proj and
+up_proj, parallel beside up_proj and down_proj), OPT/BART/T5/GPT-2/GPT-NeoX their MLP linears, BERT-style
+encoders the FFN's output linear "layer.N.output.dense". Any module can be named in ``target_modules``
+(suffix match); a non-linear module is assumed to map hidden -> hidden. Init "zero_up" (default): D kaiming-uniform,
 U = 0, so training starts exactly at the base model; "bert" (the reference default): D, U ~ N(0, 0.02).
 
 Merge: with act = identity on a linear f (W, b), a is the linear map M = s U D and folds exactly:
@@ -27,7 +27,8 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from tunelab.methods.base import METHODS, MethodConfig, find_linears, freeze
+from tunelab import arch
+from tunelab.methods.base import METHODS, MethodConfig, find_linears, freeze, linear_dims, linear_types
 
 ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "identity": nn.Identity}
 
@@ -84,21 +85,15 @@ def _adapter_hook(module: nn.Module, args, kwargs, output):
     return (y, *output[1:]) if isinstance(output, tuple) else y
 
 
-def _default_targets(model: nn.Module) -> list[str]:
-    names = [n for n, _ in model.named_modules()]
-    if any(n.endswith(".mlp") for n in names):
-        return ["mlp"]
-    ffn_out = [n for n in names if n.endswith(".output.dense") and ".attention." not in n]
-    if ffn_out:  # BERT family: the FFN's output projection, not the attention's
-        return ffn_out
-    raise ValueError("no MLP block found for the default adapter placement; pass target_modules")
+def _default_targets(model: nn.Module, placement: str = "series") -> list[str]:
+    """The family's adapter hosts for ``placement`` (the table in tunelab.arch)."""
+    return arch.default_targets(model, placement)
 
 
 def _dims(model: nn.Module, mod: nn.Module) -> tuple[int, int]:
-    if isinstance(mod, nn.Linear):
-        return mod.in_features, mod.out_features
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    return cfg.hidden_size, cfg.hidden_size
+    if isinstance(mod, linear_types()):
+        return linear_dims(mod)
+    return arch.hidden_size(model), arch.hidden_size(model)
 
 
 def adapted(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -116,7 +111,7 @@ class _Adapter:
     recommended_lr = 3e-4  # LLM-Adapters' setting for both placements (AdamW, 3 epochs)
 
     def attach(self, model: nn.Module, cfg: AdapterConfig) -> nn.Module:
-        targets = find_linears(model, cfg.target_modules or _default_targets(model), types=(nn.Module,))
+        targets = find_linears(model, cfg.target_modules or _default_targets(model, self.placement), types=(nn.Module,))
         freeze(model)
         gen = torch.Generator().manual_seed(cfg.seed)
         for _name, mod in targets:

@@ -1,0 +1,134 @@
+"""Load a model with its target linears quantized as their weights arrive (QLoRA, LoftQ).
+
+The model is built on the meta device (``accelerate.init_empty_weights``: parameters take no memory,
+buffers such as rotary tables are real), then the safetensors shards are read one tensor at a time:
+a target linear's weight goes to the device, is turned into the method's frozen quantized module
+(``plan.build``) and dropped; every other tensor is cast to the run's dtype and assigned in place.
+So the full-precision target weights never sit in memory together: peak ~ quantized model + the
+non-quantized tensors (embeddings, norms, head) + one linear. Tensors the checkpoint lacks (a new
+task head) are initialised by the model's own ``_init_weights``, as ``from_pretrained`` does.
+
+A method opts in by exposing ``quantize_on_load(cfg) -> LoadPlan`` (tunelab.models calls it; the loop
+never names a method). Checkpoints without safetensors files fall back to load-then-quantize.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadPlan:
+    """``select(meta_model) -> names`` of the linears to quantize; ``build(name, w, bias) -> module``
+    with ``w`` the dense (d_out x d_in) weight on the device, in the run's dtype."""
+
+    select: Callable[[nn.Module], list[str]]
+    build: Callable[[str, torch.Tensor, torch.Tensor | None], nn.Module]
+
+
+def shard_files(path: str | Path) -> list[Path]:
+    """The safetensors files of a local model directory (sharded or not); [] when there are none."""
+    path = Path(path)
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError) as e:
+            raise ValueError(f"{index}: not a safetensors index ({e.__class__.__name__}: {e})") from None
+        return [path / f for f in sorted(set(weight_map.values()))]
+    single = path / "model.safetensors"
+    return [single] if single.exists() else []
+
+
+def _target_key(key: str, own: set[str], prefix: str) -> str | None:
+    """The model's name for checkpoint key ``key`` (checkpoints of the bare model lack the prefix)."""
+    if key in own:
+        return key
+    if prefix and f"{prefix}.{key}" in own:
+        return f"{prefix}.{key}"
+    if prefix and key.startswith(prefix + ".") and key[len(prefix) + 1 :] in own:
+        return key[len(prefix) + 1 :]
+    return None
+
+
+def _assign(model: nn.Module, name: str, t: torch.Tensor) -> None:
+    mod_name, _, leaf = name.rpartition(".")
+    mod = model.get_submodule(mod_name) if mod_name else model
+    if leaf in mod._parameters:
+        mod._parameters[leaf] = nn.Parameter(t, requires_grad=mod._parameters[leaf].requires_grad)
+    else:
+        mod._buffers[leaf] = t
+
+
+def _materialize_missing(model: nn.Module, device) -> list[str]:
+    """Initialise (``_init_weights``) every module still holding meta tensors; returns their names."""
+    missing = []
+    for name, mod in model.named_modules():
+        own = list(mod._parameters.items()) + list(mod._buffers.items())
+        if any(t is not None and t.is_meta for _, t in own):
+            missing += [f"{name}.{n}" if name else n for n, t in own if t is not None and t.is_meta]
+            mod.to_empty(device=device, recurse=False)
+            if hasattr(model, "_init_weights"):
+                with torch.no_grad():
+                    model._init_weights(mod)
+    return missing
+
+
+def load_quantized(path: str | Path, build_model: Callable[[], nn.Module], plan: LoadPlan, dtype: torch.dtype,
+                   device: torch.device | str = "cpu") -> tuple[nn.Module, dict]:
+    """Build the model on meta with ``build_model()``, stream ``path``'s shards into it quantizing the
+    plan's targets; returns ``(model, {"missing_keys": [...], "unexpected_keys": [...]})``."""
+    from accelerate import init_empty_weights
+    from safetensors import safe_open
+
+    from tunelab.methods.base import is_transposed, replace_module
+
+    files = shard_files(path)
+    if not files:
+        raise FileNotFoundError(f"{path}: no model.safetensors (or index); cannot quantize while loading")
+    with init_empty_weights(include_buffers=False):
+        model = build_model()
+    targets = {n: model.get_submodule(n) for n in plan.select(model)}
+    own = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    own |= {n for n, _ in model.named_buffers(remove_duplicate=False)}
+    prefix = getattr(model, "base_model_prefix", "")
+    pending: dict[str, dict[str, torch.Tensor]] = {}
+    loaded, unexpected = set(), []
+    for file in files:
+        with safe_open(str(file), "pt", device="cpu") as sf:
+            for key in sf.keys():  # noqa: SIM118  (safe_open has no __iter__)
+                name = _target_key(key, own, prefix)
+                if name is None:
+                    unexpected.append(key)
+                    continue
+                t = sf.get_tensor(key)
+                t = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+                loaded.add(name)
+                mod_name, _, leaf = name.rpartition(".")
+                if mod_name not in targets:
+                    _assign(model, name, t)
+                    continue
+                got = pending.setdefault(mod_name, {})
+                got[leaf] = t
+                lin = targets[mod_name]
+                if "weight" in got and ("bias" in got or getattr(lin, "bias", None) is None):
+                    w = got.pop("weight")
+                    w = w.T if is_transposed(lin) else w  # Conv1D stores d_in x d_out
+                    replace_module(model, mod_name, plan.build(mod_name, w, got.pop("bias", None)))
+                    del pending[mod_name], w, t
+    incomplete = [n for n, lin in targets.items() if model.get_submodule(n) is lin]  # never replaced
+    if incomplete:
+        raise ValueError(f"{path}: the checkpoint lacks the weights of {incomplete[:3]} (cannot quantize them)")
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    missing = _materialize_missing(model, device)
+    return model, {"missing_keys": missing, "unexpected_keys": unexpected}
