@@ -31,7 +31,8 @@ class RefAdapter(nn.Module):
 @pytest.mark.parametrize("method", ["series_adapter", "parallel_adapter"])
 def test_zero_up_starts_at_the_base_model(method):
     model = tunelab.attach(tiny_llama(), method)
-    assert [n for n, _ in ad.adapted(model)] == ["model.layers.0.mlp", "model.layers.1.mlp"]
+    hosts = {"series_adapter": ("gate_proj", "up_proj"), "parallel_adapter": ("up_proj", "down_proj")}[method]
+    assert [n for n, _ in ad.adapted(model)] == [f"model.layers.{i}.mlp.{h}" for i in range(2) for h in hosts]
     with torch.no_grad():
         assert torch.equal(model(input_ids=IDS).logits, tiny_llama()(input_ids=IDS).logits)
 
@@ -55,8 +56,10 @@ def test_matches_an_independent_computation_of_the_formula(method):
 @pytest.mark.parametrize(
     "method,targets,per_target",
     [
-        ("series_adapter", None, 16 * (64 + 64)),
-        ("parallel_adapter", None, 16 * (64 + 64)),
+        # defaults (tunelab.arch, LLM-Adapters' recipe): series after gate_proj + up_proj (64 -> 128),
+        # parallel beside up_proj (64 -> 128) + down_proj (128 -> 64); per layer
+        ("series_adapter", None, 2 * 16 * (128 + 128)),
+        ("parallel_adapter", None, 2 * 16 * (64 + 128)),
         ("parallel_adapter", ["down_proj"], 16 * (128 + 64)),  # d_in = intermediate (128)
         ("series_adapter", ["down_proj"], 16 * (64 + 64)),
         ("series_adapter", ["up_proj"], 16 * (128 + 128)),
@@ -103,7 +106,7 @@ def test_merge_refuses_nonlinear_or_non_linear_targets():
     with pytest.raises(ValueError, match="nonlinearity"):
         tunelab.merge(tanh)
     assert ad.adapted(tanh)  # nothing was touched
-    block = tunelab.attach(tiny_llama(), "parallel_adapter", bottleneck=4, activation="identity")
+    block = tunelab.attach(tiny_llama(), "parallel_adapter", bottleneck=4, activation="identity", target_modules=["mlp"])
     with pytest.raises(ValueError, match="linear target"):
         tunelab.merge(block)
 

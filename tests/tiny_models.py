@@ -54,9 +54,13 @@ ENCODERS = ("bert", "roberta", "deberta_v2")
 SEQ2SEQ = ("t5", "bart")
 
 
-def tiny(family: str, seed: int = 0):
+LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "num_decoder_layers", "encoder_layers", "decoder_layers")
+
+
+def tiny(family: str, seed: int = 0, layers: int = 2):
     """A tiny random model of ``family`` in eval mode (encoders get a 2-label classification head)."""
     config_cls, model_cls, kw = _spec(family)
+    kw = {k: (layers if k in LAYER_KEYS else v) for k, v in kw.items()}
     torch.manual_seed(seed)
     cfg = config_cls(**{**COMMON, **kw})
     if family in ENCODERS:
