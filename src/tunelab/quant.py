@@ -157,6 +157,15 @@ def model_bytes(model: nn.Module) -> int:
     return total
 
 
+def checksum(w: torch.Tensor, rows: int = 256) -> torch.Tensor:
+    """[sum, sum of squares] of ``w`` in float64, a few rows at a time (no float64 copy of ``w``)."""
+    total = torch.zeros(2, dtype=torch.float64, device=w.device)
+    for part in w.split(rows):
+        d = part.double()
+        total += torch.stack([d.sum(), (d * d).sum()])
+    return total
+
+
 class _DequantLinear(torch.autograd.Function):
     """y = x W~^T + b with W~ dequantized in forward and again in backward (nothing dense saved)."""
 
@@ -191,8 +200,7 @@ class QuantLinear(nn.Module):
                 self.register_buffer(name, t, persistent=False)
             self.tunelab_frozen_numel = q.shape.numel()  # counted as parameters by count_parameters
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
-        w = self.dequantized(torch.float64)
-        self.register_buffer("checksum", torch.stack([w.sum(), (w * w).sum()]))
+        self.register_buffer("checksum", checksum(self.dequantized(torch.float32)))
         self.register_load_state_dict_pre_hook(QuantLinear._check)
 
     def dequantized(self, dtype=None) -> torch.Tensor:
@@ -254,8 +262,7 @@ class BnbLinear4(nn.Module):
         self.register_buffer("packed", packed, persistent=False)
         self.tunelab_frozen_numel = w.numel()
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
-        d = self.dequantized(torch.float64)
-        self.register_buffer("checksum", torch.stack([d.sum(), (d * d).sum()]))
+        self.register_buffer("checksum", checksum(self.dequantized(torch.float32)))
         self.register_load_state_dict_pre_hook(QuantLinear._check)
 
     def _apply(self, fn, recurse=True):  # keep the quant state on the packed weight's device

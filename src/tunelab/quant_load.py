@@ -49,6 +49,35 @@ def shard_files(path: str | Path) -> list[Path]:
     return [single] if single.exists() else []
 
 
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+          "BOOL": torch.bool}
+
+
+def read_safetensors(file: Path):
+    """Yield ``(key, tensor)`` from a safetensors file, each read into its own buffer.
+
+    ``safe_open`` maps the whole file, and the pages it touches count in the process's resident memory
+    until the mapping closes, so streaming through it still peaks at the file size; plain reads do not.
+    """
+    with open(file, "rb") as f:
+        try:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ValueError(f"{file}: not a safetensors file ({e.__class__.__name__})") from None
+        header.pop("__metadata__", None)
+        for key, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+            start, stop = info["data_offsets"]
+            if info["dtype"] not in DTYPES:
+                raise ValueError(f"{file}: tensor {key} has dtype {info['dtype']}, which tunelab cannot read")
+            f.seek(8 + n + start)
+            buf = bytearray(stop - start)
+            f.readinto(buf)
+            t = torch.frombuffer(buf, dtype=DTYPES[info["dtype"]]) if buf else torch.empty(0, dtype=DTYPES[info["dtype"]])
+            yield key, t.reshape(info["shape"])
+
+
 def _target_key(key: str, own: set[str], prefix: str) -> str | None:
     """The model's name for checkpoint key ``key`` (checkpoints of the bare model lack the prefix)."""
     if key in own:
@@ -88,7 +117,6 @@ def load_quantized(path: str | Path, build_model: Callable[[], nn.Module], plan:
     """Build the model on meta with ``build_model()``, stream ``path``'s shards into it quantizing the
     plan's targets; returns ``(model, {"missing_keys": [...], "unexpected_keys": [...]})``."""
     from accelerate import init_empty_weights
-    from safetensors import safe_open
 
     from tunelab.methods.base import is_transposed, replace_module
 
@@ -102,29 +130,26 @@ def load_quantized(path: str | Path, build_model: Callable[[], nn.Module], plan:
     own |= {n for n, _ in model.named_buffers(remove_duplicate=False)}
     prefix = getattr(model, "base_model_prefix", "")
     pending: dict[str, dict[str, torch.Tensor]] = {}
-    loaded, unexpected = set(), []
+    unexpected = []
     for file in files:
-        with safe_open(str(file), "pt", device="cpu") as sf:
-            for key in sf.keys():  # noqa: SIM118  (safe_open has no __iter__)
-                name = _target_key(key, own, prefix)
-                if name is None:
-                    unexpected.append(key)
-                    continue
-                t = sf.get_tensor(key)
-                t = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
-                loaded.add(name)
-                mod_name, _, leaf = name.rpartition(".")
-                if mod_name not in targets:
-                    _assign(model, name, t)
-                    continue
-                got = pending.setdefault(mod_name, {})
-                got[leaf] = t
-                lin = targets[mod_name]
-                if "weight" in got and ("bias" in got or getattr(lin, "bias", None) is None):
-                    w = got.pop("weight")
-                    w = w.T if is_transposed(lin) else w  # Conv1D stores d_in x d_out
-                    replace_module(model, mod_name, plan.build(mod_name, w, got.pop("bias", None)))
-                    del pending[mod_name], w, t
+        for key, t in read_safetensors(file):
+            name = _target_key(key, own, prefix)
+            if name is None:
+                unexpected.append(key)
+                continue
+            t = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+            mod_name, _, leaf = name.rpartition(".")
+            if mod_name not in targets:
+                _assign(model, name, t)
+                continue
+            got = pending.setdefault(mod_name, {})
+            got[leaf] = t
+            lin = targets[mod_name]
+            if "weight" in got and ("bias" in got or getattr(lin, "bias", None) is None):
+                w = got.pop("weight")
+                w = w.T if is_transposed(lin) else w  # Conv1D stores d_in x d_out
+                replace_module(model, mod_name, plan.build(mod_name, w, got.pop("bias", None)))
+                del pending[mod_name], w, t
     incomplete = [n for n, lin in targets.items() if model.get_submodule(n) is lin]  # never replaced
     if incomplete:
         raise ValueError(f"{path}: the checkpoint lacks the weights of {incomplete[:3]} (cannot quantize them)")

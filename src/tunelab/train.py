@@ -227,7 +227,10 @@ class Run:
         head = self.task.head(self.tcfg, self.train_ex or self.eval_ex)
         self.causal = head is None
         m = cfg.model
-        self.model, self.tok = load_model(m.name, head=head, dtype=m.dtype, trust_remote_code=m.trust_remote_code, revision=m.revision)
+        # a method may quantize its targets while the weights load (QLoRA, LoftQ): it says so itself
+        on_load = getattr(METHODS.get(cfg.method.name), "quantize_on_load", None)
+        plan = on_load(tunelab.api.method_config(cfg.method.name, cfg.method.params())) if on_load else None
+        self.model, self.tok = load_model(m.name, head=head, dtype=m.dtype, trust_remote_code=m.trust_remote_code, revision=m.revision, quantize=plan, device=self.device)
         self.model.to(self.device)
 
     def evaluate(self) -> tuple[dict, list[dict]]:

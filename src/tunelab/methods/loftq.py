@@ -143,7 +143,7 @@ class LoftQ:
             if quantized(lin):  # quantized (and LoftQ-initialised) while loading
                 if not hasattr(lin, "loftq_start"):
                     raise ValueError(f"{name}: the base is already quantized without LoftQ; load it in full precision")
-                before_model += linear_bytes(lin) - lin.nbytes()
+                before_model += linear_bytes(lin) - quant.model_bytes(lin)
                 base = lin
             else:
                 base = self._init(name, dense_weight(lin), lin.bias, cfg)

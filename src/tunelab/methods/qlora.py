@@ -96,7 +96,7 @@ class QLoRA:
             nonlocal before_linears, before_model
             before_linears += linear_bytes(lin)
             if quantized(lin):  # quantized while loading (quantize_on_load)
-                before_model += linear_bytes(lin) - lin.nbytes()
+                before_model += linear_bytes(lin) - quant.model_bytes(lin)
                 return lin
             return quant.nf4_linear(dense_weight(lin), lin.bias, cfg.backend)
 
