@@ -53,8 +53,8 @@ def write_model(model_dir: Path) -> None:
     """Random bf16 weights in TinyLlama's shape, written tensor by tensor (no fp32 copy of the model)."""
     import torch
     from safetensors.torch import save_file
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     if (model_dir / "model.safetensors").exists():
         return

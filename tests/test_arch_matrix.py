@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import FAMILIES, SEQ2SEQ, batch, tiny
 
 import tunelab
+from tiny_models import FAMILIES, SEQ2SEQ, batch, tiny
 from tunelab import arch
 
 PARAMS = {

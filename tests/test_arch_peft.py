@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import batch, tiny
 
 import tunelab
+from tiny_models import batch, tiny
 from tunelab.methods.lora import LoRAEmbedding, lora_modules
 from tunelab.peft_format import export_peft, import_peft
 

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_tokenizer_obj
-from tiny_models import batch, tiny
 
 import tunelab
+from tiny_models import batch, tiny
 from tunelab import quant
 from tunelab.methods.base import METHODS
 from tunelab.models import load as load_model
+
+from conftest import tiny_tokenizer_obj
 
 pytestmark = pytest.mark.cuda
 

@@ -11,14 +11,15 @@ import textwrap
 
 import pytest
 import torch
-from conftest import tiny_llama, tiny_tokenizer_obj
-from tiny_models import batch, tiny
 
 import tunelab
+from tiny_models import batch, tiny
 from tunelab import quant
 from tunelab.methods.base import METHODS
 from tunelab.models import load as load_model
 from tunelab.tasks.base import HeadSpec
+
+from conftest import tiny_llama, tiny_tokenizer_obj
 
 
 def _save(model, path):

@@ -27,9 +27,8 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from tunelab import quant
-from tunelab.methods.base import METHODS
+from tunelab.methods.base import METHODS, dense_weight
 from tunelab.methods.lora import LoRAConfig, inject, merge_model, scaling
-from tunelab.methods.base import dense_weight
 from tunelab.methods.qlora import linear_bytes, load_plan, quant_info, quantized
 
 
