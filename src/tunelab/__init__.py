@@ -8,7 +8,7 @@ import logging
 for _name in ("torchao", "torch.utils._pytree"):
     logging.getLogger(_name).setLevel(logging.ERROR)
 
-from tunelab.api import attach, load, merge, save, trainable_parameters, unmerge
+from tunelab.api import attach, disabled, load, merge, save, trainable_parameters, unmerge
 
 __version__ = "0.1.0"
-__all__ = ["attach", "load", "merge", "save", "trainable_parameters", "unmerge", "__version__"]
+__all__ = ["attach", "disabled", "load", "merge", "save", "trainable_parameters", "unmerge", "__version__"]

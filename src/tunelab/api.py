@@ -22,6 +22,7 @@ from tunelab.methods.base import (
     count_parameters,
     install_context,
     method_state_dict,
+    switched_off,
 )
 
 METHOD_JSON = "method.json"
@@ -115,6 +116,13 @@ def merge(model: nn.Module) -> nn.Module:
     return model
 
 
+def disabled(model: nn.Module):
+    """``with tunelab.disabled(model):`` the attached method is switched off and the model computes
+    exactly as its base (logits equal the base model's); on leaving, the method is back. Full
+    fine-tuning has no off switch (it changes the weights themselves): a clear error."""
+    return switched_off(model)
+
+
 def unmerge(model: nn.Module) -> nn.Module:
     info = getattr(model, "tunelab_method", None) or {}
     method = METHODS.get(info.get("name", "")) if info else None
@@ -123,4 +131,4 @@ def unmerge(model: nn.Module) -> nn.Module:
     return method.unmerge(model)
 
 
-__all__ = ["attach", "trainable_parameters", "save", "load", "merge", "unmerge", "HEAD_NAMES"]
+__all__ = ["attach", "trainable_parameters", "save", "load", "merge", "unmerge", "disabled", "HEAD_NAMES"]

@@ -1,4 +1,4 @@
-"""The command line: ``tunelab train | eval | predict | compare | report | scale | merge | export |
+"""The command line: ``tunelab train | eval | predict | chat | serve | compare | report | scale | merge | export |
 bench | methods | tasks | models``. Every command takes ``--help``."""
 
 from __future__ import annotations
@@ -78,11 +78,81 @@ def predict(
     target: Path = typer.Argument(..., help="run directory or config YAML"),
     overrides: list[str] = OVERRIDES,
     out: Path = typer.Option(Path("predictions.jsonl"), "--out", "-o", help="JSONL file for the predictions"),
+    input_file: Path = typer.Option(None, "--input", "-i", help="JSONL/CSV/JSON to predict instead of data.eval; "
+                               "prompt/target tasks need no references in it"),
 ):
-    """Write one JSON line of prediction per eval example (and print the metrics)."""
-    metrics, preds = _eval(target, overrides, out)
+    """Write one JSON line of prediction per eval example (and print the metrics, when there are references)."""
+    from tunelab.tasks.base import targets_optional
+
+    if input_file is not None:
+        overrides = [*(overrides or []), f"data.eval={input_file}", "data.train=null"]
+    with targets_optional():
+        metrics, preds = _eval(target, overrides, out)
+    if metrics.get("without_reference"):
+        metrics.pop("eval_loss", None)  # it would score only the EOS of reference-less rows
+        typer.echo(f"{metrics['without_reference']} of {metrics['n']} examples have no reference: no metrics")
     typer.echo(json.dumps(metrics, indent=2))
     typer.echo(f"{len(preds)} predictions written to {out}")
+
+
+TALK_TARGET = typer.Argument(..., help="a run directory (its method on its base model), or a model name/dir")
+
+
+def _engine(target: str, device: str, threads: int | None, **kw):
+    from tunelab.serve.engine import Engine
+    from tunelab.serve.loading import load_target
+
+    t = _guard(load_target, target, device=device, threads=threads)
+    return t, Engine(t.model, t.tokenizer, **kw)
+
+
+@app.command()
+def chat(
+    target: str = TALK_TARGET,
+    max_new_tokens: int = typer.Option(256, min=1, help="most tokens per answer"),
+    temperature: float = typer.Option(0.7, min=0.0, help="sampling temperature (0: greedy)"),
+    top_p: float = typer.Option(0.9, min=0.0, max=1.0, help="nucleus sampling mass"),
+    greedy: bool = typer.Option(False, "--greedy", help="always take the most likely token"),
+    seed: int = typer.Option(None, help="sampling seed (reproducible answers)"),
+    system: str = typer.Option(None, help="system message to start with"),
+    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    threads: int = typer.Option(None, help="CPU threads for torch"),
+):
+    """Talk to a run in the terminal, streamed; /reset, /system <text>, /exit."""
+    from tunelab.serve.chat import Conversation, repl
+    from tunelab.serve.engine import Params
+
+    t, engine = _engine(target, device, threads, max_batch=1, batch_wait_ms=0)
+    params = Params(max_tokens=max_new_tokens, temperature=0.0 if greedy else temperature, top_p=top_p, seed=seed)
+    template = "its chat template" if getattr(t.tokenizer, "chat_template", None) else "a plain User:/Assistant: format"
+    repl(Conversation(engine, params, system), f"tunelab chat: {t.name} ({t.about}; {template})")
+
+
+@app.command()
+def serve(
+    target: str = TALK_TARGET,
+    host: str = typer.Option("127.0.0.1", help="address to bind (0.0.0.0 exposes it to the network)"),
+    port: int = typer.Option(8000, help="TCP port"),
+    api_key: str = typer.Option(None, envvar="TUNELAB_API_KEY", show_envvar=True, show_default=False,
+                                help="require Authorization: Bearer KEY"),
+    model_name: str = typer.Option(None, help="the model id clients send (default: TARGET as given)"),
+    max_batch: int = typer.Option(8, min=1, help="most requests decoded together"),
+    batch_wait_ms: float = typer.Option(5.0, min=0.0, help="how long the first request waits for others"),
+    max_queue: int = typer.Option(64, min=1, help="requests waiting beyond this get 429"),
+    max_tokens_limit: int = typer.Option(2048, min=1, help="largest max_tokens a request may ask for"),
+    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    threads: int = typer.Option(None, help="CPU threads for torch"),
+):
+    """An OpenAI-compatible HTTP server: /v1/chat/completions, /v1/completions (streaming too), /v1/models."""
+    from tunelab.serve.server import create_app
+    from tunelab.serve.server import serve as run_server
+
+    t, engine = _engine(target, device, threads, max_batch=max_batch, batch_wait_ms=batch_wait_ms, max_queue=max_queue)
+    name = model_name or t.name
+    app_ = create_app(engine, name, api_key=api_key, max_tokens_limit=max_tokens_limit)
+    typer.echo(f"serving {name} ({t.about}) at http://{host}:{port}/v1 "
+               f"(API key {'required' if api_key else 'not required'})")
+    run_server(app_, host, port)
 
 
 @app.command()

@@ -232,13 +232,20 @@ class Run:
         plan = on_load(tunelab.api.method_config(cfg.method.name, cfg.method.params())) if on_load else None
         self.model, self.tok = load_model(m.name, head=head, dtype=m.dtype, trust_remote_code=m.trust_remote_code, revision=m.revision, quantize=plan, device=self.device)
         self.model.to(self.device)
+        # The task decides how features batch and what the loss is (token cross-entropy by default).
+        self.collate = self.task.collator(self.tok) if hasattr(self.task, "collator") else Collator(self.tok.pad_token_id)
+        self.objective = self.task.objective(self.tcfg) if hasattr(self.task, "objective") else None
+
+    def units(self, batch: dict) -> int:
+        """What the batch's loss is a mean over (targets, or the objective's units, e.g. pairs)."""
+        return self.objective.units(batch) if self.objective else loss_tokens(batch, self.causal)
 
     def evaluate(self) -> tuple[dict, list[dict]]:
         if not self.eval_ex:
             return {}, []
         with autocast(self.device, self.amp), dist.split_eval(not dist.is_sharded(self.model)):
             metrics, preds = self.task.evaluate(self.model, self.tok, self.eval_ex, self.tcfg, batch_size=self.cfg.eval.batch_size, gen=self.cfg.eval.gen())
-        if self.cfg.eval.loss:
+        if self.cfg.eval.loss and "eval_loss" not in metrics:  # a task may report it itself (on the way)
             with autocast(self.device, self.amp):
                 metrics["eval_loss"] = self.eval_loss()
         return metrics, preds
@@ -247,18 +254,19 @@ class Run:
     def eval_loss(self) -> float:
         """Token-mean training loss on the eval set (what scaling-law fits use)."""
         feats = [self.task.encode(ex, self.tok, self.tcfg, self.cfg.data.max_length) for ex in self.eval_ex]
-        collate = Collator(self.tok.pad_token_id)
+        collate = self.collate
         was_training = self.model.training
         self.model.eval()
         total, count, trim = 0.0, 0, None
         for idx in batches([len(f["input_ids"]) for f in feats], self.cfg.eval.batch_size, seed=0, epoch=0, shuffle=False):
             batch = {k: v.to(self.device) for k, v in collate([feats[i] for i in idx]).items()}
             if trim is None:  # the LM head only where a target is, a shared prefix once (tunelab.fast)
-                trim = self.causal and fast.supports_loss_inputs(self.model, batch)
+                trim = self.causal and not self.objective and fast.supports_loss_inputs(self.model, batch)
                 shared = trim and fast.supports_shared_prefix(self.model, batch)
-            n = loss_tokens(batch, self.causal)
+            n = self.units(batch)
             if n:
-                total += float(fast.loss(self.model, batch, trim, shared)) * n
+                loss = self.objective.loss(self.model, batch) if self.objective else fast.loss(self.model, batch, trim, shared)
+                total += float(loss) * n
                 count += n
         self.model.train(was_training)
         return total / max(count, 1)
@@ -317,7 +325,7 @@ def _train(r: Run, model, out: Path, lead: bool) -> dict:
     if cfg.data.pack:
         feats = pack(feats, cfg.data.max_length)
     lengths = [len(f["input_ids"]) for f in feats]
-    collate = Collator(r.tok.pad_token_id)
+    collate = r.collate
     per_rank = tc.batch_size
     epoch_batches = lambda epoch: dist.shard(  # noqa: E731
         batches(lengths, per_rank * dist.world(), seed=tc.seed, epoch=epoch, group_by_length=cfg.data.group_by_length),
@@ -331,8 +339,12 @@ def _train(r: Run, model, out: Path, lead: bool) -> dict:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     # LM head and loss only where a target is (same loss and grads; see tunelab.fast)
     probe = {k: v.to(r.device) for k, v in collate(feats[:2]).items()}
-    trim = r.causal and fast.supports_loss_inputs(model, probe, autocast(r.device, r.amp))
+    obj = r.objective
+    trim = r.causal and not obj and fast.supports_loss_inputs(model, probe, autocast(r.device, r.amp))
     shared = trim and fast.supports_shared_prefix(model, probe, distributed=dist.active())
+    if obj:
+        obj.prepare(model)  # e.g. DPO's frozen reference for a method without an off switch
+    base = model
     model = dist.wrap(model, full=cfg.method.name == "full")
     params = [p for p in model.parameters() if p.requires_grad]
     lr = tc.lr or default_lr(cfg.method.name, cfg.method.params())
@@ -372,13 +384,13 @@ def _train(r: Run, model, out: Path, lead: bool) -> dict:
         while pos["step"] < total:
             t0 = time.perf_counter()
             micro = [{k: v.to(r.device) for k, v in next_batch().items()} for _ in range(tc.grad_accum)]
-            n_total = dist.all_sum(sum(loss_tokens(b, r.causal) for b in micro))
+            n_total = dist.all_sum(sum(r.units(b) for b in micro))
             step_loss = torch.zeros((), device=r.device)
             for i, b in enumerate(micro):
                 sync = dist.no_sync(model) if i < len(micro) - 1 else contextlib.nullcontext()
                 with sync, autocast(r.device, r.amp), fast.attention_for(model, b, r.device):
-                    out_loss = fast.loss(model, b, trim, shared)
-                weight = loss_tokens(b, r.causal) / n_total * dist.world()
+                    out_loss = obj.loss(model, b, base) if obj else fast.loss(model, b, trim, shared)
+                weight = r.units(b) / n_total * dist.world()
                 (out_loss * weight).backward()
                 step_loss += out_loss.detach() * weight
             gnorm = torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm) if tc.max_grad_norm else None
@@ -397,6 +409,8 @@ def _train(r: Run, model, out: Path, lead: bool) -> dict:
                        "tokens_per_s": n_tok / dt, "elapsed_s": t_train}
                 if gnorm is not None:
                     rec["grad_norm"] = float(gnorm)
+                if obj:  # e.g. reward accuracy and margin of the step's last micro-batch
+                    rec.update(obj.last)
                 if pos["step"] % tc.log_every == 0 or pos["step"] in (1, total):
                     log_f.write(json.dumps(rec) + "\n")
                     log_f.flush()

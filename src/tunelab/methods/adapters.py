@@ -46,6 +46,8 @@ class AdapterConfig(MethodConfig):
 class Bottleneck(nn.Module):
     """a(z) = scaling * up(act(down(dropout(z)))), placed "series" (after) or "parallel" (beside) its host."""
 
+    tunelab_active = True  # False: the host computes alone (tunelab.disabled)
+
     def __init__(self, d_in: int, d_out: int, cfg: AdapterConfig, placement: str, gen: torch.Generator, device=None):
         super().__init__()
         self.placement, self.scaling, self.activation = placement, cfg.scaling, cfg.activation
@@ -76,6 +78,8 @@ class Bottleneck(nn.Module):
 def _adapter_hook(module: nn.Module, args, kwargs, output):
     # A forward hook keeps the host module (and its state-dict names) unchanged.
     adapter = module.adapter
+    if not adapter.tunelab_active:  # switched off: the host's own output (tunelab.disabled)
+        return output
     y = output[0] if isinstance(output, tuple) else output
     if adapter.placement == "series":
         y = y + adapter(y)

@@ -11,6 +11,7 @@ persistent buffers of modules that set ``tunelab_state = True`` (e.g. random mas
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, ClassVar, Protocol
 
 import torch
@@ -135,6 +136,38 @@ def count_parameters(model: nn.Module) -> dict[str, float]:
     # frozen weights stored outside parameters (tunelab.quant's packed 2-bit bases) still count
     total += sum(getattr(m, "tunelab_frozen_numel", 0) for m in model.modules())
     return {"trainable": trainable, "total": total, "percent": 100.0 * trainable / max(total, 1)}
+
+
+# ---- the off switch: tunelab.disabled(model)
+# A method's injected modules (LoRA wrappers, interventions, adapters, sparse deltas, prompt embeddings)
+# carry ``tunelab_active``; with it False they compute exactly as the base model. Preference tuning
+# uses this as its reference model, so PEFT methods need no second copy of the weights.
+def switch_modules(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if hasattr(m, "tunelab_active")]
+
+
+def has_switch(model: nn.Module) -> bool:
+    return bool(switch_modules(model))
+
+
+@contextlib.contextmanager
+def switched_off(model: nn.Module):
+    """Inside, every tunelab module of ``model`` is off (the base model's outputs); restored after."""
+    mods = switch_modules(model)
+    if not mods:
+        name = (getattr(model, "tunelab_method", None) or {}).get("name")
+        raise ValueError(f"method '{name}' has no off switch: it changes the base weights themselves"
+                         if name else "no tunelab method is attached to this model")
+    if any(getattr(m, "merged", False) for m in mods):
+        raise ValueError("the method is merged into the weights; unmerge it before switching it off")
+    before = [m.tunelab_active for m in mods]
+    for m in mods:
+        m.tunelab_active = False
+    try:
+        yield model
+    finally:
+        for m, was in zip(mods, before, strict=True):
+            m.tunelab_active = was
 
 
 # ---- the per-forward context: data the batch carries beyond what the model's forward takes ----

@@ -61,6 +61,8 @@ def scaling(cfg: LoRAConfig) -> float:
 
 
 class LoRALinear(nn.Module):
+    tunelab_active = True  # False: the base layer alone (tunelab.disabled)
+
     def __init__(
         self,
         base: nn.Module,
@@ -113,7 +115,7 @@ class LoRALinear(nn.Module):
         return torch.linalg.norm(w0 + self.delta().to(w0.dtype), dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.merged:
+        if self.merged or not self.tunelab_active:
             return self.base_layer(x)
         A, B = self.lora_A, self.lora_B
         if A.dtype != x.dtype:

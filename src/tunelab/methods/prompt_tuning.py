@@ -52,7 +52,10 @@ class PromptTuningConfig(MethodConfig):
 
 
 class PromptEmbedding(nn.Module):
-    """P (p x d) and the hooks that splice it into every forward. ``visible = False`` masks P out."""
+    """P (p x d) and the hooks that splice it into every forward. ``visible = False`` masks P out;
+    ``tunelab_active = False`` (tunelab.disabled) leaves every forward exactly as the base model's."""
+
+    tunelab_active = True
 
     def __init__(self, weight: torch.Tensor, placeholder_id: int, causal: bool):
         super().__init__()
@@ -66,6 +69,8 @@ class PromptEmbedding(nn.Module):
                 raise TypeError("prompt tuning: pass model inputs as keyword arguments")
             kwargs["input_ids"], args = args[0], ()
         self._pending, self._strip = False, 0
+        if not self.tunelab_active:
+            return args, kwargs
         ids, embeds = kwargs.get("input_ids"), kwargs.get("inputs_embeds")
         x = ids if ids is not None else embeds
         b, n, p, dev = x.shape[0], x.shape[1], self.weight.shape[0], x.device

@@ -91,6 +91,7 @@ class SparseDelta(nn.Module):
     """The trainable sparse update of one frozen linear: kept flat ``indices`` + their ``values``."""
 
     tunelab_state = True  # the indices (a buffer) are saved with the method
+    tunelab_active = True  # False: no delta is added (tunelab.disabled)
 
     def __init__(self, shape: tuple[int, int], indices: torch.Tensor, device=None):
         super().__init__()
@@ -119,7 +120,8 @@ class SparseDelta(nn.Module):
 
 def _add_sparse_delta(module: nn.Linear, args, output):
     # A forward hook (not a wrapper class) so the base weight keeps its name in the state dict.
-    return module.random_mask.add_to(args[0], output)
+    delta = module.random_mask
+    return delta.add_to(args[0], output) if delta.tunelab_active else output
 
 
 def remove_hook(module: nn.Module, fn) -> None:

@@ -107,6 +107,8 @@ class _Householder(nn.Module):
 
 
 class LoReFT(nn.Module):
+    tunelab_active = True  # False: h passes unchanged (tunelab.disabled)
+
     def __init__(self, d: int, r: int, dropout: float = 0.0):
         super().__init__()
         if r > d:
@@ -125,6 +127,8 @@ class LoReFT(nn.Module):
 
 
 class DiReFT(nn.Module):
+    tunelab_active = True
+
     def __init__(self, d: int, r: int, dropout: float = 0.0):
         super().__init__()
         self.learned_source = nn.Linear(d, r)  # W1, b
@@ -206,7 +210,7 @@ class _Sites:
             return None
         flat = h.reshape(B * T, d)
         for key, rows in self.rows.items():
-            if rows.numel():
+            if rows.numel() and block.reft[key].tunelab_active:
                 flat = flat.index_copy(0, rows, block.reft[key](flat.index_select(0, rows)))
         h = flat.view(B, T, d)
         return h if isinstance(output, torch.Tensor) else (h, *output[1:])

@@ -20,6 +20,9 @@ Nothing outside ``tasks/`` branches on a task name.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Protocol
@@ -72,19 +75,45 @@ def field_name(cfg: TaskConfig, canonical: str) -> str:
     return cfg.fields.get(canonical, canonical)
 
 
+_TARGETS_OPTIONAL = contextvars.ContextVar("targets_optional", default=False)
+
+
+@contextlib.contextmanager
+def targets_optional():
+    """Within this block (``tunelab predict``) prompt/target readers accept records without a target
+    (no field, or an empty one): the example's target is "" and its family writes predictions only,
+    without metrics (see ``unreferenced``)."""
+    token = _TARGETS_OPTIONAL.set(True)
+    try:
+        yield
+    finally:
+        _TARGETS_OPTIONAL.reset(token)
+
+
+def unreferenced(examples: list[dict], key: str) -> int:
+    """How many examples have no reference in ``key``; when some lack one, logs that metrics are skipped."""
+    n = sum(1 for ex in examples if not ex[key])
+    if n:
+        logging.getLogger(__name__).warning("%d of %d examples have no %r reference: writing predictions only, "
+                                            "no metrics", n, len(examples), key)
+    return n
+
+
 def text_pairs(records, source: str, cols: tuple[str, str], build: Callable[[dict], dict], *, limit: int | None,
                skip_bad: bool, keys: tuple[str, str], hint: str) -> list[dict]:
     """Examples of a prompt/target family (summarization, generation) from raw records.
 
     ``cols`` must be present in every record (else a DataError naming the record, or a skip with
     ``skip_bad``); ``build`` maps a record to an example; examples whose ``keys`` are empty are
-    dropped and counted; an empty result is an error."""
-    import logging
-
+    dropped and counted; an empty result is an error. Inside ``targets_optional()`` the target
+    column (``cols[1]``) may be absent or empty."""
     from tunelab.readers import DataError
 
+    optional = _TARGETS_OPTIONAL.get()
     out, empty = [], 0
     for r in records:
+        if optional and r.get(cols[1]) is None:
+            r = {**r, cols[1]: ""}
         missing = [c for c in cols if c not in r]
         if missing:
             if skip_bad:
@@ -92,7 +121,7 @@ def text_pairs(records, source: str, cols: tuple[str, str], build: Callable[[dic
             raise DataError(f"{r['_where']}: field {missing[0]!r} is missing (present: {sorted(k for k in r if k != '_where')}; "
                             f"map your columns with task.fields, e.g. {hint})")
         ex = build(r)
-        if not ex[keys[0]] or not ex[keys[1]]:
+        if not ex[keys[0]] or (not ex[keys[1]] and not optional):
             empty += 1
             continue
         out.append(ex)
@@ -101,7 +130,8 @@ def text_pairs(records, source: str, cols: tuple[str, str], build: Callable[[dic
     if empty:
         logging.getLogger(__name__).warning("%s: dropped %d records with an empty %r or %r", source, empty, *cols)
     if not out:
-        raise DataError(f"{source}: no records with both {cols[0]!r} and {cols[1]!r} filled")
+        raise DataError(f"{source}: no records with {cols[0]!r} filled" if optional else
+                        f"{source}: no records with both {cols[0]!r} and {cols[1]!r} filled")
     return out
 
 

@@ -21,7 +21,7 @@ from tunelab.data import encode_lm
 from tunelab.evaluate import generate, score_choices
 from tunelab.metrics import bleu, perplexity, rouge
 from tunelab.readers import read_records
-from tunelab.tasks.base import TASKS, TaskConfig, field_name, gen_args, render_prompt, text_pairs
+from tunelab.tasks.base import TASKS, TaskConfig, field_name, gen_args, render_prompt, text_pairs, unreferenced
 from tunelab.tasks.qa import split_source
 
 DEFAULT_TEMPLATE = "{instruction}\n\n{input}"
@@ -43,7 +43,7 @@ class Generation:
 
         def build(r):
             return {"instruction": str(r[icol]).strip(), "input": str(r.get(xcol) or "").strip(),
-                    "output": str(r[ocol]).strip(), "_where": r["_where"]}
+                    "output": str(r[ocol]).strip(), "_where": r["_where"]}  # output "": no reference (predict)
 
         return text_pairs(records[rows] if rows is not None else records, source, (icol, ocol), build, limit=limit,
                           skip_bad=skip_bad, keys=("instruction", "output"), hint="{instruction: prompt, output: response}")
@@ -66,12 +66,15 @@ class Generation:
         refs = [ex["output"] for ex in examples]
         args = gen_args(gen, batch_size, max_new_tokens=128)
         outputs = generate(model, tokenizer, prompts, **args)
+        preds = [{"where": ex["_where"], "input": ex["instruction"] + (f"\n\n{ex['input']}" if ex["input"] else ""),
+                  "prediction": o, **({"reference": ex["output"]} if ex["output"] else {})}
+                 for ex, o in zip(examples, outputs, strict=True)]
+        if missing := unreferenced(examples, "output"):  # prompts alone (tunelab predict): no metrics
+            return {"n": len(examples), "without_reference": missing}, preds
         logp = score_choices(model, tokenizer, prompts, [[r] for r in refs], batch_size=args["batch_size"])
         n_tokens = sum(len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in refs)
         metrics = {"rougeL": rouge(outputs, refs, types=("rougeL",))["rougeL"], "bleu": bleu(outputs, refs),
                    "perplexity": perplexity(sum(s[0] for s in logp), n_tokens), "n": len(examples)}
-        preds = [{"where": ex["_where"], "input": ex["instruction"] + (f"\n\n{ex['input']}" if ex["input"] else ""),
-                  "prediction": o, "reference": ex["output"]} for ex, o in zip(examples, outputs, strict=True)]
         return metrics, preds
 
 

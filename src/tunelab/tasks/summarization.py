@@ -16,7 +16,7 @@ from tunelab.data import encode_lm
 from tunelab.evaluate import generate
 from tunelab.metrics import rouge
 from tunelab.readers import read_records
-from tunelab.tasks.base import TASKS, TaskConfig, field_name, gen_args, render_prompt, text_pairs
+from tunelab.tasks.base import TASKS, TaskConfig, field_name, gen_args, render_prompt, text_pairs, unreferenced
 
 DEFAULT_TEMPLATE = "Summarize the dialogue in one or two sentences.\n\n{dialogue}"
 
@@ -55,10 +55,11 @@ class Summarization:
     def evaluate(self, model, tokenizer, examples, cfg, *, batch_size=16, gen=None):
         args = gen_args(gen, batch_size, max_new_tokens=64)
         outputs = generate(model, tokenizer, [self.prompt(ex, tokenizer, cfg) for ex in examples], **args)
-        metrics = {**rouge(outputs, [ex["summary"] for ex in examples]), "n": len(examples)}
-        preds = [{"id": ex["id"], "where": ex["_where"], "input": ex["dialogue"], "prediction": o, "reference": ex["summary"]}
-                 for ex, o in zip(examples, outputs, strict=True)]
-        return metrics, preds
+        preds = [{"id": ex["id"], "where": ex["_where"], "input": ex["dialogue"], "prediction": o,
+                  **({"reference": ex["summary"]} if ex["summary"] else {})} for ex, o in zip(examples, outputs, strict=True)]
+        if missing := unreferenced(examples, "summary"):  # prompts alone (tunelab predict): no metrics
+            return {"n": len(examples), "without_reference": missing}, preds
+        return {**rouge(outputs, [ex["summary"] for ex in examples]), "n": len(examples)}, preds
 
 
 TASKS.register(Summarization.name, Summarization())

@@ -1,0 +1,153 @@
+"""Training objectives beyond token cross-entropy: preference tuning (DPO, SimPO, ORPO).
+
+The loop asks the task for an objective (``task.objective(cfg)``); without one it trains the token
+cross-entropy ``model(**batch).loss``. A preference batch holds 2B rows: B chosen sequences, then
+the B rejected ones of the same pairs (prompt + response, labels -100 on the prompt and pads). With
+log pi(y|x) = sum over the response tokens of log p, and |y| the response length:
+
+    DPO    z = beta * ((log pi(y_w|x) - log pi_ref(y_w|x)) - (log pi(y_l|x) - log pi_ref(y_l|x)))
+           loss = -(1 - eps) log sigmoid(z) - eps log sigmoid(-z)                (eps: label smoothing)
+    SimPO  z = beta * (log pi(y_w|x) / |y_w| - log pi(y_l|x) / |y_l|) - gamma
+           loss = -(1 - eps) log sigmoid(z) - eps log sigmoid(-z)                (no reference model)
+    ORPO   a = mean-token log p, log odds(y) = a - log(1 - exp(a))
+           loss = NLL(y_w) - lam * log sigmoid(log odds(y_w) - log odds(y_l))    (no reference model)
+
+as TRL 1.16.0 computes them (trl/trainer/dpo_trainer.py `_compute_loss`, loss_type "sigmoid";
+trl/experimental/cpo/cpo_trainer.py `cpo_loss`, loss_type "simpo"; trl/experimental/orpo/orpo_trainer.py
+`odds_ratio_loss`; the ORPO NLL is the chosen response's token-mean cross-entropy).
+
+The reference of DPO is the frozen base: the same model under ``tunelab.disabled(model)`` (the
+method's update switched off, exact, no second copy). A method without an off switch (full
+fine-tuning) gets a frozen copy made before its first step (twice the weights in memory).
+Implicit rewards r = beta * (log pi - log pi_ref) give the metrics: reward accuracy (share of pairs
+with r_w > r_l, a tie counting one half, so an untouched model reads 0.5), reward margin, and the
+mean log-probabilities of chosen and rejected responses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+
+import torch
+import torch.nn.functional as F
+
+from tunelab.methods.base import has_switch, switched_off
+
+IGNORE = -100
+
+
+def sequence_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of log p over each row's target tokens, number of target tokens) for a causal LM batch."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = model(**inputs).logits[:, :-1].float()
+    labels = batch["labels"][:, 1:]
+    mask = labels != IGNORE
+    logp = torch.gather(F.log_softmax(logits, -1), 2, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (logp * mask).sum(-1), mask.sum(-1)
+
+
+def smoothed_sigmoid_loss(z: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    return -(1 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)
+
+
+def dpo_loss(pc, pr, rc, rr, beta: float, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Per-pair DPO loss from policy (pc, pr) and reference (rc, rr) summed log-probabilities."""
+    return smoothed_sigmoid_loss(beta * ((pc - rc) - (pr - rr)), label_smoothing)
+
+
+def simpo_loss(avg_c, avg_r, beta: float, gamma: float, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Per-pair SimPO loss from length-normalised policy log-probabilities."""
+    return smoothed_sigmoid_loss(beta * (avg_c - avg_r) - gamma, label_smoothing)
+
+
+def log1mexp(a: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(a)) for a < 0, stable near 0 and for very negative a."""
+    return torch.where(a > -0.6931, torch.log(-torch.expm1(a)), torch.log1p(-torch.exp(a)))
+
+
+def orpo_loss(avg_c, avg_r, lam: float) -> torch.Tensor:
+    """Per-pair ORPO loss: chosen token-mean NLL minus lam * log sigmoid(log odds ratio)."""
+    log_odds = (avg_c - avg_r) - (log1mexp(avg_c) - log1mexp(avg_r))
+    return -avg_c - lam * F.logsigmoid(log_odds)
+
+
+def _reference(model):
+    """A context in which ``model`` computes as the reference: its update switched off, or its frozen copy."""
+    frozen = model.__dict__.get("tunelab_reference")
+    if frozen is not None:
+        return frozen[0], contextlib.nullcontext()
+    if has_switch(model):
+        return model, switched_off(model)
+    if getattr(model, "tunelab_method", None):
+        raise ValueError(
+            f"method '{model.tunelab_method['name']}' has no off switch and no frozen reference copy: preference "
+            "metrics need the base model (train the run with tunelab, which keeps a copy, or use a PEFT method)"
+        )
+    return model, contextlib.nullcontext()  # nothing attached: the model is its own reference
+
+
+class Preference:
+    """A preference objective (``kind``: dpo | simpo | orpo) over chosen-then-rejected batches."""
+
+    def __init__(self, kind: str = "dpo", beta: float = 0.1, gamma: float = 0.5, lam: float = 0.1,
+                 label_smoothing: float = 0.0):
+        if kind not in ("dpo", "simpo", "orpo"):
+            raise ValueError(f"preference objective {kind!r} is unknown; allowed: dpo, simpo, orpo")
+        self.kind, self.beta, self.gamma, self.lam, self.eps = kind, beta, gamma, lam, label_smoothing
+        self.last: dict = {}
+
+    def prepare(self, model) -> None:
+        """Before the first step: keep a frozen copy for a method without an off switch (DPO only)."""
+        if self.kind == "dpo" and not has_switch(model) and "tunelab_reference" not in model.__dict__:
+            frozen = copy.deepcopy(model).eval().requires_grad_(False)
+            model.__dict__["tunelab_reference"] = (frozen,)  # a tuple: not registered as a submodule
+
+    def units(self, batch: dict) -> int:
+        """What the batch's loss is a mean over: pairs."""
+        return batch["input_ids"].shape[0] // 2
+
+    def loss(self, model, batch: dict, base=None) -> torch.Tensor:
+        """Mean loss over the batch's pairs; ``base`` is the unwrapped model (DDP) for the reference."""
+        stats = pair_stats(model, batch, self.kind == "dpo", base)
+        self.last = summary(stats, self.beta)
+        return self.pair_losses(stats).mean()
+
+    def pair_losses(self, stats: dict) -> torch.Tensor:
+        """Per-pair loss from ``pair_stats`` (DPO needs its "reference")."""
+        c, r = stats["policy"]
+        nc, nr = stats["tokens"]
+        if self.kind == "dpo":
+            return dpo_loss(c, r, *stats["reference"], self.beta, self.eps)
+        if self.kind == "simpo":
+            return simpo_loss(c / nc, r / nr, self.beta, self.gamma, self.eps)
+        return orpo_loss(c / nc, r / nr, self.lam)
+
+
+def pair_stats(model, batch: dict, with_reference: bool = True, base=None) -> dict:
+    """Policy (and reference) summed log-probabilities of the chosen and rejected halves of ``batch``."""
+    logps, tokens = sequence_logps(model, batch)
+    half = logps.shape[0] // 2
+    out = {"policy": (logps[:half], logps[half:]), "tokens": (tokens[:half].clamp(min=1), tokens[half:].clamp(min=1))}
+    if with_reference:
+        top = base if base is not None else model
+        ref_model, ctx = _reference(top)
+        if ref_model is top and isinstance(ctx, contextlib.nullcontext):  # nothing attached: its own reference
+            ref = logps.detach()
+        else:
+            with torch.no_grad(), ctx:
+                ref, _ = sequence_logps(ref_model, batch)
+        out["reference"] = (ref[:half], ref[half:])
+    return out
+
+
+def summary(stats: dict, beta: float) -> dict:
+    """Reward accuracy (ties = 1/2), margin and mean log-probabilities of one batch, as floats."""
+    c, r = (t.detach().float() for t in stats["policy"])
+    out = {"chosen_logp": c.mean().item(), "rejected_logp": r.mean().item()}
+    if "reference" in stats:
+        rc, rr = (t.float() for t in stats["reference"])
+        wc, wr = beta * (c - rc), beta * (r - rr)
+        out.update(reward_accuracy=((wc > wr).float() + 0.5 * (wc == wr).float()).mean().item(),
+                   reward_margin=(wc - wr).mean().item())
+    return out

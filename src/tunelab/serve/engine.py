@@ -1,0 +1,246 @@
+"""One generation engine for ``tunelab chat`` and ``tunelab serve``: batched, streaming, per-row stopping.
+
+Requests wait in a bounded queue. A worker thread takes the first one, waits up to ``batch_wait_ms``
+for more (up to ``max_batch``), and decodes them as one left-padded batch with the KV cache:
+positions from the attention mask (as ``model.generate`` makes them), ``prompt_mask`` in the model
+context for the prefill (so ReFT and prompt tuning see the prompt positions exactly as in
+``tunelab.evaluate.generate``), then one token per step. Each row samples with its own temperature /
+top-p (greedy at temperature 0) and stops on its own (EOS, its token budget, a stop string, or its
+client going away); finished rows leave the batch (their cache rows are dropped).
+
+Text is streamed as deltas of the decoded continuation. A delta ends before the last whitespace
+(decoders may still join or clean up the last word) and holds back any tail that could begin a stop
+string, so the streamed pieces always add up to the final text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from tunelab.data import tokenize_prompt
+from tunelab.evaluate import _pad_left
+from tunelab.methods.base import context
+
+
+class QueueFull(RuntimeError):
+    """The request queue is at its bound; the caller should retry later."""
+
+
+@dataclass
+class Params:
+    max_tokens: int = 128
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+
+
+class Request:
+    """One prompt in flight. Events: ("delta", text), then ("done", finish_reason) or ("error", message)."""
+
+    def __init__(self, prompt_ids: list[int], params: Params, loop: asyncio.AbstractEventLoop | None = None):
+        self.prompt_ids, self.params = prompt_ids, params
+        self.tokens: list[int] = []
+        self.text, self.sent = "", 0  # decoded continuation, and how much of it was streamed
+        self.finish_reason: str | None = None
+        self.cancelled = False
+        self._loop = loop
+        self._q: queue.Queue | asyncio.Queue = asyncio.Queue() if loop else queue.Queue()
+
+    def _emit(self, *event) -> None:
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._q.put_nowait, event)
+        else:
+            self._q.put(event)
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    def events(self):
+        """Blocking iterator over the events (for threads)."""
+        while True:
+            ev = self._q.get()
+            yield ev
+            if ev[0] != "delta":
+                return
+
+    async def aevents(self):
+        """The same, for asyncio (the request must have been made with ``loop``)."""
+        while True:
+            ev = await self._q.get()
+            yield ev
+            if ev[0] != "delta":
+                return
+
+    def result(self) -> str:
+        """Wait for the end and return the whole text (raises on an engine error)."""
+        for ev in self.events():
+            if ev[0] == "error":
+                raise RuntimeError(ev[1])
+        return self.text
+
+
+def _sample(logits: torch.Tensor, reqs: list[Request], gens: list[torch.Generator | None]) -> list[int]:
+    """The next token of each row: argmax at temperature 0, else top-p sampling at its temperature."""
+    out = logits.argmax(-1).tolist()
+    for i, r in enumerate(reqs):
+        t, p = r.params.temperature, r.params.top_p
+        if t <= 0:
+            continue
+        probs = torch.softmax(logits[i].float() / t, -1)
+        if p < 1.0:
+            sp, si = probs.sort(descending=True)
+            keep = sp.cumsum(-1) - sp < p  # the smallest set whose mass reaches p (always the top token)
+            probs = torch.zeros_like(probs).scatter(0, si[keep], sp[keep])
+        out[i] = int(torch.multinomial(probs, 1, generator=gens[i]).item())
+    return out
+
+
+def _stream_cut(text: str, stops: list[str], final: bool) -> int:
+    """How much of ``text`` can be streamed now."""
+    if final:
+        return len(text)
+    cut = len(text)
+    while cut and text[cut - 1] == "\ufffd":  # an incomplete UTF-8 sequence
+        cut -= 1
+    for s in stops:  # a tail that may still become a stop string
+        for k in range(min(len(s) - 1, cut), 0, -1):
+            if text[:cut].endswith(s[:k]):
+                cut -= k
+                break
+    # Up to the last whitespace: the word after it may still change (a cut followed by whitespace is settled).
+    return max(0, *(text.rfind(c, 0, cut + 1) for c in " \n\t"))
+
+
+class Engine:
+    def __init__(self, model, tokenizer, *, max_batch: int = 8, batch_wait_ms: float = 5.0, max_queue: int = 64):
+        self.model, self.tok = model.eval(), tokenizer
+        self.max_batch, self.wait_s, self.max_queue = max_batch, batch_wait_ms / 1000, max_queue
+        self.device = next(model.parameters()).device
+        eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        eos = eos if isinstance(eos, list) else [eos]
+        self.eos = {i for i in [tokenizer.eos_token_id, *eos] if i is not None}
+        self.cache_key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        self.context_len = getattr(model.config, "max_position_embeddings", None)
+        self._pending: queue.Queue[Request] = queue.Queue()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self.stats = {"requests": 0, "batches": 0, "max_batch": 0, "tokens": 0, "queued": 0}
+
+    def encode(self, prompt: str) -> list[int]:
+        return tokenize_prompt(self.tok, prompt)
+
+    def submit(self, prompt_ids: list[int], params: Params, loop=None) -> Request:
+        if not prompt_ids:
+            raise ValueError("the prompt is empty (it encodes to no tokens)")
+        if self.context_len and len(prompt_ids) + params.max_tokens > self.context_len:
+            raise ValueError(f"the prompt has {len(prompt_ids)} tokens; with max_tokens={params.max_tokens} it exceeds "
+                             f"the model's context of {self.context_len} tokens")
+        req = Request(prompt_ids, params, loop)
+        with self._lock:
+            if self.stats["queued"] >= self.max_queue:
+                raise QueueFull(f"the request queue is full ({self.max_queue} waiting); retry later")
+            self.stats["queued"] += 1
+        self._pending.put(req)
+        self.start()
+        return req
+
+    def start(self) -> None:
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._worker, name="tunelab-engine", daemon=True)
+                self._thread.start()
+
+    def _take(self) -> list[Request]:
+        batch = [self._pending.get()]
+        deadline = time.monotonic() + self.wait_s
+        while len(batch) < self.max_batch:
+            try:
+                batch.append(self._pending.get(timeout=max(0.0, deadline - time.monotonic())))
+            except queue.Empty:
+                break
+        with self._lock:
+            self.stats["queued"] -= len(batch)
+        return [r for r in batch if not r.cancelled]
+
+    def _worker(self) -> None:
+        while True:
+            batch = self._take()
+            if not batch:
+                continue
+            try:
+                self.run_batch(batch)
+            except Exception as e:  # noqa: BLE001  (reported to every client of the batch, the worker goes on)
+                for r in batch:
+                    if r.finish_reason is None:
+                        r.finish_reason = "error"
+                        r._emit("error", f"generation failed: {type(e).__name__}: {e}")
+
+    def _advance(self, r: Request, token: int) -> None:
+        """Add ``token`` to ``r``; stream what is settled; set ``finish_reason`` when the row is done."""
+        if token in self.eos:
+            r.finish_reason = "stop"
+        else:
+            r.tokens.append(token)
+            r.text = self.tok.decode(r.tokens, skip_special_tokens=True)
+            hits = [i for i in (r.text.find(s) for s in r.params.stop if s) if i >= 0]
+            if hits:
+                r.text, r.finish_reason = r.text[: min(hits)], "stop"
+            elif len(r.tokens) >= r.params.max_tokens:
+                r.finish_reason = "length"
+        if r.cancelled and r.finish_reason is None:
+            r.finish_reason = "cancelled"
+        cut = _stream_cut(r.text, r.params.stop, r.finish_reason is not None)
+        if cut > r.sent:
+            r._emit("delta", r.text[r.sent : cut])
+            r.sent = cut
+        if r.finish_reason is not None:
+            r._emit("done", r.finish_reason)
+
+    @torch.no_grad()
+    def run_batch(self, reqs: list[Request]) -> None:
+        self.stats["requests"] += len(reqs)
+        self.stats["batches"] += 1
+        self.stats["max_batch"] = max(self.stats["max_batch"], len(reqs))
+        gens = []
+        for r in reqs:
+            g = None
+            if r.params.seed is not None and r.params.temperature > 0:
+                g = torch.Generator(device=self.device).manual_seed(r.params.seed)
+            gens.append(g)
+        ids, mask = _pad_left([r.prompt_ids for r in reqs], self.tok.pad_token_id, self.device)
+        pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+        context(self.model)["prompt_mask"] = mask.bool()
+        cache, active = None, list(range(len(reqs)))
+        try:
+            while active:
+                kw = {self.cache_key: cache} if cache is not None else {}
+                out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
+                                 logits_to_keep=1, **kw)
+                context(self.model).pop("prompt_mask", None)
+                cache = getattr(out, self.cache_key, None) or out.past_key_values
+                rows = [reqs[i] for i in active]
+                nxt = _sample(out.logits[:, -1], rows, [gens[i] for i in active])
+                for r, t in zip(rows, nxt, strict=True):
+                    self._advance(r, t)
+                self.stats["tokens"] += len(rows)
+                keep = [j for j, r in enumerate(rows) if r.finish_reason is None]
+                if len(keep) < len(rows):
+                    if not keep:
+                        break
+                    sel = torch.tensor(keep, device=self.device)
+                    cache.batch_select_indices(sel)
+                    mask, pos, nxt = mask[sel], pos[sel], [nxt[j] for j in keep]
+                    active = [active[j] for j in keep]
+                ids = torch.tensor(nxt, device=self.device)[:, None]
+                mask = torch.cat([mask, mask.new_ones(len(active), 1)], 1)
+                pos = pos[:, -1:] + 1
+        finally:
+            context(self.model).pop("prompt_mask", None)

@@ -1,0 +1,68 @@
+"""What ``chat`` and ``serve`` talk to: a trained run (its base model + its method) or a plain model,
+and how a conversation becomes a prompt."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+# Base models without a chat template get this plain format; the model is stopped before it
+# writes the next user turn itself.
+PLAIN_STOP = ["\nUser:"]
+
+
+@dataclass
+class Target:
+    model: object
+    tokenizer: object
+    name: str  # the id clients use (the path or model name as the user gave it)
+    about: str  # one line for humans: method and base model
+
+
+def load_target(target: str, *, device: str = "auto", dtype: str | None = None, threads: int | None = None) -> Target:
+    """A run directory (``config.yaml`` + ``method/``) with its method loaded, or a model name/dir."""
+    import tunelab
+    from tunelab.config import load_config
+    from tunelab.models import load as load_model
+    from tunelab.train import pick_device
+
+    if threads:
+        torch.set_num_threads(threads)
+    path = Path(target)
+    run = path.is_dir() and (path / "config.yaml").exists()
+    if run:
+        meta_path = path / "method" / "method.json"
+        if not meta_path.exists():
+            raise FileNotFoundError(f"{path}: a run directory without a trained method (expected {meta_path})")
+        meta = json.loads(meta_path.read_text())
+        if meta.get("heads"):
+            raise ValueError(f"{path}: this run trained a task head ({', '.join(meta['heads'])}), not a language model "
+                             "to chat with; use `tunelab predict` for it")
+        m = load_config(path / "config.yaml", []).model
+        model, tok = load_model(m.name, dtype=dtype or m.dtype, trust_remote_code=m.trust_remote_code, revision=m.revision)
+        model = tunelab.load(model, path / "method")
+        about = f"{meta['name']} on {m.name}"
+    else:
+        model, tok = load_model(target, dtype=dtype or "float32")
+        about = f"base model {target}"
+    model.to(pick_device(device)).eval()
+    return Target(model, tok, str(target).rstrip("/") or str(target), about)
+
+
+def _text(content) -> str:
+    return content if isinstance(content, str) else "".join(p["text"] for p in content)
+
+
+def render_chat(tokenizer, messages: list[dict]) -> tuple[str, list[str]]:
+    """The prompt for ``messages`` ({role, content}) with the assistant turn opened, and the stop
+    strings the format needs: the tokenizer's chat template when it has one, else User:/Assistant:."""
+    msgs = [{"role": m["role"], "content": _text(m["content"])} for m in messages]
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True), []
+    parts = []
+    for m in msgs:
+        parts.append(m["content"] + "\n" if m["role"] == "system" else f"{m['role'].capitalize()}: {m['content']}\n")
+    return "".join(parts) + "Assistant:", list(PLAIN_STOP)

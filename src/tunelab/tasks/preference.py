@@ -1,0 +1,187 @@
+"""Preference tuning on pairs of responses (DPO, SimPO, ORPO), with any method.
+
+Data: JSON/JSONL/CSV records with ``prompt``, ``chosen`` and ``rejected`` (task.fields maps other
+column names). Chat form is read too: ``prompt`` a list of messages (``role``/``content``), and
+``chosen``/``rejected`` a response string or a message list whose last message is the assistant's
+answer (as in Anthropic-HH-style dumps, where both lists repeat the prompt: the shared turns become
+the prompt and must agree). ``file.jsonl#rows=0:800`` selects rows. A row whose fields are missing,
+empty or not text, or whose two responses are identical, is an error naming file, line and field.
+
+Training: each pair becomes prompt+chosen and prompt+rejected (loss positions on the response only);
+a batch holds the chosen rows, then the rejected rows, so one forward scores both. The objective is
+``objective``: dpo (reference = the base model, via the method's off switch), simpo or orpo
+(reference-free); formulas in ``tunelab.objectives``.
+
+Metrics on held-out pairs: reward_accuracy (first), reward_margin, chosen_logp, rejected_logp (mean
+summed log-probability of each response), logp_accuracy (the model itself prefers the chosen one),
+and eval_loss (the training objective's loss on the pairs); implicit rewards are beta * (log pi - log pi_base), so they
+are measured against the base model whatever the training objective.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from tunelab.data import Collator, encode_lm
+from tunelab.objectives import Preference, pair_stats
+from tunelab.readers import DataError, read_records
+from tunelab.tasks.base import TASKS, TaskConfig, field_name, render_prompt
+from tunelab.tasks.qa import split_source
+
+
+class PreferenceConfig(TaskConfig):
+    objective: Literal["dpo", "simpo", "orpo"] = "dpo"
+    beta: float = Field(0.1, gt=0)  # DPO/SimPO temperature; also scales the reported implicit rewards
+    gamma: float = Field(0.5, ge=0)  # SimPO's target margin
+    lam: float = Field(0.1, ge=0)  # ORPO's weight of the odds-ratio term
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5)
+    system: str | None = None
+    max_length: int = Field(512, ge=8)  # for evaluation (training uses data.max_length)
+
+
+def _text(value, where: str, field: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        got = "empty" if isinstance(value, str) else f"a {type(value).__name__}"
+        raise DataError(f"{where}: field {field!r} must be non-empty text, got {got}")
+    return value.strip()
+
+
+def _messages(value, where: str, field: str) -> list[dict]:
+    if not isinstance(value, list) or not value:
+        raise DataError(f"{where}: field {field!r} must be a non-empty list of messages")
+    out = []
+    for i, m in enumerate(value):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise DataError(f"{where}: field {field!r}[{i}] must be a message {{'role': ..., 'content': ...}}")
+        if m["role"] not in ("system", "user", "assistant", "tool"):
+            raise DataError(f"{where}: field {field!r}[{i}] has unknown role {m['role']!r}; "
+                            "allowed: system, user, assistant, tool")
+        out.append({"role": m["role"], "content": _text(m["content"], where, f"{field}[{i}].content")})
+    return out
+
+
+def parse_pair(record: dict, cols: dict[str, str]) -> dict:
+    """One validated pair: {"prompt": str | messages, "chosen": str, "rejected": str, "_where"}."""
+    where = record["_where"]
+    for key in ("chosen", "rejected"):
+        if cols[key] not in record:
+            present = sorted(k for k in record if k != "_where")
+            raise DataError(f"{where}: field {cols[key]!r} is missing (present: {present}; map columns with task.fields)")
+    prompt = record.get(cols["prompt"])
+    answers = {}
+    for key in ("chosen", "rejected"):
+        value = record[cols[key]]
+        if isinstance(value, list):  # a conversation: the last message is the answer
+            msgs = _messages(value, where, cols[key])
+            if msgs[-1]["role"] != "assistant":
+                raise DataError(f"{where}: field {cols[key]!r}: the last message must be the assistant's answer")
+            if prompt is None:
+                prompt = msgs[:-1]
+            elif isinstance(prompt, list) and len(msgs) > 1 and msgs[:-1] != _messages(prompt, where, cols["prompt"]):
+                raise DataError(f"{where}: field {cols[key]!r}: its earlier turns differ from the prompt")
+            answers[key] = msgs[-1]["content"]
+        else:
+            answers[key] = _text(value, where, cols[key])
+    if prompt is None or prompt == []:
+        raise DataError(f"{where}: field {cols['prompt']!r} is missing (and the responses carry no prompt turns)")
+    prompt = _messages(prompt, where, cols["prompt"]) if isinstance(prompt, list) else _text(prompt, where, cols["prompt"])
+    if answers["chosen"] == answers["rejected"]:
+        raise DataError(f"{where}: fields {cols['chosen']!r} and {cols['rejected']!r} are identical: no preference to learn")
+    return {"prompt": prompt, **answers, "_where": where}
+
+
+class PairCollator:
+    """Chosen rows first, then the rejected rows of the same pairs, padded together (2B rows)."""
+
+    def __init__(self, pad_id: int):
+        self.inner = Collator(pad_id)
+
+    def __call__(self, features):
+        if any("rejected_input_ids" not in f for f in features):
+            raise ValueError("preference pairs cannot be packed (data.pack=true): each pair is two sequences")
+        rejected = [{"input_ids": f["rejected_input_ids"], "labels": f["rejected_labels"],
+                     "prompt_len": f["rejected_prompt_len"]} for f in features]
+        chosen = [{k: f[k] for k in ("input_ids", "labels", "prompt_len")} for f in features]
+        return self.inner(chosen + rejected)
+
+
+class PreferenceTask:
+    name = "preference"
+    Config = PreferenceConfig
+
+    def read(self, source, cfg, *, limit=None, skip_bad=False) -> list[dict]:
+        cols = {k: field_name(cfg, k) for k in ("prompt", "chosen", "rejected")}
+        path, rows = split_source(source, "rows")
+        records = read_records(path, skip_bad=skip_bad)
+        out = []
+        for r in records[rows] if rows is not None else records:
+            try:
+                out.append(parse_pair(r, cols))
+            except DataError:
+                if not skip_bad:
+                    raise
+            if limit is not None and len(out) >= limit:
+                break
+        if not out:
+            raise DataError(f"{source}: no valid preference pairs")
+        return out
+
+    def head(self, cfg, examples):
+        if cfg.formulation != "lm":
+            raise ValueError("task 'preference' has only the 'lm' formulation")
+        return None
+
+    def prompt(self, ex, tokenizer, cfg) -> str:
+        if isinstance(ex["prompt"], str):
+            return render_prompt(tokenizer, ex["prompt"], cfg.chat, system=cfg.system)
+        msgs = ([{"role": "system", "content": cfg.system}] if cfg.system else []) + ex["prompt"]
+        if cfg.chat and getattr(tokenizer, "chat_template", None):
+            return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        return "".join(f"{m['role']}: {m['content']}\n" for m in msgs) + "assistant: "
+
+    def encode(self, ex, tokenizer, cfg, max_length) -> dict:
+        prompt = self.prompt(ex, tokenizer, cfg)
+        c = encode_lm(tokenizer, prompt, ex["chosen"], max_length)
+        r = encode_lm(tokenizer, prompt, ex["rejected"], max_length)
+        return {**c, "rejected_input_ids": r["input_ids"], "rejected_labels": r["labels"],
+                "rejected_prompt_len": r["prompt_len"]}
+
+    def collator(self, tokenizer):
+        return PairCollator(tokenizer.pad_token_id)
+
+    def objective(self, cfg):
+        return Preference(cfg.objective, cfg.beta, cfg.gamma, cfg.lam, cfg.label_smoothing)
+
+    @torch.no_grad()
+    def evaluate(self, model, tokenizer, examples, cfg, *, batch_size=16, gen=None):
+        was_training = model.training
+        model.eval()
+        device = next(model.parameters()).device
+        collate = self.collator(tokenizer)
+        feats = [self.encode(ex, tokenizer, cfg, cfg.max_length) for ex in examples]
+        objective = self.objective(cfg)
+        pc, pr, rc, rr, losses = [], [], [], [], []
+        step = max(1, batch_size // 2)  # each pair is two rows
+        for s in range(0, len(feats), step):
+            batch = {k: v.to(device) for k, v in collate(feats[s : s + step]).items()}
+            st = pair_stats(model, batch)
+            for acc, t in zip((pc, pr, rc, rr, losses), (*st["policy"], *st["reference"], objective.pair_losses(st)), strict=True):
+                acc.append(t.float().cpu())
+        model.train(was_training)
+        pc, pr, rc, rr, losses = (torch.cat(t) for t in (pc, pr, rc, rr, losses))
+        wc, wr = cfg.beta * (pc - rc), cfg.beta * (pr - rr)
+        half = lambda a, b: ((a > b).float() + 0.5 * (a == b).float())  # noqa: E731  (a tie counts 1/2)
+        correct = half(wc, wr)
+        metrics = {"reward_accuracy": correct.mean().item(), "reward_margin": (wc - wr).mean().item(),
+                   "chosen_logp": pc.mean().item(), "rejected_logp": pr.mean().item(),
+                   "logp_accuracy": half(pc, pr).mean().item(), "eval_loss": losses.mean().item(), "n": len(examples)}
+        preds = [{"where": ex["_where"], "chosen_reward": float(a), "rejected_reward": float(b),
+                  "prediction": "chosen" if a > b else "rejected", "reference": "chosen"}
+                 for ex, a, b in zip(examples, wc.tolist(), wr.tolist(), strict=True)]
+        return metrics, preds
+
+
+TASKS.register(PreferenceTask.name, PreferenceTask())
