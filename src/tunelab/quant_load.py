@@ -14,6 +14,7 @@ never names a method). Checkpoints without safetensors files fall back to load-t
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 from collections.abc import Callable
@@ -112,6 +113,15 @@ def _materialize_missing(model: nn.Module, device) -> list[str]:
     return missing
 
 
+def _trim() -> None:
+    """Hand freed heap pages back to the OS (glibc keeps the quantizer's temporaries otherwise, and
+    the resident size creeps up layer after layer); a no-op where there is no glibc."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def load_quantized(path: str | Path, build_model: Callable[[], nn.Module], plan: LoadPlan, dtype: torch.dtype,
                    device: torch.device | str = "cpu") -> tuple[nn.Module, dict]:
     """Build the model on meta with ``build_model()``, stream ``path``'s shards into it quantizing the
@@ -150,6 +160,7 @@ def load_quantized(path: str | Path, build_model: Callable[[], nn.Module], plan:
                 w = w.T if is_transposed(lin) else w  # Conv1D stores d_in x d_out
                 replace_module(model, mod_name, plan.build(mod_name, w, got.pop("bias", None)))
                 del pending[mod_name], w, t
+                _trim()
     incomplete = [n for n, lin in targets.items() if model.get_submodule(n) is lin]  # never replaced
     if incomplete:
         raise ValueError(f"{path}: the checkpoint lacks the weights of {incomplete[:3]} (cannot quantize them)")

@@ -210,7 +210,7 @@ class LoRAEmbedding(LoRALinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
-        if self.merged:
+        if self.merged or not self.tunelab_active:
             return y
         e = self.base_layer
         a = F.embedding(x, self.lora_A.T, e.padding_idx, e.max_norm, e.norm_type, e.scale_grad_by_freq, e.sparse)
