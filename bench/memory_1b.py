@@ -173,8 +173,8 @@ def main() -> None:
         res["free_gb_before"] = round(free_gb(), 1)
         results.append(res)
         print(json.dumps(res), flush=True)
-    if a.out:
-        Path(a.out).write_text(json.dumps(results, indent=2))
+        if a.out:  # after every run, so a cut-short sweep keeps what it measured
+            Path(a.out).write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":
