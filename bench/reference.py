@@ -4,7 +4,11 @@
   forward under autocast, backward, clip, AdamW (torch's default implementation), schedule.
 - ``trainer``: full fine-tuning with the Hugging Face Trainer (its default fused AdamW, bf16 via
   accelerate's autocast), fed the training loop's batches in the loop's order.
-- ``pyreft_loop``: LoReFT with pyreft (pyvene) at the same positions, in a plain loop.
+- ``pyreft_loop``: LoReFT with pyreft (pyvene) at the same positions (the paper's short-prompt rule,
+  as tunelab's default), the same lr, schedule and clipping, in a plain loop, starting from the
+  R, W, b that tunelab's run draws for train.seed (its orthogonal() base set to tunelab's base, its
+  raw parameter at the identity point, as pyreft initialises it), so the two losses are comparable
+  step by step and not only in distribution.
 - ``score_plain``: label-word scoring by a plain forward over all positions (full logits), batches
   in file order, right padding, the last prompt position read per row.
 - ``generate_plain``: ``model.generate`` over batches in file order, left padding.
@@ -33,7 +37,7 @@ from tunelab.config import RunConfig, task_config
 from tunelab.data import Collator, tokenize_prompt
 from tunelab.models import resolve
 from tunelab.tasks import TASKS
-from tunelab.train import autocast, autocast_dtype, lr_lambda, pick_device
+from tunelab.train import autocast, autocast_dtype, default_lr, lr_lambda, pick_device
 
 MODEL_KEYS = ("input_ids", "attention_mask", "labels")
 
@@ -246,20 +250,29 @@ def pyreft_loop(cfg: RunConfig, steps: int, warmup: int, peak_flops: float, *, r
     batches = planned_batches(r, cfg, warmup + steps)
     model = load_plain(cfg, device)
     layers, d = model.config.num_hidden_layers, model.config.hidden_size
+    start = _tunelab_loreft_start(cfg)
     reps = [{"layer": i, "component": "block_output", "low_rank_dimension": rank,
              "intervention": pyreft.LoreftIntervention(embed_dim=d, low_rank_dimension=rank, dtype=torch.float32)}
             for i in range(layers)]
     reft = pyreft.get_reft_model(model, pyreft.ReftConfig(representations=reps))
+    with torch.no_grad():
+        for (base, w, b), iv in zip(start, reft.interventions.values(), strict=True):
+            iv = iv[0] if isinstance(iv, tuple) else iv
+            iv.rotate_layer.parametrizations.weight[0].base = base.clone()
+            iv.learned_source.weight.copy_(w)
+            iv.learned_source.bias.copy_(b)
     reft.set_device(str(device))
     for b in batches:  # right padding: the prompt is columns [0, prompt_len)
         n = b["prompt_mask"].sum(1).tolist()
-        locs = [list(range(min(first, k))) + list(range(max(k - last, 0), k)) for k in n]
+        locs = [_sites(k, first, last) for k in n]
         b["_locations"] = [locs] * layers
     counts = matmul_counts(model)
     counts["adapters"] = sum(p.numel() for p in reft.parameters() if p.requires_grad)
     counts["grad"] = True  # the interventions train; gradients flow back through the frozen blocks
     params = [p for p in reft.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.train.lr or 1e-4, weight_decay=cfg.train.weight_decay)
+    opt = torch.optim.AdamW(params, lr=cfg.train.lr or default_lr("loreft"), weight_decay=cfg.train.weight_decay)
+    total = len(batches)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.train.schedule, int(cfg.train.warmup * total), total))
     reft.model.train()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -273,13 +286,40 @@ def pyreft_loop(cfg: RunConfig, steps: int, warmup: int, peak_flops: float, *, r
         if cfg.train.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
         opt.step()
+        sched.step()
         opt.zero_grad(set_to_none=True)
         losses.append(out.loss.item())
         times.append(time.perf_counter() - t)
     loss = sum(losses) / len(losses)
     res = _train_result("pyreft", cfg, device, amp, batches, times, warmup, counts, r.tok.pad_token_id, peak_flops, loss)
     res["trainable_params"] = counts["adapters"]
+    res["losses"] = losses
     return res
+
+
+def _tunelab_loreft_start(cfg: RunConfig) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(B, W, b) per layer, as tunelab's bench run draws them: seed_all, Run, attach (the same calls)."""
+    import tunelab
+    from tunelab.train import Run, seed_all
+
+    seed_all(cfg.train.seed)
+    r = Run(cfg)
+    model = tunelab.attach(r.model, cfg.method.name, **cfg.method.params())
+    out = []
+    for blk in model.model.layers:
+        iv = blk.reft.both
+        out.append((iv.rotate.parametrizations.weight[0].base().detach(), iv.learned_source.weight.detach().clone(),
+                    iv.learned_source.bias.detach().clone()))
+    del model, r
+    return out
+
+
+def _sites(n: int, first: int, last: int) -> list[int]:
+    """The first/last prompt positions by the paper's short-prompt rule (tunelab's default), as a list;
+    pyreft's own rule (n//2 for both) is tunelab's ``short_prompt: pyreft``."""
+    if n < first + last:
+        first, last = min(first, n // 2), min(last, (n + 1) // 2)
+    return list(range(first)) + list(range(n - last, n))
 
 
 @torch.no_grad()

@@ -5,27 +5,28 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 import yaml
 
+from tunelab.results import read_metrics
+
 
 def row(run: Path) -> str | None:
-    mfile = run / "metrics.json"
-    if not mfile.exists():
+    rec = read_metrics(run)
+    if rec is None:
         return None
-    m = json.loads(mfile.read_text())
+    m, facts = rec["metrics"], rec["run"]
     cfg = yaml.safe_load((run / "config.yaml").read_text())
-    before = m.get("before", {})
+    before = rec.get("before", {})
     keys = [k for k in m if k in before and k not in ("n", "eval_loss") and isinstance(m[k], float)][:3]
     cells = ", ".join(f"{k} {before[k]:.3f} → {m[k]:.3f}" for k in keys)
     data = cfg["data"]
-    n_train = m.get("steps", 0) * cfg["train"]["batch_size"]
-    return (f"| {run.name} | {m['task']} ({cfg['task'].get('formulation', 'lm')}) | {m['model']} | {m['method']} | "
-            f"{data.get('max_train') or 'all'} rows, {m.get('steps', 0)} steps ({n_train} examples seen) | "
-            f"{m['n']} | {m['wall_time_s'] / 60:.1f} | {cells} |")
+    n_train = facts.get("steps", 0) * cfg["train"]["batch_size"]
+    return (f"| {run.name} | {facts['task']} ({cfg['task'].get('formulation', 'lm')}) | {facts['model']} | {facts['method']} | "
+            f"{data.get('max_train') or 'all'} rows, {facts.get('steps', 0)} steps ({n_train} examples seen) | "
+            f"{m['n']} | {facts['wall_time_s'] / 60:.1f} | {cells} |")
 
 
 def main(paths: list[str]) -> None:

@@ -54,7 +54,7 @@ CONFIGS = {
                   "ref": ("peft", {"lora": PEFT_LORA, "checkpointing": True})},
     "qlora": {"tunelab": ["method.name=qlora", "method.r=8", "method.alpha=16", "train.lr=1e-4"],
               "ref": ("peft", {"lora": PEFT_LORA, "quantize": True})},
-    "loreft": {"tunelab": ["method.name=loreft", "method.rank=8", "method.positions=f7+l7", "train.lr=1e-4"],
+    "loreft": {"tunelab": ["method.name=loreft", "method.rank=8", "method.positions=f7+l7", "train.lr=2e-3"],
                "ref": ("pyreft", {"rank": 8, "first": 7, "last": 7})},
     "score": {"tunelab": ["method.name=full", "eval.loss=false"], "ref": ("score", {}), "eval": True},
     "generate": {"tunelab": ["method.name=full", *ALPACA], "ref": ("generate", {}), "eval": True, "max_examples": 32},

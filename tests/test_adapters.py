@@ -62,7 +62,7 @@ def test_matches_an_independent_computation_of_the_formula(method):
         ("parallel_adapter", None, 2 * 16 * (64 + 128)),
         ("parallel_adapter", ["down_proj"], 16 * (128 + 64)),  # d_in = intermediate (128)
         ("series_adapter", ["down_proj"], 16 * (64 + 64)),
-        ("series_adapter", ["up_proj"], 16 * (128 + 128)),
+        ("series_adapter", ["up_proj"], 16 * (64 + 64)),  # before up_proj (LLM-Adapters): its input width
     ],
 )
 def test_trainable_counts_match_the_formula(method, targets, per_target):
@@ -130,3 +130,29 @@ def test_bf16_host_keeps_its_dtype_and_bad_config_is_clear():
     with pytest.raises(ValueError, match="matched no module"):
         tunelab.attach(tiny_llama(), "series_adapter", target_modules=["ffn"])
     assert ad.SeriesAdapter.recommended_lr == ad.ParallelAdapter.recommended_lr == 3e-4
+
+
+def test_series_before_the_host_merges_exactly_and_learned_scaling_counts():
+    model = tunelab.attach(tiny_llama(), "series_adapter", activation="identity", init="bert", bottleneck=8,
+                           target_modules=["gate_proj", "up_proj", "down_proj"], seed=3)
+    with torch.no_grad():
+        unmerged = model(input_ids=IDS).logits
+        merged = tunelab.merge(model)(input_ids=IDS).logits
+    torch.testing.assert_close(merged, unmerged, atol=1e-5, rtol=1e-4)
+    learned = tunelab.attach(tiny_llama(), "parallel_adapter", bottleneck=16, scaling="learned")
+    assert tunelab.trainable_parameters(learned)["trainable"] == 2 * (16 * (64 + 64) + 1)
+    with pytest.raises(ValueError, match="scaling"):
+        tunelab.attach(tiny_llama(), "parallel_adapter", scaling="trained")
+
+
+def test_old_series_run_on_up_proj_says_how_to_load_it(tmp_path):
+    """tunelab 0.1 placed series adapters after up_proj (d_out wide); today's default is before it."""
+    old = tunelab.attach(tiny_llama(), "series_adapter", bottleneck=4, target_modules=["up_proj"],
+                         series_placement="after")
+    tunelab.save(old, tmp_path / "old")
+    meta = (tmp_path / "old" / "method.json").read_text().replace(', "series_placement": "after"', "")
+    meta = meta.replace('"series_placement": "after",', "")
+    (tmp_path / "old" / "method.json").write_text(meta)
+    assert "series_placement" not in meta
+    with pytest.raises(ValueError, match=r"method.safetensors.*series_placement='after'"):
+        tunelab.load(tiny_llama(), tmp_path / "old")

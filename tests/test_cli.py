@@ -31,7 +31,7 @@ def test_train_eval_predict_merge_export(config_file, tmp_path):
     res = runner.invoke(app, ["train", str(config_file)])
     assert res.exit_code == 0, res.output
     run = tmp_path / "run"
-    assert json.loads((run / "metrics.json").read_text())["steps"] == 2
+    assert json.loads((run / "metrics.json").read_text())["run"]["steps"] == 2
     res = runner.invoke(app, ["eval", str(run)])
     assert res.exit_code == 0 and '"accuracy"' in res.output
     res = runner.invoke(app, ["predict", str(run), "-o", str(tmp_path / "p.jsonl")])

@@ -24,6 +24,6 @@ def test_isolated_runs_write_their_own_metrics(tiny_dir, tmp_path):  # noqa: F81
     out = compare(path, methods=["full", "lora:r=2"], out_dir=tmp_path / "cmp", say=lambda m: None)
     for run in ("full-s0", "lora-r2-s0"):
         metrics = json.loads((out / "runs" / run / "metrics.json").read_text())
-        assert metrics["steps"] == 2 and metrics["n"] == 12
+        assert metrics["run"]["steps"] == 2 and metrics["metrics"]["n"] == 12
         assert (out / "runs" / run / "train.out").exists()
     assert (out / "report.html").exists()

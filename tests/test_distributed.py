@@ -21,6 +21,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tunelab.results import read_metrics
+
 WORDS = "the cat sat on mat dog was in John Mary Tom Paris Berlin visited city".split()
 STEPS = ["train.max_steps=8", "train.save_every=4", "train.eval_every=4", "train.grad_accum=2", "train.lr=1e-3", "train.schedule=cosine", "train.warmup=0.2"]
 LORA = ["method.name=lora", "method.r=4", "method.alpha=8", "train.lr=1e-2"]
@@ -103,8 +105,9 @@ def test_two_processes_match_one(setup, name):
     assert a.keys() == b.keys() and a
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=k)
-    m1, m2 = (json.loads((d / "metrics.json").read_text()) for d in (one, two))
-    assert m2["world_size"] == 2 and m2["n"] == m1["n"] == 8 and m2["accuracy"] == m1["accuracy"]
+    m1, m2 = (read_metrics(d) for d in (one, two))
+    assert m2["run"]["world_size"] == 2 and m2["metrics"]["n"] == m1["metrics"]["n"] == 8
+    assert m2["metrics"]["accuracy"] == m1["metrics"]["accuracy"]
     assert (two / "predictions.jsonl").read_text() == (one / "predictions.jsonl").read_text()
 
 
@@ -172,8 +175,8 @@ output_dir: {out}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "tunelab", "train", str(cfg)]
     res = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
-    m = json.loads((out / "metrics.json").read_text())
-    assert m["world_size"] == 2 and m["steps"] == 2 and m["n"] == 8 and (out / "method" / "method.safetensors").exists()
+    m = read_metrics(out)
+    assert m["run"]["world_size"] == 2 and m["run"]["steps"] == 2 and m["metrics"]["n"] == 8 and (out / "method" / "method.safetensors").exists()
 
 
 # ---------------------------------------------------------------- single-process unit tests

@@ -140,12 +140,10 @@ def _write(path, rows):
 def test_reader_plain_and_chat_forms(tmp_path):
     task = TASKS.get("preference")
     cfg = task.Config()
-    src = _write(tmp_path / "p.jsonl", [
-        {"prompt": "2 + 2 =", "chosen": "4", "rejected": "5"},
+    (a,) = task.read(str(_write(tmp_path / "p.jsonl", [{"prompt": "2 + 2 =", "chosen": "4", "rejected": "5"}])), cfg)
+    (b,) = task.read(str(_write(tmp_path / "c.jsonl", [
         {"chosen": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}],
-         "rejected": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "bye"}]},
-    ])
-    a, b = task.read(str(src), cfg)
+         "rejected": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "bye"}]}])), cfg)
     assert (a["prompt"], a["chosen"], a["rejected"]) == ("2 + 2 =", "4", "5")
     assert b["prompt"] == [{"role": "user", "content": "hi"}] and (b["chosen"], b["rejected"]) == ("hello", "bye")
 
@@ -153,10 +151,15 @@ def test_reader_plain_and_chat_forms(tmp_path):
 @pytest.mark.parametrize("row, error", [
     ({"prompt": "q", "chosen": "a"}, r"p\.jsonl:1: field 'rejected' is missing"),
     ({"prompt": "q", "chosen": "a", "rejected": "a"}, "identical"),
-    ({"prompt": "q", "chosen": None, "rejected": "a"}, "field 'chosen' must be non-empty text, got a NoneType"),
-    ({"prompt": [{"role": "wizard", "content": "x"}], "chosen": "a", "rejected": "b"}, "unknown role 'wizard'"),
-    ({"chosen": [{"role": "user", "content": "x"}], "rejected": "b"}, "last message must be the assistant"),
+    ({"prompt": "q", "chosen": None, "rejected": "a"}, r"p\.jsonl:1: field 'chosen' is (empty|null)"),
+    ({"prompt": [{"role": "wizard", "content": "x"}], "chosen": [{"role": "assistant", "content": "a"}],
+      "rejected": [{"role": "assistant", "content": "b"}]}, "unknown role 'wizard'"),
+    ({"chosen": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "a"}, {"role": "user", "content": "y"}],
+      "rejected": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "b"}]}, "not 'assistant'"),
     ({"chosen": "a", "rejected": "b"}, "field 'prompt' is missing"),
+    ({"chosen": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "a"}, {"role": "user", "content": "y"},
+                 {"role": "assistant", "content": "c"}],
+      "rejected": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "b"}]}, "one assistant answer"),
 ])
 def test_reader_errors_name_the_row_and_field(tmp_path, row, error):
     src = _write(tmp_path / "p.jsonl", [row])
@@ -199,9 +202,8 @@ def test_tiny_preference_run_learns(tiny_dir, tmp_path, method, objective):
         "train.log_every=1", "eval.before=true", f"output_dir={tmp_path / 'run'}",
     ])
     m = run(cfg)
-    saved = read_metrics(tmp_path / "run")
-    after = saved["metrics"] if saved and "metrics" in saved else m
-    before = m["before"]
+    assert read_metrics(tmp_path / "run") == m
+    after, before = m["metrics"], m["before"]
     assert before["reward_accuracy"] == 0.5  # nothing trained yet: every reward is 0
     assert after["reward_accuracy"] > 0.5, after
     assert after["chosen_logp"] > before["chosen_logp"] or objective != "dpo" or after["reward_margin"] > 0

@@ -27,14 +27,19 @@ def test_levels_match_nf4_and_are_2bit_sized():
     assert torch.allclose(quant.uniform_levels(2), torch.tensor([-1, -1 / 3, 1 / 3, 1]))
 
 
-@pytest.mark.parametrize("bits,kind", [(2, "nf"), (2, "uniform"), (4, "uniform"), (4, "nf")])
+@pytest.mark.parametrize(
+    "bits,kind", [(2, "nf"), (2, "uniform"), (4, "uniform"), (4, "nf"), (2, "uniform_absmax"), (4, "uniform_absmax")]
+)
 def test_packed_codes_round_trip_to_the_nearest_level(bits, kind):
     w = torch.randn(24, 40)  # 960 values: not a multiple of the block, so padding is exercised
     p = quant.Packed.from_tensor(w, bits, kind)
     assert p.codes.numel() == -(-960 // (8 // bits)) and p.codes.dtype == torch.uint8
     d = p.dequantize()
     blocks = torch.nn.functional.pad(w.reshape(-1), (0, 64 - 960 % 64)).view(-1, 64)
-    scale = blocks.abs().amax(1).half().float().unsqueeze(1)
+    if kind == "uniform":  # LoftQ's block scale
+        scale = (blocks.mean(1) + 2.5 * blocks.std(1)).half().float().unsqueeze(1)
+    else:
+        scale = blocks.abs().amax(1).half().float().unsqueeze(1)
     book = quant.levels(bits, kind)
     nearest = book[(blocks / scale).unsqueeze(-1).sub(book).abs().argmin(-1)] * scale
     assert torch.allclose(d.reshape(-1), nearest.reshape(-1)[:960], atol=1e-6)

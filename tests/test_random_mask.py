@@ -53,18 +53,64 @@ def test_parameter_count_is_exact_and_both_fractions_are_reported():
     fraction = 0.003
     model = tunelab.attach(tiny_llama(), "random_mask", fraction=fraction)
     shapes = [(64, 64), (32, 64)] * 2  # q_proj (64x64) and v_proj (2 kv heads x 16 = 32 rows) per layer
-    expected = sum(max(1, round(fraction * o * i)) for o, i in shapes)
+    expected = sum(d.indices.numel() for d in model.modules() if isinstance(d, rm.SparseDelta))
+    assert expected == pytest.approx(fraction * sum(o * i for o, i in shapes), abs=4 * (fraction * 12288) ** 0.5)
     counts = tunelab.trainable_parameters(model)
     assert counts["trainable"] == expected
     base_total = sum(p.numel() for p in tiny_llama().parameters())
     assert counts["total"] == base_total + expected
     s = rm.stats(model)
     assert s["kept"] == expected and s["targeted"] == sum(o * i for o, i in shapes)
-    assert s["fraction_of_targets"] == pytest.approx(fraction, rel=0.05)
+    assert s["fraction_of_targets"] == pytest.approx(expected / s["targeted"])
     assert s["fraction_of_model"] == pytest.approx(expected / base_total)
-    # one entry at least, even when the fraction rounds to zero
-    tiny = tunelab.attach(tiny_llama(), "random_mask", fraction=1e-9)
-    assert tunelab.trainable_parameters(tiny)["trainable"] == 4
+    # a fraction that keeps nothing in any matrix is refused with the expected count
+    with pytest.raises(ValueError, match=r"kept no entry.*expected 1.23e-05"):
+        tunelab.attach(tiny_llama(), "random_mask", fraction=1e-9)
+
+
+@pytest.mark.parametrize("n,fraction", [(576 * 576, 1e-6), (576 * 192, 1e-6), (4096, 1e-3), (10**6, 1e-4),
+                                        (2048, 0.3)])
+def test_expected_kept_count_is_fraction_times_n_at_every_scale(n, fraction):
+    """Over many seeds the mean kept count is fraction * n (Binomial), including far below 1 per matrix,
+    where tunelab 0.1's max(1, round(f n)) kept 1 (4.5x too many on SmolLM2's q/v at 1e-6)."""
+    draws = torch.tensor([float(rm.kept_count(n, fraction, torch.Generator().manual_seed(s))) for s in range(3000)])
+    mean, var = n * fraction, n * fraction * (1 - fraction)
+    assert abs(draws.mean().item() - mean) < 4 * (var / 3000) ** 0.5 + 1e-12
+    assert draws.var().item() == pytest.approx(var, rel=0.15)  # per-entry independent: binomial spread
+    if mean < 0.5:
+        assert (draws == 0).float().mean() == pytest.approx((1 - fraction) ** n, abs=0.03)
+
+
+def test_kept_counts_through_attach_average_to_the_fraction():
+    fraction, targeted = 1e-4, 2 * (64 * 64 + 32 * 64)  # expected 1.23 kept in all, 0.2-0.4 per matrix
+    kept = []
+    for s in range(40):
+        try:
+            kept.append(rm.stats(tunelab.attach(tiny_llama(), "random_mask", fraction=fraction, seed=s))["kept"])
+        except ValueError as e:  # every matrix drew 0 (probability e^-1.23 = 0.29)
+            assert "kept no entry" in str(e)
+            kept.append(0)
+    assert sum(kept) / len(kept) == pytest.approx(fraction * targeted, abs=4 * (fraction * targeted / 40) ** 0.5)
+    assert sum(kept) / len(kept) < 0.7 * 4  # the old per-matrix minimum of 1 kept 4 every time
+
+
+def test_a_matrix_that_keeps_nothing_is_a_no_op_and_saved_runs_load_their_own_indices(tmp_path):
+    model = tunelab.attach(tiny_llama(), "random_mask", fraction=5e-4, seed=1)
+    sizes = [d.indices.numel() for d in model.modules() if isinstance(d, rm.SparseDelta)]
+    assert 0 in sizes and sum(sizes) > 0
+    ids = torch.randint(3, 128, (2, 8))
+    model(input_ids=ids, labels=ids).loss.backward()  # empty deltas run forward and backward
+    tunelab.save(model, tmp_path / "run")
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(tmp_path / "run" / "method.safetensors"))
+    key = next(k for k in state if k.endswith("q_proj.random_mask.indices"))
+    state[key] = torch.tensor([3, 70, 900])  # e.g. a 0.1 run's count
+    state[key.replace("indices", "values")] = torch.tensor([0.5, -1.0, 2.0])
+    save_file(state, str(tmp_path / "run" / "method.safetensors"))
+    loaded = tunelab.load(tiny_llama(), tmp_path / "run")
+    delta = loaded.get_submodule(key.rsplit(".indices", 1)[0])
+    assert delta.indices.tolist() == [3, 70, 900] and delta.dense().view(-1)[70] == -1.0
 
 
 def test_forward_matches_the_dense_formula_and_merge_is_exact():

@@ -402,3 +402,105 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     plain, ckpt = grads(False), grads(True)
     assert all(torch.allclose(plain[k], ckpt[k], atol=1e-6) for k in plain)
     assert all(g.abs().sum() > 0 for g in plain.values())
+
+
+# ---------------------------------------------------------------------------- format and options
+
+
+def test_rotation_state_is_x_at_zero_plus_a_d_by_r_base():
+    m = tunelab.attach(tiny_llama(), "loreft", rank=4)
+    state = method_state_dict(m)
+    pre = "model.layers.0.reft.both.rotate.parametrizations.weight."
+    assert state[pre + "original"].abs().max() == 0  # the identity point
+    assert state[pre + "0.base_v"].shape == (D, 4) and state[pre + "0.base_tau"].shape == (4,)
+    assert not any(t.shape == (D, D) for t in state.values())  # no d x d base is stored
+
+
+def test_old_saved_loreft_runs_load_with_the_same_outputs(tmp_path):
+    """A run saved by tunelab 0.1 (raw Householder vectors, no base) loads and computes the same edit."""
+    from safetensors.torch import save_file
+
+    m = tunelab.attach(tiny_llama(), "loreft", rank=4)
+    tunelab.save(m, tmp_path / "run")
+    g = torch.Generator().manual_seed(3)
+    old, want = {}, {}
+    h = torch.randn(6, D, generator=g)
+    for i in range(2):
+        pre = f"model.layers.{i}.reft.both."
+        X = torch.geqrf(torch.nn.init.orthogonal_(torch.empty(D, 4)))[0].mT + 0.1 * torch.randn(4, D, generator=g)
+        W, b = torch.randn(4, D, generator=g) / 8, torch.randn(4, generator=g)
+        A = X.mT.tril(-1)
+        R = torch.linalg.householder_product(A, 2.0 / (1.0 + (A * A).sum(-2))).mT  # tunelab 0.1's R
+        old |= {pre + "rotate.parametrizations.weight.original": X, pre + "learned_source.weight": W,
+                pre + "learned_source.bias": b}
+        want[i] = h + (h @ W.T + b - h @ R.T) @ R
+    save_file(old, str(tmp_path / "run" / "method.safetensors"))
+    fresh = tunelab.load(tiny_llama(), tmp_path / "run")
+    for i in range(2):
+        mod = fresh.model.layers[i].reft.both
+        assert torch.allclose(mod.rotate.weight @ mod.rotate.weight.T, torch.eye(4), atol=1e-5)
+        with torch.no_grad():
+            assert torch.allclose(mod(h), want[i], atol=1e-5)
+
+
+def test_pyreft_short_prompt_rule():
+    n = torch.arange(1, 20)
+    for k in n.tolist():
+        pre, suf = prompt_sites(torch.ones(1, k, dtype=torch.bool), 7, 7, rule="pyreft")
+        p = s = min(7, k // 2)  # pyreft's get_intervention_locations: n//2 for both sides, always
+        assert pre[0].nonzero().flatten().tolist() == list(range(p))
+        assert suf[0].nonzero().flatten().tolist() == list(range(k - s, k))
+    pre, suf = prompt_sites(torch.ones(1, 12, dtype=torch.bool), 3, 7, rule="pyreft")
+    assert int(pre.sum()) == 3 and int(suf.sum()) == 6  # the paper's rule keeps 7 here
+    m = tunelab.attach(tiny_llama(), "loreft", rank=2, tied=False, short_prompt="pyreft")
+    ids = torch.randint(3, V, (1, 8))
+    m(input_ids=ids, prompt_mask=torch.tensor([[1, 1, 1, 1, 1, 0, 0, 0]], dtype=torch.bool))
+    assert {k: v.tolist() for k, v in m.tunelab_reft.rows.items()} == {"prefix": [0, 1], "suffix": [3, 4]}
+    with pytest.raises(ValueError, match="short_prompt"):
+        tunelab.attach(tiny_llama(), "loreft", short_prompt="both")
+
+
+@pytest.mark.parametrize("cls", [LoReFT, DiReFT])
+def test_dropout_placement_options(cls):
+    torch.manual_seed(0)
+    h = torch.randn(50, D) + 3.0
+    edit_only, output = cls(D, 4, dropout=0.5), cls(D, 4, dropout=0.5, dropout_on="output")
+    output.load_state_dict(edit_only.state_dict())
+    edit_only.train(), output.train()
+    assert not (edit_only(h) == 0).any()  # h always passes
+    assert (output(h) == 0).float().mean() > 0.3  # pyreft: dropout(h + edit)
+    edit_only.eval(), output.eval()
+    assert torch.allclose(edit_only(h), output(h), atol=1e-6)
+    with pytest.raises(ValueError, match="dropout_on"):
+        tunelab.attach(tiny_llama(), "loreft", dropout_on="input")
+
+
+def test_methods_listing_shows_default_lrs_and_why():
+    from typer.testing import CliRunner
+
+    from tunelab.cli import app
+    from tunelab.train import default_lr
+
+    out = CliRunner().invoke(app, ["methods"]).output
+    block = out.split("loreft", 1)[1].split("\nparallel_adapter", 1)[0]
+    assert "default lr: 0.002" in block and "short_prompt=pyreft" in block
+    assert "init=zero_up" in out.split("series_adapter", 1)[1]
+    for name in ("loreft", "direft", "lora", "qlora", "loftq", "series_adapter", "parallel_adapter", "random_mask"):
+        assert default_lr(name) != 1e-4  # every method has its own, none falls to the generic default
+    assert default_lr("loreft") == 2e-3
+
+
+def test_old_state_converts_on_any_load_path():
+    """model.load_state_dict (what resuming a checkpoint does) converts a 0.1 state as tunelab.load does."""
+    torch.manual_seed(0)
+    old = LoReFT(D, 4)
+    X = torch.geqrf(torch.nn.init.orthogonal_(torch.empty(D, 4)))[0].mT
+    A = X.mT.tril(-1)
+    R = torch.linalg.householder_product(A, 2.0 / (1.0 + (A * A).sum(-2))).mT
+    W, b = old.learned_source.weight.detach(), old.learned_source.bias.detach()
+    state = {"rotate.parametrizations.weight.original": X, "learned_source.weight": W, "learned_source.bias": b}
+    new = LoReFT(D, 4)
+    new.load_state_dict(state, strict=False)
+    h = torch.randn(5, D)
+    with torch.no_grad():
+        assert torch.allclose(new(h), h + (h @ W.T + b - h @ R.T) @ R, atol=1e-5)

@@ -10,6 +10,7 @@ import yaml
 
 import tunelab.train as train_mod
 from tunelab.config import load_config
+from tunelab.results import read_metrics
 from tunelab.tasks import TASKS
 
 from conftest import SHARED_DATA, tiny_llama, tiny_tokenizer_obj
@@ -73,10 +74,16 @@ def test_two_steps_through_the_loop(task, formulation, llama_dir, bert_dir, tmp_
         "train.max_steps=2", "train.batch_size=2", "train.lr=1e-3", "train.progress=false", "train.precision=fp32",
         "train.threads=1", "eval.max_new_tokens=3", f"output_dir={tmp_path / 'run'}",
     ])
-    metrics = train_mod.run(cfg)
-    assert metrics["steps"] == 2 and metrics["n"] >= 1
+    record = train_mod.run(cfg)
+    metrics = record["metrics"]
+    assert record["run"]["steps"] == 2 and metrics["n"] >= 1
     first = next(iter(metrics))
     assert isinstance(metrics[first], float)
+    # every task metric survives into metrics.json["metrics"] as a number (a NER run's entity precision once
+    # read "float32", overwritten by the training precision)
+    saved = read_metrics(tmp_path / "run")
+    assert saved["metrics"] == metrics and saved["run"]["precision"] == "float32"
+    assert all(isinstance(v, int | float) and not isinstance(v, bool) for v in metrics.values()), metrics
     lines = (tmp_path / "run" / "predictions.jsonl").read_text().splitlines()
     assert len(lines) == metrics["n"] and {"prediction", "reference"} <= set(json.loads(lines[0]))
 

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from pydantic import ValidationError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from tunelab import methods as _methods  # noqa: F401  (registers every method)
@@ -35,7 +35,9 @@ def method_config(name: str, params: dict):
     try:
         return method.Config(**params)
     except ValidationError as e:
-        raise ValueError(f"bad parameters for method '{name}':\n{e}") from None
+        from tunelab.config import _explain
+
+        raise ValueError(f"bad parameters for method '{name}':\n{_explain(e, method.Config)}") from None
 
 
 def attach(model: nn.Module, method_name: str, **params) -> nn.Module:
@@ -74,30 +76,39 @@ def save(model: nn.Module, directory: str | Path) -> Path:
 
 
 def read_method(directory: str | Path) -> dict:
+    from tunelab.loadcheck import check_method_meta, read_json_object
+
     path = Path(directory) / METHOD_JSON
     if not path.exists():
         raise FileNotFoundError(f"{path}: not found (is this a tunelab method directory?)")
-    return json.loads(path.read_text())
+    meta = read_json_object(path, "a tunelab method description")
+    check_method_meta(meta, path)
+    return meta
 
 
 def load(model: nn.Module, directory: str | Path) -> nn.Module:
     """Attach the saved method to ``model`` (a fresh base) and load its tensors."""
+    from tunelab.loadcheck import check_state, load_tensors
+
     directory = Path(directory)
     meta = read_method(directory)
+    weights = directory / METHOD_WEIGHTS
+    if not weights.exists():
+        raise FileNotFoundError(f"{weights}: not found (is this a tunelab method directory?)")
     if not getattr(model, "tunelab_method", None):
-        model = attach(model, meta["name"], **meta["params"])
+        if meta["name"] not in METHODS.names():
+            raise ValueError(f"{directory / METHOD_JSON}: unknown method {meta['name']!r}; known: {', '.join(METHODS.names())}")
+        try:
+            model = attach(model, meta["name"], **meta.get("params", {}))
+        except ValueError as e:
+            raise ValueError(f"{directory / METHOD_JSON}: {e}") from None
     elif model.tunelab_method["name"] != meta["name"]:
         raise ValueError(f"{directory}: holds method '{meta['name']}' but the model has '{model.tunelab_method['name']}'")
-    state = load_file(str(directory / METHOD_WEIGHTS), device="cpu")
-    own = model.state_dict()
-    missing = [k for k in method_state_dict(model) if k not in state]
-    unknown = [k for k in state if k not in own]
-    if missing or unknown:
-        raise ValueError(
-            f"{directory / METHOD_WEIGHTS}: does not match the model "
-            f"(missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-            f"unexpected {unknown[:5]}{'...' if len(unknown) > 5 else ''})"
-        )
+    state = load_tensors(weights)
+    upgrade = getattr(METHODS.get(meta["name"]), "upgrade_state", None)
+    state = upgrade(model, state, weights) if upgrade else state  # a method's older format, converted
+    # Only what the method owns, shape for shape, finite: a foreign tensor (embed_tokens) is refused.
+    check_state(state, method_state_dict(model), weights, meta["name"])
     model.load_state_dict(state, strict=False)
     return model
 

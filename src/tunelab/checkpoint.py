@@ -18,44 +18,71 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def readable(path: str | Path, directory: bool = False) -> None:
+    """mkstemp/mkdtemp create 0600/0700: give what a run writes the usual 0644/0755 (less the umask)."""
+    os.chmod(path, (0o755 if directory else 0o644) & ~_umask())
+
+
 @contextlib.contextmanager
-def atomic_dir(target: str | Path):
+def atomic_dir(target: str | Path, keep: str | Path | None = None):
     """Yield a temporary directory beside ``target``; on success it replaces ``target`` whole.
 
     The old ``target`` is renamed aside and only removed after the new one is in place, so at
-    every instant either the old or the new complete directory exists under a known name.
+    every instant either the old or the new complete directory exists under a known name. With
+    ``keep``, the old ``target`` is moved there instead of being removed (the previous checkpoint).
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    readable(tmp, directory=True)
     try:
         yield tmp
         for f in tmp.iterdir():
+            readable(f, directory=f.is_dir())  # safetensors writes 0600
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
-        old = target.with_name(f".{target.name}.old")
-        if old.exists():
+        old = Path(keep) if keep is not None else target.with_name(f".{target.name}.old")
+        if old.exists() and target.exists():
             shutil.rmtree(old)
         if target.exists():
             os.replace(target, old)
         os.replace(tmp, target)
         _fsync_dir(target.parent)
-        if old.exists():
+        if keep is None and old.exists():
             shutil.rmtree(old)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
+def remove_stale(directory: str | Path) -> list[Path]:
+    """Remove ``.NAME.tmp-*`` directories/files a kill mid-save left in ``directory`` (call it while
+    holding the run lock: then no other writer can own them)."""
+    directory = Path(directory)
+    gone = []
+    if directory.is_dir():
+        for p in directory.glob(".*.tmp-*"):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            gone.append(p)
+    return gone
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        readable(tmp)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -70,3 +97,50 @@ def recover(target: str | Path) -> Path | None:
     if not target.exists() and old.exists():
         os.replace(old, target)
     return target if target.exists() else None
+
+
+CHECKPOINT_FILES = ("trainable.safetensors", "optimizer.safetensors", "rng.safetensors")
+
+
+def _read_state(path: Path) -> dict:
+    import json
+
+    state_p = path / "state.json"
+    try:
+        state = json.loads(state_p.read_text())
+        step = state["position"]["step"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{state_p}: unreadable checkpoint state ({type(e).__name__}: {e})") from None
+    if not isinstance(step, int) or step < 0:
+        raise ValueError(f"{state_p}: position.step is {step!r}, not a step number")
+    return state
+
+
+def verify_checkpoint(path: str | Path, total: int | None = None, deep: bool = True) -> dict:
+    """The checkpoint's state, or ValueError naming the bad file: state.json must parse, every
+    safetensors file must open (a truncated one does not), the step must lie within ``total``; with
+    ``deep`` every tensor is read and must be finite (a NaN checkpoint is never resumed)."""
+    from safetensors import safe_open
+
+    from tunelab.guard import check_tensors
+
+    path = Path(path)
+    state = _read_state(path)
+    step = state["position"]["step"]
+    if total is not None and step > total:
+        raise ValueError(f"{path / 'state.json'}: step {step} is past the end of this run ({total} steps)")
+    for name in CHECKPOINT_FILES:
+        f = path / name
+        try:
+            with safe_open(str(f), framework="pt") as h:
+                for key in h.keys() if deep else ():
+                    t = h.get_tensor(key)
+                    if name != "rng.safetensors":
+                        check_tensors({key: t}, str(f))
+        except ValueError as e:
+            if "non-finite" in str(e):
+                raise
+            raise ValueError(f"{f}: unreadable safetensors ({e})") from None
+        except Exception as e:  # safetensors raises its own error types for truncated/garbled files
+            raise ValueError(f"{f}: unreadable safetensors ({type(e).__name__}: {e})") from None
+    return state

@@ -21,9 +21,15 @@ def _fail(msg: str) -> None:
 
 def _guard(fn, *args, **kwargs):
     """Run ``fn``; user errors (bad config, bad data, missing files) print one clear message."""
+    from tunelab.guard import Diverged
+    from tunelab.runlock import Stopped
+
     try:
         return fn(*args, **kwargs)
-    except (ValueError, FileNotFoundError, ModuleNotFoundError, KeyError, OSError) as e:
+    except Stopped as e:  # a signal: the checkpoint is saved and the message says how to resume
+        typer.secho(str(e), fg="yellow", err=True)
+        raise typer.Exit(e.exit_code) from None
+    except (ValueError, FileNotFoundError, ModuleNotFoundError, KeyError, OSError, Diverged) as e:
         _fail(str(e))
 
 
@@ -45,12 +51,12 @@ def train(config: Path = typer.Argument(..., help="run YAML"), overrides: list[s
     from tunelab.train import run
 
     cfg = _guard(_run_config, config, overrides)
-    metrics = _guard(run, cfg)
+    record = _guard(run, cfg)
     if not dist.is_lead():
         return
-    typer.echo(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, dict)}, indent=2))
-    if "before" in metrics:
-        typer.echo("before training: " + json.dumps(metrics["before"]))
+    typer.echo(json.dumps({"metrics": record["metrics"], "run": record["run"]}, indent=2))
+    if "before" in record:
+        typer.echo("before training: " + json.dumps(record["before"]))
     typer.echo(f"run directory: {cfg.run_dir()}")
 
 
@@ -180,10 +186,11 @@ def demo(
     from tunelab.config import apply_overrides
 
     cfg = _guard(build_config, apply_overrides(raw, overrides or []), "demo")
-    m = _guard(run, cfg)
-    before, after = m["before"]["accuracy"], m["accuracy"]
-    typer.echo(f"\nSmolLM2-135M-Instruct + {method} on {m['n']} held-out reviews ({m['steps']} steps, "
-               f"{m['trainable_params']:,} trainable parameters, {m['train_tokens_per_s']:.0f} train tokens/s)")
+    rec = _guard(run, cfg)
+    m, facts = rec["metrics"], rec["run"]
+    before, after = rec["before"]["accuracy"], m["accuracy"]
+    typer.echo(f"\nSmolLM2-135M-Instruct + {method} on {m['n']} held-out reviews ({facts['steps']} steps, "
+               f"{facts['trainable_params']:,} trainable parameters, {facts['train_tokens_per_s']:.0f} train tokens/s)")
     typer.echo(f"  accuracy before: {before:.3f}\n  accuracy after:  {after:.3f}\nrun directory: {cfg.run_dir()}")
 
 
@@ -200,30 +207,52 @@ def _trained(run_dir: Path):
 
 
 @app.command()
-def merge(run_dir: Path = typer.Argument(..., help="a finished run directory"), out_dir: Path = typer.Argument(...)):
-    """Fold the run's method into the base weights and save a plain transformers model (+ tokenizer)."""
-    import tunelab
+def merge(
+    run_dir: Path = typer.Argument(..., help="a finished run directory"),
+    out_dir: Path = typer.Argument(...),
+    dtype: str = typer.Option(None, "--dtype", help="bf16 | fp16 | fp32 (default: the base checkpoint's own dtype)"),
+):
+    """Fold the run's method into the base weights and save a plain transformers model (+ tokenizer, README.md)."""
+    from tunelab.export.card import cli_command
+    from tunelab.export.merge import merge_run
 
-    model, tok = _trained(run_dir)
-    merged = _guard(tunelab.merge, model)
-    merged.save_pretrained(out_dir)
-    tok.save_pretrained(out_dir)
-    typer.echo(f"merged model written to {out_dir}")
+    cmd = cli_command("merge", run_dir, out_dir, *(["--dtype", dtype] if dtype else []))
+    res = _guard(merge_run, run_dir, out_dir, dtype, cmd)
+    typer.echo(f"merged model ({res['dtype']}, {res['bytes'] / 1e6:.1f} MB of weights) written to {out_dir}")
+
+
+EXPORT_FORMATS = ("peft", "gguf")
 
 
 @app.command()
 def export(
     run_dir: Path = typer.Argument(..., help="a finished run directory"),
     out_dir: Path = typer.Argument(...),
-    format: str = typer.Option("peft", "--format", help="peft: adapter_config.json + adapter_model.safetensors"),
+    format: str = typer.Option("peft", "--format", help="peft: adapter_config.json + adapter_model.safetensors "
+                               "(LoRA family, prompt tuning); gguf: one llama.cpp file of the merged model"),
+    outtype: str = typer.Option("f16", "--outtype", help="gguf only: f32 | f16 | bf16 | q8_0 | q4_0"),
 ):
-    """Export the run's adapter for other tools (PEFT's LoRA format)."""
-    if format != "peft":
-        _fail(f"unknown export format '{format}'; available: peft")
+    """Export the run for other tools: PEFT's adapter format, or GGUF for llama.cpp / Ollama (+ README.md)."""
+    from tunelab.export.card import cli_command
+
+    cmd = cli_command("export", run_dir, out_dir, "--format", format, *(["--outtype", outtype] if format == "gguf" else []))
+    if format not in EXPORT_FORMATS:
+        _fail(f"unknown export format '{format}'; available: {', '.join(EXPORT_FORMATS)}")
+    if format == "gguf":
+        from tunelab.export.gguf import export_run
+
+        path = _guard(export_run, run_dir, out_dir, outtype, cmd, progress=sys.stderr.isatty())
+        typer.echo(f"GGUF ({outtype}, {path.stat().st_size / 1e6:.1f} MB) written to {path}")
+        return
+    from tunelab.export.card import write_card
+    from tunelab.export.merge import load_trained, recorded_base
     from tunelab.peft_format import export_peft, save_dequantized_base
 
-    model, tok = _trained(run_dir)
-    _guard(export_peft, model, out_dir)
+    if not (run_dir / "method" / "method.json").exists():
+        _fail(f"{run_dir}: no trained method here (expected {run_dir / 'method' / 'method.json'})")
+    model, tok, cfg = _guard(load_trained, run_dir)
+    _guard(export_peft, model, out_dir, recorded_base(cfg.model.name))
+    _guard(write_card, out_dir, run_dir, cfg, "peft", None, cmd)
     typer.echo(f"PEFT adapter written to {out_dir}")
     if model.tunelab_method["name"] in ("qlora", "loftq"):
         # The adapter was trained over the quantized base: PEFT must load it over that base, not W.
@@ -234,6 +263,21 @@ def export(
 
 def _split(text: str | None) -> list[str] | None:
     return [t.strip() for t in text.split(",") if t.strip()] if text else None
+
+
+def _ints(text: str | None, option: str) -> list[int] | None:
+    """A comma list of whole numbers, or one clear error naming the option and the bad entry."""
+    if not text:
+        return None
+    out = []
+    for t in _split(text) or []:
+        try:
+            out.append(int(t))
+        except ValueError:
+            _fail(f"{option}: {t!r} is not a whole number (expected a comma list such as 0,1,2)")
+    if not out:
+        _fail(f"{option}: no numbers in {text!r}")
+    return out
 
 
 def _numbers(text: str | None) -> list | None:
@@ -254,7 +298,7 @@ def compare(
     """Run several methods on the same task, data, budget and seeds; write results.csv, a Markdown table, plots and report.html. Rerun to resume."""
     from tunelab.compare import compare as run_compare
 
-    seed_list = [int(s) for s in _split(seeds)] if seeds else None
+    seed_list = _ints(seeds, "--seeds")
     out_dir = _guard(run_compare, config, overrides or [], _split(methods), seed_list, out, metric=metric)
     _report_summary(out_dir)
 
@@ -272,7 +316,9 @@ def scale(
     """Sweep data size against a second factor and fit L(X, D) = A X^-alpha D^-beta + E (and the additive form)."""
     from tunelab.compare import scale as run_scale
 
-    size_list = [int(s) for s in _split(sizes)] if sizes else None
+    size_list = _ints(sizes, "--sizes")
+    if size_list and min(size_list) < 1:
+        _fail(f"--sizes: every size must be at least 1 (got {min(size_list)})")
     out_dir = _guard(run_scale, config, overrides or [], size_list, factor, _numbers(values), out, holdout=holdout)
     _report_summary(out_dir)
     fit = out_dir / "scaling.json"
@@ -324,12 +370,16 @@ def bench(
 def methods():
     """List the fine-tuning methods and their parameters."""
     from tunelab.methods import METHODS
+    from tunelab.train import default_lr
 
     for name in METHODS.names():
         m = METHODS.get(name)
         doc = (sys.modules[type(m).__module__].__doc__ or "").strip().splitlines()[0]
         params = ", ".join(f"{k}={f.default!r}" for k, f in m.Config.model_fields.items())
         typer.echo(f"{name:18s} {doc}\n{'':18s} params: {params or '-'}")
+        typer.echo(f"{'':18s} default lr: {default_lr(name):g} (used when train.lr is not set)")
+        if getattr(m, "about_defaults", None):
+            typer.echo(f"{'':18s} defaults: {m.about_defaults}")
 
 
 @app.command()
@@ -354,6 +404,11 @@ def models():
 
 
 def main() -> None:
+    import os
+
+    if not os.environ.get("TORCHELASTIC_RUN_ID"):  # not under torchrun: keep --help free of torch
+        app()
+        return
     # Under torchrun, the elastic agent then reports the failing rank's own error and traceback.
     from torch.distributed.elastic.multiprocessing.errors import record
 

@@ -24,11 +24,14 @@ A method entry is a name, ``name:key=value:...``, or a mapping with ``name``, it
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib
 import json
 import re
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -36,6 +39,8 @@ import yaml
 
 from tunelab.checkpoint import atomic_write_text
 from tunelab.report import MANIFEST, build_report
+from tunelab.results import read_metrics
+from tunelab.runlock import Stopped, locked_by
 
 SWEEP_SECTIONS = ("compare", "scale")
 DEFAULT_SIZES = (250, 500, 1000, 2000, 4000)
@@ -75,11 +80,40 @@ def _train_run(cfg) -> dict:
     spec = run_dir / "requested.yaml"
     atomic_write_text(spec, dump_config(cfg))
     with open(run_dir / "train.out", "w") as out:
-        done = subprocess.run([sys.executable, "-m", "tunelab", "train", str(spec)], stdout=out, stderr=subprocess.STDOUT)
-    if done.returncode != 0:
+        # Its own session: a terminal's Ctrl-C reaches only us, and we pass it on exactly once.
+        child = subprocess.Popen([sys.executable, "-m", "tunelab", "train", str(spec)], stdout=out,
+                                 stderr=subprocess.STDOUT, start_new_session=True)
+        with _forward_signals(child) as got:
+            returncode = child.wait()
+    if got:
+        raise Stopped(f"stopped by {signal.Signals(got[0]).name}: the run in {run_dir} saved a checkpoint and "
+                      "stopped; rerun the same command to continue the comparison where it stopped", got[0])
+    if returncode != 0:
         tail = (run_dir / "train.out").read_text().strip().splitlines()[-5:]
-        raise RuntimeError(f"training exited with status {done.returncode}; last lines of {run_dir / 'train.out'}:\n" + "\n".join(tail))
-    return json.loads((run_dir / "metrics.json").read_text())
+        raise RuntimeError(f"training exited with status {returncode}; last lines of {run_dir / 'train.out'}:\n" + "\n".join(tail))
+    return read_metrics(run_dir)
+
+
+@contextlib.contextmanager
+def _forward_signals(child):
+    """While ``child`` runs, SIGTERM/SIGINT are passed on to it (it checkpoints and stops); the signals
+    received are yielded so the caller stops the sweep instead of starting the next run."""
+    got: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield got
+        return
+
+    def forward(signum, frame):
+        got.append(signum)
+        with contextlib.suppress(ProcessLookupError):
+            child.send_signal(signum)
+
+    old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield got
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
 
 
 def read_sweep_config(cfg_path, overrides=()) -> tuple[dict, dict]:
@@ -168,16 +202,24 @@ def _execute(
             if _config_changed(run_dir, cfg):
                 say(f"  warning: {run_dir / 'config.yaml'} differs from this config; delete the run to redo it")
             continue
+        holder = locked_by(run_dir)
+        if holder:  # another process trains it right now: never start a second writer
+            manifest["failed"][info["run"]] = f"locked: {run_dir} is being written by {holder}"
+            say(f"[{i}/{len(plan)}] {info['run']}: SKIPPED, {run_dir} is locked by {holder}")
+            continue
         say(f"[{i}/{len(plan)}] {info['run']}: training")
         try:
             metrics = _train_run(cfg)
+        except Stopped:
+            atomic_write_text(out_dir / MANIFEST, json.dumps(manifest, indent=2))
+            raise
         except Exception as e:  # one bad method must not sink the whole comparison
             if not keep_going:
                 raise
             manifest["failed"][info["run"]] = f"{type(e).__name__}: {e}"
             say(f"[{i}/{len(plan)}] {info['run']}: FAILED {type(e).__name__}: {e}")
             continue
-        if not (run_dir / "metrics.json").exists():  # keep the "finished" marker true to the contract
+        if metrics and not (run_dir / "metrics.json").exists():  # keep the "finished" marker true to the contract
             atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2, default=str))
     atomic_write_text(out_dir / MANIFEST, json.dumps(manifest, indent=2))
     return manifest

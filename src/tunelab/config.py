@@ -12,11 +12,12 @@ Unknown keys and bad values are errors naming the key and suggesting the closest
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tunelab.registry import suggest
 
@@ -75,14 +76,14 @@ class DataSection(Section):
 
 class TrainSection(Section):
     max_steps: int | None = Field(None, ge=0)
-    epochs: float = Field(1.0, gt=0)
+    epochs: float = Field(1.0, gt=0, allow_inf_nan=False)
     batch_size: int = Field(8, ge=1)
     grad_accum: int = Field(1, ge=1)
-    lr: float | None = Field(None, gt=0)  # None: the method's default learning rate
-    weight_decay: float = Field(0.0, ge=0)
+    lr: float | None = Field(None, gt=0, allow_inf_nan=False)  # None: the method's default learning rate
+    weight_decay: float = Field(0.0, ge=0, allow_inf_nan=False)
     warmup: float = Field(0.06, ge=0, le=1)  # fraction of the steps
     schedule: Literal["linear", "cosine", "constant"] = "linear"
-    max_grad_norm: float | None = 1.0
+    max_grad_norm: float | None = Field(1.0, ge=0, allow_inf_nan=False)  # 0 / None: no clipping
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     gradient_checkpointing: bool = False
     seed: int = 0
@@ -93,6 +94,16 @@ class TrainSection(Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int | None = Field(None, ge=1)
     progress: bool = True
+    report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(default_factory=list)  # see tunelab.tracking
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _report_to(cls, v):  # "tensorboard,mlflow" from a command line; "none" / null: no tracking
+        if v is None:
+            return []
+        if isinstance(v, str):
+            v = [t.strip() for t in v.split(",") if t.strip() and t.strip() != "none"]
+        return v
 
 
 class EvalSection(Section):
@@ -162,6 +173,8 @@ def _explain(err: ValidationError, schema: type[BaseModel]) -> str:
         if e["type"] == "extra_forbidden":
             valid = _fields_at(schema, loc)
             lines.append(f"  unknown key '{key}'{suggest(loc[-1], valid)}; valid keys here: {', '.join(valid)}")
+        elif e["type"] == "value_error":  # a nested schema's own explanation (method/task params): as it is
+            lines.append(f"  {key}: {(e.get('ctx') or {}).get('error', e['msg'])}")
         else:
             lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
     return "\n".join(lines)
@@ -217,7 +230,43 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple = ()) -> R
             raise ValueError(f"{path}: not valid YAML: {e}") from None
         if not isinstance(raw, dict):
             raise ValueError(f"{path}: the top level must be a mapping of sections")
+    if path is not None:
+        raw = resolve_data_paths(raw, path.parent)
     return build_config(apply_overrides(raw, list(overrides)), str(path or "config"))
+
+
+def resolve_data_paths(raw: dict, base: Path) -> dict:
+    """``data.train`` / ``data.eval`` of a config file, relative to the file's folder ``base``.
+
+    Kept as written: ``hf:`` ids, absolute paths, names that look like hub ids (no suffix, nothing on
+    disk), and (with a warning, for older configs) paths that exist only relative to the current
+    directory. A ``#rows=...`` selector stays attached. Overrides on the command line are not touched:
+    those are relative to the shell, as the user typed them."""
+    import logging
+
+    data = raw.get("data")
+    if not isinstance(data, dict):
+        return raw
+    data = dict(data)
+    for key in ("train", "eval"):
+        value = data.get(key)
+        if not isinstance(value, str) or not value or value.startswith("hf:"):
+            continue
+        path, hash_, frag = value.partition("#")
+        if Path(path).is_absolute():
+            continue
+        here = base / path
+        if here.exists():
+            data[key] = str(here) + hash_ + frag
+        elif Path(path).exists():
+            logging.getLogger(__name__).warning(
+                "data.%s %r exists only relative to the current directory; paths in a config are read relative to "
+                "the config file (%s): write it as %r", key, path, base, str(Path(os.path.relpath(Path(path).resolve(), base.resolve()))))
+        elif not Path(path).suffix and not path.startswith("."):
+            continue  # a hub dataset name
+        else:
+            data[key] = str(here) + hash_ + frag
+    return dict(raw, data=data)
 
 
 def dump_config(cfg: RunConfig) -> str:

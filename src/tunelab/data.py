@@ -81,11 +81,71 @@ def encode_lm(tokenizer, prompt: str, target: str, max_length: int, add_eos: boo
         if tokenizer.eos_token_id is None:
             raise ValueError("add_eos=True but the tokenizer has no eos_token_id; set one or pass add_eos=False")
         t.append(tokenizer.eos_token_id)
-    if len(p) + len(t) > max_length:
+    cut = len(p) + len(t) > max_length
+    if cut:
         keep_p = max_length - len(t) if len(t) < max_length else min(len(p), max_length // 2)
         p = _keep_tail(p, keep_p, tokenizer.bos_token_id)
         t = t[: max_length - len(p)]
-    return {"input_ids": p + t, "labels": [IGNORE] * len(p) + t, "prompt_len": len(p)}
+    feature = {"input_ids": p + t, "labels": [IGNORE] * len(p) + t, "prompt_len": len(p)}
+    if cut:
+        feature["truncated"] = True  # counted by the loop (metrics.json run.truncated_rows)
+    return feature
+
+
+def encode_lm_document(tokenizer, render, document: str, target: str, max_length: int, add_eos: bool = True) -> dict:
+    """`encode_lm` for a prompt that the task renders around a document (``render(document) -> prompt``).
+
+    A row that does not fit is cut in the DOCUMENT (its last tokens go), never in the instruction, the
+    template or the chat header around it: the largest document prefix, in whole tokens, that fits with
+    the whole target is found by bisection. Only when even an empty document does not fit does
+    `encode_lm`'s rule apply. A cut row carries ``truncated: True``.
+    """
+    feature = encode_lm(tokenizer, render(document), target, max_length, add_eos)
+    if not feature.get("truncated"):
+        return feature
+    doc = list(tokenizer(document, add_special_tokens=False)["input_ids"])
+    t_len = len(tokenizer(target, add_special_tokens=False)["input_ids"]) + (1 if add_eos else 0)
+
+    def fits(k: int) -> bool:
+        return len(tokenize_prompt(tokenizer, render(tokenizer.decode(doc[:k])))) + t_len <= max_length
+
+    if not fits(0):
+        return feature
+    lo, hi = 0, len(doc)  # fits(lo) holds, fits(hi) does not
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    feature = encode_lm(tokenizer, render(tokenizer.decode(doc[:lo])), target, max_length, add_eos)
+    feature["truncated"] = True
+    return feature
+
+
+def tokenize_source(tokenizer, text: str, max_length: int | None = None) -> list[int]:
+    """Encoder input ids of an encoder-decoder model: the tokenizer's own special tokens (T5 closes
+    the source with EOS, BART wraps it in BOS/EOS), cut from the END to ``max_length`` (the specials
+    are kept), as the model saw its inputs in pre-training."""
+    kw = {"truncation": True, "max_length": max_length} if max_length else {}
+    return list(tokenizer(text, add_special_tokens=True, **kw)["input_ids"])
+
+
+def encode_seq2seq(tokenizer, source: str, target: str, max_length: int, max_target_length: int | None = None) -> dict:
+    """Encoder-decoder feature: ``input_ids`` = the source (see `tokenize_source`), ``labels`` = the
+    target ids closed by EOS; the model shifts labels right into its ``decoder_input_ids`` (decoder
+    start token first), so every label is a target and none is -100. ``prompt_len`` = the whole
+    source (every encoder token is prompt); ``seq2seq`` tells the collator that ``labels`` has its
+    own length. The target keeps its first ``max_target_length`` (default ``max_length``) tokens; a
+    cut target loses its EOS (the model is not taught to stop in mid-summary)."""
+    if max_length < 2:
+        raise ValueError(f"max_length must be >= 2, got {max_length}")
+    src = tokenize_source(tokenizer, source, max_length)
+    t = list(tokenizer(text_target=target, add_special_tokens=True)["input_ids"])
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("an encoder-decoder target needs an EOS token; the tokenizer has no eos_token_id")
+    if t[-1:] != [eos]:  # tokenizers without a post-processor add nothing
+        t.append(eos)
+    t = t[: max_target_length or max_length]
+    return {"input_ids": src, "labels": t, "prompt_len": len(src), "seq2seq": True}
 
 
 def encode_head(tokenizer, text: str, text_pair: str | None = None, label=None, max_length: int = 512) -> dict:
@@ -123,6 +183,8 @@ class Collator:
     (-100 on pads, or stacked when each label is one number), ``prompt_mask`` (bool, True on each example's
     first ``prompt_len`` real tokens, or all real tokens when it has no prompt_len), ``token_type_ids``.
 
+    Encoder-decoder features (``seq2seq`` set, see `encode_seq2seq`) keep their ``labels`` apart: the
+    decoder's targets, right-padded with -100 to the longest target whatever ``padding_side`` is.
     Packed features (with ``position_ids``) also get ``position_ids`` and a 4D block-diagonal
     ``attention_mask`` (see `packed_attention_mask`; `mask_dtype` as there).
     `padding_side` "right" for training, "left" for generation.
@@ -149,7 +211,10 @@ class Collator:
         prompt = torch.zeros(n, length, dtype=torch.bool)
         has_labels = "labels" in features[0]
         token_labels = has_labels and isinstance(features[0]["labels"], list | tuple)
-        labels = torch.full((n, length), IGNORE, dtype=torch.long) if token_labels else None
+        # Encoder-decoder features: labels are the decoder's targets, right-padded to their own width.
+        seq2seq = bool(features[0].get("seq2seq"))
+        width = max(len(f["labels"]) for f in features) if seq2seq and has_labels else length
+        labels = torch.full((n, width), IGNORE, dtype=torch.long) if token_labels else None
         packed = "position_ids" in features[0]
         pos = torch.zeros(n, length, dtype=torch.long) if packed else None
         types = torch.zeros(n, length, dtype=torch.long) if "token_type_ids" in features[0] else None
@@ -163,7 +228,9 @@ class Collator:
             else:
                 p = f.get("prompt_len", k)
                 prompt[i, s.start: s.start + p] = True
-            if token_labels:
+            if token_labels and seq2seq:
+                labels[i, : len(f["labels"])] = torch.tensor(f["labels"], dtype=torch.long)
+            elif token_labels:
                 labels[i, s] = torch.tensor(f["labels"], dtype=torch.long)
             if packed:
                 pos[i, s] = torch.tensor(f["position_ids"], dtype=torch.long)
@@ -188,6 +255,8 @@ def pack(features: Sequence[dict], max_length: int, window: int = 64) -> list[di
     Each example's first label is set to -100: unpacked it is never a target (labels shift by one), and
     packed it would otherwise be predicted from the previous example's last token.
     """
+    if any(f.get("seq2seq") for f in features):
+        raise ValueError("data.pack does not apply to encoder-decoder (seq2seq) features: set data.pack=false")
     rows: list[dict] = []
     for j, f in enumerate(features):
         n = len(f["input_ids"])

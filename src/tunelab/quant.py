@@ -1,8 +1,15 @@
 """Block-wise weight quantizers for QLoRA and LoftQ: NF4, NF2 and uniform k-bit.
 
 A weight W (d_out x d_in) is cut into blocks of 64 consecutive values (row-major); each block keeps
-its absmax a and each value the index of the nearest level of a codebook c in [-1, 1]:
+a scale a and each value the index of the nearest level of a codebook c in [-1, 1]:
     code = argmin_k |w / a - c_k|,    dequantized w~ = a * c[code].
+The scale a of a block x (64 values) is, by ``kind``:
+    "nf"              a = max |x|                         (QLoRA's and LoftQ's NormalFloat)
+    "uniform"         a = mean(x) + 2.5 std(x)            (LoftQ's uniform quantizer; std unbiased,
+                      values beyond +-a go to the end levels; a may be negative: w~ = a c is still right)
+    "uniform_absmax"  a = max |x|                         (tunelab <= 0.1's uniform; a named option)
+The "uniform" formula is ``NFQuantizer.quantize_block`` in utils.py of github.com/yxli2123/LoftQ
+(commit 194c8073785bfbf40ce4c1244dc6cdf64085ed85), with its asymmetric map linspace(-1, 1, 2^k).
 - NF4 (QLoRA): torchao's ``NF4Tensor`` (16 NormalFloat levels, block 64, absmax scales themselves
   8-bit quantized per 256 blocks). It runs on CPU and CUDA and dequantizes on the fly.
 - NFk / uniform k-bit (LoftQ's 2-bit): the pure-torch ``Packed`` below (codes packed 8/k per byte,
@@ -24,11 +31,30 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-try:  # torchao prints loader noise for kernels this machine lacks; the NF4 tensor is pure torch
-    from torchao.quantization import NF4Tensor
-    from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import SubclassTensorArgs
-except Exception:  # pragma: no cover - torchao is a dependency; keep the pure-torch path usable
-    NF4Tensor = SubclassTensorArgs = None
+_TORCHAO: bool | None = None  # imported on first use: torchao pulls in torch._dynamo (seconds), which
+# `tunelab methods` and every run without QLoRA/LoftQ never need. NF4Tensor / SubclassTensorArgs become
+# module globals then (``quant.NF4Tensor`` from outside imports it too, via __getattr__).
+
+
+def _torchao() -> bool:
+    global _TORCHAO, NF4Tensor, SubclassTensorArgs
+    if _TORCHAO is None:
+        try:  # torchao prints loader noise for kernels this machine lacks; the NF4 tensor is pure torch
+            from torchao.quantization import NF4Tensor
+            from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import SubclassTensorArgs
+
+            _TORCHAO = True
+        except Exception:  # pragma: no cover - torchao is a dependency; keep the pure-torch path usable
+            NF4Tensor = SubclassTensorArgs = None
+            _TORCHAO = False
+    return _TORCHAO
+
+
+def __getattr__(name: str):
+    if name in ("NF4Tensor", "SubclassTensorArgs"):
+        _torchao()
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 BLOCK = 64
 NF_OFFSET = 0.9677083  # the outermost quantile of NF4 (Dettmers et al.): keeps +-1 finite
@@ -46,16 +72,26 @@ def uniform_levels(bits: int) -> torch.Tensor:
     return torch.linspace(-1.0, 1.0, 2**bits)
 
 
+KINDS = ("nf", "uniform", "uniform_absmax")
+
+
 def levels(bits: int, kind: str) -> torch.Tensor:
-    if kind not in ("nf", "uniform"):
-        raise ValueError(f"quantizer kind {kind!r} is unknown; allowed: 'nf', 'uniform'")
+    if kind not in KINDS:
+        raise ValueError(f"quantizer kind {kind!r} is unknown; allowed: {', '.join(map(repr, KINDS))}")
     if bits not in (2, 4, 8):
         raise ValueError(f"bits={bits} is not supported; allowed: 2, 4, 8")
     return nf_levels(bits) if kind == "nf" else uniform_levels(bits)
 
 
+def block_scales(blocks: torch.Tensor, kind: str) -> torch.Tensor:
+    """One scale per block (row of ``blocks``), by ``kind`` (see the module docstring)."""
+    if kind == "uniform":  # LoftQ's utils.py: weight_block.mean(-1) + 2.5 * weight_block.std(-1)
+        return blocks.mean(1) + 2.5 * blocks.std(1)
+    return blocks.abs().amax(1)
+
+
 class Packed:
-    """Pure-torch block-quantized weight: k-bit codes packed into uint8 + one fp16 absmax per block."""
+    """Pure-torch block-quantized weight: k-bit codes packed into uint8 + one fp16 scale per block."""
 
     def __init__(self, codes, scales, codebook, shape, bits):
         self.codes, self.scales, self.codebook = codes, scales, codebook
@@ -68,9 +104,10 @@ class Packed:
         flat = w.detach().float().reshape(-1)
         pad = (-flat.numel()) % BLOCK
         blocks = F.pad(flat, (0, pad)).view(-1, BLOCK)
-        absmax = blocks.abs().amax(1)
-        scales = absmax.half() if absmax.max() < 6e4 else absmax  # fp16 unless it would overflow
-        denom = scales.float().clamp_min(1e-12).unsqueeze(1)
+        scale = block_scales(blocks, kind)
+        scales = scale.half() if scale.abs().max() < 6e4 else scale  # fp16 unless it would overflow
+        denom = scales.float()
+        denom = torch.where(denom.abs() < 1e-12, 1e-12, denom).unsqueeze(1)  # an all-zero block
         mids = (book[1:] + book[:-1]) / 2  # nearest level = number of midpoints below the value
         codes = torch.bucketize((blocks / denom).clamp(-1, 1), mids).to(torch.uint8).view(-1)
         per_byte = 8 // bits
@@ -93,7 +130,7 @@ class Packed:
 
 
 def _nf4_ok(w: torch.Tensor) -> bool:
-    if NF4Tensor is None or w.dim() != 2 or w.numel() % BLOCK:
+    if not _torchao() or w.dim() != 2 or w.numel() % BLOCK:
         return False
     n_blocks = w.numel() // BLOCK
     return math.gcd(n_blocks, 256) >= 2 and bool(w.detach().reshape(-1, BLOCK).abs().amax(1).min() > 0)
@@ -141,7 +178,7 @@ def tensor_bytes(t) -> int:
     """Bytes a tensor (or a quantized weight) really occupies, counting its scales and codebook."""
     if isinstance(t, Packed):
         return sum(x.numel() * x.element_size() for x in t.tensors().values())
-    if NF4Tensor is not None and isinstance(t, NF4Tensor):
+    if _TORCHAO and isinstance(t, NF4Tensor):
         inner, _ = t.__tensor_flatten__()
         return sum(getattr(t, n).numel() * getattr(t, n).element_size() for n in inner)
     return t.numel() * t.element_size()

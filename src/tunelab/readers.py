@@ -45,9 +45,10 @@ class DataError(ValueError):
 class _Rows:
     """Collects good records; either raises on a bad one or counts it by reason."""
 
-    def __init__(self, source: str, skip_bad: bool, limit: int | None, required, report: dict | None):
+    def __init__(self, source: str, skip_bad: bool, limit: int | None, required, report: dict | None, text=None):
         self.source, self.skip_bad, self.limit, self.report = source, skip_bad, limit, report
         self.required = [required] if isinstance(required, str) else list(required or [])
+        self.text = [text] if isinstance(text, str) else list(text or [])
         self.records: list[dict] = []
         self.reasons: Counter = Counter()
         self.first: list[str] = []
@@ -68,8 +69,15 @@ class _Rows:
             if key not in record:
                 return self.bad(where, f"missing field {key!r}",
                                 f"field {key!r} is missing (required: {self.required}; present: {sorted(record)})")
+            if record[key] is None:
+                return self.bad(where, f"null field {key!r}", f"field {key!r} is null (required: {self.required})")
             if _empty(record[key]):
                 return self.bad(where, f"empty field {key!r}", f"field {key!r} is empty (required: {self.required})")
+            if isinstance(record[key], float) and record[key] != record[key]:
+                return self.bad(where, f"NaN field {key!r}", f"field {key!r} is NaN")
+        for key in self.text:
+            if key in record and not isinstance(record[key], str):
+                return self.bad(where, f"non-text field {key!r}", f"field {key!r} must be text, got {_kind(record[key])}")
         record["_where"] = where
         self.records.append(record)
 
@@ -84,6 +92,40 @@ class _Rows:
             why = f"all {skipped} rows were bad ({dict(self.reasons)})" if skipped else "it holds no records"
             raise DataError(f"{self.source}: no records read: {why}")
         return self.records
+
+
+def _kind(value) -> str:
+    """How a non-text value reads in an error: null, NaN, a list, a number (shown)."""
+    if value is None:
+        return "null"
+    if isinstance(value, float) and value != value:
+        return "NaN"
+    if isinstance(value, list | dict):
+        return f"a {'list' if isinstance(value, list) else 'mapping'} ({json.dumps(value)[:40]})"
+    return f"{type(value).__name__} {value!r}"
+
+
+def _utf8_lines(path: Path, rows: _Rows):
+    """(line number, text) for each line of ``path``; a line that is not UTF-8 is a bad row naming it."""
+    with path.open("rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                rows.bad(f"{path}:{n}", "not UTF-8", f"not valid UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1}); "
+                         "re-save the file as UTF-8 or set data.skip_bad_rows=true to skip such lines")
+                continue
+            yield n, line.removeprefix("\ufeff") if n == 1 else line
+
+
+def _read_text(path: Path) -> str:
+    """The whole file as UTF-8 text (a BOM dropped), or a DataError naming the first bad line."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise DataError(f"{path}:{line}: not valid UTF-8 (byte {data[e.start]:#04x}); re-save the file as UTF-8") from None
 
 
 def _empty(value) -> bool:
@@ -113,24 +155,28 @@ def _is_hub_name(source: str) -> bool:
 
 def read_records(source, fmt: str | None = None, *, skip_bad: bool = False, delimiter: str | None = None,
                  quoting: str | int | None = None, limit: int | None = None, required=None,
-                 report: dict | None = None, split: str | None = None) -> list[dict]:
+                 report: dict | None = None, split: str | None = None, text=None) -> list[dict]:
     """Read `source` (a file path or hub dataset name) into records, each with ``"_where"``.
 
-    `required`: field names every record must have, non-empty. `limit`: stop after that many good records.
+    `required`: field names every record must have, non-empty (and not NaN). `text`: fields that, when
+    present, must be strings (null, numbers, lists are bad rows, never the text "None").
+    `limit`: stop after that many good records.
     `split`: the hub split when the name does not carry one (default "train"). See the module docstring.
     """
     source_s = str(source)
     if fmt is not None and fmt not in FORMATS:
         raise DataError(f"{source_s}: unknown fmt {fmt!r}; allowed: {FORMATS}")
     if fmt == "hub" or (fmt is None and _is_hub_name(source_s)):
-        rows = _Rows(source_s, skip_bad, limit, required, report)
+        rows = _Rows(source_s, skip_bad, limit, required, report, text)
         _read_hub(source_s, split, rows)
         return rows.finish()
+    if fmt is None and (Path(source_s).is_dir() or Path(source_s).suffix.lower() in (".parquet", ".arrow")):
+        return read_table_records(source_s, limit=limit, required=required, skip_bad=skip_bad, report=report, split=split)
     path = Path(source)
     if not path.is_file():
         raise DataError(f"{path}: file not found" + (" (it is a directory)" if path.is_dir() else ""))
     fmt = fmt or infer_format(path)
-    rows = _Rows(str(path), skip_bad, limit, required, report)
+    rows = _Rows(str(path), skip_bad, limit, required, report, text)
     if fmt == "jsonl":
         _read_jsonl(path, rows)
     elif fmt == "json":
@@ -149,17 +195,19 @@ def read_records(source, fmt: str | None = None, *, skip_bad: bool = False, deli
 
 
 def read_conll(path, token_col: int = 0, tag_col: int = -1, *, skip_bad: bool = False, limit: int | None = None,
-               report: dict | None = None) -> list[dict]:
+               report: dict | None = None, iob: bool = False) -> list[dict]:
     """CoNLL column file -> one record ``{"tokens": [...], "tags": [...]}`` per sentence.
 
     Blank lines separate sentences; ``-DOCSTART-`` lines are skipped. ``_where`` is the sentence's first line.
-    A line without `token_col`/`tag_col` is bad: its whole sentence is rejected (or skipped with `skip_bad`).
+    A line without `token_col`/`tag_col`, or with another column count than the file's first token line,
+    is bad: its whole sentence is rejected (or skipped with `skip_bad`). With `iob`, so is a tag other than
+    ``O``, ``B-TYPE``, ``I-TYPE`` (an entity tag column).
     """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     rows = _Rows(str(path), skip_bad, limit, None, report)
-    _read_conll(path, rows, token_col, tag_col)
+    _read_conll(path, rows, token_col, tag_col, iob)
     return rows.finish()
 
 
@@ -178,28 +226,26 @@ def read_squad(path, *, skip_bad: bool = False, limit: int | None = None, report
 
 
 def _read_jsonl(path: Path, rows: _Rows) -> None:
-    with path.open(encoding="utf-8-sig") as f:
-        for n, line in enumerate(f, 1):
-            if rows.full:
-                return
-            if not line.strip():
-                continue
-            where = f"{path}:{n}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                rows.bad(where, "bad json", f"invalid JSON ({e.msg} at column {e.colno})")
-                continue
-            if not isinstance(obj, dict):
-                rows.bad(where, "not an object", f"expected a JSON object, got {type(obj).__name__}")
-                continue
-            rows.add(obj, where)
+    for n, line in _utf8_lines(path, rows):
+        if rows.full:
+            return
+        if not line.strip():
+            continue
+        where = f"{path}:{n}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            rows.bad(where, "bad json", f"invalid JSON ({e.msg} at column {e.colno})")
+            continue
+        if not isinstance(obj, dict):
+            rows.bad(where, "not an object", f"expected a JSON object, got {type(obj).__name__}")
+            continue
+        rows.add(obj, where)
 
 
 def _load_json(path: Path) -> Any:
     try:
-        with path.open(encoding="utf-8-sig") as f:
-            return json.load(f)
+        return json.loads(_read_text(path))
     except json.JSONDecodeError as e:
         raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
 
@@ -211,8 +257,7 @@ def _is_squad(obj: Any) -> bool:
 
 def _read_json(path: Path, rows: _Rows) -> None:
     try:
-        with path.open(encoding="utf-8-sig") as f:
-            obj = json.load(f)
+        obj = json.loads(_read_text(path))
     except json.JSONDecodeError as e:
         if e.msg == "Extra data":  # several top-level values: it is really JSON lines
             return _read_jsonl(path, rows)
@@ -238,34 +283,40 @@ def _read_csv(path: Path, rows: _Rows, delimiter: str, quoting: str | int) -> No
         if quoting.lower() not in QUOTING:
             raise DataError(f"{path}: unknown quoting {quoting!r}; allowed: {sorted(QUOTING)}")
         quoting = QUOTING[quoting.lower()]
-    with path.open(encoding="utf-8-sig", newline="") as f:
-        reader = csv.reader(f, delimiter=delimiter, quoting=quoting)
-        header, last = None, 0
-        try:
-            for row in reader:
-                start, last = last + 1, reader.line_num  # a quoted field may span several physical lines
-                if not row or (len(row) == 1 and not row[0].strip()):
-                    continue
-                if header is None:
-                    header = [h.strip() for h in row]
-                    continue
-                if rows.full:
-                    return
-                where = f"{path}:{start}"
-                if len(row) != len(header):
-                    rows.bad(where, "column count", f"expected {len(header)} columns {header}, got {len(row)}")
-                    continue
-                rows.add(dict(zip(header, row, strict=True)), where)
-        except csv.Error as e:
-            raise DataError(f"{path}:{reader.line_num}: unreadable CSV ({e})") from None
+    lines = list(_utf8_lines(path, rows))  # a non-UTF-8 line is a bad row (skipped with skip_bad)
+    number = [n for n, _ in lines]  # reader.line_num counts the lines it was fed: map back to the file's
+    reader = csv.reader((ln for _, ln in lines), delimiter=delimiter, quoting=quoting)
+    header, last = None, 0
+    try:
+        for row in reader:
+            start, last = last + 1, reader.line_num  # a quoted field may span several physical lines
+            if not row or (len(row) == 1 and not row[0].strip()):
+                continue
+            if header is None:
+                header = [h.strip() for h in row]
+                dup = sorted({h for h in header if header.count(h) > 1})
+                if dup:
+                    raise DataError(f"{path}:{number[start - 1]}: duplicate column name(s) {dup} in the header "
+                                    f"{header}: a later column would silently replace an earlier one")
+                continue
+            if rows.full:
+                return
+            where = f"{path}:{number[start - 1]}"
+            if len(row) != len(header):
+                rows.bad(where, "column count", f"expected {len(header)} columns {header}, got {len(row)}")
+                continue
+            rows.add(dict(zip(header, row, strict=True)), where)
+    except csv.Error as e:
+        line = number[min(reader.line_num, len(number)) - 1] if number else 1
+        raise DataError(f"{path}:{line}: unreadable CSV ({e})") from None
 
 
-def _read_conll(path: Path, rows: _Rows, token_col: int, tag_col: int) -> None:
+def _read_conll(path: Path, rows: _Rows, token_col: int, tag_col: int, iob: bool = False) -> None:
     need = max(token_col if token_col >= 0 else -token_col - 1, tag_col if tag_col >= 0 else -tag_col - 1) + 1
 
     tokens: list[str] = []
     tags: list[str] = []
-    start, broken = 0, None
+    start, broken, width = 0, None, None
 
     def flush():
         if tokens or broken:
@@ -274,30 +325,38 @@ def _read_conll(path: Path, rows: _Rows, token_col: int, tag_col: int) -> None:
             else:
                 rows.add({"tokens": list(tokens), "tags": list(tags)}, f"{path}:{start}")
 
-    with path.open(encoding="utf-8-sig") as f:
-        for n, line in enumerate(f, 1):
-            cols = line.split()
-            if not cols:
-                flush()
-                tokens.clear()
-                tags.clear()
-                broken = None
-                if rows.full:
-                    return
-                continue
-            if cols[0] == "-DOCSTART-":
-                continue
-            if not tokens and not broken:
-                start = n
-            if len(cols) < need:
-                broken = broken or (f"{path}:{n}", "column count",
-                                    f"expected at least {need} columns (token_col={token_col}, "
-                                    f"tag_col={tag_col}), got {len(cols)}")
-                continue
-            tokens.append(cols[token_col])
-            tags.append(cols[tag_col])
-        if not rows.full:
+    for n, line in _utf8_lines(path, rows):
+        cols = line.split()
+        if not cols:
             flush()
+            tokens.clear()
+            tags.clear()
+            broken = None
+            if rows.full:
+                return
+            continue
+        if cols[0] == "-DOCSTART-":
+            continue
+        if not tokens and not broken:
+            start = n
+        if len(cols) < need:
+            broken = broken or (f"{path}:{n}", "column count",
+                                f"expected at least {need} columns (token_col={token_col}, "
+                                f"tag_col={tag_col}), got {len(cols)}")
+            continue
+        width = width or len(cols)  # the file's column count, set by its first token line
+        if len(cols) != width:
+            broken = broken or (f"{path}:{n}", "column count",
+                                f"expected {width} columns like the file's first token line, got {len(cols)}")
+            continue
+        tag = cols[tag_col]
+        if iob and tag != "O" and not (tag[:2] in ("B-", "I-") and len(tag) > 2):
+            broken = broken or (f"{path}:{n}", "bad tag", f"tag {tag!r} (column {tag_col}) is not O, B-TYPE or I-TYPE")
+            continue
+        tokens.append(cols[token_col])
+        tags.append(cols[tag_col])
+    if not rows.full:
+        flush()
 
 
 def _read_squad(path: Path, obj: Any, rows: _Rows) -> None:
@@ -356,3 +415,221 @@ def _read_hub(source: str, split: str | None, rows: _Rows) -> None:
         if rows.full:
             return
         rows.add(dict(item), f"hf:{path}{'/' + config if config else ''}:{split}:[{i}]")
+
+
+# ---------------------------------------------------------------- Arrow-backed sources (large sets)
+# Parquet / Arrow files, `datasets.save_to_disk` folders, a folder of files of one format, JSON/JSONL/CSV/
+# TSV/TXT files and hub ids with config, split and revision, read as a memory-mapped `datasets.Dataset`
+# (`load_table`), so a million rows never become Python objects. Hub syntax:
+# ``hf:owner/name[/config][:split][@revision]``; ``streaming=True`` streams a hub set row by row.
+TABLE_BUILDERS = {".parquet": "parquet", ".arrow": "arrow", ".jsonl": "json", ".json": "json", ".csv": "csv",
+                  ".tsv": "csv", ".txt": "text"}
+
+
+class Table:
+    """A dataset plus where each row came from: ``where(i)`` -> ``"file row n"`` (1-based, per file)."""
+
+    def __init__(self, ds, starts: list[tuple[int, str]], fingerprint: str):
+        self.ds, self.starts, self.fingerprint = ds, starts, fingerprint
+
+    def where(self, i: int) -> str:
+        import bisect
+
+        k = bisect.bisect_right([s for s, _ in self.starts], i) - 1
+        start, name = self.starts[max(k, 0)]
+        return f"{name} row {i - start + 1}"
+
+
+def _file_fingerprint(paths: list[Path]) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for p in paths:
+        st = p.stat()
+        h.update(f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def _load_file(path: Path, datasets, text_unit: str = "line"):
+    builder = TABLE_BUILDERS.get(path.suffix.lower())
+    if builder is None:
+        raise DataError(f"{path}: cannot read {path.suffix!r} files as a table; known: {sorted(TABLE_BUILDERS)}")
+    if builder == "arrow":
+        try:
+            return datasets.Dataset.from_file(str(path))
+        except Exception:  # the IPC file format (pyarrow.feather / ipc.new_file) rather than a stream
+            import pyarrow as pa
+
+            with pa.memory_map(str(path)) as src:
+                return datasets.Dataset(pa.ipc.open_file(src).read_all())
+    kwargs = {"delimiter": "\t"} if path.suffix.lower() == ".tsv" else {"sample_by": text_unit} if builder == "text" else {}
+    from tunelab.models import cache_dir
+
+    try:
+        return datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=str(cache_dir() / "datasets"), **kwargs)
+    except Exception as e:
+        raise DataError(f"{path}: cannot read as {builder}: {type(e).__name__}: {e}") from None
+
+
+def load_table(source, *, split: str | None = None, streaming: bool = False, text_unit: str = "line") -> Table:
+    """`Table` of a file, folder or hub id (see above); a DataError names the source when it cannot be read.
+    ``text_unit``: what one row of a .txt file is: "line", "paragraph" (blank-line separated) or "document"."""
+    import datasets
+
+    source_s = str(source)
+    path = Path(source_s)
+    if source_s.startswith("hf:") or (not path.exists() and _is_hub_name(source_s)):
+        return _load_hub_table(source_s, split, streaming)
+    if path.is_dir():
+        if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists() or (path / "state.json").exists():
+            ds = datasets.load_from_disk(str(path))
+            if isinstance(ds, datasets.DatasetDict):
+                name = split or ("train" if "train" in ds else None)
+                if name not in ds:
+                    raise DataError(f"{path}: a DatasetDict with splits {list(ds)}; name one as {path}:SPLIT")
+                ds = ds[name]
+            return Table(ds, [(0, str(path))], ds._fingerprint)
+        files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+        suffixes = sorted({p.suffix.lower() for p in files})
+        if not files:
+            raise DataError(f"{path}: the folder holds no data files")
+        if len(suffixes) != 1:
+            raise DataError(f"{path}: a data folder must hold files of one format, found {suffixes}")
+        parts, starts, n = [], [], 0
+        for p in files:
+            ds = _load_file(p, datasets, text_unit)
+            starts.append((n, str(p)))
+            n += len(ds)
+            parts.append(ds)
+        try:
+            ds = datasets.concatenate_datasets(parts)
+        except ValueError as e:
+            raise DataError(f"{path}: the files' columns differ: {e}") from None
+        return Table(ds, starts, _file_fingerprint(files) + text_unit)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    return Table(_load_file(path, datasets, text_unit), [(0, str(path))], _file_fingerprint([path]) + text_unit)
+
+
+def _load_hub_table(source: str, split: str | None, streaming: bool) -> Table:
+    import datasets
+
+    name, _, revision = source.partition("@")
+    repo, config, split = parse_hub_name(name, split)
+    label = f"hf:{repo}{'/' + config if config else ''}:{split}{'@' + revision if revision else ''}"
+    try:
+        ds = datasets.load_dataset(repo, config, split=split, revision=revision or None, streaming=streaming)
+    except Exception as e:  # network, unknown name, unknown split: say which dataset it was
+        raise DataError(f"{source}: cannot load hub dataset {repo!r} (config {config!r}, split {split!r}, "
+                        f"revision {revision or None!r}): {type(e).__name__}: {e}") from e
+    if streaming:  # features must be random-access: the stream is written to Arrow once, row by row
+        ds = datasets.Dataset.from_generator(lambda: (yield from ds))
+    return Table(ds, [(0, label)], getattr(ds, "_fingerprint", label))
+
+
+def check_column(table: Table, column: str, kind: str, source: str) -> None:
+    """A DataError when ``column`` is absent or not of ``kind`` ("text" or "list") in the table's schema."""
+    import pyarrow as pa
+
+    schema = table.ds.data.schema if hasattr(table.ds, "data") else None
+    names = table.ds.column_names
+    if column not in names:
+        raise DataError(f"{source}: column {column!r} is missing (present: {names}); map yours with task.fields")
+    if schema is None:
+        return
+    t = schema.field(column).type
+    ok = (pa.types.is_string(t) or pa.types.is_large_string(t)) if kind == "text" else (
+        pa.types.is_list(t) or pa.types.is_large_list(t))
+    if not ok:
+        want = "text (string)" if kind == "text" else "a list of turns"
+        raise DataError(f"{table.where(0)}: field {column!r} has Arrow type {t}, expected {want} (the whole column)")
+
+
+def read_table_records(source, *, limit: int | None = None, required=None, skip_bad: bool = False,
+                       report: dict | None = None, split: str | None = None) -> list[dict]:
+    """Records of an Arrow-backed source (small sets; large ones stay a `Table`)."""
+    table = load_table(source, split=split)
+    rows = _Rows(str(source), skip_bad, limit, required, report)
+    for i in range(len(table.ds)):
+        if rows.full:
+            break
+        rows.add(dict(table.ds[i]), table.where(i))
+    return rows.finish()
+
+
+# ---------------------------------------------------------------- preference pairs
+def _pref_side(value, where: str, key: str):
+    """A side of a pair: text, or a normalised turn list (OpenAI or ShareGPT turns)."""
+    from tunelab.chat_format import normalize
+
+    if isinstance(value, str):
+        if not value.strip():
+            raise DataError(f"{where}: field {key!r} is empty")
+        return value
+    if isinstance(value, list):
+        style = "sharegpt" if value and isinstance(value[0], dict) and "from" in value[0] else "openai"
+        try:
+            if key == "prompt":
+                return normalize(value + [{"role": "assistant", "content": ""}] if style == "openai" else
+                                 value + [{"from": "gpt", "value": ""}], style)[:-1]
+            return normalize(value, style)
+        except (ValueError, TypeError) as e:
+            raise DataError(f"{where}: field {key!r}: {e}") from None
+    raise DataError(f"{where}: field {key!r} must be text or a list of turns, got {type(value).__name__}")
+
+
+def read_preferences(source, *, fields: dict | None = None, limit: int | None = None, skip_bad: bool = False,
+                     report: dict | None = None) -> list[dict]:
+    """Preference pairs ``{"prompt", "chosen", "rejected", "form", "_where"}`` from any source.
+
+    Plain form: three texts. Chat form: ``chosen``/``rejected`` are turn lists ending in an assistant turn,
+    with ``prompt`` the shared earlier turns, or absent when both sides carry the whole conversation (the
+    longest common run of leading turns becomes the prompt). Errors name file, row and field: a missing or
+    empty field, a side that is neither text nor turns, a mix of forms, identical chosen and rejected, a chat
+    side whose last turn is not the assistant's.
+    """
+    f = {k: (fields or {}).get(k, k) for k in ("prompt", "chosen", "rejected")}
+    records = read_records(source, skip_bad=skip_bad, required=[f["chosen"], f["rejected"]], report=report)
+    out, bad = [], Counter()
+    for r in records:
+        where = r["_where"]
+        try:
+            chosen, rejected = (_pref_side(r[f[k]], where, k) for k in ("chosen", "rejected"))
+            if type(chosen) is not type(rejected):
+                raise DataError(f"{where}: 'chosen' and 'rejected' must both be text or both be turn lists")
+            prompt = r.get(f["prompt"])
+            if isinstance(chosen, str):
+                if prompt is None:
+                    raise DataError(f"{where}: field {f['prompt']!r} is missing (plain pairs need a prompt)")
+                prompt = _pref_side(prompt, where, "prompt")
+            else:
+                for key, side in (("chosen", chosen), ("rejected", rejected)):
+                    if side[-1]["role"] != "assistant":
+                        raise DataError(f"{where}: field {key!r}: the last turn is {side[-1]['role']!r}, not 'assistant'")
+                if prompt is None:
+                    n = 0
+                    while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
+                        n += 1
+                    prompt, chosen, rejected = chosen[:n], chosen[n:], rejected[n:]
+                else:
+                    prompt = _pref_side(prompt, where, "prompt") if isinstance(prompt, list) else [{"role": "user", "content": str(prompt)}]
+            if chosen == rejected:
+                raise DataError(f"{where}: 'chosen' and 'rejected' are identical: the pair carries no preference")
+        except DataError as e:
+            if not skip_bad:
+                raise
+            bad[str(e).split(": ", 1)[-1][:60]] += 1
+            continue
+        out.append({"prompt": prompt, "chosen": chosen, "rejected": rejected,
+                    "form": "plain" if isinstance(chosen, str) else "chat", "_where": where})
+        if limit is not None and len(out) >= limit:
+            break
+    if bad:
+        log.warning("%s: skipped %d bad preference pairs", source, sum(bad.values()))
+        if report is not None:
+            report["skipped"] = report.get("skipped", 0) + sum(bad.values())
+    if not out:
+        raise DataError(f"{source}: no usable preference pairs")
+    if len({ex["form"] for ex in out}) > 1:
+        raise DataError(f"{source}: mixes plain-text and chat pairs; use one form per file")
+    return out

@@ -29,13 +29,18 @@ from safetensors.torch import load_file, save_file
 
 import tunelab
 from tunelab import distributed as dist
-from tunelab import fast
-from tunelab.checkpoint import atomic_dir, atomic_write_text, recover
+from tunelab import fast, pipeline, tracking
+from tunelab.checkpoint import atomic_dir, atomic_write_text, recover, remove_stale, verify_checkpoint
 from tunelab.config import RunConfig, dump_config, task_config
-from tunelab.data import Collator, batches, pack
+from tunelab.data import Collator, batches
+from tunelab.evaluate import show_progress
+from tunelab.guard import check_step, check_tensors, warn_rank
 from tunelab.methods.base import METHODS, method_state_dict
 from tunelab.models import load as load_model
 from tunelab.models import resolve
+from tunelab.preflight import check_run
+from tunelab.results import read_metrics
+from tunelab.runlock import RunLock, StopOnSignal, Stopped
 from tunelab.tasks import TASKS
 
 DEFAULT_LR = 1e-4
@@ -46,6 +51,9 @@ def pick_device(name: str) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"train.device=cuda but CUDA is not available here (torch {torch.__version__}); "
+                             "use train.device=auto or train.device=cpu")
         return torch.device("cuda", dist.local_rank())
     return torch.device(name)
 
@@ -147,7 +155,7 @@ def save_checkpoint(path: Path, model, optimizer, scheduler, position: dict) -> 
         rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
     if not dist.is_lead():
         return
-    with atomic_dir(path) as tmp:
+    with atomic_dir(path, keep=path.with_name("prev")) as tmp:  # the previous one stays until this one is verified
         save_file(own, str(tmp / "trainable.safetensors"))
         save_file(tensors, str(tmp / "optimizer.safetensors"))
         save_file(rng, str(tmp / "rng.safetensors"))
@@ -159,6 +167,7 @@ def save_checkpoint(path: Path, model, optimizer, scheduler, position: dict) -> 
             "numpy_random": _jsonable(np.random.get_state()),
         }
         (tmp / "state.json").write_text(json.dumps(state))
+        verify_checkpoint(tmp, deep=False)
 
 
 def _jsonable(x):
@@ -209,9 +218,12 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
 class Run:
     """Everything a run needs, loaded once: task, data, model with its method, features."""
 
+    tracker = None  # tunelab.tracking.Tracker of a training run (lead process only)
+
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
         self.dir = cfg.run_dir()
+        show_progress(cfg.train.progress)  # evaluation bars follow train.progress too
         self.task = TASKS.get(cfg.task.name)
         self.tcfg = task_config(cfg.task.name, cfg.task.params())
         self.device = pick_device(cfg.train.device)
@@ -226,11 +238,15 @@ class Run:
             self.tcfg = self.task.fit(self.tcfg, self.train_ex or self.eval_ex)
         head = self.task.head(self.tcfg, self.train_ex or self.eval_ex)
         self.causal = head is None
+        if d.pack and not self.causal:
+            raise ValueError(f"data.pack=true needs a causal-LM formulation, but task '{cfg.task.name}' uses a "
+                             f"{head.kind} head here: packing would mix rows' labels; set data.pack=false")
         m = cfg.model
         # a method may quantize its targets while the weights load (QLoRA, LoftQ): it says so itself
         on_load = getattr(METHODS.get(cfg.method.name), "quantize_on_load", None)
         plan = on_load(tunelab.api.method_config(cfg.method.name, cfg.method.params())) if on_load else None
         self.model, self.tok = load_model(m.name, head=head, dtype=m.dtype, trust_remote_code=m.trust_remote_code, revision=m.revision, quantize=plan, device=self.device)
+        check_run(self.task, self.tcfg, self.train_ex, self.eval_ex, self.tok, self.model, d.max_length)  # before step 1
         self.model.to(self.device)
         # The task decides how features batch and what the loss is (token cross-entropy by default).
         self.collate = self.task.collator(self.tok) if hasattr(self.task, "collator") else Collator(self.tok.pad_token_id)
@@ -253,12 +269,12 @@ class Run:
     @torch.no_grad()
     def eval_loss(self) -> float:
         """Token-mean training loss on the eval set (what scaling-law fits use)."""
-        feats = [self.task.encode(ex, self.tok, self.tcfg, self.cfg.data.max_length) for ex in self.eval_ex]
+        feats = pipeline.features(self.task, self.eval_ex, self.tok, self.tcfg, self.cfg.data.max_length, desc="tokenizing eval")
         collate = self.collate
         was_training = self.model.training
         self.model.eval()
         total, count, trim = 0.0, 0, None
-        for idx in batches([len(f["input_ids"]) for f in feats], self.cfg.eval.batch_size, seed=0, epoch=0, shuffle=False):
+        for idx in batches(feats.lengths, self.cfg.eval.batch_size, seed=0, epoch=0, shuffle=False):
             batch = {k: v.to(self.device) for k, v in collate([feats[i] for i in idx]).items()}
             if trim is None:  # the LM head only where a target is, a shared prefix once (tunelab.fast)
                 trim = self.causal and not self.objective and fast.supports_loss_inputs(self.model, batch)
@@ -273,11 +289,40 @@ class Run:
 
 
 def run(cfg: RunConfig) -> dict:
-    """Train (and evaluate) as ``cfg`` says; write the run directory; return the final metrics."""
+    """Train (and evaluate) as ``cfg`` says; write the run directory; return its metrics record in
+    the namespaced form of ``tunelab.results`` ({"metrics", "before", "run"}).
+
+    Only one process writes a run directory (``tunelab.runlock``); a finished run (metrics.json
+    there, same config, resume on) is not redone: its record is returned as it is."""
     t_start = time.time()
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     dist.init()
+    tracking.check(cfg.train.report_to)  # a missing tracking library fails here, before any loading
+    out = cfg.run_dir()
+    with RunLock(out) if dist.is_lead() else contextlib.nullcontext():
+        if dist.is_lead():
+            remove_stale(out)
+            remove_stale(out / "checkpoints")
+        done = _finished(cfg, out)
+        if done is not None:
+            dist.log(f"{out}: finished before with this config; metrics.json kept (train.resume=false to redo it)")
+            return done
+        return _run(cfg, t_start)
+
+
+def _finished(cfg: RunConfig, out: Path) -> dict | None:
+    """The saved record when ``out`` holds a finished run of this very config (and resume is on)."""
+    if not cfg.train.resume or not (out / "config.yaml").exists():
+        return None
+    try:
+        same = (out / "config.yaml").read_text() == dump_config(cfg)
+        return dist.broadcast_json(read_metrics(out) if same else None)
+    except (OSError, ValueError):
+        return None
+
+
+def _run(cfg: RunConfig, t_start: float) -> dict:
     if dist.active():  # an embedded model is converted on first use: once per machine, not per process
         if dist.local_rank() == 0:
             resolve(cfg.model.name)
@@ -289,23 +334,31 @@ def run(cfg: RunConfig) -> dict:
     if lead:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "config.yaml", dump_config(cfg))
-    metrics: dict = {}
+    if lead:
+        (out / "metrics.json").unlink(missing_ok=True)  # a metrics.json always belongs to the config beside it
+    r.tracker = tracking.start(cfg, lead)
+    record: dict = {}
     if cfg.eval.before and r.eval_ex:
         before, _ = r.evaluate()
-        metrics["before"] = before
+        record["before"] = before
+        if r.tracker:
+            r.tracker.log_eval(0, before)
         dist.log(f"before training: {before}")
 
     model = tunelab.attach(r.model, cfg.method.name, **cfg.method.params())
+    for w in warn_rank(model, cfg.method.params()):
+        dist.log(f"warning: {w}")
     counts = tunelab.trainable_parameters(model)
     train_stats = {}
     if r.train_ex and (cfg.train.max_steps is None or cfg.train.max_steps > 0):
         train_stats = _train(r, model, out, lead)
     with dist.gathered(model):
         if lead:
+            check_tensors(method_state_dict(model), f"{out / 'method'} (the trained weights)")
             tunelab.save(model, out / "method")
     final, preds = r.evaluate()
-    metrics = {**final, **metrics}
-    metrics.update(
+    record = {"metrics": final, **record}
+    record["run"] = dict(
         method=cfg.method.name, task=cfg.task.name, model=cfg.model.name, seed=cfg.train.seed,
         trainable_params=counts["trainable"], total_params=counts["total"], trainable_percent=counts["percent"],
         precision=str(r.amp).replace("torch.", "") if r.amp else "float32", device=str(r.device),
@@ -315,16 +368,23 @@ def run(cfg: RunConfig) -> dict:
     if lead:
         if preds and cfg.eval.save_predictions:
             atomic_write_text(out / "predictions.jsonl", "".join(json.dumps(p) + "\n" for p in preds))
-        atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
-    return metrics
+        atomic_write_text(out / "metrics.json", json.dumps(record, indent=2))
+    if r.tracker:
+        r.tracker.finish(record)
+    return record
 
 
 def _train(r: Run, model, out: Path, lead: bool) -> dict:
     cfg, tc = r.cfg, r.cfg.train
-    feats = [r.task.encode(ex, r.tok, r.tcfg, cfg.data.max_length) for ex in r.train_ex]
-    if cfg.data.pack:
-        feats = pack(feats, cfg.data.max_length)
-    lengths = [len(f["input_ids"]) for f in feats]
+    # batched, cached, memory-mapped where the task and the data size allow (tunelab.pipeline)
+    feats = pipeline.features(r.task, r.train_ex, r.tok, r.tcfg, cfg.data.max_length, pack=cfg.data.pack, desc="tokenizing train")
+    if not len(feats):
+        raise ValueError(f"{cfg.data.train}: no training features left ({feats.stats['dropped']} rows dropped)")
+    truncated = feats.stats["truncated"]
+    if truncated:
+        dist.log(f"warning: {truncated} of {feats.stats['rows']} training rows are longer than data.max_length="
+                 f"{cfg.data.max_length} and were truncated (their document part; see metrics.json run.truncated_rows)")
+    lengths = feats.lengths
     collate = r.collate
     per_rank = tc.batch_size
     epoch_batches = lambda epoch: dist.shard(  # noqa: E731
@@ -352,14 +412,16 @@ def _train(r: Run, model, out: Path, lead: bool) -> dict:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(tc.schedule, int(tc.warmup * total), total))
 
     ckpt = out / "checkpoints"
-    pos = {"step": 0, "epoch": 0, "batch": 0, "best": None, "world": dist.world(), "global_batch": per_rank * dist.world()}
-    last = _agree_last(ckpt, lead) if tc.resume else None
+    # tokens / train_time_s / loss_*: whole-run figures, kept in the checkpoint so a resumed run reports them
+    pos = {"step": 0, "epoch": 0, "batch": 0, "best": None, "world": dist.world(), "global_batch": per_rank * dist.world(),
+           "tokens": 0, "train_time_s": 0.0, "loss": None, "loss_sum": 0.0}
+    last = _agree_last(ckpt, lead, total) if tc.resume else None
     if last is not None:
-        pos = load_checkpoint(last, dist.unwrap(model), opt, sched)
+        pos = {**pos, **load_checkpoint(last, dist.unwrap(model), opt, sched)}
         dist.check_resume(pos, per_rank, len(lengths))
-        if lead:
-            _truncate_log(out / "log.jsonl", pos["step"])
         dist.log(f"resumed from {last} at step {pos['step']}")
+    if lead:  # lines past the checkpoint (or all, starting afresh) belong to no run any more
+        _truncate_log(out / "log.jsonl", pos["step"])
     order = epoch_batches(pos["epoch"])
 
     def next_batch():
@@ -379,8 +441,11 @@ def _train(r: Run, model, out: Path, lead: bool) -> dict:
         bar = tqdm(total=total, initial=pos["step"], desc=f"{cfg.method.name} on {cfg.task.name}", unit="step", dynamic_ncols=True)
     model.train()
     log_f = open(out / "log.jsonl", "a") if lead else None  # noqa: SIM115
-    tokens, t_train, loss = 0, 0.0, float("nan")
+    tokens, t_train = pos["tokens"], pos["train_time_s"]
+    loss = pos["loss"] if pos["loss"] is not None else float("nan")
+    stop = StopOnSignal()
     try:
+        stop.__enter__()
         while pos["step"] < total:
             t0 = time.perf_counter()
             micro = [{k: v.to(r.device) for k, v in next_batch().items()} for _ in range(tc.grad_accum)]
@@ -395,15 +460,17 @@ def _train(r: Run, model, out: Path, lead: bool) -> dict:
                 step_loss += out_loss.detach() * weight
             gnorm = torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm) if tc.max_grad_norm else None
             gnorm = dist.full(gnorm)
+            loss = dist.mean(step_loss).item()
+            check_step(pos["step"] + 1, loss, gnorm, _last_saved(ckpt))  # before the update touches the weights
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
             pos["step"] += 1
-            loss = dist.mean(step_loss).item()
             dt = time.perf_counter() - t0
             n_tok = dist.all_sum(sum(real_tokens(b, r.tok.pad_token_id) for b in micro))
             tokens += n_tok
             t_train += dt
+            pos.update(tokens=tokens, train_time_s=t_train, loss=loss, loss_sum=pos["loss_sum"] + loss)
             if lead:
                 rec = {"step": pos["step"], "epoch": pos["epoch"], "loss": loss, "lr": sched.get_last_lr()[0],
                        "tokens_per_s": n_tok / dt, "elapsed_s": t_train}
@@ -414,6 +481,8 @@ def _train(r: Run, model, out: Path, lead: bool) -> dict:
                 if pos["step"] % tc.log_every == 0 or pos["step"] in (1, total):
                     log_f.write(json.dumps(rec) + "\n")
                     log_f.flush()
+                    if r.tracker:
+                        r.tracker.log_step(rec)
                 if bar:
                     bar.update(1)
                     bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens / t_train:,.0f}")
@@ -422,10 +491,16 @@ def _train(r: Run, model, out: Path, lead: bool) -> dict:
             if tc.save_every and pos["step"] % tc.save_every == 0 and pos["step"] < total:
                 save_checkpoint(ckpt / "last", dist.unwrap(model), opt, sched, pos)
             dist.barrier_if(tc.save_every and pos["step"] % tc.save_every == 0)
+            signum = dist.all_sum(stop.signum or 0) if dist.active() else stop.signum
+            if signum and pos["step"] < total:
+                save_checkpoint(ckpt / "last", dist.unwrap(model), opt, sched, pos)
+                name = stop.name or f"signal {signum}"
+                raise Stopped(f"stopped by {name} at step {pos['step']} of {total}: checkpoint saved in {ckpt / 'last'}; "
+                              "run the same `tunelab train` command again (train.resume=true) to continue from it", signum)
         save_checkpoint(ckpt / "last", dist.unwrap(model), opt, sched, pos)
     except Exception as e:
         if dist.lost_peer(e):
-            saved = next((p for p in (ckpt / "last", ckpt / ".last.old") if p.exists()), None)
+            saved = _last_saved(ckpt)
             raise RuntimeError(
                 f"rank {dist.rank()}: another process of this {dist.world()}-process run failed or stopped "
                 f"answering ({type(e).__name__}); "
@@ -434,12 +509,20 @@ def _train(r: Run, model, out: Path, lead: bool) -> dict:
             ) from e
         raise
     finally:
+        stop.__exit__(None, None, None)
         if bar:
             bar.close()
         if log_f:
             log_f.close()
-    return {"steps": pos["step"], "train_tokens": tokens, "train_time_s": t_train,
-            "train_tokens_per_s": tokens / t_train if t_train else 0.0, "final_loss": loss, "lr": lr}
+    data = {f"data_{k}": feats.stats[k] for k in ("rows", "dropped", "cached", "seconds")}
+    return {**data, "steps": pos["step"], "train_tokens": tokens, "train_time_s": t_train,
+            "train_tokens_per_s": tokens / t_train if t_train else 0.0, "final_loss": loss,
+            "mean_train_loss": pos["loss_sum"] / pos["step"] if pos["step"] else float("nan"), "lr": lr,
+            "truncated_rows": truncated}
+
+
+def _last_saved(ckpt: Path) -> Path | None:
+    return next((p for p in (ckpt / "last", ckpt / "prev", ckpt / ".last.old") if p.exists()), None)
 
 
 def _eval_and_keep_best(r: Run, model, out: Path, pos: dict, log_f) -> None:
@@ -450,6 +533,8 @@ def _eval_and_keep_best(r: Run, model, out: Path, pos: dict, log_f) -> None:
     if log_f:
         log_f.write(json.dumps({"step": pos["step"], "eval": metrics}) + "\n")
         log_f.flush()
+        if r.tracker:
+            r.tracker.log_eval(pos["step"], metrics)
     if pos["best"] is None or metrics[primary] > pos["best"]:
         pos["best"] = metrics[primary]
         with dist.gathered(model):
@@ -457,17 +542,31 @@ def _eval_and_keep_best(r: Run, model, out: Path, pos: dict, log_f) -> None:
                 tunelab.save(model, out / "checkpoints" / "best")
 
 
-def _agree_last(ckpt: Path, lead: bool) -> Path | None:
-    """Rank 0 decides whether to resume (only it repairs a half-renamed checkpoint); every rank
-    must then find the same checkpoint, i.e. output_dir must be on a filesystem all nodes share."""
-    step = None
+def _agree_last(ckpt: Path, lead: bool, total: int) -> Path | None:
+    """Rank 0 decides whether to resume and from which checkpoint: ``last``, else (with a message)
+    ``prev`` when ``last`` is corrupt (it repairs a half-renamed one too); every rank must then find
+    the same checkpoint, i.e. output_dir must be on a filesystem all nodes share."""
+    choice = None
     if lead:
-        last = recover(ckpt / "last")
-        step = json.loads((last / "state.json").read_text())["position"]["step"] if last else None
-    step = dist.broadcast_json(step)
-    if step is None:
+        recover(ckpt / "last")
+        problems = []
+        for cand in (ckpt / "last", ckpt / "prev"):
+            if not cand.exists():
+                continue
+            try:
+                choice = [cand.name, verify_checkpoint(cand, total)["position"]["step"]]
+                break
+            except ValueError as e:
+                problems.append(str(e))
+                dist.log(f"warning: checkpoint {cand} is unusable ({e})" + ("; trying the previous one" if cand.name == "last" and (ckpt / "prev").exists() else ""))
+        if choice is None and problems:
+            raise ValueError(f"{ckpt}: no usable checkpoint to resume from ({'; '.join(problems)}); "
+                             "delete it or set train.resume=false to start over")
+    choice = dist.broadcast_json(choice)
+    if choice is None:
         return None
-    last = ckpt / "last"
+    name, step = choice
+    last = ckpt / name
     mine = json.loads((last / "state.json").read_text())["position"]["step"] if (last / "state.json").exists() else None
     if mine != step:
         raise RuntimeError(f"rank {dist.rank()}: rank 0 resumes from {last} at step {step} but this process sees "
@@ -480,7 +579,14 @@ def _truncate_log(path: Path, step: int) -> None:
     """Drop log lines past the checkpoint we resume from, so the log reads as one clean run."""
     if not path.exists():
         return
-    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
+    keep = []
+    for ln in path.read_text(errors="replace").splitlines():
+        try:
+            rec = json.loads(ln)
+        except ValueError:  # a half-written line (killed mid-write, full disk): never resumed from
+            continue
+        if isinstance(rec, dict) and rec.get("step", 0) <= step:
+            keep.append(ln)
     atomic_write_text(path, "".join(ln + "\n" for ln in keep))
 
 

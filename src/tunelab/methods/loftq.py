@@ -7,8 +7,9 @@ so s B_T A_T = U_r S_r V_r^T, the best rank-r fit of W - Q_T, for *any* alpha (P
 the split without 1/s and reconstructs W only when alpha = r). The frozen base is Q_T and LoRA starts
 at (A_T, B_T): y = deq(Q_T) x + b + s B A drop(x). T = 0 is QLoRA (Q = q(W), B = 0).
 
-Quantizers: bits=4 -> NF4 (torchao), bits=2 -> NF2 (quant="nf") or uniform 2-bit (quant="uniform"),
-both block 64; ``mixed_4bit_layers=k`` keeps NF4 on transformer layers 0..k-1 (the paper's mixed
+Quantizers: bits=4 -> NF4 (torchao), bits=2 -> NF2 (quant="nf"), uniform 2-bit with the LoftQ
+repository's block scale mean + 2.5 std (quant="uniform") or with the block absmax
+(quant="uniform_absmax", tunelab <= 0.1's "uniform"), all block 64 (see tunelab.quant); ``mixed_4bit_layers=k`` keeps NF4 on transformer layers 0..k-1 (the paper's mixed
 precision). Everything runs on the weight's device (CPU or CUDA), in fp32.
 
 Q_T is a deterministic function of W, so tunelab saves only A, B (+ a checksum of Q_T) and re-attaching
@@ -49,8 +50,9 @@ class LoftQConfig(LoRAConfig):
     @field_validator("quant")
     @classmethod
     def _quant(cls, v):
-        if v not in ("nf", "uniform"):
-            raise ValueError(f"quant={v!r}: allowed 'nf' (NormalFloat) or 'uniform'")
+        if v not in quant.KINDS:
+            raise ValueError(f"quant={v!r}: allowed 'nf' (NormalFloat), 'uniform' (LoftQ's mean + 2.5 std "
+                             "block scale) or 'uniform_absmax'")
         return v
 
 
@@ -115,6 +117,11 @@ def layer_index(name: str) -> int | None:
 class LoftQ:
     name = "loftq"
     Config = LoftQConfig
+    recommended_lr = 3e-4  # as LoRA (the LoftQ paper fine-tunes with LoRA's usual 1e-4..3e-4)
+    about_defaults = (
+        "bits=4: NF4; bits=2: quant=nf (NF2) or uniform (the LoftQ repository's mean + 2.5 std block scale; "
+        "uniform_absmax is tunelab 0.1's); keep_best keeps the lowest-error iterate (keep_best=false: the paper's T-th)"
+    )
 
     @staticmethod
     def _init(name: str, w, bias, cfg: LoftQConfig):

@@ -262,6 +262,7 @@ class LoRA:
     name = "lora"
     Config = LoRAConfig
     dora = False
+    recommended_lr = 3e-4  # AdamW, r 8 on all linears (tunelab's SST-2 runs; the LoRA paper's GLUE range 2e-4..5e-4)
 
     def attach(self, model: nn.Module, cfg: LoRAConfig) -> nn.Module:
         return inject(model, cfg, dora=self.dora)

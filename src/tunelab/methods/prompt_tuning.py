@@ -183,7 +183,7 @@ class PromptTuning:
 
     def attach(self, model: nn.Module, cfg: PromptTuningConfig) -> nn.Module:
         if getattr(model.config, "is_encoder_decoder", False):
-            raise ValueError("prompt_tuning supports decoder-only and encoder-only models, not encoder-decoder")
+            return attach_encoder_decoder(model, cfg)
         install_context(model)  # its pre-hook must run before ours (it pops prompt_mask into the context)
         freeze(model)
         emb = model.get_input_embeddings()
@@ -200,6 +200,71 @@ class PromptTuning:
         emb.register_forward_hook(prompt.fill)
         model.register_forward_hook(prompt.after_forward, with_kwargs=True)
         return model
+
+
+# ---------------------------------------------------------------- encoder-decoder models (T5, BART)
+class EncoderPrompt(nn.Module):
+    """Encoder-decoder prompt tuning (as the paper, on T5, and PEFT): P goes in front of the ENCODER's
+    input embeddings only; the decoder, its labels and its positions are untouched.
+
+        encoder input E' = [P ; E(source)]   encoder mask' = [1_p ; mask]   (the decoder's cross-attention
+        mask is the same mask', so it attends to P as to the source)
+
+    A pre-hook on the encoder turns ``input_ids`` into ``inputs_embeds`` with P in front (generation calls
+    the encoder directly, not through the top model); a pre-hook on the top model widens the mask it hands
+    the decoder, in training (input ids of width n, mask n) and in every decode step (encoder outputs of
+    width n + p, mask n). The encoder widens a mask only when it is as wide as its ids, so nothing is
+    widened twice. Encoder outputs (``encoder_last_hidden_state``) keep the p virtual positions."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(weight)
+
+    def _widen(self, mask):
+        return torch.cat([mask.new_ones(mask.shape[0], self.weight.shape[0]), mask], 1)
+
+    def before_encoder(self, encoder, args, kwargs):
+        if args:
+            if len(args) > 1 or "input_ids" in kwargs:
+                raise TypeError("prompt tuning: pass encoder inputs as keyword arguments")
+            kwargs["input_ids"], args = args[0], ()
+        ids = kwargs.pop("input_ids", None)
+        embeds = kwargs.get("inputs_embeds")
+        if embeds is None:
+            embeds = encoder.embed_tokens(ids)  # the encoder's own (BART: scaled) embedding
+        n = embeds.shape[1]
+        kwargs["inputs_embeds"] = torch.cat([self.weight.to(embeds.dtype).expand(embeds.shape[0], -1, -1), embeds], 1)
+        mask = kwargs.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[1] == n:
+            kwargs["attention_mask"] = self._widen(mask)
+        return args, kwargs
+
+    def before_forward(self, model, args, kwargs):
+        mask = kwargs.get("attention_mask")
+        if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+            return args, kwargs
+        enc = kwargs.get("encoder_outputs")
+        if enc is not None:
+            width = enc[0].shape[1] - self.weight.shape[0]
+        else:
+            x = kwargs.get("input_ids", args[0] if args else None)
+            x = x if x is not None else kwargs.get("inputs_embeds")
+            width = x.shape[1] if x is not None else -1
+        if mask.shape[1] == width:
+            kwargs["attention_mask"] = self._widen(mask)
+        return args, kwargs
+
+
+def attach_encoder_decoder(model: nn.Module, cfg: PromptTuningConfig) -> nn.Module:
+    install_context(model)
+    freeze(model)
+    encoder = model.get_encoder()
+    emb = getattr(encoder, "embed_tokens", None) or model.get_input_embeddings()
+    prompt = EncoderPrompt(_init_weight(model, emb, cfg).to(emb.weight.device))
+    model.prompt_tuning = prompt
+    encoder.register_forward_pre_hook(prompt.before_encoder, with_kwargs=True)
+    model.register_forward_pre_hook(prompt.before_forward, with_kwargs=True)
+    return model
 
 
 METHODS.register(PromptTuning.name, PromptTuning())

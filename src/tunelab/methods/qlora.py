@@ -85,6 +85,7 @@ class QLoRA:
     name = "qlora"
     Config = QLoRAConfig
     merge_refusal = None
+    recommended_lr = 3e-4  # as LoRA: the frozen base is quantized, the adapter trains the same way
 
     def quantize_on_load(self, cfg: QLoRAConfig):
         return load_plan(cfg, lambda name, w, bias: quant.nf4_linear(w, bias, cfg.backend))

@@ -1,11 +1,18 @@
 """Random Masking (Xu & Zhang, ICML 2024): train a fixed random sparse subset of each target weight.
 
-For a target linear with frozen W0 (d_out x d_in) and bias b, draw once (from ``seed``) a set I of
-k = max(1, round(fraction * d_out * d_in)) distinct flat positions of W0, and train v (k,), zero at start:
+For a target linear with frozen W0 (d_out x d_in, n = d_out d_in entries) and bias b, draw once (from
+``seed``) a count k ~ Binomial(n, fraction) and a uniform set I of k distinct flat positions of W0,
+and train v (k,), zero at start:
 
     y = W0 x + b + S x,     S = scatter(I, v)  (d_out x d_in, zero outside I)
     (S x)[r] = sum_{j: row(I_j) = r} v_j * x[col(I_j)]          row = I // d_in, col = I % d_in
 
+The two-step draw is in distribution the reference's mask (every entry kept independently with
+probability ``fraction``), so E[k] = fraction * n exactly at every scale; tunelab <= 0.1 kept
+max(1, round(fraction * n)) per matrix, which at fraction 1e-6 kept ~4.5x the requested entries.
+A matrix may keep k = 0 entries (then it has no delta and costs nothing); a model where every
+targeted matrix draws 0 is refused with the expected count. Saved runs load with the indices in
+the file, whatever count the re-attach draws (``upgrade_state``).
 ``fraction`` is of the *targeted matrices* (the reference code's 1 - masking_prob on q_proj/v_proj);
 ``stats(model)`` reports it and the fraction of the whole model. Trainable parameters = sum_targets k.
 Below 1/256 of a matrix kept, the forward never builds S: it gathers x at col(I) and index-adds
@@ -55,8 +62,19 @@ class RandomMaskConfig(MethodConfig):
     seed: int = 0
 
 
+def kept_count(n: int, fraction: float, gen: torch.Generator) -> int:
+    """k ~ Binomial(n, fraction): the number of entries an independent per-entry mask keeps."""
+    if fraction >= 1.0:
+        return n
+    draw = torch.binomial(torch.tensor([float(n)], dtype=torch.float64),
+                          torch.tensor([fraction], dtype=torch.float64), generator=gen)
+    return int(draw.item())
+
+
 def sample_indices(n: int, k: int, gen: torch.Generator) -> torch.Tensor:
     """k distinct integers from [0, n), uniformly, sorted (int64), without an O(n) draw when k << n."""
+    if k == 0:
+        return torch.empty(0, dtype=torch.long)
     if k * 4 > n:
         return torch.randperm(n, generator=gen)[:k].sort().values
     picked = torch.empty(0, dtype=torch.long)
@@ -100,6 +118,8 @@ class SparseDelta(nn.Module):
         self.values = nn.Parameter(torch.zeros(indices.numel(), device=device))
 
     def add_to(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        if self.indices.numel() == 0:  # this matrix drew no entry
+            return out
         if self.indices.numel() * DENSE_ABOVE > self.shape[0] * self.shape[1]:
             # dense masks: one extra matmul beats a (tokens x k) gather (measured ~4x at 1% on CPU)
             return out + nn.functional.linear(x.to(out.dtype), self.scatter(self.values).to(out.dtype))
@@ -148,7 +168,7 @@ def _draw(model: nn.Module, name: str, lin: nn.Module, fraction: float, gen: tor
     picked = []
     for start, stop in rows:  # the q and v rows of a fused projection, else the whole matrix
         n = (stop - start) * d_in
-        picked.append(sample_indices(n, max(1, round(fraction * n)), gen) + start * d_in)
+        picked.append(sample_indices(n, kept_count(n, fraction, gen), gen) + start * d_in)
     return torch.cat(picked), sum((stop - start) * d_in for start, stop in rows)
 
 
@@ -177,6 +197,10 @@ class RandomMask:
 
     # what the loop reads when the run sets no lr: the value at the default fraction (0.1% -> 1.8e-3)
     recommended_lr = lr_for(RandomMaskConfig())
+    about_defaults = (
+        "kept count per matrix ~ Binomial(n, fraction) (expected = fraction * n, the reference's per-entry mask); "
+        "lr from the density: 1e-2 * (1e-4 / fraction) ** 0.75"
+    )
 
     def attach(self, model: nn.Module, cfg: RandomMaskConfig) -> nn.Module:
         targets = _resolve_targets(model, cfg.target_modules)
@@ -188,7 +212,25 @@ class RandomMask:
             lin.random_mask = SparseDelta((d_out, d_in), indices, lin.weight.device)
             lin.random_mask.targeted = targeted  # the q/v rows of a fused projection, else d_out * d_in
             lin.register_forward_hook(_add_sparse_delta)
+        if not any(lin.random_mask.indices.numel() for _, lin in targets):
+            expected = cfg.fraction * sum(lin.weight.numel() for _, lin in targets)
+            raise ValueError(
+                f"random_mask: fraction={cfg.fraction} kept no entry of the {len(targets)} targeted matrices "
+                f"(expected {expected:.3g} entries in all); raise fraction or target more modules"
+            )
         return model
+
+    def upgrade_state(self, model: nn.Module, state: dict, where) -> dict:
+        """Size each delta to the indices saved in the file (runs of tunelab <= 0.1 used another count)."""
+        for name, mod in model.named_modules():
+            saved = state.get(f"{name}.indices")
+            if isinstance(mod, SparseDelta) and saved is not None and saved.shape != mod.indices.shape:
+                if saved.dim() != 1 or (saved.numel() and int(saved.max()) >= mod.shape[0] * mod.shape[1]):
+                    raise ValueError(f"{where}: {name}.indices does not fit a {mod.shape} matrix")
+                device = mod.indices.device
+                mod.indices = saved.to(device=device, dtype=torch.long)
+                mod.values = nn.Parameter(torch.zeros(saved.numel(), device=device))
+        return state
 
     def merge(self, model: nn.Module) -> nn.Module:
         """W0 += S on the kept entries only (exact: no other entry is touched); removes the hooks."""

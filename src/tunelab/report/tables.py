@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 import re
 from pathlib import Path
+
+from tunelab.results import read_metrics
 
 # Task metrics in the order a default is picked, when the caller names none.
 PRIMARY_METRICS = (
@@ -77,15 +78,13 @@ def _scalar(v) -> bool:
 def read_run(run_dir: str | Path) -> dict | None:
     """The row for one run directory, or None when it has not finished (no metrics.json)."""
     run_dir = Path(run_dir)
-    path = run_dir / "metrics.json"
-    if not path.exists():
+    record = read_metrics(run_dir)
+    if record is None:
         return None
-    try:
-        metrics = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(metrics, dict):
-        raise ValueError(f"{path}: expected a JSON object of metrics")
+    # Task metrics win the plain names; a run fact of the same name (a NER run's "precision") is "run.<key>".
+    facts, task = record["run"], record["metrics"]
+    metrics = {**{(f"run.{k}" if k in task else k): v for k, v in facts.items()}, **task}
+    metrics.update({k: v for k, v in record.items() if k not in ("metrics", "run")})
     row = {k: v for k, v in metrics.items() if _scalar(v)}
     # Nested metric groups ({"eval": {"accuracy": ..}}) are flattened with a dot.
     for k, v in metrics.items():

@@ -47,7 +47,7 @@ class TaskConfig(BaseModel):
 
 @dataclass
 class HeadSpec:
-    kind: Literal["sequence", "token", "qa"]
+    kind: Literal["sequence", "token", "qa", "seq2seq"]  # seq2seq: an encoder-decoder LM (no new head)
     labels: list[str] = field(default_factory=list)
     # Called on the loaded model (e.g. to map the loop's ``labels`` onto a head's own arguments).
     install: Callable | None = None

@@ -14,9 +14,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from sklearn.metrics import f1_score
-
-from tunelab.data import encode_head, encode_lm
+from tunelab.data import encode_head, encode_lm_document
 from tunelab.evaluate import classify, score_choices
 from tunelab.readers import DataError, read_records
 from tunelab.tasks.base import TASKS, HeadSpec, TaskConfig, field_name, render_prompt
@@ -40,11 +38,20 @@ class Classification:
     def read(self, source, cfg, *, limit=None, skip_bad=False) -> list[dict]:
         keys = ["text", "label"] + (["text_pair"] if cfg.pair else [])
         cols = {k: field_name(cfg, k) for k in keys}
-        rows = read_records(source, skip_bad=skip_bad, quoting=cfg.quoting, limit=limit, required=list(cols.values()))
+        texts = [c for k, c in cols.items() if k != "label"]
+        rows = read_records(source, skip_bad=skip_bad, quoting=cfg.quoting, limit=limit, required=list(cols.values()),
+                            text=texts)
         out = []
         for r in rows:
             ex = {k: str(r[c]).strip() for k, c in cols.items() if k != "label"}
-            ex["label"] = str(r[cols["label"]]).strip()
+            label = r[cols["label"]]
+            if isinstance(label, float) and label.is_integer():
+                label = int(label)
+            if not isinstance(label, str | int):  # a list, a mapping, 0.5: never a class name
+                if skip_bad:
+                    continue
+                raise DataError(f"{r['_where']}: field {cols['label']!r} must be a class name or index, got {label!r}")
+            ex["label"] = str(label).strip()
             ex["_where"] = r.get("_where", source)
             out.append(ex)
         return out
@@ -62,6 +69,15 @@ class Classification:
         if raw.lstrip("-").isdigit() and 0 <= int(raw) < len(labels):
             return int(raw)
         raise DataError(f"{ex['_where']}: field 'label' has value {raw!r}, not one of {labels} or an index below {len(labels)}")
+
+    def check(self, cfg, train_ex, eval_ex, tokenizer, model) -> None:
+        """Before step 1: one label word per class, and every eval label known (else DataError naming the row)."""
+        labels = self._labels(cfg, train_ex or eval_ex)
+        if cfg.label_words is not None and len(cfg.label_words) != len(labels):
+            raise ValueError(f"task.label_words has {len(cfg.label_words)} words {cfg.label_words} but there are "
+                             f"{len(labels)} labels {labels}: give one word per label, in label order")
+        for ex in eval_ex:
+            self.label_id(ex, labels)
 
     def fit(self, cfg, examples):
         """Complete the config from the training data: the label set when none was given."""
@@ -84,7 +100,9 @@ class Classification:
         if cfg.formulation == "head":
             return encode_head(tokenizer, ex["text"], ex.get("text_pair"), label=y, max_length=max_length)
         words = cfg.label_words or labels
-        return encode_lm(tokenizer, self.prompt(ex, tokenizer, cfg, labels), words[y], max_length)
+        # too long: the text is cut, never the instruction, the choices or the chat header
+        return encode_lm_document(tokenizer, lambda d: self.prompt({**ex, "text": d}, tokenizer, cfg, labels),
+                                  ex["text"], words[y], max_length)
 
     def evaluate(self, model, tokenizer, examples, cfg, *, batch_size=16, gen=None):
         labels = self._labels(cfg, examples)
@@ -99,6 +117,8 @@ class Classification:
             scores = score_choices(model, tokenizer, prompts, [words] * len(prompts), batch_size=batch_size)
             pred = [max(range(len(s)), key=s.__getitem__) for s in scores]
         metrics = {"accuracy": sum(p == g for p, g in zip(pred, gold, strict=True)) / len(gold)}
+        from sklearn.metrics import f1_score  # here: sklearn (+ scipy, pandas) costs seconds to import
+
         metrics["macro_f1"] = float(f1_score(gold, pred, average="macro", labels=list(range(len(labels)))))
         if len(labels) == 2:
             metrics["f1"] = float(f1_score(gold, pred, pos_label=1, average="binary", zero_division=0))

@@ -6,9 +6,11 @@ counted in the log. A file without its own splits is cut by row range, Python sl
 file's rows: ``alpaca_en_demo.json#rows=0:900`` to train, ``alpaca_en_demo.json#rows=900:`` to
 evaluate (disjoint rows; identical duplicate rows in the file can still fall on both sides).
 
-Formulation: ``lm`` only. The user turn is ``template`` (instruction and input) or
+Formulations. ``lm``: the user turn is ``template`` (instruction and input) or
 ``template_no_input`` when the input is empty, wrapped in the tokenizer's chat template for chat
-models (``system`` adds a system turn); the target is the output.
+models (``system`` adds a system turn); the target is the output. ``seq2seq`` (T5, Flan-T5, BART):
+the same templates (no chat wrapping, no system turn) are the encoder's source, the output is the
+decoder's target.
 
 Metrics: ROUGE-L (first), BLEU (sacrebleu, 0-100) on greedy generations, and the perplexity of the
 reference outputs given their prompts: exp(total negative log-likelihood / total reference tokens),
@@ -17,17 +19,29 @@ scored with ``tunelab.evaluate.score_choices`` (no generation needed for it).
 
 from __future__ import annotations
 
-from tunelab.data import encode_lm
+from typing import Literal
+
+from tunelab.data import encode_lm, encode_lm_document, encode_seq2seq
 from tunelab.evaluate import generate, score_choices
 from tunelab.metrics import bleu, perplexity, rouge
 from tunelab.readers import read_records
-from tunelab.tasks.base import TASKS, TaskConfig, field_name, gen_args, render_prompt, text_pairs, unreferenced
+from tunelab.tasks.base import (
+    TASKS,
+    HeadSpec,
+    TaskConfig,
+    field_name,
+    gen_args,
+    render_prompt,
+    text_pairs,
+    unreferenced,
+)
 from tunelab.tasks.qa import split_source
 
 DEFAULT_TEMPLATE = "{instruction}\n\n{input}"
 
 
 class GenerationConfig(TaskConfig):
+    formulation: Literal["lm", "head", "seq2seq"] = "lm"
     template_no_input: str = "{instruction}"
     system: str | None = None
 
@@ -39,7 +53,7 @@ class Generation:
     def read(self, source, cfg, *, limit=None, skip_bad=False) -> list[dict]:
         icol, xcol, ocol = (field_name(cfg, k) for k in ("instruction", "input", "output"))
         path, rows = split_source(source, "rows")
-        records = read_records(path, skip_bad=skip_bad)
+        records = read_records(path, skip_bad=skip_bad, text=[icol, ocol])
 
         def build(r):
             return {"instruction": str(r[icol]).strip(), "input": str(r.get(xcol) or "").strip(),
@@ -49,16 +63,23 @@ class Generation:
                           skip_bad=skip_bad, keys=("instruction", "output"), hint="{instruction: prompt, output: response}")
 
     def head(self, cfg, examples):
-        if cfg.formulation != "lm":
-            raise ValueError("task 'generation' has only the 'lm' formulation")
-        return None
+        if cfg.formulation == "head":
+            raise ValueError("task 'generation' has only the 'lm' formulation (and 'seq2seq' for encoder-decoders)")
+        return HeadSpec("seq2seq") if cfg.formulation == "seq2seq" else None
 
     def prompt(self, ex, tokenizer, cfg) -> str:
         template = (cfg.template or DEFAULT_TEMPLATE) if ex["input"] else cfg.template_no_input
         text = template.format(instruction=ex["instruction"], input=ex["input"])
+        if cfg.formulation == "seq2seq":
+            return text
         return render_prompt(tokenizer, text, cfg.chat, system=cfg.system)
 
     def encode(self, ex, tokenizer, cfg, max_length) -> dict:
+        if cfg.formulation == "seq2seq":
+            return encode_seq2seq(tokenizer, self.prompt(ex, tokenizer, cfg), ex["output"], max_length)
+        if ex["input"]:  # too long: the input is cut, never the instruction or chat header
+            return encode_lm_document(tokenizer, lambda d: self.prompt({**ex, "input": d}, tokenizer, cfg),
+                                      ex["input"], ex["output"], max_length)
         return encode_lm(tokenizer, self.prompt(ex, tokenizer, cfg), ex["output"], max_length)
 
     def evaluate(self, model, tokenizer, examples, cfg, *, batch_size=16, gen=None):

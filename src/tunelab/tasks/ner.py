@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from seqeval.metrics.sequence_labeling import get_entities
 
 from tunelab.data import encode_lm
 from tunelab.evaluate import generate
@@ -44,6 +43,8 @@ class NERConfig(TaskConfig):
 
 
 def render_entities(tokens: list[str], tags: list[str]) -> str:
+    from seqeval.metrics.sequence_labeling import get_entities  # here: seqeval imports sklearn (seconds)
+
     found = [f"{t}: {' '.join(tokens[a : b + 1])}" for t, a, b in get_entities(list(tags))]
     return "; ".join(found) or "none"
 
@@ -128,7 +129,7 @@ class NER:
             except DataError:
                 conll = False
         if conll:
-            return read_conll(source, cfg.token_col, cfg.tag_col, skip_bad=skip_bad, limit=limit)
+            return read_conll(source, cfg.token_col, cfg.tag_col, skip_bad=skip_bad, limit=limit, iob=True)
         tcol, gcol = field_name(cfg, "tokens"), field_name(cfg, "tags")
         out = []
         for r in read_records(source, skip_bad=skip_bad, limit=limit, required=[tcol, gcol]):
@@ -159,6 +160,22 @@ class NER:
 
     def fit(self, cfg, examples):
         return cfg if cfg.labels else cfg.model_copy(update={"labels": self._labels(cfg, examples)})
+
+    def check(self, cfg, train_ex, eval_ex, tokenizer, model) -> None:
+        """Before step 1: no eval entity type the model never saw; no eval sentence the head cannot take."""
+        types = set(self._types(cfg, train_ex or eval_ex))
+        for ex in eval_ex:
+            unseen = [t for t in ex["tags"] if t != "O" and t[2:] not in types]
+            if unseen:
+                raise DataError(f"{ex['_where']}: tag {unseen[0]!r} has an entity type the training data never has "
+                                f"(types: {sorted(types)}); the model could never predict it")
+        n = getattr(model.config, "max_position_embeddings", None)
+        if cfg.formulation == "head" and n and cfg.eval_max_length > n and eval_ex:
+            lengths = [len(ids) for ids in tokenizer([" ".join(ex["tokens"]) for ex in eval_ex])["input_ids"]]
+            long = next((ex for ex, k in zip(eval_ex, lengths, strict=True) if k > n), None)
+            if long is not None:
+                raise ValueError(f"{long['_where']}: this eval sentence is longer than the model's {n} positions and "
+                                 f"task.eval_max_length={cfg.eval_max_length} would not cut it; set task.eval_max_length={n}")
 
     def head(self, cfg, examples):
         return HeadSpec("token", self._labels(cfg, examples)) if cfg.formulation == "head" else None

@@ -1,11 +1,12 @@
 """Preference tuning on pairs of responses (DPO, SimPO, ORPO), with any method.
 
 Data: JSON/JSONL/CSV records with ``prompt``, ``chosen`` and ``rejected`` (task.fields maps other
-column names). Chat form is read too: ``prompt`` a list of messages (``role``/``content``), and
-``chosen``/``rejected`` a response string or a message list whose last message is the assistant's
-answer (as in Anthropic-HH-style dumps, where both lists repeat the prompt: the shared turns become
-the prompt and must agree). ``file.jsonl#rows=0:800`` selects rows. A row whose fields are missing,
-empty or not text, or whose two responses are identical, is an error naming file, line and field.
+column names), read and validated by ``tunelab.readers.read_preferences``: chat form too, ``prompt``
+a list of turns (OpenAI or ShareGPT) and ``chosen``/``rejected`` turn lists ending in the assistant's
+answer (as in Anthropic-HH-style dumps, where both repeat the prompt: the shared leading turns become
+the prompt). ``file.jsonl#rows=0:800`` selects rows. A row whose fields are missing, empty or not
+text, whose two responses are identical, or whose answer spans several turns, is an error naming
+file, line and field.
 
 Training: each pair becomes prompt+chosen and prompt+rejected (loss positions on the response only);
 a batch holds the chosen rows, then the rejected rows, so one forward scores both. The objective is
@@ -27,8 +28,8 @@ from pydantic import Field
 
 from tunelab.data import Collator, encode_lm
 from tunelab.objectives import Preference, pair_stats
-from tunelab.readers import DataError, read_records
-from tunelab.tasks.base import TASKS, TaskConfig, field_name, render_prompt
+from tunelab.readers import DataError, read_preferences
+from tunelab.tasks.base import TASKS, TaskConfig, render_prompt
 from tunelab.tasks.qa import split_source
 
 
@@ -42,55 +43,14 @@ class PreferenceConfig(TaskConfig):
     max_length: int = Field(512, ge=8)  # for evaluation (training uses data.max_length)
 
 
-def _text(value, where: str, field: str) -> str:
-    if not isinstance(value, str) or not value.strip():
-        got = "empty" if isinstance(value, str) else f"a {type(value).__name__}"
-        raise DataError(f"{where}: field {field!r} must be non-empty text, got {got}")
-    return value.strip()
-
-
-def _messages(value, where: str, field: str) -> list[dict]:
-    if not isinstance(value, list) or not value:
-        raise DataError(f"{where}: field {field!r} must be a non-empty list of messages")
-    out = []
-    for i, m in enumerate(value):
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise DataError(f"{where}: field {field!r}[{i}] must be a message {{'role': ..., 'content': ...}}")
-        if m["role"] not in ("system", "user", "assistant", "tool"):
-            raise DataError(f"{where}: field {field!r}[{i}] has unknown role {m['role']!r}; "
-                            "allowed: system, user, assistant, tool")
-        out.append({"role": m["role"], "content": _text(m["content"], where, f"{field}[{i}].content")})
-    return out
-
-
-def parse_pair(record: dict, cols: dict[str, str]) -> dict:
-    """One validated pair: {"prompt": str | messages, "chosen": str, "rejected": str, "_where"}."""
-    where = record["_where"]
-    for key in ("chosen", "rejected"):
-        if cols[key] not in record:
-            present = sorted(k for k in record if k != "_where")
-            raise DataError(f"{where}: field {cols[key]!r} is missing (present: {present}; map columns with task.fields)")
-    prompt = record.get(cols["prompt"])
-    answers = {}
-    for key in ("chosen", "rejected"):
-        value = record[cols[key]]
-        if isinstance(value, list):  # a conversation: the last message is the answer
-            msgs = _messages(value, where, cols[key])
-            if msgs[-1]["role"] != "assistant":
-                raise DataError(f"{where}: field {cols[key]!r}: the last message must be the assistant's answer")
-            if prompt is None:
-                prompt = msgs[:-1]
-            elif isinstance(prompt, list) and len(msgs) > 1 and msgs[:-1] != _messages(prompt, where, cols["prompt"]):
-                raise DataError(f"{where}: field {cols[key]!r}: its earlier turns differ from the prompt")
-            answers[key] = msgs[-1]["content"]
-        else:
-            answers[key] = _text(value, where, cols[key])
-    if prompt is None or prompt == []:
-        raise DataError(f"{where}: field {cols['prompt']!r} is missing (and the responses carry no prompt turns)")
-    prompt = _messages(prompt, where, cols["prompt"]) if isinstance(prompt, list) else _text(prompt, where, cols["prompt"])
-    if answers["chosen"] == answers["rejected"]:
-        raise DataError(f"{where}: fields {cols['chosen']!r} and {cols['rejected']!r} are identical: no preference to learn")
-    return {"prompt": prompt, **answers, "_where": where}
+def _answer(side, where: str, key: str) -> str:
+    """The response text of one side: a text, or a chat side that is one assistant turn."""
+    if isinstance(side, str):
+        return side.strip()
+    if len(side) != 1:
+        raise DataError(f"{where}: field {key!r}: the answer spans {len(side)} turns after the shared prompt; "
+                        "preference pairs need one assistant answer")
+    return side[0]["content"].strip()
 
 
 class PairCollator:
@@ -113,16 +73,13 @@ class PreferenceTask:
     Config = PreferenceConfig
 
     def read(self, source, cfg, *, limit=None, skip_bad=False) -> list[dict]:
-        cols = {k: field_name(cfg, k) for k in ("prompt", "chosen", "rejected")}
         path, rows = split_source(source, "rows")
-        records = read_records(path, skip_bad=skip_bad)
+        pairs = read_preferences(path, fields=cfg.fields, skip_bad=skip_bad)  # validated: see tunelab.readers
         out = []
-        for r in records[rows] if rows is not None else records:
-            try:
-                out.append(parse_pair(r, cols))
-            except DataError:
-                if not skip_bad:
-                    raise
+        for ex in pairs[rows] if rows is not None else pairs:
+            where = ex["_where"]
+            chosen, rejected = _answer(ex["chosen"], where, "chosen"), _answer(ex["rejected"], where, "rejected")
+            out.append({"prompt": ex["prompt"], "chosen": chosen, "rejected": rejected, "_where": where})
             if limit is not None and len(out) >= limit:
                 break
         if not out:

@@ -6,6 +6,9 @@ Data: SQuAD JSON (one example per question), or JSON/JSONL/CSV records with ``co
 
 Formulations:
 - ``lm`` (generative): the model writes the answer after the prompt; first reference is the target.
+- ``seq2seq`` (generative, encoder-decoder: T5, Flan-T5, BART): source = template over question and
+  context (default ``"question: {question} context: {context}"``, T5's SQuAD format; never chat-wrapped)
+  into the encoder, the first reference answer into the decoder.
 - ``head`` (extractive): start/end logits over the tokens of ``question [SEP] context``. Contexts
   longer than the window are cut into overlapping windows (``window`` tokens, ``stride`` shared
   tokens); the answer is the best ``start + end`` logit span over all windows whose tokens lie in the
@@ -32,10 +35,11 @@ non-SQuAD records an article is a distinct ``title`` (or, without titles, a dist
 from __future__ import annotations
 
 import re
+from typing import Literal
 
 import torch
 
-from tunelab.data import encode_lm
+from tunelab.data import encode_lm_document, encode_seq2seq
 from tunelab.evaluate import generate
 from tunelab.methods.base import context as model_context
 from tunelab.metrics import squad_scores
@@ -45,11 +49,13 @@ from tunelab.tasks.base import TASKS, HeadSpec, TaskConfig, field_name, gen_args
 DEFAULT_TEMPLATE = (
     "Answer the question with a short phrase copied from the context.\nContext: {context}\nQuestion: {question}"
 )
+SEQ2SEQ_TEMPLATE = "question: {question} context: {context}"
 START, END, BOTH = 1, 2, 3
 _FRAGMENT = re.compile(r"^(?P<path>.*)#(?P<key>\w+)=(?P<value>[^#]*)$")
 
 
 class QAConfig(TaskConfig):
+    formulation: Literal["lm", "head", "seq2seq"] = "lm"
     window: int = 384  # extractive head: tokens per window (question + context + specials)
     stride: int = 128  # tokens shared by consecutive windows
     max_answer_tokens: int = 30
@@ -161,6 +167,19 @@ def install_qa_labels(model):
     return model
 
 
+def answer_mismatch(context: str, answers: list[str], starts) -> str | None:
+    """Why the answers do not sit at their ``answer_start`` offsets in ``context`` (None when they do)."""
+    if not isinstance(starts, list) or len(starts) != len(answers):
+        return f"answer_starts {starts!r} does not give one offset per answer ({len(answers)} answers)"
+    for text, start in zip(answers, starts, strict=True):
+        if isinstance(start, bool) or not isinstance(start, int | str) or not str(start).lstrip("-").isdigit():
+            return f"answer_start {start!r} is not a character offset"
+        start = int(start)
+        if start < 0 or context[start : start + len(text)] != text:
+            return f"answer {text!r} is not at character {start} of the context"
+    return None
+
+
 class QA:
     name = "qa"
     Config = QAConfig
@@ -168,7 +187,7 @@ class QA:
     def read(self, source, cfg, *, limit=None, skip_bad=False) -> list[dict]:
         path, articles = split_source(source)
         cols = {k: field_name(cfg, k) for k in ("context", "question", "answers", "answer_starts", "id", "title")}
-        rows = read_records(path, skip_bad=skip_bad)
+        rows = read_records(path, skip_bad=skip_bad, text=[cols["context"], cols["question"]])
         if ".paragraphs[" in rows[0]["_where"]:  # SQuAD JSON: canonical keys, article index in _where
             cols = {k: k for k in cols}
             keys = [re.search(r"data\[(\d+)\]", r["_where"])[1] for r in rows]
@@ -193,21 +212,44 @@ class QA:
                 raise DataError(f"{r['_where']}: field {cols['answers']!r} is missing or empty (unanswerable questions are not supported)")
             ctx = str(r[cols["context"]])
             starts = r.get(cols["answer_starts"]) or [ctx.find(a) for a in answers]
+            wrong = answer_mismatch(ctx, answers, starts)  # checked for every formulation, before training
+            if wrong:
+                if skip_bad:
+                    continue
+                raise DataError(f"{r['_where']}: {wrong}")
             out.append({"id": str(r.get(cols["id"], r["_where"])), "title": r.get(cols["title"], ""), "context": ctx,
                         "question": str(r[cols["question"]]), "answers": answers,
                         "answer_starts": [int(s) for s in starts], "_where": r["_where"]})
         return out[:limit] if limit is not None else out
 
     def head(self, cfg, examples):
+        if cfg.formulation == "seq2seq":
+            return HeadSpec("seq2seq")
         return HeadSpec("qa", install=install_qa_labels) if cfg.formulation == "head" else None
 
+    def check(self, cfg, train_ex, eval_ex, tokenizer, model) -> None:
+        """Before step 1: the head's eval windows must fit the model's positions."""
+        n = getattr(model.config, "max_position_embeddings", None)
+        if cfg.formulation != "head" or not n or cfg.window <= n or not eval_ex:
+            return
+        lengths = [len(ids) for ids in tokenizer([ex["question"] for ex in eval_ex], [ex["context"] for ex in eval_ex])["input_ids"]]
+        long = next((ex for ex, k in zip(eval_ex, lengths, strict=True) if k > n), None)
+        if long is not None:
+            raise ValueError(f"{long['_where']}: question + context is longer than the model's {n} positions and "
+                             f"task.window={cfg.window} would not cut it; set task.window={n}")
+
     def prompt(self, ex, tokenizer, cfg) -> str:
+        if cfg.formulation == "seq2seq":
+            return (cfg.template or SEQ2SEQ_TEMPLATE).format(context=ex["context"], question=ex["question"])
         text = (cfg.template or DEFAULT_TEMPLATE).format(context=ex["context"], question=ex["question"])
         return render_prompt(tokenizer, text, cfg.chat)
 
     def encode(self, ex, tokenizer, cfg, max_length) -> dict:
+        if cfg.formulation == "seq2seq":
+            return encode_seq2seq(tokenizer, self.prompt(ex, tokenizer, cfg), ex["answers"][0], max_length)
         if cfg.formulation != "head":
-            return encode_lm(tokenizer, self.prompt(ex, tokenizer, cfg), ex["answers"][0], max_length)
+            return encode_lm_document(tokenizer, lambda c: self.prompt({**ex, "context": c}, tokenizer, cfg),
+                                      ex["context"], ex["answers"][0], max_length)
         start = ex["answer_starts"][0]
         if start < 0 or ex["context"][start : start + len(ex["answers"][0])] != ex["answers"][0]:
             raise DataError(f"{ex['_where']}: answer {ex['answers'][0]!r} is not at character {start} of the context")

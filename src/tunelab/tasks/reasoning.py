@@ -104,7 +104,7 @@ class Reasoning:
     def read(self, source, cfg, *, limit=None, skip_bad=False) -> list[dict]:
         icol, xcol, ocol, acol = (field_name(cfg, k) for k in ("instruction", "input", "output", "answer"))
         out = []
-        for r in read_records(source, skip_bad=skip_bad):
+        for r in read_records(source, skip_bad=skip_bad, text=[icol, "question"]):
             try:
                 out.append(self._example(r, cfg, icol, xcol, ocol, acol))
             except DataError:

@@ -5,24 +5,38 @@ reference), optional ``id``. Windows line ends (SAMSum's ``\\r\\n``) become ``\\
 or summary is empty (SAMSum train has one empty dialogue) are dropped and counted in the log; a
 record without the fields at all is an error naming file, line and field.
 
-Formulation: ``lm`` only: prompt = template over the dialogue (chat-wrapped for chat models),
-target = the summary; evaluation generates greedily (``gen`` settings) and scores with ROUGE-1/2/L
-(rouge-score, Porter stemming, F-measure), ROUGE-1 first.
+Formulations (evaluation generates greedily, ``gen`` settings, and scores with ROUGE-1/2/L,
+rouge-score, Porter stemming, F-measure, ROUGE-1 first):
+- ``lm``: prompt = template over the dialogue (chat-wrapped for chat models), target = the summary.
+- ``seq2seq`` (T5, BART): source = template over the dialogue (default ``"summarize: {dialogue}"``, T5's
+  task prefix; never chat-wrapped) into the encoder, the summary into the decoder, loss on the summary.
 """
 
 from __future__ import annotations
 
-from tunelab.data import encode_lm
+from typing import Literal
+
+from tunelab.data import encode_lm_document, encode_seq2seq
 from tunelab.evaluate import generate
 from tunelab.metrics import rouge
 from tunelab.readers import read_records
-from tunelab.tasks.base import TASKS, TaskConfig, field_name, gen_args, render_prompt, text_pairs, unreferenced
+from tunelab.tasks.base import (
+    TASKS,
+    HeadSpec,
+    TaskConfig,
+    field_name,
+    gen_args,
+    render_prompt,
+    text_pairs,
+    unreferenced,
+)
 
 DEFAULT_TEMPLATE = "Summarize the dialogue in one or two sentences.\n\n{dialogue}"
+SEQ2SEQ_TEMPLATE = "summarize: {dialogue}"
 
 
 class SummarizationConfig(TaskConfig):
-    pass
+    formulation: Literal["lm", "head", "seq2seq"] = "lm"
 
 
 def clean(text) -> str:
@@ -38,19 +52,25 @@ class Summarization:
         def build(r):
             return {"id": str(r.get(icol, r["_where"])), "dialogue": clean(r[dcol]), "summary": clean(r[scol]), "_where": r["_where"]}
 
-        return text_pairs(read_records(source, skip_bad=skip_bad), source, (dcol, scol), build, limit=limit,
+        return text_pairs(read_records(source, skip_bad=skip_bad, text=[dcol, scol]), source, (dcol, scol), build, limit=limit,
                           skip_bad=skip_bad, keys=("dialogue", "summary"), hint="{dialogue: article, summary: highlights}")
 
     def head(self, cfg, examples):
-        if cfg.formulation != "lm":
-            raise ValueError("task 'summarization' has only the 'lm' formulation")
-        return None
+        if cfg.formulation == "head":
+            raise ValueError("task 'summarization' has only the 'lm' formulation (and 'seq2seq' for encoder-decoders)")
+        return HeadSpec("seq2seq") if cfg.formulation == "seq2seq" else None
 
     def prompt(self, ex, tokenizer, cfg) -> str:
+        if cfg.formulation == "seq2seq":
+            return (cfg.template or SEQ2SEQ_TEMPLATE).format(dialogue=ex["dialogue"])
         return render_prompt(tokenizer, (cfg.template or DEFAULT_TEMPLATE).format(dialogue=ex["dialogue"]), cfg.chat)
 
     def encode(self, ex, tokenizer, cfg, max_length) -> dict:
-        return encode_lm(tokenizer, self.prompt(ex, tokenizer, cfg), ex["summary"], max_length)
+        if cfg.formulation == "seq2seq":
+            return encode_seq2seq(tokenizer, self.prompt(ex, tokenizer, cfg), ex["summary"], max_length)
+        # too long: the dialogue is cut, never the instruction or chat header around it
+        return encode_lm_document(tokenizer, lambda d: self.prompt({**ex, "dialogue": d}, tokenizer, cfg),
+                                  ex["dialogue"], ex["summary"], max_length)
 
     def evaluate(self, model, tokenizer, examples, cfg, *, batch_size=16, gen=None):
         args = gen_args(gen, batch_size, max_new_tokens=64)

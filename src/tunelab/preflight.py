@@ -1,0 +1,44 @@
+"""Checks that run before step 1, so a mistake fails in seconds rather than after hours of training.
+
+- every family: the prompt template renders for the first training and eval example (a key the
+  family does not provide is one clear error naming ``task.template``);
+- the family's own ``check(cfg, train, eval, tokenizer, model)`` hook, when it has one: eval labels
+  unseen in training, ``label_words`` of the wrong length, eval lengths above the model's positions.
+"""
+
+from __future__ import annotations
+
+import string
+
+
+def template_keys(template: str | None) -> list[str]:
+    if not template:
+        return []
+    try:
+        return [f for _, f, _, _ in string.Formatter().parse(template) if f]
+    except ValueError as e:
+        raise ValueError(f"task.template {template!r} is not a valid format string ({e})") from None
+
+
+def check_run(task, tcfg, train_ex: list[dict], eval_ex: list[dict], tokenizer, model, max_length: int) -> None:
+    template_keys(getattr(tcfg, "template", None))
+    for ex in [e for e in (train_ex[:1] + eval_ex[:1])]:
+        try:
+            task.encode(ex, tokenizer, tcfg, max_length)
+        except KeyError as e:
+            raise ValueError(f"task.template {tcfg.template!r} uses {{{e.args[0]}}}, which task '{task.name}' does not "
+                             f"provide (the template may use: {', '.join(_offered(task, ex))})") from None
+        except IndexError:
+            raise ValueError(f"task.template {tcfg.template!r} has a positional {{}} field; name the fields, "
+                             f"e.g. {{{next(iter(_offered(task, ex)), 'text')}}}") from None
+    if hasattr(task, "check"):
+        task.check(tcfg, train_ex, eval_ex, tokenizer, model)
+
+
+def _offered(task, ex: dict) -> list[str]:
+    return sorted(getattr(task, "template_fields", None) or (k for k in ex if not k.startswith("_")))
+
+
+def positions(model) -> int | None:
+    """How many positions the model can take (None when its config does not say)."""
+    return getattr(getattr(model, "config", None), "max_position_embeddings", None)

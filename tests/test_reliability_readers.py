@@ -1,0 +1,140 @@
+"""Strict readers: every bad value is an error naming file:line:field (or a counted skip with skip_bad);
+nothing becomes the text "None"."""
+
+import json
+
+import pytest
+
+from tunelab.config import task_config
+from tunelab.readers import DataError, read_conll, read_records
+from tunelab.tasks import TASKS
+
+
+def write(tmp_path, name, text, mode="w"):
+    p = tmp_path / name
+    p.write_bytes(text) if isinstance(text, bytes) else p.write_text(text)
+    return p
+
+
+def jsonl(tmp_path, rows, name="d.jsonl"):
+    return write(tmp_path, name, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def read(task, path, skip_bad=False, **params):
+    return TASKS.get(task).read(str(path), task_config(task, params), limit=None, skip_bad=skip_bad)
+
+
+@pytest.mark.parametrize("value, kind", [(None, "null"), (["a", "b"], "a list"), (float("nan"), "NaN"), (7, "int 7")])
+def test_non_text_in_a_text_field_names_file_line_field(tmp_path, value, kind):
+    p = jsonl(tmp_path, [{"sentence": "good", "label": 1}, {"sentence": value, "label": 0}])
+    with pytest.raises(DataError) as e:
+        read("sentiment", p)
+    assert f"{p}:2: field 'sentence'" in str(e.value) and kind in str(e.value)
+    assert [ex["text"] for ex in read("sentiment", p, skip_bad=True)] == ["good"]  # never "None"
+
+
+@pytest.mark.parametrize("task, row, field", [
+    ("summarization", {"dialogue": None, "summary": "s"}, "dialogue"),
+    ("generation", {"instruction": "say hi", "output": ["hi"]}, "output"),
+    ("qa", {"context": "Paris is big", "question": 3, "answers": ["Paris"]}, "question"),
+    ("reasoning", {"instruction": None, "answer": "3"}, "instruction"),
+])
+def test_every_family_refuses_non_text(tmp_path, task, row, field):
+    p = jsonl(tmp_path, [row])
+    with pytest.raises(DataError, match=rf"{p}:1: field '{field}' must be text"):
+        read(task, p)
+
+
+def test_bad_label_values(tmp_path):
+    p = jsonl(tmp_path, [{"sentence": "a", "label": [1]}])
+    with pytest.raises(DataError, match=rf"{p}:1: field 'label' must be a class name"):
+        read("sentiment", p)
+    p = jsonl(tmp_path, [{"sentence": "a", "label": float("nan")}], "n.jsonl")
+    with pytest.raises(DataError, match=rf"{p}:1: field 'label' is NaN"):
+        read("sentiment", p)
+
+
+def test_duplicate_csv_header_is_an_error(tmp_path):
+    p = write(tmp_path, "d.csv", "sentence,label,sentence\na,1,b\n")
+    with pytest.raises(DataError, match=rf"{p}:1: duplicate column name\(s\) \['sentence'\]"):
+        read_records(p)
+
+
+def test_conll_wrong_column_count_and_bad_tags_name_the_line(tmp_path):
+    p = write(tmp_path, "x.conll", "EU NNP B-ORG\nrejects VBZ O\n\nPeter B-PER\n")
+    with pytest.raises(DataError, match=rf"{p}:4: expected 3 columns"):
+        read("ner", p)
+    p = write(tmp_path, "y.conll", "EU B-ORG\nrejects X\n")
+    with pytest.raises(DataError, match=rf"{p}:2: tag 'X' .* is not O, B-TYPE or I-TYPE"):
+        read("ner", p)
+    assert read_conll(p, tag_col=-1)[0]["tags"] == ["B-ORG", "X"]  # a generic column reader still reads it
+
+
+@pytest.mark.parametrize("name, body", [
+    ("d.jsonl", b'{"sentence": "a", "label": 1}\n{"sentence": "caf\xe9", "label": 0}\n{"sentence": "b", "label": 0}\n'),
+    ("d.csv", b"sentence,label\na,1\ncaf\xe9,0\nb,0\n"),
+])
+def test_non_utf8_names_file_and_line_and_skip_bad_skips_it(tmp_path, name, body):
+    p = write(tmp_path, name, body)
+    line = 2 if name.endswith("jsonl") else 3
+    with pytest.raises(DataError, match=rf"{p}:{line}: not valid UTF-8"):
+        read("sentiment", p)
+    report = {}
+    recs = read_records(p, skip_bad=True, report=report)
+    assert [r["sentence"] for r in recs] == ["a", "b"] and report["reasons"] == {"not UTF-8": 1}
+    assert recs[1]["_where"] == f"{p}:{line + 1}"  # line numbers stay the file's
+
+
+def test_non_utf8_json_names_the_line(tmp_path):
+    p = write(tmp_path, "d.json", b'[\n{"sentence": "a", "label": 1},\n{"sentence": "caf\xe9", "label": 0}\n]')
+    with pytest.raises(DataError, match=rf"{p}:3: not valid UTF-8"):
+        read("sentiment", p)
+
+
+@pytest.mark.parametrize("formulation", ["lm", "head"])
+def test_squad_answer_start_checked_in_every_formulation(tmp_path, formulation):
+    squad = {"data": [{"title": "T", "paragraphs": [{"context": "Paris is in France.", "qas": [
+        {"id": "q1", "question": "Where?", "answers": [{"text": "France", "answer_start": 3}]}]}]}]}
+    p = write(tmp_path, "s.json", json.dumps(squad))
+    with pytest.raises(DataError, match=r"answer 'France' is not at character 3"):
+        read("qa", p, formulation=formulation)
+    p = jsonl(tmp_path, [{"context": "Paris is in France.", "question": "Where?", "answers": ["Spain"]}])
+    with pytest.raises(DataError, match=r"answer 'Spain' is not at character -1"):
+        read("qa", p, formulation=formulation)
+
+
+def test_long_rows_are_cut_in_the_document_never_the_instruction_or_header(tmp_path):
+    from conftest import tiny_tokenizer_obj
+
+    tok = tiny_tokenizer_obj()
+    task = TASKS.get("summarization")
+    cfg = task_config("summarization", {"chat": False, "template": "Summarize the dialogue : {dialogue} Summary :"})
+    ex = {"id": "1", "dialogue": " ".join(["Tom : hi Mary"] * 40), "summary": "Tom says hi", "_where": "x:1"}
+    f = task.encode(ex, tok, cfg, 40)
+    assert f["truncated"] and len(f["input_ids"]) <= 40
+    text = tok.decode(f["input_ids"][: f["prompt_len"]])
+    assert text.startswith("Summarize the dialogue : Tom : hi Mary") and text.endswith("Summary :")
+    assert tok.decode([t for t in f["labels"] if t >= 0]).startswith("Tom says hi")
+    short = task.encode({**ex, "dialogue": "Tom : hi"}, tok, cfg, 40)
+    assert "truncated" not in short
+
+
+def test_truncated_rows_are_counted_in_the_run_facts(tmp_path):
+    import json as _json
+
+    import tunelab.train as train_mod
+    from tunelab.config import load_config
+
+    from conftest import tiny_llama, tiny_tokenizer_obj
+
+    model = tmp_path / "m"
+    tiny_llama().save_pretrained(model)
+    tiny_tokenizer_obj().save_pretrained(model)
+    rows = [{"sentence": ("the cat sat on the mat . " * (12 if i % 2 else 1)).strip(), "label": i % 2} for i in range(8)]
+    d = tmp_path / "d.jsonl"
+    d.write_text("".join(_json.dumps(r) + "\n" for r in rows))
+    rec = train_mod.run(load_config(None, [
+        f"model.name={model}", "method.name=full", "task.name=sentiment", "task.chat=false", 'task.labels=["no", "yes"]',
+        "task.template=Is it good ? {text} Answer :", f"data.train={d}", "data.max_length=24", "train.max_steps=1",
+        "train.progress=false", "eval.loss=false", f"output_dir={tmp_path / 'run'}"]))
+    assert rec["run"]["truncated_rows"] == 4
