@@ -164,9 +164,16 @@ def import_peft(model: nn.Module, directory: str | Path) -> nn.Module:
     adapted = sorted([k.removesuffix(".lora_A.weight") for k in state if k.endswith(".lora_A.weight")] + embeds)
     if not adapted:
         raise ValueError(f"{w_path}: holds no '*.lora_A.weight' (or '*.lora_embedding_A') tensor")
+    for name in embeds:  # PEFT saves the embedding it adapted (save_embedding_layers): drop it if unchanged
+        key = f"{name}.base_layer.weight"
+        if key in state:
+            if not torch.equal(state[key], model.get_submodule(name).weight.detach().to(state[key])):
+                raise ValueError(f"{w_path}: {key} differs from the model's {name}.weight; "
+                                 "load this adapter over the base it was trained on")
+            del state[key]
     heads = list(cfg.get("modules_to_save") or [])
     present = [h for h in heads if any(k.startswith(h + ".") for k in state)]
-    lora_keys = (".lora_A.weight", ".lora_B.weight") + ((".lora_magnitude_vector",) if cfg.get("use_dora") else ())
+    lora_keys = (".lora_A.weight", ".lora_B.weight", ".lora_embedding_A", ".lora_embedding_B") + ((".lora_magnitude_vector",) if cfg.get("use_dora") else ())
     foreign = sorted(k for k in state if not k.endswith(lora_keys) and not any(k.startswith(h + ".") for h in present))
     if foreign:  # e.g. an embed_tokens that would overwrite the base (and be persisted by merge)
         raise ValueError(f"{w_path}: holds {len(foreign)} tensor(s) that are neither LoRA weights nor a head in "

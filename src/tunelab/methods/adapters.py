@@ -165,8 +165,9 @@ class _Adapter:
     recommended_lr = 3e-4  # LLM-Adapters' setting for both placements (AdamW, 3 epochs)
     about_defaults = (
         "init=zero_up (= LLM-Adapters' mam_adapter: kaiming D, U = 0) so training starts exactly at the base model "
-        "(the reference defaults to init=bert); hosts: the MLP block (reference recipes: series on gate/up/down_proj, "
-        "parallel on v_proj+down_proj); series go before gate/up_proj and after down_proj, as the reference"
+        "(the reference defaults to init=bert); hosts from tunelab.arch: LLaMA-style series on gate_proj+up_proj, "
+        "parallel beside up_proj+down_proj, other families their MLP linears (BERT-style: the FFN output); "
+        "series go before gate/up_proj and after down_proj, as the reference"
     )
 
     def attach(self, model: nn.Module, cfg: AdapterConfig) -> nn.Module:
