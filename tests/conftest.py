@@ -90,3 +90,13 @@ def tiny_tokenizer_obj():
 @pytest.fixture
 def tiny_tokenizer():
     return tiny_tokenizer_obj()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``cuda`` skip (with the reason) on machines without a CUDA device."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (run bench/gpu_check.sh on one)")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)

@@ -31,14 +31,16 @@ class RefAdapter(nn.Module):
 @pytest.mark.parametrize("method", ["series_adapter", "parallel_adapter"])
 def test_zero_up_starts_at_the_base_model(method):
     model = tunelab.attach(tiny_llama(), method)
-    assert [n for n, _ in ad.adapted(model)] == ["model.layers.0.mlp", "model.layers.1.mlp"]
+    hosts = {"series_adapter": ("gate_proj", "up_proj"), "parallel_adapter": ("up_proj", "down_proj")}[method]
+    assert [n for n, _ in ad.adapted(model)] == [f"model.layers.{i}.mlp.{h}" for i in range(2) for h in hosts]
     with torch.no_grad():
         assert torch.equal(model(input_ids=IDS).logits, tiny_llama()(input_ids=IDS).logits)
 
 
 @pytest.mark.parametrize("method", ["series_adapter", "parallel_adapter"])
 def test_matches_an_independent_computation_of_the_formula(method):
-    model = tunelab.attach(tiny_llama(), method, init="bert", bottleneck=8, scaling=0.5, seed=1)
+    model = tunelab.attach(tiny_llama(), method, init="bert", bottleneck=8, scaling=0.5, seed=1,
+                           target_modules=["mlp"])  # the block host this reference computes
     ref = tiny_llama()
     for name, mod in ad.adapted(model):
         a = mod.adapter
@@ -55,8 +57,10 @@ def test_matches_an_independent_computation_of_the_formula(method):
 @pytest.mark.parametrize(
     "method,targets,per_target",
     [
-        ("series_adapter", None, 16 * (64 + 64)),
-        ("parallel_adapter", None, 16 * (64 + 64)),
+        # defaults (tunelab.arch, LLM-Adapters' recipe): series on gate_proj + up_proj,
+        # parallel beside up_proj (64 -> 128) + down_proj (128 -> 64); per layer
+        ("series_adapter", None, 2 * 16 * (64 + 64)),  # series go before gate/up_proj: d = 64
+        ("parallel_adapter", None, 2 * 16 * (64 + 128)),
         ("parallel_adapter", ["down_proj"], 16 * (128 + 64)),  # d_in = intermediate (128)
         ("series_adapter", ["down_proj"], 16 * (64 + 64)),
         ("series_adapter", ["up_proj"], 16 * (64 + 64)),  # before up_proj (LLM-Adapters): its input width
@@ -103,7 +107,7 @@ def test_merge_refuses_nonlinear_or_non_linear_targets():
     with pytest.raises(ValueError, match="nonlinearity"):
         tunelab.merge(tanh)
     assert ad.adapted(tanh)  # nothing was touched
-    block = tunelab.attach(tiny_llama(), "parallel_adapter", bottleneck=4, activation="identity")
+    block = tunelab.attach(tiny_llama(), "parallel_adapter", bottleneck=4, activation="identity", target_modules=["mlp"])
     with pytest.raises(ValueError, match="linear target"):
         tunelab.merge(block)
 
@@ -137,7 +141,7 @@ def test_series_before_the_host_merges_exactly_and_learned_scaling_counts():
         merged = tunelab.merge(model)(input_ids=IDS).logits
     torch.testing.assert_close(merged, unmerged, atol=1e-5, rtol=1e-4)
     learned = tunelab.attach(tiny_llama(), "parallel_adapter", bottleneck=16, scaling="learned")
-    assert tunelab.trainable_parameters(learned)["trainable"] == 2 * (16 * (64 + 64) + 1)
+    assert tunelab.trainable_parameters(learned)["trainable"] == 2 * 2 * (16 * (64 + 128) + 1)  # up + down_proj
     with pytest.raises(ValueError, match="scaling"):
         tunelab.attach(tiny_llama(), "parallel_adapter", scaling="trained")
 

@@ -140,9 +140,13 @@ def load(
     dtype: str = "float32",
     trust_remote_code: bool = False,
     revision: str | None = None,
+    quantize=None,
+    device="cpu",  # str or torch.device
 ):
     """Return ``(model, tokenizer)``. ``head`` picks a classification / token / QA head (new heads
-    are recorded in ``model.tunelab_new_head`` so they train with any method)."""
+    are recorded in ``model.tunelab_new_head`` so they train with any method). ``quantize`` (a
+    ``tunelab.quant_load.LoadPlan``, from a method's ``quantize_on_load``) quantizes its target linears
+    shard by shard onto ``device`` while loading, so the full-precision weights never sit there."""
     import torch
     from transformers import AutoTokenizer
 
@@ -162,9 +166,12 @@ def load(
         if head is not None and head.kind not in ("qa", "seq2seq"):
             extra = {"num_labels": head.num_labels, "id2label": dict(enumerate(head.labels)),
                      "label2id": {lab: i for i, lab in enumerate(head.labels)}}
-        model, info = _auto_class(head).from_pretrained(
-            path, dtype=getattr(torch, dtype), output_loading_info=True, **extra, **kwargs
-        )
+        if quantize is not None and _has_safetensors(path, kwargs):
+            model, info = _load_quantized(_auto_class(head), _local(path, kwargs), dtype, extra, kwargs, quantize, device)
+        else:
+            model, info = _auto_class(head).from_pretrained(
+                path, dtype=getattr(torch, dtype), output_loading_info=True, **extra, **kwargs
+            )
     except OSError as e:
         raise OSError(f"could not load model '{name}' from {path}: {e}") from None
     if tok.pad_token is None:
@@ -181,3 +188,38 @@ def load(
 
     install_context(model)
     return model, tok
+
+
+def _local(path: str, kwargs: dict) -> str:
+    """A local directory for ``path`` (a hub id is fetched: safetensors and JSON files only)."""
+    if Path(path).is_dir():
+        return path
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(path, revision=kwargs.get("revision"), allow_patterns=["*.safetensors", "*.json"])
+
+
+def _has_safetensors(path: str, kwargs: dict) -> bool:
+    from tunelab.quant_load import shard_files
+
+    if Path(path).is_dir():
+        if shard_files(path):
+            return True
+        log.warning("%s has no safetensors weights: loading in full precision, then quantizing", path)
+        return False
+    return True  # a hub id: _local fetches its safetensors
+
+
+def _load_quantized(auto_cls, path: str, dtype: str, extra: dict, kwargs: dict, plan, device):
+    """from_pretrained's result, built on meta and filled shard by shard (tunelab.quant_load)."""
+    import torch
+    from transformers import AutoConfig
+
+    from tunelab.quant_load import load_quantized
+
+    config = AutoConfig.from_pretrained(path, **extra, **kwargs)
+    remote = kwargs.get("trust_remote_code", False)
+    build = lambda: auto_cls.from_config(config, dtype=getattr(torch, dtype), trust_remote_code=remote)  # noqa: E731
+    model, info = load_quantized(path, build, plan, getattr(torch, dtype), device)
+    model.name_or_path = model.config._name_or_path = path
+    return model.eval(), info

@@ -6,7 +6,11 @@ use_rslora, use_dora, modules_to_save, ...) and ``adapter_model.safetensors`` wi
     base_model.model.<module>.lora_B.weight            (d_out x r)
     base_model.model.<module>.lora_magnitude_vector    (d_out, DoRA only)
     base_model.model.<head>.<param>                    (modules_to_save: a new classification head)
+    base_model.model.<embedding>.lora_embedding_A      (r x vocab, LoRA on an nn.Embedding)
+    base_model.model.<embedding>.lora_embedding_B      (dim x r)
 tunelab's LoRALinear holds the same tensors (lora_A, lora_B, lora_magnitude), so the mapping is a rename.
+GPT-2's Conv1D layers are written with ``fan_in_fan_out: true``, as PEFT requires for them; A and B have
+the same shapes as for a linear (PEFT transposes only the merged delta).
 
 For "qlora" / "loftq" the adapter was trained over a quantized base: load it in PEFT over that base,
 which ``save_dequantized_base`` writes (required for LoftQ, whose B A compensates W - Q_T).
@@ -22,8 +26,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from tunelab.loadcheck import check_peft_config, check_state, load_tensors, read_json_object
-from tunelab.methods.base import find_linears, method_state_dict
-from tunelab.methods.lora import lora_modules
+from tunelab.methods.base import find_linears, linear_types, method_state_dict
+from tunelab.methods.lora import LoRAEmbedding, lora_modules
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
@@ -33,7 +37,6 @@ LORA_FAMILY = ("lora", "dora", "qlora", "loftq")
 UNSUPPORTED = {
     "rank_pattern": {},
     "alpha_pattern": {},
-    "fan_in_fan_out": False,
     "bias": "none",
     "lora_bias": False,
     "layers_to_transform": None,
@@ -85,6 +88,10 @@ def export_peft(model: nn.Module, directory: str | Path, base_model: str | None 
     p, heads = info["params"], list(getattr(model, "tunelab_new_head", []))
     tensors: dict[str, torch.Tensor] = {}
     for name, m in mods:
+        if isinstance(m, LoRAEmbedding):
+            tensors[f"{PREFIX}{name}.lora_embedding_A"] = m.lora_A.detach()
+            tensors[f"{PREFIX}{name}.lora_embedding_B"] = m.lora_B.detach()
+            continue
         tensors[f"{PREFIX}{name}.lora_A.weight"] = m.lora_A.detach()
         tensors[f"{PREFIX}{name}.lora_B.weight"] = m.lora_B.detach()
         if m.lora_magnitude is not None:
@@ -104,7 +111,8 @@ def export_peft(model: nn.Module, directory: str | Path, base_model: str | None 
         "target_modules": _target_names(model, [n for n, _ in mods]),
         "modules_to_save": heads or None,
         "bias": "none",
-        "fan_in_fan_out": False,
+        # PEFT needs it for Conv1D (GPT-2) and ignores it for linears; embeddings never read it
+        "fan_in_fan_out": any(m.transposed and not isinstance(m, LoRAEmbedding) for _, m in mods),
         "init_lora_weights": True,
         "inference_mode": True,
     }
@@ -152,12 +160,20 @@ def import_peft(model: nn.Module, directory: str | Path) -> nn.Module:
             raise ValueError(f"{cfg_path}: {key}={cfg[key]!r} is not supported by tunelab (expected {default!r})")
     check_peft_config(cfg, cfg_path, getattr(model, "tunelab_new_head", []))
     state = {k.removeprefix(PREFIX): v for k, v in load_tensors(w_path).items()}
-    adapted = sorted(k.removesuffix(".lora_A.weight") for k in state if k.endswith(".lora_A.weight"))
+    embeds = sorted(k.removesuffix(".lora_embedding_A") for k in state if k.endswith(".lora_embedding_A"))
+    adapted = sorted([k.removesuffix(".lora_A.weight") for k in state if k.endswith(".lora_A.weight")] + embeds)
     if not adapted:
-        raise ValueError(f"{w_path}: holds no '*.lora_A.weight' tensor")
+        raise ValueError(f"{w_path}: holds no '*.lora_A.weight' (or '*.lora_embedding_A') tensor")
+    for name in embeds:  # PEFT saves the embedding it adapted (save_embedding_layers): drop it if unchanged
+        key = f"{name}.base_layer.weight"
+        if key in state:
+            if not torch.equal(state[key], model.get_submodule(name).weight.detach().to(state[key])):
+                raise ValueError(f"{w_path}: {key} differs from the model's {name}.weight; "
+                                 "load this adapter over the base it was trained on")
+            del state[key]
     heads = list(cfg.get("modules_to_save") or [])
     present = [h for h in heads if any(k.startswith(h + ".") for k in state)]
-    lora_keys = (".lora_A.weight", ".lora_B.weight") + ((".lora_magnitude_vector",) if cfg.get("use_dora") else ())
+    lora_keys = (".lora_A.weight", ".lora_B.weight", ".lora_embedding_A", ".lora_embedding_B") + ((".lora_magnitude_vector",) if cfg.get("use_dora") else ())
     foreign = sorted(k for k in state if not k.endswith(lora_keys) and not any(k.startswith(h + ".") for h in present))
     if foreign:  # e.g. an embed_tokens that would overwrite the base (and be persisted by merge)
         raise ValueError(f"{w_path}: holds {len(foreign)} tensor(s) that are neither LoRA weights nor a head in "
@@ -166,7 +182,8 @@ def import_peft(model: nn.Module, directory: str | Path) -> nn.Module:
     targets = cfg.get("target_modules")
     targets = sorted(targets) if isinstance(targets, list) else targets  # PEFT writes a set: any order
     try:
-        same = isinstance(targets, list) and sorted(n for n, _ in find_linears(model, targets)) == adapted
+        types = (*linear_types(), nn.Embedding)
+        same = isinstance(targets, list) and sorted(n for n, _ in find_linears(model, targets, types)) == adapted
     except ValueError:  # the list matched no linear
         same = False
     if not same:  # a regex, or names that select other modules too: use the exact module names
@@ -185,8 +202,9 @@ def import_peft(model: nn.Module, directory: str | Path) -> nn.Module:
         raise ValueError(f"{w_path}: the adapter's modules {adapted[:3]}... do not match the model's {got[:3]}...")
     ours = {}
     for name in adapted:
-        ours[f"{name}.lora_A"] = state[f"{name}.lora_A.weight"]
-        ours[f"{name}.lora_B"] = state[f"{name}.lora_B.weight"]
+        a, b = ("lora_embedding_A", "lora_embedding_B") if name in embeds else ("lora_A.weight", "lora_B.weight")
+        ours[f"{name}.lora_A"] = state[f"{name}.{a}"]
+        ours[f"{name}.lora_B"] = state[f"{name}.{b}"]
         if cfg.get("use_dora"):
             ours[f"{name}.lora_magnitude"] = state[f"{name}.lora_magnitude_vector"]
     for head in present:

@@ -194,6 +194,15 @@ def model_bytes(model: nn.Module) -> int:
     return total
 
 
+def checksum(w: torch.Tensor, rows: int = 256) -> torch.Tensor:
+    """[sum, sum of squares] of ``w`` in float64, a few rows at a time (no float64 copy of ``w``)."""
+    total = torch.zeros(2, dtype=torch.float64, device=w.device)
+    for part in w.split(rows):
+        d = part.double()
+        total += torch.stack([d.sum(), (d * d).sum()])
+    return total
+
+
 class _DequantLinear(torch.autograd.Function):
     """y = x W~^T + b with W~ dequantized in forward and again in backward (nothing dense saved)."""
 
@@ -228,8 +237,7 @@ class QuantLinear(nn.Module):
                 self.register_buffer(name, t, persistent=False)
             self.tunelab_frozen_numel = q.shape.numel()  # counted as parameters by count_parameters
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
-        w = self.dequantized(torch.float64)
-        self.register_buffer("checksum", torch.stack([w.sum(), (w * w).sum()]))
+        self.register_buffer("checksum", checksum(self.dequantized(torch.float32)))
         self.register_load_state_dict_pre_hook(QuantLinear._check)
 
     def dequantized(self, dtype=None) -> torch.Tensor:
@@ -261,3 +269,78 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         kind = "NF4 (torchao)" if self.is_nf4 else f"{self.bits}-bit packed"
         return f"in_features={self.in_features}, out_features={self.out_features}, {kind}"
+
+
+# ---- bitsandbytes NF4 (QLoRA's own kernel), the default 4-bit backend on CUDA when installed ----
+def bnb_available() -> bool:
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception:  # noqa: BLE001  (a broken install means the same: not available)
+        return False
+    return True
+
+
+class BnbLinear4(nn.Module):
+    """A frozen linear over a bitsandbytes NF4 weight (block 64, double-quantized scales: QLoRA's
+    settings); forward and backward through ``bitsandbytes.matmul_4bit``. Same interface as
+    ``QuantLinear`` (``dequantized``, ``nbytes``, a persistent ``checksum``)."""
+
+    tunelab_state = True
+    bits, is_nf4 = 4, True
+
+    def __init__(self, w: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        import bitsandbytes.functional as bnbf
+
+        self.out_features, self.in_features = w.shape
+        packed, self.quant_state = bnbf.quantize_4bit(
+            w.detach().contiguous(), blocksize=BLOCK, compress_statistics=True, quant_type="nf4"
+        )
+        self.register_buffer("packed", packed, persistent=False)
+        self.tunelab_frozen_numel = w.numel()
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+        self.register_buffer("checksum", checksum(self.dequantized(torch.float32)))
+        self.register_load_state_dict_pre_hook(QuantLinear._check)
+
+    def _apply(self, fn, recurse=True):  # keep the quant state on the packed weight's device
+        super()._apply(fn, recurse)
+        self.quant_state.to(self.packed.device)
+        return self
+
+    def dequantized(self, dtype=None) -> torch.Tensor:
+        import bitsandbytes.functional as bnbf
+
+        w = bnbf.dequantize_4bit(self.packed, self.quant_state)
+        return w if dtype is None else w.to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import bitsandbytes as bnb
+
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return bnb.matmul_4bit(x, self.packed.t(), bias=bias, quant_state=self.quant_state)
+
+    def nbytes(self) -> int:
+        st = self.quant_state
+        extra = sum(tensor_bytes(t) for t in (st.absmax, st.code) if isinstance(t, torch.Tensor))
+        if st.state2 is not None:
+            extra += sum(tensor_bytes(t) for t in (st.state2.absmax, st.state2.code))
+        return tensor_bytes(self.packed) + extra + (0 if self.bias is None else tensor_bytes(self.bias))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, NF4 (bitsandbytes)"
+
+
+BACKENDS = ("auto", "torchao", "bitsandbytes")
+
+
+def nf4_linear(w: torch.Tensor, bias: torch.Tensor | None, backend: str = "auto") -> nn.Module:
+    """A frozen NF4 linear over ``w`` (d_out x d_in): bitsandbytes when ``backend`` says so, or for
+    "auto" when ``w`` is on CUDA and bitsandbytes is installed; torchao's NF4Tensor otherwise."""
+    if backend not in BACKENDS:
+        raise ValueError(f"quantization backend {backend!r} is unknown; allowed: {', '.join(BACKENDS)}")
+    use_bnb = backend == "bitsandbytes" or (backend == "auto" and w.is_cuda and bnb_available())
+    if use_bnb:
+        if not bnb_available():
+            raise ValueError("backend='bitsandbytes' needs the bitsandbytes package: pip install bitsandbytes")
+        return BnbLinear4(w, bias)
+    return QuantLinear(quantize(w, 4, "nf"), bias)

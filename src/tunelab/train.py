@@ -242,7 +242,10 @@ class Run:
             raise ValueError(f"data.pack=true needs a causal-LM formulation, but task '{cfg.task.name}' uses a "
                              f"{head.kind} head here: packing would mix rows' labels; set data.pack=false")
         m = cfg.model
-        self.model, self.tok = load_model(m.name, head=head, dtype=m.dtype, trust_remote_code=m.trust_remote_code, revision=m.revision)
+        # a method may quantize its targets while the weights load (QLoRA, LoftQ): it says so itself
+        on_load = getattr(METHODS.get(cfg.method.name), "quantize_on_load", None)
+        plan = on_load(tunelab.api.method_config(cfg.method.name, cfg.method.params())) if on_load else None
+        self.model, self.tok = load_model(m.name, head=head, dtype=m.dtype, trust_remote_code=m.trust_remote_code, revision=m.revision, quantize=plan, device=self.device)
         check_run(self.task, self.tcfg, self.train_ex, self.eval_ex, self.tok, self.model, d.max_length)  # before step 1
         self.model.to(self.device)
         # The task decides how features batch and what the loss is (token cross-entropy by default).

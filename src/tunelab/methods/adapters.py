@@ -9,6 +9,12 @@ no biases, attached to a named module f (W, b) with a placement, as LLM-Adapters
     series, after f ("output_adapter"):   y = f(x) + a(f(x))       d_a = d_o = f's output width
     parallel ("parallel_adapter"):        y = f(x) + a(x)          d_a = f's input width, d_o = output
 
+Trainable parameters per target: b * (d_a + d_out). Defaults: b = 256, act = tanh, s = 1.0, on the MLP
+hosts from ``tunelab.arch``: LLaMA-style models take LLM-Adapters' recipe (series after gate_proj and
+up_proj, parallel beside up_proj and down_proj), OPT/BART/T5/GPT-2/GPT-NeoX their MLP linears, BERT-style
+encoders the FFN's output linear "layer.N.output.dense". Any module can be named in ``target_modules``
+(suffix match); a non-linear module is assumed to map hidden -> hidden. Init "zero_up" (default): D kaiming-uniform,
+U = 0, so training starts exactly at the base model; "bert" (the reference default): D, U ~ N(0, 0.02).
 Series placement by host (``series_placement="auto"``) follows the reference's
 TRANSFORMERS_MODELS_TO_ADAPTER_TYPE_MAPPING: before the input-side MLP projections (gate_proj,
 up_proj; GPT-J fc_in, OPT fc1, BLOOM dense_h_to_4h), after the output-side ones (down_proj, fc_out,
@@ -41,7 +47,8 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from tunelab.methods.base import METHODS, MethodConfig, find_linears, freeze
+from tunelab import arch
+from tunelab.methods.base import METHODS, MethodConfig, find_linears, freeze, linear_dims, linear_types
 
 ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "identity": nn.Identity}
 
@@ -132,21 +139,15 @@ def _adapter_pre_hook(module: nn.Module, args, kwargs):
     return args, {**kwargs, key: kwargs[key] + module.adapter(kwargs[key])}
 
 
-def _default_targets(model: nn.Module) -> list[str]:
-    names = [n for n, _ in model.named_modules()]
-    if any(n.endswith(".mlp") for n in names):
-        return ["mlp"]
-    ffn_out = [n for n in names if n.endswith(".output.dense") and ".attention." not in n]
-    if ffn_out:  # BERT family: the FFN's output projection, not the attention's
-        return ffn_out
-    raise ValueError("no MLP block found for the default adapter placement; pass target_modules")
+def _default_targets(model: nn.Module, placement: str = "series") -> list[str]:
+    """The family's adapter hosts for ``placement`` (the table in tunelab.arch)."""
+    return arch.default_targets(model, placement)
 
 
 def _dims(model: nn.Module, mod: nn.Module) -> tuple[int, int]:
-    if isinstance(mod, nn.Linear):
-        return mod.in_features, mod.out_features
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    return cfg.hidden_size, cfg.hidden_size
+    if isinstance(mod, linear_types()):
+        return linear_dims(mod)
+    return arch.hidden_size(model), arch.hidden_size(model)
 
 
 def adapted(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -164,12 +165,13 @@ class _Adapter:
     recommended_lr = 3e-4  # LLM-Adapters' setting for both placements (AdamW, 3 epochs)
     about_defaults = (
         "init=zero_up (= LLM-Adapters' mam_adapter: kaiming D, U = 0) so training starts exactly at the base model "
-        "(the reference defaults to init=bert); hosts: the MLP block (reference recipes: series on gate/up/down_proj, "
-        "parallel on v_proj+down_proj); series go before gate/up_proj and after down_proj, as the reference"
+        "(the reference defaults to init=bert); hosts from tunelab.arch: LLaMA-style series on gate_proj+up_proj, "
+        "parallel beside up_proj+down_proj, other families their MLP linears (BERT-style: the FFN output); "
+        "series go before gate/up_proj and after down_proj, as the reference"
     )
 
     def attach(self, model: nn.Module, cfg: AdapterConfig) -> nn.Module:
-        targets = find_linears(model, cfg.target_modules or _default_targets(model), types=(nn.Module,))
+        targets = find_linears(model, cfg.target_modules or _default_targets(model, self.placement), types=(nn.Module,))
         freeze(model)
         gen = torch.Generator().manual_seed(cfg.seed)
         for name, mod in targets:

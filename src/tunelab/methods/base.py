@@ -18,6 +18,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
+from tunelab.arch import HEADS
 from tunelab.registry import Registry
 
 
@@ -38,7 +39,40 @@ METHODS: Registry[Method] = Registry("method")
 
 # Module names of the output heads that must never be adapted by "all-linear" and that train
 # alongside any method when the head is new (set by tunelab.models when it creates one).
-HEAD_NAMES = ("lm_head", "score", "classifier", "qa_outputs", "cls")
+HEAD_NAMES = HEADS  # kept here for the public API; the list lives in tunelab.arch
+
+
+def _conv1d():
+    from transformers.pytorch_utils import Conv1D
+
+    return Conv1D
+
+
+def linear_types() -> tuple[type, ...]:
+    """What counts as a linear layer: nn.Linear, GPT-2's Conv1D and tunelab's quantized linear."""
+    from tunelab.quant import BnbLinear4, QuantLinear
+
+    return (nn.Linear, _conv1d(), QuantLinear, BnbLinear4)
+
+
+def is_transposed(mod: nn.Module) -> bool:
+    """True when the weight is stored d_in x d_out (GPT-2's Conv1D, an embedding seen as one-hot x W)."""
+    return isinstance(mod, (_conv1d(), nn.Embedding))
+
+
+def linear_dims(mod: nn.Module) -> tuple[int, int]:
+    """(d_in, d_out) of a linear, a Conv1D (weight d_in x d_out) or an embedding (vocab -> dim)."""
+    if isinstance(mod, nn.Embedding):
+        return mod.num_embeddings, mod.embedding_dim
+    if isinstance(mod, _conv1d()):
+        return mod.weight.shape[0], mod.nf
+    return mod.in_features, mod.out_features
+
+
+def dense_weight(mod: nn.Module) -> torch.Tensor:
+    """The weight as a (d_out x d_in) view, whatever the storage layout (no copy)."""
+    w = mod.weight.detach()
+    return w.T if is_transposed(mod) else w
 
 
 def freeze(model: nn.Module) -> None:
@@ -47,13 +81,15 @@ def freeze(model: nn.Module) -> None:
 
 
 def find_linears(
-    model: nn.Module, target_modules: list[str] | str, types=(nn.Linear,)
+    model: nn.Module, target_modules: list[str] | str, types=None
 ) -> list[tuple[str, nn.Module]]:
-    """Modules of ``types`` whose qualified name ends with one of ``target_modules``.
+    """Modules of ``types`` (default: ``linear_types()``) whose qualified name ends with one of
+    ``target_modules``.
 
     ``"all-linear"`` selects every linear except the output heads. An empty selection is an error
     that lists the linear names the model has, so a typo is easy to fix.
     """
+    types = types or linear_types()
     found = []
     for name, mod in model.named_modules():
         if not isinstance(mod, types):

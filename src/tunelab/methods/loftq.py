@@ -28,9 +28,9 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from tunelab import quant
-from tunelab.methods.base import METHODS
+from tunelab.methods.base import METHODS, dense_weight
 from tunelab.methods.lora import LoRAConfig, inject, merge_model, scaling
-from tunelab.methods.qlora import linear_bytes, quant_info
+from tunelab.methods.qlora import linear_bytes, load_plan, quant_info, quantized
 
 
 class LoftQConfig(LoRAConfig):
@@ -123,20 +123,39 @@ class LoftQ:
         "uniform_absmax is tunelab 0.1's); keep_best keeps the lowest-error iterate (keep_best=false: the paper's T-th)"
     )
 
+    @staticmethod
+    def _init(name: str, w, bias, cfg: LoftQConfig):
+        """Q_T, (A_T, B_T) and the error record of one matrix, as a QuantLinear carrying its start."""
+        layer = layer_index(name)
+        early = layer is not None and layer < cfg.mixed_4bit_layers
+        bits, kind = (4, "nf") if early else (cfg.bits, cfg.quant)
+        q, A, B, errs = loftq_init(w, cfg.r, scaling(cfg), bits, kind, cfg.iters, cfg.keep_best)
+        kept = min(errs[1:]) if cfg.keep_best and cfg.iters else errs[-1]
+        base = quant.QuantLinear(q, bias)
+        base.loftq_start, base.loftq_record = (A, B), {"bits": bits, "errors": errs, "kept": kept}
+        return base
+
+    def quantize_on_load(self, cfg: LoftQConfig):
+        """Run LoftQ per matrix as its weights are read (see qlora.QLoRA.quantize_on_load)."""
+        return load_plan(cfg, lambda name, w, bias: self._init(name, w, bias, cfg))
+
     def attach(self, model: nn.Module, cfg: LoftQConfig) -> nn.Module:
         before_model, before_linears = quant.model_bytes(model), 0
-        s, starts, errors = scaling(cfg), {}, {}
+        starts, errors = {}, {}
 
         def make_base(name, lin):
-            nonlocal before_linears
+            nonlocal before_linears, before_model
             before_linears += linear_bytes(lin)
-            layer = layer_index(name)
-            early = layer is not None and layer < cfg.mixed_4bit_layers
-            bits, kind = (4, "nf") if early else (cfg.bits, cfg.quant)
-            q, A, B, errs = loftq_init(lin.weight.data, cfg.r, s, bits, kind, cfg.iters, cfg.keep_best)
-            kept = min(errs[1:]) if cfg.keep_best and cfg.iters else errs[-1]
-            starts[name], errors[name] = (A, B), {"bits": bits, "errors": errs, "kept": kept}
-            return quant.QuantLinear(q, lin.bias)
+            if quantized(lin):  # quantized (and LoftQ-initialised) while loading
+                if not hasattr(lin, "loftq_start"):
+                    raise ValueError(f"{name}: the base is already quantized without LoftQ; load it in full precision")
+                before_model += linear_bytes(lin) - quant.model_bytes(lin)
+                base = lin
+            else:
+                base = self._init(name, dense_weight(lin), lin.bias, cfg)
+            starts[name], errors[name] = base.loftq_start, base.loftq_record
+            del base.loftq_start  # the adapter owns A, B from here on
+            return base
 
         inject(model, cfg, make_base=make_base, init=lambda name, lin, base: starts.pop(name))
         info = quant_info(model, before_model, before_linears)

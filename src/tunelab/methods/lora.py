@@ -7,13 +7,18 @@ DoRA:  y = g * (W0 x + s B A x) + b,  g = m / ||W0 + s B A||_row  (d_out),  m (d
        With dropout the PEFT form is kept: y = W0 x + b + (g - 1) * W0 drop(x) + g * s B A drop(x).
 Merge: W = W0 + s B A (DoRA: W = g * (W0 + s B A)); unmerge restores W0 to rounding.
 
-``LoRALinear`` wraps a frozen ``nn.Linear`` or a ``tunelab.quant.QuantLinear`` (QLoRA, LoftQ).
+``LoRALinear`` wraps a frozen ``nn.Linear``, GPT-2's ``Conv1D`` (weight stored d_in x d_out: W0 is its
+transpose, as PEFT's fan_in_fan_out) or a ``tunelab.quant.QuantLinear`` (QLoRA, LoftQ).
+``LoRAEmbedding`` wraps an ``nn.Embedding`` named explicitly in target_modules (never by "all-linear"),
+as PEFT does: y = E[x] + s * (A^T[x]) B^T, A (r x vocab) = 0, B (dim x r) ~ N(0, 1), no dropout;
+W0 is E^T (dim x vocab), so merge folds E += s (B A)^T.
 Adapter weights are fp32 when the base is fp16/bf16 (cast to the input dtype in the forward).
 The hot path is three matmuls: base, x A^T, and one fused ``addmm`` that adds s * (x A^T) B^T.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -21,7 +26,17 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator
 from torch import nn
 
-from tunelab.methods.base import METHODS, MethodConfig, find_linears, freeze, replace_module
+from tunelab.methods.base import (
+    METHODS,
+    MethodConfig,
+    dense_weight,
+    find_linears,
+    freeze,
+    is_transposed,
+    linear_dims,
+    linear_types,
+    replace_module,
+)
 
 
 class LoRAConfig(MethodConfig):
@@ -60,7 +75,8 @@ class LoRALinear(nn.Module):
     ):
         super().__init__()
         self.base_layer = base
-        self.in_features, self.out_features = base.in_features, base.out_features
+        self.in_features, self.out_features = linear_dims(base)
+        self.transposed = is_transposed(base)  # weight stored d_in x d_out (Conv1D, Embedding)
         self.r, self.scaling, self.dropout, self.merged = r, scale, dropout, False
         w = self.base_weight()
         dtype = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype
@@ -87,7 +103,7 @@ class LoRALinear(nn.Module):
     def base_weight(self, dtype=None) -> torch.Tensor:
         """Dense W0 (dequantized for a quantized base)."""
         base = self.base_layer
-        w = base.dequantized() if hasattr(base, "dequantized") else base.weight.detach()
+        w = base.dequantized() if hasattr(base, "dequantized") else dense_weight(base)
         return w if dtype is None else w.to(dtype)
 
     def delta(self) -> torch.Tensor:
@@ -133,9 +149,14 @@ class LoRALinear(nn.Module):
             w = w * (self.lora_magnitude.float() / torch.linalg.norm(w, dim=1)).unsqueeze(1)
         return w.to(w0.dtype)
 
-    def to_plain(self) -> nn.Linear:
-        """A plain nn.Linear with the update folded in (dequantized first for a quantized base)."""
+    def to_plain(self) -> nn.Module:
+        """A plain module with the update folded in: a copy of a Linear/Conv1D/Embedding base, or an
+        nn.Linear holding the dequantized weight for a quantized base."""
         w = self.merged_weight()
+        if self.transposed or type(self.base_layer) is nn.Linear:
+            plain = copy.deepcopy(self.base_layer)
+            plain.weight.data = (w.T if self.transposed else w).contiguous()
+            return plain.requires_grad_(False)
         bias = self.base_layer.bias
         lin = nn.Linear(self.in_features, self.out_features, bias=bias is not None, device=w.device, dtype=w.dtype)
         lin.weight.data.copy_(w)
@@ -148,11 +169,12 @@ class LoRALinear(nn.Module):
         """Fold in place into a plain base (kept so ``unmerge_`` can restore W0)."""
         if self.merged:
             return
-        if type(self.base_layer) is not nn.Linear:
-            raise ValueError("in-place merge needs a plain nn.Linear base; use merge() for a quantized one")
+        if not isinstance(self.base_layer, (nn.Linear, nn.Embedding)) and not self.transposed:
+            raise ValueError("in-place merge needs a plain (unquantized) base; use merge() for a quantized one")
         w = self.base_layer.weight
-        self._w0_norm = self.weight_norm(w.float()) if self.lora_magnitude is not None else None
-        w.copy_(self.merged_weight())
+        self._w0_norm = self.weight_norm(self.base_weight().float()) if self.lora_magnitude is not None else None
+        merged = self.merged_weight()
+        w.copy_(merged.T if self.transposed else merged)
         self.merged = True
 
     @torch.no_grad()
@@ -160,15 +182,39 @@ class LoRALinear(nn.Module):
         if not self.merged:
             return
         w = self.base_layer.weight
-        full = w.float()
+        full = self.base_weight().float()
         if self._w0_norm is not None:  # W = g (W0 + dW) with g = m / norm: undo the row scaling first
             full = full * (self._w0_norm / self.lora_magnitude.float()).unsqueeze(1)
-        w.copy_(full - self.delta().float())
+        w0 = full - self.delta().float()
+        w.copy_(w0.T if self.transposed else w0)
         self.merged = False
 
     def extra_repr(self) -> str:
         dora = ", dora" if self.lora_magnitude is not None else ""
         return f"r={self.r}, scaling={self.scaling:g}, dropout={self.dropout}{dora}"
+
+
+class LoRAEmbedding(LoRALinear):
+    """LoRA on a frozen nn.Embedding (see the module docstring): PEFT's init and forward."""
+
+    def __init__(self, base: nn.Embedding, r: int, scale: float, A=None, B=None):
+        w = base.weight
+        dtype = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype
+        A = torch.zeros(r, base.num_embeddings, device=w.device, dtype=dtype) if A is None else A
+        B = torch.randn(base.embedding_dim, r, device=w.device, dtype=dtype) if B is None else B
+        super().__init__(base, r, scale, 0.0, False, A, B)
+
+    @property
+    def bias(self):
+        return None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(x)
+        if self.merged or not self.tunelab_active:
+            return y
+        e = self.base_layer
+        a = F.embedding(x, self.lora_A.T, e.padding_idx, e.max_norm, e.norm_type, e.scale_grad_by_freq, e.sparse)
+        return y + (a @ self.lora_B.T).to(y.dtype) * self.scaling
 
 
 def lora_modules(model: nn.Module) -> list[tuple[str, LoRALinear]]:
@@ -179,7 +225,13 @@ def inject(model: nn.Module, cfg: LoRAConfig, make_base=None, dora: bool = False
     """Freeze ``model`` and wrap every target linear; ``make_base(name, linear)`` may swap the base
     (quantize it) and ``init(name, linear, base) -> (A, B)`` may set the adapter's start."""
     freeze(model)
-    for name, lin in find_linears(model, cfg.target_modules):
+    types = linear_types() if cfg.target_modules == "all-linear" else (*linear_types(), nn.Embedding)
+    for name, lin in find_linears(model, cfg.target_modules, types):
+        if isinstance(lin, nn.Embedding):  # never quantized (QLoRA quantizes linears only), PEFT's init
+            if dora:
+                raise ValueError(f"{name}: DoRA on an embedding is not supported; use method 'lora' for it")
+            replace_module(model, name, LoRAEmbedding(lin, cfg.r, scaling(cfg)))
+            continue
         base = make_base(name, lin) if make_base else lin
         A, B = init(name, lin, base) if init else (None, None)
         replace_module(model, name, LoRALinear(base, cfg.r, scaling(cfg), cfg.dropout, dora, A, B))

@@ -188,7 +188,10 @@ class PromptTuning:
         freeze(model)
         emb = model.get_input_embeddings()
         pad = getattr(model.config, "pad_token_id", None)
-        placeholder = next(i for i in (getattr(model.config, "bos_token_id", None), 0, 1) if i is not None and i != pad)
+        # any id the embedding has (GPT-2 configs may name a bos id beyond a resized vocabulary)
+        vocab = emb.weight.shape[0]
+        ids = (getattr(model.config, "bos_token_id", None), 0, 1)
+        placeholder = next(i for i in ids if isinstance(i, int) and i != pad and 0 <= i < vocab)
         causal = bool(getattr(model, "can_generate", lambda: False)())
         prompt = PromptEmbedding(_init_weight(model, emb, cfg).to(emb.weight.device), placeholder, causal)
         model.prompt_tuning = prompt

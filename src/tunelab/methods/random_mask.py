@@ -22,6 +22,11 @@ S x instead (cheaper there). Stored: ``indices`` (an int64 persistent buffer of 
 module, tunelab_state = True) and ``values``; never a dense mask.
 Merge is exact: W = W0 + S, the entries outside I stay bit-identical.
 
+Default targets come from ``tunelab.arch`` (the family's q and v projections). On a fused projection
+(Phi-3 ``qkv_proj``, GPT-2 ``c_attn``, GPT-NeoX ``query_key_value``) the mask is drawn only in the q and
+v output rows (k of each row range separately), so the default trains the same matrices everywhere.
+GPT-2's Conv1D stores W0 transposed; I indexes W0 (d_out x d_in) all the same.
+
 Sparse masks need much larger learning rates than dense tuning (flatter loss landscape): the reference
 trains 0.01% of q/v with lr 1e-2 where full tuning uses ~1e-5. ``RandomMask.lr_for(cfg)``
 interpolates log-linearly between those two points, lr = 1e-2 * (1e-4 / fraction) ** 0.75, clipped to
@@ -35,10 +40,18 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from tunelab.methods.base import METHODS, MethodConfig, count_parameters, find_linears, freeze
+from tunelab import arch
+from tunelab.methods.base import (
+    METHODS,
+    MethodConfig,
+    count_parameters,
+    find_linears,
+    freeze,
+    is_transposed,
+    linear_dims,
+    linear_types,
+)
 
-# Default targets, as in the reference code (q and v projections), by architecture naming.
-DEFAULT_TARGETS = (["q_proj", "v_proj"], ["query", "value"], ["c_attn"])
 # Above 1/DENSE_ABOVE of a matrix kept (~0.4%), the forward adds a dense S instead of gathering.
 DENSE_ABOVE = 256
 
@@ -141,18 +154,29 @@ def remove_hook(module: nn.Module, fn) -> None:
 def _resolve_targets(model: nn.Module, targets):
     if targets is not None:
         return find_linears(model, targets)
-    names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-    for pair in DEFAULT_TARGETS:
-        if all(t in names for t in pair):
-            return find_linears(model, pair)
-    raise ValueError(f"random_mask: no default targets for this model (linears: {sorted(names)}); pass target_modules")
+    try:
+        names = arch.default_targets(model, "qv", linear_types())
+    except ValueError as e:
+        raise ValueError(f"random_mask: {e}") from None
+    return [(n, model.get_submodule(n)) for n in names]
+
+
+def _draw(model: nn.Module, name: str, lin: nn.Module, fraction: float, gen: torch.Generator):
+    """(flat indices into W0 (d_out x d_in), the number of entries they were drawn from)."""
+    d_in, d_out = linear_dims(lin)
+    rows = arch.qv_rows(model, name, d_out) or [(0, d_out)]
+    picked = []
+    for start, stop in rows:  # the q and v rows of a fused projection, else the whole matrix
+        n = (stop - start) * d_in
+        picked.append(sample_indices(n, kept_count(n, fraction, gen), gen) + start * d_in)
+    return torch.cat(picked), sum((stop - start) * d_in for start, stop in rows)
 
 
 def stats(model: nn.Module) -> dict:
     """Kept entries, their share of the targeted matrices and of the whole model."""
     deltas = [m for m in model.modules() if isinstance(m, SparseDelta)]
     kept = sum(d.indices.numel() for d in deltas)
-    targeted = sum(d.shape[0] * d.shape[1] for d in deltas)
+    targeted = sum(getattr(d, "targeted", d.shape[0] * d.shape[1]) for d in deltas)
     total = count_parameters(model)["total"] - kept  # the base model's own size
     return {
         "kept": kept,
@@ -182,10 +206,11 @@ class RandomMask:
         targets = _resolve_targets(model, cfg.target_modules)
         freeze(model)
         gen = torch.Generator().manual_seed(cfg.seed)
-        for _name, lin in targets:  # model order, so the same seed gives the same masks
-            n = lin.weight.numel()
-            k = kept_count(n, cfg.fraction, gen)
-            lin.random_mask = SparseDelta(lin.weight.shape, sample_indices(n, k, gen), lin.weight.device)
+        for name, lin in targets:  # model order, so the same seed gives the same masks
+            d_in, d_out = linear_dims(lin)
+            indices, targeted = _draw(model, name, lin, cfg.fraction, gen)
+            lin.random_mask = SparseDelta((d_out, d_in), indices, lin.weight.device)
+            lin.random_mask.targeted = targeted  # the q/v rows of a fused projection, else d_out * d_in
             lin.register_forward_hook(_add_sparse_delta)
         if not any(lin.random_mask.indices.numel() for _, lin in targets):
             expected = cfg.fraction * sum(lin.weight.numel() for _, lin in targets)
@@ -211,8 +236,11 @@ class RandomMask:
         """W0 += S on the kept entries only (exact: no other entry is touched); removes the hooks."""
         for lin in [m for m in model.modules() if isinstance(getattr(m, "random_mask", None), SparseDelta)]:
             delta = lin.random_mask
+            idx = delta.indices
+            if is_transposed(lin):  # Conv1D stores W0^T: entry (r, c) of W0 lives at c * d_out + r
+                idx = (idx % delta.shape[1]) * delta.shape[0] + idx // delta.shape[1]
             with torch.no_grad():
-                lin.weight.view(-1).index_add_(0, delta.indices, delta.values.to(lin.weight.dtype))
+                lin.weight.view(-1).index_add_(0, idx, delta.values.to(lin.weight.dtype))
             remove_hook(lin, _add_sparse_delta)
             del lin.random_mask
         return model

@@ -72,6 +72,7 @@ from pydantic import Field, field_validator
 from torch import nn
 from torch.nn.utils import parametrize
 
+from tunelab import arch
 from tunelab.methods.base import METHODS, MethodConfig, context, freeze
 
 
@@ -232,12 +233,9 @@ class DiReFT(nn.Module):
         return h + self.dropout(edit).to(h.dtype)
 
 
-def _blocks(model: nn.Module) -> nn.ModuleList:
-    n = getattr(model.config, "num_hidden_layers", None)
-    for _, mod in model.named_modules():
-        if isinstance(mod, nn.ModuleList) and len(mod) == n:
-            return mod
-    raise ValueError(f"found no list of {n} blocks (config.num_hidden_layers) in {type(model).__name__}")
+def _blocks(model: nn.Module, stack: str | None = None) -> nn.ModuleList:
+    """The blocks of ``stack`` (default: the family's, from tunelab.arch: the encoder of T5/BART)."""
+    return arch.blocks(model, stack)
 
 
 class _Sites:
@@ -343,7 +341,7 @@ class _Reft:
                              f"{type(model).__name__} has one stack: leave stack unset")
         freeze(model)
         blocks = _blocks(model)
-        n, d = len(blocks), model.config.hidden_size
+        n, d = len(blocks), arch.hidden_size(model)
         layers = list(range(n)) if cfg.layers == "all" else cfg.layers
         bad = [i for i in layers if not -n <= i < n]
         if bad or not layers or len({i % n for i in layers}) != len(layers):
