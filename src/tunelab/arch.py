@@ -7,7 +7,8 @@ Methods never guess module names: they ask ``arch.of(model)`` (keyed by ``config
   code); a *fused* projection (Phi-3 ``qkv_proj``, GPT-2 ``c_attn``, GPT-NeoX ``query_key_value``) is
   named once and ``fused`` says where its q and v output rows lie, so only those rows are masked;
 - ``series`` / ``parallel``: the bottleneck adapters' hosts. LLaMA-style models take LLM-Adapters'
-  recipe (series after gate_proj and up_proj, parallel beside up_proj and down_proj); the others get
+  recipe (series on gate_proj and up_proj, placed before them as its mh_adapter; parallel beside
+  up_proj and down_proj); the others get
   their MLP linears; BERT-style encoders keep the FFN output projection (Houlsby's place);
 - ``heads``: output-head module names that "all-linear" never adapts;
 - ``encoder_decoder``: T5/BART (seq2seq: the loss is on decoder labels).
