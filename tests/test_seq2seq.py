@@ -151,10 +151,9 @@ def test_lora_all_linear_covers_both_stacks_not_the_head(arch):
 
 
 def reft_blocks(model, stack):
-    from tunelab.methods.reft import stack_blocks
-
     s = model.get_encoder() if stack == "encoder" else model.get_decoder()
-    return [i for i, b in enumerate(stack_blocks(s)) if hasattr(b, "reft")]
+    blocks = getattr(s, "block", None) or s.layers  # T5Stack.block, BartEncoder/Decoder.layers
+    return [i for i, b in enumerate(blocks) if hasattr(b, "reft")]
 
 
 @pytest.mark.parametrize("arch", list(MODELS))

@@ -361,16 +361,6 @@ class _Reft:
 
 
 # ---------------------------------------------------------------- encoder-decoder stacks
-def stack_blocks(stack: nn.Module) -> nn.ModuleList:
-    """The block list of one encoder or decoder stack (T5Stack.block, BartEncoder/Decoder.layers).
-    For the architecture table (tunelab.arch) to absorb once it lists encoder/decoder block paths."""
-    for attr in ("block", "layers", "layer"):
-        blocks = getattr(stack, attr, None)
-        if isinstance(blocks, nn.ModuleList) and len(blocks):
-            return blocks
-    raise ValueError(f"found no block list (block/layers) in {type(stack).__name__}")
-
-
 class _StackSites(_Sites):
     """Sites for one stack of an encoder-decoder, found from that stack's own inputs (generation calls
     the encoder directly, not through the top model): the encoder's prompt is its attended tokens, the
@@ -407,7 +397,7 @@ def attach_stacks(module: type[nn.Module], model: nn.Module, cfg: ReftConfig) ->
     model.tunelab_reft = {}
     for name in names:
         stack = model.get_encoder() if name == "encoder" else model.get_decoder()
-        blocks = stack_blocks(stack)
+        blocks = arch.blocks(model, name)
         n = len(blocks)
         layers = list(range(n)) if cfg.layers == "all" else cfg.layers
         if any(not -n <= i < n for i in layers) or not layers or len({i % n for i in layers}) != len(layers):
