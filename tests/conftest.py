@@ -57,6 +57,15 @@ def llama():
     return tiny_llama()
 
 
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A saved tiny Llama + tokenizer directory (a model name for tunelab.train), one per test module."""
+    d = tmp_path_factory.mktemp("tiny-model")
+    tiny_llama().save_pretrained(d)
+    tiny_tokenizer_obj().save_pretrained(d)
+    return d
+
+
 # A tiny WordPiece tokenizer (ids < 128, so it fits tiny_llama): whole words for most of the vocab, a
 # few words split into sub-tokens ("Smith" -> "Sm" "##ith") to exercise label alignment, and digit
 # pieces so numbers round-trip. Built in code: no files, no hub.

@@ -5,7 +5,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from test_train import cfg_for, data, tiny_dir  # noqa: F401  (fixtures)
+from test_train import cfg_for, data  # noqa: F401  (data is a fixture)
 from tunelab.cli import app
 from tunelab.config import dump_config
 

@@ -4,7 +4,7 @@ import json
 
 import yaml
 
-from test_train import WORDS, tiny_dir  # noqa: F401  (fixture)
+from test_train import WORDS
 from tunelab.compare import compare
 
 

@@ -172,14 +172,6 @@ def test_reader_errors_name_the_row_and_field(tmp_path, row, error):
 WORDS = "the cat sat on mat dog was in John Mary Tom Paris Berlin visited city".split()
 
 
-@pytest.fixture
-def tiny_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny-model")
-    tiny_llama().save_pretrained(d)
-    tiny_tokenizer_obj().save_pretrained(d)
-    return d
-
-
 def _pairs(n, seed):
     import random
 

@@ -7,7 +7,6 @@ import torch
 from typer.testing import CliRunner
 
 import tunelab.train as train_mod
-from reliability_fixtures import tiny_dir  # noqa: F401  (fixture)
 from test_train import cfg_for, data  # noqa: F401  (fixtures)
 from tunelab.cli import app
 from tunelab.config import dump_config, load_config

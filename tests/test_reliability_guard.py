@@ -9,7 +9,6 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import tunelab.train as train_mod
-from reliability_fixtures import tiny_dir  # noqa: F401  (fixture)
 from test_train import cfg_for, data  # noqa: F401  (fixtures)
 from tunelab import fast
 from tunelab.config import load_config

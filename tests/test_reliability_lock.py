@@ -12,7 +12,6 @@ from typer.testing import CliRunner
 
 import tunelab.runlock
 import tunelab.train as train_mod
-from reliability_fixtures import tiny_dir  # noqa: F401  (fixture)
 from test_train import cfg_for, data  # noqa: F401  (fixtures)
 from tunelab import compare as compare_mod
 from tunelab.cli import app

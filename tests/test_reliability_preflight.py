@@ -6,7 +6,6 @@ import json
 import pytest
 
 import tunelab.train as train_mod
-from reliability_fixtures import tiny_dir  # noqa: F401  (fixture)
 from test_train import cfg_for, data  # noqa: F401  (fixtures)
 from tunelab.config import load_config
 from tunelab.readers import DataError

@@ -11,7 +11,6 @@ import pytest
 from safetensors.torch import load_file
 
 import tunelab.train as train_mod
-from reliability_fixtures import tiny_dir  # noqa: F401  (fixture)
 from test_train import cfg_for, data, losses  # noqa: F401  (fixtures)
 from tunelab.config import dump_config
 from tunelab.runlock import Stopped

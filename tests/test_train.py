@@ -8,17 +8,7 @@ from safetensors.torch import load_file
 import tunelab.train as train_mod
 from tunelab.config import load_config
 
-from conftest import tiny_llama, tiny_tokenizer_obj
-
 WORDS = "the cat sat on mat dog was in John Mary Tom Paris Berlin visited city".split()
-
-
-@pytest.fixture
-def tiny_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny-model")
-    tiny_llama().save_pretrained(d)
-    tiny_tokenizer_obj().save_pretrained(d)
-    return d
 
 
 @pytest.fixture
