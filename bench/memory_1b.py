@@ -77,12 +77,13 @@ def write_model(model_dir: Path) -> None:
 
 def _tunelab(method: str, path: str, dtype: str):
     import tunelab
+    from tunelab.api import method_config  # tunelab's API loads lazily: import it by name
     from tunelab.methods.base import METHODS
     from tunelab.models import load
 
     params = {"full": {}, "lora": LORA, "qlora": LORA, "loftq": dict(LORA, iters=1)}[method]
     hook = getattr(METHODS.get(method), "quantize_on_load", None)
-    plan = hook(tunelab.api.method_config(method, params)) if hook else None
+    plan = hook(method_config(method, params)) if hook else None
     model, _ = load(path, dtype=dtype, quantize=plan)
     return tunelab.attach(model, method, **params)
 
