@@ -9,8 +9,8 @@ The model is TinyLlama-1.1B's shape (hidden 2048, 22 layers, MLP 5632, 32 heads 
 measurement is a fresh process (so ru_maxrss is that run's own peak) that loads the model, attaches
 the method and runs --steps AdamW steps on batch 1 x --seq random tokens; it reports the peak RSS
 after loading and after the steps, the load(+attach) time and the step time. Runs go one at a time and
-each waits for --need-gb free memory (``free``); full fine-tuning (weights + grads + 2 AdamW states)
-runs in fp32 only with >= 20 GB free, else in bf16, else it is reported as not run.
+each waits for --need-gb free memory (``free``). Full fine-tuning (weights + grads + 2 AdamW states) runs
+in --full-dtype on both sides (bf16 by default: ~9 GB; fp32 needs ~18 GB), else it is reported as not run.
 
 tunelab: ``tunelab.models.load`` (+ the method's quantize_on_load for QLoRA / LoftQ, so the base is
 quantized shard by shard) then ``tunelab.attach``. PEFT: ``from_pretrained`` then ``get_peft_model``;
@@ -138,6 +138,7 @@ def main() -> None:
     ap.add_argument("--model-dir", default=os.environ.get("TUNELAB_BENCH_1B", "/tmp/tunelab-llama-1b"))
     ap.add_argument("--only", default=",".join(RUNS), help="comma list of impl:method")
     ap.add_argument("--dtype", default="float32", help="compute / base dtype of the non-quantized weights")
+    ap.add_argument("--full-dtype", default="bfloat16", help="dtype of both full fine-tuning rows")
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
@@ -156,7 +157,7 @@ def main() -> None:
         dtype = a.dtype
         need = a.need_gb
         if run.endswith(":full"):  # 1.1B x (weights + grads + 2 AdamW states) x 4 bytes ~ 18 GB in fp32
-            dtype = "float32" if free_gb() >= 20 else "bfloat16"
+            dtype = a.full_dtype  # the same on both sides, whatever memory is free
             need = 20 if dtype == "float32" else 11
         waited = time.time()
         while free_gb() < need and time.time() - waited < a.max_wait:
