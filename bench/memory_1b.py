@@ -141,6 +141,8 @@ def main() -> None:
     ap.add_argument("--only", default=",".join(RUNS), help="comma list of impl:method")
     ap.add_argument("--dtype", default="float32", help="compute / base dtype of the non-quantized weights")
     ap.add_argument("--full-dtype", default="bfloat16", help="dtype of both full fine-tuning rows")
+    ap.add_argument("--full-need-gb", type=float, default=None,
+                    help="free memory the full rows wait for (default 20 fp32 / 11 bf16: the 1.1B model)")
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
@@ -160,7 +162,7 @@ def main() -> None:
         need = a.need_gb
         if run.endswith(":full"):  # 1.1B x (weights + grads + 2 AdamW states) x 4 bytes ~ 18 GB in fp32
             dtype = a.full_dtype  # the same on both sides, whatever memory is free
-            need = 20 if dtype == "float32" else 11
+            need = a.full_need_gb or (20 if dtype == "float32" else 11)
         waited = time.time()
         while free_gb() < need and time.time() - waited < a.max_wait:
             time.sleep(10)
