@@ -49,9 +49,8 @@ def main() -> None:
         reset_peak()
 
     t0 = time.perf_counter()
-    import torch
-
     import memory_1b
+    import torch
 
     import tunelab  # noqa: F401  (imports count in every run's resident size)
     torch.set_num_threads(a.threads)
