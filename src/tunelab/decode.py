@@ -186,6 +186,7 @@ class Decoder:
         self.stats["prefix"] = p
         return cache, p
 
+    @torch.no_grad()
     def run(self, prompts: list[list[int]], pick: Pick, advance: Advance, *, room: int, prefill_rows: int) -> None:
         """Decode every prompt (a row is its index in ``prompts``; prefilled in that order,
         ``prefill_rows`` at a time) until ``advance`` says it is done, at most ``room`` tokens."""
