@@ -303,6 +303,7 @@ def main() -> None:
     ap.add_argument("--ablate", action="store_true", help="also run tunelab without each of its levers (and all)")
     ap.add_argument("--levers", default=",".join(LEVERS), help="the levers --ablate turns off, one at a time")
     ap.add_argument("--set", action="append", default=[], dest="extra", help="config override for both sides (key=value)")
+    ap.add_argument("--skip-reference", action="store_true", help="tunelab sides only (a reference measured in another run)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "latest.json"))
     a = ap.parse_args()
     if a.child:
@@ -329,7 +330,7 @@ def main() -> None:
             sides = [("tunelab", [])] + [(f"tunelab without {lv}", [lv]) for lv in ablate]
             if len(ablate) > 1:
                 sides.append(("tunelab without any", ablate))
-            for side, off in [*sides, ("reference", [])]:
+            for side, off in [*sides, *([] if a.skip_reference else [("reference", [])])]:
                 spec = {"config": name, "impl": "reference" if side == "reference" else "tunelab", "side": side,
                         "disable": off, "threads": a.threads, "device": device, "steps": a.steps, "warmup": a.warmup,
                         "peak_flops": peak, "pythonpath": a.pythonpath, "extra": a.extra}
