@@ -13,6 +13,8 @@ noted, the same rows, batches, precision and hyperparameters on both sides):
     lora-defaults  tunelab LoRA, all its defaults  vs PEFT LoraConfig() defaults, fp32, shuffled batches
     lora-ckpt      lora with gradient checkpointing on both sides (its cost: compare with lora)
     qlora          tunelab QLoRA (NF4 base)        vs PEFT LoRA over a torchao NF4 base
+    qlora-lowmem   qlora without held bf16 copies of the base (train.shadow_mb=0: QLoRA's memory at scale)
+    loftq          tunelab LoftQ (NF4, 1 iteration) vs PEFT LoRA over the same LoftQ-initialised NF4 base
     loreft         tunelab LoReFT r8 f7+l7         vs pyreft (PEFT LoRA if pyreft is not importable)
     score          SST-2 dev label-word scoring    vs a full-logits forward in file order
     generate       Alpaca prompts, 32 new tokens   vs model.generate in file order (bf16 autocast where the
@@ -56,6 +58,10 @@ CONFIGS = {
                   "ref": ("peft", {"lora": PEFT_LORA, "checkpointing": True})},
     "qlora": {"tunelab": ["method.name=qlora", "method.r=8", "method.alpha=16", "train.lr=1e-4"],
               "ref": ("peft", {"lora": PEFT_LORA, "quantize": True})},
+    "qlora-lowmem": {"tunelab": ["method.name=qlora", "method.r=8", "method.alpha=16", "train.lr=1e-4",
+                                 "train.shadow_mb=0"], "ref": ("peft", {"lora": PEFT_LORA, "quantize": True})},
+    "loftq": {"tunelab": ["method.name=loftq", "method.r=8", "method.alpha=16", "method.iters=1", "train.lr=1e-4"],
+              "ref": ("peft", {"lora": PEFT_LORA, "loftq": True})},
     "loreft": {"tunelab": ["method.name=loreft", "method.rank=8", "method.positions=f7+l7", "train.lr=2e-3"],
                "ref": ("pyreft", {"rank": 8, "first": 7, "last": 7})},
     "score": {"tunelab": ["method.name=full", "eval.loss=false"], "ref": ("score", {}), "eval": True},
@@ -84,8 +90,14 @@ def _no_prefix(fast):
     fast.supports_shared_prefix = lambda *a, **k: False
 
 
+def _no_held(fast):
+    from tunelab import held_weights
+
+    held_weights.AUTO_MB = 0  # the automatic rule then holds nothing
+
+
 LEVERS = {"loss-positions": _no_loss_positions, "shared-prefix": _no_prefix, "eager-attention": _no_eager,
-          "fused-adamw": _no_fused}
+          "fused-adamw": _no_fused, "held-weights": _no_held}
 
 
 # ---------------------------------------------------------------- the child: one measurement
@@ -119,6 +131,8 @@ def child(spec: dict) -> dict:
         res = reference.peft_loop(cfg, steps, warmup, peak, **kw)
         if kw.get("quantize"):
             res["impl"] = "peft+torchao-nf4"
+        if kw.get("loftq"):
+            res["impl"] = "peft+loftq-nf4"
         return res
     if kind == "pyreft":
         try:
@@ -301,6 +315,7 @@ def main() -> None:
     ap.add_argument("--ablate", action="store_true", help="also run tunelab without each of its levers (and all)")
     ap.add_argument("--levers", default=",".join(LEVERS), help="the levers --ablate turns off, one at a time")
     ap.add_argument("--set", action="append", default=[], dest="extra", help="config override for both sides (key=value)")
+    ap.add_argument("--skip-reference", action="store_true", help="tunelab sides only (a reference measured in another run)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "latest.json"))
     a = ap.parse_args()
     if a.child:
@@ -327,7 +342,7 @@ def main() -> None:
             sides = [("tunelab", [])] + [(f"tunelab without {lv}", [lv]) for lv in ablate]
             if len(ablate) > 1:
                 sides.append(("tunelab without any", ablate))
-            for side, off in [*sides, ("reference", [])]:
+            for side, off in [*sides, *([] if a.skip_reference else [("reference", [])])]:
                 spec = {"config": name, "impl": "reference" if side == "reference" else "tunelab", "side": side,
                         "disable": off, "threads": a.threads, "device": device, "steps": a.steps, "warmup": a.warmup,
                         "peak_flops": peak, "pythonpath": a.pythonpath, "extra": a.extra}

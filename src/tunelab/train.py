@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 
 import tunelab
 from tunelab import distributed as dist
-from tunelab import fast, pipeline, tracking
+from tunelab import fast, held_weights, pipeline, tracking
 from tunelab.checkpoint import atomic_dir, atomic_write_text, recover, remove_stale, verify_checkpoint
 from tunelab.config import RunConfig, dump_config, task_config
 from tunelab.data import Collator, batches
@@ -444,6 +444,9 @@ def _train(r: Run, model, out: Path, lead: bool) -> dict:
     tokens, t_train = pos["tokens"], pos["train_time_s"]
     loss = pos["loss"] if pos["loss"] is not None else float("nan")
     stop = StopOnSignal()
+    # frozen weights kept in the autocast dtype instead of re-cast / re-dequantized per call (same results)
+    held = held_weights.held_weights(base, r.amp, 0 if dist.is_sharded(model) else tc.shadow_mb, r.device)
+    held_facts = held.__enter__()
     try:
         stop.__enter__()
         while pos["step"] < total:
@@ -509,6 +512,7 @@ def _train(r: Run, model, out: Path, lead: bool) -> dict:
             ) from e
         raise
     finally:
+        held.__exit__(None, None, None)
         stop.__exit__(None, None, None)
         if bar:
             bar.close()
@@ -518,7 +522,7 @@ def _train(r: Run, model, out: Path, lead: bool) -> dict:
     return {**data, "steps": pos["step"], "train_tokens": tokens, "train_time_s": t_train,
             "train_tokens_per_s": tokens / t_train if t_train else 0.0, "final_loss": loss,
             "mean_train_loss": pos["loss_sum"] / pos["step"] if pos["step"] else float("nan"), "lr": lr,
-            "truncated_rows": truncated}
+            "truncated_rows": truncated, "held_weights_mb": held_facts["held_mb"]}
 
 
 def _last_saved(ckpt: Path) -> Path | None:
