@@ -71,9 +71,10 @@ CONFIGS = {
                "ref": ("pyreft", {"rank": 8, "first": 7, "last": 7})},
     "score": {"tunelab": ["method.name=full", "eval.loss=false"], "ref": ("score", {}), "eval": True},
     "generate": {"tunelab": ["method.name=full", *ALPACA], "ref": ("generate", {}), "eval": True, "max_examples": 32},
-    "choice": {"tunelab": [*EVAL, *OBQA], "ref": ("choice", {}), "eval": True, "max_examples": 200},
-    "ner-head": {"tunelab": [*EVAL, *NER], "ref": ("ner", {}), "eval": True, "max_examples": 1000},
-    "qa-head": {"tunelab": [*EVAL, *QA], "ref": ("qa", {}), "eval": True, "max_examples": 500},
+    # sizes by data.max_eval (so --set data.max_eval=N shrinks both sides alike)
+    "choice": {"tunelab": [*EVAL, *OBQA, "data.max_eval=200"], "ref": ("choice", {}), "eval": True},
+    "ner-head": {"tunelab": [*EVAL, *NER, "data.max_eval=1000"], "ref": ("ner", {}), "eval": True},
+    "qa-head": {"tunelab": [*EVAL, *QA, "data.max_eval=500"], "ref": ("qa", {}), "eval": True},
     "score-lora": {"tunelab": ["method.name=lora", "eval.loss=false"], "ref": ("score", {}), "eval": True},
 }
 
