@@ -179,3 +179,23 @@ def test_real_openbookqa_same_predictions_as_row_scoring(monkeypatch):
     assert [p["prediction"] for p in fast_preds] == [p["prediction"] for p in preds]
     for a, b in zip(fast_preds, preds, strict=True):  # bf16: each score within rounding of today's
         assert all(abs(a["output"][k] - b["output"][k]) < 0.15 for k in a["output"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", ["ner", "qa"])
+def test_real_heads_same_predictions_with_cast_weights(task, monkeypatch):
+    """MiniLM token and span heads on real dev data under bf16 autocast: the same predictions and metrics
+    with the weights cast once as with autocast's per-call casts (today's path)."""
+    from tunelab.config import load_config
+    from tunelab.train import Run
+
+    data = {"ner": [f"data.eval={shared_data('conll2003', 'eng.testa')}", "data.max_eval=64"],
+            "qa": [f"data.eval={shared_data('squad_v1.1', 'dev-v1.1.json')}#articles=40:41", "data.max_eval=40"]}[task]
+    cfg = load_config(None, ["model.name=minilm-l6", f"task.name={task}", "task.formulation=head", *data,
+                             "method.name=lora", "eval.loss=false", "eval.batch_size=16", "train.threads=2",
+                             "train.precision=bf16"])
+    r = Run(cfg)
+    tunelab.attach(r.model, "lora")
+    got = r.evaluate()
+    monkeypatch.setattr(fast_eval, "cast_weights", _no_cast)
+    assert got == r.evaluate()

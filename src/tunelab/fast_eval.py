@@ -106,6 +106,8 @@ def packed_choices(model, prompt_ids: list[list[int]], choice_ids: list[list[lis
             n = len(t)
             ids[r, :n], pos[r, :n], seg[r, :n] = torch.tensor(t), torch.tensor(p) + cut, torch.tensor(s)
             reads += [(r, q, tok, i, j) for q, tok, j in rd]
+        if not reads:  # prompts without choices: nothing to score
+            continue
         mask = _mask(seg, cut)
         keep = torch.tensor(sorted({q for _, q, _, _, _ in reads}))
         col = {int(q): k for k, q in enumerate(keep)}
