@@ -378,8 +378,8 @@ def generate_plain(cfg: RunConfig, peak_flops: float, max_examples: int | None =
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         torch.cuda.synchronize()
-    t = time.perf_counter()
-    bs, new_tokens = cfg.eval.batch_size, 0
+    t, cpu = time.perf_counter(), time.process_time()
+    bs, new_tokens, outputs = cfg.eval.batch_size, 0, []
     for s in range(0, len(prompts), bs):
         rows = [tokenize_prompt(r.tok, p) for p in prompts[s : s + bs]]
         width = max(len(x) for x in rows)
@@ -391,11 +391,13 @@ def generate_plain(cfg: RunConfig, peak_flops: float, max_examples: int | None =
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
                                  do_sample=False, pad_token_id=r.tok.pad_token_id, eos_token_id=r.tok.eos_token_id)
         new_tokens += int((out[:, width:] != r.tok.pad_token_id).sum())
+        outputs += [r.tok.decode(o[width:], skip_special_tokens=True).strip() for o in out]  # as tunelab's generate
     if device.type == "cuda":
         torch.cuda.synchronize()
     dt = time.perf_counter() - t
     n = len(prompts)
     return {"impl": "hf-generate", "kind": "eval", "task": cfg.task.name, "device": str(device),
             "precision": str(amp).replace("torch.", "") if amp else "float32", "batch_size": bs, "examples": n,
-            "seconds": dt, "examples_per_s": n / dt, "new_tokens": new_tokens,
+            "seconds": dt, "examples_per_s": n / dt, "new_tokens": new_tokens, "outputs": outputs,
+            "cpu_seconds": time.process_time() - cpu,
             "peak_memory_mb": peak_memory_mb(device), "threads": torch.get_num_threads()}

@@ -15,7 +15,9 @@ noted, the same rows, batches, precision and hyperparameters on both sides):
     qlora          tunelab QLoRA (NF4 base)        vs PEFT LoRA over a torchao NF4 base
     loreft         tunelab LoReFT r8 f7+l7         vs pyreft (PEFT LoRA if pyreft is not importable)
     score          SST-2 dev label-word scoring    vs a full-logits forward in file order
-    generate       Alpaca prompts, 32 new tokens   vs model.generate in file order
+    generate       Alpaca prompts, 32 new tokens   vs model.generate in file order (bf16 autocast where the
+                   CPU has bf16, as the other rows); generate-fp32 the same in fp32. Both sides return
+                   their texts: the table counts the prompts whose greedy outputs differ.
     choice         OpenBookQA test choice scoring  vs one full-logits row per (prompt, choice) in file order
     ner-head       CoNLL-2003 dev, MiniLM token head  vs a plain token-classification forward in file order
     qa-head        SQuAD dev articles 40:48, MiniLM span head  vs plain forwards + the n-best loop per window
@@ -71,6 +73,8 @@ CONFIGS = {
                "ref": ("pyreft", {"rank": 8, "first": 7, "last": 7})},
     "score": {"tunelab": ["method.name=full", "eval.loss=false"], "ref": ("score", {}), "eval": True},
     "generate": {"tunelab": ["method.name=full", *ALPACA], "ref": ("generate", {}), "eval": True, "max_examples": 32},
+    "generate-fp32": {"tunelab": ["method.name=full", *ALPACA, "train.precision=fp32"], "ref": ("generate", {}),
+                      "eval": True, "max_examples": 32},
     # sizes by data.max_eval (so --set data.max_eval=N shrinks both sides alike)
     "choice": {"tunelab": [*EVAL, *OBQA, "data.max_eval=200"], "ref": ("choice", {}), "eval": True},
     "ner-head": {"tunelab": [*EVAL, *NER, "data.max_eval=1000"], "ref": ("ner", {}), "eval": True},
@@ -171,16 +175,17 @@ def _tunelab(spec, cfg, conf, steps, warmup, peak) -> dict:
     r = Run(cfg)
     tunelab.attach(r.model, cfg.method.name)
     prompts = [r.task.prompt(ex, r.tok, r.tcfg) for ex in r.eval_ex]
-    t = time.perf_counter()
+    t, cpu = time.perf_counter(), time.process_time()
     with autocast(r.device, r.amp):
-        generate(r.model, r.tok, prompts, max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size)
+        outputs = generate(r.model, r.tok, prompts, max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size)
     if r.device.type == "cuda":
         torch.cuda.synchronize()
     dt = time.perf_counter() - t
     return {"impl": "tunelab", "kind": "eval", "task": cfg.task.name, "device": str(r.device),
             "precision": str(r.amp).replace("torch.", "") if r.amp else "float32", "batch_size": cfg.eval.batch_size,
             "examples": len(prompts), "seconds": dt, "examples_per_s": len(prompts) / dt,
-            "peak_memory_mb": bench.peak_memory_mb(r.device), "threads": torch.get_num_threads()}
+            "cpu_seconds": time.process_time() - cpu,
+            "peak_memory_mb": bench.peak_memory_mb(r.device), "threads": torch.get_num_threads(), "outputs": outputs}
 
 
 # ---------------------------------------------------------------- the parent: schedule and report
@@ -244,6 +249,11 @@ def speed(res: dict) -> float:
     return res["tokens_per_s"]["median"] if res["kind"] == "train" else res["examples_per_s"]
 
 
+def differing(a: list[str], b: list[str]) -> int:
+    """Prompts whose outputs differ (generation rows: tunelab's texts against the reference's)."""
+    return sum(x != y for x, y in zip(a, b, strict=True))
+
+
 def table(results: list[dict]) -> str:
     """Markdown: per configuration and side, median and min..max over repeats, and the ratio."""
     rows = ["| config | implementation | precision | speed (median) | spread over repeats | peak memory MB | MFU | mean loss / acc | tunelab / ref |",
@@ -270,6 +280,8 @@ def table(results: list[dict]) -> str:
                    for r in rs]
             mfu_s = f"{100 * statistics.median(mfu):.1f}%" if all(m is not None for m in mfu) else "-"
             q = rs[0].get("mean_loss")
+            if side != "reference" and "outputs" in rs[0] and by[name].get("reference") and "outputs" in by[name]["reference"][0]:
+                q = f"{differing(rs[0]['outputs'], by[name]['reference'][0]['outputs'])}/{len(rs[0]['outputs'])} differ"
             q = f"{q:.3f}" if isinstance(q, float) else (f"{rs[0]['metrics'].get('accuracy', float('nan')):.3f}"
                                                          if "accuracy" in rs[0].get("metrics", {}) else "-")
             flag = " (disturbed)" if any(r.get("disturbed") for r in rs) else ""
