@@ -20,6 +20,13 @@ noted, the same rows, batches, precision and hyperparameters on both sides):
     generate       Alpaca prompts, 32 new tokens   vs model.generate in file order (bf16 autocast where the
                    CPU has bf16, as the other rows); generate-fp32 the same in fp32. Both sides return
                    their texts: the table counts the prompts whose greedy outputs differ.
+    choice         OpenBookQA test choice scoring  vs one full-logits row per (prompt, choice) in file order
+    ner-head       CoNLL-2003 dev, MiniLM token head  vs a plain token-classification forward in file order
+    qa-head        SQuAD dev articles 40:48, MiniLM span head  vs plain forwards + the n-best loop per window
+    score-lora     score with a LoRA attached (frozen base weights: what the demo and most runs evaluate)
+
+--before DIR adds a side "tunelab-before": the tunelab half run from DIR/src (e.g. a `git worktree` of
+main), for before/after figures in one interleaved run.
 
 The machine is shared in some setups: before each measurement the script waits (up to
 --max-wait s) until other processes use less than --quiet CPUs, and it records the CPU that others
@@ -49,6 +56,12 @@ LORA = ["method.name=lora", "method.r=8", "method.alpha=16", "train.lr=1e-4"]
 PEFT_LORA = {"r": 8, "lora_alpha": 16, "target_modules": "all-linear", "lora_dropout": 0.0}
 ALPACA = [f"data.eval={DATA / 'alpaca_demo/alpaca_en_demo.json'}#rows=900:999", "task.name=generation",
           "eval.batch_size=8", "eval.max_new_tokens=32"]
+OBQA = [f"data.eval={DATA / 'llm_adapters/openbookqa/test.json'}", "task.name=reasoning", "eval.batch_size=16"]
+NER = ["model.name=minilm-l6", "task.name=ner", "task.formulation=head", f"data.eval={DATA / 'conll2003/eng.testa'}",
+       "eval.batch_size=64"]
+QA = ["model.name=minilm-l6", "task.name=qa", "task.formulation=head", "data.max_length=384", "eval.batch_size=32",
+      f"data.eval={DATA / 'squad_v1.1/dev-v1.1.json'}#articles=40:48"]
+EVAL = ["method.name=full", "eval.loss=false"]
 
 CONFIGS = {
     "full": {"tunelab": ["method.name=full", "train.lr=2e-5"], "ref": ("trainer", {})},
@@ -68,6 +81,11 @@ CONFIGS = {
     "generate": {"tunelab": ["method.name=full", *ALPACA], "ref": ("generate", {}), "eval": True, "max_examples": 32},
     "generate-fp32": {"tunelab": ["method.name=full", *ALPACA, "train.precision=fp32"], "ref": ("generate", {}),
                       "eval": True, "max_examples": 32},
+    # sizes by data.max_eval (so --set data.max_eval=N shrinks both sides alike)
+    "choice": {"tunelab": [*EVAL, *OBQA, "data.max_eval=200"], "ref": ("choice", {}), "eval": True},
+    "ner-head": {"tunelab": [*EVAL, *NER, "data.max_eval=1000"], "ref": ("ner", {}), "eval": True},
+    "qa-head": {"tunelab": [*EVAL, *QA, "data.max_eval=500"], "ref": ("qa", {}), "eval": True},
+    "score-lora": {"tunelab": ["method.name=lora", "eval.loss=false"], "ref": ("score", {}), "eval": True},
 }
 
 
@@ -144,6 +162,10 @@ def child(spec: dict) -> dict:
         return reference.pyreft_loop(cfg, steps, warmup, peak, **kw)
     if kind == "score":
         return reference.score_plain(cfg, peak, conf.get("max_examples"))
+    if kind in ("choice", "ner", "qa"):  # issue 19's evaluation rows
+        import reference_eval
+
+        return getattr(reference_eval, f"{kind}_plain")(cfg, conf.get("max_examples"))
     return reference.generate_plain(cfg, peak, conf.get("max_examples"), cfg.eval.max_new_tokens)
 
 
@@ -156,7 +178,7 @@ def _tunelab(spec, cfg, conf, steps, warmup, peak) -> dict:
         LEVERS[lever](fast)
     if not conf.get("eval"):
         return bench.bench_train(cfg, steps=steps, warmup=warmup, peak_flops=peak)
-    if conf["ref"][0] == "score":
+    if conf["ref"][0] in ("score", "choice", "ner", "qa"):
         return bench.bench_eval(cfg, max_examples=conf.get("max_examples"), peak_flops=peak)
     # generation: tunelab.evaluate.generate alone (the task's evaluate also scores perplexity)
     import tunelab
@@ -214,7 +236,11 @@ def measure(spec: dict, quiet: float, max_wait: float, retries: int) -> dict:
         before = wait_quiet(quiet, max_wait)
         ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         busy0, t0 = _busy_seconds(), time.time()
-        proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True)
+        env = None
+        if spec.get("src"):  # the tunelab half from another checkout (--before)
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join([spec["src"], os.environ.get("PYTHONPATH", "")])}
+        proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True,
+                              env=env)
         wall = time.time() - t0
         ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
         mine = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
@@ -274,6 +300,8 @@ def table(results: list[dict]) -> str:
                                                          if "accuracy" in rs[0].get("metrics", {}) else "-")
             flag = " (disturbed)" if any(r.get("disturbed") for r in rs) else ""
             ratio = f"**{med['tunelab'] / med['reference']:.2f}x**" if side == "reference" and "tunelab" in med else ""
+            if side == "tunelab-before" and "tunelab" in med:
+                ratio = f"{med['tunelab'] / med[side]:.2f}x (tunelab / before)"
             impl = rs[0]["impl"] if side in ("tunelab", "reference") else side
             rows.append(f"| {name} | {impl} | {rs[0]['precision']} | {med[side]:,.1f} {unit} | "
                         f"{min(sp):,.1f} .. {max(sp):,.1f} (n={len(sp)}){flag} | {mem:,.0f} | {mfu_s} | {q} | {ratio} |")
@@ -316,6 +344,7 @@ def main() -> None:
     ap.add_argument("--levers", default=",".join(LEVERS), help="the levers --ablate turns off, one at a time")
     ap.add_argument("--set", action="append", default=[], dest="extra", help="config override for both sides (key=value)")
     ap.add_argument("--skip-reference", action="store_true", help="tunelab sides only (a reference measured in another run)")
+    ap.add_argument("--before", help="a checkout (e.g. a git worktree of main) whose src/ runs a 'tunelab-before' side")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "latest.json"))
     a = ap.parse_args()
     if a.child:
@@ -342,10 +371,14 @@ def main() -> None:
             sides = [("tunelab", [])] + [(f"tunelab without {lv}", [lv]) for lv in ablate]
             if len(ablate) > 1:
                 sides.append(("tunelab without any", ablate))
+            if a.before:
+                sides.append(("tunelab-before", []))
             for side, off in [*sides, *([] if a.skip_reference else [("reference", [])])]:
                 spec = {"config": name, "impl": "reference" if side == "reference" else "tunelab", "side": side,
                         "disable": off, "threads": a.threads, "device": device, "steps": a.steps, "warmup": a.warmup,
                         "peak_flops": peak, "pythonpath": a.pythonpath, "extra": a.extra}
+                if side == "tunelab-before":
+                    spec["src"] = str(Path(a.before).resolve() / "src")
                 print(f"[{rep + 1}/{a.repeats}] {name} / {side}", flush=True)
                 res = measure(spec, a.quiet, a.max_wait, a.retries)
                 if "error" not in res:

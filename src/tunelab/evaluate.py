@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from tunelab import distributed as dist
-from tunelab import fast
+from tunelab import fast, fast_eval
 from tunelab.data import IGNORE, tokenize_prompt, tokenize_source
 from tunelab.methods.base import context
 
@@ -119,8 +119,11 @@ def score_choices(model, tokenizer, prompts: list[str], choices: list[list[str]]
     """Sum log-probability of each ``choices[i][j]`` following ``prompts[i]``."""
     if len(prompts) != len(choices):
         raise ValueError(f"{len(prompts)} prompts but {len(choices)} choice lists")
-    was_training = model.training
-    model.eval()
+    with fast_eval.inference(model):  # weights cast once for the whole evaluation, not in every forward
+        return _score_choices(model, tokenizer, prompts, choices, batch_size)
+
+
+def _score_choices(model, tokenizer, prompts, choices, batch_size) -> list[list[float]]:
     dev, pad = _device(model), tokenizer.pad_token_id
     keep = _takes_logits_to_keep(model)
     prompt_ids = [tokenize_prompt(tokenizer, p) for p in prompts]
@@ -128,7 +131,6 @@ def score_choices(model, tokenizer, prompts: list[str], choices: list[list[str]]
     if _encoder_decoder(model):
         scores = _score_seq2seq(model, tokenizer, prompts, choice_ids, batch_size)
         context(model).pop("prompt_mask", None)
-        model.train(was_training)
         return scores
     scores: list[list[float]] = [[0.0] * len(cs) for cs in choices]
     single = all(len(c) == 1 for cs in choice_ids for c in cs)
@@ -144,10 +146,15 @@ def score_choices(model, tokenizer, prompts: list[str], choices: list[list[str]]
                 context(model)["prompt_mask"] = mask.bool()
                 logits = model(input_ids=ids, attention_mask=mask, **({"logits_to_keep": 1} if keep else {})).logits
             logp = F.log_softmax(logits[:, -1].float(), dim=-1)
-            for row, i in enumerate(batch):
-                for j, c in enumerate(choice_ids[i]):
-                    scores[i][j] = logp[row, c[0]].item()
+            rows = [row for row, i in enumerate(batch) for _ in choice_ids[i]]  # one gather, one copy out
+            toks = [c[0] for i in batch for c in choice_ids[i]]
+            got = iter(logp[torch.tensor(rows), torch.tensor(toks)].tolist())
+            for i in batch:
+                scores[i] = [next(got) for _ in choice_ids[i]]
             bar.update(len(batch))
+    elif fast_eval.packable(model):  # each prompt once, all its choices in the same row
+        bar = _bar(sum(map(len, choice_ids)), "scoring choices")
+        scores = fast_eval.packed_choices(model, prompt_ids, choice_ids, pad, dev, batch_size, bar)
     else:
         pairs = [(i, j) for i, cs in enumerate(choice_ids) for j in range(len(cs))]
         rows = [prompt_ids[i] + choice_ids[i][j] for i, j in pairs]
@@ -173,7 +180,6 @@ def score_choices(model, tokenizer, prompts: list[str], choices: list[list[str]]
             bar.update(len(batch))
     bar.close()
     context(model).pop("prompt_mask", None)
-    model.train(was_training)
     return scores
 
 
@@ -248,8 +254,11 @@ def generate(
 @torch.no_grad()
 def classify(model, tokenizer, texts: list[str], pairs: list[str] | None = None, *, batch_size: int = 32, max_length: int = 256) -> torch.Tensor:
     """Head logits (n, num_labels) for ``texts`` (and optional second segments ``pairs``)."""
-    was_training = model.training
-    model.eval()
+    with fast_eval.inference(model):
+        return _classify(model, tokenizer, texts, pairs, batch_size, max_length)
+
+
+def _classify(model, tokenizer, texts, pairs, batch_size, max_length) -> torch.Tensor:
     dev = _device(model)
     lengths = [len(t) + (len(pairs[i]) if pairs else 0) for i, t in enumerate(texts)]
     result: list[torch.Tensor | None] = [None] * len(texts)
@@ -265,5 +274,4 @@ def classify(model, tokenizer, texts: list[str], pairs: list[str] | None = None,
         bar.update(len(batch))
     bar.close()
     context(model).pop("prompt_mask", None)
-    model.train(was_training)
     return torch.stack(result)

@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 
 import tunelab
 from tunelab import distributed as dist
-from tunelab import fast, held_weights, pipeline, tracking
+from tunelab import fast, fast_eval, held_weights, pipeline, tracking
 from tunelab.checkpoint import atomic_dir, atomic_write_text, recover, remove_stale, verify_checkpoint
 from tunelab.config import RunConfig, dump_config, task_config
 from tunelab.data import Collator, batches
@@ -259,11 +259,13 @@ class Run:
     def evaluate(self) -> tuple[dict, list[dict]]:
         if not self.eval_ex:
             return {}, []
+        t0 = time.perf_counter()
         with autocast(self.device, self.amp), dist.split_eval(not dist.is_sharded(self.model)):
             metrics, preds = self.task.evaluate(self.model, self.tok, self.eval_ex, self.tcfg, batch_size=self.cfg.eval.batch_size, gen=self.cfg.eval.gen())
         if self.cfg.eval.loss and "eval_loss" not in metrics:  # a task may report it itself (on the way)
-            with autocast(self.device, self.amp):
+            with autocast(self.device, self.amp), fast_eval.inference(self.model):  # weights cast once
                 metrics["eval_loss"] = self.eval_loss()
+        self.eval_time_s = getattr(self, "eval_time_s", 0.0) + time.perf_counter() - t0  # every evaluation of the run
         return metrics, preds
 
     @torch.no_grad()
@@ -363,7 +365,8 @@ def _run(cfg: RunConfig, t_start: float) -> dict:
         trainable_params=counts["trainable"], total_params=counts["total"], trainable_percent=counts["percent"],
         precision=str(r.amp).replace("torch.", "") if r.amp else "float32", device=str(r.device),
         world_size=dist.world(), **train_stats,
-        wall_time_s=time.time() - t_start, peak_memory_mb=peak_memory_mb(r.device),
+        wall_time_s=time.time() - t_start, eval_time_s=getattr(r, "eval_time_s", 0.0),
+        peak_memory_mb=peak_memory_mb(r.device),
     )
     if lead:
         if preds and cfg.eval.save_predictions:
