@@ -30,6 +30,8 @@ from tunelab.report import fit as fitmod
 from tunelab.report.stats import t_interval
 
 N_BOOT = 200
+CHANCE_TOL = 0.03  # a size whose mean loss is within 3% of chance has not learned (its seeds' spread is ~1%)
+MIN_SIZES = 3  # sizes above chance needed to fit A, beta and E
 
 
 def _points(rows: list[dict], plan: dict, key: str) -> dict[str, list[dict]]:
@@ -50,7 +52,63 @@ def _fit(pts: list[dict], grid: dict | None = None) -> fitmod.Fit:
     d = [p["d"] for p in pts]
     xs = [p["x"] for p in pts]
     form = "data" if any(x is None for x in xs) or len(set(xs)) < 2 else "multiplicative"
-    return fitmod.fit_law(form, d, [p["loss"] for p in pts], None if form == "data" else xs, grid=grid, refine=1)
+    # E is the loss at infinite data: it cannot lie above the lowest loss a cell already reached.
+    e_max = min(_cell_means(pts).values())
+    return fitmod.fit_law(form, d, [p["loss"] for p in pts], None if form == "data" else xs, grid=grid, refine=1,
+                          e_max=e_max)
+
+
+def _cell_means(pts: list[dict]) -> dict[tuple, float]:
+    cells: dict[tuple, list[float]] = {}
+    for p in pts:
+        cells.setdefault((p["d"], p["x"]), []).append(p["loss"])
+    return {k: float(np.mean(v)) for k, v in cells.items()}
+
+
+def plateau(pts: list[dict], chance: float | None) -> dict:
+    """Sizes whose runs have not started learning, and whether the curve bends the wrong way.
+
+    ``at_chance``: sizes whose mean loss is within ``CHANCE_TOL`` of the chance loss (e.g. ln 2 for a
+    balanced binary head); they are left out of the fit, since A·D^-beta + E describes learning, not
+    the plateau before it. ``concave``: in log-log, A·D^-beta + E only flattens as D grows (its slope's
+    magnitude falls), so a curve that is flat at the small sizes and steep at the large ones (the loss
+    falls faster with more data) is outside the law's family; flagged when the first slope is under
+    half the last and the difference exceeds twice the seeds' noise. Per X value for two-factor sweeps."""
+    out = {"at_chance": [], "concave": [], "warnings": []}
+    groups: dict = {}
+    for p in pts:
+        groups.setdefault(p["x"], []).append(p)
+    for x, ps in groups.items():
+        by: dict[float, list[float]] = {}
+        for p in ps:
+            by.setdefault(p["d"], []).append(float(np.log(p["loss"])))
+        sizes = sorted(by)
+        means = [float(np.mean(by[d])) for d in sizes]
+        tag = "" if x is None else f" (X = {x:g})"
+        if chance is not None:
+            flat = [d for d, m in zip(sizes, means, strict=True) if math.exp(m) >= chance * (1 - CHANCE_TOL)]
+            out["at_chance"] += [{"d": d, "x": x} for d in flat]
+            if flat:
+                out["warnings"].append(
+                    f"{len(flat)} of {len(sizes)} sizes{tag} sit at chance (mean eval loss within "
+                    f"{100 * CHANCE_TOL:g}% of {chance:.4g}): {', '.join(f'{d:g}' for d in flat)} rows; left out "
+                    "of the fit (train them longer, e.g. advise.steps: full, or start the sizes higher)")
+        sizes = [d for d in sizes if {"d": d, "x": x} not in out["at_chance"]]  # the shape of what is fitted
+        means = [float(np.mean(by[d])) for d in sizes]
+        if len(sizes) < 3:
+            continue
+        ld = np.log(sizes)
+        slopes = np.diff(means) / np.diff(ld)
+        se = [np.std(by[d], ddof=1) / math.sqrt(len(by[d])) if len(by[d]) > 1 else 0.0 for d in sizes]
+        noise = 2 * math.sqrt(2) * max(se) / float(np.min(np.diff(ld)))
+        first, last = -slopes[0], -slopes[-1]
+        if first < 0.5 * last and last - first > noise:
+            out["concave"].append({"x": x, "first_slope": float(slopes[0]), "last_slope": float(slopes[-1])})
+            out["warnings"].append(
+                f"the loss{tag} falls faster at the large sizes (log-log slope {slopes[-1]:.3g}) than at the "
+                f"small ones ({slopes[0]:.3g}): a plateau then learning, which A·D^-beta + E cannot follow; "
+                "the small sizes have not started learning (train them longer: advise.steps: full)")
+    return out
 
 
 def _start(f: fitmod.Fit, pts: list[dict]) -> dict:
@@ -155,8 +213,16 @@ def analyse(rows: list[dict], manifest: dict, metric: str, higher: bool) -> dict
     fit_pts = {k: [p for p in v if p["d"] in small] for k, v in pts.items()}
     all_small = [p for v in fit_pts.values() for p in v if isinstance(p["metric"], int | float)]
     mp = metric_map([p["loss"] for p in all_small], [p["metric"] for p in all_small])
-    methods, fits, boots, errors = {}, {}, {}, {}
+    methods, fits, boots, errors, plateaus = {}, {}, {}, {}, {}
+    chance = manifest.get("chance_loss")
     for label, ps in fit_pts.items():
+        plateaus[label] = pl = plateau(ps, chance)
+        ps = [p for p in ps if {"d": p["d"], "x": p["x"]} not in pl["at_chance"]]
+        left = len({p["d"] for p in ps})
+        if left < MIN_SIZES:
+            errors[label] = (f"refused: only {left} data size(s) above chance, a law A·D^-beta + E needs "
+                             f"{MIN_SIZES}; train the small sizes longer (advise.steps: full) or start them higher")
+            continue
         try:
             f = _fit(ps)
         except ValueError as e:
@@ -170,8 +236,10 @@ def analyse(rows: list[dict], manifest: dict, metric: str, higher: bool) -> dict
             "fit": f.to_dict(), "points": len(ps), "loss": loss, "loss_ci": _summary(boots[label]),
             "metric": None if m is None else float(m),
             "metric_ci": _summary(apply_map(mp, boots[label])) if mp else {"lo": None, "hi": None},
-            "backtest": backtest(ps),
+            "backtest": backtest(ps), "plateau": pl,
         }
+        bt = methods[label]["backtest"]
+        methods[label]["good"] = bool((bt.get("diagnostics") or {}).get("good")) and not pl["concave"]
     if fits:
         n = min(len(b) for b in boots.values())
         names = list(boots)
@@ -183,7 +251,8 @@ def analyse(rows: list[dict], manifest: dict, metric: str, higher: bool) -> dict
     sizes = sorted(small)
     result = {
         "metric": metric, "higher_is_better": higher, "full_size": d_full, "x_full": x_full, "sizes": sizes,
-        "methods": methods, "errors": errors, "winner": winner, "metric_map": mp,
+        "methods": methods, "errors": errors, "winner": winner, "metric_map": mp, "chance_loss": chance,
+        "plateau": plateaus,
         "crossings": crossings(fits, x_full, sizes[0] / 10, d_full * 10) if len(fits) > 1 and sizes else [],
         "n_boot": min((len(b) for b in boots.values()), default=0),
     }
@@ -259,7 +328,7 @@ def table_rows(result: dict) -> tuple[list[str], list[list[str]]]:
         bt = p["backtest"]
         if "errors" in bt:
             back = f"{100 * bt['errors']['mean_rel_error']:.1f}% / {100 * bt['baseline_errors']['mean_rel_error']:.1f}%"
-            verdict = "good" if bt["diagnostics"]["good"] else "NOT good"
+            verdict = "good" if p.get("good", bt["diagnostics"]["good"]) else "NOT good"
         else:
             back, verdict = bt.get("error", "–"), "–"
         fp = p["fit"]["params"]
@@ -284,7 +353,8 @@ def markdown(result: dict) -> str:
     w = result.get("winner")
     if w:
         p = result["methods"][w]
-        lines.append(f"**Predicted winner: {w}** (eval loss {p['loss']:.4g} {_ci(p['loss_ci'])}, "
+        among = f" among the fitted methods ({', '.join(result['errors'])} not fitted)" if result.get("errors") else ""
+        lines.append(f"**Predicted winner: {w}**{among} (eval loss {p['loss']:.4g} {_ci(p['loss_ci'])}, "
                      f"{result['metric']} {_f(p['metric'])} {_ci(p['metric_ci'])}, best in "
                      f"{100 * (p.get('p_win') or 0):.0f}% of {result['n_boot']} seed-bootstrap refits).")
     if "true_winner" in result:
@@ -304,6 +374,9 @@ def markdown(result: dict) -> str:
         lines.append(f"\nLoss -> {result['metric']} map (all runs, logistic): {result['metric']} = {mp['lo']:.3g} + "
                      f"({mp['hi']:.3g} - {mp['lo']:.3g}) / (1 + exp((L - {mp['c']:.3g}) / {mp['s']:.3g})), "
                      f"RMSE {mp['rmse']:.3g} over {mp['n']} runs.")
+    for label, pl in (result.get("plateau") or {}).items():
+        for wn in pl["warnings"]:
+            lines.append(f"- warning ({label}): {wn}")
     for label, p in result["methods"].items():
         for wn in (p["backtest"].get("diagnostics") or {}).get("warnings", []):
             lines.append(f"- warning ({label} backtest): {wn}")
