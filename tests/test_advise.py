@@ -231,3 +231,33 @@ def test_bad_chance_loss_fails_before_training(tmp_path, fake, bad):
     with pytest.raises(ValueError, match="advise.chance_loss: .* is not a positive number"):
         adv.advise(write_cfg(tmp_path, chance_loss=bad), out_dir=tmp_path / "adv", say=lambda m: None)
     assert fake.calls == []
+
+
+def test_target_accuracy_fits_the_error_and_predicts_the_metric_directly(monkeypatch):
+    """advise.target: accuracy: the law is fitted to 1 - accuracy (a known law here) and the metric is
+    1 - the prediction, not a loss->metric map (eval loss can rise with overconfidence while accuracy improves)."""
+    monkeypatch.setattr(ra, "N_BOOT", 10)
+    rows, runs = [], []
+    for m in LAWS:
+        for d in (125, 250, 500, 1000, 4000):
+            for s in NOISE:
+                name = f"{m}-n{d}-s{s}"
+                runs.append({"run": name, "label": m, "size": d, "seed": s})
+                err = law(m, d) / 4 * (1 + NOISE[s])
+                rows.append({"run": name, "eval_loss": 5.0 - d / 1000, "accuracy": 1 - err})
+    res = ra.analyse(rows, {"runs": runs, "sizes": [125, 250, 500, 1000], "full_size": 4000, "target": "accuracy"},
+                     "accuracy", True)
+    assert res["target"] == "1 - accuracy" and res["metric_map"] == {"kind": "error", "top": 1.0}
+    for m in LAWS:
+        p = res["methods"][m]
+        assert p["metric"] == pytest.approx(1 - law(m, 4000) / 4, abs=0.003) and p["good"]
+        assert p["fit"]["params"]["beta"] == pytest.approx(LAWS[m]["beta"], abs=0.05)
+        assert res["truth"][m]["loss_rel_error"] < 0.03
+    assert res["winner"] == "full" == res["true_winner"]
+    md = ra.markdown(res)
+    assert "predicted 1 - accuracy @ 4000" in md and "accuracy = 1 - prediction" in md
+
+
+def test_bad_target_fails_before_training(tmp_path, fake):
+    with pytest.raises(ValueError, match="advise.target: 3 is not a metric name"):
+        adv.advise(write_cfg(tmp_path, target=3), out_dir=tmp_path / "adv", say=lambda m: None)

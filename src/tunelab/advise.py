@@ -14,6 +14,8 @@
       chance_loss: 0.6931             # optional: the loss of a model that learned nothing (ln 2 for a
                                       #   balanced binary head); sizes within 3% of it are left out of the
                                       #   fit, and a method with fewer than 3 sizes above it is refused
+      target: eval_loss               # what the law is fitted to: eval_loss, or a metric (accuracy is
+                                      #   fitted as its error 1 - accuracy and predicted directly)
       verify: false                   # also train at full_size and report prediction vs truth
                                       #   (true: with every seed; a list such as [0]: with those seeds)
       out_dir: runs/advise
@@ -117,6 +119,9 @@ def advise(
         _full_steps(plan, full_size)
     else:
         _warn_short(plan, full_size, say)
+    target = section.get("target")
+    if target is not None and not (isinstance(target, str) and target):
+        raise ValueError(f"advise.target: {target!r} is not a metric name (eval_loss, the default, or e.g. accuracy)")
     chance = section.get("chance_loss")
     if chance is not None and (isinstance(chance, bool) or not isinstance(chance, int | float) or chance <= 0):
         raise ValueError(f"advise.chance_loss: {chance!r} is not a positive number (the eval loss of a model "
@@ -126,7 +131,7 @@ def advise(
         "kind": "advise", "config": str(cfg_path), "overrides": list(overrides), "methods": labels,
         "sizes": sizes, "full_size": full_size, "verify": verify, "factor": factor, "x_full": x_full,
         "seeds": seeds, "budget": budget_info, "metric": section.get("metric"), "steps": steps_mode,
-        "chance_loss": None if chance is None else float(chance),
+        "chance_loss": None if chance is None else float(chance), "target": target,
         "runs": [info for info, _ in plan],
     }
     from tunelab.report.stats import environment

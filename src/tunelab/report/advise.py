@@ -34,18 +34,36 @@ CHANCE_TOL = 0.03  # a size whose mean loss is within 3% of chance has not learn
 MIN_SIZES = 3  # sizes above chance needed to fit A, beta and E
 
 
-def _points(rows: list[dict], plan: dict, key: str) -> dict[str, list[dict]]:
-    """label -> [{"d", "x", "loss", "metric", "seed"}] of the finished runs in the manifest's plan."""
+def target_of(rows: list[dict], manifest: dict) -> tuple[str, callable, str]:
+    """(key, value -> loss-like, shown name) of what the law is fitted to: advise.target, default the
+    eval loss; a higher-is-better metric such as accuracy is fitted as its error (1 - m, 100 - m)."""
+    target = manifest.get("target")
+    if not target or target == "eval_loss":
+        return "eval_loss", float, "eval loss"
+    from tunelab.report import scale_target
+
+    key, to_loss, shown = scale_target(rows, target)
+    return key, to_loss, shown or key
+
+
+def _points(rows: list[dict], plan: dict, key: str, target: tuple | None = None) -> dict[str, list[dict]]:
+    """label -> [{"d", "x", "loss", "metric", "seed"}] of the finished runs in the manifest's plan
+    ("loss" is the fitted target, by default the eval loss)."""
+    tkey, to_loss = (target or ("eval_loss", float))[:2]
     out: dict[str, list[dict]] = {}
     for r in rows:
         info = plan.get(r["run"])
-        if info is None or not isinstance(r.get("eval_loss"), int | float):
+        if info is None or not isinstance(r.get(tkey), int | float):
             continue
         out.setdefault(info["label"], []).append({
             "d": float(info["size"]), "x": None if info.get("x") is None else float(info["x"]),
-            "loss": float(r["eval_loss"]), "metric": r.get(key), "seed": info["seed"],
+            "loss": float(to_loss(r[tkey])), "metric": r.get(key), "seed": info["seed"],
         })
     return out
+
+
+def points_for(rows: list[dict], manifest: dict, metric: str) -> dict[str, list[dict]]:
+    return _points(rows, {r["run"]: r for r in manifest.get("runs", [])}, metric, target_of(rows, manifest))
 
 
 def _fit(pts: list[dict], grid: dict | None = None) -> fitmod.Fit:
@@ -90,7 +108,7 @@ def plateau(pts: list[dict], chance: float | None) -> dict:
             out["at_chance"] += [{"d": d, "x": x} for d in flat]
             if flat:
                 out["warnings"].append(
-                    f"{len(flat)} of {len(sizes)} sizes{tag} sit at chance (mean eval loss within "
+                    f"{len(flat)} of {len(sizes)} sizes{tag} sit at chance (mean target within "
                     f"{100 * CHANCE_TOL:g}% of {chance:.4g}): {', '.join(f'{d:g}' for d in flat)} rows; left out "
                     "of the fit (train them longer, e.g. advise.steps: full, or start the sizes higher)")
         sizes = [d for d in sizes if {"d": d, "x": x} not in out["at_chance"]]  # the shape of what is fitted
@@ -172,6 +190,10 @@ def metric_map(losses, metrics) -> dict | None:
 def apply_map(mp: dict | None, loss):
     if mp is None:
         return None
+    if mp.get("kind") == "error":  # the law was fitted to the metric's own error: exact inverse
+        return mp["top"] - np.asarray(loss, dtype=float)
+    if mp.get("kind") == "identity":
+        return np.asarray(loss, dtype=float)
     return mp["lo"] + (mp["hi"] - mp["lo"]) / (1.0 + np.exp((np.asarray(loss, dtype=float) - mp["c"]) / mp["s"]))
 
 
@@ -209,10 +231,16 @@ def analyse(rows: list[dict], manifest: dict, metric: str, higher: bool) -> dict
     d_full = float(manifest["full_size"])
     x_full = manifest.get("x_full")
     small = {s for s in manifest.get("sizes", [])}
-    pts = _points(rows, plan, metric)
+    tkey, to_loss, shown = target = target_of(rows, manifest)
+    pts = _points(rows, plan, metric, target)
     fit_pts = {k: [p for p in v if p["d"] in small] for k, v in pts.items()}
     all_small = [p for v in fit_pts.values() for p in v if isinstance(p["metric"], int | float)]
-    mp = metric_map([p["loss"] for p in all_small], [p["metric"] for p in all_small])
+    if tkey == metric and higher:  # fitted to the metric's error: the metric is top - prediction
+        mp = {"kind": "error", "top": float(to_loss(0.0))}
+    elif tkey == metric:
+        mp = {"kind": "identity"}
+    else:
+        mp = metric_map([p["loss"] for p in all_small], [p["metric"] for p in all_small])
     methods, fits, boots, errors, plateaus = {}, {}, {}, {}, {}
     chance = manifest.get("chance_loss")
     for label, ps in fit_pts.items():
@@ -252,6 +280,7 @@ def analyse(rows: list[dict], manifest: dict, metric: str, higher: bool) -> dict
     result = {
         "metric": metric, "higher_is_better": higher, "full_size": d_full, "x_full": x_full, "sizes": sizes,
         "methods": methods, "errors": errors, "winner": winner, "metric_map": mp, "chance_loss": chance,
+        "target": shown, "target_key": tkey,
         "plateau": plateaus,
         "crossings": crossings(fits, x_full, sizes[0] / 10, d_full * 10) if len(fits) > 1 and sizes else [],
         "n_boot": min((len(b) for b in boots.values()), default=0),
@@ -319,10 +348,11 @@ def table_rows(result: dict) -> tuple[list[str], list[list[str]]]:
     """Headers and cells of the prediction table (shared by Markdown and HTML)."""
     m = result["metric"]
     truth = result.get("truth") or {}
-    heads = ["method", "law", "beta", "E", f"predicted loss @ {result['full_size']:g}", "95% interval",
+    tn = result.get("target", "eval loss")
+    heads = ["method", "law", "beta", "E", f"predicted {tn} @ {result['full_size']:g}", "95% interval",
              f"predicted {m}", "95% interval", "P(best)", "backtest error (fit / constant)", "fit"]
     if truth:
-        heads += ["true loss (95% CI)", f"true {m} (95% CI)", "loss error", f"{m} error"]
+        heads += [f"true {tn} (95% CI)", f"true {m} (95% CI)", f"{tn} error", f"{m} error"]
     rows = []
     for label, p in result["methods"].items():
         bt = p["backtest"]
@@ -354,12 +384,12 @@ def markdown(result: dict) -> str:
     if w:
         p = result["methods"][w]
         among = f" among the fitted methods ({', '.join(result['errors'])} not fitted)" if result.get("errors") else ""
-        lines.append(f"**Predicted winner: {w}**{among} (eval loss {p['loss']:.4g} {_ci(p['loss_ci'])}, "
+        lines.append(f"**Predicted winner: {w}**{among} ({result.get('target', 'eval loss')} {p['loss']:.4g} {_ci(p['loss_ci'])}, "
                      f"{result['metric']} {_f(p['metric'])} {_ci(p['metric_ci'])}, best in "
                      f"{100 * (p.get('p_win') or 0):.0f}% of {result['n_boot']} seed-bootstrap refits).")
     if "true_winner" in result:
         ok = "correct" if result["true_winner"] == w else "WRONG"
-        lines.append(f"Verified at the full size: lowest true eval loss: {result['true_winner']} (prediction {ok}); "
+        lines.append(f"Verified at the full size: lowest true {result.get('target', 'eval loss')}: {result['true_winner']} (prediction {ok}); "
                      f"best true {result['metric']}: {result.get('true_winner_by_metric', '–')}.")
     lines += ["", "| " + " | ".join(heads) + " |", "|" + "|".join("---" for _ in heads) + "|"]
     lines += ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in rows]
@@ -370,7 +400,9 @@ def markdown(result: dict) -> str:
     else:
         lines.append(f"No ranking flip predicted between {result['sizes'][0] / 10:g} and {10 * result['full_size']:g} rows.")
     mp = result.get("metric_map")
-    if mp:
+    if mp and mp.get("kind") == "error":
+        lines.append(f"\nThe law is fitted to {result.get('target')}, so {result['metric']} = {mp['top']:g} - prediction.")
+    elif mp and "lo" in mp:
         lines.append(f"\nLoss -> {result['metric']} map (all runs, logistic): {result['metric']} = {mp['lo']:.3g} + "
                      f"({mp['hi']:.3g} - {mp['lo']:.3g}) / (1 + exp((L - {mp['c']:.3g}) / {mp['s']:.3g})), "
                      f"RMSE {mp['rmse']:.3g} over {mp['n']} runs.")
@@ -412,7 +444,7 @@ def plot(result: dict, pts: dict[str, list[dict]]) -> bytes | None:
             ax.scatter([result["full_size"] * 1.06], [t["loss"]["mean"]], marker="*", s=90, color=c, zorder=4)
     ax.set_xscale("log")
     ax.set_xlabel("training rows D (log scale)")
-    ax.set_ylabel("eval loss")
+    ax.set_ylabel(result.get("target", "eval loss"))
     ax.set_title("dots: runs; lines: fitted laws; hollow diamond: prediction (95%); star: truth", fontsize=9)
     ax.legend(fontsize=8)
     return png_bytes(fig)
