@@ -261,3 +261,9 @@ def test_target_accuracy_fits_the_error_and_predicts_the_metric_directly(monkeyp
 def test_bad_target_fails_before_training(tmp_path, fake):
     with pytest.raises(ValueError, match="advise.target: 3 is not a metric name"):
         adv.advise(write_cfg(tmp_path, target=3), out_dir=tmp_path / "adv", say=lambda m: None)
+
+
+def test_losses_above_chance_are_not_a_plateau_but_are_warned_about():
+    pts = [{"d": float(d), "x": None, "loss": loss, "seed": 0} for d, loss in ((125, 1.9), (250, 1.8), (500, 1.2), (1000, 0.7))]
+    pl = ra.plateau(pts, math.log(2))
+    assert pl["at_chance"] == [] and "overconfident" in " ".join(pl["warnings"])  # 0.7 at 1,000 is on the way down

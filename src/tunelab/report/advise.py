@@ -104,7 +104,14 @@ def plateau(pts: list[dict], chance: float | None) -> dict:
         means = [float(np.mean(by[d])) for d in sizes]
         tag = "" if x is None else f" (X = {x:g})"
         if chance is not None:
-            flat = [d for d, m in zip(sizes, means, strict=True) if math.exp(m) >= chance * (1 - CHANCE_TOL)]
+            flat = [d for d, m in zip(sizes, means, strict=True) if abs(math.exp(m) - chance) <= chance * CHANCE_TOL]
+            above = [d for d, m in zip(sizes, means, strict=True) if math.exp(m) > chance * (1 + CHANCE_TOL)]
+            if above:  # not a plateau: the runs learned but are confidently wrong where they err, and a
+                flat = []  # loss passing through the chance value on its way down is no sign of chance
+                out["warnings"].append(
+                    f"sizes {', '.join(f'{d:g}' for d in above)}{tag} have a mean target above chance ({chance:.4g}): "
+                    "overconfident models (e.g. many epochs on few rows); their loss says little about the metric, "
+                    "consider advise.target: accuracy")
             out["at_chance"] += [{"d": d, "x": x} for d in flat]
             if flat:
                 out["warnings"].append(
