@@ -267,3 +267,10 @@ def test_losses_above_chance_are_not_a_plateau_but_are_warned_about():
     pts = [{"d": float(d), "x": None, "loss": loss, "seed": 0} for d, loss in ((125, 1.9), (250, 1.8), (500, 1.2), (1000, 0.7))]
     pl = ra.plateau(pts, math.log(2))
     assert pl["at_chance"] == [] and "overconfident" in " ".join(pl["warnings"])  # 0.7 at 1,000 is on the way down
+
+
+def test_form_band_scales_the_backtest_error_by_the_extrapolation_distance():
+    bt = {"errors": {"mean_rel_error": 0.05}, "d": 1000.0, "sizes": [125.0, 250.0, 500.0]}
+    band = ra.form_band(bt, 0.4, 4000.0)  # 1000 -> 4000 is two doublings, the backtest was one
+    assert band["rel"] == pytest.approx(0.10) and band["lo"] == pytest.approx(0.36) and band["hi"] == pytest.approx(0.44)
+    assert ra.form_band({"error": "needs at least 3 data sizes"}, 0.4, 4000.0)["lo"] is None

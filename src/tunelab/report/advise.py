@@ -15,7 +15,12 @@ point). The fit is then evaluated at the full size (and the chosen X):
 - critical points: the data sizes at which two methods' fitted curves cross (the ranking flips),
   searched between a tenth of the smallest size and ten times the full size;
 - backtest: the same fit without the largest small size, predicting it, beside a constant baseline
-  (``fit.diagnose`` warns when the law is no better);
+  (``fit.diagnose`` warns when the law is no better); its error, scaled by the extrapolation distance,
+  gives a second, form-aware range beside the seed bootstrap (``form_band``);
+- plateaus: sizes at the chance loss (``advise.chance_loss``) are left out of the fit, a method with
+  fewer than 3 sizes above it is refused, and a curve that is flat then falls (concave in log-log,
+  which A·D^-beta + E cannot be) is flagged (``plateau``);
+- target: the eval loss by default; ``advise.target: accuracy`` fits 1 - accuracy (``target_of``);
 - verification (``--verify``): runs at the full size itself; prediction, truth (mean and 95% t-interval
   over seeds) and error per method.
 """
@@ -27,23 +32,10 @@ import math
 import numpy as np
 
 from tunelab.report import fit as fitmod
+from tunelab.report.advise_checks import MIN_SIZES, form_band, plateau, target_of  # noqa: F401 (API)
 from tunelab.report.stats import t_interval
 
 N_BOOT = 200
-CHANCE_TOL = 0.03  # a size whose mean loss is within 3% of chance has not learned (its seeds' spread is ~1%)
-MIN_SIZES = 3  # sizes above chance needed to fit A, beta and E
-
-
-def target_of(rows: list[dict], manifest: dict) -> tuple[str, callable, str]:
-    """(key, value -> loss-like, shown name) of what the law is fitted to: advise.target, default the
-    eval loss; a higher-is-better metric such as accuracy is fitted as its error (1 - m, 100 - m)."""
-    target = manifest.get("target")
-    if not target or target == "eval_loss":
-        return "eval_loss", float, "eval loss"
-    from tunelab.report import scale_target
-
-    key, to_loss, shown = scale_target(rows, target)
-    return key, to_loss, shown or key
 
 
 def _points(rows: list[dict], plan: dict, key: str, target: tuple | None = None) -> dict[str, list[dict]]:
@@ -81,59 +73,6 @@ def _cell_means(pts: list[dict]) -> dict[tuple, float]:
     for p in pts:
         cells.setdefault((p["d"], p["x"]), []).append(p["loss"])
     return {k: float(np.mean(v)) for k, v in cells.items()}
-
-
-def plateau(pts: list[dict], chance: float | None) -> dict:
-    """Sizes whose runs have not started learning, and whether the curve bends the wrong way.
-
-    ``at_chance``: sizes whose mean loss is within ``CHANCE_TOL`` of the chance loss (e.g. ln 2 for a
-    balanced binary head); they are left out of the fit, since A·D^-beta + E describes learning, not
-    the plateau before it. ``concave``: in log-log, A·D^-beta + E only flattens as D grows (its slope's
-    magnitude falls), so a curve that is flat at the small sizes and steep at the large ones (the loss
-    falls faster with more data) is outside the law's family; flagged when the first slope is under
-    half the last and the difference exceeds twice the seeds' noise. Per X value for two-factor sweeps."""
-    out = {"at_chance": [], "concave": [], "warnings": []}
-    groups: dict = {}
-    for p in pts:
-        groups.setdefault(p["x"], []).append(p)
-    for x, ps in groups.items():
-        by: dict[float, list[float]] = {}
-        for p in ps:
-            by.setdefault(p["d"], []).append(float(np.log(p["loss"])))
-        sizes = sorted(by)
-        means = [float(np.mean(by[d])) for d in sizes]
-        tag = "" if x is None else f" (X = {x:g})"
-        if chance is not None:
-            flat = [d for d, m in zip(sizes, means, strict=True) if abs(math.exp(m) - chance) <= chance * CHANCE_TOL]
-            above = [d for d, m in zip(sizes, means, strict=True) if math.exp(m) > chance * (1 + CHANCE_TOL)]
-            if above:  # not a plateau: the runs learned but are confidently wrong where they err, and a
-                flat = []  # loss passing through the chance value on its way down is no sign of chance
-                out["warnings"].append(
-                    f"sizes {', '.join(f'{d:g}' for d in above)}{tag} have a mean target above chance ({chance:.4g}): "
-                    "overconfident models (e.g. many epochs on few rows); their loss says little about the metric, "
-                    "consider advise.target: accuracy")
-            out["at_chance"] += [{"d": d, "x": x} for d in flat]
-            if flat:
-                out["warnings"].append(
-                    f"{len(flat)} of {len(sizes)} sizes{tag} sit at chance (mean target within "
-                    f"{100 * CHANCE_TOL:g}% of {chance:.4g}): {', '.join(f'{d:g}' for d in flat)} rows; left out "
-                    "of the fit (train them longer, e.g. advise.steps: full, or start the sizes higher)")
-        sizes = [d for d in sizes if {"d": d, "x": x} not in out["at_chance"]]  # the shape of what is fitted
-        means = [float(np.mean(by[d])) for d in sizes]
-        if len(sizes) < 3:
-            continue
-        ld = np.log(sizes)
-        slopes = np.diff(means) / np.diff(ld)
-        se = [np.std(by[d], ddof=1) / math.sqrt(len(by[d])) if len(by[d]) > 1 else 0.0 for d in sizes]
-        noise = 2 * math.sqrt(2) * max(se) / float(np.min(np.diff(ld)))
-        first, last = -slopes[0], -slopes[-1]
-        if first < 0.5 * last and last - first > noise:
-            out["concave"].append({"x": x, "first_slope": float(slopes[0]), "last_slope": float(slopes[-1])})
-            out["warnings"].append(
-                f"the loss{tag} falls faster at the large sizes (log-log slope {slopes[-1]:.3g}) than at the "
-                f"small ones ({slopes[0]:.3g}): a plateau then learning, which A·D^-beta + E cannot follow; "
-                "the small sizes have not started learning (train them longer: advise.steps: full)")
-    return out
 
 
 def _start(f: fitmod.Fit, pts: list[dict]) -> dict:
@@ -275,6 +214,7 @@ def analyse(rows: list[dict], manifest: dict, metric: str, higher: bool) -> dict
         }
         bt = methods[label]["backtest"]
         methods[label]["good"] = bool((bt.get("diagnostics") or {}).get("good")) and not pl["concave"]
+        methods[label]["form_band"] = form_band(bt, loss, d_full)
     if fits:
         n = min(len(b) for b in boots.values())
         names = list(boots)
@@ -302,6 +242,8 @@ def analyse(rows: list[dict], manifest: dict, metric: str, higher: bool) -> dict
                 if p["metric"] is not None and t["metric"]["mean"] is not None:
                     t["metric_error"] = p["metric"] - t["metric"]["mean"]
                 t["in_loss_ci"] = p["loss_ci"]["lo"] is not None and p["loss_ci"]["lo"] <= t["loss"]["mean"] <= p["loss_ci"]["hi"]
+                band = p.get("form_band") or {}
+                t["in_form_band"] = band.get("lo") is not None and band["lo"] <= t["loss"]["mean"] <= band["hi"]
         result["truth"] = truth
         best = min(truth, key=lambda k: truth[k]["loss"]["mean"])
         by_metric = [k for k in truth if truth[k]["metric"]["mean"] is not None]
@@ -326,7 +268,8 @@ def backtest(ps: list[dict]) -> dict:
     actual = float(np.mean([p["loss"] for p in held]))
     x = held[0]["x"]
     pred = float(_predict(f, [sizes[-1]], x)[0])
-    res = {"params": f.params, "at_bounds": f.extra.get("at_bounds", []), "d": sizes[-1], "actual": actual,
+    res = {"params": f.params, "at_bounds": f.extra.get("at_bounds", []), "d": sizes[-1], "sizes": sizes[:-1],
+           "actual": actual,
            "predicted": pred, "errors": fitmod.errors([actual], [pred]),
            "baseline_errors": fitmod.errors([actual], [float(np.mean([p["loss"] for p in rest]))])}
     res["diagnostics"] = fitmod.diagnose(res)
@@ -357,7 +300,8 @@ def table_rows(result: dict) -> tuple[list[str], list[list[str]]]:
     truth = result.get("truth") or {}
     tn = result.get("target", "eval loss")
     heads = ["method", "law", "beta", "E", f"predicted {tn} @ {result['full_size']:g}", "95% interval",
-             f"predicted {m}", "95% interval", "P(best)", "backtest error (fit / constant)", "fit"]
+             "backtest-scaled range", f"predicted {m}", "95% interval", "P(best)", "backtest error (fit / constant)",
+             "fit"]
     if truth:
         heads += [f"true {tn} (95% CI)", f"true {m} (95% CI)", f"{tn} error", f"{m} error"]
     rows = []
@@ -370,7 +314,7 @@ def table_rows(result: dict) -> tuple[list[str], list[list[str]]]:
             back, verdict = bt.get("error", "–"), "–"
         fp = p["fit"]["params"]
         cells = [label, p["fit"]["formula"], _f(fp.get("beta"), 3), _f(fp.get("E"), 3), _f(p["loss"]), _ci(p["loss_ci"]),
-                 _f(p["metric"]), _ci(p["metric_ci"]), _f(p.get("p_win"), 2), back, verdict]
+                 _ci(p.get("form_band") or {}), _f(p["metric"]), _ci(p["metric_ci"]), _f(p.get("p_win"), 2), back, verdict]
         if truth:
             t = truth.get(label)
             if t:
@@ -424,7 +368,9 @@ def markdown(result: dict) -> str:
     lines.append("\nIntervals on predictions: 2.5-97.5 percentiles of refits on seed-bootstrap resamples, so "
                  "they measure seed noise only, not whether the law's form is right: the backtest says that "
                  "(the largest small size held out and predicted, mean relative error, beside predicting it with "
-                 "the mean of the other sizes' losses; 'good' needs at most half the constant's error).")
+                 "the mean of the other sizes' losses; 'good' needs at most half the constant's error). The "
+                 "backtest-scaled range widens the prediction by that error times the number of such extrapolation "
+                 "steps (in log D) from the largest size to the full one: a rough allowance for the law's form.")
     return "\n".join(lines) + "\n"
 
 
