@@ -273,4 +273,5 @@ def test_form_band_scales_the_backtest_error_by_the_extrapolation_distance():
     bt = {"errors": {"mean_rel_error": 0.05}, "d": 1000.0, "sizes": [125.0, 250.0, 500.0]}
     band = ra.form_band(bt, 0.4, 4000.0)  # 1000 -> 4000 is two doublings, the backtest was one
     assert band["rel"] == pytest.approx(0.10) and band["lo"] == pytest.approx(0.36) and band["hi"] == pytest.approx(0.44)
+    assert ra.form_band({**bt, "errors": {"mean_rel_error": 0.6}}, 0.4, 4000.0)["lo"] == 0.0  # never below 0
     assert ra.form_band({"error": "needs at least 3 data sizes"}, 0.4, 4000.0)["lo"] is None

@@ -83,7 +83,8 @@ def plateau(pts: list[dict], chance: float | None) -> dict:
 def form_band(bt: dict, loss: float, d_full: float) -> dict:
     """The seed bootstrap says nothing about the law's form; the backtest does. Its relative error over
     one extrapolation step (second-largest -> largest size, in log D) is scaled by how many such steps
-    the prediction goes (largest size -> full size): prediction x (1 ± r·k). A heuristic, said so."""
+    the prediction goes (largest size -> full size): prediction x (1 ± r·k), floored at 0. A heuristic,
+    said so in the report."""
     if "errors" not in bt:
         return {"lo": None, "hi": None, "rel": None}
     fitted = sorted({p for p in bt.get("sizes", [])})
@@ -91,4 +92,4 @@ def form_band(bt: dict, loss: float, d_full: float) -> dict:
         return {"lo": None, "hi": None, "rel": None}
     step = math.log(bt["d"] / fitted[-1])
     rel = bt["errors"]["mean_rel_error"] * math.log(d_full / bt["d"]) / step
-    return {"lo": loss * (1 - rel), "hi": loss * (1 + rel), "rel": rel}
+    return {"lo": max(0.0, loss * (1 - rel)), "hi": loss * (1 + rel), "rel": rel}  # losses and errors are >= 0
