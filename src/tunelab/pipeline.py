@@ -101,10 +101,7 @@ def _per_row(task, examples, tokenizer, cfg, max_length):
         out = {k: [] for k in ("input_ids", "labels", "scalar", "prompt_len", "token_type_ids", "prompt_mask",
                                "length", "status")}
         rows = [examples[i] for i in batch["i"]]
-        if fast is not None:  # the same features, with the tokenizer calls batched (tunelab.prefetch)
-            feats = fast.encode_rows(lambda ex, tok: task.encode(ex, tok, cfg, max_length), rows)
-        else:
-            feats = [task.encode(ex, tokenizer, cfg, max_length) for ex in rows]
+        feats = encode_rows(task, rows, tokenizer, cfg, max_length, fast)
         extra = sorted(set().union(*(f.keys() for f in feats)) - KNOWN)  # a family's own keys (a pair's rejected side)
         for f in feats:
             for key in extra:
@@ -121,6 +118,18 @@ def _per_row(task, examples, tokenizer, cfg, max_length):
             out["status"].append(TRUNCATED if _truncated(f, max_length) else KEPT)
         return out
     return fn
+
+
+def encode_rows(task, rows: list, tokenizer, cfg, max_length: int, fast=None) -> list[dict]:
+    """``[task.encode(ex, ...) for ex in rows]``, batched: the family's own ``encode_many`` (`tunelab.splice`)
+    when it has one for this config, else the per-row encoder with its tokenizer calls prefetched."""
+    many = getattr(task, "encode_many", None)
+    feats = many(rows, tokenizer, cfg, max_length) if many is not None else None
+    if feats is not None:
+        return feats
+    if fast is not None:  # the same features, with the tokenizer calls batched (tunelab.prefetch)
+        return fast.encode_rows(lambda ex, tok: task.encode(ex, tok, cfg, max_length), rows)
+    return [task.encode(ex, tokenizer, cfg, max_length) for ex in rows]
 
 
 def _truncated(f: dict, max_length: int) -> bool:
@@ -169,7 +178,7 @@ def features(task, examples, tokenizer, cfg, max_length: int, *, pack: bool = Fa
             cols = _columns_in_memory(task, examples, tokenizer, cfg, max_length)
             base = _ListRows(cols)
         else:
-            base = [task.encode(ex, tokenizer, cfg, max_length) for ex in examples]
+            base = encode_rows(task, list(examples), tokenizer, cfg, max_length)
             status = np.array([TRUNCATED if _truncated(f, max_length) else KEPT for f in base], dtype=np.int8)
             base = _ListRows.from_features(base, status)
     else:

@@ -17,6 +17,7 @@ from typing import Literal
 from tunelab.data import encode_head, encode_lm_document
 from tunelab.evaluate import classify, score_choices
 from tunelab.readers import DataError, read_records
+from tunelab.splice import lm_features
 from tunelab.tasks.base import TASKS, HeadSpec, TaskConfig, field_name, render_prompt
 
 
@@ -103,6 +104,24 @@ class Classification:
         # too long: the text is cut, never the instruction, the choices or the chat header
         return encode_lm_document(tokenizer, lambda d: self.prompt({**ex, "text": d}, tokenizer, cfg, labels),
                                   ex["text"], words[y], max_length)
+
+    def encode_many(self, rows, tokenizer, cfg, max_length) -> list[dict] | None:
+        """``[self.encode(ex, ...) for ex in rows]`` in batched tokenizer calls (`tunelab.splice`)."""
+        if not cfg.labels:  # encode() then takes each row's own label as the whole label set
+            return None
+        labels = cfg.labels
+        if cfg.formulation == "head":
+            ys = [self.label_id(ex, labels) for ex in rows]
+            enc = tokenizer([ex["text"] for ex in rows], [ex["text_pair"] for ex in rows] if cfg.pair else None,
+                            truncation=True, max_length=max_length)
+            feats = [{"input_ids": list(ids), "labels": y} for ids, y in zip(enc["input_ids"], ys, strict=True)]
+            for f, tt in zip(feats, enc.get("token_type_ids") or [], strict=False):
+                f["token_type_ids"] = list(tt)
+            return feats
+        words = cfg.label_words or labels
+        return lm_features(self, rows, tokenizer, cfg, max_length, slots=("text", "text_pair") if cfg.pair else ("text",),
+                           render=lambda ex, v: self.prompt({**ex, **v}, tokenizer, cfg, labels),
+                           group=lambda ex: ex["label"], target=lambda ex: words[self.label_id(ex, labels)])
 
     def evaluate(self, model, tokenizer, examples, cfg, *, batch_size=16, gen=None):
         labels = self._labels(cfg, examples)
