@@ -17,7 +17,8 @@ Encoders report each row's fate in a ``status`` column (0 kept, 1 truncated, 2 d
 stay in the file with length 0 and are left out of the index, and the counts go to ``stats`` (the
 loop writes them into the run facts). ``pack=True`` packs lazily (same first-fit rule as
 `tunelab.data.pack`), so packing a million rows builds index lists, not token lists.
-Environment: ``TUNELAB_NUM_PROC`` (worker processes; default 1 under 20k rows, else up to 2),
+Worker processes: the config's ``data.num_proc`` when set, else ``TUNELAB_NUM_PROC``, else 1 under 20k
+rows and up to 2 above. Environment:
 ``TUNELAB_FEATURE_CACHE=0`` to skip the disk cache.
 """
 
@@ -82,11 +83,26 @@ def cache_key(task, examples, tokenizer, cfg, max_length: int) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:24]
 
 
-def num_proc(rows: int) -> int:
+def num_proc(rows: int, requested: int | None = None) -> int:
+    """Worker processes: ``requested`` (the config's ``data.num_proc``), else $TUNELAB_NUM_PROC, else
+    1 under 20k rows and up to 2 above."""
+    if requested is not None:
+        if requested < 1:
+            raise ValueError(f"data.num_proc must be >= 1, got {requested}")
+        return requested
     env = os.environ.get("TUNELAB_NUM_PROC")
     if env:
-        return max(1, int(env))
+        try:
+            value = int(env)
+        except ValueError:
+            raise ValueError(f"TUNELAB_NUM_PROC must be a whole number >= 1, got {env!r}") from None
+        if value < 1:
+            raise ValueError(f"TUNELAB_NUM_PROC must be a whole number >= 1, got {env!r}")
+        return value
     return 1 if rows < 20000 else max(1, min(2, os.cpu_count() or 1))
+
+
+_workers = num_proc  # `features` has a parameter of that name
 
 
 def _per_row(task, examples, tokenizer, cfg, max_length):
@@ -137,10 +153,9 @@ def _truncated(f: dict, max_length: int) -> bool:
     return bool(f.get("truncated"))
 
 
-def _encode_to_arrow(task, examples, tokenizer, cfg, max_length, path, desc):
+def _encode_to_arrow(task, examples, tokenizer, cfg, max_length, path, desc, procs):
     import datasets
 
-    procs = num_proc(len(examples))
     if isinstance(examples, ArrowExamples):
         src = examples.ds
 
@@ -164,9 +179,11 @@ def _encode_to_arrow(task, examples, tokenizer, cfg, max_length, path, desc):
 
 
 def features(task, examples, tokenizer, cfg, max_length: int, *, pack: bool = False, desc: str = "tokenizing",
-             cache: bool | None = None) -> Features:
-    """Training features of ``examples``; see the module docstring."""
+             cache: bool | None = None, num_proc: int | None = None) -> Features:
+    """Training features of ``examples``; see the module docstring. ``num_proc``: `num_proc`'s ``requested``."""
     from tunelab.models import cache_dir
+
+    procs = _workers(len(examples), num_proc)  # checked before any work
 
     t0 = time.perf_counter()
     arrow = isinstance(examples, ArrowExamples)
@@ -196,7 +213,7 @@ def features(task, examples, tokenizer, cfg, max_length: int, *, pack: bool = Fa
                 ds = datasets.concatenate_datasets([datasets.Dataset.from_file(f) for f in files])
                 stats["cached"] = True
             else:
-                ds = _encode_to_arrow(task, examples, tokenizer, cfg, max_length, folder / f"{key}.arrow", desc)
+                ds = _encode_to_arrow(task, examples, tokenizer, cfg, max_length, folder / f"{key}.arrow", desc, procs)
                 meta.write_text(json.dumps({"files": [c["filename"] for c in ds.cache_files]}))
         base = _ArrowRows(ds)
     status = base.status
