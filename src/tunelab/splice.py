@@ -26,8 +26,9 @@ import json
 from types import SimpleNamespace
 
 ASCII_SPACE = " \t\n\r\x0b\x0c"
-# private-use characters (never in real text) around letters, quotes, braces and markup a template might touch
-SENTINELS = ("\ue010{} Ab'\"{{x}}<&>\n\ue011", "\ue012{} zY.,\\ [y]\t\ue013")
+# private-use characters (never in real text) with letters, quotes, braces and markup a template might touch,
+# inside edge whitespace (a template that trims or escapes contents does not keep the sentinel whole)
+SENTINELS = (" \n\ue010{} Ab'\"{{x}}<&>\n\ue011 ", "\t\ue012{} zY.,\\ [y]\t\ue013\n ")
 
 
 class Skeleton:
@@ -160,6 +161,7 @@ class Splicer:
             out[r] = ids
         for r, ids in zip(whole, _ids(self.tok, [self.sk.fill(rows[r]) for r in whole]), strict=True):
             out[r] = ids
+        self.whole_rows = len(whole)  # rows that took the whole-string path (tests, diagnostics)
         return out
 
     def _plan(self, values: list[str]) -> list | None:
@@ -191,7 +193,8 @@ def lm_features(task, rows: list[dict], tokenizer, cfg, max_length: int, *, slot
     ``render(ex, values)`` is the family's prompt for ``ex`` with ``values`` in its ``slots`` (a tuple of
     field names, or a function of the group's first row that returns one); ``group(ex)``
     names what else shapes the prompt (rows of one group share a skeleton); ``target(ex)`` is the target
-    text. The first three rows of each group must render exactly as their joined skeleton, else the group
+    text. The first three rows of each group and a few more spread over it must render exactly as their
+    joined skeleton (the real render, Jinja and all), else the group
     takes the per-row path; so do rows that need truncation (the family's own cut rule decides those)."""
     from tunelab.data import _adds_bos, lm_join
 
@@ -207,8 +210,9 @@ def lm_features(task, rows: list[dict], tokenizer, cfg, max_length: int, *, slot
         names = slots(first) if callable(slots) else slots
         sk = Skeleton.detect(lambda v, ex=first: render(ex, v), names)
         values = [[rows[r][s] for s in names] for r in members]
-        if sk is not None and all(sk.fill(v) == render(rows[r], dict(zip(names, v, strict=True)))
-                                  for r, v in list(zip(members, values, strict=True))[:3]):
+        probe = sorted({*range(min(3, len(members))), *range(0, len(members), max(1, len(members) // 5))})
+        if sk is not None and all(sk.fill(values[j]) == render(rows[members[j]], dict(zip(names, values[j], strict=True)))
+                                  for j in probe):
             for r, ids in zip(members, Splicer(tokenizer, sk).encode(values), strict=True):
                 prompts[r] = ids
     wanted = [target(rows[r]) if prompts[r] is not None else None for r in range(len(rows))]

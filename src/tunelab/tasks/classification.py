@@ -111,12 +111,19 @@ class Classification:
             return None
         labels = cfg.labels
         if cfg.formulation == "head":
-            ys = [self.label_id(ex, labels) for ex in rows]
-            enc = tokenizer([ex["text"] for ex in rows], [ex["text_pair"] for ex in rows] if cfg.pair else None,
-                            truncation=True, max_length=max_length)
-            feats = [{"input_ids": list(ids), "labels": y} for ids, y in zip(enc["input_ids"], ys, strict=True)]
-            for f, tt in zip(feats, enc.get("token_type_ids") or [], strict=False):
-                f["token_type_ids"] = list(tt)
+            ys = [self.label_id(ex, labels) for ex in rows]  # a bad label: the per-row error, in row order
+            feats: list = [None] * len(rows)
+            paired = [i for i, ex in enumerate(rows) if ex.get("text_pair")]  # an empty pair encodes as a single text
+            for members, pairs in ((paired, True), (sorted(set(range(len(rows))) - set(paired)), False)):
+                if not members:
+                    continue
+                enc = tokenizer([rows[i]["text"] for i in members], [rows[i]["text_pair"] for i in members] if pairs else None,
+                                truncation=True, max_length=max_length)
+                for j, i in enumerate(members):
+                    feats[i] = {"input_ids": list(enc["input_ids"][j])}
+                    if "token_type_ids" in enc:
+                        feats[i]["token_type_ids"] = list(enc["token_type_ids"][j])
+                    feats[i]["labels"] = ys[i]
             return feats
         words = cfg.label_words or labels
         return lm_features(self, rows, tokenizer, cfg, max_length, slots=("text", "text_pair") if cfg.pair else ("text",),
