@@ -36,7 +36,7 @@ import numpy as np
 from tunelab.data import IGNORE
 
 log = logging.getLogger(__name__)
-VERSION = "1"
+VERSION = "2"  # 2: the examples key hashes rows in chunks
 CACHE_MIN_ROWS = 2000
 KEPT, TRUNCATED, DROPPED = 0, 1, 2
 # "truncated" (a per-row encoder's flag) is kept as the row's status
@@ -73,8 +73,8 @@ def _examples_key(examples) -> str:
     if isinstance(examples, ArrowExamples):
         return examples.fingerprint
     h = hashlib.sha256()
-    for ex in examples:
-        h.update(json.dumps(ex, sort_keys=True, default=str).encode())
+    for s in range(0, len(examples), 1000):  # one dumps per 1000 rows: a tenth of the time of one per row
+        h.update(json.dumps(examples[s:s + 1000], sort_keys=True, default=str).encode())
     return h.hexdigest()
 
 

@@ -23,6 +23,7 @@ string instead: still one batched call, still exact.
 from __future__ import annotations
 
 import json
+import weakref
 from types import SimpleNamespace
 
 ASCII_SPACE = " \t\n\r\x0b\x0c"
@@ -76,7 +77,14 @@ def _ids(tokenizer, texts: list[str]) -> list[list[int]]:
     return [list(x) for x in tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
 
-_SAFE: dict = {}
+_MEMO: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> {key: value}, dies with it
+
+
+def _memo(tokenizer) -> dict:
+    try:
+        return _MEMO.setdefault(tokenizer, {})
+    except TypeError:  # not weak-referenceable: no memo
+        return {}
 
 
 def splittable(tokenizer) -> list | None:
@@ -84,10 +92,10 @@ def splittable(tokenizer) -> list | None:
     bk = getattr(tokenizer, "backend_tokenizer", None)
     if bk is None:
         return None
-    key = (id(tokenizer), id(bk))
-    if key not in _SAFE:
-        _SAFE[key] = _check(tokenizer, bk)
-    return _SAFE[key]
+    memo = _memo(tokenizer)
+    if "splittable" not in memo:
+        memo["splittable"] = _check(tokenizer, bk)
+    return memo["splittable"]
 
 
 def _check(tokenizer, bk) -> list | None:
@@ -186,6 +194,17 @@ class Splicer:
         return units
 
 
+def splicer(tokenizer, sk: Skeleton) -> Splicer:
+    """One `Splicer` per tokenizer and skeleton (its fixed pieces are tokenized and checked once, not per batch)."""
+    memo = _memo(tokenizer).setdefault("splicers", {})
+    key = tuple(sk.fixed)
+    if key not in memo:
+        if len(memo) > 256:
+            memo.clear()
+        memo[key] = Splicer(tokenizer, sk)
+    return memo[key]
+
+
 def lm_features(task, rows: list[dict], tokenizer, cfg, max_length: int, *, slots, render, group,
                 target) -> list[dict]:
     """``[task.encode(ex, tokenizer, cfg, max_length) for ex in rows]`` for a prompt/target family, batched.
@@ -213,7 +232,7 @@ def lm_features(task, rows: list[dict], tokenizer, cfg, max_length: int, *, slot
         probe = sorted({*range(min(3, len(members))), *range(0, len(members), max(1, len(members) // 5))})
         if sk is not None and all(sk.fill(values[j]) == render(rows[members[j]], dict(zip(names, values[j], strict=True)))
                                   for j in probe):
-            for r, ids in zip(members, Splicer(tokenizer, sk).encode(values), strict=True):
+            for r, ids in zip(members, splicer(tokenizer, sk).encode(values), strict=True):
                 prompts[r] = ids
     wanted = [target(rows[r]) if prompts[r] is not None else None for r in range(len(rows))]
     texts = sorted({t for t in wanted if t is not None})
