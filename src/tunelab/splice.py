@@ -118,7 +118,11 @@ class Splicer:
     """Ids of ``skeleton.fill(values)`` for many rows at once (see the module docstring)."""
 
     def __init__(self, tokenizer, skeleton: Skeleton):
-        self.tok, self.sk = tokenizer, skeleton
+        try:  # held in a memo keyed weakly by the tokenizer: a strong reference here would keep it alive
+            self.tok = weakref.proxy(tokenizer)
+        except TypeError:
+            self.tok = tokenizer
+        self.sk = skeleton
         self.added = splittable(tokenizer)
         self.units = None
         if self.added is not None:
