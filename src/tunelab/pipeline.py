@@ -18,7 +18,7 @@ stay in the file with length 0 and are left out of the index, and the counts go 
 loop writes them into the run facts). ``pack=True`` packs lazily (same first-fit rule as
 `tunelab.data.pack`), so packing a million rows builds index lists, not token lists.
 Worker processes: the config's ``data.num_proc`` when set, else ``TUNELAB_NUM_PROC``, else 1 under 20k
-rows and up to 2 above. Environment:
+rows or on 2 cores, else half the cores up to 4. Environment:
 ``TUNELAB_FEATURE_CACHE=0`` to skip the disk cache.
 """
 
@@ -85,7 +85,7 @@ def cache_key(task, examples, tokenizer, cfg, max_length: int) -> str:
 
 def num_proc(rows: int, requested: int | None = None) -> int:
     """Worker processes: ``requested`` (the config's ``data.num_proc``), else $TUNELAB_NUM_PROC, else
-    1 under 20k rows and up to 2 above."""
+    1 under 20k rows or on 2 cores, else half the cores up to 4."""
     if requested is not None:
         if requested < 1:
             raise ValueError(f"data.num_proc must be >= 1, got {requested}")
@@ -99,7 +99,9 @@ def num_proc(rows: int, requested: int | None = None) -> int:
         if value < 1:
             raise ValueError(f"TUNELAB_NUM_PROC must be a whole number >= 1, got {env!r}")
         return value
-    return 1 if rows < 20000 else max(1, min(2, os.cpu_count() or 1))
+    cpus = os.cpu_count() or 1
+    # a worker costs seconds of imports, and the fast tokenizer already uses every core of a small machine
+    return 1 if rows < 20000 or cpus <= 2 else min(4, cpus // 2)
 
 
 _workers = num_proc  # `features` has a parameter of that name
