@@ -24,6 +24,11 @@ def test_unknown_key_suggests_closest(tmp_path):
         load_config(None, ["train.batchsize=4"])
 
 
+def test_sweep_section_in_a_single_run_points_at_its_command(tmp_path):
+    with pytest.raises(ValueError, match=r"'compare' is a sweep section, read by `tunelab compare CONFIG`"):
+        load_config(write(tmp_path, "model: smollm2-135m\ncompare: {methods: [lora]}\n"))
+
+
 def test_bad_value_names_key(tmp_path):
     with pytest.raises(ValueError, match=r"train.batch_size"):
         load_config(None, ["train.batch_size=-1"])

@@ -167,12 +167,18 @@ def _fields_at(schema: type[BaseModel], loc: tuple) -> list[str]:
     return list(schema.model_fields)
 
 
+_SWEEPS = ("compare", "scale", "advise")  # = tunelab.compare.SWEEP_SECTIONS (not imported: compare imports us)
+
+
 def _explain(err: ValidationError, schema: type[BaseModel]) -> str:
     lines = []
     for e in err.errors():
         loc = tuple(e["loc"])
         key = ".".join(str(p) for p in loc)
-        if e["type"] == "extra_forbidden":
+        if e["type"] == "extra_forbidden" and len(loc) == 1 and loc[0] in _SWEEPS:
+            lines.append(f"  '{loc[0]}' is a sweep section, read by `tunelab {loc[0]} CONFIG`; a single run "
+                         f"(tunelab train/eval/bench) takes the rest of the file: remove the section or run tunelab {loc[0]}")
+        elif e["type"] == "extra_forbidden":
             valid = _fields_at(schema, loc)
             lines.append(f"  unknown key '{key}'{suggest(loc[-1], valid)}; valid keys here: {', '.join(valid)}")
         elif e["type"] == "value_error":  # a nested schema's own explanation (method/task params): as it is

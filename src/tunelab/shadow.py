@@ -1,0 +1,89 @@
+"""Weights held in the autocast dtype for as long as nothing updates them.
+
+Under autocast every ``F.linear`` casts its fp32 weight to bf16 again on each call: autocast caches
+casts only of leaf tensors that require grad, so a frozen base weight (LoRA, adapters, ReFT, every
+evaluation and every decoding step) is re-cast in every forward. For a 135M model that is ~800 MB of
+memory traffic per forward, which dominates a decoding step at batch 8. ``cast_weights`` swaps each
+such weight for its cast copy once; autocast would have produced the very same tensor, so the
+results are bit-identical, only the repeated casts go.
+
+Only weights that nothing but a matmul reads are swapped: ``nn.Linear`` and GPT-2's ``Conv1D``
+(exact types, so a subclass with its own forward is left alone), not embeddings (their output dtype
+would change the residual stream's) and not layers under DoRA (it reads the base weight's norm in
+fp32). A weight tied to an embedding is swapped in the linear only: the embedding keeps the fp32
+original.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+try:  # GPT-2 family
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover
+    Conv1D = None
+
+_PLAIN = tuple(t for t in (nn.Linear, Conv1D) if t is not None)
+
+
+def _dora_bases(model: nn.Module) -> set[int]:
+    return {id(m.base_layer) for m in model.modules()
+            if getattr(m, "lora_magnitude", None) is not None and hasattr(m, "base_layer")}
+
+
+def _castable(p, dtype: torch.dtype, frozen_only: bool) -> bool:
+    return (
+        type(p) is nn.Parameter
+        and type(p.data) is torch.Tensor  # not NF4, DTensor (FSDP2) or other tensor subclasses
+        and p.is_floating_point()
+        and p.dtype != dtype
+        and not (frozen_only and p.requires_grad)
+    )
+
+
+@contextlib.contextmanager
+def cast_weights(model: nn.Module, dtype: torch.dtype | None, *, frozen_only: bool = True):
+    """Within the block, matmul-only weights of ``model`` are held in ``dtype`` (the autocast dtype).
+
+    ``frozen_only`` (the default, for training) leaves weights that require grad alone: the optimizer
+    updates them. Pass ``False`` for inference under ``torch.no_grad()``. Restored on exit, the same
+    Parameter objects as before. ``dtype`` None or fp32 is a no-op (no autocast, nothing to save).
+    """
+    if dtype is None or dtype == torch.float32:
+        yield model
+        return
+    skip = _dora_bases(model)
+    copies: dict[int, nn.Parameter] = {}
+    swapped: list[tuple[nn.Module, str, nn.Parameter]] = []
+    try:
+        for mod in model.modules():
+            if type(mod) not in _PLAIN or id(mod) in skip:
+                continue
+            for name in ("weight", "bias"):
+                p = mod._parameters.get(name)
+                if p is None or not _castable(p, dtype, frozen_only):
+                    continue
+                if id(p) not in copies:
+                    copies[id(p)] = nn.Parameter(p.detach().to(dtype), requires_grad=False)
+                swapped.append((mod, name, p))
+                mod._parameters[name] = copies[id(p)]
+        yield model
+    finally:
+        for mod, name, p in reversed(swapped):
+            mod._parameters[name] = p
+
+
+def saved_bytes(model: nn.Module, dtype: torch.dtype, *, frozen_only: bool = True) -> int:
+    """Extra memory ``cast_weights`` holds while active (its copies), for a memory budget."""
+    skip, seen, total = _dora_bases(model), set(), 0
+    for mod in model.modules():
+        if type(mod) not in _PLAIN or id(mod) in skip:
+            continue
+        for p in (mod._parameters.get("weight"), mod._parameters.get("bias")):
+            if p is not None and id(p) not in seen and _castable(p, dtype, frozen_only):
+                seen.add(id(p))
+                total += p.numel() * torch.empty((), dtype=dtype).element_size()
+    return total
