@@ -72,6 +72,8 @@ class DataSection(Section):
     pack: bool = False
     group_by_length: bool = True
     skip_bad_rows: bool = False
+    # worker processes for tokenizing (datasets.map num_proc); None: $TUNELAB_NUM_PROC, else automatic
+    num_proc: int | None = Field(None, ge=1)
 
 
 class TrainSection(Section):

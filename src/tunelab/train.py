@@ -271,7 +271,8 @@ class Run:
     @torch.no_grad()
     def eval_loss(self) -> float:
         """Token-mean training loss on the eval set (what scaling-law fits use)."""
-        feats = pipeline.features(self.task, self.eval_ex, self.tok, self.tcfg, self.cfg.data.max_length, desc="tokenizing eval")
+        feats = pipeline.features(self.task, self.eval_ex, self.tok, self.tcfg, self.cfg.data.max_length, desc="tokenizing eval",
+                                  num_proc=self.cfg.data.num_proc)
         collate = self.collate
         was_training = self.model.training
         self.model.eval()
@@ -380,7 +381,8 @@ def _run(cfg: RunConfig, t_start: float) -> dict:
 def _train(r: Run, model, out: Path, lead: bool) -> dict:
     cfg, tc = r.cfg, r.cfg.train
     # batched, cached, memory-mapped where the task and the data size allow (tunelab.pipeline)
-    feats = pipeline.features(r.task, r.train_ex, r.tok, r.tcfg, cfg.data.max_length, pack=cfg.data.pack, desc="tokenizing train")
+    feats = pipeline.features(r.task, r.train_ex, r.tok, r.tcfg, cfg.data.max_length, pack=cfg.data.pack, desc="tokenizing train",
+                              num_proc=cfg.data.num_proc)
     if not len(feats):
         raise ValueError(f"{cfg.data.train}: no training features left ({feats.stats['dropped']} rows dropped)")
     truncated = feats.stats["truncated"]

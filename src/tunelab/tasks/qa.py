@@ -45,6 +45,7 @@ from tunelab.evaluate import generate
 from tunelab.methods.base import context as model_context
 from tunelab.metrics import squad_scores
 from tunelab.readers import DataError, read_records
+from tunelab.splice import lm_features
 from tunelab.tasks.base import TASKS, HeadSpec, TaskConfig, field_name, gen_args, render_prompt
 
 DEFAULT_TEMPLATE = (
@@ -266,6 +267,14 @@ class QA:
         if "token_type_ids" in win:
             feat["token_type_ids"] = win["token_type_ids"]
         return feat
+
+    def encode_many(self, rows, tokenizer, cfg, max_length) -> list[dict] | None:
+        """``[self.encode(ex, ...) for ex in rows]`` in batched tokenizer calls (`tunelab.splice`); lm only."""
+        if cfg.formulation != "lm":
+            return None
+        return lm_features(self, rows, tokenizer, cfg, max_length, slots=("context", "question"),
+                           render=lambda ex, v: self.prompt({**ex, **v}, tokenizer, cfg),
+                           group=lambda ex: 0, target=lambda ex: ex["answers"][0])
 
     def evaluate(self, model, tokenizer, examples, cfg, *, batch_size=16, gen=None):
         if cfg.formulation == "head":
