@@ -81,6 +81,10 @@ CONFIGS = {
     "generate": {"tunelab": ["method.name=full", *ALPACA], "ref": ("generate", {}), "eval": True, "max_examples": 32},
     "generate-fp32": {"tunelab": ["method.name=full", *ALPACA, "train.precision=fp32"], "ref": ("generate", {}),
                       "eval": True, "max_examples": 32},
+    # a freshly attached LoRA (B = 0: the base model's outputs) has frozen weights, the usual case after
+    # PEFT training; the reference decodes the plain base model, which is less work
+    "generate-lora": {"tunelab": ["method.name=lora", *ALPACA], "ref": ("generate", {}), "eval": True,
+                      "max_examples": 32},
     # sizes by data.max_eval (so --set data.max_eval=N shrinks both sides alike)
     "choice": {"tunelab": [*EVAL, *OBQA, "data.max_eval=200"], "ref": ("choice", {}), "eval": True},
     "ner-head": {"tunelab": [*EVAL, *NER, "data.max_eval=1000"], "ref": ("ner", {}), "eval": True},
