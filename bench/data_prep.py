@@ -1,7 +1,8 @@
 """Data preparation speed and memory: tunelab's pipeline vs the per-row loop it replaces vs a plain
 ``datasets.map`` of the same tokenizer, on SST-2 train (67k rows) and a synthetic 1,000,000-row chat set.
 
-    python bench/data_prep.py                        # SST-2 and the 1M chat set, num_proc 2
+    python bench/data_prep.py                        # SST-2 and the 1M chat set, automatic num_proc
+    python bench/data_prep.py --num-proc 2           # two tokenizing workers on both sides
     python bench/data_prep.py --chat-rows 100000     # a smaller chat set
     python bench/data_prep.py --skip-chat            # SST-2 only
 
@@ -55,8 +56,9 @@ def write_chat(path: Path, rows: int, seed: int = 0) -> None:
 
 
 def case(name: str, data: str, model: str, num_proc: int) -> dict:
-    """One measurement (runs in a child process)."""
-    os.environ["TUNELAB_NUM_PROC"] = str(num_proc)
+    """One measurement (runs in a child process). ``num_proc`` 0: tunelab's automatic choice, for both sides."""
+    if num_proc:
+        os.environ["TUNELAB_NUM_PROC"] = str(num_proc)
     import datasets
     from transformers import AutoTokenizer
 
@@ -66,6 +68,7 @@ def case(name: str, data: str, model: str, num_proc: int) -> dict:
 
     datasets.disable_progress_bars()
     tok = AutoTokenizer.from_pretrained(model)
+    procs = num_proc or pipeline.num_proc(200_000 if "chat" in name else 67_349)
     base = rss_mb()
     t0 = time.perf_counter()
     label, name = name, name.removesuffix("-cached") if name.startswith("sst2") else name
@@ -74,7 +77,8 @@ def case(name: str, data: str, model: str, num_proc: int) -> dict:
         cfg = task_config("sentiment", {})
         if name == "sst2-plain-map":
             ds = datasets.load_dataset("csv", data_files=data, delimiter="\t", split="train")
-            out = ds.map(lambda b: tok(b["sentence"]), batched=True, num_proc=num_proc if num_proc > 1 else None)
+            out = ds.map(lambda b: tok(b["sentence"]), batched=True, num_proc=procs if procs > 1 else None,
+                         load_from_cache_file=False)  # a rerun must not read the last run's result
             rows = len(out)
         else:
             ex = task.read(data, cfg, limit=None, skip_bad=False)
@@ -97,7 +101,8 @@ def case(name: str, data: str, model: str, num_proc: int) -> dict:
 
             def fn(b):
                 return tok([tok.apply_chat_template(m, tokenize=False) for m in b["messages"]])
-            out = ds.map(fn, batched=True, num_proc=num_proc if num_proc > 1 else None, remove_columns=["messages"])
+            out = ds.map(fn, batched=True, num_proc=procs if procs > 1 else None, remove_columns=["messages"],
+                         load_from_cache_file=False)
             rows = len(out)
         else:
             ex = task.read(data, cfg)
@@ -108,7 +113,8 @@ def case(name: str, data: str, model: str, num_proc: int) -> dict:
     own = rss_mb("VmHWM")  # not ru_maxrss: Linux carries that across exec from the parent
     kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     res = {"case": label, "rows": rows, "seconds": round(seconds, 2), "rows_per_s": round(rows / seconds),
-           "peak_rss_above_tokenizer_mb": round(own - base), "worker_peak_rss_mb": round(kids), "num_proc": num_proc}
+           "peak_rss_above_tokenizer_mb": round(own - base), "worker_peak_rss_mb": round(kids), "num_proc": procs,
+           "load_avg_1m": round(os.getloadavg()[0], 1)}
     if "lengths_sum" in locals():
         res["tokens"] = lengths_sum
     return res
@@ -135,7 +141,7 @@ def main() -> None:
     ap.add_argument("--case")
     ap.add_argument("--data")
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--num-proc", type=int, default=2)
+    ap.add_argument("--num-proc", type=int, default=0, help="0: tunelab's automatic choice (data.num_proc unset)")
     ap.add_argument("--chat-rows", type=int, default=1_000_000)
     ap.add_argument("--chat-template", default="auto", help="auto (the model's own) or a named one, e.g. chatml")
     ap.add_argument("--skip-chat", action="store_true")

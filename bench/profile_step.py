@@ -1,16 +1,20 @@
 """Where a training step's time goes: torch.profiler over one tunelab step, grouped by kind of op.
 
     python bench/profile_step.py --method lora --threads 2      # SmolLM2, SST-2 batch 8 x <=128
+    python bench/profile_step.py --method qlora --set train.shadow_mb=0   # without held bf16 copies
 
 It builds the loop's batches for the config, runs the step the loop runs (autocast, LM head on loss
-positions, eager attention for short rows, fused AdamW) a few times, then profiles one and prints
-the self-CPU time per group: matmuls (mm/addmm/bmm/linear), dtype casts (copy/_to_copy),
-attention (softmax, SDPA), elementwise, optimizer, everything else.
+positions, shared prompt prefix, eager attention for short rows, held frozen weights as
+train.shadow_mb says, fused AdamW) a few times, then profiles one and prints the self-CPU time per
+group: matmuls (mm/addmm/bmm/linear), dtype casts (copy/_to_copy), attention (softmax, SDPA),
+elementwise, optimizer, everything else; and, inclusive, the time spent dequantizing quantized bases.
+Run against an older tree (PYTHONPATH=OLD/src) for a before/after: the newer levers are skipped there.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -58,18 +62,28 @@ def main() -> None:
     batches = loop_batches(r, cfg)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = fast.adamw(params, lr=1e-4)
-    trim = fast.supports_loss_inputs(model, {k: v[:2] for k, v in batches[0].items()}, autocast(r.device, r.amp))
+    probe = {k: v[:2] for k, v in batches[0].items()}
+    trim = fast.supports_loss_inputs(model, probe, autocast(r.device, r.amp))
+    shared = trim and fast.supports_shared_prefix(model, probe)
+    try:  # frozen weights kept in the autocast dtype (issue 19); absent in older trees
+        from tunelab.held_weights import held_weights
+
+        held = held_weights(model, r.amp, cfg.train.shadow_mb, r.device)
+    except ImportError:
+        held = contextlib.nullcontext({"held_mb": "n/a"})
+    facts = held.__enter__()
+    _label_dequantize()
 
     def step(b):
         with autocast(r.device, r.amp), fast.attention_for(model, b, r.device):
-            loss = model(**(fast.loss_inputs(b) if trim else b)).loss
+            loss = fast.loss(model, b, trim, shared)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         return loss.item()
 
-    for b in batches * 2:  # every shape twice: kernels built
+    for b in batches:  # every shape once: kernels built
         step(b)
     b = batches[len(batches) // 2]
     t = time.perf_counter()
@@ -78,13 +92,42 @@ def main() -> None:
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         step(b)
     totals: dict[str, float] = defaultdict(float)
+    deq = 0.0
     for ev in prof.key_averages():
+        if ev.key == "tunelab::dequantize":
+            deq += ev.cpu_time_total / 1e6
+            continue
         totals[group_of(ev.key)] += ev.self_cpu_time_total / 1e6
     total = sum(totals.values())
     print(f"{cfg.method.name} step on batch {tuple(b['input_ids'].shape)}, {a.threads} threads: {wall:.3f} s wall "
-          f"(profiled self time {total:.3f} s)")
+          f"(profiled self time {total:.3f} s; loss positions {trim}, shared prefix {shared}, "
+          f"held weights {facts['held_mb']} MB)")
     for g, v in sorted(totals.items(), key=lambda kv: -kv[1]):
         print(f"  {g:12s} {v:7.3f} s  {100 * v / total:5.1f}%")
+    print(f"  of which dequantizing quantized bases (inclusive): {deq:.3f} s  {100 * deq / total:5.1f}%")
+
+
+def _label_dequantize() -> None:
+    """Name every dequantize of a quantized base in the profile (tunelab.quant, old or new tree)."""
+    from tunelab import quant
+
+    for cls, name in ((quant.QuantLinear, "dense_for"), (quant.QuantLinear, "dequantized")):
+        fn = getattr(cls, name, None)
+        if fn is None or getattr(fn, "_labelled", False):
+            continue
+
+        def wrapped(self, *args, _fn=fn, **kw):
+            if getattr(self, "_in_label", False):
+                return _fn(self, *args, **kw)
+            self._in_label = True
+            try:
+                with torch.profiler.record_function("tunelab::dequantize"):
+                    return _fn(self, *args, **kw)
+            finally:
+                self._in_label = False
+
+        wrapped._labelled = True
+        setattr(cls, name, wrapped)
 
 
 if __name__ == "__main__":

@@ -126,9 +126,10 @@ def _train_result(impl, cfg, device, amp, batches, times, warmup, counts, pad_id
 
 
 def peft_loop(cfg: RunConfig, steps: int, warmup: int, peak_flops: float, *, lora: dict, quantize: bool = False,
-              defaults: bool = False, checkpointing: bool = False) -> dict:
+              defaults: bool = False, checkpointing: bool = False, loftq: bool = False) -> dict:
     """PEFT LoRA (``lora``: LoraConfig kwargs) in a plain loop; ``defaults``: PEFT's and a plain
-    loop's defaults (LoraConfig() as is, fp32, shuffled batches) instead of tunelab's settings."""
+    loop's defaults (LoraConfig() as is, fp32, shuffled batches) instead of tunelab's settings;
+    ``loftq``: over the NF4 base Q_T and from the (A_T, B_T) that tunelab's LoftQ computes for cfg."""
     from peft import LoraConfig, get_peft_model
 
     device = pick_device(cfg.train.device)
@@ -139,12 +140,24 @@ def peft_loop(cfg: RunConfig, steps: int, warmup: int, peak_flops: float, *, lor
         batches = (batches * (1 + (warmup + steps) // len(batches)))[: warmup + steps]
     else:
         batches = planned_batches(r, cfg, warmup + steps)
+    start = _tunelab_loftq_start(cfg) if loftq else None
     model = load_plain(cfg, device)
     if quantize:
         _nf4_base(model, lora.get("target_modules", "all-linear"))
+    if start:
+        for name, mod in model.named_modules():
+            if name in start:
+                mod.weight = torch.nn.Parameter(start[name][0], requires_grad=False)
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **lora))
+    if start:
+        with torch.no_grad():
+            for name, mod in model.named_modules():
+                key = name.removeprefix("base_model.model.")
+                if key in start and hasattr(mod, "lora_A"):
+                    mod.lora_A["default"].weight.copy_(start[key][1])
+                    mod.lora_B["default"].weight.copy_(start[key][2])
     counts = matmul_counts(model)
     lr = cfg.train.lr or 1e-4
     if device.type == "cuda":
@@ -156,6 +169,24 @@ def peft_loop(cfg: RunConfig, steps: int, warmup: int, peak_flops: float, *, lor
                        if k in ("r", "lora_alpha", "lora_dropout", "target_modules")}
     res["settings"]["target_modules"] = sorted(res["settings"]["target_modules"] or [])
     return res
+
+
+def _tunelab_loftq_start(cfg: RunConfig) -> dict:
+    """{linear name: (Q_T as a torchao NF4Tensor, A_T, B_T)} as tunelab's LoftQ run computes them."""
+    import tunelab
+    from tunelab.train import Run, seed_all
+
+    seed_all(cfg.train.seed)
+    r = Run(cfg)
+    model = tunelab.attach(r.model, cfg.method.name, **cfg.method.params())
+    out = {}
+    for name, mod in model.named_modules():
+        if hasattr(mod, "lora_A") and getattr(mod.base_layer, "is_nf4", False):
+            out[name] = (mod.base_layer.weight.data, mod.lora_A.detach().clone(), mod.lora_B.detach().clone())
+    if not out:
+        raise ValueError("loftq reference: tunelab's run quantized no linear to NF4 (set method.bits=4)")
+    del model, r
+    return out
 
 
 def _nf4_base(model, targets) -> None:
@@ -378,8 +409,8 @@ def generate_plain(cfg: RunConfig, peak_flops: float, max_examples: int | None =
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         torch.cuda.synchronize()
-    t = time.perf_counter()
-    bs, new_tokens = cfg.eval.batch_size, 0
+    t, cpu = time.perf_counter(), time.process_time()
+    bs, new_tokens, outputs = cfg.eval.batch_size, 0, []
     for s in range(0, len(prompts), bs):
         rows = [tokenize_prompt(r.tok, p) for p in prompts[s : s + bs]]
         width = max(len(x) for x in rows)
@@ -391,11 +422,13 @@ def generate_plain(cfg: RunConfig, peak_flops: float, max_examples: int | None =
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
                                  do_sample=False, pad_token_id=r.tok.pad_token_id, eos_token_id=r.tok.eos_token_id)
         new_tokens += int((out[:, width:] != r.tok.pad_token_id).sum())
+        outputs += [r.tok.decode(o[width:], skip_special_tokens=True).strip() for o in out]  # as tunelab's generate
     if device.type == "cuda":
         torch.cuda.synchronize()
     dt = time.perf_counter() - t
     n = len(prompts)
     return {"impl": "hf-generate", "kind": "eval", "task": cfg.task.name, "device": str(device),
             "precision": str(amp).replace("torch.", "") if amp else "float32", "batch_size": bs, "examples": n,
-            "seconds": dt, "examples_per_s": n / dt, "new_tokens": new_tokens,
+            "seconds": dt, "examples_per_s": n / dt, "new_tokens": new_tokens, "outputs": outputs,
+            "cpu_seconds": time.process_time() - cpu,
             "peak_memory_mb": peak_memory_mb(device), "threads": torch.get_num_threads()}

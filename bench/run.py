@@ -13,9 +13,20 @@ noted, the same rows, batches, precision and hyperparameters on both sides):
     lora-defaults  tunelab LoRA, all its defaults  vs PEFT LoraConfig() defaults, fp32, shuffled batches
     lora-ckpt      lora with gradient checkpointing on both sides (its cost: compare with lora)
     qlora          tunelab QLoRA (NF4 base)        vs PEFT LoRA over a torchao NF4 base
+    qlora-lowmem   qlora without held bf16 copies of the base (train.shadow_mb=0: QLoRA's memory at scale)
+    loftq          tunelab LoftQ (NF4, 1 iteration) vs PEFT LoRA over the same LoftQ-initialised NF4 base
     loreft         tunelab LoReFT r8 f7+l7         vs pyreft (PEFT LoRA if pyreft is not importable)
     score          SST-2 dev label-word scoring    vs a full-logits forward in file order
-    generate       Alpaca prompts, 32 new tokens   vs model.generate in file order
+    generate       Alpaca prompts, 32 new tokens   vs model.generate in file order (bf16 autocast where the
+                   CPU has bf16, as the other rows); generate-fp32 the same in fp32. Both sides return
+                   their texts: the table counts the prompts whose greedy outputs differ.
+    choice         OpenBookQA test choice scoring  vs one full-logits row per (prompt, choice) in file order
+    ner-head       CoNLL-2003 dev, MiniLM token head  vs a plain token-classification forward in file order
+    qa-head        SQuAD dev articles 40:48, MiniLM span head  vs plain forwards + the n-best loop per window
+    score-lora     score with a LoRA attached (frozen base weights: what the demo and most runs evaluate)
+
+--before DIR adds a side "tunelab-before": the tunelab half run from DIR/src (e.g. a `git worktree` of
+main), for before/after figures in one interleaved run.
 
 The machine is shared in some setups: before each measurement the script waits (up to
 --max-wait s) until other processes use less than --quiet CPUs, and it records the CPU that others
@@ -45,6 +56,12 @@ LORA = ["method.name=lora", "method.r=8", "method.alpha=16", "train.lr=1e-4"]
 PEFT_LORA = {"r": 8, "lora_alpha": 16, "target_modules": "all-linear", "lora_dropout": 0.0}
 ALPACA = [f"data.eval={DATA / 'alpaca_demo/alpaca_en_demo.json'}#rows=900:999", "task.name=generation",
           "eval.batch_size=8", "eval.max_new_tokens=32"]
+OBQA = [f"data.eval={DATA / 'llm_adapters/openbookqa/test.json'}", "task.name=reasoning", "eval.batch_size=16"]
+NER = ["model.name=minilm-l6", "task.name=ner", "task.formulation=head", f"data.eval={DATA / 'conll2003/eng.testa'}",
+       "eval.batch_size=64"]
+QA = ["model.name=minilm-l6", "task.name=qa", "task.formulation=head", "data.max_length=384", "eval.batch_size=32",
+      f"data.eval={DATA / 'squad_v1.1/dev-v1.1.json'}#articles=40:48"]
+EVAL = ["method.name=full", "eval.loss=false"]
 
 CONFIGS = {
     "full": {"tunelab": ["method.name=full", "train.lr=2e-5"], "ref": ("trainer", {})},
@@ -54,10 +71,25 @@ CONFIGS = {
                   "ref": ("peft", {"lora": PEFT_LORA, "checkpointing": True})},
     "qlora": {"tunelab": ["method.name=qlora", "method.r=8", "method.alpha=16", "train.lr=1e-4"],
               "ref": ("peft", {"lora": PEFT_LORA, "quantize": True})},
+    "qlora-lowmem": {"tunelab": ["method.name=qlora", "method.r=8", "method.alpha=16", "train.lr=1e-4",
+                                 "train.shadow_mb=0"], "ref": ("peft", {"lora": PEFT_LORA, "quantize": True})},
+    "loftq": {"tunelab": ["method.name=loftq", "method.r=8", "method.alpha=16", "method.iters=1", "train.lr=1e-4"],
+              "ref": ("peft", {"lora": PEFT_LORA, "loftq": True})},
     "loreft": {"tunelab": ["method.name=loreft", "method.rank=8", "method.positions=f7+l7", "train.lr=2e-3"],
                "ref": ("pyreft", {"rank": 8, "first": 7, "last": 7})},
     "score": {"tunelab": ["method.name=full", "eval.loss=false"], "ref": ("score", {}), "eval": True},
     "generate": {"tunelab": ["method.name=full", *ALPACA], "ref": ("generate", {}), "eval": True, "max_examples": 32},
+    "generate-fp32": {"tunelab": ["method.name=full", *ALPACA, "train.precision=fp32"], "ref": ("generate", {}),
+                      "eval": True, "max_examples": 32},
+    # a freshly attached LoRA (B = 0: the base model's outputs) has frozen weights, the usual case after
+    # PEFT training; the reference decodes the plain base model, which is less work
+    "generate-lora": {"tunelab": ["method.name=lora", *ALPACA], "ref": ("generate", {}), "eval": True,
+                      "max_examples": 32},
+    # sizes by data.max_eval (so --set data.max_eval=N shrinks both sides alike)
+    "choice": {"tunelab": [*EVAL, *OBQA, "data.max_eval=200"], "ref": ("choice", {}), "eval": True},
+    "ner-head": {"tunelab": [*EVAL, *NER, "data.max_eval=1000"], "ref": ("ner", {}), "eval": True},
+    "qa-head": {"tunelab": [*EVAL, *QA, "data.max_eval=500"], "ref": ("qa", {}), "eval": True},
+    "score-lora": {"tunelab": ["method.name=lora", "eval.loss=false"], "ref": ("score", {}), "eval": True},
 }
 
 
@@ -80,8 +112,14 @@ def _no_prefix(fast):
     fast.supports_shared_prefix = lambda *a, **k: False
 
 
+def _no_held(fast):
+    from tunelab import held_weights
+
+    held_weights.AUTO_MB = 0  # the automatic rule then holds nothing
+
+
 LEVERS = {"loss-positions": _no_loss_positions, "shared-prefix": _no_prefix, "eager-attention": _no_eager,
-          "fused-adamw": _no_fused}
+          "fused-adamw": _no_fused, "held-weights": _no_held}
 
 
 # ---------------------------------------------------------------- the child: one measurement
@@ -115,6 +153,8 @@ def child(spec: dict) -> dict:
         res = reference.peft_loop(cfg, steps, warmup, peak, **kw)
         if kw.get("quantize"):
             res["impl"] = "peft+torchao-nf4"
+        if kw.get("loftq"):
+            res["impl"] = "peft+loftq-nf4"
         return res
     if kind == "pyreft":
         try:
@@ -126,6 +166,10 @@ def child(spec: dict) -> dict:
         return reference.pyreft_loop(cfg, steps, warmup, peak, **kw)
     if kind == "score":
         return reference.score_plain(cfg, peak, conf.get("max_examples"))
+    if kind in ("choice", "ner", "qa"):  # issue 19's evaluation rows
+        import reference_eval
+
+        return getattr(reference_eval, f"{kind}_plain")(cfg, conf.get("max_examples"))
     return reference.generate_plain(cfg, peak, conf.get("max_examples"), cfg.eval.max_new_tokens)
 
 
@@ -138,7 +182,7 @@ def _tunelab(spec, cfg, conf, steps, warmup, peak) -> dict:
         LEVERS[lever](fast)
     if not conf.get("eval"):
         return bench.bench_train(cfg, steps=steps, warmup=warmup, peak_flops=peak)
-    if conf["ref"][0] == "score":
+    if conf["ref"][0] in ("score", "choice", "ner", "qa"):
         return bench.bench_eval(cfg, max_examples=conf.get("max_examples"), peak_flops=peak)
     # generation: tunelab.evaluate.generate alone (the task's evaluate also scores perplexity)
     import tunelab
@@ -149,16 +193,17 @@ def _tunelab(spec, cfg, conf, steps, warmup, peak) -> dict:
     r = Run(cfg)
     tunelab.attach(r.model, cfg.method.name)
     prompts = [r.task.prompt(ex, r.tok, r.tcfg) for ex in r.eval_ex]
-    t = time.perf_counter()
+    t, cpu = time.perf_counter(), time.process_time()
     with autocast(r.device, r.amp):
-        generate(r.model, r.tok, prompts, max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size)
+        outputs = generate(r.model, r.tok, prompts, max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size)
     if r.device.type == "cuda":
         torch.cuda.synchronize()
     dt = time.perf_counter() - t
     return {"impl": "tunelab", "kind": "eval", "task": cfg.task.name, "device": str(r.device),
             "precision": str(r.amp).replace("torch.", "") if r.amp else "float32", "batch_size": cfg.eval.batch_size,
             "examples": len(prompts), "seconds": dt, "examples_per_s": len(prompts) / dt,
-            "peak_memory_mb": bench.peak_memory_mb(r.device), "threads": torch.get_num_threads()}
+            "cpu_seconds": time.process_time() - cpu,
+            "peak_memory_mb": bench.peak_memory_mb(r.device), "threads": torch.get_num_threads(), "outputs": outputs}
 
 
 # ---------------------------------------------------------------- the parent: schedule and report
@@ -195,7 +240,11 @@ def measure(spec: dict, quiet: float, max_wait: float, retries: int) -> dict:
         before = wait_quiet(quiet, max_wait)
         ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         busy0, t0 = _busy_seconds(), time.time()
-        proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True)
+        env = None
+        if spec.get("src"):  # the tunelab half from another checkout (--before)
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join([spec["src"], os.environ.get("PYTHONPATH", "")])}
+        proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True,
+                              env=env)
         wall = time.time() - t0
         ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
         mine = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
@@ -216,6 +265,11 @@ def measure(spec: dict, quiet: float, max_wait: float, retries: int) -> dict:
 
 def speed(res: dict) -> float:
     return res["tokens_per_s"]["median"] if res["kind"] == "train" else res["examples_per_s"]
+
+
+def differing(a: list[str], b: list[str]) -> int:
+    """Prompts whose outputs differ (generation rows: tunelab's texts against the reference's)."""
+    return sum(x != y for x, y in zip(a, b, strict=True))
 
 
 def table(results: list[dict]) -> str:
@@ -244,10 +298,14 @@ def table(results: list[dict]) -> str:
                    for r in rs]
             mfu_s = f"{100 * statistics.median(mfu):.1f}%" if all(m is not None for m in mfu) else "-"
             q = rs[0].get("mean_loss")
+            if side != "reference" and "outputs" in rs[0] and by[name].get("reference") and "outputs" in by[name]["reference"][0]:
+                q = f"{differing(rs[0]['outputs'], by[name]['reference'][0]['outputs'])}/{len(rs[0]['outputs'])} differ"
             q = f"{q:.3f}" if isinstance(q, float) else (f"{rs[0]['metrics'].get('accuracy', float('nan')):.3f}"
                                                          if "accuracy" in rs[0].get("metrics", {}) else "-")
             flag = " (disturbed)" if any(r.get("disturbed") for r in rs) else ""
             ratio = f"**{med['tunelab'] / med['reference']:.2f}x**" if side == "reference" and "tunelab" in med else ""
+            if side == "tunelab-before" and "tunelab" in med:
+                ratio = f"{med['tunelab'] / med[side]:.2f}x (tunelab / before)"
             impl = rs[0]["impl"] if side in ("tunelab", "reference") else side
             rows.append(f"| {name} | {impl} | {rs[0]['precision']} | {med[side]:,.1f} {unit} | "
                         f"{min(sp):,.1f} .. {max(sp):,.1f} (n={len(sp)}){flag} | {mem:,.0f} | {mfu_s} | {q} | {ratio} |")
@@ -289,6 +347,8 @@ def main() -> None:
     ap.add_argument("--ablate", action="store_true", help="also run tunelab without each of its levers (and all)")
     ap.add_argument("--levers", default=",".join(LEVERS), help="the levers --ablate turns off, one at a time")
     ap.add_argument("--set", action="append", default=[], dest="extra", help="config override for both sides (key=value)")
+    ap.add_argument("--skip-reference", action="store_true", help="tunelab sides only (a reference measured in another run)")
+    ap.add_argument("--before", help="a checkout (e.g. a git worktree of main) whose src/ runs a 'tunelab-before' side")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "latest.json"))
     a = ap.parse_args()
     if a.child:
@@ -315,10 +375,14 @@ def main() -> None:
             sides = [("tunelab", [])] + [(f"tunelab without {lv}", [lv]) for lv in ablate]
             if len(ablate) > 1:
                 sides.append(("tunelab without any", ablate))
-            for side, off in [*sides, ("reference", [])]:
+            if a.before:
+                sides.append(("tunelab-before", []))
+            for side, off in [*sides, *([] if a.skip_reference else [("reference", [])])]:
                 spec = {"config": name, "impl": "reference" if side == "reference" else "tunelab", "side": side,
                         "disable": off, "threads": a.threads, "device": device, "steps": a.steps, "warmup": a.warmup,
                         "peak_flops": peak, "pythonpath": a.pythonpath, "extra": a.extra}
+                if side == "tunelab-before":
+                    spec["src"] = str(Path(a.before).resolve() / "src")
                 print(f"[{rep + 1}/{a.repeats}] {name} / {side}", flush=True)
                 res = measure(spec, a.quiet, a.max_wait, a.retries)
                 if "error" not in res:

@@ -156,3 +156,122 @@ def test_cli_advise_bad_input_is_one_clear_line(tmp_path, fake):
     assert "Traceback" not in res.output and fake.calls == []
     res = CliRunner().invoke(app, ["compare", str(write_cfg(tmp_path)), "--methods", "lora", "--budget", "joules"])
     assert res.exit_code == 2 and "unknown budget 'joules'" in res.output
+
+
+def _rows(losses: dict[str, dict[int, float]], seeds=(0, 1, 2)):
+    """Report rows and the manifest's plan for synthetic losses label -> size -> loss (seed noise added)."""
+    rows, runs = [], []
+    for label, by_size in losses.items():
+        for size, loss in by_size.items():
+            for seed in seeds:
+                name = f"{label}-n{size}-s{seed}"
+                runs.append({"run": name, "label": label, "size": size, "seed": seed})
+                value = loss * (1 + NOISE[seed])
+                rows.append({"run": name, "eval_loss": value, "accuracy": accuracy(value)})
+    return rows, runs
+
+
+def test_sizes_at_chance_are_left_out_and_the_law_above_them_is_recovered(monkeypatch):
+    """One-epoch runs on few rows never leave ln 2; the law holds once learning starts. With
+    chance_loss the plateau is dropped and the rest extrapolates; without it the fit is flagged."""
+    monkeypatch.setattr(ra, "N_BOOT", 10)
+    chance, sizes = math.log(2), [125, 250, 500, 1000, 2000, 4000]
+    true = {"A": 15.0, "beta": 0.6, "E": 0.25}
+
+    def loss(d):
+        return min(chance, true["A"] * d ** -true["beta"] + true["E"])
+
+    assert loss(250) == chance and loss(500) < chance * 0.97  # two sizes on the plateau
+    rows, runs = _rows({"m": {d: loss(d) for d in sizes}})
+    manifest = {"runs": runs, "sizes": sizes, "full_size": 16000, "chance_loss": chance}
+    res = ra.analyse(rows, manifest, "accuracy", True)
+    p = res["methods"]["m"]
+    assert [c["d"] for c in p["plateau"]["at_chance"]] == [125, 250] and p["points"] == 4 * 3
+    assert p["loss"] == pytest.approx(true["A"] * 16000 ** -true["beta"] + true["E"], rel=0.03)
+    assert "sit at chance" in ra.markdown(res) and not p["plateau"]["concave"]
+    # Without the chance level the plateau-then-drop shape itself is caught and the fit is not trusted.
+    res = ra.analyse(rows, {**manifest, "chance_loss": None}, "accuracy", True)
+    p = res["methods"]["m"]
+    assert p["plateau"]["concave"] and not p["good"]
+    assert "falls faster at the large sizes" in ra.markdown(res)
+
+
+def test_a_method_with_too_few_sizes_above_chance_is_refused(monkeypatch):
+    monkeypatch.setattr(ra, "N_BOOT", 10)
+    chance = math.log(2)
+    rows, runs = _rows({"flat": {125: 0.693, 250: 0.69, 500: 0.686, 1000: 0.60},
+                        "good": {d: 3.0 * d ** -0.5 + 0.2 for d in (125, 250, 500, 1000)}})
+    res = ra.analyse(rows, {"runs": runs, "sizes": [125, 250, 500, 1000], "full_size": 4000, "chance_loss": chance},
+                     "accuracy", True)
+    assert "flat" not in res["methods"] and "refused: only 1 data size(s) above chance" in res["errors"]["flat"]
+    assert res["winner"] == "good" and not res["plateau"]["good"]["warnings"] and res["methods"]["good"]["good"]
+    assert "among the fitted methods (flat not fitted)" in ra.markdown(res)
+
+
+def test_a_real_law_is_not_called_a_plateau():
+    for m in LAWS:
+        pts = [{"d": float(d), "x": None, "loss": law(m, d) * (1 + NOISE[s]), "seed": s}
+               for d in (125, 250, 500, 1000) for s in NOISE]
+        assert ra.plateau(pts, math.log(4)) == {"at_chance": [], "concave": [], "warnings": []}  # 4 classes
+
+
+def test_per_size_steps_warn_when_the_small_runs_are_short(tmp_path, fake):
+    said = []
+    adv.advise(write_cfg(tmp_path, sizes=[125, 250, 500], full_size=2000), seeds=[0], out_dir=tmp_path / "a",
+               say=said.append)
+    assert any("trains 16 steps, the full size 250" in m and "advise.steps: full" in m for m in said)
+    said.clear()
+    adv.advise(write_cfg(tmp_path, sizes=[125, 250, 500], full_size=1000), seeds=[0], out_dir=tmp_path / "b",
+               say=said.append)
+    assert not any("warning" in m for m in said)
+
+
+@pytest.mark.parametrize("bad", [0, -1, "ln2", True])
+def test_bad_chance_loss_fails_before_training(tmp_path, fake, bad):
+    with pytest.raises(ValueError, match="advise.chance_loss: .* is not a positive number"):
+        adv.advise(write_cfg(tmp_path, chance_loss=bad), out_dir=tmp_path / "adv", say=lambda m: None)
+    assert fake.calls == []
+
+
+def test_target_accuracy_fits_the_error_and_predicts_the_metric_directly(monkeypatch):
+    """advise.target: accuracy: the law is fitted to 1 - accuracy (a known law here) and the metric is
+    1 - the prediction, not a loss->metric map (eval loss can rise with overconfidence while accuracy improves)."""
+    monkeypatch.setattr(ra, "N_BOOT", 10)
+    rows, runs = [], []
+    for m in LAWS:
+        for d in (125, 250, 500, 1000, 4000):
+            for s in NOISE:
+                name = f"{m}-n{d}-s{s}"
+                runs.append({"run": name, "label": m, "size": d, "seed": s})
+                err = law(m, d) / 4 * (1 + NOISE[s])
+                rows.append({"run": name, "eval_loss": 5.0 - d / 1000, "accuracy": 1 - err})
+    res = ra.analyse(rows, {"runs": runs, "sizes": [125, 250, 500, 1000], "full_size": 4000, "target": "accuracy"},
+                     "accuracy", True)
+    assert res["target"] == "1 - accuracy" and res["metric_map"] == {"kind": "error", "top": 1.0}
+    for m in LAWS:
+        p = res["methods"][m]
+        assert p["metric"] == pytest.approx(1 - law(m, 4000) / 4, abs=0.003) and p["good"]
+        assert p["fit"]["params"]["beta"] == pytest.approx(LAWS[m]["beta"], abs=0.05)
+        assert res["truth"][m]["loss_rel_error"] < 0.03
+    assert res["winner"] == "full" == res["true_winner"]
+    md = ra.markdown(res)
+    assert "predicted 1 - accuracy @ 4000" in md and "accuracy = 1 - prediction" in md
+
+
+def test_bad_target_fails_before_training(tmp_path, fake):
+    with pytest.raises(ValueError, match="advise.target: 3 is not a metric name"):
+        adv.advise(write_cfg(tmp_path, target=3), out_dir=tmp_path / "adv", say=lambda m: None)
+
+
+def test_losses_above_chance_are_not_a_plateau_but_are_warned_about():
+    pts = [{"d": float(d), "x": None, "loss": loss, "seed": 0} for d, loss in ((125, 1.9), (250, 1.8), (500, 1.2), (1000, 0.7))]
+    pl = ra.plateau(pts, math.log(2))
+    assert pl["at_chance"] == [] and "overconfident" in " ".join(pl["warnings"])  # 0.7 at 1,000 is on the way down
+
+
+def test_form_band_scales_the_backtest_error_by_the_extrapolation_distance():
+    bt = {"errors": {"mean_rel_error": 0.05}, "d": 1000.0, "sizes": [125.0, 250.0, 500.0]}
+    band = ra.form_band(bt, 0.4, 4000.0)  # 1000 -> 4000 is two doublings, the backtest was one
+    assert band["rel"] == pytest.approx(0.10) and band["lo"] == pytest.approx(0.36) and band["hi"] == pytest.approx(0.44)
+    assert ra.form_band({**bt, "errors": {"mean_rel_error": 0.6}}, 0.4, 4000.0)["lo"] == 0.0  # never below 0
+    assert ra.form_band({"error": "needs at least 3 data sizes"}, 0.4, 4000.0)["lo"] is None

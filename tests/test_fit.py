@@ -158,3 +158,17 @@ def test_parameters_at_their_bounds_are_named():
     res = fit_and_check("data", np.append(d, 1600.0), np.append(rising, 0.2 + 1.6))
     warns = " ".join(res["diagnostics"]["warnings"])
     assert not res["diagnostics"]["good"] and ("beta" in warns)
+
+
+def test_e_max_caps_the_irreducible_loss_and_names_the_cap_when_it_binds():
+    d = np.array([250.0, 500.0, 1000.0, 2000.0])
+    true = {"A": 5.0, "beta": 0.4, "E": 0.3}
+    loss = predict("data", true, d)
+    free = fit_law("data", d, loss, e_max=float(loss.min()))  # a cap above the true E changes nothing
+    assert_params(free.params, true, 1e-3)
+    assert free.extra["at_bounds"] == []
+    capped = fit_law("data", d, loss, e_max=0.1)  # a cap below it binds and is reported
+    assert capped.params["E"] == pytest.approx(0.1, rel=1e-3)
+    assert capped.extra["at_bounds"] == ["E (at its cap e_max = 0.1)"]
+    with pytest.raises(ValueError, match="e_max must be finite and > 0"):
+        fit_law("data", d, loss, e_max=0.0)

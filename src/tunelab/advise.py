@@ -11,6 +11,11 @@
       budget: steps                   # steps | time | flops, as in compare (matched per data size)
       steps: per_size                 # per_size: each size trains its own epochs; full: every run trains
                                       #   the full-size run's step count (fixed compute, only the data varies)
+      chance_loss: 0.6931             # optional: the loss of a model that learned nothing (ln 2 for a
+                                      #   balanced binary head); sizes within 3% of it are left out of the
+                                      #   fit, and a method with fewer than 3 sizes above it is refused
+      target: eval_loss               # what the law is fitted to: eval_loss, or a metric (accuracy is
+                                      #   fitted as its error 1 - accuracy and predicted directly)
       verify: false                   # also train at full_size and report prediction vs truth
                                       #   (true: with every seed; a list such as [0]: with those seeds)
       out_dir: runs/advise
@@ -112,11 +117,21 @@ def advise(
         raise ValueError(f"advise.steps: '{steps_mode}' is not one of per_size (each size's own epochs) or full")
     if steps_mode == "full":
         _full_steps(plan, full_size)
+    else:
+        _warn_short(plan, full_size, say)
+    target = section.get("target")
+    if target is not None and not (isinstance(target, str) and target):
+        raise ValueError(f"advise.target: {target!r} is not a metric name (eval_loss, the default, or e.g. accuracy)")
+    chance = section.get("chance_loss")
+    if chance is not None and (isinstance(chance, bool) or not isinstance(chance, int | float) or chance <= 0):
+        raise ValueError(f"advise.chance_loss: {chance!r} is not a positive number (the eval loss of a model "
+                         "that has learned nothing, e.g. 0.6931 = ln 2 for a balanced binary head)")
     budget_info = _match_per_size(plan, budget or section.get("budget"), out_dir, section, say, max(sizes))
     manifest = {
         "kind": "advise", "config": str(cfg_path), "overrides": list(overrides), "methods": labels,
         "sizes": sizes, "full_size": full_size, "verify": verify, "factor": factor, "x_full": x_full,
         "seeds": seeds, "budget": budget_info, "metric": section.get("metric"), "steps": steps_mode,
+        "chance_loss": None if chance is None else float(chance), "target": target,
         "runs": [info for info, _ in plan],
     }
     from tunelab.report.stats import environment
@@ -136,6 +151,21 @@ def _full_steps(plan, full_size: int) -> None:
     for info, raw in plan:
         cfg = _build_config(raw, f"run {info['run']}")
         _set(raw, "train.max_steps", bud.planned_steps(cfg, full_size))
+
+
+def _warn_short(plan, full_size: int, say) -> None:
+    """advise.steps: per_size gives the smallest size a fraction of the full run's steps; below a tenth
+    its runs often never leave the chance plateau, and a power law cannot extrapolate from a plateau."""
+    from tunelab import budget as bud
+    from tunelab.compare import _build_config
+
+    info, raw = min(plan, key=lambda p: p[0]["size"])
+    cfg = _build_config(raw, f"run {info['run']}")
+    small, full = bud.planned_steps(cfg, info["size"]), bud.planned_steps(cfg, full_size)
+    if small * 10 < full:
+        say(f"warning: the smallest size ({info['size']} rows) trains {small} steps, the full size {full}; "
+            "runs this short may stay at chance, where no law extrapolates: consider advise.steps: full "
+            "(every size trains the full size's steps) and advise.chance_loss to have such sizes detected")
 
 
 def _num(x):

@@ -182,7 +182,7 @@ def bench_train(cfg: RunConfig, *, steps: int = 8, warmup: int | None = None, pe
         model = tunelab.attach(r.model, bc.method.name, **bc.method.params())
         if r.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(r.device)
-        _train(r, model, Path(tmp), True)
+        stats = _train(r, model, Path(tmp), True)
         peak = peak_memory_mb(r.device)
         log = [json.loads(ln) for ln in (Path(tmp) / "log.jsonl").read_text().splitlines() if ln.strip()]
         steps_log = [rec for rec in log if "tokens_per_s" in rec]
@@ -210,6 +210,7 @@ def bench_train(cfg: RunConfig, *, steps: int = 8, warmup: int | None = None, pe
         "mean_loss": statistics.mean(rec["loss"] for rec in steps_log), "threads": torch.get_num_threads(),
         "first_pass_tokens_per_s": summarize(first) if first else None,
         "trainable_params": tunelab.trainable_parameters(model)["trainable"],
+        "held_weights_mb": stats.get("held_weights_mb"),  # frozen weights kept in bf16 (tunelab.held_weights)
     }
     if flops:
         peak_flops = peak_flops or matmul_peak(r.device, r.amp or torch.float32)

@@ -72,6 +72,8 @@ class DataSection(Section):
     pack: bool = False
     group_by_length: bool = True
     skip_bad_rows: bool = False
+    # worker processes for tokenizing (datasets.map num_proc); None: $TUNELAB_NUM_PROC, else automatic
+    num_proc: int | None = Field(None, ge=1)
 
 
 class TrainSection(Section):
@@ -86,6 +88,10 @@ class TrainSection(Section):
     max_grad_norm: float | None = Field(1.0, ge=0, allow_inf_nan=False)  # 0 / None: no clipping
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     gradient_checkpointing: bool = False
+    # MB of frozen weights the loop may keep in the autocast dtype (bf16 copies of plain and dequantized
+    # quantized bases, bit-identical results); null: all of them when they fit in 512 MB and a quarter
+    # of free memory, else none (tunelab.held_weights); 0: none
+    shadow_mb: float | None = Field(None, ge=0, allow_inf_nan=False)
     seed: int = 0
     eval_every: int = Field(0, ge=0)  # steps; 0 = only at the end
     save_every: int = Field(0, ge=0)  # steps; 0 = only at the end

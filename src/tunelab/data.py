@@ -76,7 +76,11 @@ def encode_lm(tokenizer, prompt: str, target: str, max_length: int, add_eos: boo
     if max_length < 2:
         raise ValueError(f"max_length must be >= 2, got {max_length}")
     p = tokenize_prompt(tokenizer, prompt)
-    t = list(tokenizer(target, add_special_tokens=False)["input_ids"])
+    return lm_join(tokenizer, p, list(tokenizer(target, add_special_tokens=False)["input_ids"]), max_length, add_eos)
+
+
+def lm_join(tokenizer, p: list[int], t: list[int], max_length: int, add_eos: bool = True) -> dict:
+    """`encode_lm` from token ids: prompt ids ``p`` (BOS rule applied) and target ids ``t`` (no EOS yet)."""
     if add_eos:
         if tokenizer.eos_token_id is None:
             raise ValueError("add_eos=True but the tokenizer has no eos_token_id; set one or pass add_eos=False")

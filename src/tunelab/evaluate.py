@@ -4,7 +4,8 @@
   every continuation at the end of the row, so the LM head runs only on the last few positions
   (``logits_to_keep``); when every choice is a single token, one forward per prompt scores all of them.
   A prefix every row shares (a prompt template) runs once, through the KV cache (``tunelab.fast``).
-- ``generate``: left-padded batches, pad-aware attention masks, the KV cache, stop at EOS.
+- ``generate``: causal LMs through ``tunelab.decode`` (``model.generate``'s greedy tokens, faster);
+  beam search and encoder-decoders through ``model.generate`` in left-padded batches.
 - ``classify``: logits of a classification head.
 - Encoder-decoder models (``config.is_encoder_decoder``: T5, BART): the prompt is the encoder's
   source (its own special tokens, right-padded: BART's learned positions would move under left
@@ -28,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from tunelab import distributed as dist
-from tunelab import fast
+from tunelab import fast, fast_eval
 from tunelab.data import IGNORE, tokenize_prompt, tokenize_source
 from tunelab.methods.base import context
 
@@ -118,8 +119,11 @@ def score_choices(model, tokenizer, prompts: list[str], choices: list[list[str]]
     """Sum log-probability of each ``choices[i][j]`` following ``prompts[i]``."""
     if len(prompts) != len(choices):
         raise ValueError(f"{len(prompts)} prompts but {len(choices)} choice lists")
-    was_training = model.training
-    model.eval()
+    with fast_eval.inference(model):  # weights cast once for the whole evaluation, not in every forward
+        return _score_choices(model, tokenizer, prompts, choices, batch_size)
+
+
+def _score_choices(model, tokenizer, prompts, choices, batch_size) -> list[list[float]]:
     dev, pad = _device(model), tokenizer.pad_token_id
     keep = _takes_logits_to_keep(model)
     prompt_ids = [tokenize_prompt(tokenizer, p) for p in prompts]
@@ -127,7 +131,6 @@ def score_choices(model, tokenizer, prompts: list[str], choices: list[list[str]]
     if _encoder_decoder(model):
         scores = _score_seq2seq(model, tokenizer, prompts, choice_ids, batch_size)
         context(model).pop("prompt_mask", None)
-        model.train(was_training)
         return scores
     scores: list[list[float]] = [[0.0] * len(cs) for cs in choices]
     single = all(len(c) == 1 for cs in choice_ids for c in cs)
@@ -143,10 +146,15 @@ def score_choices(model, tokenizer, prompts: list[str], choices: list[list[str]]
                 context(model)["prompt_mask"] = mask.bool()
                 logits = model(input_ids=ids, attention_mask=mask, **({"logits_to_keep": 1} if keep else {})).logits
             logp = F.log_softmax(logits[:, -1].float(), dim=-1)
-            for row, i in enumerate(batch):
-                for j, c in enumerate(choice_ids[i]):
-                    scores[i][j] = logp[row, c[0]].item()
+            rows = [row for row, i in enumerate(batch) for _ in choice_ids[i]]  # one gather, one copy out
+            toks = [c[0] for i in batch for c in choice_ids[i]]
+            got = iter(logp[torch.tensor(rows), torch.tensor(toks)].tolist())
+            for i in batch:
+                scores[i] = [next(got) for _ in choice_ids[i]]
             bar.update(len(batch))
+    elif fast_eval.packable(model):  # each prompt once, all its choices in the same row
+        bar = _bar(sum(map(len, choice_ids)), "scoring choices")
+        scores = fast_eval.packed_choices(model, prompt_ids, choice_ids, pad, dev, batch_size, bar)
     else:
         pairs = [(i, j) for i, cs in enumerate(choice_ids) for j in range(len(cs))]
         rows = [prompt_ids[i] + choice_ids[i][j] for i, j in pairs]
@@ -172,7 +180,6 @@ def score_choices(model, tokenizer, prompts: list[str], choices: list[list[str]]
             bar.update(len(batch))
     bar.close()
     context(model).pop("prompt_mask", None)
-    model.train(was_training)
     return scores
 
 
@@ -190,8 +197,16 @@ def generate(
     top_p: float = 1.0,
     num_beams: int = 1,
     stop: list[str] | None = None,
+    seed: int | None = None,
 ) -> list[str]:
-    """Continuations of ``prompts`` (special tokens removed, cut at the first ``stop`` string)."""
+    """Continuations of ``prompts`` (special tokens removed, cut at the first ``stop`` string).
+
+    Causal LMs decode through ``tunelab.decode`` (the tokens ``model.generate`` gives, with less
+    work; sampling draws from a generator seeded with ``seed``, else torch's global one); beam
+    search, encoder-decoders and models whose generation config adds logits processors keep
+    ``model.generate``. Weights are held in the autocast dtype for the call (``shadow``)."""
+    from tunelab import decode, shadow
+
     was_training = model.training
     model.eval()
     dev, pad = _device(model), tokenizer.pad_token_id
@@ -200,19 +215,35 @@ def generate(
     outputs = [""] * len(prompts)
     sampling = {"temperature": temperature, "top_p": top_p} if do_sample else {}
     bar = _bar(len(prompt_ids), "generating")
-    for batch in _by_length([len(p) for p in prompt_ids], batch_size):
-        ids, mask = (_pad_right if enc_dec else _pad_left)([prompt_ids[i] for i in batch], pad, dev)
-        context(model)["prompt_mask"] = mask.bool()
-        out = model.generate(
-            input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
-            num_beams=num_beams, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id, **sampling,
-        )
-        for row, i in enumerate(batch):
-            text = tokenizer.decode(out[row, 0 if enc_dec else ids.shape[1]:], skip_special_tokens=True)
-            for s in stop or []:
-                text = text.split(s, 1)[0]
-            outputs[i] = text.strip()
-        bar.update(len(batch))
+    amp = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else None
+    ours = num_beams == 1 and decode.supported(model) and decode.plain_generation(model)
+    with shadow.cast_weights(model, amp, frozen_only=False):
+        if ours:
+            eos = tokenizer.eos_token_id
+            eos = eos if eos is not None else getattr(model.generation_config, "eos_token_id", None)
+            gen = torch.Generator(device=dev).manual_seed(seed) if do_sample and seed is not None else None
+            top_k = getattr(model.generation_config, "top_k", None)
+            tokens = decode.complete(
+                model, tokenizer, prompt_ids, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                eos=set(eos if isinstance(eos, list) else [eos]) - {None}, do_sample=do_sample,
+                temperature=temperature, top_p=top_p, top_k=50 if top_k is None else top_k, generator=gen,
+                stop=stop, on_row=lambda: bar.update(1),
+            )
+        for batch in [] if ours else _by_length([len(p) for p in prompt_ids], batch_size):
+            ids, mask = (_pad_right if enc_dec else _pad_left)([prompt_ids[i] for i in batch], pad, dev)
+            context(model)["prompt_mask"] = mask.bool()
+            out = model.generate(
+                input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                num_beams=num_beams, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id, **sampling,
+            )
+            for row, i in enumerate(batch):
+                outputs[i] = out[row, 0 if enc_dec else ids.shape[1]:]
+            bar.update(len(batch))
+    for i, toks in enumerate(tokens if ours else outputs):
+        text = tokenizer.decode(toks, skip_special_tokens=True)
+        for s in stop or []:
+            text = text.split(s, 1)[0]
+        outputs[i] = text.strip()
     bar.close()
     context(model).pop("prompt_mask", None)
     model.train(was_training)
@@ -223,8 +254,11 @@ def generate(
 @torch.no_grad()
 def classify(model, tokenizer, texts: list[str], pairs: list[str] | None = None, *, batch_size: int = 32, max_length: int = 256) -> torch.Tensor:
     """Head logits (n, num_labels) for ``texts`` (and optional second segments ``pairs``)."""
-    was_training = model.training
-    model.eval()
+    with fast_eval.inference(model):
+        return _classify(model, tokenizer, texts, pairs, batch_size, max_length)
+
+
+def _classify(model, tokenizer, texts, pairs, batch_size, max_length) -> torch.Tensor:
     dev = _device(model)
     lengths = [len(t) + (len(pairs[i]) if pairs else 0) for i, t in enumerate(texts)]
     result: list[torch.Tensor | None] = [None] * len(texts)
@@ -240,5 +274,4 @@ def classify(model, tokenizer, texts: list[str], pairs: list[str] | None = None,
         bar.update(len(batch))
     bar.close()
     context(model).pop("prompt_mask", None)
-    model.train(was_training)
     return torch.stack(result)

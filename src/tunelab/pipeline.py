@@ -17,7 +17,8 @@ Encoders report each row's fate in a ``status`` column (0 kept, 1 truncated, 2 d
 stay in the file with length 0 and are left out of the index, and the counts go to ``stats`` (the
 loop writes them into the run facts). ``pack=True`` packs lazily (same first-fit rule as
 `tunelab.data.pack`), so packing a million rows builds index lists, not token lists.
-Environment: ``TUNELAB_NUM_PROC`` (worker processes; default 1 under 20k rows, else up to 2),
+Worker processes: the config's ``data.num_proc`` when set, else ``TUNELAB_NUM_PROC``, else 1 under 20k
+rows or on 2 cores, else half the cores up to 4. Environment:
 ``TUNELAB_FEATURE_CACHE=0`` to skip the disk cache.
 """
 
@@ -35,7 +36,7 @@ import numpy as np
 from tunelab.data import IGNORE
 
 log = logging.getLogger(__name__)
-VERSION = "1"
+VERSION = "2"  # 2: the examples key hashes rows in chunks
 CACHE_MIN_ROWS = 2000
 KEPT, TRUNCATED, DROPPED = 0, 1, 2
 # "truncated" (a per-row encoder's flag) is kept as the row's status
@@ -72,8 +73,8 @@ def _examples_key(examples) -> str:
     if isinstance(examples, ArrowExamples):
         return examples.fingerprint
     h = hashlib.sha256()
-    for ex in examples:
-        h.update(json.dumps(ex, sort_keys=True, default=str).encode())
+    for s in range(0, len(examples), 1000):  # one dumps per 1000 rows: a tenth of the time of one per row
+        h.update(json.dumps(examples[s:s + 1000], sort_keys=True, default=str).encode())
     return h.hexdigest()
 
 
@@ -82,11 +83,28 @@ def cache_key(task, examples, tokenizer, cfg, max_length: int) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:24]
 
 
-def num_proc(rows: int) -> int:
+def num_proc(rows: int, requested: int | None = None) -> int:
+    """Worker processes: ``requested`` (the config's ``data.num_proc``), else $TUNELAB_NUM_PROC, else
+    1 under 20k rows or on 2 cores, else half the cores up to 4."""
+    if requested is not None:
+        if requested < 1:
+            raise ValueError(f"data.num_proc must be >= 1, got {requested}")
+        return requested
     env = os.environ.get("TUNELAB_NUM_PROC")
     if env:
-        return max(1, int(env))
-    return 1 if rows < 20000 else max(1, min(2, os.cpu_count() or 1))
+        try:
+            value = int(env)
+        except ValueError:
+            raise ValueError(f"TUNELAB_NUM_PROC must be a whole number >= 1, got {env!r}") from None
+        if value < 1:
+            raise ValueError(f"TUNELAB_NUM_PROC must be a whole number >= 1, got {env!r}")
+        return value
+    cpus = os.cpu_count() or 1
+    # a worker costs seconds of imports, and the fast tokenizer already uses every core of a small machine
+    return 1 if rows < 20000 or cpus <= 2 else min(4, cpus // 2)
+
+
+_workers = num_proc  # `features` has a parameter of that name
 
 
 def _per_row(task, examples, tokenizer, cfg, max_length):
@@ -101,10 +119,7 @@ def _per_row(task, examples, tokenizer, cfg, max_length):
         out = {k: [] for k in ("input_ids", "labels", "scalar", "prompt_len", "token_type_ids", "prompt_mask",
                                "length", "status")}
         rows = [examples[i] for i in batch["i"]]
-        if fast is not None:  # the same features, with the tokenizer calls batched (tunelab.prefetch)
-            feats = fast.encode_rows(lambda ex, tok: task.encode(ex, tok, cfg, max_length), rows)
-        else:
-            feats = [task.encode(ex, tokenizer, cfg, max_length) for ex in rows]
+        feats = encode_rows(task, rows, tokenizer, cfg, max_length, fast)
         extra = sorted(set().union(*(f.keys() for f in feats)) - KNOWN)  # a family's own keys (a pair's rejected side)
         for f in feats:
             for key in extra:
@@ -123,15 +138,26 @@ def _per_row(task, examples, tokenizer, cfg, max_length):
     return fn
 
 
+def encode_rows(task, rows: list, tokenizer, cfg, max_length: int, fast=None) -> list[dict]:
+    """``[task.encode(ex, ...) for ex in rows]``, batched: the family's own ``encode_many`` (`tunelab.splice`)
+    when it has one for this config, else the per-row encoder with its tokenizer calls prefetched."""
+    many = getattr(task, "encode_many", None)
+    feats = many(rows, tokenizer, cfg, max_length) if many is not None else None
+    if feats is not None:
+        return feats
+    if fast is not None:  # the same features, with the tokenizer calls batched (tunelab.prefetch)
+        return fast.encode_rows(lambda ex, tok: task.encode(ex, tok, cfg, max_length), rows)
+    return [task.encode(ex, tokenizer, cfg, max_length) for ex in rows]
+
+
 def _truncated(f: dict, max_length: int) -> bool:
     """Per-row encoders say so with a ``truncated`` flag on the feature (`tunelab.data.encode_lm`)."""
     return bool(f.get("truncated"))
 
 
-def _encode_to_arrow(task, examples, tokenizer, cfg, max_length, path, desc):
+def _encode_to_arrow(task, examples, tokenizer, cfg, max_length, path, desc, procs):
     import datasets
 
-    procs = num_proc(len(examples))
     if isinstance(examples, ArrowExamples):
         src = examples.ds
 
@@ -155,9 +181,11 @@ def _encode_to_arrow(task, examples, tokenizer, cfg, max_length, path, desc):
 
 
 def features(task, examples, tokenizer, cfg, max_length: int, *, pack: bool = False, desc: str = "tokenizing",
-             cache: bool | None = None) -> Features:
-    """Training features of ``examples``; see the module docstring."""
+             cache: bool | None = None, num_proc: int | None = None) -> Features:
+    """Training features of ``examples``; see the module docstring. ``num_proc``: `num_proc`'s ``requested``."""
     from tunelab.models import cache_dir
+
+    procs = _workers(len(examples), num_proc)  # checked before any work
 
     t0 = time.perf_counter()
     arrow = isinstance(examples, ArrowExamples)
@@ -169,7 +197,7 @@ def features(task, examples, tokenizer, cfg, max_length: int, *, pack: bool = Fa
             cols = _columns_in_memory(task, examples, tokenizer, cfg, max_length)
             base = _ListRows(cols)
         else:
-            base = [task.encode(ex, tokenizer, cfg, max_length) for ex in examples]
+            base = encode_rows(task, list(examples), tokenizer, cfg, max_length)
             status = np.array([TRUNCATED if _truncated(f, max_length) else KEPT for f in base], dtype=np.int8)
             base = _ListRows.from_features(base, status)
     else:
@@ -187,7 +215,7 @@ def features(task, examples, tokenizer, cfg, max_length: int, *, pack: bool = Fa
                 ds = datasets.concatenate_datasets([datasets.Dataset.from_file(f) for f in files])
                 stats["cached"] = True
             else:
-                ds = _encode_to_arrow(task, examples, tokenizer, cfg, max_length, folder / f"{key}.arrow", desc)
+                ds = _encode_to_arrow(task, examples, tokenizer, cfg, max_length, folder / f"{key}.arrow", desc, procs)
                 meta.write_text(json.dumps({"files": [c["filename"] for c in ds.cache_files]}))
         base = _ArrowRows(ds)
     status = base.status

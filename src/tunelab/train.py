@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 
 import tunelab
 from tunelab import distributed as dist
-from tunelab import fast, pipeline, tracking
+from tunelab import fast, fast_eval, held_weights, pipeline, tracking
 from tunelab.checkpoint import atomic_dir, atomic_write_text, recover, remove_stale, verify_checkpoint
 from tunelab.config import RunConfig, dump_config, task_config
 from tunelab.data import Collator, batches
@@ -259,17 +259,20 @@ class Run:
     def evaluate(self) -> tuple[dict, list[dict]]:
         if not self.eval_ex:
             return {}, []
+        t0 = time.perf_counter()
         with autocast(self.device, self.amp), dist.split_eval(not dist.is_sharded(self.model)):
             metrics, preds = self.task.evaluate(self.model, self.tok, self.eval_ex, self.tcfg, batch_size=self.cfg.eval.batch_size, gen=self.cfg.eval.gen())
         if self.cfg.eval.loss and "eval_loss" not in metrics:  # a task may report it itself (on the way)
-            with autocast(self.device, self.amp):
+            with autocast(self.device, self.amp), fast_eval.inference(self.model):  # weights cast once
                 metrics["eval_loss"] = self.eval_loss()
+        self.eval_time_s = getattr(self, "eval_time_s", 0.0) + time.perf_counter() - t0  # every evaluation of the run
         return metrics, preds
 
     @torch.no_grad()
     def eval_loss(self) -> float:
         """Token-mean training loss on the eval set (what scaling-law fits use)."""
-        feats = pipeline.features(self.task, self.eval_ex, self.tok, self.tcfg, self.cfg.data.max_length, desc="tokenizing eval")
+        feats = pipeline.features(self.task, self.eval_ex, self.tok, self.tcfg, self.cfg.data.max_length, desc="tokenizing eval",
+                                  num_proc=self.cfg.data.num_proc)
         collate = self.collate
         was_training = self.model.training
         self.model.eval()
@@ -363,7 +366,8 @@ def _run(cfg: RunConfig, t_start: float) -> dict:
         trainable_params=counts["trainable"], total_params=counts["total"], trainable_percent=counts["percent"],
         precision=str(r.amp).replace("torch.", "") if r.amp else "float32", device=str(r.device),
         world_size=dist.world(), **train_stats,
-        wall_time_s=time.time() - t_start, peak_memory_mb=peak_memory_mb(r.device),
+        wall_time_s=time.time() - t_start, eval_time_s=getattr(r, "eval_time_s", 0.0),
+        peak_memory_mb=peak_memory_mb(r.device),
     )
     if lead:
         if preds and cfg.eval.save_predictions:
@@ -377,7 +381,8 @@ def _run(cfg: RunConfig, t_start: float) -> dict:
 def _train(r: Run, model, out: Path, lead: bool) -> dict:
     cfg, tc = r.cfg, r.cfg.train
     # batched, cached, memory-mapped where the task and the data size allow (tunelab.pipeline)
-    feats = pipeline.features(r.task, r.train_ex, r.tok, r.tcfg, cfg.data.max_length, pack=cfg.data.pack, desc="tokenizing train")
+    feats = pipeline.features(r.task, r.train_ex, r.tok, r.tcfg, cfg.data.max_length, pack=cfg.data.pack, desc="tokenizing train",
+                              num_proc=cfg.data.num_proc)
     if not len(feats):
         raise ValueError(f"{cfg.data.train}: no training features left ({feats.stats['dropped']} rows dropped)")
     truncated = feats.stats["truncated"]
@@ -444,6 +449,9 @@ def _train(r: Run, model, out: Path, lead: bool) -> dict:
     tokens, t_train = pos["tokens"], pos["train_time_s"]
     loss = pos["loss"] if pos["loss"] is not None else float("nan")
     stop = StopOnSignal()
+    # frozen weights kept in the autocast dtype instead of re-cast / re-dequantized per call (same results)
+    held = held_weights.held_weights(base, r.amp, 0 if dist.is_sharded(model) else tc.shadow_mb, r.device)
+    held_facts = held.__enter__()
     try:
         stop.__enter__()
         while pos["step"] < total:
@@ -509,6 +517,7 @@ def _train(r: Run, model, out: Path, lead: bool) -> dict:
             ) from e
         raise
     finally:
+        held.__exit__(None, None, None)
         stop.__exit__(None, None, None)
         if bar:
             bar.close()
@@ -518,7 +527,7 @@ def _train(r: Run, model, out: Path, lead: bool) -> dict:
     return {**data, "steps": pos["step"], "train_tokens": tokens, "train_time_s": t_train,
             "train_tokens_per_s": tokens / t_train if t_train else 0.0, "final_loss": loss,
             "mean_train_loss": pos["loss_sum"] / pos["step"] if pos["step"] else float("nan"), "lr": lr,
-            "truncated_rows": truncated}
+            "truncated_rows": truncated, "held_weights_mb": held_facts["held_mb"]}
 
 
 def _last_saved(ckpt: Path) -> Path | None:

@@ -144,7 +144,7 @@ def build_report(
         task_metric = tables.primary_metric(rows, manifest.get("metric") or _task_metric(rows))
         result = advise.analyse(rows, manifest, task_metric, tables.higher_is_better(task_metric))
         atomic_write_text(out_dir / "advise.json", json.dumps(result, indent=2, default=float))
-        png = advise.plot(result, advise._points(rows, {r["run"]: r for r in manifest.get("runs", [])}, task_metric))
+        png = advise.plot(result, advise.points_for(rows, manifest, task_metric))
         _write_png(out_dir / "plots" / "advise.png", png)
         md = advise.markdown(result) + "\n## All data sizes\n\n" + md
         heads, cells = advise.table_rows(result)

@@ -15,7 +15,12 @@ point). The fit is then evaluated at the full size (and the chosen X):
 - critical points: the data sizes at which two methods' fitted curves cross (the ranking flips),
   searched between a tenth of the smallest size and ten times the full size;
 - backtest: the same fit without the largest small size, predicting it, beside a constant baseline
-  (``fit.diagnose`` warns when the law is no better);
+  (``fit.diagnose`` warns when the law is no better); its error, scaled by the extrapolation distance,
+  gives a second, form-aware range beside the seed bootstrap (``form_band``);
+- plateaus: sizes at the chance loss (``advise.chance_loss``) are left out of the fit, a method with
+  fewer than 3 sizes above it is refused, and a curve that is flat then falls (concave in log-log,
+  which A·D^-beta + E cannot be) is flagged (``plateau``);
+- target: the eval loss by default; ``advise.target: accuracy`` fits 1 - accuracy (``target_of``);
 - verification (``--verify``): runs at the full size itself; prediction, truth (mean and 95% t-interval
   over seeds) and error per method.
 """
@@ -27,30 +32,47 @@ import math
 import numpy as np
 
 from tunelab.report import fit as fitmod
+from tunelab.report.advise_checks import MIN_SIZES, form_band, plateau, target_of  # noqa: F401 (API)
 from tunelab.report.stats import t_interval
 
 N_BOOT = 200
 
 
-def _points(rows: list[dict], plan: dict, key: str) -> dict[str, list[dict]]:
-    """label -> [{"d", "x", "loss", "metric", "seed"}] of the finished runs in the manifest's plan."""
+def _points(rows: list[dict], plan: dict, key: str, target: tuple | None = None) -> dict[str, list[dict]]:
+    """label -> [{"d", "x", "loss", "metric", "seed"}] of the finished runs in the manifest's plan
+    ("loss" is the fitted target, by default the eval loss)."""
+    tkey, to_loss = (target or ("eval_loss", float))[:2]
     out: dict[str, list[dict]] = {}
     for r in rows:
         info = plan.get(r["run"])
-        if info is None or not isinstance(r.get("eval_loss"), int | float):
+        if info is None or not isinstance(r.get(tkey), int | float):
             continue
         out.setdefault(info["label"], []).append({
             "d": float(info["size"]), "x": None if info.get("x") is None else float(info["x"]),
-            "loss": float(r["eval_loss"]), "metric": r.get(key), "seed": info["seed"],
+            "loss": float(to_loss(r[tkey])), "metric": r.get(key), "seed": info["seed"],
         })
     return out
+
+
+def points_for(rows: list[dict], manifest: dict, metric: str) -> dict[str, list[dict]]:
+    return _points(rows, {r["run"]: r for r in manifest.get("runs", [])}, metric, target_of(rows, manifest))
 
 
 def _fit(pts: list[dict], grid: dict | None = None) -> fitmod.Fit:
     d = [p["d"] for p in pts]
     xs = [p["x"] for p in pts]
     form = "data" if any(x is None for x in xs) or len(set(xs)) < 2 else "multiplicative"
-    return fitmod.fit_law(form, d, [p["loss"] for p in pts], None if form == "data" else xs, grid=grid, refine=1)
+    # E is the loss at infinite data: it cannot lie above the lowest loss a cell already reached.
+    e_max = min(_cell_means(pts).values())
+    return fitmod.fit_law(form, d, [p["loss"] for p in pts], None if form == "data" else xs, grid=grid, refine=1,
+                          e_max=e_max)
+
+
+def _cell_means(pts: list[dict]) -> dict[tuple, float]:
+    cells: dict[tuple, list[float]] = {}
+    for p in pts:
+        cells.setdefault((p["d"], p["x"]), []).append(p["loss"])
+    return {k: float(np.mean(v)) for k, v in cells.items()}
 
 
 def _start(f: fitmod.Fit, pts: list[dict]) -> dict:
@@ -114,6 +136,10 @@ def metric_map(losses, metrics) -> dict | None:
 def apply_map(mp: dict | None, loss):
     if mp is None:
         return None
+    if mp.get("kind") == "error":  # the law was fitted to the metric's own error: exact inverse
+        return mp["top"] - np.asarray(loss, dtype=float)
+    if mp.get("kind") == "identity":
+        return np.asarray(loss, dtype=float)
     return mp["lo"] + (mp["hi"] - mp["lo"]) / (1.0 + np.exp((np.asarray(loss, dtype=float) - mp["c"]) / mp["s"]))
 
 
@@ -151,12 +177,26 @@ def analyse(rows: list[dict], manifest: dict, metric: str, higher: bool) -> dict
     d_full = float(manifest["full_size"])
     x_full = manifest.get("x_full")
     small = {s for s in manifest.get("sizes", [])}
-    pts = _points(rows, plan, metric)
+    tkey, to_loss, shown = target = target_of(rows, manifest)
+    pts = _points(rows, plan, metric, target)
     fit_pts = {k: [p for p in v if p["d"] in small] for k, v in pts.items()}
     all_small = [p for v in fit_pts.values() for p in v if isinstance(p["metric"], int | float)]
-    mp = metric_map([p["loss"] for p in all_small], [p["metric"] for p in all_small])
-    methods, fits, boots, errors = {}, {}, {}, {}
+    if tkey == metric and higher:  # fitted to the metric's error: the metric is top - prediction
+        mp = {"kind": "error", "top": float(to_loss(0.0))}
+    elif tkey == metric:
+        mp = {"kind": "identity"}
+    else:
+        mp = metric_map([p["loss"] for p in all_small], [p["metric"] for p in all_small])
+    methods, fits, boots, errors, plateaus = {}, {}, {}, {}, {}
+    chance = manifest.get("chance_loss")
     for label, ps in fit_pts.items():
+        plateaus[label] = pl = plateau(ps, chance)
+        ps = [p for p in ps if {"d": p["d"], "x": p["x"]} not in pl["at_chance"]]
+        left = len({p["d"] for p in ps})
+        if left < MIN_SIZES:
+            errors[label] = (f"refused: only {left} data size(s) above chance, a law A·D^-beta + E needs "
+                             f"{MIN_SIZES}; train the small sizes longer (advise.steps: full) or start them higher")
+            continue
         try:
             f = _fit(ps)
         except ValueError as e:
@@ -170,8 +210,11 @@ def analyse(rows: list[dict], manifest: dict, metric: str, higher: bool) -> dict
             "fit": f.to_dict(), "points": len(ps), "loss": loss, "loss_ci": _summary(boots[label]),
             "metric": None if m is None else float(m),
             "metric_ci": _summary(apply_map(mp, boots[label])) if mp else {"lo": None, "hi": None},
-            "backtest": backtest(ps),
+            "backtest": backtest(ps), "plateau": pl,
         }
+        bt = methods[label]["backtest"]
+        methods[label]["good"] = bool((bt.get("diagnostics") or {}).get("good")) and not pl["concave"]
+        methods[label]["form_band"] = form_band(bt, loss, d_full)
     if fits:
         n = min(len(b) for b in boots.values())
         names = list(boots)
@@ -183,7 +226,9 @@ def analyse(rows: list[dict], manifest: dict, metric: str, higher: bool) -> dict
     sizes = sorted(small)
     result = {
         "metric": metric, "higher_is_better": higher, "full_size": d_full, "x_full": x_full, "sizes": sizes,
-        "methods": methods, "errors": errors, "winner": winner, "metric_map": mp,
+        "methods": methods, "errors": errors, "winner": winner, "metric_map": mp, "chance_loss": chance,
+        "target": shown, "target_key": tkey,
+        "plateau": plateaus,
         "crossings": crossings(fits, x_full, sizes[0] / 10, d_full * 10) if len(fits) > 1 and sizes else [],
         "n_boot": min((len(b) for b in boots.values()), default=0),
     }
@@ -197,6 +242,8 @@ def analyse(rows: list[dict], manifest: dict, metric: str, higher: bool) -> dict
                 if p["metric"] is not None and t["metric"]["mean"] is not None:
                     t["metric_error"] = p["metric"] - t["metric"]["mean"]
                 t["in_loss_ci"] = p["loss_ci"]["lo"] is not None and p["loss_ci"]["lo"] <= t["loss"]["mean"] <= p["loss_ci"]["hi"]
+                band = p.get("form_band") or {}
+                t["in_form_band"] = band.get("lo") is not None and band["lo"] <= t["loss"]["mean"] <= band["hi"]
         result["truth"] = truth
         best = min(truth, key=lambda k: truth[k]["loss"]["mean"])
         by_metric = [k for k in truth if truth[k]["metric"]["mean"] is not None]
@@ -221,7 +268,8 @@ def backtest(ps: list[dict]) -> dict:
     actual = float(np.mean([p["loss"] for p in held]))
     x = held[0]["x"]
     pred = float(_predict(f, [sizes[-1]], x)[0])
-    res = {"params": f.params, "at_bounds": f.extra.get("at_bounds", []), "d": sizes[-1], "actual": actual,
+    res = {"params": f.params, "at_bounds": f.extra.get("at_bounds", []), "d": sizes[-1], "sizes": sizes[:-1],
+           "actual": actual,
            "predicted": pred, "errors": fitmod.errors([actual], [pred]),
            "baseline_errors": fitmod.errors([actual], [float(np.mean([p["loss"] for p in rest]))])}
     res["diagnostics"] = fitmod.diagnose(res)
@@ -250,21 +298,23 @@ def table_rows(result: dict) -> tuple[list[str], list[list[str]]]:
     """Headers and cells of the prediction table (shared by Markdown and HTML)."""
     m = result["metric"]
     truth = result.get("truth") or {}
-    heads = ["method", "law", "beta", "E", f"predicted loss @ {result['full_size']:g}", "95% interval",
-             f"predicted {m}", "95% interval", "P(best)", "backtest error (fit / constant)", "fit"]
+    tn = result.get("target", "eval loss")
+    heads = ["method", "law", "beta", "E", f"predicted {tn} @ {result['full_size']:g}", "95% interval",
+             "backtest-scaled range", f"predicted {m}", "95% interval", "P(best)", "backtest error (fit / constant)",
+             "fit"]
     if truth:
-        heads += ["true loss (95% CI)", f"true {m} (95% CI)", "loss error", f"{m} error"]
+        heads += [f"true {tn} (95% CI)", f"true {m} (95% CI)", f"{tn} error", f"{m} error"]
     rows = []
     for label, p in result["methods"].items():
         bt = p["backtest"]
         if "errors" in bt:
             back = f"{100 * bt['errors']['mean_rel_error']:.1f}% / {100 * bt['baseline_errors']['mean_rel_error']:.1f}%"
-            verdict = "good" if bt["diagnostics"]["good"] else "NOT good"
+            verdict = "good" if p.get("good", bt["diagnostics"]["good"]) else "NOT good"
         else:
             back, verdict = bt.get("error", "–"), "–"
         fp = p["fit"]["params"]
         cells = [label, p["fit"]["formula"], _f(fp.get("beta"), 3), _f(fp.get("E"), 3), _f(p["loss"]), _ci(p["loss_ci"]),
-                 _f(p["metric"]), _ci(p["metric_ci"]), _f(p.get("p_win"), 2), back, verdict]
+                 _ci(p.get("form_band") or {}), _f(p["metric"]), _ci(p["metric_ci"]), _f(p.get("p_win"), 2), back, verdict]
         if truth:
             t = truth.get(label)
             if t:
@@ -284,12 +334,13 @@ def markdown(result: dict) -> str:
     w = result.get("winner")
     if w:
         p = result["methods"][w]
-        lines.append(f"**Predicted winner: {w}** (eval loss {p['loss']:.4g} {_ci(p['loss_ci'])}, "
+        among = f" among the fitted methods ({', '.join(result['errors'])} not fitted)" if result.get("errors") else ""
+        lines.append(f"**Predicted winner: {w}**{among} ({result.get('target', 'eval loss')} {p['loss']:.4g} {_ci(p['loss_ci'])}, "
                      f"{result['metric']} {_f(p['metric'])} {_ci(p['metric_ci'])}, best in "
                      f"{100 * (p.get('p_win') or 0):.0f}% of {result['n_boot']} seed-bootstrap refits).")
     if "true_winner" in result:
         ok = "correct" if result["true_winner"] == w else "WRONG"
-        lines.append(f"Verified at the full size: lowest true eval loss: {result['true_winner']} (prediction {ok}); "
+        lines.append(f"Verified at the full size: lowest true {result.get('target', 'eval loss')}: {result['true_winner']} (prediction {ok}); "
                      f"best true {result['metric']}: {result.get('true_winner_by_metric', '–')}.")
     lines += ["", "| " + " | ".join(heads) + " |", "|" + "|".join("---" for _ in heads) + "|"]
     lines += ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in rows]
@@ -300,10 +351,15 @@ def markdown(result: dict) -> str:
     else:
         lines.append(f"No ranking flip predicted between {result['sizes'][0] / 10:g} and {10 * result['full_size']:g} rows.")
     mp = result.get("metric_map")
-    if mp:
+    if mp and mp.get("kind") == "error":
+        lines.append(f"\nThe law is fitted to {result.get('target')}, so {result['metric']} = {mp['top']:g} - prediction.")
+    elif mp and "lo" in mp:
         lines.append(f"\nLoss -> {result['metric']} map (all runs, logistic): {result['metric']} = {mp['lo']:.3g} + "
                      f"({mp['hi']:.3g} - {mp['lo']:.3g}) / (1 + exp((L - {mp['c']:.3g}) / {mp['s']:.3g})), "
                      f"RMSE {mp['rmse']:.3g} over {mp['n']} runs.")
+    for label, pl in (result.get("plateau") or {}).items():
+        for wn in pl["warnings"]:
+            lines.append(f"- warning ({label}): {wn}")
     for label, p in result["methods"].items():
         for wn in (p["backtest"].get("diagnostics") or {}).get("warnings", []):
             lines.append(f"- warning ({label} backtest): {wn}")
@@ -312,7 +368,9 @@ def markdown(result: dict) -> str:
     lines.append("\nIntervals on predictions: 2.5-97.5 percentiles of refits on seed-bootstrap resamples, so "
                  "they measure seed noise only, not whether the law's form is right: the backtest says that "
                  "(the largest small size held out and predicted, mean relative error, beside predicting it with "
-                 "the mean of the other sizes' losses; 'good' needs at most half the constant's error).")
+                 "the mean of the other sizes' losses; 'good' needs at most half the constant's error). The "
+                 "backtest-scaled range widens the prediction by that error times the number of such extrapolation "
+                 "steps (in log D) from the largest size to the full one: a rough allowance for the law's form.")
     return "\n".join(lines) + "\n"
 
 
@@ -339,7 +397,7 @@ def plot(result: dict, pts: dict[str, list[dict]]) -> bytes | None:
             ax.scatter([result["full_size"] * 1.06], [t["loss"]["mean"]], marker="*", s=90, color=c, zorder=4)
     ax.set_xscale("log")
     ax.set_xlabel("training rows D (log scale)")
-    ax.set_ylabel("eval loss")
+    ax.set_ylabel(result.get("target", "eval loss"))
     ax.set_title("dots: runs; lines: fitted laws; hollow diamond: prediction (95%); star: truth", fontsize=9)
     ax.legend(fontsize=8)
     return png_bytes(fig)

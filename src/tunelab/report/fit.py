@@ -185,12 +185,15 @@ def _check_inputs(form: str, d, loss, x) -> tuple[np.ndarray, np.ndarray, np.nda
 
 
 def fit_law(
-    form: str, d, loss, x=None, *, delta: float = HUBER_DELTA, grid: dict | None = None, refine: int = 3
+    form: str, d, loss, x=None, *, delta: float = HUBER_DELTA, grid: dict | None = None, refine: int = 3,
+    e_max: float | None = None,
 ) -> Fit:
     """Fit ``form`` ("multiplicative", "additive" or "data") to points (x, d) -> loss.
 
     ``grid`` overrides the initial values per parameter name (see DEFAULT_GRID); every combination
-    is tried briefly and the ``refine`` best are then run to convergence."""
+    is tried briefly and the ``refine`` best are then run to convergence. ``e_max`` caps the
+    irreducible loss E (original units), e.g. at the lowest loss the data reached: E is the loss at
+    infinite data, so it cannot lie above a loss already measured."""
     d, loss, x = _check_inputs(form, d, loss, x)
     names = FORMS[form]
     # Normalise by geometric means; the fitted exponents are unchanged, A/B are mapped back below.
@@ -201,8 +204,14 @@ def fit_law(
     logy = np.log(loss)
     grid = {**DEFAULT_GRID, **(grid or {})}
     bounds = [_EXPONENT_BOUNDS if n in ("alpha", "beta") else _LOG_BOUNDS for n in names]
+    if e_max is not None:
+        if not (math.isfinite(e_max) and e_max > 0):
+            raise ValueError(f"e_max must be finite and > 0 (got {e_max})")
+        bounds[names.index("e")] = (_LOG_BOUNDS[0], min(_LOG_BOUNDS[1], math.log(e_max)))
+    grid_e = tuple(min(v, bounds[names.index("e")][1]) for v in (grid or {}).get("e", DEFAULT_GRID["e"]))
     # Scale the Huber sum so L-BFGS-B's relative stopping test sees O(1) values, not O(delta^2).
     scale = 1.0 / (delta * delta)
+    grid["e"] = tuple(dict.fromkeys(grid_e))  # starts inside the box
     starts = list(itertools.product(*(grid[n] for n in names)))
 
     def run(x0, maxiter, ftol):
@@ -236,6 +245,8 @@ def fit_law(
         _SHOWN[n] for n, v, (lo, hi) in zip(names, best.x, bounds, strict=True)
         if min(v - lo, hi - v) < 1e-3 and not (n == "e" and v - lo < 1e-3)  # E -> 0 is a valid answer
     ]
+    if e_max is not None and "E" in at_bounds:  # the data want E above the cap (e.g. above a measured loss)
+        at_bounds[at_bounds.index("E")] = f"E (at its cap e_max = {e_max:.4g})"
     return Fit(form, params, float(best.fun) / scale, len(d), bool(best.success), len(starts),
                {"at_bounds": at_bounds})
 

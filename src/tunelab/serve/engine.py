@@ -1,10 +1,10 @@
 """One generation engine for ``tunelab chat`` and ``tunelab serve``: batched, streaming, per-row stopping.
 
 Requests wait in a bounded queue. A worker thread takes the first one, waits up to ``batch_wait_ms``
-for more (up to ``max_batch``), and decodes them as one left-padded batch with the KV cache:
-positions from the attention mask (as ``model.generate`` makes them), ``prompt_mask`` in the model
-context for the prefill (so ReFT and prompt tuning see the prompt positions exactly as in
-``tunelab.evaluate.generate``), then one token per step. Each row samples with its own temperature /
+for more (up to ``max_batch``), and decodes them as one batch through ``tunelab.decode`` (the loop
+``tunelab.evaluate.generate`` uses: left padding, positions from the attention mask, ``prompt_mask``
+for the prefill so ReFT and prompt tuning see the prompt positions, a shared prompt prefix once for
+hook-free models, a KV cache with room), then one token per step. Each row samples with its own temperature /
 top-p (greedy at temperature 0) and stops on its own (EOS, its token budget, a stop string, or its
 client going away); finished rows leave the batch (their cache rows are dropped).
 
@@ -16,7 +16,6 @@ string, so the streamed pieces always add up to the final text.
 from __future__ import annotations
 
 import asyncio
-import inspect
 import queue
 import threading
 import time
@@ -25,8 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from tunelab.data import tokenize_prompt
-from tunelab.evaluate import _pad_left
-from tunelab.methods.base import context
+from tunelab.decode import Decoder, choose
 
 
 class QueueFull(RuntimeError):
@@ -89,18 +87,7 @@ class Request:
 
 def _sample(logits: torch.Tensor, reqs: list[Request], gens: list[torch.Generator | None]) -> list[int]:
     """The next token of each row: argmax at temperature 0, else top-p sampling at its temperature."""
-    out = logits.argmax(-1).tolist()
-    for i, r in enumerate(reqs):
-        t, p = r.params.temperature, r.params.top_p
-        if t <= 0:
-            continue
-        probs = torch.softmax(logits[i].float() / t, -1)
-        if p < 1.0:
-            sp, si = probs.sort(descending=True)
-            keep = sp.cumsum(-1) - sp < p  # the smallest set whose mass reaches p (always the top token)
-            probs = torch.zeros_like(probs).scatter(0, si[keep], sp[keep])
-        out[i] = int(torch.multinomial(probs, 1, generator=gens[i]).item())
-    return out
+    return choose(logits, [(r.params.temperature, r.params.top_p, 0, g) for r, g in zip(reqs, gens, strict=True)])
 
 
 def _stream_cut(text: str, stops: list[str], final: bool) -> int:
@@ -127,7 +114,7 @@ class Engine:
         eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         eos = eos if isinstance(eos, list) else [eos]
         self.eos = {i for i in [tokenizer.eos_token_id, *eos] if i is not None}
-        self.cache_key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        self.decoder = Decoder(model, tokenizer.pad_token_id)
         self.context_len = getattr(model.config, "max_position_embeddings", None)
         self._pending: queue.Queue[Request] = queue.Queue()
         self._lock = threading.Lock()
@@ -215,32 +202,14 @@ class Engine:
             if r.params.seed is not None and r.params.temperature > 0:
                 g = torch.Generator(device=self.device).manual_seed(r.params.seed)
             gens.append(g)
-        ids, mask = _pad_left([r.prompt_ids for r in reqs], self.tok.pad_token_id, self.device)
-        pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
-        context(self.model)["prompt_mask"] = mask.bool()
-        cache, active = None, list(range(len(reqs)))
-        try:
-            while active:
-                kw = {self.cache_key: cache} if cache is not None else {}
-                out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
-                                 logits_to_keep=1, **kw)
-                context(self.model).pop("prompt_mask", None)
-                cache = getattr(out, self.cache_key, None) or out.past_key_values
-                rows = [reqs[i] for i in active]
-                nxt = _sample(out.logits[:, -1], rows, [gens[i] for i in active])
-                for r, t in zip(rows, nxt, strict=True):
-                    self._advance(r, t)
-                self.stats["tokens"] += len(rows)
-                keep = [j for j, r in enumerate(rows) if r.finish_reason is None]
-                if len(keep) < len(rows):
-                    if not keep:
-                        break
-                    sel = torch.tensor(keep, device=self.device)
-                    cache.batch_select_indices(sel)
-                    mask, pos, nxt = mask[sel], pos[sel], [nxt[j] for j in keep]
-                    active = [active[j] for j in keep]
-                ids = torch.tensor(nxt, device=self.device)[:, None]
-                mask = torch.cat([mask, mask.new_ones(len(active), 1)], 1)
-                pos = pos[:, -1:] + 1
-        finally:
-            context(self.model).pop("prompt_mask", None)
+
+        def pick(logits, rows):
+            return _sample(logits, [reqs[i] for i in rows], [gens[i] for i in rows])
+
+        def advance(i: int, token: int) -> bool:
+            self._advance(reqs[i], token)
+            self.stats["tokens"] += 1
+            return reqs[i].finish_reason is not None
+
+        room = max(r.params.max_tokens for r in reqs)
+        self.decoder.run([r.prompt_ids for r in reqs], pick, advance, room=room, prefill_rows=len(reqs))

@@ -17,6 +17,7 @@ from typing import Literal
 from tunelab.data import encode_head, encode_lm_document
 from tunelab.evaluate import classify, score_choices
 from tunelab.readers import DataError, read_records
+from tunelab.splice import lm_features
 from tunelab.tasks.base import TASKS, HeadSpec, TaskConfig, field_name, render_prompt
 
 
@@ -103,6 +104,31 @@ class Classification:
         # too long: the text is cut, never the instruction, the choices or the chat header
         return encode_lm_document(tokenizer, lambda d: self.prompt({**ex, "text": d}, tokenizer, cfg, labels),
                                   ex["text"], words[y], max_length)
+
+    def encode_many(self, rows, tokenizer, cfg, max_length) -> list[dict] | None:
+        """``[self.encode(ex, ...) for ex in rows]`` in batched tokenizer calls (`tunelab.splice`)."""
+        if not cfg.labels:  # encode() then takes each row's own label as the whole label set
+            return None
+        labels = cfg.labels
+        if cfg.formulation == "head":
+            ys = [self.label_id(ex, labels) for ex in rows]  # a bad label: the per-row error, in row order
+            feats: list = [None] * len(rows)
+            paired = [i for i, ex in enumerate(rows) if ex.get("text_pair")]  # an empty pair encodes as a single text
+            for members, pairs in ((paired, True), (sorted(set(range(len(rows))) - set(paired)), False)):
+                if not members:
+                    continue
+                enc = tokenizer([rows[i]["text"] for i in members], [rows[i]["text_pair"] for i in members] if pairs else None,
+                                truncation=True, max_length=max_length)
+                for j, i in enumerate(members):
+                    feats[i] = {"input_ids": list(enc["input_ids"][j])}
+                    if "token_type_ids" in enc:
+                        feats[i]["token_type_ids"] = list(enc["token_type_ids"][j])
+                    feats[i]["labels"] = ys[i]
+            return feats
+        words = cfg.label_words or labels
+        return lm_features(self, rows, tokenizer, cfg, max_length, slots=("text", "text_pair") if cfg.pair else ("text",),
+                           render=lambda ex, v: self.prompt({**ex, **v}, tokenizer, cfg, labels),
+                           group=lambda ex: ex["label"], target=lambda ex: words[self.label_id(ex, labels)])
 
     def evaluate(self, model, tokenizer, examples, cfg, *, batch_size=16, gen=None):
         labels = self._labels(cfg, examples)

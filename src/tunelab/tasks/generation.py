@@ -25,6 +25,7 @@ from tunelab.data import encode_lm, encode_lm_document, encode_seq2seq
 from tunelab.evaluate import generate, score_choices
 from tunelab.metrics import bleu, perplexity, rouge
 from tunelab.readers import read_records
+from tunelab.splice import lm_features
 from tunelab.tasks.base import (
     TASKS,
     HeadSpec,
@@ -81,6 +82,14 @@ class Generation:
             return encode_lm_document(tokenizer, lambda d: self.prompt({**ex, "input": d}, tokenizer, cfg),
                                       ex["input"], ex["output"], max_length)
         return encode_lm(tokenizer, self.prompt(ex, tokenizer, cfg), ex["output"], max_length)
+
+    def encode_many(self, rows, tokenizer, cfg, max_length) -> list[dict] | None:
+        """``[self.encode(ex, ...) for ex in rows]`` in batched tokenizer calls (`tunelab.splice`)."""
+        if cfg.formulation == "seq2seq":
+            return None
+        return lm_features(self, rows, tokenizer, cfg, max_length, slots=lambda ex: ("instruction", "input") if ex["input"] else ("instruction",),
+                           render=lambda ex, v: self.prompt({**ex, **v}, tokenizer, cfg),
+                           group=lambda ex: bool(ex["input"]), target=lambda ex: ex["output"])
 
     def evaluate(self, model, tokenizer, examples, cfg, *, batch_size=16, gen=None):
         prompts = [self.prompt(ex, tokenizer, cfg) for ex in examples]

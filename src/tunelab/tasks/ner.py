@@ -21,6 +21,7 @@ from typing import Literal
 
 import torch
 
+from tunelab import fast_eval
 from tunelab.data import encode_lm
 from tunelab.evaluate import generate
 from tunelab.methods.base import context
@@ -237,33 +238,37 @@ class NER:
             preds.append(row)
         return metrics, preds
 
-    @torch.no_grad()
     def _tag_with_head(self, model, tokenizer, examples, cfg, batch_size) -> list[list[str]]:
         id2label = self._labels(cfg, examples) if cfg.labels else [
             model.config.id2label[i] for i in range(model.config.num_labels)]
-        was_training, dev = model.training, next(model.parameters()).device
-        model.eval()
-        feats = [self.align(tokenizer, ex["tokens"], None, {}, cfg.eval_max_length) for ex in examples]
+        dev = next(model.parameters()).device
+        # one batched tokenizer call (the same ids and offsets as `align` gives one sentence at a time)
+        texts, words = zip(*(word_offsets(ex["tokens"]) for ex in examples), strict=True) if examples else ((), ())
+        enc = tokenizer(list(texts), truncation=True, max_length=cfg.eval_max_length, return_offsets_mapping=True)
+        feats = [{"input_ids": list(ids), "words": first_subtokens(off, w)}
+                 for ids, off, w in zip(enc["input_ids"], enc["offset_mapping"], words, strict=True)]
         out: list[list[str]] = [["O"] * len(ex["tokens"]) for ex in examples]
         order = sorted(range(len(feats)), key=lambda i: -len(feats[i]["input_ids"]))
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        for b in range(0, len(order), batch_size):
-            batch = order[b : b + batch_size]
-            width = max(len(feats[i]["input_ids"]) for i in batch)
-            ids = torch.full((len(batch), width), pad, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for row, i in enumerate(batch):
-                n = len(feats[i]["input_ids"])
-                ids[row, :n] = torch.tensor(feats[i]["input_ids"])
-                mask[row, :n] = 1
-            context(model)["prompt_mask"] = mask.bool().to(dev)
-            best = model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits.argmax(-1).cpu()
-            for row, i in enumerate(batch):
-                for pos, w in enumerate(feats[i]["words"]):
-                    if w is not None:
-                        out[i][w] = id2label[int(best[row, pos])]
-        context(model).pop("prompt_mask", None)
-        model.train(was_training)
+        with fast_eval.inference(model):
+            for b in range(0, len(order), batch_size):
+                batch = order[b : b + batch_size]
+                width = max(len(feats[i]["input_ids"]) for i in batch)
+                ids = torch.full((len(batch), width), pad, dtype=torch.long)
+                mask = torch.zeros_like(ids)
+                for row, i in enumerate(batch):
+                    n = len(feats[i]["input_ids"])
+                    ids[row, :n] = torch.tensor(feats[i]["input_ids"])
+                    mask[row, :n] = 1
+                context(model)["prompt_mask"] = mask.bool().to(dev)
+                best = model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits.argmax(-1).cpu()
+                # labelled positions of the whole batch in one gather
+                at = [(row, pos, i, w) for row, i in enumerate(batch) for pos, w in enumerate(feats[i]["words"]) if w is not None]
+                if at:
+                    got = best[torch.tensor([a[0] for a in at]), torch.tensor([a[1] for a in at])].tolist()
+                    for (_, _, i, w), k in zip(at, got, strict=True):
+                        out[i][w] = id2label[k]
+            context(model).pop("prompt_mask", None)
         return out
 
 

@@ -39,11 +39,13 @@ from typing import Literal
 
 import torch
 
+from tunelab import fast_eval
 from tunelab.data import encode_lm_document, encode_seq2seq
 from tunelab.evaluate import generate
 from tunelab.methods.base import context as model_context
 from tunelab.metrics import squad_scores
 from tunelab.readers import DataError, read_records
+from tunelab.splice import lm_features
 from tunelab.tasks.base import TASKS, HeadSpec, TaskConfig, field_name, gen_args, render_prompt
 
 DEFAULT_TEMPLATE = (
@@ -266,6 +268,14 @@ class QA:
             feat["token_type_ids"] = win["token_type_ids"]
         return feat
 
+    def encode_many(self, rows, tokenizer, cfg, max_length) -> list[dict] | None:
+        """``[self.encode(ex, ...) for ex in rows]`` in batched tokenizer calls (`tunelab.splice`); lm only."""
+        if cfg.formulation != "lm":
+            return None
+        return lm_features(self, rows, tokenizer, cfg, max_length, slots=("context", "question"),
+                           render=lambda ex, v: self.prompt({**ex, **v}, tokenizer, cfg),
+                           group=lambda ex: 0, target=lambda ex: ex["answers"][0])
+
     def evaluate(self, model, tokenizer, examples, cfg, *, batch_size=16, gen=None):
         if cfg.formulation == "head":
             answers = self._extract(model, tokenizer, examples, cfg, batch_size)
@@ -278,38 +288,38 @@ class QA:
                  for ex, a in zip(examples, answers, strict=True)]
         return metrics, preds
 
-    @torch.no_grad()
     def _extract(self, model, tokenizer, examples, cfg, batch_size) -> list[str]:
-        was_training, dev = model.training, next(model.parameters()).device
-        model.eval()
+        dev = next(model.parameters()).device
         feats = [(i, w) for i, ex in enumerate(examples)
                  for w in windows(tokenizer, ex["question"], ex["context"], cfg.window, cfg.stride)]
         best: list = [None] * len(examples)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         order = sorted(range(len(feats)), key=lambda k: -len(feats[k][1]["input_ids"]))
-        for b in range(0, len(order), batch_size):
-            batch = [feats[k] for k in order[b : b + batch_size]]
-            width = max(len(w["input_ids"]) for _, w in batch)
-            ids = torch.full((len(batch), width), pad, dtype=torch.long)
-            mask, types = torch.zeros_like(ids), torch.zeros_like(ids)
-            for row, (_, w) in enumerate(batch):
-                n = len(w["input_ids"])
-                ids[row, :n], mask[row, :n] = torch.tensor(w["input_ids"]), 1
-                if "token_type_ids" in w:
-                    types[row, :n] = torch.tensor(w["token_type_ids"])
-            inputs = {"input_ids": ids.to(dev), "attention_mask": mask.to(dev)}
-            if "token_type_ids" in batch[0][1]:
-                inputs["token_type_ids"] = types.to(dev)
-            model_context(model)["prompt_mask"] = inputs["attention_mask"].bool()
-            out = model(**inputs)
-            for row, (i, w) in enumerate(batch):
-                n = len(w["input_ids"])
-                span = best_span(out.start_logits[row, :n].cpu(), out.end_logits[row, :n].cpu(), w["offsets"],
-                                 cfg.max_answer_tokens, cfg.n_best)
-                if span is not None and (best[i] is None or span[0] > best[i][0]):
-                    best[i] = (span[0], w["offsets"][span[1]][0], w["offsets"][span[2]][1])
-        model_context(model).pop("prompt_mask", None)
-        model.train(was_training)
+        with fast_eval.inference(model):
+            for b in range(0, len(order), batch_size):
+                batch = [feats[k] for k in order[b : b + batch_size]]
+                width = max(len(w["input_ids"]) for _, w in batch)
+                ids = torch.full((len(batch), width), pad, dtype=torch.long)
+                mask, types = torch.zeros_like(ids), torch.zeros_like(ids)
+                ok = torch.zeros((len(batch), width), dtype=torch.bool)  # context tokens
+                for row, (_, w) in enumerate(batch):
+                    n = len(w["input_ids"])
+                    ids[row, :n], mask[row, :n] = torch.tensor(w["input_ids"]), 1
+                    ok[row, :n] = torch.tensor([o is not None for o in w["offsets"]])
+                    if "token_type_ids" in w:
+                        types[row, :n] = torch.tensor(w["token_type_ids"])
+                inputs = {"input_ids": ids.to(dev), "attention_mask": mask.to(dev)}
+                if "token_type_ids" in batch[0][1]:
+                    inputs["token_type_ids"] = types.to(dev)
+                model_context(model)["prompt_mask"] = inputs["attention_mask"].bool()
+                out = model(**inputs)
+                # the n-best search of every window of the batch in tensors (`best_span`, vectorized)
+                spans = fast_eval.best_spans(out.start_logits.cpu(), out.end_logits.cpu(), ok,
+                                             [len(w["input_ids"]) for _, w in batch], cfg.max_answer_tokens, cfg.n_best)
+                for (i, w), span in zip(batch, spans, strict=True):
+                    if span is not None and (best[i] is None or span[0] > best[i][0]):
+                        best[i] = (span[0], w["offsets"][span[1]][0], w["offsets"][span[2]][1])
+            model_context(model).pop("prompt_mask", None)
         return [examples[i]["context"][b[1] : b[2]] if b else "" for i, b in enumerate(best)]
 
 

@@ -20,6 +20,7 @@ from tunelab.data import encode_lm_document, encode_seq2seq
 from tunelab.evaluate import generate
 from tunelab.metrics import rouge
 from tunelab.readers import read_records
+from tunelab.splice import lm_features
 from tunelab.tasks.base import (
     TASKS,
     HeadSpec,
@@ -71,6 +72,14 @@ class Summarization:
         # too long: the dialogue is cut, never the instruction or chat header around it
         return encode_lm_document(tokenizer, lambda d: self.prompt({**ex, "dialogue": d}, tokenizer, cfg),
                                   ex["dialogue"], ex["summary"], max_length)
+
+    def encode_many(self, rows, tokenizer, cfg, max_length) -> list[dict] | None:
+        """``[self.encode(ex, ...) for ex in rows]`` in batched tokenizer calls (`tunelab.splice`)."""
+        if cfg.formulation == "seq2seq":
+            return None
+        return lm_features(self, rows, tokenizer, cfg, max_length, slots=("dialogue",),
+                           render=lambda ex, v: self.prompt({**ex, **v}, tokenizer, cfg),
+                           group=lambda ex: 0, target=lambda ex: ex["summary"])
 
     def evaluate(self, model, tokenizer, examples, cfg, *, batch_size=16, gen=None):
         args = gen_args(gen, batch_size, max_new_tokens=64)

@@ -1,0 +1,167 @@
+"""Faster evaluation forwards that give the same scores as the plain ones (issue 19).
+
+- ``inference(model)``: eval mode and no autograd for the block, and every matmul-only weight held
+  in the autocast dtype once (``tunelab.shadow.cast_weights``) instead of re-cast in each forward;
+  bit-identical to autocast's own casts.
+- ``packed_choices``: multi-token choice scoring with each prompt run once. A row holds a prompt
+  followed by all its choices; a 4-D attention mask lets each choice token see the prompt and the
+  earlier tokens of its own choice only, and position ids restart after the prompt for every choice,
+  so each choice sees exactly what it sees in its own ``prompt + choice`` row. The LM head runs only
+  at the positions whose next token is a choice token. Used where that is known to be exact: a
+  decoder with SDPA attention, no hooks (no method acting on positions), no sliding window.
+- ``first_token_ids`` / ``best_spans``: NER label placement and QA n-best span search in tensors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+
+from tunelab import fast
+from tunelab.shadow import cast_weights
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype autocast is on with for ``device`` right now (None when it is off)."""
+    kind = device.type
+    if not torch.is_autocast_enabled(kind):
+        return None
+    return torch.get_autocast_dtype(kind)
+
+
+@contextlib.contextmanager
+def inference(model):
+    """Eval mode, ``torch.no_grad`` and autocast-dtype weights within the block; training mode restored."""
+    was_training = model.training
+    model.eval()
+    dev = next(model.parameters()).device
+    try:
+        with torch.no_grad(), cast_weights(model, autocast_dtype(dev), frozen_only=False):
+            yield model
+    finally:
+        model.train(was_training)
+
+
+# ---------------------------------------------------------------- choice scoring, prompt once
+def packable(model) -> bool:
+    cfg = getattr(model, "config", None)
+    return (cfg is not None and not getattr(cfg, "is_encoder_decoder", False)
+            and getattr(cfg, "_attn_implementation", None) == "sdpa"
+            and getattr(cfg, "sliding_window", None) is None
+            and fast.hook_free(model) and fast._takes_logits_to_keep(model))
+
+
+def _row(prompt: list[int], choices: list[list[int]]):
+    """Tokens, position ids, segment ids (-1 prompt, j choice j) and the positions whose logits score
+    each choice token: (position, token, choice)."""
+    ids, pos, seg, reads = list(prompt), list(range(len(prompt))), [-1] * len(prompt), []
+    for j, c in enumerate(choices):
+        start = len(ids)
+        for t, tok in enumerate(c):
+            reads.append((len(prompt) - 1 if t == 0 else start + t - 1, tok, j))
+        ids += c
+        pos += range(len(prompt), len(prompt) + len(c))
+        seg += [j] * len(c)
+    return ids, pos, seg, reads
+
+
+def _mask(seg: torch.Tensor, prefix: int) -> torch.Tensor:
+    """(B, 1, Q, prefix + Q) bool: causal, a choice sees the prompt and itself; pads (-2) see only themselves."""
+    b, q = seg.shape
+    causal = torch.ones(q, q, dtype=torch.bool).tril()
+    same = (seg[:, None, :] == -1) | (seg[:, None, :] == seg[:, :, None])
+    real = (seg != -2)
+    m = causal & same & real[:, None, :] & real[:, :, None]
+    m |= torch.eye(q, dtype=torch.bool) & ~real[:, :, None]  # a fully masked row would give NaNs
+    pre = real[:, :, None].expand(b, q, prefix)
+    return torch.cat([pre, m], -1)[:, None]
+
+
+def packed_choices(model, prompt_ids: list[list[int]], choice_ids: list[list[list[int]]], pad_id: int, device,
+                   batch_size: int, bar=None) -> list[list[float]]:
+    """Sum log-probabilities of every choice after its prompt, each prompt forwarded once."""
+    cut = fast.shared_prefix(prompt_ids, keep_last=1)
+    pre = None
+    if cut >= fast.MIN_PREFIX:
+        try:
+            pre = fast.PrefixForward(model, prompt_ids[0][:cut], device)
+        except (TypeError, ValueError, AttributeError):
+            pre, cut = None, 0
+    else:
+        cut = 0
+    rows = [_row(p[cut:], cs) for p, cs in zip(prompt_ids, choice_ids, strict=True)]
+    scores = [[0.0] * len(cs) for cs in choice_ids]
+    order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
+    for b in range(0, len(order), batch_size):
+        batch = order[b : b + batch_size]
+        width = max(len(rows[i][0]) for i in batch)
+        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        pos = torch.zeros_like(ids)
+        seg = torch.full_like(ids, -2)
+        reads = []  # (row, position, token, example, choice)
+        for r, i in enumerate(batch):
+            t, p, s, rd = rows[i]
+            n = len(t)
+            ids[r, :n], pos[r, :n], seg[r, :n] = torch.tensor(t), torch.tensor(p) + cut, torch.tensor(s)
+            reads += [(r, q, tok, i, j) for q, tok, j in rd]
+        if not reads:  # prompts without choices: nothing to score
+            continue
+        mask = _mask(seg, cut)
+        keep = torch.tensor(sorted({q for _, q, _, _, _ in reads}))
+        col = {int(q): k for k, q in enumerate(keep)}
+        kw = {"logits_to_keep": keep.to(device)}
+        if pre is not None:
+            import copy
+
+            cache = copy.deepcopy(pre.cache)
+            cache.batch_repeat_interleave(len(batch))
+            kw[pre.cache_key] = cache
+            kw["use_cache"] = True
+        else:
+            kw["use_cache"] = False
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device), **kw).logits
+        rr = torch.tensor([x[0] for x in reads], device=device)
+        cc = torch.tensor([col[x[1]] for x in reads], device=device)
+        tt = torch.tensor([x[2] for x in reads], device=device)
+        # log_softmax per read position, in fp32 like the plain path
+        lp = F.log_softmax(logits[rr, cc].float(), -1).gather(-1, tt[:, None])[:, 0]
+        sums: dict[tuple[int, int], float] = {}
+        for (_, _, _, i, j), v in zip(reads, lp.tolist(), strict=True):
+            sums[i, j] = sums.get((i, j), 0.0) + v
+        for (i, j), v in sums.items():
+            scores[i][j] = v
+        if bar is not None:
+            bar.update(sum(len(choice_ids[i]) for i in batch))
+    return scores
+
+
+# ---------------------------------------------------------------- heads: vectorized post-processing
+def best_spans(start: torch.Tensor, end: torch.Tensor, ok: torch.Tensor, lengths: list[int], max_answer_tokens: int,
+               n_best: int):
+    """Per row of (B, T) start/end logits, its first ``lengths[r]`` tokens, ``ok`` (B, T) marking context
+    tokens: (score, first, last) of the best span among the top ``n_best`` starts x ends (both on context
+    tokens, last >= first, at most ``max_answer_tokens`` long), or None for a row without a valid span.
+    The same candidates, scores and tie-breaking as ``tunelab.tasks.qa.best_span`` (its loop keeps the
+    first maximum in start-major top-k order; so does ``argmax`` over the flattened grid)."""
+    s_all = start.float().masked_fill(~ok, float("-inf"))
+    e_all = end.float().masked_fill(~ok, float("-inf"))
+    out = []
+    for r, n in enumerate(lengths):
+        n_ok = int(ok[r, :n].sum())
+        if not n_ok:
+            out.append(None)
+            continue
+        k = min(n_best, n_ok)
+        sv, si = s_all[r, :n].topk(k)  # over the window's own tokens, as the loop does
+        ev, ei = e_all[r, :n].topk(k)
+        span = ei[None, :] - si[:, None]
+        valid = (span >= 0) & (span + 1 <= max_answer_tokens)
+        if not valid.any():
+            out.append(None)
+            continue
+        total = (sv[:, None] + ev[None, :]).masked_fill(~valid, float("-inf"))
+        a, b = divmod(int(total.flatten().argmax()), k)
+        out.append((float(total[a, b]), int(si[a]), int(ei[b])))
+    return out
