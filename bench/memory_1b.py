@@ -9,9 +9,10 @@ The model is TinyLlama-1.1B's shape (hidden 2048, 22 layers, MLP 5632, 32 heads 
 measurement is a fresh process (so ru_maxrss is that run's own peak) that loads the model, attaches
 the method and runs --steps AdamW steps on batch 1 x --seq random tokens; it reports the peak RSS
 after loading and after the steps, the load(+attach) time and the step time. Runs go one at a time and
-each waits for --need-gb free memory (``free``); full fine-tuning (weights + grads + 2 AdamW states)
-runs in fp32 only with >= 20 GB free, else in bf16, else it is reported as not run.
+each waits for --need-gb free memory (``free``). Full fine-tuning (weights + grads + 2 AdamW states) runs
+in --full-dtype on both sides (bf16 by default: ~9 GB; fp32 needs ~18 GB), else it is reported as not run.
 
+Both sides load the tokenizer too (``tunelab.models.load`` returns one; ~70 MB of the peak).
 tunelab: ``tunelab.models.load`` (+ the method's quantize_on_load for QLoRA / LoftQ, so the base is
 quantized shard by shard) then ``tunelab.attach``. PEFT: ``from_pretrained`` then ``get_peft_model``;
 QLoRA through transformers' bitsandbytes 4-bit (nf4, double quant; bitsandbytes has CPU kernels) when it
@@ -77,12 +78,13 @@ def write_model(model_dir: Path) -> None:
 
 def _tunelab(method: str, path: str, dtype: str):
     import tunelab
+    from tunelab.api import method_config  # tunelab's API loads lazily: import it by name
     from tunelab.methods.base import METHODS
     from tunelab.models import load
 
     params = {"full": {}, "lora": LORA, "qlora": LORA, "loftq": dict(LORA, iters=1)}[method]
     hook = getattr(METHODS.get(method), "quantize_on_load", None)
-    plan = hook(tunelab.api.method_config(method, params)) if hook else None
+    plan = hook(method_config(method, params)) if hook else None
     model, _ = load(path, dtype=dtype, quantize=plan)
     return tunelab.attach(model, method, **params)
 
@@ -90,9 +92,10 @@ def _tunelab(method: str, path: str, dtype: str):
 def _peft(method: str, path: str, dtype: str):
     import peft
     import torch
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
     torch_dtype = getattr(torch, dtype)
+    AutoTokenizer.from_pretrained(path)  # a training script loads it, as tunelab.models.load does (~70 MB)
     lcfg = dict(r=LORA["r"], lora_alpha=LORA["alpha"], target_modules="all-linear", task_type="CAUSAL_LM")
     if method == "full":
         return AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
@@ -137,6 +140,9 @@ def main() -> None:
     ap.add_argument("--model-dir", default=os.environ.get("TUNELAB_BENCH_1B", "/tmp/tunelab-llama-1b"))
     ap.add_argument("--only", default=",".join(RUNS), help="comma list of impl:method")
     ap.add_argument("--dtype", default="float32", help="compute / base dtype of the non-quantized weights")
+    ap.add_argument("--full-dtype", default="bfloat16", help="dtype of both full fine-tuning rows")
+    ap.add_argument("--full-need-gb", type=float, default=None,
+                    help="free memory the full rows wait for (default 20 fp32 / 11 bf16: the 1.1B model)")
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
@@ -155,8 +161,8 @@ def main() -> None:
         dtype = a.dtype
         need = a.need_gb
         if run.endswith(":full"):  # 1.1B x (weights + grads + 2 AdamW states) x 4 bytes ~ 18 GB in fp32
-            dtype = "float32" if free_gb() >= 20 else "bfloat16"
-            need = 20 if dtype == "float32" else 11
+            dtype = a.full_dtype  # the same on both sides, whatever memory is free
+            need = a.full_need_gb or (20 if dtype == "float32" else 11)
         waited = time.time()
         while free_gb() < need and time.time() - waited < a.max_wait:
             time.sleep(10)

@@ -117,7 +117,7 @@ class Packed:
         denom = scales.float()
         denom = torch.where(denom.abs() < 1e-12, 1e-12, denom).unsqueeze(1)  # an all-zero block
         mids = (book[1:] + book[:-1]) / 2  # nearest level = number of midpoints below the value
-        codes = torch.bucketize((blocks / denom).clamp(-1, 1), mids).to(torch.uint8).view(-1)
+        codes = torch.bucketize((blocks / denom).clamp(-1, 1), mids, out_int32=True).to(torch.uint8).view(-1)
         per_byte = 8 // bits
         codes = F.pad(codes, (0, (-codes.numel()) % per_byte)).view(-1, per_byte)
         shifts = torch.arange(per_byte, device=w.device, dtype=torch.uint8) * bits
@@ -166,7 +166,8 @@ def _to_nf4(w: torch.Tensor, scaler_block: int):
         n_blocks = w.numel() // BLOCK
         scalers, factor, mean = NF4Tensor.double_quantize_scalers(w.flatten(), BLOCK, scaler_block)
         blocks = w.reshape(n_blocks, BLOCK)
-        codes = torch.bucketize((blocks / blocks.abs().amax(1, keepdim=True)).reshape(-1), (lut[1:] + lut[:-1]) / 2)
+        codes = torch.bucketize((blocks / blocks.abs().amax(1, keepdim=True)).reshape(-1), (lut[1:] + lut[:-1]) / 2,
+                                out_int32=True)  # int32, not int64: half the largest temporary of the load
         codes = codes.to(torch.uint8)
         meta = SubclassTensorArgs(w.size(), w.stride(), w.storage_offset(), w.dtype, w.device, False)
         return NF4Tensor(meta, BLOCK, n_blocks, scaler_block, scalers, factor, mean, codes[::2] << 4 | codes[1::2], lut)

@@ -31,6 +31,7 @@ from tunelab import quant
 from tunelab.methods.base import METHODS, dense_weight
 from tunelab.methods.lora import LoRAConfig, inject, merge_model, scaling
 from tunelab.methods.qlora import linear_bytes, load_plan, quant_info, quantized
+from tunelab.quant_load import return_large_blocks
 
 
 class LoftQConfig(LoRAConfig):
@@ -140,6 +141,7 @@ class LoftQ:
         return load_plan(cfg, lambda name, w, bias: self._init(name, w, bias, cfg))
 
     def attach(self, model: nn.Module, cfg: LoftQConfig) -> nn.Module:
+        return_large_blocks()  # every forward dequantizes into 1-32 MB temporaries (see quant_load)
         before_model, before_linears = quant.model_bytes(model), 0
         starts, errors = {}, {}
 

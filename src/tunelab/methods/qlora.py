@@ -26,6 +26,7 @@ from torch import nn
 from tunelab import quant
 from tunelab.methods.base import METHODS, dense_weight, find_linears, linear_types
 from tunelab.methods.lora import LoRAConfig, inject, lora_modules, merge_model
+from tunelab.quant_load import return_large_blocks
 
 
 class QLoRAConfig(LoRAConfig):
@@ -91,6 +92,7 @@ class QLoRA:
         return load_plan(cfg, lambda name, w, bias: quant.nf4_linear(w, bias, cfg.backend))
 
     def attach(self, model: nn.Module, cfg: QLoRAConfig) -> nn.Module:
+        return_large_blocks()  # every forward dequantizes into 1-32 MB temporaries (see quant_load)
         before_model, before_linears = quant.model_bytes(model), 0
 
         def make_base(name, lin):
