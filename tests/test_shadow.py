@@ -70,3 +70,18 @@ def test_noop_without_autocast_dtype_and_skips_dora():
         assert q.base_layer.weight.dtype == torch.float32  # DoRA reads the base weight's norm in fp32
         assert dora.model.layers[0].self_attn.k_proj.weight.dtype == torch.bfloat16
     assert saved_bytes(tiny_llama(), torch.bfloat16, frozen_only=True) == 0  # a fresh model trains everything
+
+
+def test_gpt2_conv1d_weights_are_held_too():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=128, n_embd=32, n_layer=2, n_head=2, n_positions=64)).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    ids = torch.randint(0, 128, (2, 7))
+    ref = _logits(model, ids)
+    with cast_weights(model, torch.bfloat16):
+        assert model.transformer.h[0].attn.c_attn.weight.dtype == torch.bfloat16
+        got = _logits(model, ids)
+    assert torch.equal(ref, got)

@@ -17,16 +17,18 @@ original.
 from __future__ import annotations
 
 import contextlib
+import sys
 
 import torch
 from torch import nn
 
-try:  # GPT-2 family
-    from transformers.pytorch_utils import Conv1D
-except ImportError:  # pragma: no cover
-    Conv1D = None
 
-_PLAIN = tuple(t for t in (nn.Linear, Conv1D) if t is not None)
+def _plain() -> tuple[type, ...]:
+    # GPT-2's Conv1D, looked up only if transformers is loaded (a model built from it means it is):
+    # importing it here would make `tunelab methods` import transformers
+    utils = sys.modules.get("transformers.pytorch_utils")
+    conv = getattr(utils, "Conv1D", None)
+    return (nn.Linear,) if conv is None else (nn.Linear, conv)
 
 
 def _dora_bases(model: nn.Module) -> set[int]:
@@ -55,12 +57,12 @@ def cast_weights(model: nn.Module, dtype: torch.dtype | None, *, frozen_only: bo
     if dtype is None or dtype == torch.float32:
         yield model
         return
-    skip = _dora_bases(model)
+    skip, plain = _dora_bases(model), _plain()
     copies: dict[int, nn.Parameter] = {}
     swapped: list[tuple[nn.Module, str, nn.Parameter]] = []
     try:
         for mod in model.modules():
-            if type(mod) not in _PLAIN or id(mod) in skip:
+            if type(mod) not in plain or id(mod) in skip:
                 continue
             for name in ("weight", "bias"):
                 p = mod._parameters.get(name)
@@ -78,9 +80,9 @@ def cast_weights(model: nn.Module, dtype: torch.dtype | None, *, frozen_only: bo
 
 def saved_bytes(model: nn.Module, dtype: torch.dtype, *, frozen_only: bool = True) -> int:
     """Extra memory ``cast_weights`` holds while active (its copies), for a memory budget."""
-    skip, seen, total = _dora_bases(model), set(), 0
+    skip, seen, total, plain = _dora_bases(model), set(), 0, _plain()
     for mod in model.modules():
-        if type(mod) not in _PLAIN or id(mod) in skip:
+        if type(mod) not in plain or id(mod) in skip:
             continue
         for p in (mod._parameters.get("weight"), mod._parameters.get("bias")):
             if p is not None and id(p) not in seen and _castable(p, dtype, frozen_only):
