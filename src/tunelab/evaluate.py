@@ -204,20 +204,17 @@ def generate(
     Causal LMs decode through ``tunelab.decode`` (the tokens ``model.generate`` gives, with less
     work; sampling draws from a generator seeded with ``seed``, else torch's global one); beam
     search, encoder-decoders and models whose generation config adds logits processors keep
-    ``model.generate``. Weights are held in the autocast dtype for the call (``shadow``)."""
-    from tunelab import decode, shadow
+    ``model.generate``. Weights are held in the autocast dtype for the call (``fast_eval.inference``)."""
+    from tunelab import decode
 
-    was_training = model.training
-    model.eval()
     dev, pad = _device(model), tokenizer.pad_token_id
     enc_dec = _encoder_decoder(model)  # the source goes to the encoder; the output is the decoder's alone
     prompt_ids = [(tokenize_source if enc_dec else tokenize_prompt)(tokenizer, p) for p in prompts]
     outputs = [""] * len(prompts)
     sampling = {"temperature": temperature, "top_p": top_p} if do_sample else {}
     bar = _bar(len(prompt_ids), "generating")
-    amp = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else None
     ours = num_beams == 1 and decode.supported(model) and decode.plain_generation(model)
-    with shadow.cast_weights(model, amp, frozen_only=False):
+    with fast_eval.inference(model):
         if ours:
             eos = tokenizer.eos_token_id
             eos = eos if eos is not None else getattr(model.generation_config, "eos_token_id", None)
@@ -246,7 +243,6 @@ def generate(
         outputs[i] = text.strip()
     bar.close()
     context(model).pop("prompt_mask", None)
-    model.train(was_training)
     return outputs
 
 
