@@ -46,6 +46,17 @@ def _castable(p, dtype: torch.dtype, frozen_only: bool) -> bool:
     )
 
 
+def _held(model: nn.Module, dtype: torch.dtype, frozen_only: bool):
+    """(module, name, parameter) for every weight ``cast_weights`` swaps: one rule for it and the budget."""
+    skip, plain = _dora_bases(model), _plain()
+    for mod in model.modules():
+        if type(mod) in plain and id(mod) not in skip:
+            for name in ("weight", "bias"):
+                p = mod._parameters.get(name)
+                if p is not None and _castable(p, dtype, frozen_only):
+                    yield mod, name, p
+
+
 @contextlib.contextmanager
 def cast_weights(model: nn.Module, dtype: torch.dtype | None, *, frozen_only: bool = True):
     """Within the block, matmul-only weights of ``model`` are held in ``dtype`` (the autocast dtype).
@@ -57,21 +68,14 @@ def cast_weights(model: nn.Module, dtype: torch.dtype | None, *, frozen_only: bo
     if dtype is None or dtype == torch.float32:
         yield model
         return
-    skip, plain = _dora_bases(model), _plain()
     copies: dict[int, nn.Parameter] = {}
     swapped: list[tuple[nn.Module, str, nn.Parameter]] = []
     try:
-        for mod in model.modules():
-            if type(mod) not in plain or id(mod) in skip:
-                continue
-            for name in ("weight", "bias"):
-                p = mod._parameters.get(name)
-                if p is None or not _castable(p, dtype, frozen_only):
-                    continue
-                if id(p) not in copies:
-                    copies[id(p)] = nn.Parameter(p.detach().to(dtype), requires_grad=False)
-                swapped.append((mod, name, p))
-                mod._parameters[name] = copies[id(p)]
+        for mod, name, p in list(_held(model, dtype, frozen_only)):
+            if id(p) not in copies:
+                copies[id(p)] = nn.Parameter(p.detach().to(dtype), requires_grad=False)
+            swapped.append((mod, name, p))
+            mod._parameters[name] = copies[id(p)]
         yield model
     finally:
         for mod, name, p in reversed(swapped):
@@ -80,12 +84,5 @@ def cast_weights(model: nn.Module, dtype: torch.dtype | None, *, frozen_only: bo
 
 def saved_bytes(model: nn.Module, dtype: torch.dtype, *, frozen_only: bool = True) -> int:
     """Extra memory ``cast_weights`` holds while active (its copies), for a memory budget."""
-    skip, seen, total, plain = _dora_bases(model), set(), 0, _plain()
-    for mod in model.modules():
-        if type(mod) not in plain or id(mod) in skip:
-            continue
-        for p in (mod._parameters.get("weight"), mod._parameters.get("bias")):
-            if p is not None and id(p) not in seen and _castable(p, dtype, frozen_only):
-                seen.add(id(p))
-                total += p.numel() * torch.empty((), dtype=dtype).element_size()
-    return total
+    unique = {id(p): p for _, _, p in _held(model, dtype, frozen_only)}
+    return sum(p.numel() for p in unique.values()) * torch.empty((), dtype=dtype).element_size()
