@@ -41,6 +41,27 @@ def tiny_llama(vocab_size: int = 128, layers: int = 2, hidden: int = 64, seed: i
     return LlamaForCausalLM(cfg).eval()
 
 
+def shaken_llama(method=None, *, seed=0, shake_seed=11, shake=0.25, moved=0.5, **params):
+    """A tiny Llama whose matrices are shaken (so greedy output varies by prompt and step), with
+    ``method`` attached and its trainable tensors moved off their init when given."""
+    import tunelab
+
+    model = tiny_llama(seed=seed)
+    torch.manual_seed(shake_seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.add_(torch.randn_like(p) * shake)
+    if method:
+        model = tunelab.attach(model, method, **params)
+        torch.manual_seed(1)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.add_(torch.randn_like(p) * moved)
+    return model
+
+
 def tiny_bert(num_labels: int = 2, seed: int = 0):
     from transformers import BertConfig, BertForSequenceClassification
 

@@ -7,7 +7,6 @@ import json
 import re
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 import tunelab
@@ -16,7 +15,7 @@ from tunelab.config import dump_config, load_config
 from tunelab.evaluate import generate
 from tunelab.serve.loading import render_chat
 
-from conftest import tiny_llama, tiny_tokenizer_obj
+from conftest import shaken_llama, tiny_tokenizer_obj
 
 runner = CliRunner()
 TEMPLATE = ("{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} . {% endfor %}"
@@ -26,20 +25,7 @@ TEMPLATE = ("{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} . {% en
 def perturbed(method, scale=0.5, **params):
     """A tiny Llama (weights shaken so it does more than repeat its input) with ``method`` attached and
     its trainable tensors moved off their init."""
-    model = tiny_llama()
-    torch.manual_seed(5)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.add_(torch.randn_like(p) * 0.1)
-    if method:
-        model = tunelab.attach(model, method, **params)
-        torch.manual_seed(1)
-        with torch.no_grad():
-            for p in model.parameters():
-                if p.requires_grad:
-                    p.add_(torch.randn_like(p) * scale)
-    return model
+    return shaken_llama(method, shake_seed=5, shake=0.1, moved=scale, **params)
 
 
 def make_run(tmp_path, method, params, template=TEMPLATE):

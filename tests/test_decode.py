@@ -8,32 +8,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-import tunelab
 from tiny_models import SEQ2SEQ, tiny
 from tunelab import decode, fast
 from tunelab.evaluate import _pad_left, generate
 
-from conftest import tiny_llama, tiny_tokenizer_obj
+from conftest import shaken_llama, tiny_tokenizer_obj
 
 PRE = [1, 20, 31, 7, 44, 9, 58, 13, 66, 70]  # a shared "template" prefix (10 tokens)
 
 
 def shaken(method=None, seed=0, **params):
     """A tiny Llama whose weights are shaken enough that greedy output varies by prompt and step."""
-    model = tiny_llama(seed=seed)
-    torch.manual_seed(seed + 11)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.add_(torch.randn_like(p) * 0.25)
-    if method:
-        model = tunelab.attach(model, method, **params)
-        torch.manual_seed(1)
-        with torch.no_grad():
-            for p in model.parameters():
-                if p.requires_grad:
-                    p.add_(torch.randn_like(p) * 0.5)
-    return model.eval()
+    return shaken_llama(method, seed=seed, shake_seed=seed + 11, **params).eval()
 
 
 def prompts(shared: bool, seed: int = 0) -> list[list[int]]:
