@@ -2,12 +2,14 @@
 
     python bench/quant_speed.py                       # 1B Llama MLP shapes (2048 x 5632, 5632 x 2048)
     python bench/quant_speed.py --torchao             # + torchao's NF4Tensor.from_tensor, codes compared
+    python bench/quant_speed.py --peft                # + PEFT's loftq_init (needs bitsandbytes), on the CPU
 
 One random fp32 matrix per shape (std 0.02, as bench/memory_1b.py's model), --threads torch threads,
 the best of --repeats of CPU seconds (``time.process_time``: what the process got, whatever the
 machine's load; with 1 thread it is the compute time). Rows: ``quant.quantize`` (NF4 codes + double-
 quantized scales), ``quant.nf4_linear`` (that + the checksum dequantize: what QLoRA's load does per
-linear), ``loftq_init`` with r 16, alpha 32 and --iters (what LoftQ's load does per linear).
+linear), ``loftq_init`` with r 16, alpha 32 and --iters (what LoftQ's load does per linear); --peft:
+PEFT's own ``loftq_init`` (bitsandbytes NF4 + a full SVD) run on the CPU as bench/memory_1b.py runs it.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--iters", type=int, default=1, help="LoftQ iterations (memory_1b.py runs 1)")
     ap.add_argument("--torchao", action="store_true", help="also time torchao's from_tensor and compare codes")
+    ap.add_argument("--peft", action="store_true", help="also time PEFT's loftq_init (bitsandbytes) on the CPU")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     from tunelab import quant
@@ -56,6 +59,18 @@ def main() -> None:
                 ours.quantized_scalers, ref.quantized_scalers
             )
             extra = f", codes and scales equal torchao's: {same}"
+        if a.peft:
+            import sys
+            from pathlib import Path
+
+            sys.path.insert(0, str(Path(__file__).resolve().parent))
+            from memory_1b import peft_loftq_on_cpu
+            from peft.tuners.lora import layer
+
+            peft_loftq_on_cpu()
+            times[f"PEFT loftq_init iters={a.iters}"] = cpu_seconds(
+                lambda w=w: layer.loftq_init(w, num_bits=4, reduced_rank=16, num_iter=a.iters), 1
+            )
         print(f"{rows} x {cols} fp32, {a.threads} thread(s){extra}")
         for name, t in times.items():
             print(f"  {name:24s} {t:7.3f} CPU s per matrix")
