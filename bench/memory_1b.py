@@ -15,9 +15,19 @@ in --full-dtype on both sides (bf16 by default: ~9 GB; fp32 needs ~18 GB), else 
 Both sides load the tokenizer too (``tunelab.models.load`` returns one; ~70 MB of the peak).
 tunelab: ``tunelab.models.load`` (+ the method's quantize_on_load for QLoRA / LoftQ, so the base is
 quantized shard by shard) then ``tunelab.attach``. PEFT: ``from_pretrained`` then ``get_peft_model``;
-QLoRA through transformers' bitsandbytes 4-bit (nf4, double quant; bitsandbytes has CPU kernels) when it
-loads, else PEFT LoRA over a torchao NF4 base; LoftQ with PEFT's ``init_lora_weights="loftq"`` (its
-documented path without a GPU; the base stays in full precision with Q's values).
+QLoRA through transformers' bitsandbytes 4-bit (nf4, double quant; bitsandbytes has CPU kernels).
+LoftQ with PEFT's ``init_lora_weights="loftq"`` (LoftQConfig(loftq_bits=4, loftq_iter=1)): PEFT's
+own ``loftq_utils.loftq_init`` runs per linear (bitsandbytes ``Params4bit`` NF4 without double quant,
+dequantize, full ``torch.linalg.svd`` of W - deq(Q), rank-r split), and the base keeps deq(Q) in the
+load dtype (full precision, not 4-bit: that is PEFT's documented non-GPU LoftQ path). PEFT 0.21
+hard-codes its compute device to "cuda" (or "xpu") in that function (``weight.to("cuda")`` fails on a
+CPU-only torch), so the bench compiles PEFT's installed source of ``loftq_init`` with that one line
+set to "cpu" (``peft_loftq_on_cpu``; it refuses if the line is not found) and installs it where the
+LoRA layer calls it. Everything else is PEFT's and bitsandbytes' code. Both PEFT 4-bit rows need
+bitsandbytes (``pip install bitsandbytes``; not a tunelab dependency).
+
+Smaller shapes for smoke runs: ``--layers 2 --hidden 256`` (the MLP width follows hidden x 2.75 unless
+``--mlp`` says; vocab and heads stay). A --model-dir holding another shape is refused, not reused.
 """
 
 from __future__ import annotations
@@ -50,17 +60,27 @@ def peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def write_model(model_dir: Path) -> None:
-    """Random bf16 weights in TinyLlama's shape, written tensor by tensor (no fp32 copy of the model)."""
+def shape(layers: int, hidden: int, mlp: int | None) -> dict:
+    """SHAPE with another depth / width (smoke runs); the defaults give SHAPE itself."""
+    return dict(SHAPE, num_hidden_layers=layers, hidden_size=hidden, intermediate_size=mlp or round(hidden * 2.75))
+
+
+def write_model(model_dir: Path, dims: dict = SHAPE) -> None:
+    """Random bf16 weights of shape ``dims``, written tensor by tensor (no fp32 copy of the model)."""
     import torch
     from safetensors.torch import save_file
     from tokenizers import Tokenizer, models
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     if (model_dir / "model.safetensors").exists():
+        have = json.loads((model_dir / "config.json").read_text())
+        keys = ("num_hidden_layers", "hidden_size", "intermediate_size")
+        if any(have.get(k) != dims[k] for k in keys):
+            raise SystemExit(f"{model_dir} holds a model of another shape ({[have.get(k) for k in keys]}, asked "
+                             f"{[dims[k] for k in keys]}); pass another --model-dir")
         return
     model_dir.mkdir(parents=True, exist_ok=True)
-    cfg = LlamaConfig(**SHAPE, dtype="bfloat16")
+    cfg = LlamaConfig(**dims, dtype="bfloat16")
     with torch.device("meta"):
         shapes = {k: v.shape for k, v in LlamaForCausalLM(cfg).state_dict().items()}
     g = torch.Generator().manual_seed(0)
@@ -89,6 +109,28 @@ def _tunelab(method: str, path: str, dtype: str):
     return tunelab.attach(model, method, **params)
 
 
+def peft_loftq_on_cpu() -> None:
+    """Make PEFT's LoRA layers call PEFT's own ``loftq_init`` with its compute device set to the CPU.
+
+    peft.utils.loftq_utils.loftq_init moves the weight to a hard-coded "cuda" ("xpu" where present);
+    this compiles the installed function's source with only that assignment replaced, in that module's
+    namespace, and installs it where peft.tuners.lora.layer looks it up."""
+    import inspect
+    import textwrap
+
+    from peft.tuners.lora import layer
+    from peft.utils import loftq_utils
+
+    src = textwrap.dedent(inspect.getsource(loftq_utils.loftq_init))
+    line = 'compute_device = "xpu" if is_xpu_available() else "cuda"'
+    if src.count(line) != 1:
+        raise RuntimeError(f"peft {__import__('peft').__version__}: loftq_init no longer has {line!r}; "
+                           "update peft_loftq_on_cpu")
+    space = dict(vars(loftq_utils))
+    exec(compile(src.replace(line, 'compute_device = "cpu"'), inspect.getsourcefile(loftq_utils), "exec"), space)
+    layer.loftq_init = space["loftq_init"]
+
+
 def _peft(method: str, path: str, dtype: str):
     import peft
     import torch
@@ -107,6 +149,8 @@ def _peft(method: str, path: str, dtype: str):
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
     if method == "loftq":
         lcfg.update(init_lora_weights="loftq", loftq_config=peft.LoftQConfig(loftq_bits=4, loftq_iter=1))
+        if not torch.cuda.is_available():
+            peft_loftq_on_cpu()
     return peft.get_peft_model(model, peft.LoraConfig(**lcfg))
 
 
@@ -143,6 +187,9 @@ def main() -> None:
     ap.add_argument("--full-dtype", default="bfloat16", help="dtype of both full fine-tuning rows")
     ap.add_argument("--full-need-gb", type=float, default=None,
                     help="free memory the full rows wait for (default 20 fp32 / 11 bf16: the 1.1B model)")
+    ap.add_argument("--layers", type=int, default=SHAPE["num_hidden_layers"], help="smoke runs: fewer layers")
+    ap.add_argument("--hidden", type=int, default=SHAPE["hidden_size"], help="smoke runs: a narrower model")
+    ap.add_argument("--mlp", type=int, default=None, help="MLP width (default: hidden x 2.75, 5632 at 2048)")
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
@@ -155,7 +202,7 @@ def main() -> None:
         res = measure(a.child, a.model_dir, a.dtype, a.steps, a.seq, a.threads)
         print("RESULT " + json.dumps(res), flush=True)
         return
-    write_model(Path(a.model_dir))
+    write_model(Path(a.model_dir), shape(a.layers, a.hidden, a.mlp))
     results = []
     for run in a.only.split(","):
         dtype = a.dtype

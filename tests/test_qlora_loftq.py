@@ -12,7 +12,7 @@ import torch
 import tunelab
 from tunelab import quant
 from tunelab.methods.loftq import layer_index, loftq_init, top_r
-from tunelab.methods.lora import lora_modules
+from tunelab.methods.lora import LoRALinear, lora_modules
 
 from conftest import tiny_llama
 
@@ -55,6 +55,51 @@ def test_quantize_picks_torchao_nf4_and_falls_back_for_odd_shapes():
     zero_block = torch.randn(64, 64)
     zero_block[0] = 0
     assert isinstance(quant.quantize(zero_block), quant.Packed)  # torchao would divide by 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bits,kind", [(4, "nf"), (2, "nf"), (2, "uniform"), (8, "nf"), (8, "uniform")])
+def test_nearest_codes_equal_bucketize_on_and_next_to_every_midpoint(bits, kind, dtype):
+    book = quant.levels(bits, kind).to(dtype)
+    mids = (book[1:] + book[:-1]) / 2
+    up, down = torch.tensor(2.0, dtype=dtype), torch.tensor(-2.0, dtype=dtype)
+    uniform = torch.rand(50_000, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    x = torch.cat([mids, torch.nextafter(mids, up), torch.nextafter(mids, down), book, uniform.to(dtype),
+                   torch.tensor([-1.0, -0.0, 0.0, 1.0], dtype=dtype)])
+    assert torch.equal(quant.nearest_codes(x, mids), torch.bucketize(x, mids).to(torch.uint8))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nf4_codes_equal_the_plain_search_across_chunks(dtype):
+    """The chunked builder = the plain one (bucketize over the whole matrix, torchao's double quantization),
+    on a matrix of 1.25 chunks whose blocks hold values exactly on the level midpoints."""
+    w = (torch.randn(640, 512, generator=torch.Generator().manual_seed(0)) * 0.02).to(dtype)
+    q = quant.quantize(w)
+    mids = (q.nf4[1:] + q.nf4[:-1]) / 2
+    blocks = w.view(-1, 64)
+    absmax = blocks.abs().amax(1, keepdim=True)
+    blocks[:, 1:16] = mids * absmax  # absmax (position 0 or elsewhere) is kept: the block scales stay
+    assert w.numel() > quant.CHUNK and w.numel() % quant.CHUNK
+    q = quant.quantize(w)
+    codes = torch.bucketize((blocks / blocks.abs().amax(1, keepdim=True)).reshape(-1), mids).to(torch.uint8)
+    assert torch.equal(q.quantized_data, codes[::2] << 4 | codes[1::2])
+    scalers, factor, mean = quant.NF4Tensor.double_quantize_scalers(w.flatten(), 64, 256)
+    assert torch.equal(q.quantized_scalers, scalers) and torch.equal(q.quantization_factor, factor)
+    assert torch.equal(q.scaler_mean, mean) and q.dtype == dtype
+
+
+@pytest.mark.parametrize("bits", [4, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lora_over_a_quantized_base_does_not_dequantize_it_unless_dora(bits, dtype, monkeypatch):
+    base = quant.QuantLinear(quant.quantize(torch.randn(32, 64).to(dtype), bits), None)
+    dense = base.dequantized()
+    assert base.dense_meta() == (dense.dtype, dense.device)
+    calls = []
+    monkeypatch.setattr(quant.QuantLinear, "dequantized", lambda self, dtype=None: calls.append(1) or dense)
+    lora = LoRALinear(base, 4, 2.0)
+    assert not calls and lora.lora_A.dtype == torch.float32 and lora.lora_B.dtype == torch.float32
+    LoRALinear(base, 4, 2.0, dora=True)  # DoRA's magnitude starts at W0's row norms: it needs W0
+    assert calls
 
 
 def test_qlora_quantizes_targets_reports_bytes_and_trains_only_lora():

@@ -89,10 +89,10 @@ def loftq_init(
     after a few steps), so ``keep_best`` returns the iterate with the lowest error, which makes the
     result never worse as T grows; ``keep_best=False`` returns the T-th, as in the paper."""
     w32 = w.detach().float()
-    low = torch.zeros_like(w32)  # s B A of the previous step
+    low = None  # s B A of the previous step (none before the first: Q_1 = q(W), no zeros to subtract)
     errors, best = [], (None, None, None)
     for _ in range(iters):
-        q = quant.quantize((w32 - low).to(w.dtype), bits, kind)
+        q = quant.quantize(w if low is None else (w32 - low).to(w.dtype), bits, kind)
         res = w32 - quant.dequantize(q, torch.float32)
         if not errors:
             errors.append(res.norm().item())  # Q_1 = q(W): the plain quantization error

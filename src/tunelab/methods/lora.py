@@ -78,17 +78,17 @@ class LoRALinear(nn.Module):
         self.in_features, self.out_features = linear_dims(base)
         self.transposed = is_transposed(base)  # weight stored d_in x d_out (Conv1D, Embedding)
         self.r, self.scaling, self.dropout, self.merged = r, scale, dropout, False
-        w = self.base_weight()
-        dtype = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype
+        base_dtype, device = self.base_meta()
+        dtype = torch.float32 if base_dtype in (torch.float16, torch.bfloat16) else base_dtype
         if A is None:
-            A = torch.empty(r, self.in_features, device=w.device, dtype=dtype)
+            A = torch.empty(r, self.in_features, device=device, dtype=dtype)
             nn.init.kaiming_uniform_(A, a=math.sqrt(5))
         if B is None:
-            B = torch.zeros(self.out_features, r, device=w.device, dtype=dtype)
-        self.lora_A = nn.Parameter(A.to(w.device, dtype).contiguous())
-        self.lora_B = nn.Parameter(B.to(w.device, dtype).contiguous())
-        if dora:
-            self.lora_magnitude = nn.Parameter(self.weight_norm(w.to(dtype)))
+            B = torch.zeros(self.out_features, r, device=device, dtype=dtype)
+        self.lora_A = nn.Parameter(A.to(device, dtype).contiguous())
+        self.lora_B = nn.Parameter(B.to(device, dtype).contiguous())
+        if dora:  # only DoRA needs W0 itself here (its row norms)
+            self.lora_magnitude = nn.Parameter(self.weight_norm(self.base_weight(dtype)))
         else:
             self.lora_magnitude = None
 
@@ -99,6 +99,15 @@ class LoRALinear(nn.Module):
     @property
     def bias(self):
         return self.base_layer.bias
+
+    def base_meta(self) -> tuple[torch.dtype, torch.device]:
+        """W0's dtype and device without building W0: a quantized base says them (``dense_meta``)
+        instead of dequantizing the whole matrix (QLoRA's attach did that once per linear)."""
+        meta = getattr(self.base_layer, "dense_meta", None)
+        if meta is not None:
+            return meta()
+        w = self.base_weight()
+        return w.dtype, w.device
 
     def base_weight(self, dtype=None) -> torch.Tensor:
         """Dense W0 (dequantized for a quantized base)."""
