@@ -3,10 +3,11 @@
 - ``inference(model)``: eval mode and no autograd for the block, and every matmul-only weight held
   in the autocast dtype once (``tunelab.shadow.cast_weights``) instead of re-cast in each forward;
   bit-identical to autocast's own casts.
-- ``shared_casts()`` (part of ``inference`` unless ``shared_casts=False``): a linear's fp32 input is
-  cast to the autocast dtype once however many linears read it. Autocast casts every linear's input
-  anew: in a Llama block the fp32 RMSNorm output is cast for q, k and v, and for gate and up (with
-  LoRA, again for each adapter's A): 10 casts of the same tensor per layer, 2 in a BERT block of 4.
+- ``shared_casts()`` (part of ``inference`` unless ``shared=False``): a linear's fp32 input is cast
+  to the autocast dtype once however many linears read it. Autocast casts every linear's input anew:
+  in a Llama block the fp32 RMSNorm outputs are cast for q, k and v and for gate and up, and with
+  LoRA again for each adapter's A (10 casts per layer where 2 do); a BERT block's LayerNorm output is
+  cast for q, k and v (4 casts per layer where 2 do).
   The shared cast is the tensor autocast would make (``x.to(dtype)``, round to nearest), so the
   results are bit-identical.
 - ``packed_choices``: multi-token choice scoring with each prompt run once. A row holds a prompt
