@@ -199,3 +199,99 @@ def test_real_heads_same_predictions_with_cast_weights(task, monkeypatch):
     got = r.evaluate()
     monkeypatch.setattr(fast_eval, "cast_weights", _no_cast)
     assert got == r.evaluate()
+
+
+# ---------------------------------------------------------------- shared casts (each linear input cast once)
+def _casts(model, ids) -> int:
+    """How many fp32 -> bf16 casts of activations one forward makes (weights are held already)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func is torch.ops.aten._to_copy.default and args[0].dtype == torch.float32 and out.dtype == torch.bfloat16:
+                Count.n += args[0].shape[0] == ids.shape[0]  # batch-leading: an activation, not a weight
+            return out
+
+    with Count():
+        model(input_ids=ids)
+    return Count.n
+
+
+def _adapted(method):
+    model = tunelab.attach(tiny_llama(), method, r=4, target_modules="all-linear") if method else tiny_llama()
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return model
+
+
+@pytest.mark.parametrize("method", [None, "lora", "dora"])
+def test_shared_casts_fewer_casts_same_bits(method, tiny_tokenizer, monkeypatch):
+    model = _adapted(method)
+    ids = torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", dtype=torch.bfloat16), fast_eval.inference(model, shared=False):
+        plain_casts, plain = _casts(model, ids), model(input_ids=ids).logits
+    with torch.autocast("cpu", dtype=torch.bfloat16), fast_eval.inference(model):
+        shared_casts, shared = _casts(model, ids), model(input_ids=ids).logits
+    assert shared_casts < plain_casts  # Llama: 5 of the 7 per layer go (10 of 12 with an adapter's A)
+    assert torch.equal(shared, plain)
+    for choices in ([["cat", "dog", "mat"]] * 4, CHOICES):  # scoring, single- and multi-token
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = evaluate.score_choices(model, tiny_tokenizer, PROMPTS, choices, batch_size=2)
+            monkeypatch.setattr(fast_eval, "shared_casts", contextlib.nullcontext)
+            ref = evaluate.score_choices(model, tiny_tokenizer, PROMPTS, choices, batch_size=2)
+            monkeypatch.undo()
+        assert got == ref
+
+
+def test_shared_cast_follows_in_place_changes():
+    lin = torch.nn.Linear(8, 4)
+    x = torch.randn(3, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        want = [lin(x), lin(x + 1), lin(x * 2)]
+        with fast_eval.shared_casts():
+            a = lin(x)
+            x.add_(1)  # the same tensor, new contents: cast again
+            b = lin(x)
+            y = (x - 1) * 2  # another tensor
+            c = lin(y)
+            with torch.autocast("cpu", enabled=False):  # autocast off: nothing to share, fp32 as ever
+                assert lin(x).dtype == torch.float32
+    assert all(torch.equal(g, w) for g, w in zip([a, b, c], want, strict=True))
+
+
+def test_bert_heads_same_bits_with_shared_casts(tiny_tokenizer, monkeypatch):
+    ner = TASKS.get("ner")
+    ex = [{"tokens": t, "tags": ["O"] * len(t), "_where": f"f:{i}"} for i, t in enumerate(NER_TOKENS)]
+    cfg = ner.Config(formulation="head", labels=["O", "B-LOC", "I-LOC", "B-PER", "I-PER"], eval_max_length=12)
+    torch.manual_seed(0)
+    model = BertForTokenClassification(BertConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2,
+                                                  num_attention_heads=2, intermediate_size=64, num_labels=5)).eval()
+    ids = torch.randint(3, 128, (2, 7))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with fast_eval.inference(model, shared=False):
+            plain_casts, plain = _casts(model, ids), model(input_ids=ids).logits
+        with fast_eval.inference(model):
+            shared_casts, shared = _casts(model, ids), model(input_ids=ids).logits
+        got = ner._tag_with_head(model, tiny_tokenizer, ex, cfg, batch_size=3)
+        monkeypatch.setattr(fast_eval, "shared_casts", contextlib.nullcontext)
+        ref = ner._tag_with_head(model, tiny_tokenizer, ex, cfg, batch_size=3)
+    assert shared_casts < plain_casts and torch.equal(shared, plain)  # q, k, v read one cast
+    assert got == ref
+
+
+def test_entities_memoized_as_seqeval():
+    from seqeval.metrics.sequence_labeling import get_entities
+
+    from tunelab.metrics import entities
+
+    for tags in (["B-PER", "I-PER", "O", "B-LOC"], ["I-ORG", "I-ORG", "B-ORG", "O", "I-MISC"], []):
+        assert entities(tags) == get_entities(list(tags)) == entities(list(tags))
+    got = entities(["B-PER", "I-PER"])
+    got.append(("X", 0, 0))  # a caller's list, not the cached chunks
+    assert entities(["B-PER", "I-PER"]) == [("PER", 0, 1)]

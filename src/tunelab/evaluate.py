@@ -214,7 +214,7 @@ def generate(
     sampling = {"temperature": temperature, "top_p": top_p} if do_sample else {}
     bar = _bar(len(prompt_ids), "generating")
     ours = num_beams == 1 and decode.supported(model) and decode.plain_generation(model)
-    with fast_eval.inference(model):
+    with fast_eval.inference(model, shared=False):  # decoding steps: too few tokens for shared casts to pay
         if ours:
             eos = tokenizer.eos_token_id
             eos = eos if eos is not None else getattr(model.generation_config, "eos_token_id", None)

@@ -3,6 +3,13 @@
 - ``inference(model)``: eval mode and no autograd for the block, and every matmul-only weight held
   in the autocast dtype once (``tunelab.shadow.cast_weights``) instead of re-cast in each forward;
   bit-identical to autocast's own casts.
+- ``shared_casts()`` (part of ``inference`` unless ``shared=False``): a linear's fp32 input is cast
+  to the autocast dtype once however many linears read it. Autocast casts every linear's input anew:
+  in a Llama block the fp32 RMSNorm outputs are cast for q, k and v and for gate and up, and with
+  LoRA again for each adapter's A (10 casts per layer where 2 do); a BERT block's LayerNorm output is
+  cast for q, k and v (4 casts per layer where 2 do).
+  The shared cast is the tensor autocast would make (``x.to(dtype)``, round to nearest), so the
+  results are bit-identical.
 - ``packed_choices``: multi-token choice scoring with each prompt run once. A row holds a prompt
   followed by all its choices; a 4-D attention mask lets each choice token see the prompt and the
   earlier tokens of its own choice only, and position ids restart after the prompt for every choice,
@@ -18,6 +25,7 @@ import contextlib
 
 import torch
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 from tunelab import fast
 from tunelab.shadow import cast_weights
@@ -31,14 +39,50 @@ def autocast_dtype(device: torch.device) -> torch.dtype | None:
     return torch.get_autocast_dtype(kind)
 
 
+class _SharedCasts(TorchFunctionMode):
+    """Hands ``F.linear`` its fp32 input already in the autocast dtype, cast once per tensor: the last
+    input seen is kept with its cast, and reused while the same tensor (same in-place version) comes
+    back. Anything else passes through untouched (autocast then does what it always does)."""
+
+    def __init__(self):
+        super().__init__()
+        self.src, self.version, self.cast = None, None, None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is F.linear and args and type(args[0]) is torch.Tensor and args[0].dtype == torch.float32:
+            x = args[0]
+            dtype = autocast_dtype(x.device)
+            if dtype is not None and dtype != torch.float32:
+                if x is not self.src or x._version != self.version or self.cast.dtype != dtype:
+                    self.src, self.version, self.cast = x, x._version, x.to(dtype)
+                args = (self.cast, *args[1:])
+        return func(*args, **(kwargs or {}))
+
+
 @contextlib.contextmanager
-def inference(model):
-    """Eval mode, ``torch.no_grad`` and autocast-dtype weights within the block; training mode restored."""
+def shared_casts():
+    """Within the block each fp32 tensor that linears read under autocast is cast once (see above).
+
+    Costs a Python call per torch call, so it is for forwards over many tokens (scoring, heads, eval
+    loss), not for decoding steps, where the casts it saves are small."""
+    mode = _SharedCasts()
+    try:
+        with mode:
+            yield
+    finally:
+        mode.src = mode.cast = None  # the kept tensors go with the block
+
+
+@contextlib.contextmanager
+def inference(model, *, shared: bool = True):
+    """Eval mode, ``torch.no_grad``, autocast-dtype weights and (``shared``) each linear input cast once
+    within the block; training mode restored."""
     was_training = model.training
     model.eval()
     dev = next(model.parameters()).device
     try:
-        with torch.no_grad(), cast_weights(model, autocast_dtype(dev), frozen_only=False):
+        with (torch.no_grad(), cast_weights(model, autocast_dtype(dev), frozen_only=False),
+              shared_casts() if shared else contextlib.nullcontext()):
             yield model
     finally:
         model.train(was_training)

@@ -25,7 +25,7 @@ from tunelab import fast_eval
 from tunelab.data import encode_lm
 from tunelab.evaluate import generate
 from tunelab.methods.base import context
-from tunelab.metrics import entity_prf
+from tunelab.metrics import entities, entity_prf
 from tunelab.readers import DataError, infer_format, read_conll, read_records
 from tunelab.tasks.base import TASKS, HeadSpec, TaskConfig, field_name, gen_args, render_prompt
 
@@ -44,9 +44,7 @@ class NERConfig(TaskConfig):
 
 
 def render_entities(tokens: list[str], tags: list[str]) -> str:
-    from seqeval.metrics.sequence_labeling import get_entities  # here: seqeval imports sklearn (seconds)
-
-    found = [f"{t}: {' '.join(tokens[a : b + 1])}" for t, a, b in get_entities(list(tags))]
+    found = [f"{t}: {' '.join(tokens[a : b + 1])}" for t, a, b in entities(tags)]
     return "; ".join(found) or "none"
 
 
