@@ -65,13 +65,15 @@ def test_new_head_is_initialised_and_trains(tmp_path):
 
 def test_bitsandbytes_backend_gives_the_same_adapter_layout(tmp_path):
     pytest.importorskip("bitsandbytes")
+    from tunelab.api import method_state_dict  # tunelab.api loads lazily: not an attribute until imported
+
     path = _save(tiny("llama"), tmp_path / "m")
     model, _ = load_model(str(path), quantize=_plan("qlora", r=4, backend="bitsandbytes"))
     assert any(isinstance(m, quant.BnbLinear4) for m in model.modules())
     model = tunelab.attach(model, "qlora", r=4, backend="bitsandbytes")
     ref = tunelab.attach(tiny("llama"), "qlora", r=4)
-    assert {k: v.shape for k, v in tunelab.api.method_state_dict(model).items() if "lora" in k} == {
-        k: v.shape for k, v in tunelab.api.method_state_dict(ref).items() if "lora" in k}
+    assert {k: v.shape for k, v in method_state_dict(model).items() if "lora" in k} == {
+        k: v.shape for k, v in method_state_dict(ref).items() if "lora" in k}
     b = batch("llama")
     model.train()
     model(**b).loss.backward()
