@@ -118,13 +118,20 @@ NER_TOKENS = [["John", "Smith", "lives", "in", "Paris", "."], ["Mary", "has", "t
               ["Paris", "is", "in", "the", "mat", "and", "John", "sat", "on", "the", "cat", "."]]
 
 
-def test_ner_head_tags_match_one_sentence_at_a_time(tiny_tokenizer):
+def ner_head_case(eval_max_length: int):
+    """The NER family, NER_TOKENS as examples, a head config and a seeded tiny BERT token head."""
     ner = TASKS.get("ner")
     ex = [{"tokens": t, "tags": ["O"] * len(t), "_where": f"f:{i}"} for i, t in enumerate(NER_TOKENS)]
-    cfg = ner.Config(formulation="head", labels=["O", "B-LOC", "I-LOC", "B-PER", "I-PER"], eval_max_length=9)
+    cfg = ner.Config(formulation="head", labels=["O", "B-LOC", "I-LOC", "B-PER", "I-PER"],
+                     eval_max_length=eval_max_length)
     torch.manual_seed(0)
     model = BertForTokenClassification(BertConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2,
                                                   num_attention_heads=2, intermediate_size=64, num_labels=5)).eval()
+    return ner, ex, cfg, model
+
+
+def test_ner_head_tags_match_one_sentence_at_a_time(tiny_tokenizer):
+    ner, ex, cfg, model = ner_head_case(9)
     got = ner._tag_with_head(model, tiny_tokenizer, ex, cfg, batch_size=3)
     for e, tags in zip(ex, got, strict=True):  # reference: `align` and an unpadded forward per sentence
         feat = ner.align(tiny_tokenizer, e["tokens"], None, {}, cfg.eval_max_length)
@@ -266,12 +273,7 @@ def test_shared_cast_follows_in_place_changes():
 
 
 def test_bert_heads_same_bits_with_shared_casts(tiny_tokenizer, monkeypatch):
-    ner = TASKS.get("ner")
-    ex = [{"tokens": t, "tags": ["O"] * len(t), "_where": f"f:{i}"} for i, t in enumerate(NER_TOKENS)]
-    cfg = ner.Config(formulation="head", labels=["O", "B-LOC", "I-LOC", "B-PER", "I-PER"], eval_max_length=12)
-    torch.manual_seed(0)
-    model = BertForTokenClassification(BertConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2,
-                                                  num_attention_heads=2, intermediate_size=64, num_labels=5)).eval()
+    ner, ex, cfg, model = ner_head_case(12)
     ids = torch.randint(3, 128, (2, 7))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         with fast_eval.inference(model, shared=False):
