@@ -15,6 +15,7 @@ good one.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -263,31 +264,33 @@ class Run:
         with autocast(self.device, self.amp), dist.split_eval(not dist.is_sharded(self.model)):
             metrics, preds = self.task.evaluate(self.model, self.tok, self.eval_ex, self.tcfg, batch_size=self.cfg.eval.batch_size, gen=self.cfg.eval.gen())
         if self.cfg.eval.loss and "eval_loss" not in metrics:  # a task may report it itself (on the way)
-            with autocast(self.device, self.amp), fast_eval.inference(self.model):  # weights cast once
+            with autocast(self.device, self.amp):
                 metrics["eval_loss"] = self.eval_loss()
         self.eval_time_s = getattr(self, "eval_time_s", 0.0) + time.perf_counter() - t0  # every evaluation of the run
         return metrics, preds
 
-    @torch.no_grad()
+    @functools.cached_property
+    def eval_features(self):
+        """The eval set's training features: built once a run, read by every evaluation's eval_loss."""
+        return pipeline.features(self.task, self.eval_ex, self.tok, self.tcfg, self.cfg.data.max_length, desc="tokenizing eval",
+                                 num_proc=self.cfg.data.num_proc)
+
     def eval_loss(self) -> float:
-        """Token-mean training loss on the eval set (what scaling-law fits use)."""
-        feats = pipeline.features(self.task, self.eval_ex, self.tok, self.tcfg, self.cfg.data.max_length, desc="tokenizing eval",
-                                  num_proc=self.cfg.data.num_proc)
-        collate = self.collate
-        was_training = self.model.training
-        self.model.eval()
+        """Token-mean training loss on the eval set (what scaling-law fits use); eval mode, no autograd
+        and the weights cast once for the whole pass (``fast_eval.inference``)."""
+        feats, collate = self.eval_features, self.collate
         total, count, trim = 0.0, 0, None
-        for idx in batches(feats.lengths, self.cfg.eval.batch_size, seed=0, epoch=0, shuffle=False):
-            batch = {k: v.to(self.device) for k, v in collate([feats[i] for i in idx]).items()}
-            if trim is None:  # the LM head only where a target is, a shared prefix once (tunelab.fast)
-                trim = self.causal and not self.objective and fast.supports_loss_inputs(self.model, batch)
-                shared = trim and fast.supports_shared_prefix(self.model, batch)
-            n = self.units(batch)
-            if n:
-                loss = self.objective.loss(self.model, batch) if self.objective else fast.loss(self.model, batch, trim, shared)
-                total += float(loss) * n
-                count += n
-        self.model.train(was_training)
+        with fast_eval.inference(self.model):
+            for idx in batches(feats.lengths, self.cfg.eval.batch_size, seed=0, epoch=0, shuffle=False):
+                batch = {k: v.to(self.device) for k, v in collate([feats[i] for i in idx]).items()}
+                if trim is None:  # the LM head only where a target is, a shared prefix once (tunelab.fast)
+                    trim = self.causal and not self.objective and fast.supports_loss_inputs(self.model, batch)
+                    shared = trim and fast.supports_shared_prefix(self.model, batch)
+                n = self.units(batch)
+                if n:
+                    loss = self.objective.loss(self.model, batch) if self.objective else fast.loss(self.model, batch, trim, shared)
+                    total += float(loss) * n
+                    count += n
         return total / max(count, 1)
 
 
