@@ -45,6 +45,7 @@ def main() -> None:
     ap.add_argument("--method", default="lora")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--set", action="append", default=[], dest="extra")
+    ap.add_argument("--top", type=int, default=0, help="also print the N ops with the most self time")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     import tunelab
@@ -89,7 +90,7 @@ def main() -> None:
     t = time.perf_counter()
     step(b)
     wall = time.perf_counter() - t
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=bool(a.top)) as prof:
         step(b)
     totals: dict[str, float] = defaultdict(float)
     deq = 0.0
@@ -105,6 +106,8 @@ def main() -> None:
     for g, v in sorted(totals.items(), key=lambda kv: -kv[1]):
         print(f"  {g:12s} {v:7.3f} s  {100 * v / total:5.1f}%")
     print(f"  of which dequantizing quantized bases (inclusive): {deq:.3f} s  {100 * deq / total:5.1f}%")
+    if a.top:
+        print(prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=a.top))
 
 
 def _label_dequantize() -> None:

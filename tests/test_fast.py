@@ -202,6 +202,16 @@ def test_shared_prefix_training_keeps_loss_and_grads(method):
             torch.testing.assert_close(p.grad, ref[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_shared_prefix_runs_the_head_only_on_loss_positions():
+    # the prefix carries no loss: its forward must not project any row onto the vocabulary
+    model = _lora_model()
+    batch = Collator(0)(PFEATS)
+    rows = []
+    model.lm_head.register_forward_hook(lambda mod, args, out: rows.append(args[0].reshape(-1, args[0].shape[-1]).shape[0]))
+    fast.loss(model, batch, trim=True, prefix=True).backward()
+    assert rows == [0, int(fast.loss_inputs(batch)["logits_to_keep"].sum())]
+
+
 def test_shared_prefix_stops_before_the_first_loss_position():
     feats = [dict(f) for f in PFEATS]
     feats[1] = {"input_ids": SHARED + [33, 41, 42], "labels": [-100] * 10 + SHARED[10:] + [33, 41, 42], "prompt_len": 10}

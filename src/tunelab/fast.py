@@ -252,7 +252,11 @@ def batch_prefix(batch: dict, keep: torch.Tensor | None = None) -> int:
 def _prefix_loss(model: nn.Module, inputs: dict, cut: int) -> torch.Tensor:
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     cache_key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    pre = model(input_ids=ids[:1, :cut], attention_mask=mask[:1, :cut], use_cache=True, logits_to_keep=1)
+    # No logits for the prefix (no position of it carries loss). logits_to_keep=1 would still run
+    # the head on one row, and with grad on, torch's matmul turns that (1, 1, d) x (d, V) product
+    # into a bmm over a contiguous copy of the transposed head weight: 56 MB per step for SmolLM2.
+    none = torch.zeros(1, cut, dtype=torch.bool, device=ids.device)
+    pre = model(input_ids=ids[:1, :cut], attention_mask=mask[:1, :cut], use_cache=True, logits_to_keep=none)
     cache = _cache_of(pre)
     cache.batch_repeat_interleave(ids.shape[0])  # differentiable: the rows' gradients sum into the prefix
     rest = {k: v for k, v in inputs.items() if k not in ("input_ids", "prompt_mask", "logits_to_keep")}
