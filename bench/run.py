@@ -24,6 +24,7 @@ noted, the same rows, batches, precision and hyperparameters on both sides):
     ner-head       CoNLL-2003 dev, MiniLM token head  vs a plain token-classification forward in file order
     qa-head        SQuAD dev articles 40:48, MiniLM span head  vs plain forwards + the n-best loop per window
     score-lora     score with a LoRA attached (frozen base weights: what the demo and most runs evaluate)
+    lora-text      lora on SAMSum dialogues as plain text (task text, loss on every token, rows <= 256 tokens)
 
 --before DIR adds a side "tunelab-before": the tunelab half run from DIR/src (e.g. a `git worktree` of
 main), for before/after figures in one interleaved run.
@@ -62,6 +63,8 @@ NER = ["model.name=minilm-l6", "task.name=ner", "task.formulation=head", f"data.
 QA = ["model.name=minilm-l6", "task.name=qa", "task.formulation=head", "data.max_length=384", "eval.batch_size=32",
       f"data.eval={DATA / 'squad_v1.1/dev-v1.1.json'}#articles=40:48"]
 EVAL = ["method.name=full", "eval.loss=false"]
+TEXT = ["task.name=text", f"data.train={DATA / 'samsum/train.json'}", "task.fields={text: dialogue}", "data.max_length=256",
+        "data.eval=null"]
 
 CONFIGS = {
     "full": {"tunelab": ["method.name=full", "train.lr=2e-5"], "ref": ("trainer", {})},
@@ -90,6 +93,8 @@ CONFIGS = {
     "ner-head": {"tunelab": [*EVAL, *NER, "data.max_eval=1000"], "ref": ("ner", {}), "eval": True},
     "qa-head": {"tunelab": [*EVAL, *QA, "data.max_eval=500"], "ref": ("qa", {}), "eval": True},
     "score-lora": {"tunelab": ["method.name=lora", "eval.loss=false"], "ref": ("score", {}), "eval": True},
+    # loss on every token (continued pretraining): the vocabulary loss dominates memory (tunelab.head_loss)
+    "lora-text": {"tunelab": [*LORA, *TEXT], "ref": ("peft", {"lora": PEFT_LORA})},
 }
 
 
@@ -112,6 +117,10 @@ def _no_prefix(fast):
     fast.supports_shared_prefix = lambda *a, **k: False
 
 
+def _no_chunked(fast):
+    fast.supports_chunked_loss = lambda *a, **k: False
+
+
 def _no_held(fast):
     from tunelab import held_weights
 
@@ -119,7 +128,8 @@ def _no_held(fast):
 
 
 LEVERS = {"loss-positions": _no_loss_positions, "shared-prefix": _no_prefix, "eager-attention": _no_eager,
-          "fused-adamw": _no_fused, "held-weights": _no_held}
+          "fused-adamw": _no_fused, "held-weights": _no_held,
+          "chunked-loss": _no_chunked}
 
 
 # ---------------------------------------------------------------- the child: one measurement

@@ -52,6 +52,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tunelab import head_loss
+
 IGNORE = -100
 
 
@@ -249,7 +251,16 @@ def batch_prefix(batch: dict, keep: torch.Tensor | None = None) -> int:
     return cut
 
 
-def _prefix_loss(model: nn.Module, inputs: dict, cut: int) -> torch.Tensor:
+def _head_loss(model: nn.Module, inputs: dict, chunked: bool) -> torch.Tensor:
+    """The loss of ``loss_inputs``-style inputs: the model's own, or over the vocabulary in chunks
+    (``tunelab.head_loss``) when ``chunked`` and the kept positions fill more than one chunk."""
+    inner = getattr(model, "module", model)
+    if chunked and inputs["labels"].numel() > head_loss.chunk_rows(inner):
+        return head_loss.chunked_loss(model, inputs)
+    return model(**inputs).loss
+
+
+def _prefix_loss(model: nn.Module, inputs: dict, cut: int, chunked: bool = False) -> torch.Tensor:
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     cache_key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     # No logits for the prefix (no position of it carries loss). logits_to_keep=1 would still run
@@ -260,21 +271,49 @@ def _prefix_loss(model: nn.Module, inputs: dict, cut: int) -> torch.Tensor:
     cache = _cache_of(pre)
     cache.batch_repeat_interleave(ids.shape[0])  # differentiable: the rows' gradients sum into the prefix
     rest = {k: v for k, v in inputs.items() if k not in ("input_ids", "prompt_mask", "logits_to_keep")}
-    out = model(input_ids=ids[:, cut:], logits_to_keep=inputs["logits_to_keep"][:, cut:], use_cache=True,
-                **{cache_key: cache}, **rest)
-    return out.loss
+    tail = {"input_ids": ids[:, cut:], "logits_to_keep": inputs["logits_to_keep"][:, cut:], "use_cache": True,
+            cache_key: cache, **rest}
+    return _head_loss(model, tail, chunked)
 
 
-def loss(model: nn.Module, batch: dict, trim: bool, prefix: bool = False) -> torch.Tensor:
+def loss(model: nn.Module, batch: dict, trim: bool, prefix: bool = False, chunked: bool = False) -> torch.Tensor:
     """The batch's loss as ``model(**batch).loss``, through the levers that ``trim`` (loss positions
-    only) and ``prefix`` (a shared prefix once) allow."""
+    only), ``prefix`` (a shared prefix once) and ``chunked`` (the vocabulary loss in chunks) allow."""
     if not trim:
         return model(**batch).loss
     inputs = loss_inputs(batch)
     cut = batch_prefix(batch, inputs["logits_to_keep"]) if prefix else 0
     if cut < MIN_PREFIX:
-        return model(**inputs).loss
-    return _prefix_loss(model, inputs, cut)
+        return _head_loss(model, inputs, chunked)
+    return _prefix_loss(model, inputs, cut, chunked)
+
+
+@torch.no_grad()
+def supports_chunked_loss(model: nn.Module, batch: dict, amp: contextlib.AbstractContextManager | None = None,
+                          distributed: bool = False) -> bool:
+    """Whether the chunked vocabulary loss (``tunelab.head_loss``) gives the model's own loss on the
+    first rows of ``batch`` (in three chunks there, so the chunking itself is exercised).
+    Not across processes: DDP/FSDP reduce gradients in hooks that the chunks' inner backward
+    would run outside of."""
+    inner = getattr(model, "module", model)
+    if distributed or not hasattr(inner, "get_output_embeddings") or inner.get_output_embeddings() is None:
+        return False
+    small = {k: (v[:2] if torch.is_tensor(v) and v.dim() and v.shape[0] == batch["input_ids"].shape[0] else v)
+             for k, v in batch.items()}
+    inputs = loss_inputs(small)
+    if inputs["labels"].numel() < 2:
+        return False
+    was_training = model.training
+    model.eval()
+    try:
+        with amp or contextlib.nullcontext():
+            own = model(**inputs).loss
+            chunked = head_loss.chunked_loss(model, inputs, rows=max(1, inputs["labels"].numel() // 3))
+    except (TypeError, ValueError, IndexError, RuntimeError, AttributeError):
+        return False
+    finally:
+        model.train(was_training)
+    return bool(torch.isclose(own.float(), chunked.float(), rtol=1e-3, atol=1e-5))
 
 
 def _deterministic(model: nn.Module, batch: dict) -> bool:

@@ -286,9 +286,11 @@ class Run:
                 if trim is None:  # the LM head only where a target is, a shared prefix once (tunelab.fast)
                     trim = self.causal and not self.objective and fast.supports_loss_inputs(self.model, batch)
                     shared = trim and fast.supports_shared_prefix(self.model, batch)
+                    chunked = trim and fast.supports_chunked_loss(self.model, batch)
                 n = self.units(batch)
                 if n:
-                    loss = self.objective.loss(self.model, batch) if self.objective else fast.loss(self.model, batch, trim, shared)
+                    loss = (self.objective.loss(self.model, batch) if self.objective
+                            else fast.loss(self.model, batch, trim, shared, chunked))
                     total += float(loss) * n
                     count += n
         return total / max(count, 1)
@@ -410,6 +412,7 @@ def _train(r: Run, model, out: Path, lead: bool) -> dict:
     obj = r.objective
     trim = r.causal and not obj and fast.supports_loss_inputs(model, probe, autocast(r.device, r.amp))
     shared = trim and fast.supports_shared_prefix(model, probe, distributed=dist.active())
+    chunked = trim and fast.supports_chunked_loss(model, probe, autocast(r.device, r.amp), distributed=dist.active())
     if obj:
         obj.prepare(model)  # e.g. DPO's frozen reference for a method without an off switch
     base = model
@@ -465,7 +468,7 @@ def _train(r: Run, model, out: Path, lead: bool) -> dict:
             for i, b in enumerate(micro):
                 sync = dist.no_sync(model) if i < len(micro) - 1 else contextlib.nullcontext()
                 with sync, autocast(r.device, r.amp), fast.attention_for(model, b, r.device):
-                    out_loss = obj.loss(model, b, base) if obj else fast.loss(model, b, trim, shared)
+                    out_loss = obj.loss(model, b, base) if obj else fast.loss(model, b, trim, shared, chunked)
                 weight = r.units(b) / n_total * dist.world()
                 (out_loss * weight).backward()
                 step_loss += out_loss.detach() * weight
