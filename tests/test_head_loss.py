@@ -122,3 +122,23 @@ def test_probe_refuses_a_head_whose_logits_the_forward_changes():
     assert not fast.supports_chunked_loss(model, batch)
     assert not fast.supports_chunked_loss(_model("lora"), batch, distributed=True)
     assert fast.supports_chunked_loss(_model("lora"), batch)
+
+
+@pytest.mark.parametrize("method", ["lora", "prompt_tuning"])  # prompt tuning changes the sequence: full logits
+def test_text_perplexity_in_chunks_equals_full_logits(monkeypatch, method):
+    from conftest import tiny_tokenizer_obj
+    from tunelab.tasks import text
+
+    model = _model(method).eval()
+    tok = tiny_tokenizer_obj()
+    feats = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in ROWS + PROWS]
+    monkeypatch.setattr(head_loss, "CHUNK_BYTES", 4 * model.config.vocab_size * 5)
+    calls, stats = [], head_loss.token_stats
+    monkeypatch.setattr(head_loss, "token_stats", lambda *a, **k: calls.append(1) or stats(*a, **k))
+    fast_path = text.nll(model, tok, feats, batch_size=8)
+    assert len(calls) == (1 if method == "lora" else 0)  # all six rows in one batch
+    monkeypatch.setattr(fast, "supports_chunked_loss", lambda *a, **k: False)
+    full = text.nll(model, tok, feats, batch_size=8)
+    assert fast_path[1:] == full[1:] and fast_path[1] == 43 + 15
+    assert fast_path[0] == pytest.approx(full[0], rel=1e-6)
+    assert not model.training and all(p.grad is None for p in model.parameters())

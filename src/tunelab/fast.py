@@ -288,6 +288,14 @@ def loss(model: nn.Module, batch: dict, trim: bool, prefix: bool = False, chunke
     return _prefix_loss(model, inputs, cut, chunked)
 
 
+def _sharded(p: torch.Tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:
+        return False
+    return isinstance(p, DTensor) or isinstance(getattr(p, "data", None), DTensor)
+
+
 @torch.no_grad()
 def supports_chunked_loss(model: nn.Module, batch: dict, amp: contextlib.AbstractContextManager | None = None,
                           distributed: bool = False) -> bool:
@@ -296,8 +304,9 @@ def supports_chunked_loss(model: nn.Module, batch: dict, amp: contextlib.Abstrac
     Not across processes: DDP/FSDP reduce gradients in hooks that the chunks' inner backward
     would run outside of."""
     inner = getattr(model, "module", model)
-    if distributed or not hasattr(inner, "get_output_embeddings") or inner.get_output_embeddings() is None:
-        return False
+    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    if distributed or head is None or any(_sharded(p) for p in head.parameters()):
+        return False  # FSDP2 may reshard the head after the forward, before the chunks call it
     small = {k: (v[:2] if torch.is_tensor(v) and v.dim() and v.shape[0] == batch["input_ids"].shape[0] else v)
              for k, v in batch.items()}
     inputs = loss_inputs(small)

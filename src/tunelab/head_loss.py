@@ -83,9 +83,9 @@ class _ChunkedCE(torch.autograd.Function):
         return (grad_h, None, None, None, None, *per_param)
 
 
-def chunked_loss(model: nn.Module, inputs: dict, rows: int | None = None) -> torch.Tensor:
-    """``model(**inputs).loss`` for inputs from ``fast.loss_inputs`` (``logits_to_keep`` mask and
-    the kept positions' targets as ``labels``), the head applied ``rows`` positions at a time."""
+def _head_inputs(model: nn.Module, inputs: dict) -> tuple[nn.Module, torch.Tensor]:
+    """(the head, the rows the model's forward hands it) for ``fast.loss_inputs``-style inputs; the
+    head itself runs on no row."""
     head = getattr(model, "module", model).get_output_embeddings()
     targets = inputs["labels"]
     seen: list[torch.Tensor] = []
@@ -101,7 +101,30 @@ def chunked_loss(model: nn.Module, inputs: dict, rows: int | None = None) -> tor
         handle.remove()
     if len(seen) != 1 or seen[0].shape[:-1] != targets.shape:
         raise ValueError(f"the head saw {[tuple(h.shape) for h in seen]} for {targets.numel()} targets")
+    return head, seen[0]
+
+
+def chunked_loss(model: nn.Module, inputs: dict, rows: int | None = None) -> torch.Tensor:
+    """``model(**inputs).loss`` for inputs from ``fast.loss_inputs`` (``logits_to_keep`` mask and
+    the kept positions' targets as ``labels``), the head applied ``rows`` positions at a time."""
+    head, h = _head_inputs(model, inputs)
+    targets = inputs["labels"]
     params = tuple(p for p in head.parameters())
     # grad mode is off inside a Function's forward: whether the caller wants gradients is read here
-    return _ChunkedCE.apply(seen[0], targets, _logits_fn(getattr(model, "module", model), head), rows or chunk_rows(model),
+    return _ChunkedCE.apply(h, targets, _logits_fn(getattr(model, "module", model), head), rows or chunk_rows(model),
                             torch.is_grad_enabled(), *params)
+
+
+@torch.no_grad()
+def token_stats(model: nn.Module, inputs: dict, rows: int | None = None) -> tuple[float, int, int]:
+    """(summed NLL, positions, positions whose argmax is the target) over the kept positions of
+    ``fast.loss_inputs``-style inputs, a chunk of logits at a time (perplexity and token accuracy)."""
+    head, h = _head_inputs(model, inputs)
+    targets, fn = inputs["labels"], _logits_fn(getattr(model, "module", model), head)
+    rows = rows or chunk_rows(model)
+    total, right = 0.0, 0
+    for s in range(0, targets.numel(), rows):
+        logits, t = fn(h[s:s + rows]).float(), targets[s:s + rows]
+        total += float(F.cross_entropy(logits, t, reduction="sum"))
+        right += int((logits.argmax(-1) == t).sum())
+    return total, targets.numel(), right
