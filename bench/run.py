@@ -25,6 +25,7 @@ noted, the same rows, batches, precision and hyperparameters on both sides):
     qa-head        SQuAD dev articles 40:48, MiniLM span head  vs plain forwards + the n-best loop per window
     score-lora     score with a LoRA attached (frozen base weights: what the demo and most runs evaluate)
     lora-text      lora on SAMSum dialogues as plain text (task text, loss on every token, rows <= 256 tokens)
+    text-ppl       perplexity of 200 SAMSum validation dialogues (task text, LoRA attached); tunelab only (--before)
 
 --before DIR adds a side "tunelab-before": the tunelab half run from DIR/src (e.g. a `git worktree` of
 main), for before/after figures in one interleaved run.
@@ -95,6 +96,11 @@ CONFIGS = {
     "score-lora": {"tunelab": ["method.name=lora", "eval.loss=false"], "ref": ("score", {}), "eval": True},
     # loss on every token (continued pretraining): the vocabulary loss dominates memory (tunelab.head_loss)
     "lora-text": {"tunelab": [*LORA, *TEXT], "ref": ("peft", {"lora": PEFT_LORA})},
+    # perplexity and token accuracy of held-out text (the text/chat families' metric); no reference
+    # implementation: compare with --before
+    "text-ppl": {"tunelab": ["method.name=lora", "eval.loss=false", "task.name=text", "task.fields={text: dialogue}",
+                             f"data.eval={DATA / 'samsum/val.json'}", "data.max_eval=200", "eval.batch_size=8"],
+                 "ref": None, "eval": True},
 }
 
 
@@ -192,7 +198,7 @@ def _tunelab(spec, cfg, conf, steps, warmup, peak) -> dict:
         LEVERS[lever](fast)
     if not conf.get("eval"):
         return bench.bench_train(cfg, steps=steps, warmup=warmup, peak_flops=peak)
-    if conf["ref"][0] in ("score", "choice", "ner", "qa"):
+    if conf["ref"] is None or conf["ref"][0] in ("score", "choice", "ner", "qa"):
         return bench.bench_eval(cfg, max_examples=conf.get("max_examples"), peak_flops=peak)
     # generation: tunelab.evaluate.generate alone (the task's evaluate also scores perplexity)
     import tunelab
@@ -387,7 +393,8 @@ def main() -> None:
                 sides.append(("tunelab without any", ablate))
             if a.before:
                 sides.append(("tunelab-before", []))
-            for side, off in [*sides, *([] if a.skip_reference else [("reference", [])])]:
+            no_ref = a.skip_reference or CONFIGS[name]["ref"] is None
+            for side, off in [*sides, *([] if no_ref else [("reference", [])])]:
                 spec = {"config": name, "impl": "reference" if side == "reference" else "tunelab", "side": side,
                         "disable": off, "threads": a.threads, "device": device, "steps": a.steps, "warmup": a.warmup,
                         "peak_flops": peak, "pythonpath": a.pythonpath, "extra": a.extra}
