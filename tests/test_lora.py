@@ -165,3 +165,34 @@ def test_config_errors_are_clear():
     model = tunelab.attach(tiny_llama(), "lora", target_modules="q_proj,v_proj")
     assert model.tunelab_method["params"]["target_modules"] == ["q_proj", "v_proj"]
     assert isinstance(model.model.layers[0].self_attn.v_proj, LoRALinear)
+
+
+@pytest.mark.parametrize("amp", [False, True])
+@pytest.mark.parametrize("grad", [True, False])
+def test_in_place_adapter_sum_is_the_out_of_place_addmm_bit_for_bit(amp, grad):
+    # the forward adds s (x A^T) B^T into the base output in place; the out-of-place addmm it replaced
+    # must give the same bits, forward and backward, in fp32 and under bf16 autocast
+    torch.manual_seed(0)
+    mod = LoRALinear(nn.Linear(24, 40), r=4, scale=2.0)
+    with torch.no_grad():
+        mod.lora_A.normal_(std=0.2)
+        mod.lora_B.normal_(std=0.2)
+
+    def old(x):
+        y = mod.base_layer(x)
+        h = torch.nn.functional.linear(x, mod.lora_A)
+        return torch.addmm(y.view(-1, 40), h.view(-1, 4), mod.lora_B.t(), alpha=mod.scaling).view(y.shape)
+
+    outs = []
+    for fn in (mod, old):
+        x = torch.randn(3, 7, 24, generator=torch.Generator().manual_seed(2), requires_grad=grad)
+        with torch.set_grad_enabled(grad), torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            y = fn(x)
+        got = [y.detach()]
+        if grad:
+            mod.zero_grad(set_to_none=True)
+            (y.float() ** 2).sum().backward()
+            got += [x.grad, mod.lora_A.grad, mod.lora_B.grad]
+        outs.append(got)
+    assert outs[0][0].dtype == (torch.bfloat16 if amp else torch.float32)
+    assert all(torch.equal(a, b) for a, b in zip(*outs, strict=True))

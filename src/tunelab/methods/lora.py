@@ -135,6 +135,12 @@ class LoRALinear(nn.Module):
         base = self.base_layer
         y = F.linear(x, base.weight, base.bias) if type(base) is nn.Linear else base(x)
         h = F.linear(xd, A)
+        if h.dtype == y.dtype and (type(base) is nn.Linear or not torch.is_grad_enabled()):
+            # in place: y is this call's own temporary and F.linear's backward does not read it, while an
+            # out-of-place addmm first copies all of y (1 ms a call for SmolLM2's MLP at 1,664 rows); the
+            # same kernel with beta = 1, bit-identical
+            y.view(-1, y.shape[-1]).addmm_(h.view(-1, self.r), B.t().to(y.dtype), alpha=self.scaling)
+            return y
         out = torch.addmm(y.view(-1, y.shape[-1]), h.view(-1, self.r), B.t(), alpha=self.scaling)
         return out.view(y.shape)
 
