@@ -126,8 +126,9 @@ def test_probe_refuses_a_head_whose_logits_the_forward_changes():
 
 @pytest.mark.parametrize("method", ["lora", "prompt_tuning"])  # prompt tuning changes the sequence: full logits
 def test_text_perplexity_in_chunks_equals_full_logits(monkeypatch, method):
-    from conftest import tiny_tokenizer_obj
     from tunelab.tasks import text
+
+    from conftest import tiny_tokenizer_obj
 
     model = _model(method).eval()
     tok = tiny_tokenizer_obj()

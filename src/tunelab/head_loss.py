@@ -68,7 +68,7 @@ class _ChunkedCE(torch.autograd.Function):
                 if want_h:
                     grad_h[s:s + rows] = got[0]
                     got = got[1:]
-                for acc, g in zip(grads, got):
+                for acc, g in zip(grads, got, strict=True):
                     acc += g
             total += part.detach()
         ctx.want_h, ctx.mask = want_h, [grad and p.requires_grad for p in params]
