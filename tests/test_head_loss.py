@@ -31,6 +31,7 @@ def _model(method):
 
 def _loss_and_grads(model, fn, scale=1.0):
     model.zero_grad(set_to_none=True)
+    torch.manual_seed(0)  # the same dropout masks for both paths (GPT-2 and OPT train with dropout)
     loss = fn()
     (loss * scale).backward()
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -143,3 +144,28 @@ def test_text_perplexity_in_chunks_equals_full_logits(monkeypatch, method):
     assert fast_path[1:] == full[1:] and fast_path[1] == 43 + 15
     assert fast_path[0] == pytest.approx(full[0], rel=1e-6)
     assert not model.training and all(p.grad is None for p in model.parameters())
+
+
+DECODERS = ("llama", "qwen2", "qwen3", "gemma", "gemma2", "mistral", "phi3", "gpt2", "opt", "gpt_neox")
+
+
+@pytest.mark.parametrize("family", DECODERS)
+def test_every_decoder_family_chunks_to_its_own_loss_and_grads(family, monkeypatch):
+    from tiny_models import batch, tiny
+
+    model = tunelab.attach(tiny(family), "lora", r=4)
+    torch.manual_seed(1)
+    for p in model.parameters():
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.1)
+    model.train()
+    b = batch(family, n=12)
+    assert fast.supports_loss_inputs(model, b), family  # else the loop keeps the model's own path anyway
+    inputs = fast.loss_inputs(b)
+    ref_loss, ref = _loss_and_grads(model, lambda: model(**inputs).loss)
+    monkeypatch.setattr(head_loss, "CHUNK_BYTES", 4 * model.config.vocab_size * 5)
+    assert fast.supports_chunked_loss(model, b), family
+    loss, got = _loss_and_grads(model, lambda: fast.loss(model, b, trim=True, chunked=True))
+    torch.testing.assert_close(loss, ref_loss)
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], rtol=1e-4, atol=1e-6, msg=name)
