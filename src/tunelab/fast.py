@@ -69,6 +69,20 @@ def loss_inputs(batch: dict) -> dict:
     return {**batch, "logits_to_keep": keep, "labels": targets, "shift_labels": targets}
 
 
+def first_rows(batch: dict, rows: int = 2) -> dict:
+    """The first ``rows`` rows of every per-row tensor of ``batch`` (what the probes below run on)."""
+    n = batch["input_ids"].shape[0]
+    return {k: (v[:rows] if torch.is_tensor(v) and v.dim() and v.shape[0] == n else v) for k, v in batch.items()}
+
+
+def loss_levers(model: nn.Module, batch: dict, amp: contextlib.AbstractContextManager | None = None,
+                distributed: bool = False) -> dict:
+    """``fast.loss``'s keyword levers for ``model``, each probed once on ``batch``."""
+    trim = supports_loss_inputs(model, batch, amp)
+    return {"trim": trim, "prefix": trim and supports_shared_prefix(model, batch, distributed=distributed),
+            "chunked": trim and supports_chunked_loss(model, batch, amp, distributed=distributed)}
+
+
 def _takes_logits_to_keep(model: nn.Module) -> bool:
     fwd = getattr(model, "forward", None)
     try:
@@ -85,8 +99,7 @@ def supports_loss_inputs(model: nn.Module, batch: dict, amp: contextlib.Abstract
     labels = batch.get("labels")
     if labels is None or labels.dim() != 2 or labels.dtype.is_floating_point or not _takes_logits_to_keep(model):
         return False
-    small = {k: (v[:rows] if torch.is_tensor(v) and v.dim() and v.shape[0] == labels.shape[0] else v)
-             for k, v in batch.items()}
+    small = first_rows(batch, rows)
     trimmed_in = loss_inputs(small)
     if trimmed_in["labels"].numel() == 0:
         return False
@@ -307,8 +320,7 @@ def supports_chunked_loss(model: nn.Module, batch: dict, amp: contextlib.Abstrac
     head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
     if distributed or head is None or any(_sharded(p) for p in head.parameters()):
         return False  # FSDP2 may reshard the head after the forward, before the chunks call it
-    small = {k: (v[:2] if torch.is_tensor(v) and v.dim() and v.shape[0] == batch["input_ids"].shape[0] else v)
-             for k, v in batch.items()}
+    small = first_rows(batch)
     inputs = loss_inputs(small)
     if inputs["labels"].numel() < 2:
         return False
@@ -342,8 +354,7 @@ def supports_shared_prefix(model: nn.Module, batch: dict, distributed: bool = Fa
     (which must share a prefix) with and without the prefix path."""
     if distributed or checkpointing(model) or not hook_free(model):
         return False
-    small = {k: (v[:2] if torch.is_tensor(v) and v.dim() and v.shape[0] == batch["input_ids"].shape[0] else v)
-             for k, v in batch.items()}
+    small = first_rows(batch)
     inputs = loss_inputs(small)
     cut = batch_prefix(small, inputs["logits_to_keep"])
     if cut < MIN_PREFIX:

@@ -83,10 +83,11 @@ class _ChunkedCE(torch.autograd.Function):
         return (grad_h, None, None, None, None, *per_param)
 
 
-def _head_inputs(model: nn.Module, inputs: dict) -> tuple[nn.Module, torch.Tensor]:
-    """(the head, the rows the model's forward hands it) for ``fast.loss_inputs``-style inputs; the
-    head itself runs on no row."""
-    head = getattr(model, "module", model).get_output_embeddings()
+def _head_inputs(model: nn.Module, inputs: dict) -> tuple[nn.Module, object, torch.Tensor]:
+    """(the head, its logits function, the rows the model's forward hands it) for
+    ``fast.loss_inputs``-style inputs; the head itself runs on no row."""
+    inner = getattr(model, "module", model)
+    head = inner.get_output_embeddings()
     targets = inputs["labels"]
     seen: list[torch.Tensor] = []
 
@@ -101,26 +102,24 @@ def _head_inputs(model: nn.Module, inputs: dict) -> tuple[nn.Module, torch.Tenso
         handle.remove()
     if len(seen) != 1 or seen[0].shape[:-1] != targets.shape:
         raise ValueError(f"the head saw {[tuple(h.shape) for h in seen]} for {targets.numel()} targets")
-    return head, seen[0]
+    return head, _logits_fn(inner, head), seen[0]
 
 
 def chunked_loss(model: nn.Module, inputs: dict, rows: int | None = None) -> torch.Tensor:
     """``model(**inputs).loss`` for inputs from ``fast.loss_inputs`` (``logits_to_keep`` mask and
     the kept positions' targets as ``labels``), the head applied ``rows`` positions at a time."""
-    head, h = _head_inputs(model, inputs)
-    targets = inputs["labels"]
-    params = tuple(p for p in head.parameters())
+    head, fn, h = _head_inputs(model, inputs)
     # grad mode is off inside a Function's forward: whether the caller wants gradients is read here
-    return _ChunkedCE.apply(h, targets, _logits_fn(getattr(model, "module", model), head), rows or chunk_rows(model),
-                            torch.is_grad_enabled(), *params)
+    return _ChunkedCE.apply(h, inputs["labels"], fn, rows or chunk_rows(model), torch.is_grad_enabled(),
+                            *head.parameters())
 
 
 @torch.no_grad()
 def token_stats(model: nn.Module, inputs: dict, rows: int | None = None) -> tuple[float, int, int]:
     """(summed NLL, positions, positions whose argmax is the target) over the kept positions of
     ``fast.loss_inputs``-style inputs, a chunk of logits at a time (perplexity and token accuracy)."""
-    head, h = _head_inputs(model, inputs)
-    targets, fn = inputs["labels"], _logits_fn(getattr(model, "module", model), head)
+    _, fn, h = _head_inputs(model, inputs)
+    targets = inputs["labels"]
     rows = rows or chunk_rows(model)
     total, right = 0.0, 0
     for s in range(0, targets.numel(), rows):

@@ -279,18 +279,16 @@ class Run:
         """Token-mean training loss on the eval set (what scaling-law fits use); eval mode, no autograd
         and the weights cast once for the whole pass (``fast_eval.inference``)."""
         feats, collate = self.eval_features, self.collate
-        total, count, trim = 0.0, 0, None
+        total, count, levers = 0.0, 0, None
         with fast_eval.inference(self.model):
             for idx in batches(feats.lengths, self.cfg.eval.batch_size, seed=0, epoch=0, shuffle=False):
                 batch = {k: v.to(self.device) for k, v in collate([feats[i] for i in idx]).items()}
-                if trim is None:  # the LM head only where a target is, a shared prefix once (tunelab.fast)
-                    trim = self.causal and not self.objective and fast.supports_loss_inputs(self.model, batch)
-                    shared = trim and fast.supports_shared_prefix(self.model, batch)
-                    chunked = trim and fast.supports_chunked_loss(self.model, batch)
+                if levers is None:  # the LM head only where a target is, a shared prefix once, ... (tunelab.fast)
+                    levers = (fast.loss_levers(self.model, batch) if self.causal and not self.objective
+                              else {"trim": False})
                 n = self.units(batch)
                 if n:
-                    loss = (self.objective.loss(self.model, batch) if self.objective
-                            else fast.loss(self.model, batch, trim, shared, chunked))
+                    loss = self.objective.loss(self.model, batch) if self.objective else fast.loss(self.model, batch, **levers)
                     total += float(loss) * n
                     count += n
         return total / max(count, 1)
@@ -410,9 +408,8 @@ def _train(r: Run, model, out: Path, lead: bool) -> dict:
     # LM head and loss only where a target is (same loss and grads; see tunelab.fast)
     probe = {k: v.to(r.device) for k, v in collate(feats[:2]).items()}
     obj = r.objective
-    trim = r.causal and not obj and fast.supports_loss_inputs(model, probe, autocast(r.device, r.amp))
-    shared = trim and fast.supports_shared_prefix(model, probe, distributed=dist.active())
-    chunked = trim and fast.supports_chunked_loss(model, probe, autocast(r.device, r.amp), distributed=dist.active())
+    levers = (fast.loss_levers(model, probe, autocast(r.device, r.amp), distributed=dist.active())
+              if r.causal and not obj else {"trim": False})
     if obj:
         obj.prepare(model)  # e.g. DPO's frozen reference for a method without an off switch
     base = model
@@ -468,7 +465,7 @@ def _train(r: Run, model, out: Path, lead: bool) -> dict:
             for i, b in enumerate(micro):
                 sync = dist.no_sync(model) if i < len(micro) - 1 else contextlib.nullcontext()
                 with sync, autocast(r.device, r.amp), fast.attention_for(model, b, r.device):
-                    out_loss = obj.loss(model, b, base) if obj else fast.loss(model, b, trim, shared, chunked)
+                    out_loss = obj.loss(model, b, base) if obj else fast.loss(model, b, **levers)
                 weight = r.units(b) / n_total * dist.world()
                 (out_loss * weight).backward()
                 step_loss += out_loss.detach() * weight
