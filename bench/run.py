@@ -27,6 +27,10 @@ noted, the same rows, batches, precision and hyperparameters on both sides):
     lora-text      lora on SAMSum dialogues as plain text (task text, loss on every token, rows <= 256 tokens)
     text-ppl       perplexity of 200 SAMSum validation dialogues (task text, LoRA attached); tunelab only (--before)
 
+Every evaluation row runs once more, untimed, under torch's FlopCounterMode: the MFU column then adds
+"ran X TFLOP at Y%", the matmul and attention FLOPs that side executed (padding included, a shared
+prefix once) over its time and the measured peak: how close each side's own work runs to the hardware.
+
 --before DIR adds a side "tunelab-before": the tunelab half run from DIR/src (e.g. a `git worktree` of
 main), for before/after figures in one interleaved run.
 
@@ -139,13 +143,41 @@ LEVERS = {"loss-positions": _no_loss_positions, "shared-prefix": _no_prefix, "ea
 
 
 # ---------------------------------------------------------------- the child: one measurement
+def executed_flops(fn) -> float:
+    """FLOPs of the matmuls and attention that ``fn()`` runs (torch's FlopCounterMode): the work done,
+    padding included and a shared prefix once, unlike the model FLOPs of the plain computation."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+    def sdpa(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
+        return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+    cpu_sdpa = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)  # not in torch's table
+    with FlopCounterMode(display=False, custom_mapping={cpu_sdpa: sdpa} if cpu_sdpa else None) as counter:
+        fn()
+    return float(counter.get_total_flops())
+
+
 def child(spec: dict) -> dict:
+    """One measurement; an evaluation row then runs once more, untimed, to count the FLOPs it executes."""
+    res = _child(spec)
+    if CONFIGS[spec["config"]].get("eval") and spec.get("count_flops", True) and "seconds" in res:
+        flops = executed_flops(lambda: _child(spec))
+        peak = res.get("matmul_peak_tflops", spec["peak_flops"] / 1e12) * 1e12
+        res |= {"executed_flops": flops, "executed_mfu": flops / res["seconds"] / peak,
+                "matmul_peak_tflops": peak / 1e12}
+    return res
+
+
+def _child(spec: dict) -> dict:
     import torch
 
     torch.set_num_threads(spec["threads"])
-    sys.path.insert(0, str(ROOT / "bench"))
+    if str(ROOT / "bench") not in sys.path:
+        sys.path.insert(0, str(ROOT / "bench"))
     for extra in spec.get("pythonpath", []):
-        sys.path.append(extra)
+        if extra not in sys.path:
+            sys.path.append(extra)
     from tunelab.config import load_config
 
     conf = CONFIGS[spec["config"]]
@@ -313,6 +345,9 @@ def table(results: list[dict]) -> str:
                    else (flops / r["seconds"] / (r["matmul_peak_tflops"] * 1e12) if flops and "seconds" in r else None)
                    for r in rs]
             mfu_s = f"{100 * statistics.median(mfu):.1f}%" if all(m is not None for m in mfu) else "-"
+            if all("executed_mfu" in r for r in rs):  # evaluation rows: the work each side actually ran
+                done = statistics.median(r["executed_flops"] for r in rs) / 1e12
+                mfu_s += f"; ran {done:,.2f} TFLOP at {100 * statistics.median(r['executed_mfu'] for r in rs):.0f}%"
             q = rs[0].get("mean_loss")
             if side != "reference" and "outputs" in rs[0] and by[name].get("reference") and "outputs" in by[name]["reference"][0]:
                 q = f"{differing(rs[0]['outputs'], by[name]['reference'][0]['outputs'])}/{len(rs[0]['outputs'])} differ"
