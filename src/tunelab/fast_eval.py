@@ -2,7 +2,10 @@
 
 - ``inference(model)``: eval mode and no autograd for the block, and every matmul-only weight held
   in the autocast dtype once (``tunelab.shadow.cast_weights``) instead of re-cast in each forward;
-  bit-identical to autocast's own casts.
+  bit-identical to autocast's own casts. The copies (2 bytes per weight: ~2 GB for a 1B model kept
+  in fp32) are made only while they fit in a quarter of the memory free at the start of the block
+  (``copies_fit``); otherwise autocast casts per forward as without the lever, slower but within
+  the memory the plain path needs, with the same results.
 - ``shared_casts()`` (part of ``inference`` unless ``shared=False``): a linear's fp32 input is cast
   to the autocast dtype once however many linears read it. Autocast casts every linear's input anew:
   in a Llama block the fp32 RMSNorm outputs are cast for q, k and v and for gate and up, and with
@@ -28,7 +31,8 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from tunelab import fast
-from tunelab.shadow import cast_weights
+from tunelab.held_weights import free_bytes
+from tunelab.shadow import cast_weights, saved_bytes
 
 
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
@@ -73,15 +77,26 @@ def shared_casts():
         mode.src = mode.cast = None  # the kept tensors go with the block
 
 
+def copies_fit(model, dtype: torch.dtype | None, device: torch.device) -> bool:
+    """Whether the copies ``cast_weights`` would hold fit in a quarter of the memory free now (the
+    training loop's automatic rule for its held weights, without its fixed cap: these live for one
+    evaluation only). An evaluation inside a training run finds the frozen weights held already."""
+    if dtype is None or dtype == torch.float32:
+        return False
+    free = free_bytes(device)
+    return free is None or saved_bytes(model, dtype, frozen_only=False) <= free // 4
+
+
 @contextlib.contextmanager
 def inference(model, *, shared: bool = True):
-    """Eval mode, ``torch.no_grad``, autocast-dtype weights and (``shared``) each linear input cast once
-    within the block; training mode restored."""
+    """Eval mode, ``torch.no_grad``, autocast-dtype weights where they fit (``copies_fit``) and
+    (``shared``) each linear input cast once within the block; training mode restored."""
     was_training = model.training
     model.eval()
     dev = next(model.parameters()).device
+    dtype = autocast_dtype(dev)
     try:
-        with (torch.no_grad(), cast_weights(model, autocast_dtype(dev), frozen_only=False),
+        with (torch.no_grad(), cast_weights(model, dtype if copies_fit(model, dtype, dev) else None, frozen_only=False),
               shared_casts() if shared else contextlib.nullcontext()):
             yield model
     finally:
