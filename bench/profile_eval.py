@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from profile_step import group_of  # noqa: E402
+from profile_step import group_of, print_groups  # noqa: E402
 from run import BASE, CONFIGS  # noqa: E402
 
 
@@ -62,10 +62,8 @@ def main() -> None:
     groups: dict[str, float] = defaultdict(float)
     for e in events:
         groups[group_of(e.key)] += e.self_cpu_time_total / 1e6
-    total = sum(groups.values())
-    print(f"profiled pass {wall:.2f} s wall, {len(r.eval_ex)} examples, {total:.2f} s self CPU in ops")
-    for g, s in sorted(groups.items(), key=lambda kv: -kv[1]):
-        print(f"  {g:12s} {s:7.3f} s  {100 * s / total:5.1f}%")
+    print(f"profiled pass {wall:.2f} s wall, {len(r.eval_ex)} examples, {sum(groups.values()):.2f} s self CPU in ops")
+    print_groups(groups)
     if a.top:
         rows = sorted(events, key=lambda e: -e.self_cpu_time_total)[: a.top]
         for e in rows:

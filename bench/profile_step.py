@@ -40,6 +40,14 @@ def group_of(name: str) -> str:
     return "other"
 
 
+def print_groups(totals: dict[str, float]) -> float:
+    """Print self time per group, largest first; returns the total."""
+    total = sum(totals.values())
+    for g, v in sorted(totals.items(), key=lambda kv: -kv[1]):
+        print(f"  {g:12s} {v:7.3f} s  {100 * v / total:5.1f}%")
+    return total
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--method", default="lora")
@@ -103,8 +111,7 @@ def main() -> None:
     print(f"{cfg.method.name} step on batch {tuple(b['input_ids'].shape)}, {a.threads} threads: {wall:.3f} s wall "
           f"(profiled self time {total:.3f} s; loss positions {trim}, shared prefix {shared}, "
           f"held weights {facts['held_mb']} MB)")
-    for g, v in sorted(totals.items(), key=lambda kv: -kv[1]):
-        print(f"  {g:12s} {v:7.3f} s  {100 * v / total:5.1f}%")
+    print_groups(totals)
     print(f"  of which dequantizing quantized bases (inclusive): {deq:.3f} s  {100 * deq / total:5.1f}%")
     if a.top:
         print(prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=a.top))

@@ -161,11 +161,10 @@ def executed_flops(fn) -> float:
 def child(spec: dict) -> dict:
     """One measurement; an evaluation row then runs once more, untimed, to count the FLOPs it executes."""
     res = _child(spec)
-    if CONFIGS[spec["config"]].get("eval") and spec.get("count_flops", True) and "seconds" in res:
+    if CONFIGS[spec["config"]].get("eval") and "seconds" in res:
         flops = executed_flops(lambda: _child(spec))
-        peak = res.get("matmul_peak_tflops", spec["peak_flops"] / 1e12) * 1e12
-        res |= {"executed_flops": flops, "executed_mfu": flops / res["seconds"] / peak,
-                "matmul_peak_tflops": peak / 1e12}
+        peak_tflops = res.setdefault("matmul_peak_tflops", spec["peak_flops"] / 1e12)
+        res |= {"executed_flops": flops, "executed_mfu": flops / res["seconds"] / (peak_tflops * 1e12)}
     return res
 
 

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from transformers import BertConfig, BertForQuestionAnswering, BertForTokenClassification
 
 import tunelab
-from tunelab import evaluate, fast_eval, shadow
+from tunelab import evaluate, fast_eval, held_weights, shadow
 from tunelab.data import tokenize_prompt
 from tunelab.tasks import TASKS
 from tunelab.tasks.ner import word_offsets
@@ -102,11 +102,11 @@ def test_inference_holds_copies_only_where_they_fit_in_free_memory(tiny_tokenize
     need = shadow.saved_bytes(model, torch.bfloat16, frozen_only=False)
     up = model.model.layers[0].mlp.up_proj
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        monkeypatch.setattr(fast_eval, "free_bytes", lambda device: 4 * need)
+        monkeypatch.setattr(held_weights, "free_bytes", lambda device: 4 * need)
         with fast_eval.inference(model):
             assert up.weight.dtype == torch.bfloat16
         held = evaluate.score_choices(model, tiny_tokenizer, PROMPTS, CHOICES, batch_size=2)
-        monkeypatch.setattr(fast_eval, "free_bytes", lambda device: 4 * need - 1)  # a large model on a full machine
+        monkeypatch.setattr(held_weights, "free_bytes", lambda device: 4 * need - 1)  # a large model on a full machine
         with fast_eval.inference(model):
             assert up.weight.dtype == torch.float32  # autocast casts per forward instead
         plain = evaluate.score_choices(model, tiny_tokenizer, PROMPTS, CHOICES, batch_size=2)

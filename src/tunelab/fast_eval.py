@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from tunelab import fast
-from tunelab.held_weights import free_bytes
+from tunelab.held_weights import fits_free
 from tunelab.shadow import cast_weights, saved_bytes
 
 
@@ -83,8 +83,7 @@ def copies_fit(model, dtype: torch.dtype | None, device: torch.device) -> bool:
     evaluation only). An evaluation inside a training run finds the frozen weights held already."""
     if dtype is None or dtype == torch.float32:
         return False
-    free = free_bytes(device)
-    return free is None or saved_bytes(model, dtype, frozen_only=False) <= free // 4
+    return fits_free(saved_bytes(model, dtype, frozen_only=False), device)
 
 
 @contextlib.contextmanager

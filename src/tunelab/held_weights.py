@@ -53,6 +53,13 @@ def free_bytes(device: torch.device) -> int | None:
         return None
 
 
+def fits_free(nbytes: int, device: torch.device) -> bool:
+    """Whether ``nbytes`` of held copies fit in a quarter of the memory free on ``device`` now
+    (unknown free memory: yes). The one rule for training's held weights and evaluation's copies."""
+    free = free_bytes(device)
+    return free is None or nbytes <= free // 4
+
+
 def _holders(model: nn.Module) -> list[nn.Module]:
     """Frozen quantized bases that can hold a dense copy (``hold``), each once."""
     return [m for m in model.modules() if callable(getattr(m, "hold", None)) and callable(getattr(m, "dense_for", None))]
@@ -72,8 +79,7 @@ def plan(model: nn.Module, dtype: torch.dtype | None, budget_mb: float | None, d
     p_bytes = shadow.saved_bytes(model, dtype)
     if budget_mb is None:  # automatic: everything or nothing
         total = sum(q_bytes) + p_bytes
-        free = free_bytes(device)
-        if total and total <= AUTO_MB * 2**20 and (free is None or total <= free // 4):
+        if total and total <= AUTO_MB * 2**20 and fits_free(total, device):
             return {"quantized": holders, "plain": p_bytes > 0, "bytes": total, "rule": "auto"}
         return none | {"rule": f"auto: {total / 2**20:.0f} MB > {AUTO_MB} MB or a quarter of free memory"}
     left, chosen = int(budget_mb * 2**20), []
