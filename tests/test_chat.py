@@ -7,7 +7,7 @@ import pytest
 from tunelab import pipeline
 from tunelab.chat_format import ChatError, normalize, render
 from tunelab.config import task_config
-from tunelab.readers import DataError
+from tunelab.errors import DataError
 from tunelab.tasks import TASKS
 
 from conftest import tiny_llama, tiny_tokenizer_obj

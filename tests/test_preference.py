@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 import tunelab
+from tunelab.errors import DataError
 from tunelab.objectives import dpo_loss, log1mexp, orpo_loss, sequence_logps, simpo_loss
-from tunelab.readers import DataError
 from tunelab.tasks import TASKS
 
 from conftest import tiny_llama, tiny_tokenizer_obj

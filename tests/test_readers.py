@@ -8,7 +8,8 @@ import logging
 import pytest
 
 from tunelab import readers
-from tunelab.readers import DataError, parse_hub_name, read_conll, read_records, read_squad
+from tunelab.errors import DataError
+from tunelab.readers import parse_hub_name, read_conll, read_records, read_squad
 
 from conftest import shared_data
 

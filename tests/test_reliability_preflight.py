@@ -8,7 +8,7 @@ import pytest
 import tunelab.train as train_mod
 from test_train import cfg_for, data  # noqa: F401  (fixtures)
 from tunelab.config import load_config
-from tunelab.readers import DataError
+from tunelab.errors import DataError
 
 from conftest import tiny_tokenizer_obj
 

@@ -169,7 +169,7 @@ def test_smollm2_batched_equals_per_row_on_sst2_and_fuzz():
 
 
 def test_a_bad_label_is_the_same_error_as_per_row():
-    from tunelab.readers import DataError
+    from tunelab.errors import DataError
 
     tok, task, cfg = bpe_tok(), TASKS.get("sentiment"), task_config("sentiment", {})
     rows = rows_for("sentiment")[:3] + [{"text": "a", "label": "maybe", "_where": "t.tsv:5"}]

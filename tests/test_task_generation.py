@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
+from tunelab.errors import DataError
 from tunelab.evaluate import generate
 from tunelab.methods.base import install_context
-from tunelab.readers import DataError
 from tunelab.tasks import TASKS
 
 from conftest import shared_data, tiny_llama

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tunelab.data import Collator
-from tunelab.readers import DataError
+from tunelab.errors import DataError
 from tunelab.tasks import TASKS
 from tunelab.tasks import ner as ner_mod
 from tunelab.tasks.ner import first_subtokens, parse_entities, place_entities, render_entities

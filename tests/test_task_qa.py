@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tunelab.data import Collator
-from tunelab.readers import DataError
+from tunelab.errors import DataError
 from tunelab.tasks import TASKS
 from tunelab.tasks import qa as qa_mod
 from tunelab.tasks.qa import answer_tokens, best_span, install_qa_labels, split_source, windows

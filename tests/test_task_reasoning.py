@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from tunelab.readers import DataError
+from tunelab.errors import DataError
 from tunelab.tasks import TASKS
 from tunelab.tasks import reasoning as rmod
 from tunelab.tasks.reasoning import candidates, extract_choice, extract_letter, extract_number

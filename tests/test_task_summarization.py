@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from tunelab.readers import DataError
+from tunelab.errors import DataError
 from tunelab.tasks import TASKS
 from tunelab.tasks import summarization as summ_mod
 

@@ -9,7 +9,7 @@ import torch
 from tunelab import pipeline
 from tunelab.config import task_config
 from tunelab.data import Collator
-from tunelab.readers import DataError
+from tunelab.errors import DataError
 from tunelab.tasks import TASKS
 
 from conftest import tiny_llama, tiny_tokenizer_obj

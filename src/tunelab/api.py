@@ -10,12 +10,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pydantic import ValidationError
 from safetensors.torch import save_file
 from torch import nn
 
-from tunelab import methods as _methods  # noqa: F401  (registers every method)
 from tunelab.checkpoint import atomic_dir
+from tunelab.methods import method_config
 from tunelab.methods.base import (
     HEAD_NAMES,
     METHODS,
@@ -27,17 +26,6 @@ from tunelab.methods.base import (
 
 METHOD_JSON = "method.json"
 METHOD_WEIGHTS = "method.safetensors"
-
-
-def method_config(name: str, params: dict):
-    """Validate ``params`` against method ``name``'s schema (clear error on a bad key/value)."""
-    method = METHODS.get(name)
-    try:
-        return method.Config(**params)
-    except ValidationError as e:
-        from tunelab.config import _explain
-
-        raise ValueError(f"bad parameters for method '{name}':\n{_explain(e, method.Config)}") from None
 
 
 def attach(model: nn.Module, method_name: str, **params) -> nn.Module:

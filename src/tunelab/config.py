@@ -19,7 +19,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from tunelab.registry import suggest
+from tunelab.errors import explain
 
 
 class Section(BaseModel):
@@ -48,7 +48,7 @@ class MethodSection(NamedSection):
 
     @model_validator(mode="after")
     def _check(self):
-        from tunelab.api import method_config
+        from tunelab.methods import method_config
 
         method_config(self.name, self.params())
         return self
@@ -157,39 +157,7 @@ def task_config(name: str, params: dict):
     try:
         return task.Config(**params)
     except ValidationError as e:
-        raise ValueError(f"bad parameters for task '{name}':\n{_explain(e, task.Config)}") from None
-
-
-def _fields_at(schema: type[BaseModel], loc: tuple) -> list[str]:
-    """The valid keys of the section that ``loc`` points into (for "did you mean")."""
-    for part in loc[:-1]:
-        field = schema.model_fields.get(str(part))
-        ann = getattr(field, "annotation", None)
-        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
-            return []
-        schema = ann
-    return list(schema.model_fields)
-
-
-_SWEEPS = ("compare", "scale", "advise")  # = tunelab.compare.SWEEP_SECTIONS (not imported: compare imports us)
-
-
-def _explain(err: ValidationError, schema: type[BaseModel]) -> str:
-    lines = []
-    for e in err.errors():
-        loc = tuple(e["loc"])
-        key = ".".join(str(p) for p in loc)
-        if e["type"] == "extra_forbidden" and len(loc) == 1 and loc[0] in _SWEEPS:
-            lines.append(f"  '{loc[0]}' is a sweep section, read by `tunelab {loc[0]} CONFIG`; a single run "
-                         f"(tunelab train/eval/bench) takes the rest of the file: remove the section or run tunelab {loc[0]}")
-        elif e["type"] == "extra_forbidden":
-            valid = _fields_at(schema, loc)
-            lines.append(f"  unknown key '{key}'{suggest(loc[-1], valid)}; valid keys here: {', '.join(valid)}")
-        elif e["type"] == "value_error":  # a nested schema's own explanation (method/task params): as it is
-            lines.append(f"  {key}: {(e.get('ctx') or {}).get('error', e['msg'])}")
-        else:
-            lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
-    return "\n".join(lines)
+        raise ValueError(f"bad parameters for task '{name}':\n{explain(e, task.Config)}") from None
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -226,7 +194,7 @@ def build_config(raw: dict, source: str = "config") -> RunConfig:
     try:
         return RunConfig(**raw)
     except ValidationError as e:
-        raise ValueError(f"{source}: invalid configuration\n{_explain(e, RunConfig)}") from None
+        raise ValueError(f"{source}: invalid configuration\n{explain(e, RunConfig)}") from None
 
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple = ()) -> RunConfig:

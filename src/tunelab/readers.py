@@ -29,6 +29,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from tunelab.errors import DataError
+
 log = logging.getLogger(__name__)
 
 CONLL_SUFFIXES = {".conll", ".conllu", ".iob", ".iob2", ".bio", ".testa", ".testb", ".train"}
@@ -36,10 +38,6 @@ SUFFIX_FORMATS = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "ts
 QUOTING = {"none": csv.QUOTE_NONE, "minimal": csv.QUOTE_MINIMAL, "all": csv.QUOTE_ALL,
            "nonnumeric": csv.QUOTE_NONNUMERIC}
 FORMATS = ("jsonl", "json", "csv", "tsv", "conll", "squad", "hub")
-
-
-class DataError(ValueError):
-    """A data file (or dataset) that cannot be read as asked: the message names file, line and field."""
 
 
 class _Rows:

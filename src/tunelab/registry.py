@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import difflib
 from typing import Generic, TypeVar
 
+from tunelab.errors import suggest
+
 T = TypeVar("T")
-
-
-def suggest(name: str, choices) -> str:
-    """' (did you mean 'x'?)' when a close match exists, else ''."""
-    close = difflib.get_close_matches(str(name), list(choices), n=1, cutoff=0.5)
-    return f" (did you mean '{close[0]}'?)" if close else ""
 
 
 class Registry(Generic[T]):

@@ -107,7 +107,7 @@ def text_pairs(records, source: str, cols: tuple[str, str], build: Callable[[dic
     ``skip_bad``); ``build`` maps a record to an example; examples whose ``keys`` are empty are
     dropped and counted; an empty result is an error. Inside ``targets_optional()`` the target
     column (``cols[1]``) may be absent or empty."""
-    from tunelab.readers import DataError
+    from tunelab.errors import DataError
 
     optional = _TARGETS_OPTIONAL.get()
     out, empty = [], 0

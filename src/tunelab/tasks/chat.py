@@ -31,10 +31,11 @@ import numpy as np
 
 from tunelab.chat_format import TEMPLATES, ChatError, detect, normalize, render, token_mask
 from tunelab.data import IGNORE
+from tunelab.errors import DataError
 from tunelab.evaluate import generate
 from tunelab.metrics import rouge
 from tunelab.pipeline import DROPPED, KEPT, TRUNCATED, ArrowExamples
-from tunelab.readers import DataError, check_column, load_table
+from tunelab.readers import check_column, load_table
 from tunelab.tasks.base import TASKS, TaskConfig, field_name, gen_args
 from tunelab.tasks.qa import split_source
 

@@ -15,8 +15,9 @@ from __future__ import annotations
 from typing import Literal
 
 from tunelab.data import encode_head, encode_lm_document
+from tunelab.errors import DataError
 from tunelab.evaluate import classify, score_choices
-from tunelab.readers import DataError, read_records
+from tunelab.readers import read_records
 from tunelab.splice import lm_features
 from tunelab.tasks.base import TASKS, HeadSpec, TaskConfig, field_name, render_prompt
 

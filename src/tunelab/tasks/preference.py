@@ -27,8 +27,9 @@ import torch
 from pydantic import Field
 
 from tunelab.data import Collator, encode_lm
+from tunelab.errors import DataError
 from tunelab.objectives import Preference, pair_stats
-from tunelab.readers import DataError, read_preferences
+from tunelab.readers import read_preferences
 from tunelab.tasks.base import TASKS, TaskConfig, render_prompt
 from tunelab.tasks.qa import split_source
 

@@ -41,10 +41,11 @@ import torch
 
 from tunelab import fast_eval
 from tunelab.data import encode_lm_document, encode_seq2seq
+from tunelab.errors import DataError
 from tunelab.evaluate import generate
 from tunelab.methods.base import context as model_context
 from tunelab.metrics import squad_scores
-from tunelab.readers import DataError, read_records
+from tunelab.readers import read_records
 from tunelab.splice import lm_features
 from tunelab.tasks.base import TASKS, HeadSpec, TaskConfig, field_name, gen_args, render_prompt
 
