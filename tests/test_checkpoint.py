@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from tunelab.checkpoint import atomic_dir, recover
+from tunelab.runtime.atomic_files import atomic_dir, recover
 
 
 def test_failure_inside_leaves_previous(tmp_path):
@@ -22,7 +22,7 @@ def test_failure_inside_leaves_previous(tmp_path):
 
 WRITER = r"""
 import sys
-from tunelab.checkpoint import atomic_dir
+from tunelab.runtime.atomic_files import atomic_dir
 target, i = sys.argv[1], 0
 while True:
     i += 1

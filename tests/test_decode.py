@@ -180,14 +180,14 @@ def test_bf16_autocast_with_and_without_bf16_weights():
     texts = ["the cat sat on the mat", "John visited Paris", "how many apples did Mary buy ?", "hello"]
     with torch.autocast("cpu", torch.bfloat16):
         got = generate(model, tok, texts, max_new_tokens=10, batch_size=2)
-        from tunelab import shadow
+        from tunelab.runtime import precision
 
-        original = shadow.cast_weights
-        shadow.cast_weights = lambda m, d, frozen_only=True: original(m, None)
+        original = precision.cast_weights
+        precision.cast_weights = lambda m, d, frozen_only=True: original(m, None)
         try:
             plain = generate(model, tok, texts, max_new_tokens=10, batch_size=2)
         finally:
-            shadow.cast_weights = original
+            precision.cast_weights = original
     assert got == plain
 
 

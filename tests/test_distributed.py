@@ -181,7 +181,7 @@ output_dir: {out}
 
 # ---------------------------------------------------------------- single-process unit tests
 def test_shard_splits_each_global_batch_without_duplicates(monkeypatch):
-    from tunelab import distributed as dist
+    from tunelab.runtime import distributed as dist
 
     glob = [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10], [11]]
     monkeypatch.setattr(dist, "world", lambda: 2)
@@ -195,7 +195,7 @@ def test_shard_splits_each_global_batch_without_duplicates(monkeypatch):
 
 
 def test_check_resume_rules(monkeypatch):
-    from tunelab import distributed as dist
+    from tunelab.runtime import distributed as dist
 
     monkeypatch.setattr(dist, "world", lambda: 1)
     pos = {"step": 4, "world": 2, "global_batch": 8}
@@ -210,7 +210,7 @@ def test_check_resume_rules(monkeypatch):
 
 
 def test_single_process_is_a_no_op():
-    from tunelab import distributed as dist
+    from tunelab.runtime import distributed as dist
 
     model = torch.nn.Linear(2, 2)
     assert dist.wrap(model, full=True) is model and dist.world() == 1 and dist.is_lead()
@@ -220,7 +220,7 @@ def test_single_process_is_a_no_op():
 
 
 def test_parallel_choice_env(monkeypatch):
-    from tunelab import distributed as dist
+    from tunelab.runtime import distributed as dist
 
     assert dist.strategy(full=False) == "ddp" and dist.strategy(full=True) == "fsdp"
     monkeypatch.setenv("TUNELAB_PARALLEL", "ddp")
@@ -252,7 +252,7 @@ def _audit_writes(root: str, seen: list[str]) -> None:
 def _worker(spec: str) -> None:
     torch.set_num_threads(1)
     job = json.loads(Path(spec).read_text())
-    from tunelab import distributed as dist
+    from tunelab.runtime import distributed as dist
 
     rank = int(os.environ["RANK"])
     seen: list[str] = []
@@ -283,7 +283,7 @@ def _worker(spec: str) -> None:
 
 
 def _check_spread(path: Path) -> None:
-    from tunelab import distributed as dist
+    from tunelab.runtime import distributed as dist
 
     scored = []
 

@@ -8,8 +8,9 @@ import torch.nn.functional as F
 from transformers import BertConfig, BertForQuestionAnswering, BertForTokenClassification
 
 import tunelab
-from tunelab import evaluate, fast_eval, held_weights, shadow
+from tunelab import evaluate, fast_eval, held_weights
 from tunelab.data import tokenize_prompt
+from tunelab.runtime import precision
 from tunelab.tasks import TASKS
 from tunelab.tasks.ner import word_offsets
 from tunelab.tasks.qa import best_span, windows
@@ -99,7 +100,7 @@ def test_inference_casts_only_inside_and_restores():
 
 def test_inference_holds_copies_only_where_they_fit_in_free_memory(tiny_tokenizer, monkeypatch):
     model = tiny_llama()
-    need = shadow.saved_bytes(model, torch.bfloat16, frozen_only=False)
+    need = precision.saved_bytes(model, torch.bfloat16, frozen_only=False)
     up = model.model.layers[0].mlp.up_proj
     with torch.autocast("cpu", dtype=torch.bfloat16):
         monkeypatch.setattr(held_weights, "free_bytes", lambda device: 4 * need)

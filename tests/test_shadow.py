@@ -4,7 +4,7 @@ import torch
 from tests.conftest import tiny_llama
 
 import tunelab
-from tunelab.shadow import cast_weights, saved_bytes
+from tunelab.runtime.precision import cast_weights, saved_bytes
 
 
 def _logits(model, ids):

@@ -13,7 +13,6 @@ from pathlib import Path
 from safetensors.torch import save_file
 from torch import nn
 
-from tunelab.checkpoint import atomic_dir
 from tunelab.methods import method_config
 from tunelab.methods.base import (
     HEAD_NAMES,
@@ -23,6 +22,7 @@ from tunelab.methods.base import (
     method_state_dict,
     switched_off,
 )
+from tunelab.runtime.atomic_files import atomic_dir
 
 METHOD_JSON = "method.json"
 METHOD_WEIGHTS = "method.safetensors"

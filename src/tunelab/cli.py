@@ -47,7 +47,7 @@ def _run_config(path: Path, overrides: list[str] | None):
 @app.command()
 def train(config: Path = typer.Argument(..., help="run YAML"), overrides: list[str] = OVERRIDES):
     """Fine-tune as CONFIG says; writes a run directory (config, metrics.json, log.jsonl, method/, checkpoints/)."""
-    from tunelab import distributed as dist
+    from tunelab.runtime import distributed as dist
     from tunelab.train import run
 
     cfg = _guard(_run_config, config, overrides)

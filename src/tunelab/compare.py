@@ -37,10 +37,10 @@ from pathlib import Path
 
 import yaml
 
-from tunelab.checkpoint import atomic_write_text
 from tunelab.report import MANIFEST, build_report
 from tunelab.results import read_metrics
 from tunelab.runlock import Stopped, locked_by
+from tunelab.runtime.atomic_files import atomic_write_text
 
 SWEEP_SECTIONS = ("compare", "scale", "advise")
 DEFAULT_SIZES = (250, 500, 1000, 2000, 4000)

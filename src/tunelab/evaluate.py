@@ -28,10 +28,10 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from tunelab import distributed as dist
 from tunelab import fast, fast_eval
 from tunelab.data import IGNORE, tokenize_prompt, tokenize_source
 from tunelab.methods.base import context
+from tunelab.runtime import distributed as dist
 
 _PROGRESS = {"on": True}
 

@@ -1,7 +1,7 @@
 """Faster evaluation forwards that give the same scores as the plain ones (issue 19).
 
 - ``inference(model)``: eval mode and no autograd for the block, and every matmul-only weight held
-  in the autocast dtype once (``tunelab.shadow.cast_weights``) instead of re-cast in each forward;
+  in the autocast dtype once (``tunelab.runtime.precision.cast_weights``) instead of re-cast in each forward;
   bit-identical to autocast's own casts. The copies (2 bytes per weight: ~2 GB for a 1B model kept
   in fp32) are made only while they fit in a quarter of the memory free at the start of the block
   (``copies_fit``); otherwise autocast casts per forward as without the lever, slower but within
@@ -32,7 +32,7 @@ from torch.overrides import TorchFunctionMode
 
 from tunelab import fast
 from tunelab.held_weights import fits_free
-from tunelab.shadow import cast_weights, saved_bytes
+from tunelab.runtime.precision import cast_weights, saved_bytes
 
 
 def autocast_dtype(device: torch.device) -> torch.dtype | None:

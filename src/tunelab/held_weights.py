@@ -2,7 +2,7 @@
 
 Two kinds of frozen weight are re-made in every forward (and backward) of a training step:
 - a plain frozen linear's fp32 weight is cast to bf16 by autocast on every call (autocast caches
-  casts only of weights that train): ``tunelab.shadow.cast_weights`` holds the cast copies instead;
+  casts only of weights that train): ``tunelab.runtime.precision.cast_weights`` holds the cast copies instead;
 - a quantized base (QLoRA, LoftQ: ``quant.QuantLinear``) is dequantized in every forward and again in
   every backward (with the shared-prompt-prefix lever: four times per step): ``QuantLinear.hold``
   keeps the dequantized copy instead.
@@ -28,7 +28,7 @@ import os
 import torch
 from torch import nn
 
-from tunelab import shadow
+from tunelab.runtime import precision
 
 AUTO_MB = 512
 
@@ -76,7 +76,7 @@ def plan(model: nn.Module, dtype: torch.dtype | None, budget_mb: float | None, d
         return none | {"rule": "off" if budget_mb == 0 else "no autocast"}
     holders = _holders(model)
     q_bytes = [_dense_bytes(m, dtype) for m in holders]
-    p_bytes = shadow.saved_bytes(model, dtype)
+    p_bytes = precision.saved_bytes(model, dtype)
     if budget_mb is None:  # automatic: everything or nothing
         total = sum(q_bytes) + p_bytes
         if total and total <= AUTO_MB * 2**20 and fits_free(total, device):
@@ -102,7 +102,7 @@ def held_weights(model: nn.Module, dtype: torch.dtype | None, budget_mb: float |
     try:
         for m in p["quantized"]:
             m.hold(dtype)
-        with shadow.cast_weights(model, dtype) if p["plain"] else contextlib.nullcontext():
+        with precision.cast_weights(model, dtype) if p["plain"] else contextlib.nullcontext():
             yield facts
     finally:
         for m in p["quantized"]:

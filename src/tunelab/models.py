@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tunelab.checkpoint import atomic_dir
+from tunelab.runtime.atomic_files import atomic_dir
 
 if TYPE_CHECKING:  # torch and the task/method packages load on first use: `tunelab models` stays fast
     from tunelab.tasks.base import HeadSpec

@@ -29,9 +29,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import tunelab
-from tunelab import distributed as dist
 from tunelab import fast, fast_eval, held_weights, pipeline, tracking
-from tunelab.checkpoint import atomic_dir, atomic_write_text, recover, remove_stale, verify_checkpoint
 from tunelab.config import RunConfig, dump_config, task_config
 from tunelab.data import Collator, batches
 from tunelab.evaluate import show_progress
@@ -42,6 +40,8 @@ from tunelab.models import resolve
 from tunelab.preflight import check_run
 from tunelab.results import read_metrics
 from tunelab.runlock import RunLock, StopOnSignal, Stopped
+from tunelab.runtime import distributed as dist
+from tunelab.runtime.atomic_files import atomic_dir, atomic_write_text, recover, remove_stale, verify_checkpoint
 from tunelab.tasks import TASKS
 
 DEFAULT_LR = 1e-4

@@ -84,8 +84,8 @@ def merged(model, method_name: str):
 def merge_run(run_dir: str | Path, out_dir: str | Path, dtype: str | None = None, command: str | None = None) -> dict:
     """Write the merged model (+ tokenizer + README.md) of ``run_dir`` to ``out_dir`` in ``dtype``
     (default: the base checkpoint's dtype). Returns ``{"dir", "dtype", "bytes"}``."""
-    from tunelab.checkpoint import atomic_dir
     from tunelab.export.card import write_card
+    from tunelab.runtime.atomic_files import atomic_dir
 
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"--dtype '{dtype}' is not one of {', '.join(DTYPES)}")

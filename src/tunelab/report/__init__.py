@@ -20,9 +20,9 @@ import re
 from html import escape as _esc
 from pathlib import Path
 
-from tunelab.checkpoint import atomic_write_text
 from tunelab.report import html, plots, stats, tables
 from tunelab.report.fit import fit_sweep
+from tunelab.runtime.atomic_files import atomic_write_text
 
 MANIFEST = "manifest.json"
 _SCALE_NAME = re.compile(r"^(?P<value>.+)-n(?P<size>\d+)-s(?P<seed>\d+)$")
