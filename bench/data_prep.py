@@ -151,7 +151,7 @@ def main() -> None:
     if args.case:
         print(json.dumps(case(args.case, args.data, args.model, args.num_proc)))
         return
-    from tunelab.models import resolve
+    from tunelab.models.loading import resolve
 
     args.model = str(resolve(args.model))  # here, in the default cache: the cases' fresh caches hold features only
     results = []

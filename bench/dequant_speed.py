@@ -5,7 +5,7 @@
 A QLoRA training step dequantizes each base once per forward and once per backward (twice each
 with the shared prompt prefix). This times one such pass, the way the previous QLoRA forward did it
 (``NF4Tensor.get_original_weight()`` in fp32, then the bf16 cast autocast applies) and the way
-``tunelab.quant.dequantize`` does it now (byte table, straight to bf16), checks that the two give
+``tunelab.models.quantization.dequantize`` does it now (byte table, straight to bf16), checks that the two give
 the same bits, and prints the medians of ``--repeats`` passes.
 """
 
@@ -26,19 +26,19 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     import tunelab
-    from tunelab import quant
-    from tunelab.models import load
+    from tunelab.models import quantization
+    from tunelab.models.loading import load
 
     model, _ = load(a.model)
     tunelab.attach(model, "qlora", r=8)
-    weights = [m.weight for m in model.modules() if isinstance(m, quant.QuantLinear) and m.is_nf4]
+    weights = [m.weight for m in model.modules() if isinstance(m, quantization.QuantLinear) and m.is_nf4]
     n = sum(w.numel() for w in weights)
 
     def old():
         return [w.get_original_weight().to(torch.bfloat16) for w in weights]
 
     def new():
-        return [quant.dequantize(w, torch.bfloat16) for w in weights]
+        return [quantization.dequantize(w, torch.bfloat16) for w in weights]
 
     same = all(torch.equal(x, y) for x, y in zip(old(), new(), strict=True))
     times = {}

@@ -45,7 +45,7 @@ from tiny_models import tiny
 import tunelab
 from tunelab import quant
 from tunelab.methods.base import METHODS
-from tunelab.models import load
+from tunelab.models.loading import load
 import tempfile
 from conftest import tiny_tokenizer_obj
 assert quant.bnb_available(), "bitsandbytes is not installed: pip install bitsandbytes"

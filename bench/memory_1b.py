@@ -12,8 +12,8 @@ after loading and after the steps, the load(+attach) time and the step time. Run
 each waits for --need-gb free memory (``free``). Full fine-tuning (weights + grads + 2 AdamW states) runs
 in --full-dtype on both sides (bf16 by default: ~9 GB; fp32 needs ~18 GB), else it is reported as not run.
 
-Both sides load the tokenizer too (``tunelab.models.load`` returns one; ~70 MB of the peak).
-tunelab: ``tunelab.models.load`` (+ the method's quantize_on_load for QLoRA / LoftQ, so the base is
+Both sides load the tokenizer too (``tunelab.models.loading.load`` returns one; ~70 MB of the peak).
+tunelab: ``tunelab.models.loading.load`` (+ the method's quantize_on_load for QLoRA / LoftQ, so the base is
 quantized shard by shard) then ``tunelab.attach``. PEFT: ``from_pretrained`` then ``get_peft_model``;
 QLoRA through transformers' bitsandbytes 4-bit (nf4, double quant; bitsandbytes has CPU kernels).
 LoftQ with PEFT's ``init_lora_weights="loftq"`` (LoftQConfig(loftq_bits=4, loftq_iter=1)): PEFT's
@@ -100,7 +100,7 @@ def _tunelab(method: str, path: str, dtype: str):
     import tunelab
     from tunelab.api import method_config  # tunelab's API loads lazily: import it by name
     from tunelab.methods.base import METHODS
-    from tunelab.models import load
+    from tunelab.models.loading import load
 
     params = {"full": {}, "lora": LORA, "qlora": LORA, "loftq": dict(LORA, iters=1)}[method]
     hook = getattr(METHODS.get(method), "quantize_on_load", None)
@@ -137,7 +137,7 @@ def _peft(method: str, path: str, dtype: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
     torch_dtype = getattr(torch, dtype)
-    AutoTokenizer.from_pretrained(path)  # a training script loads it, as tunelab.models.load does (~70 MB)
+    AutoTokenizer.from_pretrained(path)  # a training script loads it, as tunelab.models.loading.load does (~70 MB)
     lcfg = dict(r=LORA["r"], lora_alpha=LORA["alpha"], target_modules="all-linear", task_type="CAUSAL_LM")
     if method == "full":
         return AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)

@@ -57,9 +57,9 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     import tunelab
-    from tunelab import fast
     from tunelab.bench import loop_batches
     from tunelab.config import load_config
+    from tunelab.models import lm_loss
     from tunelab.train import Run, autocast
 
     sst2 = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2" / "train.tsv"
@@ -70,10 +70,10 @@ def main() -> None:
     model = tunelab.attach(r.model, cfg.method.name, **cfg.method.params()).train()
     batches = loop_batches(r, cfg)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = fast.adamw(params, lr=1e-4)
+    opt = lm_loss.adamw(params, lr=1e-4)
     probe = {k: v[:2] for k, v in batches[0].items()}
-    trim = fast.supports_loss_inputs(model, probe, autocast(r.device, r.amp))
-    shared = trim and fast.supports_shared_prefix(model, probe)
+    trim = lm_loss.supports_loss_inputs(model, probe, autocast(r.device, r.amp))
+    shared = trim and lm_loss.supports_shared_prefix(model, probe)
     try:  # frozen weights kept in the autocast dtype (issue 19); absent in older trees
         from tunelab.held_weights import held_weights
 
@@ -84,8 +84,8 @@ def main() -> None:
     _label_dequantize()
 
     def step(b):
-        with autocast(r.device, r.amp), fast.attention_for(model, b, r.device):
-            loss = fast.loss(model, b, trim, shared)
+        with autocast(r.device, r.amp), lm_loss.attention_for(model, b, r.device):
+            loss = lm_loss.loss(model, b, trim, shared)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
@@ -118,10 +118,10 @@ def main() -> None:
 
 
 def _label_dequantize() -> None:
-    """Name every dequantize of a quantized base in the profile (tunelab.quant, old or new tree)."""
-    from tunelab import quant
+    """Name every dequantize of a quantized base in the profile (tunelab.models.quantization, old or new tree)."""
+    from tunelab.models import quantization
 
-    for cls, name in ((quant.QuantLinear, "dense_for"), (quant.QuantLinear, "dequantized")):
+    for cls, name in ((quantization.QuantLinear, "dense_for"), (quantization.QuantLinear, "dequantized")):
         fn = getattr(cls, name, None)
         if fn is None or getattr(fn, "_labelled", False):
             continue

@@ -6,8 +6,8 @@
 
 One random fp32 matrix per shape (std 0.02, as bench/memory_1b.py's model), --threads torch threads,
 the best of --repeats of CPU seconds (``time.process_time``: what the process got, whatever the
-machine's load; with 1 thread it is the compute time). Rows: ``quant.quantize`` (NF4 codes + double-
-quantized scales), ``quant.nf4_linear`` (that + the checksum dequantize: what QLoRA's load does per
+machine's load; with 1 thread it is the compute time). Rows: ``quantization.quantize`` (NF4 codes + double-
+quantized scales), ``quantization.nf4_linear`` (that + the checksum dequantize: what QLoRA's load does per
 linear), ``loftq_init`` with r 16, alpha 32 and --iters (what LoftQ's load does per linear); --peft:
 PEFT's own ``loftq_init`` (bitsandbytes NF4 + a full SVD) run on the CPU as bench/memory_1b.py runs it.
 """
@@ -39,22 +39,22 @@ def main() -> None:
     ap.add_argument("--peft", action="store_true", help="also time PEFT's loftq_init (bitsandbytes) on the CPU")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    from tunelab import quant
     from tunelab.methods.loftq import loftq_init
+    from tunelab.models import quantization
 
-    quant.quantize(torch.randn(256, 256))  # imports torchao, builds the tables
+    quantization.quantize(torch.randn(256, 256))  # imports torchao, builds the tables
     for spec in a.shapes.split(","):
         rows, cols = map(int, spec.split("x"))
         w = torch.randn(rows, cols, generator=torch.Generator().manual_seed(0)) * 0.02
         times = {
-            "quantize": cpu_seconds(lambda w=w: quant.quantize(w), a.repeats),
-            "nf4_linear": cpu_seconds(lambda w=w: quant.nf4_linear(w, None), a.repeats),
+            "quantize": cpu_seconds(lambda w=w: quantization.quantize(w), a.repeats),
+            "nf4_linear": cpu_seconds(lambda w=w: quantization.nf4_linear(w, None), a.repeats),
             f"loftq_init iters={a.iters}": cpu_seconds(lambda w=w: loftq_init(w, 16, 2.0, 4, "nf", a.iters), a.repeats),
         }
         extra = ""
         if a.torchao:
-            times["torchao from_tensor"] = cpu_seconds(lambda w=w: quant.NF4Tensor.from_tensor(w, 64, 256), 1)
-            ours, ref = quant.quantize(w), quant.NF4Tensor.from_tensor(w, 64, 256)
+            times["torchao from_tensor"] = cpu_seconds(lambda w=w: quantization.NF4Tensor.from_tensor(w, 64, 256), 1)
+            ours, ref = quantization.quantize(w), quantization.NF4Tensor.from_tensor(w, 64, 256)
             same = torch.equal(ours.quantized_data, ref.quantized_data) and torch.equal(
                 ours.quantized_scalers, ref.quantized_scalers
             )

@@ -35,7 +35,7 @@ from tunelab.bench import (
 )
 from tunelab.config import RunConfig, task_config
 from tunelab.data import Collator, tokenize_prompt
-from tunelab.models import resolve
+from tunelab.models.loading import resolve
 from tunelab.tasks import TASKS
 from tunelab.train import autocast, autocast_dtype, default_lr, lr_lambda, pick_device
 

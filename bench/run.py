@@ -98,7 +98,7 @@ CONFIGS = {
     "ner-head": {"tunelab": [*EVAL, *NER, "data.max_eval=1000"], "ref": ("ner", {}), "eval": True},
     "qa-head": {"tunelab": [*EVAL, *QA, "data.max_eval=500"], "ref": ("qa", {}), "eval": True},
     "score-lora": {"tunelab": ["method.name=lora", "eval.loss=false"], "ref": ("score", {}), "eval": True},
-    # loss on every token (continued pretraining): the vocabulary loss dominates memory (tunelab.head_loss)
+    # loss on every token (continued pretraining): the vocabulary loss dominates memory (tunelab.models.chunked_loss)
     "lora-text": {"tunelab": [*LORA, *TEXT], "ref": ("peft", {"lora": PEFT_LORA})},
     # perplexity and token accuracy of held-out text (the text/chat families' metric); no reference
     # implementation: compare with --before
@@ -109,29 +109,29 @@ CONFIGS = {
 
 
 # Levers of the tunelab loop that an ablation can turn off (bench/run.py --ablate).
-def _no_loss_positions(fast):
-    fast.supports_loss_inputs = lambda *a, **k: False
+def _no_loss_positions(lm_loss):
+    lm_loss.supports_loss_inputs = lambda *a, **k: False
 
 
-def _no_eager(fast):
-    fast.EAGER_MAX_BYTES = 0
+def _no_eager(lm_loss):
+    lm_loss.EAGER_MAX_BYTES = 0
 
 
-def _no_fused(fast):
+def _no_fused(lm_loss):
     import torch
 
-    fast.adamw = lambda params, **kw: torch.optim.AdamW(params, foreach=True, **kw)
+    lm_loss.adamw = lambda params, **kw: torch.optim.AdamW(params, foreach=True, **kw)
 
 
-def _no_prefix(fast):
-    fast.supports_shared_prefix = lambda *a, **k: False
+def _no_prefix(lm_loss):
+    lm_loss.supports_shared_prefix = lambda *a, **k: False
 
 
-def _no_chunked(fast):
-    fast.supports_chunked_loss = lambda *a, **k: False
+def _no_chunked(lm_loss):
+    lm_loss.supports_chunked_loss = lambda *a, **k: False
 
 
-def _no_held(fast):
+def _no_held(lm_loss):
     from tunelab import held_weights
 
     held_weights.AUTO_MB = 0  # the automatic rule then holds nothing
@@ -223,10 +223,11 @@ def _child(spec: dict) -> dict:
 def _tunelab(spec, cfg, conf, steps, warmup, peak) -> dict:
     import torch
 
-    from tunelab import bench, fast
+    from tunelab import bench
+    from tunelab.models import lm_loss
 
     for lever in spec.get("disable", []):  # ablation: the loop without one of its levers
-        LEVERS[lever](fast)
+        LEVERS[lever](lm_loss)
     if not conf.get("eval"):
         return bench.bench_train(cfg, steps=steps, warmup=warmup, peak_flops=peak)
     if conf["ref"] is None or conf["ref"][0] in ("score", "choice", "ner", "qa"):

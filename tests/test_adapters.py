@@ -57,7 +57,7 @@ def test_matches_an_independent_computation_of_the_formula(method):
 @pytest.mark.parametrize(
     "method,targets,per_target",
     [
-        # defaults (tunelab.arch, LLM-Adapters' recipe): series on gate_proj + up_proj,
+        # defaults (tunelab.models.arch, LLM-Adapters' recipe): series on gate_proj + up_proj,
         # parallel beside up_proj (64 -> 128) + down_proj (128 -> 64); per layer
         ("series_adapter", None, 2 * 16 * (64 + 64)),  # series go before gate/up_proj: d = 64
         ("parallel_adapter", None, 2 * 16 * (64 + 128)),

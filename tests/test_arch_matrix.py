@@ -10,7 +10,7 @@ import torch
 
 import tunelab
 from tiny_models import FAMILIES, SEQ2SEQ, batch, tiny
-from tunelab import arch
+from tunelab.models import arch
 
 PARAMS = {
     "full": {},

@@ -7,9 +7,9 @@ import torch
 
 import tunelab
 from tiny_models import batch, tiny
-from tunelab import quant
 from tunelab.methods.base import METHODS
-from tunelab.models import load as load_model
+from tunelab.models import quantization
+from tunelab.models.loading import load as load_model
 
 from conftest import tiny_tokenizer_obj
 
@@ -35,7 +35,7 @@ def test_qlora_loads_in_4bit_on_cuda(backend, tmp_path):
     tiny_tokenizer_obj().save_pretrained(str(tmp_path))
     cfg = tunelab.api.method_config("qlora", {"r": 4, "backend": backend})
     model, _ = load_model(str(tmp_path), quantize=METHODS.get("qlora").quantize_on_load(cfg), device="cuda")
-    want = quant.BnbLinear4 if backend == "auto" and quant.bnb_available() else quant.QuantLinear
+    want = quantization.BnbLinear4 if backend == "auto" and quantization.bnb_available() else quantization.QuantLinear
     assert any(isinstance(m, want) for m in model.modules())
     assert all(p.is_cuda for p in model.parameters())
     model = tunelab.attach(model, "qlora", r=4, backend=backend).train()

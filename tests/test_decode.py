@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from tiny_models import SEQ2SEQ, tiny
-from tunelab import decode, fast
+from tunelab import decode
 from tunelab.evaluate import _pad_left, generate
+from tunelab.models import lm_loss
 
 from conftest import shaken_llama, tiny_tokenizer_obj
 
@@ -89,7 +90,7 @@ def test_rows_end_at_eos_at_different_steps_and_budgets():
 @pytest.mark.parametrize("method,params", [("loreft", {"rank": 2}), ("prompt_tuning", {"num_virtual_tokens": 3})])
 def test_hook_methods_decode_batch_by_batch(method, params):
     model = shaken(method, **params)
-    assert not fast.hook_free(model)
+    assert not lm_loss.hook_free(model)
     rows = prompts(True)
     tok = tiny_tokenizer_obj()
     want = hf(model, rows, 8, {2})  # one batch: what batch_size >= rows gives

@@ -12,7 +12,7 @@ pytestmark = pytest.mark.slow
 
 def test_smollm2_answers_and_loss_falls(tmp_path):
     from tunelab.evaluate import generate
-    from tunelab.models import load
+    from tunelab.models.loading import load
     from tunelab.tasks.base import render_prompt
     from tunelab.train import run
 
@@ -33,7 +33,7 @@ def test_smollm2_answers_and_loss_falls(tmp_path):
 
 
 def test_minilm_head_loads():
-    from tunelab.models import load
+    from tunelab.models.loading import load
     from tunelab.tasks.base import HeadSpec
 
     model, tok = load("minilm-l6", head=HeadSpec("sequence", ["neg", "pos"]))

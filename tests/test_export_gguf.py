@@ -130,7 +130,7 @@ def test_unmergeable_method_is_refused_with_the_alternative(trained_run, tmp_pat
     import shutil
 
     import tunelab
-    from tunelab.models import load
+    from tunelab.models.loading import load
 
     run = tmp_path / "reft"
     shutil.copytree(trained_run, run, ignore=shutil.ignore_patterns("method"))
@@ -156,7 +156,7 @@ def test_quantized_rows_not_a_block_multiple_fall_back_to_f16(tmp_path):
 def test_first_conversion_of_a_gguf_model_says_so_once(tmp_path, capsys):
     """GGUF in (the embedded-model path, on a GGUF we write) -> safetensors copy, with a one-line notice."""
     from tunelab.export.gguf import write_gguf
-    from tunelab.models import _gguf_to_safetensors
+    from tunelab.models.loading import _gguf_to_safetensors
 
     src = tmp_path / "pkg"
     model = tiny_llama(vocab_size=320).eval()

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 import tunelab
-from tunelab import fast
 from tunelab.bench import batch_shape, bench, matmul_counts, train_flops
 from tunelab.config import load_config
 from tunelab.data import Collator, pack
+from tunelab.models import lm_loss
 
 from conftest import tiny_llama, tiny_tokenizer_obj
 
@@ -41,9 +41,9 @@ def _lora_model(method="lora", **params):
 def test_loss_positions_only_keeps_loss_and_grads(side, method):
     model = _lora_model(method) if method != "full" else tunelab.attach(tiny_llama(), "full").train()
     batch = Collator(0, padding_side=side)(FEATS)
-    assert fast.supports_loss_inputs(model, batch)
+    assert lm_loss.supports_loss_inputs(model, batch)
     ref_loss, ref = _grads(model, batch)
-    trimmed = fast.loss_inputs(batch)
+    trimmed = lm_loss.loss_inputs(batch)
     assert trimmed["labels"].tolist() == [9, 10, 11, 12, 13, 6, 7]  # the shifted targets, row by row
     loss, got = _grads(model, trimmed)
     torch.testing.assert_close(loss, ref_loss)
@@ -56,7 +56,7 @@ def test_loss_positions_only_on_packed_rows():
     batch = Collator(0)(pack(FEATS, 12))
     assert batch["attention_mask"].dim() == 4
     ref_loss, ref = _grads(model, batch)
-    loss, got = _grads(model, fast.loss_inputs(batch))
+    loss, got = _grads(model, lm_loss.loss_inputs(batch))
     torch.testing.assert_close(loss, ref_loss)
     for name in ref:
         torch.testing.assert_close(got[name], ref[name], rtol=1e-5, atol=1e-6)
@@ -65,14 +65,14 @@ def test_loss_positions_only_on_packed_rows():
 def test_probe_refuses_a_method_that_changes_the_sequence():
     model = tunelab.attach(tiny_llama(), "prompt_tuning", num_virtual_tokens=3, init="random").train()
     batch = Collator(0)(FEATS)
-    assert not fast.supports_loss_inputs(model, batch)
+    assert not lm_loss.supports_loss_inputs(model, batch)
     assert model.training  # the probe restores the mode
 
 
 def test_probe_refuses_sequence_labels():
     model = tiny_llama()
     batch = Collator(0)([{"input_ids": [5, 6], "labels": 1}, {"input_ids": [7], "labels": 0}])
-    assert not fast.supports_loss_inputs(model, batch)
+    assert not lm_loss.supports_loss_inputs(model, batch)
 
 
 def test_flops_count_the_body_once_per_pass_and_the_head_at_loss_positions():
@@ -127,25 +127,25 @@ def test_shared_prefix_scoring_matches_full_rows(monkeypatch, choices, method):
     tok = tiny_tokenizer_obj()
     model = _lora_model(method)
     made = []
-    real = fast.PrefixForward
+    real = lm_loss.PrefixForward
 
     def spy(*a, **k):
         made.append(1)
         return real(*a, **k)
 
-    monkeypatch.setattr(fast, "PrefixForward", spy)
+    monkeypatch.setattr(lm_loss, "PrefixForward", spy)
     fast_scores = score_choices(model, tok, PROMPTS, [choices] * 3, batch_size=2)
     assert len(made) == (1 if method == "lora" else 0)  # ReFT's hooks read positions: no prefix reuse
-    monkeypatch.setattr(fast, "MIN_PREFIX", 10**6)
+    monkeypatch.setattr(lm_loss, "MIN_PREFIX", 10**6)
     plain = score_choices(model, tok, PROMPTS, [choices] * 3, batch_size=2)
     torch.testing.assert_close(torch.tensor(fast_scores), torch.tensor(plain), rtol=1e-4, atol=1e-4)
 
 
 def test_shared_prefix_leaves_each_row_its_tail():
-    assert fast.shared_prefix([[1, 2, 3, 4], [1, 2, 3, 5, 6]]) == 3
-    assert fast.shared_prefix([[1, 2, 3], [1, 2, 3, 4]]) == 2  # the shorter row keeps one token
-    assert fast.shared_prefix([[1, 2, 3, 7, 8], [1, 2, 3, 4, 9]], keep_last=3) == 2
-    assert fast.shared_prefix([[1, 2]]) == 0
+    assert lm_loss.shared_prefix([[1, 2, 3, 4], [1, 2, 3, 5, 6]]) == 3
+    assert lm_loss.shared_prefix([[1, 2, 3], [1, 2, 3, 4]]) == 2  # the shorter row keeps one token
+    assert lm_loss.shared_prefix([[1, 2, 3, 7, 8], [1, 2, 3, 4, 9]], keep_last=3) == 2
+    assert lm_loss.shared_prefix([[1, 2]]) == 0
 
 
 def test_eager_attention_only_for_short_cpu_training_rows(monkeypatch):
@@ -154,13 +154,13 @@ def test_eager_attention_only_for_short_cpu_training_rows(monkeypatch):
     cpu = torch.device("cpu")
 
     def impl(m, device):
-        with fast.attention_for(m, batch, device):
+        with lm_loss.attention_for(m, batch, device):
             return m.config._attn_implementation
 
     assert model.config._attn_implementation == "sdpa"
     assert impl(model, cpu) == "eager" and model.config._attn_implementation == "sdpa"
     assert impl(model, torch.device("cuda")) == "sdpa"
-    monkeypatch.setattr(fast, "EAGER_MAX_BYTES", 6 * 3 * 4 * 9**2 * 2 - 1)  # B x heads x L^2 x layers
+    monkeypatch.setattr(lm_loss, "EAGER_MAX_BYTES", 6 * 3 * 4 * 9**2 * 2 - 1)  # B x heads x L^2 x layers
     assert impl(model, cpu) == "sdpa"
     monkeypatch.undo()
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -171,7 +171,7 @@ def test_eager_attention_gives_the_same_loss_and_grads():
     model = _lora_model()
     batch = Collator(0)(FEATS)
     ref_loss, ref = _grads(model, batch)
-    with fast.attention_for(model, batch, torch.device("cpu")):
+    with lm_loss.attention_for(model, batch, torch.device("cpu")):
         loss, got = _grads(model, batch)
     torch.testing.assert_close(loss, ref_loss)
     for name in ref:
@@ -190,11 +190,11 @@ PFEATS = [
 def test_shared_prefix_training_keeps_loss_and_grads(method):
     model = _lora_model(method) if method != "full" else tunelab.attach(tiny_llama(), "full").train()
     batch = Collator(0)(PFEATS)
-    assert fast.batch_prefix(batch, fast.loss_inputs(batch)["logits_to_keep"]) == 12
-    assert fast.supports_shared_prefix(model, batch)
+    assert lm_loss.batch_prefix(batch, lm_loss.loss_inputs(batch)["logits_to_keep"]) == 12
+    assert lm_loss.supports_shared_prefix(model, batch)
     ref_loss, ref = _grads(model, batch)
     model.zero_grad(set_to_none=True)
-    loss = fast.loss(model, batch, trim=True, prefix=True)
+    loss = lm_loss.loss(model, batch, trim=True, prefix=True)
     loss.backward()
     torch.testing.assert_close(loss.detach(), ref_loss)
     for name, p in model.named_parameters():
@@ -208,27 +208,27 @@ def test_shared_prefix_runs_the_head_only_on_loss_positions():
     batch = Collator(0)(PFEATS)
     rows = []
     model.lm_head.register_forward_hook(lambda mod, args, out: rows.append(args[0].reshape(-1, args[0].shape[-1]).shape[0]))
-    fast.loss(model, batch, trim=True, prefix=True).backward()
-    assert rows == [0, int(fast.loss_inputs(batch)["logits_to_keep"].sum())]
+    lm_loss.loss(model, batch, trim=True, prefix=True).backward()
+    assert rows == [0, int(lm_loss.loss_inputs(batch)["logits_to_keep"].sum())]
 
 
 def test_shared_prefix_stops_before_the_first_loss_position():
     feats = [dict(f) for f in PFEATS]
     feats[1] = {"input_ids": SHARED + [33, 41, 42], "labels": [-100] * 10 + SHARED[10:] + [33, 41, 42], "prompt_len": 10}
     batch = Collator(0)(feats)
-    assert fast.batch_prefix(batch, fast.loss_inputs(batch)["logits_to_keep"]) == 9  # position 9 predicts 10
+    assert lm_loss.batch_prefix(batch, lm_loss.loss_inputs(batch)["logits_to_keep"]) == 9  # position 9 predicts 10
 
 
 def test_shared_prefix_refused_where_it_would_not_be_exact():
     batch = Collator(0)(PFEATS)
-    assert not fast.supports_shared_prefix(_lora_model("loreft"), batch)  # hooks read positions
-    assert not fast.supports_shared_prefix(_lora_model(dropout=0.1), batch)  # one dropout mask for all rows
-    assert not fast.supports_shared_prefix(_lora_model(), batch, distributed=True)
+    assert not lm_loss.supports_shared_prefix(_lora_model("loreft"), batch)  # hooks read positions
+    assert not lm_loss.supports_shared_prefix(_lora_model(dropout=0.1), batch)  # one dropout mask for all rows
+    assert not lm_loss.supports_shared_prefix(_lora_model(), batch, distributed=True)
     ckpt = _lora_model()
     ckpt.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    assert not fast.supports_shared_prefix(ckpt, batch)
-    assert not fast.supports_shared_prefix(_lora_model(), Collator(0)(FEATS))  # no shared prefix to check
-    assert fast.batch_prefix(Collator(0, padding_side="left")(PFEATS)) == 0
+    assert not lm_loss.supports_shared_prefix(ckpt, batch)
+    assert not lm_loss.supports_shared_prefix(_lora_model(), Collator(0)(FEATS))  # no shared prefix to check
+    assert lm_loss.batch_prefix(Collator(0, padding_side="left")(PFEATS)) == 0
 
 
 def test_levers_together_keep_loss_and_grads():
@@ -236,8 +236,8 @@ def test_levers_together_keep_loss_and_grads():
     batch = Collator(0)(PFEATS)
     ref_loss, ref = _grads(model, batch)
     model.zero_grad(set_to_none=True)
-    with fast.attention_for(model, batch, torch.device("cpu")):
-        loss = fast.loss(model, batch, trim=True, prefix=True)
+    with lm_loss.attention_for(model, batch, torch.device("cpu")):
+        loss = lm_loss.loss(model, batch, trim=True, prefix=True)
     loss.backward()
     torch.testing.assert_close(loss.detach(), ref_loss)
     for name, p in model.named_parameters():

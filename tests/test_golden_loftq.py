@@ -13,8 +13,8 @@ from statistics import NormalDist
 import pytest
 import torch
 
-from tunelab import quant
 from tunelab.methods.loftq import loftq_init
+from tunelab.models import quantization
 
 COMMIT = "194c8073785bfbf40ce4c1244dc6cdf64085ed85"
 
@@ -74,7 +74,7 @@ def rel(w, approx):
 def test_2bit_quantizer_matches_the_loftq_repository(name, kind, method):
     torch.manual_seed(1)
     w = matrices()[name]
-    ours = quant.dequantize(quant.quantize(w, 2, kind), torch.float32)
+    ours = quantization.dequantize(quantization.quantize(w, 2, kind), torch.float32)
     ref = ref_quant_dequant(w, 2, method)
     # the same codes and scales up to our fp16 scale storage (a code flips only at a level midpoint)
     assert (ours - ref).abs().le(1e-3 * w.abs().max()).float().mean() > 0.995
@@ -82,15 +82,15 @@ def test_2bit_quantizer_matches_the_loftq_repository(name, kind, method):
 
 
 def test_reference_levels_equal_ours():
-    assert torch.allclose(quant.nf_levels(2), ref_normal_map(2), atol=1e-6)
-    assert torch.allclose(quant.nf_levels(4), ref_normal_map(4), atol=1e-6)
-    assert torch.allclose(quant.uniform_levels(2), ref_uniform_map(2))
+    assert torch.allclose(quantization.nf_levels(2), ref_normal_map(2), atol=1e-6)
+    assert torch.allclose(quantization.nf_levels(4), ref_normal_map(4), atol=1e-6)
+    assert torch.allclose(quantization.uniform_levels(2), ref_uniform_map(2))
 
 
 def test_absmax_uniform_is_the_named_option_and_worse_on_heavy_tails():
     w = matrices()["heavy_tailed"]
-    absmax = rel(w, quant.dequantize(quant.quantize(w, 2, "uniform_absmax"), torch.float32))
-    loftq = rel(w, quant.dequantize(quant.quantize(w, 2, "uniform"), torch.float32))
+    absmax = rel(w, quantization.dequantize(quantization.quantize(w, 2, "uniform_absmax"), torch.float32))
+    loftq = rel(w, quantization.dequantize(quantization.quantize(w, 2, "uniform"), torch.float32))
     assert loftq < 0.8 * absmax  # the reason the repository scales by mean + 2.5 std
 
 

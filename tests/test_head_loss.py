@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import tunelab
-from tunelab import fast, head_loss
 from tunelab.data import Collator
+from tunelab.models import chunked_loss, lm_loss
 
 from conftest import tiny_llama
 
@@ -47,10 +47,10 @@ def _head_rows(model):
 @pytest.mark.parametrize("scale", [1.0, 0.25])  # 0.25: a micro-batch's weight under gradient accumulation
 def test_chunked_loss_gives_the_models_loss_and_grads(method, scale):
     model = _model(method)
-    inputs = fast.loss_inputs(Collator(0)(ROWS))
+    inputs = lm_loss.loss_inputs(Collator(0)(ROWS))
     ref_loss, ref = _loss_and_grads(model, lambda: model(**inputs).loss, scale)
     seen = _head_rows(model)
-    loss, got = _loss_and_grads(model, lambda: head_loss.chunked_loss(model, inputs, rows=7), scale)
+    loss, got = _loss_and_grads(model, lambda: chunked_loss.chunked_loss(model, inputs, rows=7), scale)
     n = inputs["labels"].numel()
     assert n == 43 and seen == [0] + [7] * 6 + [1]  # the head's own call saw no row; chunks of 7
     torch.testing.assert_close(loss, ref_loss)
@@ -61,10 +61,10 @@ def test_chunked_loss_gives_the_models_loss_and_grads(method, scale):
 
 def test_chunked_loss_under_bf16_autocast_stays_within_rounding():
     model = _model("lora")
-    inputs = fast.loss_inputs(Collator(0)(ROWS))
+    inputs = lm_loss.loss_inputs(Collator(0)(ROWS))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         ref_loss, ref = _loss_and_grads(model, lambda: model(**inputs).loss)
-        loss, got = _loss_and_grads(model, lambda: head_loss.chunked_loss(model, inputs, rows=7))
+        loss, got = _loss_and_grads(model, lambda: chunked_loss.chunked_loss(model, inputs, rows=7))
     torch.testing.assert_close(loss, ref_loss, rtol=1e-3, atol=1e-4)
     for name in ref:
         torch.testing.assert_close(got[name], ref[name], rtol=2e-2, atol=1e-4, msg=name)
@@ -74,26 +74,26 @@ def test_fast_loss_chunks_only_past_one_chunk_and_with_the_shared_prefix(monkeyp
     model = _model("lora")
     batch = Collator(0)(PROWS)
     ref_loss, ref = _loss_and_grads(model, lambda: model(**batch).loss)
-    monkeypatch.setattr(head_loss, "CHUNK_BYTES", 4 * model.config.vocab_size * 4)  # 4 positions a chunk
-    assert fast.supports_shared_prefix(model, batch) and fast.supports_chunked_loss(model, batch)
+    monkeypatch.setattr(chunked_loss, "CHUNK_BYTES", 4 * model.config.vocab_size * 4)  # 4 positions a chunk
+    assert lm_loss.supports_shared_prefix(model, batch) and lm_loss.supports_chunked_loss(model, batch)
     seen = _head_rows(model)
-    loss, got = _loss_and_grads(model, lambda: fast.loss(model, batch, trim=True, prefix=True, chunked=True))
+    loss, got = _loss_and_grads(model, lambda: lm_loss.loss(model, batch, trim=True, prefix=True, chunked=True))
     assert seen == [0, 0, 4, 4, 4, 3]  # prefix: no row; tail: the head skipped, 15 positions in chunks
     torch.testing.assert_close(loss, ref_loss)
     for name in ref:
         torch.testing.assert_close(got[name], ref[name], rtol=1e-4, atol=1e-6, msg=name)
     seen.clear()
-    monkeypatch.setattr(head_loss, "CHUNK_BYTES", 4 * model.config.vocab_size * 64)  # all fit one chunk
-    fast.loss(model, batch, trim=True, prefix=True, chunked=True)
+    monkeypatch.setattr(chunked_loss, "CHUNK_BYTES", 4 * model.config.vocab_size * 64)  # all fit one chunk
+    lm_loss.loss(model, batch, trim=True, prefix=True, chunked=True)
     assert seen == [0, 15]  # the model's own path, unchanged
 
 
 def test_chunked_loss_without_grad_computes_no_gradient():
     model = _model("full")
-    inputs = fast.loss_inputs(Collator(0)(ROWS))
+    inputs = lm_loss.loss_inputs(Collator(0)(ROWS))
     with torch.no_grad():
         ref = model(**inputs).loss
-        got = head_loss.chunked_loss(model, inputs, rows=3)
+        got = chunked_loss.chunked_loss(model, inputs, rows=3)
     assert not got.requires_grad and all(p.grad is None for p in model.parameters())
     torch.testing.assert_close(got, ref)
 
@@ -105,10 +105,10 @@ def test_gemma_soft_capping_applied_per_chunk():
     cfg = Gemma2Config(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                        num_key_value_heads=1, head_dim=16, final_logit_softcapping=0.5, pad_token_id=0)
     model = Gemma2ForCausalLM(cfg).eval()
-    inputs = fast.loss_inputs(Collator(0)(ROWS))
+    inputs = lm_loss.loss_inputs(Collator(0)(ROWS))
     with torch.no_grad():
-        torch.testing.assert_close(head_loss.chunked_loss(model, inputs, rows=5), model(**inputs).loss)
-    assert fast.supports_chunked_loss(model, Collator(0)(ROWS))
+        torch.testing.assert_close(chunked_loss.chunked_loss(model, inputs, rows=5), model(**inputs).loss)
+    assert lm_loss.supports_chunked_loss(model, Collator(0)(ROWS))
 
 
 def test_probe_refuses_a_head_whose_logits_the_forward_changes():
@@ -119,10 +119,10 @@ def test_probe_refuses_a_head_whose_logits_the_forward_changes():
                        num_key_value_heads=1, logit_scale=0.0625, pad_token_id=0)
     model = CohereForCausalLM(cfg).eval()  # multiplies the head's logits by logit_scale afterwards
     batch = Collator(0)(ROWS)
-    assert fast.supports_loss_inputs(model, batch)
-    assert not fast.supports_chunked_loss(model, batch)
-    assert not fast.supports_chunked_loss(_model("lora"), batch, distributed=True)
-    assert fast.supports_chunked_loss(_model("lora"), batch)
+    assert lm_loss.supports_loss_inputs(model, batch)
+    assert not lm_loss.supports_chunked_loss(model, batch)
+    assert not lm_loss.supports_chunked_loss(_model("lora"), batch, distributed=True)
+    assert lm_loss.supports_chunked_loss(_model("lora"), batch)
 
 
 @pytest.mark.parametrize("method", ["lora", "prompt_tuning"])  # prompt tuning changes the sequence: full logits
@@ -134,12 +134,12 @@ def test_text_perplexity_in_chunks_equals_full_logits(monkeypatch, method):
     model = _model(method).eval()
     tok = tiny_tokenizer_obj()
     feats = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in ROWS + PROWS]
-    monkeypatch.setattr(head_loss, "CHUNK_BYTES", 4 * model.config.vocab_size * 5)
-    calls, stats = [], head_loss.token_stats
-    monkeypatch.setattr(head_loss, "token_stats", lambda *a, **k: calls.append(1) or stats(*a, **k))
+    monkeypatch.setattr(chunked_loss, "CHUNK_BYTES", 4 * model.config.vocab_size * 5)
+    calls, stats = [], chunked_loss.token_stats
+    monkeypatch.setattr(chunked_loss, "token_stats", lambda *a, **k: calls.append(1) or stats(*a, **k))
     fast_path = text.nll(model, tok, feats, batch_size=8)
     assert len(calls) == (1 if method == "lora" else 0)  # all six rows in one batch
-    monkeypatch.setattr(fast, "supports_chunked_loss", lambda *a, **k: False)
+    monkeypatch.setattr(lm_loss, "supports_chunked_loss", lambda *a, **k: False)
     full = text.nll(model, tok, feats, batch_size=8)
     assert fast_path[1:] == full[1:] and fast_path[1] == 43 + 15
     assert fast_path[0] == pytest.approx(full[0], rel=1e-6)
@@ -160,12 +160,12 @@ def test_every_decoder_family_chunks_to_its_own_loss_and_grads(family, monkeypat
             torch.nn.init.normal_(p, std=0.1)
     model.train()
     b = batch(family, n=12)
-    assert fast.supports_loss_inputs(model, b), family  # else the loop keeps the model's own path anyway
-    inputs = fast.loss_inputs(b)
+    assert lm_loss.supports_loss_inputs(model, b), family  # else the loop keeps the model's own path anyway
+    inputs = lm_loss.loss_inputs(b)
     ref_loss, ref = _loss_and_grads(model, lambda: model(**inputs).loss)
-    monkeypatch.setattr(head_loss, "CHUNK_BYTES", 4 * model.config.vocab_size * 5)
-    assert fast.supports_chunked_loss(model, b), family
-    loss, got = _loss_and_grads(model, lambda: fast.loss(model, b, trim=True, chunked=True))
+    monkeypatch.setattr(chunked_loss, "CHUNK_BYTES", 4 * model.config.vocab_size * 5)
+    assert lm_loss.supports_chunked_loss(model, b), family
+    loss, got = _loss_and_grads(model, lambda: lm_loss.loss(model, b, trim=True, chunked=True))
     torch.testing.assert_close(loss, ref_loss)
     for name in ref:
         torch.testing.assert_close(got[name], ref[name], rtol=1e-4, atol=1e-6, msg=name)

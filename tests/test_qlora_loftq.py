@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import tunelab
-from tunelab import quant
 from tunelab.methods.loftq import layer_index, loftq_init, top_r
 from tunelab.methods.lora import LoRALinear, lora_modules
+from tunelab.models import quantization
 
 from conftest import tiny_llama
 
@@ -20,11 +20,11 @@ X = torch.randint(3, 128, (2, 11), generator=torch.Generator().manual_seed(1))
 
 
 def test_levels_match_nf4_and_are_2bit_sized():
-    torchao_nf4 = quant.quantize(torch.randn(64, 64)).nf4
-    assert (quant.nf_levels(4) - torchao_nf4).abs().max() < 1e-4  # torchao rounds to 4 decimals
-    nf2 = quant.nf_levels(2)
+    torchao_nf4 = quantization.quantize(torch.randn(64, 64)).nf4
+    assert (quantization.nf_levels(4) - torchao_nf4).abs().max() < 1e-4  # torchao rounds to 4 decimals
+    nf2 = quantization.nf_levels(2)
     assert nf2.numel() == 4 and nf2[0] == -1 and nf2[1] == 0 and nf2[-1] == 1
-    assert torch.allclose(quant.uniform_levels(2), torch.tensor([-1, -1 / 3, 1 / 3, 1]))
+    assert torch.allclose(quantization.uniform_levels(2), torch.tensor([-1, -1 / 3, 1 / 3, 1]))
 
 
 @pytest.mark.parametrize(
@@ -32,7 +32,7 @@ def test_levels_match_nf4_and_are_2bit_sized():
 )
 def test_packed_codes_round_trip_to_the_nearest_level(bits, kind):
     w = torch.randn(24, 40)  # 960 values: not a multiple of the block, so padding is exercised
-    p = quant.Packed.from_tensor(w, bits, kind)
+    p = quantization.Packed.from_tensor(w, bits, kind)
     assert p.codes.numel() == -(-960 // (8 // bits)) and p.codes.dtype == torch.uint8
     d = p.dequantize()
     blocks = torch.nn.functional.pad(w.reshape(-1), (0, 64 - 960 % 64)).view(-1, 64)
@@ -40,33 +40,33 @@ def test_packed_codes_round_trip_to_the_nearest_level(bits, kind):
         scale = (blocks.mean(1) + 2.5 * blocks.std(1)).half().float().unsqueeze(1)
     else:
         scale = blocks.abs().amax(1).half().float().unsqueeze(1)
-    book = quant.levels(bits, kind)
+    book = quantization.levels(bits, kind)
     nearest = book[(blocks / scale).unsqueeze(-1).sub(book).abs().argmin(-1)] * scale
     assert torch.allclose(d.reshape(-1), nearest.reshape(-1)[:960], atol=1e-6)
 
 
 def test_quantize_picks_torchao_nf4_and_falls_back_for_odd_shapes():
     w = torch.randn(96, 128)
-    fast, ref = quant.quantize(w), quant.NF4Tensor.from_tensor(w, 64, 64)  # our faster builder = torchao's
-    assert isinstance(fast, quant.NF4Tensor) and torch.equal(fast.quantized_data, ref.quantized_data)
-    assert torch.equal(quant.dequantize(fast), ref.get_original_weight())
-    odd = quant.quantize(torch.randn(10, 10))
-    assert isinstance(odd, quant.Packed) and odd.dequantize().shape == (10, 10)
+    fast, ref = quantization.quantize(w), quantization.NF4Tensor.from_tensor(w, 64, 64)  # our faster builder = torchao's
+    assert isinstance(fast, quantization.NF4Tensor) and torch.equal(fast.quantized_data, ref.quantized_data)
+    assert torch.equal(quantization.dequantize(fast), ref.get_original_weight())
+    odd = quantization.quantize(torch.randn(10, 10))
+    assert isinstance(odd, quantization.Packed) and odd.dequantize().shape == (10, 10)
     zero_block = torch.randn(64, 64)
     zero_block[0] = 0
-    assert isinstance(quant.quantize(zero_block), quant.Packed)  # torchao would divide by 0
+    assert isinstance(quantization.quantize(zero_block), quantization.Packed)  # torchao would divide by 0
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("bits,kind", [(4, "nf"), (2, "nf"), (2, "uniform"), (8, "nf"), (8, "uniform")])
 def test_nearest_codes_equal_bucketize_on_and_next_to_every_midpoint(bits, kind, dtype):
-    book = quant.levels(bits, kind).to(dtype)
+    book = quantization.levels(bits, kind).to(dtype)
     mids = (book[1:] + book[:-1]) / 2
     up, down = torch.tensor(2.0, dtype=dtype), torch.tensor(-2.0, dtype=dtype)
     uniform = torch.rand(50_000, generator=torch.Generator().manual_seed(0)) * 2 - 1
     x = torch.cat([mids, torch.nextafter(mids, up), torch.nextafter(mids, down), book, uniform.to(dtype),
                    torch.tensor([-1.0, -0.0, 0.0, 1.0], dtype=dtype)])
-    assert torch.equal(quant.nearest_codes(x, mids), torch.bucketize(x, mids).to(torch.uint8))
+    assert torch.equal(quantization.nearest_codes(x, mids), torch.bucketize(x, mids).to(torch.uint8))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -74,16 +74,16 @@ def test_nf4_codes_equal_the_plain_search_across_chunks(dtype):
     """The chunked builder = the plain one (bucketize over the whole matrix, torchao's double quantization),
     on a matrix of 1.25 chunks whose blocks hold values exactly on the level midpoints."""
     w = (torch.randn(640, 512, generator=torch.Generator().manual_seed(0)) * 0.02).to(dtype)
-    q = quant.quantize(w)
+    q = quantization.quantize(w)
     mids = (q.nf4[1:] + q.nf4[:-1]) / 2
     blocks = w.view(-1, 64)
     absmax = blocks.abs().amax(1, keepdim=True)
     blocks[:, 1:16] = mids * absmax  # absmax (position 0 or elsewhere) is kept: the block scales stay
-    assert w.numel() > quant.CHUNK and w.numel() % quant.CHUNK
-    q = quant.quantize(w)
+    assert w.numel() > quantization.CHUNK and w.numel() % quantization.CHUNK
+    q = quantization.quantize(w)
     codes = torch.bucketize((blocks / blocks.abs().amax(1, keepdim=True)).reshape(-1), mids).to(torch.uint8)
     assert torch.equal(q.quantized_data, codes[::2] << 4 | codes[1::2])
-    scalers, factor, mean = quant.NF4Tensor.double_quantize_scalers(w.flatten(), 64, 256)
+    scalers, factor, mean = quantization.NF4Tensor.double_quantize_scalers(w.flatten(), 64, 256)
     assert torch.equal(q.quantized_scalers, scalers) and torch.equal(q.quantization_factor, factor)
     assert torch.equal(q.scaler_mean, mean) and q.dtype == dtype
 
@@ -91,11 +91,11 @@ def test_nf4_codes_equal_the_plain_search_across_chunks(dtype):
 @pytest.mark.parametrize("bits", [4, 2])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_lora_over_a_quantized_base_does_not_dequantize_it_unless_dora(bits, dtype, monkeypatch):
-    base = quant.QuantLinear(quant.quantize(torch.randn(32, 64).to(dtype), bits), None)
+    base = quantization.QuantLinear(quantization.quantize(torch.randn(32, 64).to(dtype), bits), None)
     dense = base.dequantized()
     assert base.dense_meta() == (dense.dtype, dense.device)
     calls = []
-    monkeypatch.setattr(quant.QuantLinear, "dequantized", lambda self, dtype=None: calls.append(1) or dense)
+    monkeypatch.setattr(quantization.QuantLinear, "dequantized", lambda self, dtype=None: calls.append(1) or dense)
     lora = LoRALinear(base, 4, 2.0)
     assert not calls and lora.lora_A.dtype == torch.float32 and lora.lora_B.dtype == torch.float32
     LoRALinear(base, 4, 2.0, dora=True)  # DoRA's magnitude starts at W0's row norms: it needs W0
@@ -111,7 +111,7 @@ def test_qlora_quantizes_targets_reports_bytes_and_trains_only_lora():
     assert info["linear_bytes_after"] < info["linear_bytes_before"] / 7  # fp32 -> ~4.25 bits
     assert info["base_bytes_after"] < info["base_bytes_before"]
     q = model.model.layers[0].mlp.up_proj.base_layer
-    assert isinstance(q.weight, quant.NF4Tensor) and not q.weight.requires_grad
+    assert isinstance(q.weight, quantization.NF4Tensor) and not q.weight.requires_grad
     assert (model(X).logits - ref).abs().max() < 0.2  # only the quantization error at the start
     model(X, labels=X).loss.backward()
     assert all(n.endswith(("lora_A", "lora_B")) for n, p in model.named_parameters() if p.grad is not None)
@@ -122,7 +122,7 @@ def test_qlora_quantizes_targets_reports_bytes_and_trains_only_lora():
 @pytest.mark.parametrize("bits", [4, 2])
 def test_quant_linear_forward_and_backward_equal_the_dense_dequantized_linear(bits):
     w, b = torch.randn(32, 64), torch.randn(32)
-    ql = quant.QuantLinear(quant.quantize(w, bits), b)
+    ql = quantization.QuantLinear(quantization.quantize(w, bits), b)
     x = torch.randn(3, 5, 64, requires_grad=True)
     ql(x).pow(2).sum().backward()
     x2 = x.detach().clone().requires_grad_(True)
@@ -188,16 +188,16 @@ def test_loftq_beats_plain_quantization_for_any_alpha_and_falls_with_T(bits, kin
     for alpha in (4, 32):  # r = 8: s = 0.5 and 4; PEFT's split would only be right for s = 1
         s = alpha / 8
         q, A, B, errors = loftq_init(w, 8, s, bits, kind, iters=5)
-        approx = quant.dequantize(q) + s * B @ A
+        approx = quantization.dequantize(q) + s * B @ A
         exact = (w - approx).norm().item()
         assert abs(exact - min(errors[1:])) < 1e-4 * exact  # the best iterate is the one returned
-        assert exact < (w - quant.dequantize(q)).norm()  # ||W - (Q + s B A)|| < ||W - Q||
+        assert exact < (w - quantization.dequantize(q)).norm()  # ||W - (Q + s B A)|| < ||W - Q||
         assert exact < errors[0]  # ... and < ||W - q(W)||, QLoRA's error
         assert exact < errors[1]  # falls from T = 1 to T = 5
         products.append(approx)
     assert torch.allclose(products[0], products[1], atol=1e-5)  # the same Q + s B A whatever alpha
     q, A, B, errors = loftq_init(w, 8, 1.0, bits, kind, iters=5, keep_best=False)  # the paper's last iterate
-    assert abs((w - quant.dequantize(q) - B @ A).norm().item() - errors[-1]) < 1e-4 * errors[-1]
+    assert abs((w - quantization.dequantize(q) - B @ A).norm().item() - errors[-1]) < 1e-4 * errors[-1]
 
 
 def test_loftq_module_holds_q_and_starts_near_w():
@@ -232,12 +232,12 @@ def test_loftq_mixed_precision_and_config_errors():
 
 def _smollm2():
     try:
-        from tunelab.models import load
+        from tunelab.models.loading import load
 
         return load("smollm2-135m")[0]
     except Exception:
         if not os.path.isdir("/tmp/smol_st"):
-            pytest.skip("SmolLM2 weights are not available (tunelab.models.load or /tmp/smol_st)")
+            pytest.skip("SmolLM2 weights are not available (tunelab.models.loading.load or /tmp/smol_st)")
         from transformers import AutoModelForCausalLM
 
         return AutoModelForCausalLM.from_pretrained("/tmp/smol_st")

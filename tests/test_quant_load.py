@@ -14,9 +14,9 @@ import torch
 
 import tunelab
 from tiny_models import batch, tiny
-from tunelab import quant
 from tunelab.methods.base import METHODS
-from tunelab.models import load as load_model
+from tunelab.models import quantization
+from tunelab.models.loading import load as load_model
 from tunelab.tasks.base import HeadSpec
 
 from conftest import tiny_llama, tiny_tokenizer_obj
@@ -40,7 +40,7 @@ def test_loaded_in_4bit_equals_load_then_quantize(family, method, tmp_path):
     ref, _ = load_model(str(path))
     ref = tunelab.attach(ref, method, **params)
     model, _ = load_model(str(path), quantize=_plan(method, **params))
-    bases = [m for m in model.modules() if isinstance(m, quant.QuantLinear)]
+    bases = [m for m in model.modules() if isinstance(m, quantization.QuantLinear)]
     assert bases and not any(p.is_meta for p in model.parameters())
     model = tunelab.attach(model, method, **params)
     b = batch(family)
@@ -69,7 +69,7 @@ def test_bitsandbytes_backend_gives_the_same_adapter_layout(tmp_path):
 
     path = _save(tiny("llama"), tmp_path / "m")
     model, _ = load_model(str(path), quantize=_plan("qlora", r=4, backend="bitsandbytes"))
-    assert any(isinstance(m, quant.BnbLinear4) for m in model.modules())
+    assert any(isinstance(m, quantization.BnbLinear4) for m in model.modules())
     model = tunelab.attach(model, "qlora", r=4, backend="bitsandbytes")
     ref = tunelab.attach(tiny("llama"), "qlora", r=4)
     assert {k: v.shape for k, v in method_state_dict(model).items() if "lora" in k} == {
@@ -100,9 +100,10 @@ def test_bad_checkpoints_fail_clearly(tmp_path):
 PEAK = textwrap.dedent("""
     import json, resource, sys
     import torch
-    from tunelab import api, quant_load
+    from tunelab import api
+    from tunelab.models import quantized_loading
     from tunelab.methods.base import METHODS
-    from tunelab.models import load
+    from tunelab.models.loading import load
     mode, path = sys.argv[1], sys.argv[2]
     if mode == "4bit":
         plan = METHODS.get("qlora").quantize_on_load(api.method_config("qlora", {}))
@@ -146,7 +147,7 @@ def test_peak_memory_stays_below_the_full_precision_size(tmp_path):
 
 HEAP = textwrap.dedent("""
     import ctypes, sys, torch
-    from tunelab.quant_load import return_large_blocks
+    from tunelab.models.quantized_loading import return_large_blocks
     def rss():
         return int([x for x in open("/proc/self/status") if x.startswith("VmRSS")][0].split()[1]) / 1024
     big = torch.ones(20 << 18); del big  # a 20 MB block freed: glibc's own threshold rises to it

@@ -10,13 +10,13 @@ from safetensors.torch import load_file, save_file
 
 import tunelab.train as train_mod
 from test_train import cfg_for, data  # noqa: F401  (fixtures)
-from tunelab import fast
 from tunelab.config import load_config
 from tunelab.guard import Diverged, warn_rank
+from tunelab.models import lm_loss
 
 
 def nan_from_step(monkeypatch, step):
-    real, calls = fast.loss, {"n": 0}
+    real, calls = lm_loss.loss, {"n": 0}
 
     def loss(model, batch, *a, **k):
         out = real(model, batch, *a, **k)
@@ -26,7 +26,7 @@ def nan_from_step(monkeypatch, step):
                 return out * float("nan")
         return out
 
-    monkeypatch.setattr(fast, "loss", loss)
+    monkeypatch.setattr(lm_loss, "loss", loss)
 
 
 def test_nan_loss_stops_at_that_step_and_keeps_the_last_good_checkpoint(tiny_dir, data, tmp_path, monkeypatch):  # noqa: F811

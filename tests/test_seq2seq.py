@@ -11,7 +11,7 @@ import tunelab.train as train_mod
 from tunelab.config import load_config, task_config
 from tunelab.data import Collator, encode_seq2seq, pack
 from tunelab.evaluate import generate, score_choices
-from tunelab.models import load as load_model
+from tunelab.models.loading import load as load_model
 from tunelab.tasks import TASKS
 
 from conftest import shared_data, tiny_tokenizer_obj

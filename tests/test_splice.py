@@ -148,7 +148,7 @@ def test_cache_key_follows_the_template_and_task_config():
 def test_smollm2_batched_equals_per_row_on_sst2_and_fuzz():
     from transformers import AutoTokenizer
 
-    from tunelab.models import resolve
+    from tunelab.models.loading import resolve
 
     tok = AutoTokenizer.from_pretrained(str(resolve("smollm2-135m")))
     assert splittable(tok) is not None

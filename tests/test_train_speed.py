@@ -13,8 +13,9 @@ from tests.test_train import cfg_for, data, losses  # noqa: F401  (data: the fix
 
 import tunelab
 import tunelab.train as train_mod
-from tunelab import held_weights, quant
+from tunelab import held_weights
 from tunelab.config import load_config
+from tunelab.models import quantization
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -22,19 +23,19 @@ def test_fast_nf4_dequantize_is_torchaos_bit_for_bit(dtype):
     torch.manual_seed(0)
     for shape in [(96, 64), (192, 128), (64, 320)]:
         w = (torch.randn(*shape) * 0.05).to(dtype)
-        q = quant.quantize(w)
-        assert isinstance(q, quant.NF4Tensor)
+        q = quantization.quantize(w)
+        assert isinstance(q, quantization.NF4Tensor)
         ref = q.get_original_weight()
-        assert torch.equal(quant.dequantize(q), ref)
-        assert torch.equal(quant.dequantize(q, torch.bfloat16), ref.to(torch.bfloat16))
-        assert torch.equal(quant.dequantize(q, torch.float16), ref.to(torch.float16))
+        assert torch.equal(quantization.dequantize(q), ref)
+        assert torch.equal(quantization.dequantize(q, torch.bfloat16), ref.to(torch.bfloat16))
+        assert torch.equal(quantization.dequantize(q, torch.float16), ref.to(torch.float16))
 
 
 @pytest.mark.parametrize("bits,kind", [(2, "nf"), (2, "uniform"), (2, "uniform_absmax"), (4, "nf"), (8, "uniform")])
 def test_fast_packed_dequantize_is_the_loop_bit_for_bit(bits, kind):
     torch.manual_seed(1)
     for shape in [(33, 70), (64, 64)]:  # 2310 values: a padded last block and a padded last byte
-        p = quant.Packed.from_tensor(torch.randn(*shape) * 0.1, bits, kind)
+        p = quantization.Packed.from_tensor(torch.randn(*shape) * 0.1, bits, kind)
         for dt in (None, torch.bfloat16):
             assert torch.equal(p.dequantize(dt), p.dequantize_reference(dt))
 
@@ -88,9 +89,9 @@ def test_quantized_loss_and_grads_equal_the_previous_path_and_with_held_copies(m
     with held_weights.held_weights(model, torch.bfloat16 if amp else None, None, torch.device("cpu")) as facts:
         assert facts["held_quantized"] == (14 if amp else 0)  # 2 layers x 7 linears
         held_loss, held_grads = _loss_and_grads(model, ids, amp)
-    assert all(m.held is None for m in model.modules() if isinstance(m, quant.QuantLinear))
+    assert all(m.held is None for m in model.modules() if isinstance(m, quantization.QuantLinear))
     with monkeypatch.context() as mp:
-        mp.setattr(quant.QuantLinear, "forward", _old_forward)
+        mp.setattr(quantization.QuantLinear, "forward", _old_forward)
         old_loss, old_grads = _loss_and_grads(model, ids, amp)
     for loss, grads in ((new_loss, new_grads), (held_loss, held_grads)):
         assert torch.equal(loss, old_loss)
@@ -100,7 +101,7 @@ def test_quantized_loss_and_grads_equal_the_previous_path_and_with_held_copies(m
 def test_plan_budget_rules(monkeypatch):
     model = _model("qlora")
     cpu, bf16 = torch.device("cpu"), torch.bfloat16
-    quantized = [m for m in model.modules() if isinstance(m, quant.QuantLinear)]
+    quantized = [m for m in model.modules() if isinstance(m, quantization.QuantLinear)]
     each = [m.out_features * m.in_features * 2 for m in quantized]
     auto = held_weights.plan(model, bf16, None, cpu)
     assert auto["quantized"] == quantized and auto["plain"]  # the tied head is a plain frozen linear
@@ -121,7 +122,7 @@ def test_held_copies_are_released_and_state_is_unchanged():
         inside = tunelab.methods.base.method_state_dict(model)
         assert inside.keys() == before.keys()
     assert all(p is params[n] for n, p in model.named_parameters())
-    assert all(m.held is None for m in model.modules() if isinstance(m, quant.QuantLinear))
+    assert all(m.held is None for m in model.modules() if isinstance(m, quantization.QuantLinear))
 
 
 @pytest.mark.parametrize("method", ["qlora", "lora"])

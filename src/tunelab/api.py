@@ -36,7 +36,7 @@ def attach(model: nn.Module, method_name: str, **params) -> nn.Module:
     cfg = method_config(method_name, params)
     install_context(model)
     model = method.attach(model, cfg)
-    # A head created for this run (tunelab.models marks it) trains with any method.
+    # A head created for this run (tunelab.models.loading marks it) trains with any method.
     for name in getattr(model, "tunelab_new_head", []):
         for p in model.get_submodule(name).parameters():
             p.requires_grad_(True)

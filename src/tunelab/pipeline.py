@@ -183,7 +183,7 @@ def _encode_to_arrow(task, examples, tokenizer, cfg, max_length, path, desc, pro
 def features(task, examples, tokenizer, cfg, max_length: int, *, pack: bool = False, desc: str = "tokenizing",
              cache: bool | None = None, num_proc: int | None = None) -> Features:
     """Training features of ``examples``; see the module docstring. ``num_proc``: `num_proc`'s ``requested``."""
-    from tunelab.models import cache_dir
+    from tunelab.models.loading import cache_dir
 
     procs = _workers(len(examples), num_proc)  # checked before any work
 

@@ -461,7 +461,7 @@ def _load_file(path: Path, datasets, text_unit: str = "line"):
             with pa.memory_map(str(path)) as src:
                 return datasets.Dataset(pa.ipc.open_file(src).read_all())
     kwargs = {"delimiter": "\t"} if path.suffix.lower() == ".tsv" else {"sample_by": text_unit} if builder == "text" else {}
-    from tunelab.models import cache_dir
+    from tunelab.models.loading import cache_dir
 
     try:
         return datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=str(cache_dir() / "datasets"), **kwargs)

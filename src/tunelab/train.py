@@ -29,14 +29,15 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import tunelab
-from tunelab import fast, fast_eval, held_weights, pipeline, tracking
+from tunelab import fast_eval, held_weights, pipeline, tracking
 from tunelab.config import RunConfig, dump_config, task_config
 from tunelab.data import Collator, batches
 from tunelab.evaluate import show_progress
 from tunelab.guard import check_step, check_tensors, warn_rank
 from tunelab.methods.base import METHODS, method_state_dict
-from tunelab.models import load as load_model
-from tunelab.models import resolve
+from tunelab.models import lm_loss
+from tunelab.models.loading import load as load_model
+from tunelab.models.loading import resolve
 from tunelab.preflight import check_run
 from tunelab.results import read_metrics
 from tunelab.runlock import RunLock, StopOnSignal, Stopped
@@ -283,12 +284,12 @@ class Run:
         with fast_eval.inference(self.model):
             for idx in batches(feats.lengths, self.cfg.eval.batch_size, seed=0, epoch=0, shuffle=False):
                 batch = {k: v.to(self.device) for k, v in collate([feats[i] for i in idx]).items()}
-                if levers is None:  # the LM head only where a target is, a shared prefix once, ... (tunelab.fast)
-                    levers = (fast.loss_levers(self.model, batch) if self.causal and not self.objective
+                if levers is None:  # the LM head only where a target is, a shared prefix once, ... (tunelab.models.lm_loss)
+                    levers = (lm_loss.loss_levers(self.model, batch) if self.causal and not self.objective
                               else {"trim": False})
                 n = self.units(batch)
                 if n:
-                    loss = self.objective.loss(self.model, batch) if self.objective else fast.loss(self.model, batch, **levers)
+                    loss = self.objective.loss(self.model, batch) if self.objective else lm_loss.loss(self.model, batch, **levers)
                     total += float(loss) * n
                     count += n
         return total / max(count, 1)
@@ -405,10 +406,10 @@ def _train(r: Run, model, out: Path, lead: bool) -> dict:
         raise ValueError(f"method '{cfg.method.name}' left no parameter trainable")
     if tc.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    # LM head and loss only where a target is (same loss and grads; see tunelab.fast)
+    # LM head and loss only where a target is (same loss and grads; see tunelab.models.lm_loss)
     probe = {k: v.to(r.device) for k, v in collate(feats[:2]).items()}
     obj = r.objective
-    levers = (fast.loss_levers(model, probe, autocast(r.device, r.amp), distributed=dist.active())
+    levers = (lm_loss.loss_levers(model, probe, autocast(r.device, r.amp), distributed=dist.active())
               if r.causal and not obj else {"trim": False})
     if obj:
         obj.prepare(model)  # e.g. DPO's frozen reference for a method without an off switch
@@ -416,7 +417,7 @@ def _train(r: Run, model, out: Path, lead: bool) -> dict:
     model = dist.wrap(model, full=cfg.method.name == "full")
     params = [p for p in model.parameters() if p.requires_grad]
     lr = tc.lr or default_lr(cfg.method.name, cfg.method.params())
-    opt = fast.adamw(params, lr=lr, weight_decay=tc.weight_decay)  # fused where it runs
+    opt = lm_loss.adamw(params, lr=lr, weight_decay=tc.weight_decay)  # fused where it runs
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(tc.schedule, int(tc.warmup * total), total))
 
     ckpt = out / "checkpoints"
@@ -464,8 +465,8 @@ def _train(r: Run, model, out: Path, lead: bool) -> dict:
             step_loss = torch.zeros((), device=r.device)
             for i, b in enumerate(micro):
                 sync = dist.no_sync(model) if i < len(micro) - 1 else contextlib.nullcontext()
-                with sync, autocast(r.device, r.amp), fast.attention_for(model, b, r.device):
-                    out_loss = obj.loss(model, b, base) if obj else fast.loss(model, b, **levers)
+                with sync, autocast(r.device, r.amp), lm_loss.attention_for(model, b, r.device):
+                    out_loss = obj.loss(model, b, base) if obj else lm_loss.loss(model, b, **levers)
                 weight = r.units(b) / n_total * dist.world()
                 (out_loss * weight).backward()
                 step_loss += out_loss.detach() * weight

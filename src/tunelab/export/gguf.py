@@ -94,7 +94,7 @@ def tokenizer_fields(tok, vocab_size: int) -> dict:
 
 def source_pre(model_name: str) -> str | None:
     """``tokenizer.ggml.pre`` of the GGUF an embedded model was converted from, if any."""
-    from tunelab.models import EMBEDDED, _package_dir
+    from tunelab.models.loading import EMBEDDED, _package_dir
 
     emb = EMBEDDED.get(model_name)
     if emb is None or not emb.gguf:

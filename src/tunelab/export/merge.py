@@ -23,7 +23,7 @@ CANNOT_MERGE_HINT = (
 
 def base_identity(name: str) -> dict:
     """``{"name": what the user wrote, "hub_id": the hub repo or None}`` for a model name."""
-    from tunelab.models import EMBEDDED
+    from tunelab.models.loading import EMBEDDED
 
     emb = EMBEDDED.get(name)
     if emb is not None:
@@ -41,7 +41,7 @@ def recorded_base(name: str) -> str:
 
 def native_dtype(name: str) -> str:
     """The base checkpoint's own dtype ("bf16" | "fp16" | "fp32"), read from its config.json."""
-    from tunelab.models import EMBEDDED, resolve
+    from tunelab.models.loading import EMBEDDED, resolve
 
     emb = EMBEDDED.get(name)
     if emb is not None:

@@ -10,7 +10,7 @@ no biases, attached to a named module f (W, b) with a placement, as LLM-Adapters
     parallel ("parallel_adapter"):        y = f(x) + a(x)          d_a = f's input width, d_o = output
 
 Trainable parameters per target: b * (d_a + d_out). Defaults: b = 256, act = tanh, s = 1.0, on the MLP
-hosts from ``tunelab.arch``: LLaMA-style models take LLM-Adapters' recipe (series after gate_proj and
+hosts from ``tunelab.models.arch``: LLaMA-style models take LLM-Adapters' recipe (series after gate_proj and
 up_proj, parallel beside up_proj and down_proj), OPT/BART/T5/GPT-2/GPT-NeoX their MLP linears, BERT-style
 encoders the FFN's output linear "layer.N.output.dense". Any module can be named in ``target_modules``
 (suffix match); a non-linear module is assumed to map hidden -> hidden. Init "zero_up" (default): D kaiming-uniform,
@@ -47,8 +47,8 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from tunelab import arch
 from tunelab.methods.base import METHODS, MethodConfig, find_linears, freeze, linear_dims, linear_types
+from tunelab.models import arch
 
 ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "identity": nn.Identity}
 
@@ -140,7 +140,7 @@ def _adapter_pre_hook(module: nn.Module, args, kwargs):
 
 
 def _default_targets(model: nn.Module, placement: str = "series") -> list[str]:
-    """The family's adapter hosts for ``placement`` (the table in tunelab.arch)."""
+    """The family's adapter hosts for ``placement`` (the table in tunelab.models.arch)."""
     return arch.default_targets(model, placement)
 
 
@@ -165,7 +165,7 @@ class _Adapter:
     recommended_lr = 3e-4  # LLM-Adapters' setting for both placements (AdamW, 3 epochs)
     about_defaults = (
         "init=zero_up (= LLM-Adapters' mam_adapter: kaiming D, U = 0) so training starts exactly at the base model "
-        "(the reference defaults to init=bert); hosts from tunelab.arch: LLaMA-style series on gate_proj+up_proj, "
+        "(the reference defaults to init=bert); hosts from tunelab.models.arch: LLaMA-style series on gate_proj+up_proj, "
         "parallel beside up_proj+down_proj, other families their MLP linears (BERT-style: the FFN output); "
         "series go before gate/up_proj and after down_proj, as the reference"
     )

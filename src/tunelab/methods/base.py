@@ -18,7 +18,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
-from tunelab.arch import HEADS
+from tunelab.models.arch import HEADS
 from tunelab.registry import Registry
 
 
@@ -38,8 +38,8 @@ class Method(Protocol):
 METHODS: Registry[Method] = Registry("method")
 
 # Module names of the output heads that must never be adapted by "all-linear" and that train
-# alongside any method when the head is new (set by tunelab.models when it creates one).
-HEAD_NAMES = HEADS  # kept here for the public API; the list lives in tunelab.arch
+# alongside any method when the head is new (set by tunelab.models.loading when it creates one).
+HEAD_NAMES = HEADS  # kept here for the public API; the list lives in tunelab.models.arch
 
 
 def _conv1d():
@@ -50,7 +50,7 @@ def _conv1d():
 
 def linear_types() -> tuple[type, ...]:
     """What counts as a linear layer: nn.Linear, GPT-2's Conv1D and tunelab's quantized linear."""
-    from tunelab.quant import BnbLinear4, QuantLinear
+    from tunelab.models.quantization import BnbLinear4, QuantLinear
 
     return (nn.Linear, _conv1d(), QuantLinear, BnbLinear4)
 
@@ -133,7 +133,7 @@ def count_parameters(model: nn.Module) -> dict[str, float]:
         total += p.numel()
         if p.requires_grad:
             trainable += p.numel()
-    # frozen weights stored outside parameters (tunelab.quant's packed 2-bit bases) still count
+    # frozen weights stored outside parameters (tunelab.models.quantization's packed 2-bit bases) still count
     total += sum(getattr(m, "tunelab_frozen_numel", 0) for m in model.modules())
     return {"trainable": trainable, "total": total, "percent": 100.0 * trainable / max(total, 1)}
 

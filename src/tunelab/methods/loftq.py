@@ -9,7 +9,7 @@ at (A_T, B_T): y = deq(Q_T) x + b + s B A drop(x). T = 0 is QLoRA (Q = q(W), B =
 
 Quantizers: bits=4 -> NF4 (torchao), bits=2 -> NF2 (quant="nf"), uniform 2-bit with the LoftQ
 repository's block scale mean + 2.5 std (quant="uniform") or with the block absmax
-(quant="uniform_absmax", tunelab <= 0.1's "uniform"), all block 64 (see tunelab.quant); ``mixed_4bit_layers=k`` keeps NF4 on transformer layers 0..k-1 (the paper's mixed
+(quant="uniform_absmax", tunelab <= 0.1's "uniform"), all block 64 (see tunelab.models.quantization); ``mixed_4bit_layers=k`` keeps NF4 on transformer layers 0..k-1 (the paper's mixed
 precision). Everything runs on the weight's device (CPU or CUDA), in fp32.
 
 Q_T is a deterministic function of W, so tunelab saves only A, B (+ a checksum of Q_T) and re-attaching
@@ -27,11 +27,11 @@ import torch
 from pydantic import Field, field_validator
 from torch import nn
 
-from tunelab import quant
 from tunelab.methods.base import METHODS, dense_weight
 from tunelab.methods.lora import LoRAConfig, inject, merge_model, scaling
 from tunelab.methods.qlora import linear_bytes, load_plan, quant_info, quantized
-from tunelab.quant_load import return_large_blocks
+from tunelab.models import quantization
+from tunelab.models.quantized_loading import return_large_blocks
 
 
 class LoftQConfig(LoRAConfig):
@@ -51,7 +51,7 @@ class LoftQConfig(LoRAConfig):
     @field_validator("quant")
     @classmethod
     def _quant(cls, v):
-        if v not in quant.KINDS:
+        if v not in quantization.KINDS:
             raise ValueError(f"quant={v!r}: allowed 'nf' (NormalFloat), 'uniform' (LoftQ's mean + 2.5 std "
                              "block scale) or 'uniform_absmax'")
         return v
@@ -92,8 +92,8 @@ def loftq_init(
     low = None  # s B A of the previous step (none before the first: Q_1 = q(W), no zeros to subtract)
     errors, best = [], (None, None, None)
     for _ in range(iters):
-        q = quant.quantize(w if low is None else (w32 - low).to(w.dtype), bits, kind)
-        res = w32 - quant.dequantize(q, torch.float32)
+        q = quantization.quantize(w if low is None else (w32 - low).to(w.dtype), bits, kind)
+        res = w32 - quantization.dequantize(q, torch.float32)
         if not errors:
             errors.append(res.norm().item())  # Q_1 = q(W): the plain quantization error
         U, S, V = top_r(res, r)
@@ -103,8 +103,8 @@ def loftq_init(
         if not keep_best or errors[-1] <= min(errors[1:]):
             best = (q, root.unsqueeze(1) * V.T, U * root)
     if not iters:
-        q = quant.quantize(w, bits, kind)
-        errors.append((w32 - quant.dequantize(q, torch.float32)).norm().item())
+        q = quantization.quantize(w, bits, kind)
+        errors.append((w32 - quantization.dequantize(q, torch.float32)).norm().item())
         best = (q, None, None)
     return (*best, errors)
 
@@ -132,7 +132,7 @@ class LoftQ:
         bits, kind = (4, "nf") if early else (cfg.bits, cfg.quant)
         q, A, B, errs = loftq_init(w, cfg.r, scaling(cfg), bits, kind, cfg.iters, cfg.keep_best)
         kept = min(errs[1:]) if cfg.keep_best and cfg.iters else errs[-1]
-        base = quant.QuantLinear(q, bias)
+        base = quantization.QuantLinear(q, bias)
         base.loftq_start, base.loftq_record = (A, B), {"bits": bits, "errors": errs, "kept": kept}
         return base
 
@@ -142,7 +142,7 @@ class LoftQ:
 
     def attach(self, model: nn.Module, cfg: LoftQConfig) -> nn.Module:
         return_large_blocks()  # every forward dequantizes into 1-32 MB temporaries (see quant_load)
-        before_model, before_linears = quant.model_bytes(model), 0
+        before_model, before_linears = quantization.model_bytes(model), 0
         starts, errors = {}, {}
 
         def make_base(name, lin):
@@ -151,7 +151,7 @@ class LoftQ:
             if quantized(lin):  # quantized (and LoftQ-initialised) while loading
                 if not hasattr(lin, "loftq_start"):
                     raise ValueError(f"{name}: the base is already quantized without LoftQ; load it in full precision")
-                before_model += linear_bytes(lin) - quant.model_bytes(lin)
+                before_model += linear_bytes(lin) - quantization.model_bytes(lin)
                 base = lin
             else:
                 base = self._init(name, dense_weight(lin), lin.bias, cfg)

@@ -8,7 +8,7 @@ DoRA:  y = g * (W0 x + s B A x) + b,  g = m / ||W0 + s B A||_row  (d_out),  m (d
 Merge: W = W0 + s B A (DoRA: W = g * (W0 + s B A)); unmerge restores W0 to rounding.
 
 ``LoRALinear`` wraps a frozen ``nn.Linear``, GPT-2's ``Conv1D`` (weight stored d_in x d_out: W0 is its
-transpose, as PEFT's fan_in_fan_out) or a ``tunelab.quant.QuantLinear`` (QLoRA, LoftQ).
+transpose, as PEFT's fan_in_fan_out) or a ``tunelab.models.quantization.QuantLinear`` (QLoRA, LoftQ).
 ``LoRAEmbedding`` wraps an ``nn.Embedding`` named explicitly in target_modules (never by "all-linear"),
 as PEFT does: y = E[x] + s * (A^T[x]) B^T, A (r x vocab) = 0, B (dim x r) ~ N(0, 1), no dropout;
 W0 is E^T (dim x vocab), so merge folds E += s (B A)^T.

@@ -22,7 +22,7 @@ S x instead (cheaper there). Stored: ``indices`` (an int64 persistent buffer of 
 module, tunelab_state = True) and ``values``; never a dense mask.
 Merge is exact: W = W0 + S, the entries outside I stay bit-identical.
 
-Default targets come from ``tunelab.arch`` (the family's q and v projections). On a fused projection
+Default targets come from ``tunelab.models.arch`` (the family's q and v projections). On a fused projection
 (Phi-3 ``qkv_proj``, GPT-2 ``c_attn``, GPT-NeoX ``query_key_value``) the mask is drawn only in the q and
 v output rows (k of each row range separately), so the default trains the same matrices everywhere.
 GPT-2's Conv1D stores W0 transposed; I indexes W0 (d_out x d_in) all the same.
@@ -40,7 +40,6 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from tunelab import arch
 from tunelab.methods.base import (
     METHODS,
     MethodConfig,
@@ -51,6 +50,7 @@ from tunelab.methods.base import (
     linear_dims,
     linear_types,
 )
+from tunelab.models import arch
 
 # Above 1/DENSE_ABOVE of a matrix kept (~0.4%), the forward adds a dense S instead of gathering.
 DENSE_ABOVE = 256

@@ -72,8 +72,8 @@ from pydantic import Field, field_validator
 from torch import nn
 from torch.nn.utils import parametrize
 
-from tunelab import arch
 from tunelab.methods.base import METHODS, MethodConfig, context, freeze
+from tunelab.models import arch
 
 
 class ReftConfig(MethodConfig):
@@ -234,7 +234,7 @@ class DiReFT(nn.Module):
 
 
 def _blocks(model: nn.Module, stack: str | None = None) -> nn.ModuleList:
-    """The blocks of ``stack`` (default: the family's, from tunelab.arch: the encoder of T5/BART)."""
+    """The blocks of ``stack`` (default: the family's, from tunelab.models.arch: the encoder of T5/BART)."""
     return arch.blocks(model, stack)
 
 

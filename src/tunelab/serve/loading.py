@@ -26,7 +26,7 @@ def load_target(target: str, *, device: str = "auto", dtype: str | None = None, 
     """A run directory (``config.yaml`` + ``method/``) with its method loaded, or a model name/dir."""
     import tunelab
     from tunelab.config import load_config
-    from tunelab.models import load as load_model
+    from tunelab.models.loading import load as load_model
     from tunelab.train import pick_device
 
     if threads:

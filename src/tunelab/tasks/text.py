@@ -20,8 +20,9 @@ from typing import Literal
 
 import torch
 
-from tunelab import fast, fast_eval, head_loss
+from tunelab import fast_eval
 from tunelab.data import Collator, _adds_bos
+from tunelab.models import chunked_loss, lm_loss
 from tunelab.pipeline import DROPPED, KEPT
 from tunelab.readers import check_column, load_table
 from tunelab.tasks.base import TASKS, TaskConfig, field_name
@@ -39,7 +40,7 @@ def nll(model, tokenizer, feats: list[dict], batch_size: int = 8) -> tuple[float
     """(summed next-token NLL, tokens scored, tokens predicted right by argmax) of causal-LM features
     (labels -100 = not scored).
 
-    The logits only at scored positions and a chunk of them at a time (``head_loss.token_stats``)
+    The logits only at scored positions and a chunk of them at a time (``chunked_loss.token_stats``)
     where the model allows it (probed on the first rows), so whole eval batches fit; otherwise full
     logits in batches of at most 4. Both under ``fast_eval.inference`` (weights cast once)."""
     collate = Collator(tokenizer.pad_token_id)
@@ -55,12 +56,12 @@ def nll(model, tokenizer, feats: list[dict], batch_size: int = 8) -> tuple[float
 
     with fast_eval.inference(model):
         probe = batch_of(order[-2:])  # the shortest rows: a cheap probe
-        chunked = fast.supports_loss_inputs(model, probe) and fast.supports_chunked_loss(model, probe)
+        chunked = lm_loss.supports_loss_inputs(model, probe) and lm_loss.supports_chunked_loss(model, probe)
         step = max(1, batch_size if chunked else min(batch_size, 4))  # full-vocabulary logits are large
         for s in range(0, len(order), step):
             batch = batch_of(order[s:s + step])
             if chunked:
-                t, c, r = head_loss.token_stats(model, fast.loss_inputs(batch))
+                t, c, r = chunked_loss.token_stats(model, lm_loss.loss_inputs(batch))
                 total, count, right = total + t, count + c, right + r
                 continue
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()

@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tunelab import head_loss
+from tunelab.models import chunked_loss
 
 IGNORE = -100
 
@@ -266,10 +266,10 @@ def batch_prefix(batch: dict, keep: torch.Tensor | None = None) -> int:
 
 def _head_loss(model: nn.Module, inputs: dict, chunked: bool) -> torch.Tensor:
     """The loss of ``loss_inputs``-style inputs: the model's own, or over the vocabulary in chunks
-    (``tunelab.head_loss``) when ``chunked`` and the kept positions fill more than one chunk."""
+    (``tunelab.models.chunked_loss``) when ``chunked`` and the kept positions fill more than one chunk."""
     inner = getattr(model, "module", model)
-    if chunked and inputs["labels"].numel() > head_loss.chunk_rows(inner):
-        return head_loss.chunked_loss(model, inputs)
+    if chunked and inputs["labels"].numel() > chunked_loss.chunk_rows(inner):
+        return chunked_loss.chunked_loss(model, inputs)
     return model(**inputs).loss
 
 
@@ -312,7 +312,7 @@ def _sharded(p: torch.Tensor) -> bool:
 @torch.no_grad()
 def supports_chunked_loss(model: nn.Module, batch: dict, amp: contextlib.AbstractContextManager | None = None,
                           distributed: bool = False) -> bool:
-    """Whether the chunked vocabulary loss (``tunelab.head_loss``) gives the model's own loss on the
+    """Whether the chunked vocabulary loss (``tunelab.models.chunked_loss``) gives the model's own loss on the
     first rows of ``batch`` (in three chunks there, so the chunking itself is exercised).
     Not across processes: DDP/FSDP reduce gradients in hooks that the chunks' inner backward
     would run outside of."""
@@ -329,7 +329,7 @@ def supports_chunked_loss(model: nn.Module, batch: dict, amp: contextlib.Abstrac
     try:
         with amp or contextlib.nullcontext():
             own = model(**inputs).loss
-            chunked = head_loss.chunked_loss(model, inputs, rows=max(1, inputs["labels"].numel() // 3))
+            chunked = chunked_loss.chunked_loss(model, inputs, rows=max(1, inputs["labels"].numel() // 3))
     except (TypeError, ValueError, IndexError, RuntimeError, AttributeError):
         return False
     finally:

@@ -8,7 +8,7 @@ So the full-precision target weights never sit in memory together: peak ~ quanti
 non-quantized tensors (embeddings, norms, head) + one linear. Tensors the checkpoint lacks (a new
 task head) are initialised by the model's own ``_init_weights``, as ``from_pretrained`` does.
 
-A method opts in by exposing ``quantize_on_load(cfg) -> LoadPlan`` (tunelab.models calls it; the loop
+A method opts in by exposing ``quantize_on_load(cfg) -> LoadPlan`` (tunelab.models.loading calls it; the loop
 never names a method). Checkpoints without safetensors files fall back to load-then-quantize.
 """
 

@@ -1,6 +1,6 @@
 """The causal LM loss over the vocabulary in row chunks, so the logits never exist all at once.
 
-With the LM head only at loss positions (``tunelab.fast``), a chat or text batch still has most
+With the LM head only at loss positions (``tunelab.models.lm_loss``), a chat or text batch still has most
 positions carrying loss: 8 rows x 512 tokens of SmolLM2 (49k vocabulary) make 4,096 x 49,152
 logits, held in bf16, upcast to fp32 for the loss, kept for its backward and joined by their
 gradient: ~2.4 GB, more than the model, its adapters and every activation together (Llama 3's 128k

@@ -145,7 +145,7 @@ def load(
 ):
     """Return ``(model, tokenizer)``. ``head`` picks a classification / token / QA head (new heads
     are recorded in ``model.tunelab_new_head`` so they train with any method). ``quantize`` (a
-    ``tunelab.quant_load.LoadPlan``, from a method's ``quantize_on_load``) quantizes its target linears
+    ``tunelab.models.quantized_loading.LoadPlan``, from a method's ``quantize_on_load``) quantizes its target linears
     shard by shard onto ``device`` while loading, so the full-precision weights never sit there."""
     import torch
     from transformers import AutoTokenizer
@@ -200,7 +200,7 @@ def _local(path: str, kwargs: dict) -> str:
 
 
 def _has_safetensors(path: str, kwargs: dict) -> bool:
-    from tunelab.quant_load import shard_files
+    from tunelab.models.quantized_loading import shard_files
 
     if Path(path).is_dir():
         if shard_files(path):
@@ -211,11 +211,11 @@ def _has_safetensors(path: str, kwargs: dict) -> bool:
 
 
 def _load_quantized(auto_cls, path: str, dtype: str, extra: dict, kwargs: dict, plan, device):
-    """from_pretrained's result, built on meta and filled shard by shard (tunelab.quant_load)."""
+    """from_pretrained's result, built on meta and filled shard by shard (tunelab.models.quantized_loading)."""
     import torch
     from transformers import AutoConfig
 
-    from tunelab.quant_load import load_quantized
+    from tunelab.models.quantized_loading import load_quantized
 
     config = AutoConfig.from_pretrained(path, **extra, **kwargs)
     remote = kwargs.get("trust_remote_code", False)

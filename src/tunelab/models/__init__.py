@@ -1,0 +1,1 @@
+"""tunelab.models.loading."""
