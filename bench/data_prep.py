@@ -62,13 +62,13 @@ def case(name: str, data: str, model: str, num_proc: int) -> dict:
     import datasets
     from transformers import AutoTokenizer
 
-    from tunelab import pipeline
     from tunelab.config import task_config
+    from tunelab.data import feature_cache
     from tunelab.tasks import TASKS
 
     datasets.disable_progress_bars()
     tok = AutoTokenizer.from_pretrained(model)
-    procs = num_proc or pipeline.num_proc(200_000 if "chat" in name else 67_349)
+    procs = num_proc or feature_cache.num_proc(200_000 if "chat" in name else 67_349)
     base = rss_mb()
     t0 = time.perf_counter()
     label, name = name, name.removesuffix("-cached") if name.startswith("sst2") else name
@@ -89,7 +89,7 @@ def case(name: str, data: str, model: str, num_proc: int) -> dict:
                 feats = [task.encode(e, tok, cfg, 256) for e in ex]
                 rows = len(feats)
             else:
-                feats = pipeline.features(task, ex, tok, cfg, 256, cache=True)
+                feats = feature_cache.features(task, ex, tok, cfg, 256, cache=True)
                 rows = feats.stats["rows"]
                 lengths_sum = int(feats.lengths.sum())
     else:
@@ -106,7 +106,7 @@ def case(name: str, data: str, model: str, num_proc: int) -> dict:
             rows = len(out)
         else:
             ex = task.read(data, cfg)
-            feats = pipeline.features(task, ex, tok, cfg, 512, cache=True)
+            feats = feature_cache.features(task, ex, tok, cfg, 512, cache=True)
             rows = feats.stats["rows"]
             lengths_sum = int(feats.lengths.sum())
     seconds = time.perf_counter() - t0

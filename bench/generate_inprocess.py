@@ -31,7 +31,7 @@ def main() -> None:
 
     import tunelab
     from tunelab.config import load_config
-    from tunelab.data import tokenize_prompt
+    from tunelab.data.encoding import tokenize_prompt
     from tunelab.evaluate import _pad_left, generate
     from tunelab.train import Run, autocast
 

@@ -34,7 +34,7 @@ from tunelab.bench import (
     train_flops,
 )
 from tunelab.config import RunConfig, task_config
-from tunelab.data import Collator, tokenize_prompt
+from tunelab.data.encoding import Collator, tokenize_prompt
 from tunelab.models.loading import resolve
 from tunelab.tasks import TASKS
 from tunelab.train import autocast, autocast_dtype, default_lr, lr_lambda, pick_device
@@ -260,7 +260,7 @@ def trainer(cfg: RunConfig, steps: int, warmup: int, peak_flops: float) -> dict:
 
 
 def _loop_order(r, cfg, feats, n):
-    from tunelab.data import batches as batch_order
+    from tunelab.data.encoding import batches as batch_order
 
     lengths = [len(f["input_ids"]) for f in feats]
     out, epoch = [], 0

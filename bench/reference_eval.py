@@ -19,7 +19,7 @@ from reference import prepare
 
 from tunelab.bench import peak_memory_mb
 from tunelab.config import RunConfig
-from tunelab.data import tokenize_prompt
+from tunelab.data.encoding import tokenize_prompt
 from tunelab.models.loading import resolve
 from tunelab.tasks.qa import best_span, windows
 from tunelab.train import autocast, autocast_dtype, pick_device

@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from tunelab import pipeline
-from tunelab.chat_format import ChatError, normalize, render
 from tunelab.config import task_config
+from tunelab.data import feature_cache
+from tunelab.data.chat_templates import ChatError, normalize, render
 from tunelab.errors import DataError
 from tunelab.tasks import TASKS
 
@@ -98,12 +98,12 @@ def test_bad_conversations(turns, style, match):
 def test_read_detects_formats_and_names_bad_rows(tmp_path):
     tok, cfg = chat_tok(), task_config("chat", {})
     share = write_jsonl(tmp_path / "share.jsonl", [{"conversations": [{"from": "human", "value": "hello"}, {"from": "gpt", "value": "hi"}]}])
-    f = pipeline.features(CHAT, CHAT.read(str(share), cfg), tok, cfg, 64)
+    f = feature_cache.features(CHAT, CHAT.read(str(share), cfg), tok, cfg, 64)
     assert [tok.decode(r) for r in runs(f[0]["labels"])] == ["hi <|im_end|>"]
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"messages": CONV}, {"messages": CONV[:2]}, {"messages": CONV}])
     with pytest.raises(DataError, match=r"bad.jsonl row 2: no assistant turn"):
-        pipeline.features(CHAT, CHAT.read(str(bad), cfg), tok, cfg, 64)
-    f = pipeline.features(CHAT, CHAT.read(str(bad), cfg, skip_bad=True), tok, cfg, 64)
+        feature_cache.features(CHAT, CHAT.read(str(bad), cfg), tok, cfg, 64)
+    f = feature_cache.features(CHAT, CHAT.read(str(bad), cfg, skip_bad=True), tok, cfg, 64)
     assert len(f) == 2 and f.stats["dropped"] == 1
     with pytest.raises(DataError, match=r"no 'messages' \(OpenAI\) or 'conversations'.*present: \['text'\]"):
         CHAT.read(str(write_jsonl(tmp_path / "t.jsonl", [{"text": "a"}])), cfg)
@@ -119,13 +119,13 @@ def test_too_long_cuts_turns_from_the_start_or_errors(tmp_path):
     cfg = task_config("chat", {"template": "chatml"})
     full = CHAT.encode({"messages": long}, tok, cfg, 1000)
     n = len(full["input_ids"])
-    f = pipeline.features(CHAT, CHAT.read(str(write_jsonl(tmp_path / "l.jsonl", [{"messages": long}])), cfg), tok, cfg, n - 10)
+    f = feature_cache.features(CHAT, CHAT.read(str(write_jsonl(tmp_path / "l.jsonl", [{"messages": long}])), cfg), tok, cfg, n - 10)
     assert f.stats["truncated"] == 1 and f.lengths[0] <= n - 10
     text = tok.decode(f[0]["input_ids"])
     assert text.startswith("<|im_start|> [UNK] the") and "yes 0" not in text and "yes 3" in text  # system kept, oldest exchange cut
     err = task_config("chat", {"template": "chatml", "truncation": "error"})
     with pytest.raises(DataError, match=r"l.jsonl row 1: the conversation is longer than max_length \d+; cutting the first 2 turns would fit"):
-        pipeline.features(CHAT, CHAT.read(str(tmp_path / "l.jsonl"), err), tok, err, n - 10)
+        feature_cache.features(CHAT, CHAT.read(str(tmp_path / "l.jsonl"), err), tok, err, n - 10)
 
 
 def test_evaluate_scores_last_assistant_turn_and_perplexity(tmp_path):
@@ -145,7 +145,7 @@ def test_unknown_template_is_rejected():
 
 
 def test_template_skeleton_is_exact_or_not_used():
-    from tunelab.chat_format import _sentinel
+    from tunelab.data.chat_templates import _sentinel
 
     tok = chat_tok()
     convs = [[{"role": "user", "content": f"the cat {i}"}, {"role": "assistant", "content": f"yes {i}"}] for i in range(6)]

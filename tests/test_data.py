@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tunelab.data import (
+from tunelab.data.encoding import (
     IGNORE,
     Collator,
     batches,

@@ -144,7 +144,7 @@ def test_generate_matches_model_generate_text():
 
 
 def fast_ids(tok, text):
-    from tunelab.data import tokenize_prompt
+    from tunelab.data.encoding import tokenize_prompt
 
     return tokenize_prompt(tok, text)
 

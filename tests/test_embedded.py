@@ -5,7 +5,7 @@ import json
 import pytest
 
 from tunelab.config import load_config
-from tunelab.demo import write_data
+from tunelab.data.demo_sentiment import write_data
 
 pytestmark = pytest.mark.slow
 

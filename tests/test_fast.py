@@ -8,7 +8,7 @@ import torch
 import tunelab
 from tunelab.bench import batch_shape, bench, matmul_counts, train_flops
 from tunelab.config import load_config
-from tunelab.data import Collator, pack
+from tunelab.data.encoding import Collator, pack
 from tunelab.models import lm_loss
 
 from conftest import tiny_llama, tiny_tokenizer_obj

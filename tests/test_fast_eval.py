@@ -9,7 +9,7 @@ from transformers import BertConfig, BertForQuestionAnswering, BertForTokenClass
 
 import tunelab
 from tunelab import evaluate, fast_eval, held_weights
-from tunelab.data import tokenize_prompt
+from tunelab.data.encoding import tokenize_prompt
 from tunelab.runtime import precision
 from tunelab.tasks import TASKS
 from tunelab.tasks.ner import word_offsets

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import tunelab
-from tunelab.data import Collator
+from tunelab.data.encoding import Collator
 from tunelab.models import chunked_loss, lm_loss
 
 from conftest import tiny_llama

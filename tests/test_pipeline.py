@@ -6,9 +6,9 @@ import json
 import numpy as np
 import pytest
 
-from tunelab import pipeline
 from tunelab.config import load_config, task_config
-from tunelab.data import pack
+from tunelab.data import feature_cache
+from tunelab.data.encoding import pack
 from tunelab.tasks import TASKS
 
 from conftest import tiny_llama, tiny_tokenizer_obj
@@ -43,17 +43,17 @@ def same(a, b):
 def test_second_run_comes_from_the_cache(tmp_path, cache):
     task, tok, cfg = TASKS.get("chat"), chat_tok(), task_config("chat", {"template": "chatml"})
     ex = task.read(chat_file(tmp_path / "c.jsonl"), cfg)
-    first = pipeline.features(task, ex, tok, cfg, 64, cache=True)
-    again = pipeline.features(task, task.read(str(tmp_path / "c.jsonl"), cfg), tok, cfg, 64, cache=True)
+    first = feature_cache.features(task, ex, tok, cfg, 64, cache=True)
+    again = feature_cache.features(task, task.read(str(tmp_path / "c.jsonl"), cfg), tok, cfg, 64, cache=True)
     assert not first.stats["cached"] and again.stats["cached"]
     same(first, again)
-    same(first, pipeline.features(task, ex, tok, cfg, 64, cache=False))
+    same(first, feature_cache.features(task, ex, tok, cfg, 64, cache=False))
     assert len(list((cache / "features").glob("*.arrow"))) == 1
-    other = pipeline.features(task, ex, tok, task_config("chat", {"template": "zephyr"}), 64, cache=True)
-    assert not other.stats["cached"] and not pipeline.features(task, ex, tok, cfg, 32, cache=True).stats["cached"]
+    other = feature_cache.features(task, ex, tok, task_config("chat", {"template": "zephyr"}), 64, cache=True)
+    assert not other.stats["cached"] and not feature_cache.features(task, ex, tok, cfg, 32, cache=True).stats["cached"]
     assert other[0] != first[0]
     chat_file(tmp_path / "c.jsonl", n=31)  # the data changed: a new key
-    assert not pipeline.features(task, task.read(str(tmp_path / "c.jsonl"), cfg), tok, cfg, 64, cache=True).stats["cached"]
+    assert not feature_cache.features(task, task.read(str(tmp_path / "c.jsonl"), cfg), tok, cfg, 64, cache=True).stats["cached"]
 
 
 def test_per_row_fallback_is_identical_through_the_cache_and_two_processes(tmp_path, monkeypatch):
@@ -62,28 +62,28 @@ def test_per_row_fallback_is_identical_through_the_cache_and_two_processes(tmp_p
     words = "the cat sat on mat dog was in John Mary".split()
     ex = [{"text": " ".join(words[i % 7: i % 7 + 3]), "label": str(i % 2), "_where": f"f:{i}"} for i in range(40)]
     plain = [task.encode(e, tok, cfg, 16) for e in ex]
-    mem = pipeline.features(task, ex, tok, cfg, 16, cache=False)
-    disk = pipeline.features(task, ex, tok, cfg, 16, cache=True)
+    mem = feature_cache.features(task, ex, tok, cfg, 16, cache=False)
+    disk = feature_cache.features(task, ex, tok, cfg, 16, cache=True)
     assert [mem[i] for i in range(40)] == plain
     same(mem, disk)
     monkeypatch.setenv("TUNELAB_NUM_PROC", "2")
     ex2 = [dict(e, text=e["text"] + " a") for e in ex]
-    same(pipeline.features(task, ex2, tok, cfg, 16, cache=True), pipeline.features(task, ex2, tok, cfg, 16, cache=False))
+    same(feature_cache.features(task, ex2, tok, cfg, 16, cache=True), feature_cache.features(task, ex2, tok, cfg, 16, cache=False))
 
 
 def test_head_features_keep_scalar_labels_and_token_types(tmp_path):
     task, tok = TASKS.get("paraphrase"), tiny_tokenizer_obj()
     cfg = task_config("paraphrase", {"formulation": "head"})
     ex = [{"text": "the cat", "text_pair": "a dog", "label": str(i % 2), "_where": f"f:{i}"} for i in range(6)]
-    got = pipeline.features(task, ex, tok, cfg, 16, cache=True)
+    got = feature_cache.features(task, ex, tok, cfg, 16, cache=True)
     assert [got[i] for i in range(6)] == [task.encode(e, tok, cfg, 16) for e in ex]
 
 
 def test_lazy_packing_matches_data_pack():
     lengths = np.array([5, 3, 7, 2, 9, 1, 4])
     feats = [{"input_ids": list(range(n)), "labels": list(range(10, 10 + n)), "prompt_len": n // 2} for n in lengths]
-    base = pipeline._ListRows.from_features(feats, np.zeros(len(feats), np.int8))
-    packed = pipeline.Packed(pipeline.Features(base, np.arange(len(feats))), 10)
+    base = feature_cache._ListRows.from_features(feats, np.zeros(len(feats), np.int8))
+    packed = feature_cache.Packed(feature_cache.Features(base, np.arange(len(feats))), 10)
     assert [packed[i] for i in range(len(packed))] == pack(feats, 10)
     assert list(packed.lengths) == [len(r["input_ids"]) for r in pack(feats, 10)]
 
@@ -116,6 +116,6 @@ def test_a_familys_own_feature_keys_survive_the_cache(tmp_path):
     path.write_text("".join(json.dumps({"prompt": "the cat", "chosen": f"yes {i}", "rejected": "no"}) + "\n" for i in range(6)))
     cfg = task_config("preference", {"chat": False})
     ex = task.read(str(path), cfg, limit=None, skip_bad=False)
-    got = pipeline.features(task, ex, tok, cfg, 32, cache=True)
+    got = feature_cache.features(task, ex, tok, cfg, 32, cache=True)
     assert [got[i] for i in range(len(ex))] == [task.encode(e, tok, cfg, 32) for e in ex]
     assert "rejected_input_ids" in got[0]

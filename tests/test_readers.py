@@ -7,9 +7,9 @@ import logging
 
 import pytest
 
-from tunelab import readers
+from tunelab.data import readers
+from tunelab.data.readers import parse_hub_name, read_conll, read_records, read_squad
 from tunelab.errors import DataError
-from tunelab.readers import parse_hub_name, read_conll, read_records, read_squad
 
 from conftest import shared_data
 
@@ -44,7 +44,7 @@ def test_required_field_missing_and_empty(tmp_path):
 def test_skip_bad_counts_reasons_and_logs(tmp_path, caplog):
     p = write(tmp_path, "a.jsonl", '{"t": "a", "y": 1}\nnot json\n{"t": "b"}\n{"t": "", "y": 2}\n[1]\n{"t": "c", "y": 0}\n')
     report = {}
-    with caplog.at_level(logging.WARNING, logger="tunelab.readers"):
+    with caplog.at_level(logging.WARNING, logger="tunelab.data.readers"):
         recs = read_records(p, skip_bad=True, required=["t", "y"], report=report)
     assert [r["t"] for r in recs] == ["a", "c"]
     assert report == {"skipped": 4, "reasons": {"bad json": 1, "missing field 'y'": 1, "empty field 't'": 1,

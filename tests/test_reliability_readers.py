@@ -6,8 +6,8 @@ import json
 import pytest
 
 from tunelab.config import task_config
+from tunelab.data.readers import read_conll, read_records
 from tunelab.errors import DataError
-from tunelab.readers import read_conll, read_records
 from tunelab.tasks import TASKS
 
 

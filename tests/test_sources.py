@@ -9,8 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from tunelab.config import load_config
+from tunelab.data.readers import load_table, read_preferences, read_records
 from tunelab.errors import DataError
-from tunelab.readers import load_table, read_preferences, read_records
 
 ROWS = [{"text": f"row {i}", "label": i % 2} for i in range(5)]
 CONV = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]

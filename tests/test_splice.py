@@ -1,4 +1,4 @@
-"""Batched prompt encoding (`tunelab.splice`, the families' ``encode_many``) gives exactly the per-row
+"""Batched prompt encoding (`tunelab.data.prompt_splicing`, the families' ``encode_many``) gives exactly the per-row
 features: ids, labels, prompt lengths (the loss mask), truncation flags and counts, on the WordPiece test
 tokenizer (whole-string path), on a byte-level BPE with a chat template built here (the spliced path,
 fuzzed at its junctions), and on the real SmolLM2 tokenizer (slow)."""
@@ -7,9 +7,9 @@ import random
 
 import pytest
 
-from tunelab import pipeline
 from tunelab.config import load_config, task_config
-from tunelab.splice import Skeleton, Splicer, splittable
+from tunelab.data import feature_cache
+from tunelab.data.prompt_splicing import Skeleton, Splicer, splittable
 from tunelab.tasks import TASKS
 
 from conftest import shared_data, tiny_tokenizer_obj
@@ -85,7 +85,7 @@ def test_pipeline_counts_and_features_match_the_per_row_path(tmp_path, monkeypat
     monkeypatch.setenv("TUNELAB_CACHE", str(tmp_path / "cache"))
     tok, task, cfg = bpe_tok(), TASKS.get("sentiment"), task_config("sentiment", {})
     rows = rows_for("sentiment") * 90  # over CACHE_MIN_ROWS: through datasets.map and the Arrow cache
-    feats = pipeline.features(task, rows, tok, cfg, 48, cache=True)
+    feats = feature_cache.features(task, rows, tok, cfg, 48, cache=True)
     per_row = [task.encode(ex, tok, cfg, 48) for ex in rows]
     assert feats.stats["truncated"] == sum(bool(f.get("truncated")) for f in per_row) > 0
     assert [feats[i]["input_ids"] for i in range(len(feats))] == [f["input_ids"] for f in per_row]
@@ -122,26 +122,26 @@ def test_num_proc_config_key_and_env(monkeypatch):
     assert load_config(None, ["data.num_proc=3"]).data.num_proc == 3
     with pytest.raises(ValueError, match=r"data.num_proc"):
         load_config(None, ["data.num_proc=0"])
-    assert pipeline.num_proc(50_000, 3) == 3
+    assert feature_cache.num_proc(50_000, 3) == 3
     monkeypatch.setenv("TUNELAB_NUM_PROC", "4")
-    assert pipeline.num_proc(10, None) == 4 and pipeline.num_proc(10, 1) == 1  # the config key wins
+    assert feature_cache.num_proc(10, None) == 4 and feature_cache.num_proc(10, 1) == 1  # the config key wins
     monkeypatch.setenv("TUNELAB_NUM_PROC", "two")
     with pytest.raises(ValueError, match=r"TUNELAB_NUM_PROC"):
-        pipeline.num_proc(10, None)
+        feature_cache.num_proc(10, None)
     with pytest.raises(ValueError, match=r"data.num_proc"):
-        pipeline.num_proc(10, 0)
+        feature_cache.num_proc(10, 0)
 
 
 def test_cache_key_follows_the_template_and_task_config():
     tok, task = bpe_tok(), TASKS.get("sentiment")
     rows = rows_for("sentiment")
-    key = pipeline.cache_key(task, rows, tok, task_config("sentiment", {}), 256)
-    assert key == pipeline.cache_key(task, rows, tok, task_config("sentiment", {}), 256)
-    assert key != pipeline.cache_key(task, rows, tok, task_config("sentiment", {"template": "Review: {text}"}), 256)
-    assert key != pipeline.cache_key(task, rows, tok, task_config("sentiment", {"label_words": ["bad", "good"]}), 256)
+    key = feature_cache.cache_key(task, rows, tok, task_config("sentiment", {}), 256)
+    assert key == feature_cache.cache_key(task, rows, tok, task_config("sentiment", {}), 256)
+    assert key != feature_cache.cache_key(task, rows, tok, task_config("sentiment", {"template": "Review: {text}"}), 256)
+    assert key != feature_cache.cache_key(task, rows, tok, task_config("sentiment", {"label_words": ["bad", "good"]}), 256)
     other = bpe_tok()
     other.chat_template = CHATML.replace("Be brief.", "Be kind.")
-    assert key != pipeline.cache_key(task, rows, other, task_config("sentiment", {}), 256)
+    assert key != feature_cache.cache_key(task, rows, other, task_config("sentiment", {}), 256)
 
 
 @pytest.mark.slow

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from tunelab.data import Collator
+from tunelab.data.encoding import Collator
 from tunelab.errors import DataError
 from tunelab.tasks import TASKS
 from tunelab.tasks import ner as ner_mod

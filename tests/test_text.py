@@ -6,9 +6,9 @@ import json
 import pytest
 import torch
 
-from tunelab import pipeline
 from tunelab.config import task_config
-from tunelab.data import Collator
+from tunelab.data import feature_cache
+from tunelab.data.encoding import Collator
 from tunelab.errors import DataError
 from tunelab.tasks import TASKS
 
@@ -24,7 +24,7 @@ def test_txt_paragraphs_become_documents_with_eos(tmp_path):
     cfg = task_config("text", {})
     ex = TEXT.read(str(tmp_path / "a.txt"), cfg)
     assert len(ex) == 3
-    f = pipeline.features(TEXT, ex, tok, cfg, 64)
+    f = feature_cache.features(TEXT, ex, tok, cfg, 64)
     assert tok.decode(f[0]["input_ids"]) == "the cat sat on the mat </s>"
     assert f[0]["labels"] == f[0]["input_ids"]  # loss on every token
     lines = TEXT.read(str(tmp_path / "a.txt"), task_config("text", {"unit": "line"}))
@@ -35,7 +35,7 @@ def test_long_documents_are_cut_into_pieces_not_truncated(tmp_path):
     tok = tiny_tokenizer_obj()
     (tmp_path / "d.jsonl").write_text("".join(json.dumps({"body": d}) + "\n" for d in DOCS))
     cfg = task_config("text", {"fields": {"text": "body"}})
-    f = pipeline.features(TEXT, TEXT.read(str(tmp_path / "d.jsonl"), cfg), tok, cfg, 8)
+    f = feature_cache.features(TEXT, TEXT.read(str(tmp_path / "d.jsonl"), cfg), tok, cfg, 8)
     sizes = [len(tok(d.strip(), add_special_tokens=False)["input_ids"]) + 1 for d in DOCS if d]
     # every token kept except a last piece of one token (nothing can predict it)
     assert int(f.lengths.sum()) == sum(n - (n > 8 and n % 8 == 1) for n in sizes) and max(f.lengths) <= 8
@@ -47,8 +47,8 @@ def test_packing_keeps_documents_apart(tmp_path):
     (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS))
     cfg = task_config("text", {})
     ex = TEXT.read(str(tmp_path / "d.jsonl"), cfg)
-    plain = pipeline.features(TEXT, ex, tok, cfg, 16)
-    packed = pipeline.features(TEXT, ex, tok, cfg, 16, pack=True)
+    plain = feature_cache.features(TEXT, ex, tok, cfg, 16)
+    packed = feature_cache.features(TEXT, ex, tok, cfg, 16, pack=True)
     assert len(packed) < len(plain) and int(packed.lengths.sum()) == int(plain.lengths.sum())
     row = packed[0]
     starts = [i for i, p in enumerate(row["position_ids"]) if p == 0]

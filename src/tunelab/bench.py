@@ -31,7 +31,7 @@ from torch import nn
 
 import tunelab
 from tunelab.config import RunConfig
-from tunelab.data import Collator, batches
+from tunelab.data.encoding import Collator, batches
 
 IGNORE = -100
 
@@ -136,9 +136,9 @@ def eval_flops(c: dict, tokens: int, reads: int, sq_len: int) -> float:
 def loop_batches(r, cfg: RunConfig, epoch: int = 0) -> list[dict]:
     """The batches the training loop draws in ``epoch``, in its order (as ``train._train`` builds them:
     the same features, so a task whose documents give several pieces, such as ``text``, gets them all)."""
-    from tunelab import pipeline
+    from tunelab.data import feature_cache
 
-    feats = pipeline.features(r.task, r.train_ex, r.tok, r.tcfg, cfg.data.max_length, pack=cfg.data.pack,
+    feats = feature_cache.features(r.task, r.train_ex, r.tok, r.tcfg, cfg.data.max_length, pack=cfg.data.pack,
                               desc="tokenizing train", num_proc=cfg.data.num_proc)
     order = batches(feats.lengths, cfg.train.batch_size, seed=cfg.train.seed, epoch=epoch,
                     group_by_length=cfg.data.group_by_length)

@@ -170,7 +170,7 @@ def demo(
 ):
     """Fine-tune the embedded SmolLM2 on a small sentiment set tunelab writes itself; print accuracy before and after."""
     from tunelab.config import build_config
-    from tunelab.demo import write_data
+    from tunelab.data.demo_sentiment import write_data
     from tunelab.train import run
 
     train_path, dev_path = write_data(out / "data")

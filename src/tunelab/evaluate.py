@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from tunelab import fast_eval
-from tunelab.data import IGNORE, tokenize_prompt, tokenize_source
+from tunelab.data.encoding import IGNORE, tokenize_prompt, tokenize_source
 from tunelab.methods.base import context
 from tunelab.models import lm_loss
 from tunelab.runtime import distributed as dist

@@ -5,7 +5,7 @@ step it accumulates ``grad_accum`` micro-batches, weighting each micro-batch's m
 share of the step's loss tokens (so the step's gradient is the token-mean over the whole step,
 whatever the padding), clips, steps AdamW and the warmup + linear/cosine schedule.
 
-Exact resume: the batch order is a pure function of (seed, epoch) (``tunelab.data.batches``), and a
+Exact resume: the batch order is a pure function of (seed, epoch) (``tunelab.data.encoding.batches``), and a
 checkpoint holds the trainable tensors, the optimizer state, the step/epoch/batch position and the
 RNG states, so a resumed run produces the same loss sequence as an uninterrupted one.
 Checkpoints are written atomically (``checkpoint.atomic_dir``): a crash mid-save leaves the last
@@ -29,9 +29,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import tunelab
-from tunelab import fast_eval, held_weights, pipeline, tracking
+from tunelab import fast_eval, held_weights, tracking
 from tunelab.config import RunConfig, dump_config, task_config
-from tunelab.data import Collator, batches
+from tunelab.data import feature_cache
+from tunelab.data.encoding import Collator, batches
 from tunelab.evaluate import show_progress
 from tunelab.guard import check_step, check_tensors, warn_rank
 from tunelab.methods.base import METHODS, method_state_dict
@@ -273,7 +274,7 @@ class Run:
     @functools.cached_property
     def eval_features(self):
         """The eval set's training features: built once a run, read by every evaluation's eval_loss."""
-        return pipeline.features(self.task, self.eval_ex, self.tok, self.tcfg, self.cfg.data.max_length, desc="tokenizing eval",
+        return feature_cache.features(self.task, self.eval_ex, self.tok, self.tcfg, self.cfg.data.max_length, desc="tokenizing eval",
                                  num_proc=self.cfg.data.num_proc)
 
     def eval_loss(self) -> float:
@@ -384,8 +385,8 @@ def _run(cfg: RunConfig, t_start: float) -> dict:
 
 def _train(r: Run, model, out: Path, lead: bool) -> dict:
     cfg, tc = r.cfg, r.cfg.train
-    # batched, cached, memory-mapped where the task and the data size allow (tunelab.pipeline)
-    feats = pipeline.features(r.task, r.train_ex, r.tok, r.tcfg, cfg.data.max_length, pack=cfg.data.pack, desc="tokenizing train",
+    # batched, cached, memory-mapped where the task and the data size allow (tunelab.data.feature_cache)
+    feats = feature_cache.features(r.task, r.train_ex, r.tok, r.tcfg, cfg.data.max_length, pack=cfg.data.pack, desc="tokenizing train",
                               num_proc=cfg.data.num_proc)
     if not len(feats):
         raise ValueError(f"{cfg.data.train}: no training features left ({feats.stats['dropped']} rows dropped)")

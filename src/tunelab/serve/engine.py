@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tunelab.data import tokenize_prompt
+from tunelab.data.encoding import tokenize_prompt
 from tunelab.decode import Decoder, choose
 
 

@@ -1,6 +1,6 @@
 """Chat: multi-turn conversations, loss on every assistant turn.
 
-Data: any source `tunelab.readers.load_table` reads (JSONL/JSON, Parquet, Arrow, a ``save_to_disk``
+Data: any source `tunelab.data.readers.load_table` reads (JSONL/JSON, Parquet, Arrow, a ``save_to_disk``
 folder, a folder of files, ``hf:`` ids), one conversation per row: OpenAI ``messages``
 (role/content; ``tool_calls`` kept as text) or ShareGPT ``conversations`` (from/value), detected from
 the column (``style`` names it; ``fields`` maps other column names). ``#rows=START:STOP`` selects rows.
@@ -8,7 +8,7 @@ Each row is checked when it is encoded: an unknown role, a missing content, no a
 error naming file, row and turn (``data.skip_bad_rows`` drops and counts them instead).
 
 Formatting: ``template`` None/"auto" = the tokenizer's own chat template, or a named one for base models
-(`tunelab.chat_format.TEMPLATES`: chatml, llama3, alpaca, zephyr). ``system`` adds a system turn to
+(`tunelab.data.chat_templates.TEMPLATES`: chatml, llama3, alpaca, zephyr). ``system`` adds a system turn to
 conversations without one. Labels cover each assistant content plus its end-of-turn marker; headers,
 system, user and tool turns are -100.
 
@@ -29,13 +29,13 @@ from typing import Literal
 
 import numpy as np
 
-from tunelab.chat_format import TEMPLATES, ChatError, detect, normalize, render, token_mask
-from tunelab.data import IGNORE
+from tunelab.data.chat_templates import TEMPLATES, ChatError, detect, normalize, render, token_mask
+from tunelab.data.encoding import IGNORE
+from tunelab.data.feature_cache import DROPPED, KEPT, TRUNCATED, ArrowExamples
+from tunelab.data.readers import check_column, load_table
 from tunelab.errors import DataError
 from tunelab.evaluate import generate
 from tunelab.metrics import rouge
-from tunelab.pipeline import DROPPED, KEPT, TRUNCATED, ArrowExamples
-from tunelab.readers import check_column, load_table
 from tunelab.tasks.base import TASKS, TaskConfig, field_name, gen_args
 from tunelab.tasks.qa import split_source
 

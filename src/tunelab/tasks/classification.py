@@ -14,11 +14,11 @@ from __future__ import annotations
 
 from typing import Literal
 
-from tunelab.data import encode_head, encode_lm_document
+from tunelab.data.encoding import encode_head, encode_lm_document
+from tunelab.data.prompt_splicing import lm_features
+from tunelab.data.readers import read_records
 from tunelab.errors import DataError
 from tunelab.evaluate import classify, score_choices
-from tunelab.readers import read_records
-from tunelab.splice import lm_features
 from tunelab.tasks.base import TASKS, HeadSpec, TaskConfig, field_name, render_prompt
 
 
@@ -107,7 +107,7 @@ class Classification:
                                   ex["text"], words[y], max_length)
 
     def encode_many(self, rows, tokenizer, cfg, max_length) -> list[dict] | None:
-        """``[self.encode(ex, ...) for ex in rows]`` in batched tokenizer calls (`tunelab.splice`)."""
+        """``[self.encode(ex, ...) for ex in rows]`` in batched tokenizer calls (`tunelab.data.prompt_splicing`)."""
         if not cfg.labels:  # encode() then takes each row's own label as the whole label set
             return None
         labels = cfg.labels

@@ -22,12 +22,12 @@ from typing import Literal
 import torch
 
 from tunelab import fast_eval
-from tunelab.data import encode_lm
+from tunelab.data.encoding import encode_lm
+from tunelab.data.readers import infer_format, read_conll, read_records
 from tunelab.errors import DataError
 from tunelab.evaluate import generate
 from tunelab.methods.base import context
 from tunelab.metrics import entities, entity_prf
-from tunelab.readers import infer_format, read_conll, read_records
 from tunelab.tasks.base import TASKS, HeadSpec, TaskConfig, field_name, gen_args, render_prompt
 
 DEFAULT_TEMPLATE = (

@@ -1,7 +1,7 @@
 """Preference tuning on pairs of responses (DPO, SimPO, ORPO), with any method.
 
 Data: JSON/JSONL/CSV records with ``prompt``, ``chosen`` and ``rejected`` (task.fields maps other
-column names), read and validated by ``tunelab.readers.read_preferences``: chat form too, ``prompt``
+column names), read and validated by ``tunelab.data.readers.read_preferences``: chat form too, ``prompt``
 a list of turns (OpenAI or ShareGPT) and ``chosen``/``rejected`` turn lists ending in the assistant's
 answer (as in Anthropic-HH-style dumps, where both repeat the prompt: the shared leading turns become
 the prompt). ``file.jsonl#rows=0:800`` selects rows. A row whose fields are missing, empty or not
@@ -26,10 +26,10 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from tunelab.data import Collator, encode_lm
+from tunelab.data.encoding import Collator, encode_lm
+from tunelab.data.readers import read_preferences
 from tunelab.errors import DataError
 from tunelab.objectives import Preference, pair_stats
-from tunelab.readers import read_preferences
 from tunelab.tasks.base import TASKS, TaskConfig, render_prompt
 from tunelab.tasks.qa import split_source
 
@@ -75,7 +75,7 @@ class PreferenceTask:
 
     def read(self, source, cfg, *, limit=None, skip_bad=False) -> list[dict]:
         path, rows = split_source(source, "rows")
-        pairs = read_preferences(path, fields=cfg.fields, skip_bad=skip_bad)  # validated: see tunelab.readers
+        pairs = read_preferences(path, fields=cfg.fields, skip_bad=skip_bad)  # validated: see tunelab.data.readers
         out = []
         for ex in pairs[rows] if rows is not None else pairs:
             where = ex["_where"]

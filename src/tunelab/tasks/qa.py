@@ -40,13 +40,13 @@ from typing import Literal
 import torch
 
 from tunelab import fast_eval
-from tunelab.data import encode_lm_document, encode_seq2seq
+from tunelab.data.encoding import encode_lm_document, encode_seq2seq
+from tunelab.data.prompt_splicing import lm_features
+from tunelab.data.readers import read_records
 from tunelab.errors import DataError
 from tunelab.evaluate import generate
 from tunelab.methods.base import context as model_context
 from tunelab.metrics import squad_scores
-from tunelab.readers import read_records
-from tunelab.splice import lm_features
 from tunelab.tasks.base import TASKS, HeadSpec, TaskConfig, field_name, gen_args, render_prompt
 
 DEFAULT_TEMPLATE = (
@@ -270,7 +270,7 @@ class QA:
         return feat
 
     def encode_many(self, rows, tokenizer, cfg, max_length) -> list[dict] | None:
-        """``[self.encode(ex, ...) for ex in rows]`` in batched tokenizer calls (`tunelab.splice`); lm only."""
+        """``[self.encode(ex, ...) for ex in rows]`` in batched tokenizer calls (`tunelab.data.prompt_splicing`); lm only."""
         if cfg.formulation != "lm":
             return None
         return lm_features(self, rows, tokenizer, cfg, max_length, slots=("context", "question"),

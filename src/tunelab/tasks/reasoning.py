@@ -26,11 +26,11 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-from tunelab.data import encode_lm
+from tunelab.data.encoding import encode_lm
+from tunelab.data.readers import read_records
 from tunelab.errors import DataError
 from tunelab.evaluate import generate, score_choices
 from tunelab.metrics import numbers_match
-from tunelab.readers import read_records
 from tunelab.tasks.base import TASKS, TaskConfig, field_name, gen_args, render_prompt
 
 DEFAULT_TEMPLATE = "{instruction}\n\n{input}"

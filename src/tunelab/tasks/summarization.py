@@ -16,11 +16,11 @@ from __future__ import annotations
 
 from typing import Literal
 
-from tunelab.data import encode_lm_document, encode_seq2seq
+from tunelab.data.encoding import encode_lm_document, encode_seq2seq
+from tunelab.data.prompt_splicing import lm_features
+from tunelab.data.readers import read_records
 from tunelab.evaluate import generate
 from tunelab.metrics import rouge
-from tunelab.readers import read_records
-from tunelab.splice import lm_features
 from tunelab.tasks.base import (
     TASKS,
     HeadSpec,
@@ -74,7 +74,7 @@ class Summarization:
                                   ex["dialogue"], ex["summary"], max_length)
 
     def encode_many(self, rows, tokenizer, cfg, max_length) -> list[dict] | None:
-        """``[self.encode(ex, ...) for ex in rows]`` in batched tokenizer calls (`tunelab.splice`)."""
+        """``[self.encode(ex, ...) for ex in rows]`` in batched tokenizer calls (`tunelab.data.prompt_splicing`)."""
         if cfg.formulation == "seq2seq":
             return None
         return lm_features(self, rows, tokenizer, cfg, max_length, slots=("dialogue",),

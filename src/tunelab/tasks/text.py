@@ -7,7 +7,7 @@ for one per line or per file), or a ``text`` column in JSONL/JSON/CSV/Parquet/Ar
 Encoding: each document is tokenized (BOS first when the tokenizer normally adds one), EOS appended, and
 cut into consecutive pieces of at most ``data.max_length`` tokens (nothing is thrown away but a last
 piece of a single token, which nothing could predict); empty documents are dropped and counted. With ``data.pack: true`` the pieces are packed into full rows and the
-collator's block-diagonal mask keeps documents from attending to each other (`tunelab.data`).
+collator's block-diagonal mask keeps documents from attending to each other (`tunelab.data.encoding`).
 
 Metrics: next-token accuracy (first, because the loop keeps the checkpoint whose first metric is highest)
 and perplexity = exp(mean next-token negative log-likelihood) over the held-out pieces.
@@ -21,10 +21,10 @@ from typing import Literal
 import torch
 
 from tunelab import fast_eval
-from tunelab.data import Collator, _adds_bos
+from tunelab.data.encoding import Collator, _adds_bos
+from tunelab.data.feature_cache import DROPPED, KEPT
+from tunelab.data.readers import check_column, load_table
 from tunelab.models import chunked_loss, lm_loss
-from tunelab.pipeline import DROPPED, KEPT
-from tunelab.readers import check_column, load_table
 from tunelab.tasks.base import TASKS, TaskConfig, field_name
 from tunelab.tasks.chat import select
 from tunelab.tasks.qa import split_source

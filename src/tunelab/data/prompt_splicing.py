@@ -219,7 +219,7 @@ def lm_features(task, rows: list[dict], tokenizer, cfg, max_length: int, *, slot
     text. The first three rows of each group and a few more spread over it must render exactly as their
     joined skeleton (the real render, Jinja and all), else the group
     takes the per-row path; so do rows that need truncation (the family's own cut rule decides those)."""
-    from tunelab.data import _adds_bos, lm_join
+    from tunelab.data.encoding import _adds_bos, lm_join
 
     if max_length < 2:
         raise ValueError(f"max_length must be >= 2, got {max_length}")

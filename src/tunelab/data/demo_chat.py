@@ -5,7 +5,7 @@ A small arithmetic assistant: each conversation has 2-4 user turns that build on
 ("7 plus 5 is 12." / "12 times 3 is 36."), sometimes after a system turn. Composed from number ranges
 with a fixed seed (no copied data); train and eval conversations never share an opening question.
 
-    python -m tunelab.chat_demo runs/chat-demo/data     # writes train.jsonl and dev.jsonl there
+    python -m tunelab.data.demo_chat runs/chat-demo/data     # writes train.jsonl and dev.jsonl there
 """
 
 from __future__ import annotations

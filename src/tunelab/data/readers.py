@@ -558,7 +558,7 @@ def read_table_records(source, *, limit: int | None = None, required=None, skip_
 # ---------------------------------------------------------------- preference pairs
 def _pref_side(value, where: str, key: str):
     """A side of a pair: text, or a normalised turn list (OpenAI or ShareGPT turns)."""
-    from tunelab.chat_format import normalize
+    from tunelab.data.chat_templates import normalize
 
     if isinstance(value, str):
         if not value.strip():

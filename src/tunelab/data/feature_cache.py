@@ -16,7 +16,7 @@ indexes by batch. Two paths:
 Encoders report each row's fate in a ``status`` column (0 kept, 1 truncated, 2 dropped); dropped rows
 stay in the file with length 0 and are left out of the index, and the counts go to ``stats`` (the
 loop writes them into the run facts). ``pack=True`` packs lazily (same first-fit rule as
-`tunelab.data.pack`), so packing a million rows builds index lists, not token lists.
+`tunelab.data.encoding.pack`), so packing a million rows builds index lists, not token lists.
 Worker processes: the config's ``data.num_proc`` when set, else ``TUNELAB_NUM_PROC``, else 1 under 20k
 rows or on 2 cores, else half the cores up to 4. Environment:
 ``TUNELAB_FEATURE_CACHE=0`` to skip the disk cache.
@@ -33,7 +33,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from tunelab.data import IGNORE
+from tunelab.data.encoding import IGNORE
 
 log = logging.getLogger(__name__)
 VERSION = "2"  # 2: the examples key hashes rows in chunks
@@ -111,7 +111,7 @@ def _per_row(task, examples, tokenizer, cfg, max_length):
     """Adapts a per-row ``encode`` to a batched function over an index column. Optional keys are kept
     (``prompt_len`` -1, empty ``token_type_ids`` / ``prompt_mask`` when a feature has none) and a
     sequence head's one label is stored as a one-element list with ``scalar`` set."""
-    from tunelab.prefetch import Prefetching
+    from tunelab.data.batched_tokenizer import Prefetching
 
     fast = Prefetching(tokenizer) if getattr(tokenizer, "is_fast", False) else None
 
@@ -139,19 +139,19 @@ def _per_row(task, examples, tokenizer, cfg, max_length):
 
 
 def encode_rows(task, rows: list, tokenizer, cfg, max_length: int, fast=None) -> list[dict]:
-    """``[task.encode(ex, ...) for ex in rows]``, batched: the family's own ``encode_many`` (`tunelab.splice`)
+    """``[task.encode(ex, ...) for ex in rows]``, batched: the family's own ``encode_many`` (`tunelab.data.prompt_splicing`)
     when it has one for this config, else the per-row encoder with its tokenizer calls prefetched."""
     many = getattr(task, "encode_many", None)
     feats = many(rows, tokenizer, cfg, max_length) if many is not None else None
     if feats is not None:
         return feats
-    if fast is not None:  # the same features, with the tokenizer calls batched (tunelab.prefetch)
+    if fast is not None:  # the same features, with the tokenizer calls batched (tunelab.data.batched_tokenizer)
         return fast.encode_rows(lambda ex, tok: task.encode(ex, tok, cfg, max_length), rows)
     return [task.encode(ex, tokenizer, cfg, max_length) for ex in rows]
 
 
 def _truncated(f: dict, max_length: int) -> bool:
-    """Per-row encoders say so with a ``truncated`` flag on the feature (`tunelab.data.encode_lm`)."""
+    """Per-row encoders say so with a ``truncated`` flag on the feature (`tunelab.data.encoding.encode_lm`)."""
     return bool(f.get("truncated"))
 
 
@@ -302,7 +302,7 @@ class Features(Sequence):
 
 
 def pack_plan(lengths: np.ndarray, max_length: int, window: int = 64) -> list[list[int]]:
-    """The rows `tunelab.data.pack` would build, as lists of feature indices (first fit in the last ``window``)."""
+    """The rows `tunelab.data.encoding.pack` would build, as lists of feature indices (first fit in the last ``window``)."""
     rows: list[list[int]] = []
     fill: list[int] = []
     for j, n in enumerate(lengths.tolist()):
