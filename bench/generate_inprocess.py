@@ -3,7 +3,7 @@
     python bench/generate_inprocess.py [--precision bf16|fp32] [--repeats 2] [--threads 1]
 
 The same 32 Alpaca prompts (embedded SmolLM2-135M, 32 new tokens greedy, batch 8) through
-``model.generate`` in file order (left padding) and through ``tunelab.evaluate.generate``,
+``model.generate`` in file order (left padding) and through ``tunelab.evaluation.scoring.generate``,
 alternating; prints CPU seconds (``time.process_time``: what the process got, whatever the load)
 and wall seconds of each call, and how many prompts' texts differ from the reference's.
 """
@@ -32,7 +32,7 @@ def main() -> None:
     import tunelab
     from tunelab.config import load_config
     from tunelab.data.encoding import tokenize_prompt
-    from tunelab.evaluate import _pad_left, generate
+    from tunelab.evaluation.scoring import _pad_left, generate
     from tunelab.train import Run, autocast
 
     conf = bench_run.CONFIGS["generate"]

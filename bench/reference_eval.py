@@ -86,7 +86,7 @@ def _head_model(cls, cfg: RunConfig, device, **kw):
 def ner_plain(cfg: RunConfig, max_examples: int | None = None) -> dict:
     from transformers import AutoModelForTokenClassification
 
-    from tunelab.metrics import entity_prf
+    from tunelab.evaluation.metrics import entity_prf
 
     device = pick_device(cfg.train.device)
     amp = autocast_dtype(cfg.train.precision, device)
@@ -119,7 +119,7 @@ def ner_plain(cfg: RunConfig, max_examples: int | None = None) -> dict:
 def qa_plain(cfg: RunConfig, max_examples: int | None = None) -> dict:
     from transformers import AutoModelForQuestionAnswering
 
-    from tunelab.metrics import squad_scores
+    from tunelab.evaluation.metrics import squad_scores
 
     device = pick_device(cfg.train.device)
     amp = autocast_dtype(cfg.train.precision, device)

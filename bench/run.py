@@ -232,9 +232,9 @@ def _tunelab(spec, cfg, conf, steps, warmup, peak) -> dict:
         return bench.bench_train(cfg, steps=steps, warmup=warmup, peak_flops=peak)
     if conf["ref"] is None or conf["ref"][0] in ("score", "choice", "ner", "qa"):
         return bench.bench_eval(cfg, max_examples=conf.get("max_examples"), peak_flops=peak)
-    # generation: tunelab.evaluate.generate alone (the task's evaluate also scores perplexity)
+    # generation: tunelab.evaluation.scoring.generate alone (the task's evaluate also scores perplexity)
     import tunelab
-    from tunelab.evaluate import generate
+    from tunelab.evaluation.scoring import generate
     from tunelab.train import Run, autocast
 
     cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"train": None, "max_eval": conf.get("max_examples")})})

@@ -1,5 +1,5 @@
 """tunelab chat driven through stdin: a run's method on its base, the chat template (or the plain
-User:/Assistant: format), history, /reset, /system, /exit; answers equal tunelab.evaluate.generate."""
+User:/Assistant: format), history, /reset, /system, /exit; answers equal tunelab.evaluation.scoring.generate."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 import tunelab
 from tunelab.cli import app
 from tunelab.config import dump_config, load_config
-from tunelab.evaluate import generate
+from tunelab.evaluation.scoring import generate
 from tunelab.serve.loading import render_chat
 
 from conftest import shaken_llama, tiny_tokenizer_obj

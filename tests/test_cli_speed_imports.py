@@ -52,21 +52,21 @@ def test_the_public_api_still_loads_on_first_use():
 
 
 def test_evaluation_progress_bars_show_rows_per_second_and_follow_the_switch(monkeypatch, capsys):
-    from tunelab import evaluate
+    from tunelab.evaluation import scoring
 
     from conftest import tiny_llama, tiny_tokenizer_obj
 
     model, tok = tiny_llama(), tiny_tokenizer_obj()
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
-    evaluate.show_progress(True)
+    scoring.show_progress(True)
     try:
-        evaluate.generate(model, tok, ["the cat", "a dog sat"], max_new_tokens=2, batch_size=1)
-        evaluate.score_choices(model, tok, ["the cat", "a dog"], [["yes", "no"], ["yes", "no"]], batch_size=1)
+        scoring.generate(model, tok, ["the cat", "a dog sat"], max_new_tokens=2, batch_size=1)
+        scoring.score_choices(model, tok, ["the cat", "a dog"], [["yes", "no"], ["yes", "no"]], batch_size=1)
         err = capsys.readouterr().err
         # the bars (total 2 rows, unit row/s); how often they redraw in between is up to tqdm
         assert "generating" in err and "scoring" in err and "row/s" in err and "/2 [" in err
-        evaluate.show_progress(False)  # train.progress: false
-        evaluate.generate(model, tok, ["the cat"], max_new_tokens=2)
+        scoring.show_progress(False)  # train.progress: false
+        scoring.generate(model, tok, ["the cat"], max_new_tokens=2)
         assert capsys.readouterr().err == ""
     finally:
-        evaluate.show_progress(True)
+        scoring.show_progress(True)

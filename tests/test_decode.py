@@ -1,4 +1,4 @@
-"""tunelab.decode against ``model.generate``: the same greedy tokens (fp32) for mixed prompt lengths,
+"""tunelab.evaluation.decoding against ``model.generate``: the same greedy tokens (fp32) for mixed prompt lengths,
 with and without a shared prefix, with LoRA and with hook methods (which decode batch by batch),
 rows ending at EOS at different steps, token budgets and stop strings; and under bf16 autocast the
 same tokens with and without the weights held in bf16."""
@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from tiny_models import SEQ2SEQ, tiny
-from tunelab import decode
-from tunelab.evaluate import _pad_left, generate
+from tunelab.evaluation import decoding
+from tunelab.evaluation.scoring import _pad_left, generate
 from tunelab.models import lm_loss
 
 from conftest import shaken_llama, tiny_tokenizer_obj
@@ -47,7 +47,7 @@ class Tok:
 
 
 def ours(model, rows, n, eos, batch_size=3, **kw):
-    return decode.complete(model, Tok(), rows, max_new_tokens=n, batch_size=batch_size, eos=eos, **kw)
+    return decoding.complete(model, Tok(), rows, max_new_tokens=n, batch_size=batch_size, eos=eos, **kw)
 
 
 @pytest.mark.parametrize("shared", [False, True])
@@ -58,7 +58,7 @@ def test_greedy_equals_generate(shared, method, params):
     want = hf(model, rows, 10, {2})
     assert len({tuple(w) for w in want}) > 3 and any(len(set(w)) > 3 for w in want)  # outputs vary
     for bs in (1, 4, 16):
-        dec = decode.Decoder(model, 0)
+        dec = decoding.Decoder(model, 0)
         got = [[] for _ in rows]
 
         def advance(i, t, got=got):
@@ -94,7 +94,7 @@ def test_hook_methods_decode_batch_by_batch(method, params):
     rows = prompts(True)
     tok = tiny_tokenizer_obj()
     want = hf(model, rows, 8, {2})  # one batch: what batch_size >= rows gives
-    dec = decode.Decoder(model, 0)
+    dec = decoding.Decoder(model, 0)
     got = [[] for _ in rows]
     dec.run(rows, lambda lg, act: lg.argmax(-1).tolist(), lambda i, t: t == 2 or got[i].append(t) or len(got[i]) >= 8,
             room=8, prefill_rows=len(rows))
@@ -106,7 +106,7 @@ def test_hook_methods_decode_batch_by_batch(method, params):
     got = generate(model, tok, texts, max_new_tokens=6, batch_size=3)
     ids = [fast_ids(tok, t) for t in texts]
     assert got == [tok.decode(w, skip_special_tokens=True).strip() for w in hf_sorted(model, ids, 6, tok, 3)]
-    dec = decode.Decoder(model, 0)
+    dec = decoding.Decoder(model, 0)
     dec.run(rows, lambda lg, act: lg.argmax(-1).tolist(), lambda i, t: len(got) > 100, room=4, prefill_rows=4)
     assert dec.stats["decode_batches"] == dec.stats["prefill_batches"] == 3
 
@@ -126,10 +126,10 @@ def test_stop_strings_cut_as_the_full_budget_would():
     assert want != [t.strip() for t in full]  # the stop strings cut something
     assert generate(model, tok, texts, max_new_tokens=16, batch_size=2, stop=stops) == want
     # The settled-cut rule: a longer stop string that starts earlier may still complete.
-    assert decode.settled_cut("a b", ["b"]) == 2
-    assert decode.settled_cut("xab", ["b", "abcd"]) is None
-    assert decode.settled_cut("xabcd e", ["b", "abcd"]) == 1
-    assert decode.settled_cut("no stop", ["zz"]) is None
+    assert decoding.settled_cut("a b", ["b"]) == 2
+    assert decoding.settled_cut("xab", ["b", "abcd"]) is None
+    assert decoding.settled_cut("xabcd e", ["b", "abcd"]) == 1
+    assert decoding.settled_cut("no stop", ["zz"]) is None
 
 
 def test_generate_matches_model_generate_text():
@@ -150,7 +150,7 @@ def fast_ids(tok, text):
 
 
 def hf_sorted(model, rows, n, tok, bs=2):
-    """model.generate over length-sorted batches, as evaluate.generate did before tunelab.decode."""
+    """model.generate over length-sorted batches, as evaluate.generate did before tunelab.evaluation.decoding."""
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
     out = [None] * len(rows)
     for s in range(0, len(order), bs):
@@ -170,9 +170,9 @@ def test_sampling_is_seeded_and_follows_top_p():
     assert generate(model, tok, texts, **{**kw, "top_p": 1e-6}) == generate(model, tok, texts, max_new_tokens=8)
     logits = torch.tensor([[0.0, 5.0, 4.9, -3.0]])
     g = torch.Generator().manual_seed(0)
-    draws = {decode.choose(logits, [(1.0, 1.0, 2, g)])[0] for _ in range(200)}
+    draws = {decoding.choose(logits, [(1.0, 1.0, 2, g)])[0] for _ in range(200)}
     assert draws == {1, 2}  # top_k=2 keeps the two best
-    assert decode.choose(logits, [(0.0, 1.0, 0, None)]) == [1]
+    assert decoding.choose(logits, [(0.0, 1.0, 0, None)]) == [1]
 
 
 def test_bf16_autocast_with_and_without_bf16_weights():
@@ -200,19 +200,19 @@ def test_architectures_equal_generate(family):
         for p in model.parameters():
             if p.dim() == 2:
                 p.add_(torch.randn_like(p) * 0.25)
-    assert decode.supported(model)
+    assert decoding.supported(model)
     rows = prompts(True)
     assert ours(model, rows, 8, {2}) == hf(model, rows, 8, {2})
 
 
 def test_encoder_decoders_and_beams_keep_model_generate():
-    assert not decode.supported(tiny(SEQ2SEQ[0]))
+    assert not decoding.supported(tiny(SEQ2SEQ[0]))
     model = shaken()
     tok = tiny_tokenizer_obj()
     texts = ["the cat sat", "John visited Paris"]
     assert len(generate(model, tok, texts, max_new_tokens=4, num_beams=2)) == 2
     model.generation_config.repetition_penalty = 1.3
-    assert not decode.plain_generation(model)
+    assert not decoding.plain_generation(model)
     ids = [fast_ids(tok, t) for t in texts]
     want = [tok.decode(w, skip_special_tokens=True).strip() for w in hf_sorted(model, ids, 6, tok)]
     assert generate(model, tok, texts, max_new_tokens=6, batch_size=2) == want

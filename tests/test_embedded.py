@@ -11,7 +11,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_smollm2_answers_and_loss_falls(tmp_path):
-    from tunelab.evaluate import generate
+    from tunelab.evaluation.scoring import generate
     from tunelab.models.loading import load
     from tunelab.tasks.base import render_prompt
     from tunelab.train import run

@@ -122,7 +122,7 @@ PROMPTS = [PREFIX + " John visited Paris", PREFIX + " Mary", PREFIX + " it was"]
 @pytest.mark.parametrize("choices", [["yes", "no"], ["Paris", "Smith", "the dog"]])
 @pytest.mark.parametrize("method", ["lora", "loreft"])
 def test_shared_prefix_scoring_matches_full_rows(monkeypatch, choices, method):
-    from tunelab.evaluate import score_choices
+    from tunelab.evaluation.scoring import score_choices
 
     tok = tiny_tokenizer_obj()
     model = _lora_model(method)

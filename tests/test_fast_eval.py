@@ -8,8 +8,9 @@ import torch.nn.functional as F
 from transformers import BertConfig, BertForQuestionAnswering, BertForTokenClassification
 
 import tunelab
-from tunelab import evaluate, fast_eval, held_weights
+from tunelab import held_weights
 from tunelab.data.encoding import tokenize_prompt
+from tunelab.evaluation import inference, scoring
 from tunelab.runtime import precision
 from tunelab.tasks import TASKS
 from tunelab.tasks.ner import word_offsets
@@ -46,11 +47,11 @@ def _close(a, b, tol=1e-5):
 @pytest.mark.parametrize("batch_size", [1, 3])
 def test_packed_choices_match_plain_rows(prompts, batch_size, tiny_tokenizer, monkeypatch):
     model = tiny_llama()
-    assert fast_eval.packable(model)
+    assert inference.packable(model)
     ref = _plain(model, tiny_tokenizer, prompts, CHOICES)
-    _close(evaluate.score_choices(model, tiny_tokenizer, prompts, CHOICES, batch_size=batch_size), ref)
-    monkeypatch.setattr(fast_eval, "packable", lambda m: False)  # today's path: one row per prompt + choice
-    _close(evaluate.score_choices(model, tiny_tokenizer, prompts, CHOICES, batch_size=batch_size), ref)
+    _close(scoring.score_choices(model, tiny_tokenizer, prompts, CHOICES, batch_size=batch_size), ref)
+    monkeypatch.setattr(inference, "packable", lambda m: False)  # today's path: one row per prompt + choice
+    _close(scoring.score_choices(model, tiny_tokenizer, prompts, CHOICES, batch_size=batch_size), ref)
 
 
 def test_packed_choices_with_lora_and_training_mode_restored(tiny_tokenizer):
@@ -59,8 +60,8 @@ def test_packed_choices_with_lora_and_training_mode_restored(tiny_tokenizer):
         if "lora_B" in n:
             torch.nn.init.normal_(p, std=0.05)
     model.train()
-    assert fast_eval.packable(model)
-    got = evaluate.score_choices(model, tiny_tokenizer, PROMPTS, CHOICES, batch_size=2)
+    assert inference.packable(model)
+    got = scoring.score_choices(model, tiny_tokenizer, PROMPTS, CHOICES, batch_size=2)
     assert model.training
     model.eval()
     _close(got, _plain(model, tiny_tokenizer, PROMPTS, CHOICES))
@@ -68,8 +69,8 @@ def test_packed_choices_with_lora_and_training_mode_restored(tiny_tokenizer):
 
 def test_hooked_method_keeps_the_row_path(tiny_tokenizer):
     model = tunelab.attach(tiny_llama(), "loreft", rank=2, positions="f1+l1")
-    assert not fast_eval.packable(model)  # ReFT acts on prompt positions: rows stay prompt + choice
-    got = evaluate.score_choices(model, tiny_tokenizer, PROMPTS[:2], CHOICES[:2], batch_size=2)
+    assert not inference.packable(model)  # ReFT acts on prompt positions: rows stay prompt + choice
+    got = scoring.score_choices(model, tiny_tokenizer, PROMPTS[:2], CHOICES[:2], batch_size=2)
     assert [len(r) for r in got] == [3, 2] and all(x < 0 for r in got for x in r)
 
 
@@ -81,20 +82,20 @@ def _no_cast(model, dtype, frozen_only=True):
 def test_bf16_scores_bit_identical_with_cast_weights(choices, tiny_tokenizer, monkeypatch):
     model = tiny_llama()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        got = evaluate.score_choices(model, tiny_tokenizer, PROMPTS, choices, batch_size=2)
-        monkeypatch.setattr(fast_eval, "cast_weights", _no_cast)
-        ref = evaluate.score_choices(model, tiny_tokenizer, PROMPTS, choices, batch_size=2)
+        got = scoring.score_choices(model, tiny_tokenizer, PROMPTS, choices, batch_size=2)
+        monkeypatch.setattr(inference, "cast_weights", _no_cast)
+        ref = scoring.score_choices(model, tiny_tokenizer, PROMPTS, choices, batch_size=2)
     assert got == ref
     assert all(p.dtype == torch.float32 for p in model.parameters())
 
 
 def test_inference_casts_only_inside_and_restores():
     model = tiny_llama().train()
-    with torch.autocast("cpu", dtype=torch.bfloat16), fast_eval.inference(model):
+    with torch.autocast("cpu", dtype=torch.bfloat16), inference.inference(model):
         assert not model.training and not torch.is_grad_enabled()
         assert model.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
     assert model.training and model.model.layers[0].mlp.up_proj.weight.dtype == torch.float32
-    with fast_eval.inference(model):  # autocast off: nothing cast
+    with inference.inference(model):  # autocast off: nothing cast
         assert model.model.layers[0].mlp.up_proj.weight.dtype == torch.float32
 
 
@@ -104,13 +105,13 @@ def test_inference_holds_copies_only_where_they_fit_in_free_memory(tiny_tokenize
     up = model.model.layers[0].mlp.up_proj
     with torch.autocast("cpu", dtype=torch.bfloat16):
         monkeypatch.setattr(held_weights, "free_bytes", lambda device: 4 * need)
-        with fast_eval.inference(model):
+        with inference.inference(model):
             assert up.weight.dtype == torch.bfloat16
-        held = evaluate.score_choices(model, tiny_tokenizer, PROMPTS, CHOICES, batch_size=2)
+        held = scoring.score_choices(model, tiny_tokenizer, PROMPTS, CHOICES, batch_size=2)
         monkeypatch.setattr(held_weights, "free_bytes", lambda device: 4 * need - 1)  # a large model on a full machine
-        with fast_eval.inference(model):
+        with inference.inference(model):
             assert up.weight.dtype == torch.float32  # autocast casts per forward instead
-        plain = evaluate.score_choices(model, tiny_tokenizer, PROMPTS, CHOICES, batch_size=2)
+        plain = scoring.score_choices(model, tiny_tokenizer, PROMPTS, CHOICES, batch_size=2)
     assert held == plain  # bit-identical: only where the casts happen changes
 
 
@@ -126,7 +127,7 @@ def test_best_spans_match_the_loop():
         offsets = [[(i, i + 1) if ok[r, i] else None for i in range(n)] for r, n in enumerate(lengths)]
         for r, n in enumerate(lengths):
             ok[r, n:] = torch.rand(t - n, generator=g) < 0.5  # beyond a window's length: never read
-        got = fast_eval.best_spans(start, end, ok, lengths, max_answer_tokens=4, n_best=6)
+        got = inference.best_spans(start, end, ok, lengths, max_answer_tokens=4, n_best=6)
         ref = [best_span(start[r, :n], end[r, :n], offsets[r], 4, 6) for r, n in enumerate(lengths)]
         assert got == ref
 
@@ -196,8 +197,8 @@ def test_real_openbookqa_same_predictions_as_row_scoring(monkeypatch):
                              "method.name=full", "eval.loss=false", "eval.batch_size=8", "train.threads=2"])
     r = Run(cfg)
     fast_metrics, fast_preds = r.evaluate()
-    monkeypatch.setattr(fast_eval, "packable", lambda m: False)
-    monkeypatch.setattr(fast_eval, "cast_weights", _no_cast)
+    monkeypatch.setattr(inference, "packable", lambda m: False)
+    monkeypatch.setattr(inference, "cast_weights", _no_cast)
     metrics, preds = r.evaluate()
     assert fast_metrics == metrics
     assert [p["prediction"] for p in fast_preds] == [p["prediction"] for p in preds]
@@ -229,7 +230,7 @@ def test_real_heads_same_predictions_with_cast_weights(task, monkeypatch):
     r = Run(cfg)
     tunelab.attach(r.model, "lora")
     got = r.evaluate()
-    monkeypatch.setattr(fast_eval, "cast_weights", _no_cast)
+    monkeypatch.setattr(inference, "cast_weights", _no_cast)
     assert got == r.evaluate()
 
 
@@ -266,17 +267,17 @@ def _adapted(method):
 def test_shared_casts_fewer_casts_same_bits(method, tiny_tokenizer, monkeypatch):
     model = _adapted(method)
     ids = torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(0))
-    with torch.autocast("cpu", dtype=torch.bfloat16), fast_eval.inference(model, shared=False):
+    with torch.autocast("cpu", dtype=torch.bfloat16), inference.inference(model, shared=False):
         plain_casts, plain = _casts(model, ids), model(input_ids=ids).logits
-    with torch.autocast("cpu", dtype=torch.bfloat16), fast_eval.inference(model):
+    with torch.autocast("cpu", dtype=torch.bfloat16), inference.inference(model):
         shared_casts, shared = _casts(model, ids), model(input_ids=ids).logits
     assert shared_casts < plain_casts  # Llama: 5 of the 7 per layer go (10 of 12 with an adapter's A)
     assert torch.equal(shared, plain)
     for choices in ([["cat", "dog", "mat"]] * 4, CHOICES):  # scoring, single- and multi-token
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            got = evaluate.score_choices(model, tiny_tokenizer, PROMPTS, choices, batch_size=2)
-            monkeypatch.setattr(fast_eval, "shared_casts", contextlib.nullcontext)
-            ref = evaluate.score_choices(model, tiny_tokenizer, PROMPTS, choices, batch_size=2)
+            got = scoring.score_choices(model, tiny_tokenizer, PROMPTS, choices, batch_size=2)
+            monkeypatch.setattr(inference, "shared_casts", contextlib.nullcontext)
+            ref = scoring.score_choices(model, tiny_tokenizer, PROMPTS, choices, batch_size=2)
             monkeypatch.undo()
         assert got == ref
 
@@ -286,7 +287,7 @@ def test_shared_cast_follows_in_place_changes():
     x = torch.randn(3, 8)
     with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
         want = [lin(x), lin(x + 1), lin(x * 2)]
-        with fast_eval.shared_casts():
+        with inference.shared_casts():
             a = lin(x)
             x.add_(1)  # the same tensor, new contents: cast again
             b = lin(x)
@@ -301,12 +302,12 @@ def test_bert_heads_same_bits_with_shared_casts(tiny_tokenizer, monkeypatch):
     ner, ex, cfg, model = ner_head_case(12)
     ids = torch.randint(3, 128, (2, 7))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        with fast_eval.inference(model, shared=False):
+        with inference.inference(model, shared=False):
             plain_casts, plain = _casts(model, ids), model(input_ids=ids).logits
-        with fast_eval.inference(model):
+        with inference.inference(model):
             shared_casts, shared = _casts(model, ids), model(input_ids=ids).logits
         got = ner._tag_with_head(model, tiny_tokenizer, ex, cfg, batch_size=3)
-        monkeypatch.setattr(fast_eval, "shared_casts", contextlib.nullcontext)
+        monkeypatch.setattr(inference, "shared_casts", contextlib.nullcontext)
         ref = ner._tag_with_head(model, tiny_tokenizer, ex, cfg, batch_size=3)
     assert shared_casts < plain_casts and torch.equal(shared, plain)  # q, k, v read one cast
     assert got == ref
@@ -315,7 +316,7 @@ def test_bert_heads_same_bits_with_shared_casts(tiny_tokenizer, monkeypatch):
 def test_entities_memoized_as_seqeval():
     from seqeval.metrics.sequence_labeling import get_entities
 
-    from tunelab.metrics import entities
+    from tunelab.evaluation.metrics import entities
 
     for tags in (["B-PER", "I-PER", "O", "B-LOC"], ["I-ORG", "I-ORG", "B-ORG", "O", "I-MISC"], []):
         assert entities(tags) == get_entities(list(tags)) == entities(list(tags))

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from tunelab import metrics
+from tunelab.evaluation import metrics
 
 
 def test_classification_metrics():

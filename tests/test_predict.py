@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from test_chat_cli import make_run
 from tunelab.cli import app
 from tunelab.errors import DataError
-from tunelab.evaluate import generate
+from tunelab.evaluation.scoring import generate
 from tunelab.tasks import TASKS
 from tunelab.tasks.base import targets_optional
 

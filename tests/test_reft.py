@@ -254,7 +254,7 @@ def test_generation_with_and_without_cache_gives_the_same_tokens(set_context):
     n_new = 6
     got, logits = {}, {}
     for use_cache in (True, False):
-        if set_context:  # what tunelab.evaluate does
+        if set_context:  # what tunelab.evaluation.scoring does
             m.tunelab_context["prompt_mask"] = am.bool()
         out = m.generate(
             ids,

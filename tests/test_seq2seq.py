@@ -10,7 +10,7 @@ import tunelab
 import tunelab.train as train_mod
 from tunelab.config import load_config, task_config
 from tunelab.data.encoding import Collator, encode_seq2seq, pack
-from tunelab.evaluate import generate, score_choices
+from tunelab.evaluation.scoring import generate, score_choices
 from tunelab.models.loading import load as load_model
 from tunelab.tasks import TASKS
 

@@ -1,4 +1,4 @@
-"""tunelab serve: the batching engine against tunelab.evaluate.generate, and the OpenAI-compatible API
+"""tunelab serve: the batching engine against tunelab.evaluation.scoring.generate, and the OpenAI-compatible API
 through the official ``openai`` client against a live uvicorn server on 127.0.0.1."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import urllib.request
 import pytest
 
 from test_chat_cli import TEMPLATE, perturbed
-from tunelab.evaluate import generate
+from tunelab.evaluation.scoring import generate
 from tunelab.serve.engine import Engine, Params, QueueFull, _stream_cut
 from tunelab.serve.loading import render_chat
 

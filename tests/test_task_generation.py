@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tunelab.errors import DataError
-from tunelab.evaluate import generate
+from tunelab.evaluation.scoring import generate
 from tunelab.methods.base import install_context
 from tunelab.tasks import TASKS
 

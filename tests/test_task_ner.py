@@ -202,6 +202,6 @@ def test_real_conll_files():
     # gold tags rendered as text and parsed back give the gold tags (F1 = 1)
     back = [place_entities(e["tokens"], parse_entities(render_entities(e["tokens"], e["tags"]), ["LOC", "MISC", "ORG", "PER"])[0])[0]
             for e in ex[:500]]
-    from tunelab.metrics import entity_prf
+    from tunelab.evaluation.metrics import entity_prf
 
     assert entity_prf([e["tags"] for e in ex[:500]], back)["f1"] > 0.99

@@ -29,11 +29,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import tunelab
-from tunelab import fast_eval, held_weights, tracking
+from tunelab import held_weights, tracking
 from tunelab.config import RunConfig, dump_config, task_config
 from tunelab.data import feature_cache
 from tunelab.data.encoding import Collator, batches
-from tunelab.evaluate import show_progress
+from tunelab.evaluation import inference
+from tunelab.evaluation.scoring import show_progress
 from tunelab.guard import check_step, check_tensors, warn_rank
 from tunelab.methods.base import METHODS, method_state_dict
 from tunelab.models import lm_loss
@@ -279,10 +280,10 @@ class Run:
 
     def eval_loss(self) -> float:
         """Token-mean training loss on the eval set (what scaling-law fits use); eval mode, no autograd
-        and the weights cast once for the whole pass (``fast_eval.inference``)."""
+        and the weights cast once for the whole pass (``inference.inference``)."""
         feats, collate = self.eval_features, self.collate
         total, count, levers = 0.0, 0, None
-        with fast_eval.inference(self.model):
+        with inference.inference(self.model):
             for idx in batches(feats.lengths, self.cfg.eval.batch_size, seed=0, epoch=0, shuffle=False):
                 batch = {k: v.to(self.device) for k, v in collate([feats[i] for i in idx]).items()}
                 if levers is None:  # the LM head only where a target is, a shared prefix once, ... (tunelab.models.lm_loss)

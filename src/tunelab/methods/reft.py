@@ -11,7 +11,7 @@ Trainable parameters per intervention: 2 r d + r (the rows of R hold r d raw num
 
 Positions. The prompt is the ``prompt_mask`` of the batch ((B, P) bool, columns aligned with the
 first forward's input columns; a kwarg, moved to ``model.tunelab_context`` by the context hook, or
-set there directly by tunelab.evaluate), so training, scoring and generation share one rule with
+set there directly by tunelab.evaluation.scoring), so training, scoring and generation share one rule with
 left or right padding. Without one, every attended token of the first forward is the prompt (all
 tokens when the attention mask is 4D). attention_mask, the input shape and the cache are not in the
 context, so our own pre-hook on the top model (run before the context hook, which lets it tell a

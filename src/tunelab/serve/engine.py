@@ -1,8 +1,8 @@
 """One generation engine for ``tunelab chat`` and ``tunelab serve``: batched, streaming, per-row stopping.
 
 Requests wait in a bounded queue. A worker thread takes the first one, waits up to ``batch_wait_ms``
-for more (up to ``max_batch``), and decodes them as one batch through ``tunelab.decode`` (the loop
-``tunelab.evaluate.generate`` uses: left padding, positions from the attention mask, ``prompt_mask``
+for more (up to ``max_batch``), and decodes them as one batch through ``tunelab.evaluation.decoding`` (the loop
+``tunelab.evaluation.scoring.generate`` uses: left padding, positions from the attention mask, ``prompt_mask``
 for the prefill so ReFT and prompt tuning see the prompt positions, a shared prompt prefix once for
 hook-free models, a KV cache with room), then one token per step. Each row samples with its own temperature /
 top-p (greedy at temperature 0) and stops on its own (EOS, its token budget, a stop string, or its
@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from tunelab.data.encoding import tokenize_prompt
-from tunelab.decode import Decoder, choose
+from tunelab.evaluation.decoding import Decoder, choose
 
 
 class QueueFull(RuntimeError):

@@ -139,7 +139,7 @@ GEN_KEYS = ("max_new_tokens", "batch_size", "do_sample", "temperature", "top_p",
 
 
 def gen_args(gen: dict | None, batch_size: int, **defaults) -> dict:
-    """Arguments for ``tunelab.evaluate.generate``: the family's ``defaults``, then the run's decoding
+    """Arguments for ``tunelab.evaluation.scoring.generate``: the family's ``defaults``, then the run's decoding
     settings (``eval.*``) on top; the eval batch size unless the settings name one."""
     return {"batch_size": batch_size, **defaults, **{k: v for k, v in (gen or {}).items() if k in GEN_KEYS}}
 

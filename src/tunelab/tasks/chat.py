@@ -34,8 +34,8 @@ from tunelab.data.encoding import IGNORE
 from tunelab.data.feature_cache import DROPPED, KEPT, TRUNCATED, ArrowExamples
 from tunelab.data.readers import check_column, load_table
 from tunelab.errors import DataError
-from tunelab.evaluate import generate
-from tunelab.metrics import rouge
+from tunelab.evaluation.metrics import rouge
+from tunelab.evaluation.scoring import generate
 from tunelab.tasks.base import TASKS, TaskConfig, field_name, gen_args
 from tunelab.tasks.qa import split_source
 

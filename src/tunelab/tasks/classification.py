@@ -18,7 +18,7 @@ from tunelab.data.encoding import encode_head, encode_lm_document
 from tunelab.data.prompt_splicing import lm_features
 from tunelab.data.readers import read_records
 from tunelab.errors import DataError
-from tunelab.evaluate import classify, score_choices
+from tunelab.evaluation.scoring import classify, score_choices
 from tunelab.tasks.base import TASKS, HeadSpec, TaskConfig, field_name, render_prompt
 
 

@@ -14,7 +14,7 @@ decoder's target.
 
 Metrics: ROUGE-L (first), BLEU (sacrebleu, 0-100) on greedy generations, and the perplexity of the
 reference outputs given their prompts: exp(total negative log-likelihood / total reference tokens),
-scored with ``tunelab.evaluate.score_choices`` (no generation needed for it).
+scored with ``tunelab.evaluation.scoring.score_choices`` (no generation needed for it).
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from typing import Literal
 from tunelab.data.encoding import encode_lm, encode_lm_document, encode_seq2seq
 from tunelab.data.prompt_splicing import lm_features
 from tunelab.data.readers import read_records
-from tunelab.evaluate import generate, score_choices
-from tunelab.metrics import bleu, perplexity, rouge
+from tunelab.evaluation.metrics import bleu, perplexity, rouge
+from tunelab.evaluation.scoring import generate, score_choices
 from tunelab.tasks.base import (
     TASKS,
     HeadSpec,

@@ -21,13 +21,13 @@ from typing import Literal
 
 import torch
 
-from tunelab import fast_eval
 from tunelab.data.encoding import encode_lm
 from tunelab.data.readers import infer_format, read_conll, read_records
 from tunelab.errors import DataError
-from tunelab.evaluate import generate
+from tunelab.evaluation import inference
+from tunelab.evaluation.metrics import entities, entity_prf
+from tunelab.evaluation.scoring import generate
 from tunelab.methods.base import context
-from tunelab.metrics import entities, entity_prf
 from tunelab.tasks.base import TASKS, HeadSpec, TaskConfig, field_name, gen_args, render_prompt
 
 DEFAULT_TEMPLATE = (
@@ -249,7 +249,7 @@ class NER:
         out: list[list[str]] = [["O"] * len(ex["tokens"]) for ex in examples]
         order = sorted(range(len(feats)), key=lambda i: -len(feats[i]["input_ids"]))
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        with fast_eval.inference(model):
+        with inference.inference(model):
             for b in range(0, len(order), batch_size):
                 batch = order[b : b + batch_size]
                 width = max(len(feats[i]["input_ids"]) for i in batch)

@@ -39,14 +39,14 @@ from typing import Literal
 
 import torch
 
-from tunelab import fast_eval
 from tunelab.data.encoding import encode_lm_document, encode_seq2seq
 from tunelab.data.prompt_splicing import lm_features
 from tunelab.data.readers import read_records
 from tunelab.errors import DataError
-from tunelab.evaluate import generate
+from tunelab.evaluation import inference
+from tunelab.evaluation.metrics import squad_scores
+from tunelab.evaluation.scoring import generate
 from tunelab.methods.base import context as model_context
-from tunelab.metrics import squad_scores
 from tunelab.tasks.base import TASKS, HeadSpec, TaskConfig, field_name, gen_args, render_prompt
 
 DEFAULT_TEMPLATE = (
@@ -296,7 +296,7 @@ class QA:
         best: list = [None] * len(examples)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         order = sorted(range(len(feats)), key=lambda k: -len(feats[k][1]["input_ids"]))
-        with fast_eval.inference(model):
+        with inference.inference(model):
             for b in range(0, len(order), batch_size):
                 batch = [feats[k] for k in order[b : b + batch_size]]
                 width = max(len(w["input_ids"]) for _, w in batch)
@@ -315,7 +315,7 @@ class QA:
                 model_context(model)["prompt_mask"] = inputs["attention_mask"].bool()
                 out = model(**inputs)
                 # the n-best search of every window of the batch in tensors (`best_span`, vectorized)
-                spans = fast_eval.best_spans(out.start_logits.cpu(), out.end_logits.cpu(), ok,
+                spans = inference.best_spans(out.start_logits.cpu(), out.end_logits.cpu(), ok,
                                              [len(w["input_ids"]) for _, w in batch], cfg.max_answer_tokens, cfg.n_best)
                 for (i, w), span in zip(batch, spans, strict=True):
                     if span is not None and (best[i] is None or span[0] > best[i][0]):

@@ -29,8 +29,8 @@ from typing import Literal
 from tunelab.data.encoding import encode_lm
 from tunelab.data.readers import read_records
 from tunelab.errors import DataError
-from tunelab.evaluate import generate, score_choices
-from tunelab.metrics import numbers_match
+from tunelab.evaluation.metrics import numbers_match
+from tunelab.evaluation.scoring import generate, score_choices
 from tunelab.tasks.base import TASKS, TaskConfig, field_name, gen_args, render_prompt
 
 DEFAULT_TEMPLATE = "{instruction}\n\n{input}"

@@ -19,8 +19,8 @@ from typing import Literal
 from tunelab.data.encoding import encode_lm_document, encode_seq2seq
 from tunelab.data.prompt_splicing import lm_features
 from tunelab.data.readers import read_records
-from tunelab.evaluate import generate
-from tunelab.metrics import rouge
+from tunelab.evaluation.metrics import rouge
+from tunelab.evaluation.scoring import generate
 from tunelab.tasks.base import (
     TASKS,
     HeadSpec,

@@ -20,10 +20,10 @@ from typing import Literal
 
 import torch
 
-from tunelab import fast_eval
 from tunelab.data.encoding import Collator, _adds_bos
 from tunelab.data.feature_cache import DROPPED, KEPT
 from tunelab.data.readers import check_column, load_table
+from tunelab.evaluation import inference
 from tunelab.models import chunked_loss, lm_loss
 from tunelab.tasks.base import TASKS, TaskConfig, field_name
 from tunelab.tasks.chat import select
@@ -42,7 +42,7 @@ def nll(model, tokenizer, feats: list[dict], batch_size: int = 8) -> tuple[float
 
     The logits only at scored positions and a chunk of them at a time (``chunked_loss.token_stats``)
     where the model allows it (probed on the first rows), so whole eval batches fit; otherwise full
-    logits in batches of at most 4. Both under ``fast_eval.inference`` (weights cast once)."""
+    logits in batches of at most 4. Both under ``inference.inference`` (weights cast once)."""
     collate = Collator(tokenizer.pad_token_id)
     dev = next(model.parameters()).device
     order = sorted(range(len(feats)), key=lambda i: -len(feats[i]["input_ids"]))
@@ -54,7 +54,7 @@ def nll(model, tokenizer, feats: list[dict], batch_size: int = 8) -> tuple[float
         batch = collate([{k: feats[i][k] for k in ("input_ids", "labels")} for i in idx])
         return {k: v.to(dev) for k, v in batch.items() if k != "prompt_mask"}
 
-    with fast_eval.inference(model):
+    with inference.inference(model):
         probe = batch_of(order[-2:])  # the shortest rows: a cheap probe
         chunked = lm_loss.supports_loss_inputs(model, probe) and lm_loss.supports_chunked_loss(model, probe)
         step = max(1, batch_size if chunked else min(batch_size, 4))  # full-vocabulary logits are large

@@ -1,4 +1,4 @@
-"""One decoding loop for evaluation (``tunelab.evaluate.generate``) and serving (``tunelab.serve``).
+"""One decoding loop for evaluation (``tunelab.evaluation.scoring.generate``) and serving (``tunelab.serve``).
 
 Greedy tokens are those of ``model.generate`` on the same prompts (left padding, positions from the
 attention mask, the KV cache, the LM head on the last position only); what changes is the work:

@@ -4,7 +4,7 @@
   every continuation at the end of the row, so the LM head runs only on the last few positions
   (``logits_to_keep``); when every choice is a single token, one forward per prompt scores all of them.
   A prefix every row shares (a prompt template) runs once, through the KV cache (``tunelab.models.lm_loss``).
-- ``generate``: causal LMs through ``tunelab.decode`` (``model.generate``'s greedy tokens, faster);
+- ``generate``: causal LMs through ``tunelab.evaluation.decoding`` (``model.generate``'s greedy tokens, faster);
   beam search and encoder-decoders through ``model.generate`` in left-padded batches.
 - ``classify``: logits of a classification head.
 - Encoder-decoder models (``config.is_encoder_decoder``: T5, BART): the prompt is the encoder's
@@ -28,8 +28,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from tunelab import fast_eval
 from tunelab.data.encoding import IGNORE, tokenize_prompt, tokenize_source
+from tunelab.evaluation import inference
 from tunelab.methods.base import context
 from tunelab.models import lm_loss
 from tunelab.runtime import distributed as dist
@@ -120,7 +120,7 @@ def score_choices(model, tokenizer, prompts: list[str], choices: list[list[str]]
     """Sum log-probability of each ``choices[i][j]`` following ``prompts[i]``."""
     if len(prompts) != len(choices):
         raise ValueError(f"{len(prompts)} prompts but {len(choices)} choice lists")
-    with fast_eval.inference(model):  # weights cast once for the whole evaluation, not in every forward
+    with inference.inference(model):  # weights cast once for the whole evaluation, not in every forward
         return _score_choices(model, tokenizer, prompts, choices, batch_size)
 
 
@@ -153,9 +153,9 @@ def _score_choices(model, tokenizer, prompts, choices, batch_size) -> list[list[
             for i in batch:
                 scores[i] = [next(got) for _ in choice_ids[i]]
             bar.update(len(batch))
-    elif fast_eval.packable(model):  # each prompt once, all its choices in the same row
+    elif inference.packable(model):  # each prompt once, all its choices in the same row
         bar = _bar(sum(map(len, choice_ids)), "scoring choices")
-        scores = fast_eval.packed_choices(model, prompt_ids, choice_ids, pad, dev, batch_size, bar)
+        scores = inference.packed_choices(model, prompt_ids, choice_ids, pad, dev, batch_size, bar)
     else:
         pairs = [(i, j) for i, cs in enumerate(choice_ids) for j in range(len(cs))]
         rows = [prompt_ids[i] + choice_ids[i][j] for i, j in pairs]
@@ -202,11 +202,11 @@ def generate(
 ) -> list[str]:
     """Continuations of ``prompts`` (special tokens removed, cut at the first ``stop`` string).
 
-    Causal LMs decode through ``tunelab.decode`` (the tokens ``model.generate`` gives, with less
+    Causal LMs decode through ``tunelab.evaluation.decoding`` (the tokens ``model.generate`` gives, with less
     work; sampling draws from a generator seeded with ``seed``, else torch's global one); beam
     search, encoder-decoders and models whose generation config adds logits processors keep
-    ``model.generate``. Weights are held in the autocast dtype for the call (``fast_eval.inference``)."""
-    from tunelab import decode
+    ``model.generate``. Weights are held in the autocast dtype for the call (``inference.inference``)."""
+    from tunelab.evaluation import decoding
 
     dev, pad = _device(model), tokenizer.pad_token_id
     enc_dec = _encoder_decoder(model)  # the source goes to the encoder; the output is the decoder's alone
@@ -214,14 +214,14 @@ def generate(
     outputs = [""] * len(prompts)
     sampling = {"temperature": temperature, "top_p": top_p} if do_sample else {}
     bar = _bar(len(prompt_ids), "generating")
-    ours = num_beams == 1 and decode.supported(model) and decode.plain_generation(model)
-    with fast_eval.inference(model, shared=False):  # decoding steps: too few tokens for shared casts to pay
+    ours = num_beams == 1 and decoding.supported(model) and decoding.plain_generation(model)
+    with inference.inference(model, shared=False):  # decoding steps: too few tokens for shared casts to pay
         if ours:
             eos = tokenizer.eos_token_id
             eos = eos if eos is not None else getattr(model.generation_config, "eos_token_id", None)
             gen = torch.Generator(device=dev).manual_seed(seed) if do_sample and seed is not None else None
             top_k = getattr(model.generation_config, "top_k", None)
-            tokens = decode.complete(
+            tokens = decoding.complete(
                 model, tokenizer, prompt_ids, max_new_tokens=max_new_tokens, batch_size=batch_size,
                 eos=set(eos if isinstance(eos, list) else [eos]) - {None}, do_sample=do_sample,
                 temperature=temperature, top_p=top_p, top_k=50 if top_k is None else top_k, generator=gen,
@@ -251,7 +251,7 @@ def generate(
 @torch.no_grad()
 def classify(model, tokenizer, texts: list[str], pairs: list[str] | None = None, *, batch_size: int = 32, max_length: int = 256) -> torch.Tensor:
     """Head logits (n, num_labels) for ``texts`` (and optional second segments ``pairs``)."""
-    with fast_eval.inference(model):
+    with inference.inference(model):
         return _classify(model, tokenizer, texts, pairs, batch_size, max_length)
 
 
