@@ -33,7 +33,7 @@ def main() -> None:
     from tunelab.config import load_config
     from tunelab.data.encoding import tokenize_prompt
     from tunelab.evaluation.scoring import _pad_left, generate
-    from tunelab.train import Run, autocast
+    from tunelab.training.loop import Run, autocast
 
     conf = bench_run.CONFIGS["generate"]
     cfg = load_config(None, bench_run.BASE + conf["tunelab"] + [f"train.threads={a.threads}", "train.device=cpu",

@@ -35,7 +35,7 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     import tunelab
     from tunelab.config import load_config
-    from tunelab.train import Run, seed_all
+    from tunelab.training.loop import Run, seed_all
 
     conf = CONFIGS[a.config]
     if not conf.get("eval"):

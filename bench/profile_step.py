@@ -57,10 +57,10 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     import tunelab
-    from tunelab.bench import loop_batches
     from tunelab.config import load_config
     from tunelab.models import lm_loss
-    from tunelab.train import Run, autocast
+    from tunelab.training.loop import Run, autocast
+    from tunelab.training.sizing import loop_batches
 
     sst2 = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2" / "train.tsv"
     cfg = load_config(None, ["model.name=smollm2-135m", "task.name=sentiment", f"data.train={sst2}",

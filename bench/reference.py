@@ -24,7 +24,12 @@ import types
 
 import torch
 
-from tunelab.bench import (
+from tunelab.config import RunConfig, task_config
+from tunelab.data.encoding import Collator, tokenize_prompt
+from tunelab.models.loading import resolve
+from tunelab.tasks import TASKS
+from tunelab.training.loop import autocast, autocast_dtype, default_lr, lr_lambda, pick_device
+from tunelab.training.sizing import (
     batch_shape,
     eval_flops,
     loop_batches,
@@ -33,11 +38,6 @@ from tunelab.bench import (
     summarize,
     train_flops,
 )
-from tunelab.config import RunConfig, task_config
-from tunelab.data.encoding import Collator, tokenize_prompt
-from tunelab.models.loading import resolve
-from tunelab.tasks import TASKS
-from tunelab.train import autocast, autocast_dtype, default_lr, lr_lambda, pick_device
 
 MODEL_KEYS = ("input_ids", "attention_mask", "labels")
 
@@ -174,7 +174,7 @@ def peft_loop(cfg: RunConfig, steps: int, warmup: int, peak_flops: float, *, lor
 def _tunelab_loftq_start(cfg: RunConfig) -> dict:
     """{linear name: (Q_T as a torchao NF4Tensor, A_T, B_T)} as tunelab's LoftQ run computes them."""
     import tunelab
-    from tunelab.train import Run, seed_all
+    from tunelab.training.loop import Run, seed_all
 
     seed_all(cfg.train.seed)
     r = Run(cfg)
@@ -331,7 +331,7 @@ def pyreft_loop(cfg: RunConfig, steps: int, warmup: int, peak_flops: float, *, r
 def _tunelab_loreft_start(cfg: RunConfig) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """(B, W, b) per layer, as tunelab's bench run draws them: seed_all, Run, attach (the same calls)."""
     import tunelab
-    from tunelab.train import Run, seed_all
+    from tunelab.training.loop import Run, seed_all
 
     seed_all(cfg.train.seed)
     r = Run(cfg)

@@ -17,12 +17,12 @@ import torch
 import torch.nn.functional as F
 from reference import prepare
 
-from tunelab.bench import peak_memory_mb
 from tunelab.config import RunConfig
 from tunelab.data.encoding import tokenize_prompt
 from tunelab.models.loading import resolve
 from tunelab.tasks.qa import best_span, windows
-from tunelab.train import autocast, autocast_dtype, pick_device
+from tunelab.training.loop import autocast, autocast_dtype, pick_device
+from tunelab.training.sizing import peak_memory_mb
 
 
 def _pad_right(rows: list[list[int]], pad: int):

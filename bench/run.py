@@ -188,7 +188,7 @@ def _child(spec: dict) -> dict:
     if spec["impl"] == "tunelab":
         return _tunelab(spec, cfg, conf, steps, warmup, peak)
     if not conf.get("eval"):
-        from tunelab.bench import bench_config
+        from tunelab.training.sizing import bench_config
 
         cfg = bench_config(cfg, steps, warmup, "unused")  # the same rows as the tunelab half
     import reference
@@ -223,19 +223,19 @@ def _child(spec: dict) -> dict:
 def _tunelab(spec, cfg, conf, steps, warmup, peak) -> dict:
     import torch
 
-    from tunelab import bench
     from tunelab.models import lm_loss
+    from tunelab.training import sizing
 
     for lever in spec.get("disable", []):  # ablation: the loop without one of its levers
         LEVERS[lever](lm_loss)
     if not conf.get("eval"):
-        return bench.bench_train(cfg, steps=steps, warmup=warmup, peak_flops=peak)
+        return sizing.bench_train(cfg, steps=steps, warmup=warmup, peak_flops=peak)
     if conf["ref"] is None or conf["ref"][0] in ("score", "choice", "ner", "qa"):
-        return bench.bench_eval(cfg, max_examples=conf.get("max_examples"), peak_flops=peak)
+        return sizing.bench_eval(cfg, max_examples=conf.get("max_examples"), peak_flops=peak)
     # generation: tunelab.evaluation.scoring.generate alone (the task's evaluate also scores perplexity)
     import tunelab
     from tunelab.evaluation.scoring import generate
-    from tunelab.train import Run, autocast
+    from tunelab.training.loop import Run, autocast
 
     cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"train": None, "max_eval": conf.get("max_examples")})})
     r = Run(cfg)
@@ -251,7 +251,7 @@ def _tunelab(spec, cfg, conf, steps, warmup, peak) -> dict:
             "precision": str(r.amp).replace("torch.", "") if r.amp else "float32", "batch_size": cfg.eval.batch_size,
             "examples": len(prompts), "seconds": dt, "examples_per_s": len(prompts) / dt,
             "cpu_seconds": time.process_time() - cpu,
-            "peak_memory_mb": bench.peak_memory_mb(r.device), "threads": torch.get_num_threads(), "outputs": outputs}
+            "peak_memory_mb": sizing.peak_memory_mb(r.device), "threads": torch.get_num_threads(), "outputs": outputs}
 
 
 # ---------------------------------------------------------------- the parent: schedule and report
@@ -408,11 +408,11 @@ def main() -> None:
 
     import torch
 
-    from tunelab.bench import matmul_peak
+    from tunelab.training.sizing import matmul_peak
 
     device = a.device if a.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     torch.set_num_threads(a.threads)
-    from tunelab.train import autocast_dtype
+    from tunelab.training.loop import autocast_dtype
 
     dtype = autocast_dtype("auto", torch.device(device)) or torch.float32
     peak = matmul_peak(device, dtype, seconds=2.0)

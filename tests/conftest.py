@@ -80,7 +80,7 @@ def llama():
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    """A saved tiny Llama + tokenizer directory (a model name for tunelab.train), one per test module."""
+    """A saved tiny Llama + tokenizer directory (a model name for tunelab.training.loop), one per test module."""
     d = tmp_path_factory.mktemp("tiny-model")
     tiny_llama().save_pretrained(d)
     tiny_tokenizer_obj().save_pretrained(d)

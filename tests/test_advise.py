@@ -10,8 +10,8 @@ import types
 import pytest
 import yaml
 
-from tunelab import advise as adv
 from tunelab.report import advise as ra
+from tunelab.sweeps import advise as adv
 
 # lora is better with little data, full with more: the curves cross near D = 676.
 LAWS = {"lora": {"A": 2.0, "beta": 0.3, "E": 0.3}, "full": {"A": 10.0, "beta": 0.5, "E": 0.2}}
@@ -53,12 +53,12 @@ class FakeTrain:
 
 @pytest.fixture
 def fake(monkeypatch):
-    import tunelab.compare
+    import tunelab.sweeps.compare
 
-    monkeypatch.setattr(tunelab.compare, "ISOLATE", False)
+    monkeypatch.setattr(tunelab.sweeps.compare, "ISOLATE", False)
     monkeypatch.setattr(ra, "N_BOOT", 40)  # enough resamples for the test's loose interval checks
     f = FakeTrain()
-    monkeypatch.setitem(sys.modules, "tunelab.train", types.SimpleNamespace(run=f.run))
+    monkeypatch.setitem(sys.modules, "tunelab.training.loop", types.SimpleNamespace(run=f.run))
     return f
 
 

@@ -8,8 +8,8 @@ import torch
 
 import tunelab
 from tiny_models import batch, tiny
+from tunelab.export.peft_format import export_peft, import_peft
 from tunelab.methods.lora import LoRAEmbedding, lora_modules
-from tunelab.peft_format import export_peft, import_peft
 
 peft = pytest.importorskip("peft")
 

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from tunelab import budget, tune
 from tunelab.config import build_config
+from tunelab.sweeps import budget, lr_search
 
 
 def cfg(**train):
@@ -49,31 +49,31 @@ def test_split_keeps_the_format_and_never_overlaps(tmp_path):
     src = tmp_path / "train.tsv"
     rows = [f'it \'s "good" {i} \t{i % 2}' for i in range(50)]
     src.write_text("sentence\tlabel\n" + "\n".join(rows) + "\n")
-    tr, va, n_tr, n_va = tune.split_file(src, tmp_path / "s", limit=40)
+    tr, va, n_tr, n_va = lr_search.split_file(src, tmp_path / "s", limit=40)
     assert (n_tr, n_va) == (32, 8)
     assert tr.read_text().splitlines() == ["sentence\tlabel"] + rows[:32]  # bytes kept, quotes and all
     assert va.read_text().splitlines() == ["sentence\tlabel"] + rows[32:40]
     js = tmp_path / "d.jsonl"
     js.write_text("".join(json.dumps({"text": str(i), "label": "a"}) + "\n" for i in range(10)))
-    tr, va, n_tr, n_va = tune.split_file(js, tmp_path / "j")
+    tr, va, n_tr, n_va = lr_search.split_file(js, tmp_path / "j")
     assert (n_tr, n_va) == (8, 2) and json.loads(va.read_text().splitlines()[0])["text"] == "8"
 
 
 def test_split_rejects_what_it_cannot_split(tmp_path):
     with pytest.raises(FileNotFoundError, match="needed to split it for --tune lr"):
-        tune.split_file(tmp_path / "missing.jsonl", tmp_path / "s")
+        lr_search.split_file(tmp_path / "missing.jsonl", tmp_path / "s")
     (tmp_path / "eng.train").write_text("EU NNP B-NP B-ORG\n")
     with pytest.raises(ValueError, match="can split .jsonl, .json, .csv and .tsv"):
-        tune.split_file(tmp_path / "eng.train", tmp_path / "s")
+        lr_search.split_file(tmp_path / "eng.train", tmp_path / "s")
     (tmp_path / "one.jsonl").write_text('{"a": 1}\n')
     with pytest.raises(ValueError, match="too few to split"):
-        tune.split_file(tmp_path / "one.jsonl", tmp_path / "s")
+        lr_search.split_file(tmp_path / "one.jsonl", tmp_path / "s")
 
 
 def test_lr_grid_and_pick():
-    assert tune.grid(3e-4) == [1e-4, 3e-4, 9e-4]
-    assert tune.best_lr([(1e-4, 0.8), (3e-4, 0.9), (9e-4, 0.85)], True) == 3e-4
-    assert tune.best_lr([(1e-4, 0.5), (3e-4, 0.4), (9e-4, None)], False) == 3e-4
-    assert tune.best_lr([(1e-4, 0.9), (3e-4, 0.9), (9e-4, 0.9)], True) == 3e-4  # ties: the base rate
+    assert lr_search.grid(3e-4) == [1e-4, 3e-4, 9e-4]
+    assert lr_search.best_lr([(1e-4, 0.8), (3e-4, 0.9), (9e-4, 0.85)], True) == 3e-4
+    assert lr_search.best_lr([(1e-4, 0.5), (3e-4, 0.4), (9e-4, None)], False) == 3e-4
+    assert lr_search.best_lr([(1e-4, 0.9), (3e-4, 0.9), (9e-4, 0.9)], True) == 3e-4  # ties: the base rate
     with pytest.raises(ValueError, match="every learning-rate trial failed"):
-        tune.best_lr([(1e-4, None)], True)
+        lr_search.best_lr([(1e-4, None)], True)

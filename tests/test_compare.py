@@ -1,4 +1,4 @@
-"""compare/scale orchestration with a fake ``tunelab.train.run``: same budget per run, resume, reports."""
+"""compare/scale orchestration with a fake ``tunelab.training.loop.run``: same budget per run, resume, reports."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tunelab import compare as cmp
 from tunelab.config import dump_config
 from tunelab.report.fit import predict
+from tunelab.sweeps import compare as cmp
 
 BASE = {
     "model": "smollm2-135m",
@@ -26,7 +26,7 @@ TRUE = {"A": 30.0, "alpha": 0.1, "beta": 0.4, "E": 0.9}
 
 
 class FakeTrain:
-    """Stands in for tunelab.train: records each config and writes a run directory like the real loop."""
+    """Stands in for tunelab.training.loop: records each config and writes a run directory like the real loop."""
 
     def __init__(self, fail_on: set[str] = frozenset(), interrupt_after: int | None = None):
         self.calls, self.fail_on, self.interrupt_after = [], set(fail_on), interrupt_after
@@ -65,13 +65,13 @@ class FakeTrain:
 
 @pytest.fixture
 def fake(monkeypatch):
-    import tunelab.compare
+    import tunelab.sweeps.compare
 
-    monkeypatch.setattr(tunelab.compare, "ISOLATE", False)  # the fake trains in this process
+    monkeypatch.setattr(tunelab.sweeps.compare, "ISOLATE", False)  # the fake trains in this process
 
     def install(**kw) -> FakeTrain:
         f = FakeTrain(**kw)
-        monkeypatch.setitem(sys.modules, "tunelab.train", types.SimpleNamespace(run=f.run))
+        monkeypatch.setitem(sys.modules, "tunelab.training.loop", types.SimpleNamespace(run=f.run))
         return f
 
     return install
@@ -233,7 +233,7 @@ def test_scale_over_models_takes_x_from_total_params(tmp_path, fake, monkeypatch
         (cfg.run_dir() / "metrics.json").write_text(json.dumps(m))
         return m
 
-    monkeypatch.setitem(sys.modules, "tunelab.train", types.SimpleNamespace(run=run))
+    monkeypatch.setitem(sys.modules, "tunelab.training.loop", types.SimpleNamespace(run=run))
     out = cmp.scale(write_cfg(tmp_path), (), [250, 500, 1000, 2000], "model", list(sizes), tmp_path / "mod", say=quiet)
     assert {c.model.name for c in f.calls} == set(sizes)
     res = json.loads((out / "scaling.json").read_text())

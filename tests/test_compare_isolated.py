@@ -5,7 +5,7 @@ import json
 import yaml
 
 from test_train import WORDS
-from tunelab.compare import compare
+from tunelab.sweeps.compare import compare
 
 
 def test_isolated_runs_write_their_own_metrics(tiny_dir, tmp_path):  # noqa: F811

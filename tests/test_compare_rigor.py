@@ -9,8 +9,8 @@ import types
 import pytest
 import yaml
 
-from tunelab import budget
-from tunelab import compare as cmp
+from tunelab.sweeps import budget
+from tunelab.sweeps import compare as cmp
 
 BEST_LR = {"lora": 3e-3, "full": 1e-5}  # the fake's optimum per method
 
@@ -37,7 +37,7 @@ class FakeTrain:
 def fake(monkeypatch):
     monkeypatch.setattr(cmp, "ISOLATE", False)
     f = FakeTrain()
-    monkeypatch.setitem(sys.modules, "tunelab.train", types.SimpleNamespace(run=f.run))
+    monkeypatch.setitem(sys.modules, "tunelab.training.loop", types.SimpleNamespace(run=f.run))
     return f
 
 

@@ -68,7 +68,7 @@ def scratch():
 def setup(scratch):
     """A tiny Llama dir, 16 train + 8 dev rows, single-process references (batch 4) and one
     2-process launch (batch 2 each) of full FT and LoRA, with rank 1's file writes audited."""
-    import tunelab.train as train_mod
+    import tunelab.training.loop as train_mod
     from tunelab.config import load_config
 
     from conftest import tiny_llama, tiny_tokenizer_obj
@@ -132,7 +132,7 @@ def test_spread_shares_and_gathers(setup):
 
 
 def test_killed_rank_gives_clear_error_and_resumable_checkpoint(setup, scratch):
-    import tunelab.train as train_mod
+    import tunelab.training.loop as train_mod
     from tunelab.config import load_config
 
     out = scratch / "killed"
@@ -271,7 +271,7 @@ def _worker(spec: str) -> None:
 
         dist.mean = mean_then_die
 
-    import tunelab.train as train_mod
+    import tunelab.training.loop as train_mod
     from tunelab.config import load_config
 
     for ov in job["runs"]:

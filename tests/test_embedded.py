@@ -14,7 +14,7 @@ def test_smollm2_answers_and_loss_falls(tmp_path):
     from tunelab.evaluation.scoring import generate
     from tunelab.models.loading import load
     from tunelab.tasks.base import render_prompt
-    from tunelab.train import run
+    from tunelab.training.loop import run
 
     model, tok = load("smollm2-135m")
     answer = generate(model, tok, [render_prompt(tok, "What is the capital of France?", True)], max_new_tokens=12)[0]

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from tunelab.compare import method_spec, read_sweep_config
 from tunelab.config import build_config
+from tunelab.sweeps.compare import method_spec, read_sweep_config
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.yaml"))
 

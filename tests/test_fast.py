@@ -6,10 +6,10 @@ import pytest
 import torch
 
 import tunelab
-from tunelab.bench import batch_shape, bench, matmul_counts, train_flops
 from tunelab.config import load_config
 from tunelab.data.encoding import Collator, pack
 from tunelab.models import lm_loss
+from tunelab.training.sizing import batch_shape, bench, matmul_counts, train_flops
 
 from conftest import tiny_llama, tiny_tokenizer_obj
 

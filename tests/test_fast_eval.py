@@ -190,7 +190,7 @@ def test_qa_head_answers_match_window_by_window(tiny_tokenizer):
 def test_real_openbookqa_same_predictions_as_row_scoring(monkeypatch):
     """SmolLM2 on 24 OpenBookQA questions under bf16 autocast: the packed path picks the same answers."""
     from tunelab.config import load_config
-    from tunelab.train import Run
+    from tunelab.training.loop import Run
 
     path = shared_data("llm_adapters", "openbookqa", "test.json")
     cfg = load_config(None, ["model.name=smollm2-135m", "task.name=reasoning", f"data.eval={path}", "data.max_eval=24",
@@ -220,7 +220,7 @@ def test_real_heads_same_predictions_with_cast_weights(task, monkeypatch):
     """MiniLM token and span heads on real dev data under bf16 autocast: the same predictions and metrics
     with the weights cast once as with autocast's per-call casts (today's path)."""
     from tunelab.config import load_config
-    from tunelab.train import Run
+    from tunelab.training.loop import Run
 
     data = {"ner": [f"data.eval={shared_data('conll2003', 'eng.testa')}", "data.max_eval=64"],
             "qa": [f"data.eval={shared_data('squad_v1.1', 'dev-v1.1.json')}#articles=40:41", "data.max_eval=40"]}[task]

@@ -101,7 +101,7 @@ def test_embedded_alias_is_recorded_by_its_hub_id(tmp_path, monkeypatch):
 
 def test_prompt_tuning_round_trips_through_peft(tmp_path):
     peft = pytest.importorskip("peft")
-    from tunelab.peft_format import export_peft, import_peft
+    from tunelab.export.peft_format import export_peft, import_peft
 
     ours = tunelab.attach(tiny_llama(), "prompt_tuning", num_virtual_tokens=5)
     with torch.no_grad():
@@ -126,7 +126,7 @@ def test_prompt_tuning_round_trips_through_peft(tmp_path):
 def test_prompt_tuning_import_errors_name_the_file(tmp_path):
     from safetensors.torch import save_file
 
-    from tunelab.peft_format import import_peft
+    from tunelab.export.peft_format import import_peft
 
     (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "PROMPT_TUNING", "num_virtual_tokens": 4}))
     save_file({"prompt_embeddings": torch.zeros(4, 32)}, str(tmp_path / "adapter_model.safetensors"))

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import tunelab
+from tunelab.export.peft_format import export_peft, import_peft, save_dequantized_base
 from tunelab.methods.lora import lora_modules
-from tunelab.peft_format import export_peft, import_peft, save_dequantized_base
 
 from conftest import tiny_bert, tiny_llama
 

@@ -97,7 +97,7 @@ def test_chat_run_through_the_loop_reports_data_facts(tmp_path):
                              f"data.train={train}", f"data.eval={dev}", "data.max_length=32", "train.batch_size=4",
                              "train.max_steps=6", "train.lr=3e-3", "train.progress=false", "train.precision=fp32",
                              "train.threads=1", "eval.max_new_tokens=4", f"output_dir={tmp_path / 'run'}"])
-    import tunelab.train as train_mod
+    import tunelab.training.loop as train_mod
 
     train_mod.run(cfg)
     from tunelab.results import read_metrics

@@ -9,8 +9,8 @@ import torch.nn.functional as F
 
 import tunelab
 from tunelab.errors import DataError
-from tunelab.objectives import dpo_loss, log1mexp, orpo_loss, sequence_logps, simpo_loss
 from tunelab.tasks import TASKS
+from tunelab.tasks.objectives import dpo_loss, log1mexp, orpo_loss, sequence_logps, simpo_loss
 
 from conftest import tiny_llama, tiny_tokenizer_obj
 
@@ -183,7 +183,7 @@ def _pairs(n, seed):
 def test_tiny_preference_run_learns(tiny_dir, tmp_path, method, objective):
     from tunelab.config import load_config
     from tunelab.results import read_metrics
-    from tunelab.train import run
+    from tunelab.training.loop import run
 
     train, dev = _write(tmp_path / "train.jsonl", _pairs(32, 0)), _write(tmp_path / "dev.jsonl", _pairs(8, 1))
     lr = {"full": 1e-3, "loreft": 1e-2}.get(method, 1e-2)
@@ -204,7 +204,7 @@ def test_tiny_preference_run_learns(tiny_dir, tmp_path, method, objective):
     if objective == "dpo":
         assert "reward_accuracy" in log[-1]
     if method == "lora" and objective == "dpo":  # a finished run re-scores to the same numbers (tunelab eval)
-        from tunelab.train import evaluate_run
+        from tunelab.training.loop import evaluate_run
 
         again, _ = evaluate_run(cfg, tmp_path / "run" / "method")
         assert again["reward_accuracy"] == after["reward_accuracy"]

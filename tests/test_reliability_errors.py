@@ -6,7 +6,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-import tunelab.train as train_mod
+import tunelab.training.loop as train_mod
 from test_train import cfg_for, data  # noqa: F401  (fixtures)
 from tunelab.cli import app
 from tunelab.config import dump_config, load_config

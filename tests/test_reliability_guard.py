@@ -8,11 +8,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import tunelab.train as train_mod
+import tunelab.training.loop as train_mod
 from test_train import cfg_for, data  # noqa: F401  (fixtures)
 from tunelab.config import load_config
-from tunelab.guard import Diverged, warn_rank
 from tunelab.models import lm_loss
+from tunelab.training.divergence import Diverged, warn_rank
 
 
 def nan_from_step(monkeypatch, step):

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import tunelab
-from tunelab.peft_format import export_peft, import_peft
+from tunelab.export.peft_format import export_peft, import_peft
 
 from conftest import tiny_llama
 

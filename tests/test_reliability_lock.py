@@ -10,17 +10,17 @@ import sys
 import pytest
 from typer.testing import CliRunner
 
-import tunelab.runlock
-import tunelab.train as train_mod
+import tunelab.training.loop as train_mod
+import tunelab.training.run_lock
 from test_train import cfg_for, data  # noqa: F401  (fixtures)
-from tunelab import compare as compare_mod
 from tunelab.cli import app
 from tunelab.config import dump_config
-from tunelab.runlock import RunLock, RunLocked, locked_by
+from tunelab.sweeps import compare as compare_mod
+from tunelab.training.run_lock import RunLock, RunLocked, locked_by
 
 # runlock.py imports nothing of tunelab: load it alone so the holder starts fast (no torch import)
 HOLD = ("import importlib.util, sys, time\n"
-        f"spec = importlib.util.spec_from_file_location('runlock', {tunelab.runlock.__file__!r})\n"
+        f"spec = importlib.util.spec_from_file_location('runlock', {tunelab.training.run_lock.__file__!r})\n"
         "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
         "m.RunLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(120)")
 

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-import tunelab.train as train_mod
+import tunelab.training.loop as train_mod
 from test_train import cfg_for, data  # noqa: F401  (fixtures)
 from tunelab.config import load_config
 from tunelab.errors import DataError

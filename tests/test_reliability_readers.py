@@ -123,7 +123,7 @@ def test_long_rows_are_cut_in_the_document_never_the_instruction_or_header(tmp_p
 def test_truncated_rows_are_counted_in_the_run_facts(tmp_path):
     import json as _json
 
-    import tunelab.train as train_mod
+    import tunelab.training.loop as train_mod
     from tunelab.config import load_config
 
     from conftest import tiny_llama, tiny_tokenizer_obj

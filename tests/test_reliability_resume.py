@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-import tunelab.train as train_mod
+import tunelab.training.loop as train_mod
 from test_train import cfg_for, data, losses  # noqa: F401  (fixtures)
 
 STEPS = ["train.max_steps=9", "train.save_every=4", "train.grad_accum=2"]

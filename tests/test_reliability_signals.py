@@ -10,10 +10,10 @@ import sys
 import pytest
 from safetensors.torch import load_file
 
-import tunelab.train as train_mod
+import tunelab.training.loop as train_mod
 from test_train import cfg_for, data, losses  # noqa: F401  (fixtures)
 from tunelab.config import dump_config
-from tunelab.runlock import Stopped
+from tunelab.training.run_lock import Stopped
 
 STEPS = ["train.max_steps=9", "train.save_every=4", "train.grad_accum=2", "train.schedule=cosine", "train.warmup=0.2"]
 
@@ -57,7 +57,7 @@ def test_signal_checkpoints_then_resume_is_exact(signum, full, tiny_dir, data, t
 
 KILL_IN_SAVE = """
 import os, signal, sys
-import tunelab.train as t
+import tunelab.training.loop as t
 from tunelab.config import load_config
 real = t.save_file
 def save_file(tensors, path, *a, **k):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import tunelab
-import tunelab.train as train_mod
+import tunelab.training.loop as train_mod
 from tunelab.config import load_config, task_config
 from tunelab.data.encoding import Collator, encode_seq2seq, pack
 from tunelab.evaluation.scoring import generate, score_choices

@@ -1,4 +1,4 @@
-"""Every family and formulation through the real loop (`tunelab.train.run`): tiny models saved to a
+"""Every family and formulation through the real loop (`tunelab.training.loop.run`): tiny models saved to a
 folder, a few fixture rows, two steps; and the example configs of these families validate."""
 
 import json
@@ -8,7 +8,7 @@ import pytest
 import torch
 import yaml
 
-import tunelab.train as train_mod
+import tunelab.training.loop as train_mod
 from tunelab.config import load_config
 from tunelab.results import read_metrics
 from tunelab.tasks import TASKS

@@ -10,9 +10,9 @@ import pytest
 from typer.testing import CliRunner
 
 from test_train import cfg_for, data  # noqa: F401  (data is a fixture)
-from tunelab import tracking
 from tunelab.cli import app
 from tunelab.config import dump_config, load_config
+from tunelab.training import tracking
 
 runner = CliRunner()
 

@@ -5,7 +5,7 @@ import json
 import pytest
 from safetensors.torch import load_file
 
-import tunelab.train as train_mod
+import tunelab.training.loop as train_mod
 from tunelab.config import load_config
 
 WORDS = "the cat sat on mat dog was in John Mary Tom Paris Berlin visited city".split()

@@ -12,7 +12,7 @@ from tests.conftest import tiny_llama
 from tests.test_train import cfg_for, data, losses  # noqa: F401  (data: the fixture)
 
 import tunelab
-import tunelab.train as train_mod
+import tunelab.training.loop as train_mod
 from tunelab import held_weights
 from tunelab.config import load_config
 from tunelab.models import quantization

@@ -64,7 +64,7 @@ def save(model: nn.Module, directory: str | Path) -> Path:
 
 
 def read_method(directory: str | Path) -> dict:
-    from tunelab.loadcheck import check_method_meta, read_json_object
+    from tunelab.methods.load_checks import check_method_meta, read_json_object
 
     path = Path(directory) / METHOD_JSON
     if not path.exists():
@@ -76,7 +76,7 @@ def read_method(directory: str | Path) -> dict:
 
 def load(model: nn.Module, directory: str | Path) -> nn.Module:
     """Attach the saved method to ``model`` (a fresh base) and load its tensors."""
-    from tunelab.loadcheck import check_state, load_tensors
+    from tunelab.methods.load_checks import check_state, load_tensors
 
     directory = Path(directory)
     meta = read_method(directory)

@@ -21,8 +21,8 @@ def _fail(msg: str) -> None:
 
 def _guard(fn, *args, **kwargs):
     """Run ``fn``; user errors (bad config, bad data, missing files) print one clear message."""
-    from tunelab.guard import Diverged
-    from tunelab.runlock import Stopped
+    from tunelab.training.divergence import Diverged
+    from tunelab.training.run_lock import Stopped
 
     try:
         return fn(*args, **kwargs)
@@ -48,7 +48,7 @@ def _run_config(path: Path, overrides: list[str] | None):
 def train(config: Path = typer.Argument(..., help="run YAML"), overrides: list[str] = OVERRIDES):
     """Fine-tune as CONFIG says; writes a run directory (config, metrics.json, log.jsonl, method/, checkpoints/)."""
     from tunelab.runtime import distributed as dist
-    from tunelab.train import run
+    from tunelab.training.loop import run
 
     cfg = _guard(_run_config, config, overrides)
     record = _guard(run, cfg)
@@ -61,7 +61,7 @@ def train(config: Path = typer.Argument(..., help="run YAML"), overrides: list[s
 
 
 def _eval(target: Path, overrides, predictions_out: Path | None):
-    from tunelab.train import evaluate_run
+    from tunelab.training.loop import evaluate_run
 
     cfg = _guard(_run_config, target, overrides)
     method_dir = target / "method" if target.is_dir() and (target / "method").exists() else None
@@ -171,7 +171,7 @@ def demo(
     """Fine-tune the embedded SmolLM2 on a small sentiment set tunelab writes itself; print accuracy before and after."""
     from tunelab.config import build_config
     from tunelab.data.demo_sentiment import write_data
-    from tunelab.train import run
+    from tunelab.training.loop import run
 
     train_path, dev_path = write_data(out / "data")
     raw = {
@@ -234,7 +234,7 @@ def export(
         return
     from tunelab.export.card import write_card
     from tunelab.export.merge import load_trained, recorded_base
-    from tunelab.peft_format import export_peft, save_dequantized_base
+    from tunelab.export.peft_format import export_peft, save_dequantized_base
 
     if not (run_dir / "method" / "method.json").exists():
         _fail(f"{run_dir}: no trained method here (expected {run_dir / 'method' / 'method.json'})")
@@ -286,7 +286,7 @@ def compare(
     tune: str = typer.Option(None, "--tune", help="lr: pick each method's lr (x1/3, x1, x3) on a split of the training data"),
 ):
     """Run several methods on the same task, data, budget and seeds (3 by default); write results.csv, a Markdown table with 95% CIs and paired tests, plots and report.html. Rerun to resume."""
-    from tunelab.compare import compare as run_compare
+    from tunelab.sweeps.compare import compare as run_compare
 
     seed_list = _ints(seeds, "--seeds")
     out_dir = _guard(run_compare, config, overrides or [], _split(methods), seed_list, out, metric=metric,
@@ -308,7 +308,7 @@ def advise(
     out: Path = typer.Option(None, "--out", help="output directory (default runs/advise-<config>)"),
 ):
     """Which method will win at your full data size: fit each method's scaling law on small runs and predict, with intervals and the sizes where the ranking flips."""
-    from tunelab.advise import advise as run_advise
+    from tunelab.sweeps.advise import advise as run_advise
 
     seed_list = _ints(seeds, "--seeds")
     size_list = _ints(sizes, "--sizes")
@@ -329,7 +329,7 @@ def scale(
     holdout: int = typer.Option(None, help="how many of the largest sizes to hold out and predict"),
 ):
     """Sweep data size against a second factor and fit L(X, D) = A X^-alpha D^-beta + E (and the additive form)."""
-    from tunelab.compare import scale as run_scale
+    from tunelab.sweeps.compare import scale as run_scale
 
     size_list = _ints(sizes, "--sizes")
     if size_list and min(size_list) < 1:
@@ -371,8 +371,8 @@ def bench(
     json_out: Path = typer.Option(None, "--json", help="also write the figures as JSON"),
 ):
     """Size a run before launching it: train tokens/s, peak memory and MFU for CONFIG, and eval speed."""
-    from tunelab.bench import bench as run_bench
-    from tunelab.bench import format_result
+    from tunelab.training.sizing import bench as run_bench
+    from tunelab.training.sizing import format_result
 
     cfg = _guard(_run_config, config, overrides)
     res = _guard(run_bench, cfg, steps=steps, eval_examples=eval_examples)
@@ -385,7 +385,7 @@ def bench(
 def methods():
     """List the fine-tuning methods and their parameters."""
     from tunelab.methods import METHODS
-    from tunelab.train import default_lr
+    from tunelab.training.loop import default_lr
 
     for name in METHODS.names():
         m = METHODS.get(name)

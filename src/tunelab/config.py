@@ -100,7 +100,7 @@ class TrainSection(Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int | None = Field(None, ge=1)
     progress: bool = True
-    report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(default_factory=list)  # see tunelab.tracking
+    report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(default_factory=list)  # see tunelab.training.tracking
 
     @field_validator("report_to", mode="before")
     @classmethod

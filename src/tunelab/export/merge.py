@@ -61,7 +61,7 @@ def load_trained(run_dir: str | Path):
     """``(model with the run's method, tokenizer, run config)`` for a finished run directory."""
     import tunelab
     from tunelab.config import load_config
-    from tunelab.train import Run
+    from tunelab.training.loop import Run
 
     run_dir = Path(run_dir)
     if not (run_dir / "method" / "method.json").exists():

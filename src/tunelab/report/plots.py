@@ -124,7 +124,7 @@ def loss_curves(rows: list[dict], by: str = "label") -> bytes | None:
 def scaling_plot(result: dict) -> bytes | None:
     """Points (filled: fitted, hollow: held out) and the fitted laws against data size D.
 
-    ``result`` is what ``tunelab.compare.fit_scaling`` returns: ``points`` (group, x, d, loss, heldout)
+    ``result`` is what ``tunelab.sweeps.compare.fit_scaling`` returns: ``points`` (group, x, d, loss, heldout)
     and ``fits`` (per form: params; for a categorical factor one ``data`` fit per group)."""
     pts = result.get("points") or []
     if not pts:

@@ -122,7 +122,7 @@ def verify_checkpoint(path: str | Path, total: int | None = None, deep: bool = T
     ``deep`` every tensor is read and must be finite (a NaN checkpoint is never resumed)."""
     from safetensors import safe_open
 
-    from tunelab.guard import check_tensors
+    from tunelab.training.divergence import check_tensors
 
     path = Path(path)
     state = _read_state(path)

@@ -11,7 +11,7 @@ file, line and field.
 Training: each pair becomes prompt+chosen and prompt+rejected (loss positions on the response only);
 a batch holds the chosen rows, then the rejected rows, so one forward scores both. The objective is
 ``objective``: dpo (reference = the base model, via the method's off switch), simpo or orpo
-(reference-free); formulas in ``tunelab.objectives``.
+(reference-free); formulas in ``tunelab.tasks.objectives``.
 
 Metrics on held-out pairs: reward_accuracy (first), reward_margin, chosen_logp, rejected_logp (mean
 summed log-probability of each response), logp_accuracy (the model itself prefers the chosen one),
@@ -29,8 +29,8 @@ from pydantic import Field
 from tunelab.data.encoding import Collator, encode_lm
 from tunelab.data.readers import read_preferences
 from tunelab.errors import DataError
-from tunelab.objectives import Preference, pair_stats
 from tunelab.tasks.base import TASKS, TaskConfig, render_prompt
+from tunelab.tasks.objectives import Preference, pair_stats
 from tunelab.tasks.qa import split_source
 
 

@@ -39,8 +39,8 @@ import yaml
 
 from tunelab.report import MANIFEST, build_report
 from tunelab.results import read_metrics
-from tunelab.runlock import Stopped, locked_by
 from tunelab.runtime.atomic_files import atomic_write_text
+from tunelab.training.run_lock import Stopped, locked_by
 
 SWEEP_SECTIONS = ("compare", "scale", "advise")
 DEFAULT_SIZES = (250, 500, 1000, 2000, 4000)
@@ -70,7 +70,7 @@ ISOLATE = True
 
 def _train_run(cfg) -> dict:
     if not ISOLATE:
-        return importlib.import_module("tunelab.train").run(cfg)
+        return importlib.import_module("tunelab.training.loop").run(cfg)
     import subprocess
 
     from tunelab.config import dump_config
@@ -285,8 +285,8 @@ def _by_label(plan) -> dict:
 
 
 def match_budget(plan, mode: str, out_dir: Path, section: dict, say=_say) -> dict:
-    """Set train.max_steps per method so that budgets match by ``mode`` (see tunelab.budget)."""
-    from tunelab import budget as bud
+    """Set train.max_steps per method so that budgets match by ``mode`` (see tunelab.sweeps.budget)."""
+    from tunelab.sweeps import budget as bud
 
     mode = bud.check_mode(mode)
     if mode == "steps":
@@ -303,23 +303,23 @@ def match_budget(plan, mode: str, out_dir: Path, section: dict, say=_say) -> dic
 
 
 def tune_lr(plan, out_dir: Path, raw: dict, metric: str | None, keep_going: bool, say=_say) -> dict:
-    """The learning-rate search of ``--tune lr`` (see tunelab.tune); sets each method's best lr in ``plan``."""
-    from tunelab import tune
+    """The learning-rate search of ``--tune lr`` (see tunelab.sweeps.lr_search); sets each method's best lr in ``plan``."""
     from tunelab.report.tables import higher_is_better
+    from tunelab.sweeps import lr_search
 
     data = raw.get("data") or {}
     if not data.get("train"):
         raise ValueError("--tune lr needs data.train to split into a tuning train and validation part")
     tdir = out_dir / "tune"
-    tr, va, n_tr, n_va = tune.split_file(data["train"], tdir / "data", data.get("max_train"))
+    tr, va, n_tr, n_va = lr_search.split_file(data["train"], tdir / "data", data.get("max_train"))
     split = f"a split of the training rows ({n_tr} train / {n_va} validation; the eval set is never read)"
     cfgs = _by_label(plan)
     trials, grids = [], {}
     for label, cfg in cfgs.items():
         if cfg.train.max_steps == 0:
             continue
-        base = cfg.train.lr or importlib.import_module("tunelab.train").default_lr(cfg.method.name, cfg.method.params())
-        grids[label] = tune.grid(base)
+        base = cfg.train.lr or importlib.import_module("tunelab.training.loop").default_lr(cfg.method.name, cfg.method.params())
+        grids[label] = lr_search.grid(base)
         first = next(r for i, r in plan if i["label"] == label)
         for lr in grids[label]:
             name = f"{label}-lr{lr:g}"
@@ -332,9 +332,9 @@ def tune_lr(plan, out_dir: Path, raw: dict, metric: str | None, keep_going: bool
     for label, lrs in grids.items():
         scores, name = [], metric
         for lr in lrs:
-            value, name = tune.trial_score(tdir / "runs" / f"{label}-lr{lr:g}", name)
+            value, name = lr_search.trial_score(tdir / "runs" / f"{label}-lr{lr:g}", name)
             scores.append((lr, value))
-        best = tune.best_lr(scores, higher_is_better(name or "accuracy"))
+        best = lr_search.best_lr(scores, higher_is_better(name or "accuracy"))
         result[label] = {"best_lr": best, "scores": scores, "metric": name, "split": split}
         for info, r in plan:
             if info["label"] == label:
@@ -358,8 +358,8 @@ def compare(
 ) -> Path:
     """Run each method x seed on the config's task, then write the report; returns ``out_dir``.
 
-    ``budget`` (or compare.budget): "steps" (default), "time" or "flops" (see tunelab.budget).
-    ``tune`` (or compare.tune): "lr" runs a small learning-rate search per method first (tunelab.tune).
+    ``budget`` (or compare.budget): "steps" (default), "time" or "flops" (see tunelab.sweeps.budget).
+    ``tune`` (or compare.tune): "lr" runs a small learning-rate search per method first (tunelab.sweeps.lr_search).
     Seeds default to three: train.seed, +1, +2."""
     from tunelab.report.stats import environment
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from tunelab.guard import check_tensors
 from tunelab.methods.base import HEAD_NAMES
+from tunelab.training.divergence import check_tensors
 
 
 def read_json_object(path: Path, what: str) -> dict:

@@ -1,6 +1,6 @@
 """Size a run before launching it: train tokens/s, peak memory and model FLOP utilisation (MFU).
 
-``bench(cfg)`` runs the real training loop (``tunelab.train._train``) for ``warmup + steps``
+``bench(cfg)`` runs the real training loop (``tunelab.training.loop._train``) for ``warmup + steps``
 optimizer steps on the config's model, method, data and batch shape, and times evaluation on
 ``eval_examples`` examples of its eval set. Used by ``tunelab bench CONFIG [overrides]`` and as the
 tunelab half of ``bench/run.py`` (which runs the reference implementations beside it).
@@ -58,7 +58,7 @@ def matmul_peak(device: torch.device | str = "cpu", dtype: torch.dtype = torch.f
 
 
 def peak_memory_mb(device: torch.device) -> float:
-    from tunelab.train import peak_memory_mb as peak
+    from tunelab.training.loop import peak_memory_mb as peak
 
     return peak(device)
 
@@ -171,7 +171,7 @@ def bench_train(cfg: RunConfig, *, steps: int = 8, warmup: int | None = None, pe
     kernels per new shape: ~0.2-1 s each on CPU), which a long run pays once per distinct length.
     The first epoch's speed is reported as ``first_pass_tokens_per_s``."""
     warmup = steps if warmup is None else warmup
-    from tunelab.train import Run, _train, seed_all
+    from tunelab.training.loop import Run, _train, seed_all
 
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
@@ -223,7 +223,7 @@ def bench_train(cfg: RunConfig, *, steps: int = 8, warmup: int | None = None, pe
 
 def bench_eval(cfg: RunConfig, *, max_examples: int | None = None, peak_flops: float | None = None) -> dict:
     """Time the task's evaluation (scoring or generation) on the eval set, with the method attached."""
-    from tunelab.train import Run, seed_all
+    from tunelab.training.loop import Run, seed_all
 
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)

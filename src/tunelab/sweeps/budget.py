@@ -6,14 +6,14 @@ method, measured in a short probe before any run starts, and recorded in ``OUT/b
 resumed comparison keeps exactly the same step counts:
 
 - ``time``: equal training wall time. The probe times ``PROBE_STEPS`` optimizer steps of the real loop
-  per method (``tunelab.bench.bench_train``, after a warm-up of the same batches) and gives each method
+  per method (``tunelab.training.sizing.bench_train``, after a warm-up of the same batches) and gives each method
   ``floor(T / seconds_per_step)`` steps. T is ``compare.time_s`` when set, else what the reference
   method (``compare.budget_ref``, default the first method that trains) needs for the config's step
   budget. Converting to steps keeps each run's learning-rate schedule complete (a wall-clock stop in
   the middle of the loop would cut the schedule short) and runs stay reproducible; the price is that
   the seconds per step are measured once, on a possibly busy machine.
 - ``flops``: equal training FLOPs. Per method, FLOPs per step are estimated on the first
-  ``PROBE_STEPS`` batches the loop will draw, with ``tunelab.bench.train_flops``: per token 2N for
+  ``PROBE_STEPS`` batches the loop will draw, with ``tunelab.training.sizing.train_flops``: per token 2N for
   the forward pass through the body's matmul weights N, 2N more for the input-gradient pass whenever
   anything trains (gradients must flow back to the earliest trainable parameter), 2 N_t for the weight
   gradients of trained matmuls, 6 per adapter parameter, attention 2·(1+passes)·L·d·len, and the LM
@@ -66,23 +66,23 @@ def match_steps(cost_per_step: dict[str, float], total: float) -> dict[str, int]
 def probe_flops(cfg) -> float:
     """Estimated training FLOPs per optimizer step for one method's config."""
     import tunelab
-    from tunelab import bench
-    from tunelab.train import Run, seed_all
+    from tunelab.training import sizing
+    from tunelab.training.loop import Run, seed_all
 
     seed_all(cfg.train.seed)
     r = Run(cfg.model_copy(update={"data": cfg.data.model_copy(update={"eval": None})}))
     if not r.train_ex:
         raise ValueError("budget matching needs training data: set data.train")
     model = tunelab.attach(r.model, cfg.method.name, **cfg.method.params())
-    counts = bench.matmul_counts(model)
-    drawn = bench.loop_batches(r, cfg, 0)[: PROBE_STEPS * cfg.train.grad_accum]
-    per_batch = [bench.train_flops(counts, bench.batch_shape(b, r.tok.pad_token_id)) for b in drawn]
+    counts = sizing.matmul_counts(model)
+    drawn = sizing.loop_batches(r, cfg, 0)[: PROBE_STEPS * cfg.train.grad_accum]
+    per_batch = [sizing.train_flops(counts, sizing.batch_shape(b, r.tok.pad_token_id)) for b in drawn]
     return sum(per_batch) / len(per_batch) * cfg.train.grad_accum
 
 
 def probe_time(cfg) -> float:
     """Median seconds per optimizer step of the real loop for one method's config."""
-    from tunelab.bench import bench_train
+    from tunelab.training.sizing import bench_train
 
     return float(bench_train(cfg, steps=PROBE_STEPS, warmup=2)["step_s"]["median"])
 

@@ -25,8 +25,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from tunelab.loadcheck import check_peft_config, check_state, load_tensors, read_json_object
 from tunelab.methods.base import find_linears, linear_types, method_state_dict
+from tunelab.methods.load_checks import check_peft_config, check_state, load_tensors, read_json_object
 from tunelab.methods.lora import LoRAEmbedding, lora_modules
 
 CONFIG = "adapter_config.json"

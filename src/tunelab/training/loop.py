@@ -29,23 +29,24 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import tunelab
-from tunelab import held_weights, tracking
+from tunelab import held_weights
 from tunelab.config import RunConfig, dump_config, task_config
 from tunelab.data import feature_cache
 from tunelab.data.encoding import Collator, batches
 from tunelab.evaluation import inference
 from tunelab.evaluation.scoring import show_progress
-from tunelab.guard import check_step, check_tensors, warn_rank
 from tunelab.methods.base import METHODS, method_state_dict
 from tunelab.models import lm_loss
 from tunelab.models.loading import load as load_model
 from tunelab.models.loading import resolve
-from tunelab.preflight import check_run
 from tunelab.results import read_metrics
-from tunelab.runlock import RunLock, StopOnSignal, Stopped
 from tunelab.runtime import distributed as dist
 from tunelab.runtime.atomic_files import atomic_dir, atomic_write_text, recover, remove_stale, verify_checkpoint
 from tunelab.tasks import TASKS
+from tunelab.training import tracking
+from tunelab.training.divergence import check_step, check_tensors, warn_rank
+from tunelab.training.preflight import check_run
+from tunelab.training.run_lock import RunLock, StopOnSignal, Stopped
 
 DEFAULT_LR = 1e-4
 
@@ -222,7 +223,7 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
 class Run:
     """Everything a run needs, loaded once: task, data, model with its method, features."""
 
-    tracker = None  # tunelab.tracking.Tracker of a training run (lead process only)
+    tracker = None  # tunelab.training.tracking.Tracker of a training run (lead process only)
 
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
@@ -301,7 +302,7 @@ def run(cfg: RunConfig) -> dict:
     """Train (and evaluate) as ``cfg`` says; write the run directory; return its metrics record in
     the namespaced form of ``tunelab.results`` ({"metrics", "before", "run"}).
 
-    Only one process writes a run directory (``tunelab.runlock``); a finished run (metrics.json
+    Only one process writes a run directory (``tunelab.training.run_lock``); a finished run (metrics.json
     there, same config, resume on) is not redone: its record is returned as it is."""
     t_start = time.time()
     if cfg.train.threads:

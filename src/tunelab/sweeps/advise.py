@@ -30,7 +30,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from tunelab.compare import (
+from tunelab.report import build_report
+from tunelab.sweeps.compare import (
     FACTOR_KEYS,
     _execute,
     _say,
@@ -42,7 +43,6 @@ from tunelab.compare import (
     slug,
     sweep_out_dir,
 )
-from tunelab.report import build_report
 
 DEFAULT_SIZES = (125, 250, 500, 1000)
 
@@ -145,8 +145,8 @@ def advise(
 def _full_steps(plan, full_size: int) -> None:
     """advise.steps: full: every run trains the steps of the full-size run (more epochs on less data),
     so the law is fitted at the user's own compute budget and only the data varies."""
-    from tunelab import budget as bud
-    from tunelab.compare import _build_config
+    from tunelab.sweeps import budget as bud
+    from tunelab.sweeps.compare import _build_config
 
     for info, raw in plan:
         cfg = _build_config(raw, f"run {info['run']}")
@@ -156,8 +156,8 @@ def _full_steps(plan, full_size: int) -> None:
 def _warn_short(plan, full_size: int, say) -> None:
     """advise.steps: per_size gives the smallest size a fraction of the full run's steps; below a tenth
     its runs often never leave the chance plateau, and a power law cannot extrapolate from a plateau."""
-    from tunelab import budget as bud
-    from tunelab.compare import _build_config
+    from tunelab.sweeps import budget as bud
+    from tunelab.sweeps.compare import _build_config
 
     info, raw = min(plan, key=lambda p: p[0]["size"])
     cfg = _build_config(raw, f"run {info['run']}")
@@ -177,8 +177,8 @@ def _match_per_size(plan, mode, out_dir: Path, section: dict, say, top: int) -> 
     once, at the largest small size) scale each method's steps against the reference's."""
     import math
 
-    from tunelab import budget as bud
-    from tunelab.compare import _build_config
+    from tunelab.sweeps import budget as bud
+    from tunelab.sweeps.compare import _build_config
 
     mode = bud.check_mode(mode)
     if mode == "steps":
