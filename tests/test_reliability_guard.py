@@ -12,7 +12,8 @@ import tunelab.training.loop as train_mod
 from test_train import cfg_for, data  # noqa: F401  (fixtures)
 from tunelab.config import load_config
 from tunelab.models import lm_loss
-from tunelab.training.divergence import Diverged, warn_rank
+from tunelab.training.divergence import Diverged
+from tunelab.training.preflight import warn_rank
 
 
 def nan_from_step(monkeypatch, step):

@@ -15,7 +15,6 @@ from pathlib import Path
 import torch
 
 from tunelab.methods.base import HEAD_NAMES
-from tunelab.training.divergence import check_tensors
 
 
 def read_json_object(path: Path, what: str) -> dict:
@@ -99,3 +98,11 @@ def check_peft_config(cfg: dict, path: Path, new_heads=()) -> None:
     bad = [h for h in heads if h not in new_heads and not set(h.split(".")) & set(HEAD_PARTS)]
     if bad:
         raise ValueError(f"{path}: modules_to_save may only name task heads ({', '.join(HEAD_PARTS)}), got {bad}")
+
+
+def check_tensors(tensors: dict[str, torch.Tensor], where: str) -> None:
+    """Raise ValueError naming ``where`` and the first tensor with NaN/inf values."""
+    for name, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            n = int((~torch.isfinite(t)).sum())
+            raise ValueError(f"{where}: tensor {name!r} holds {n} non-finite (NaN/inf) values; refusing to load it")

@@ -1,15 +1,13 @@
 """Divergence guard: a non-finite loss or gradient never becomes an optimizer step or a saved result.
 
 The loop calls ``check_step`` after the backward pass and BEFORE ``optimizer.step()``, so the weights
-(and the last checkpoint) are still the last good ones when it raises. ``check_tensors`` refuses a
-checkpoint or method file that holds NaN/inf.
+(and the last checkpoint) are still the last good ones when it raises. A checkpoint or method file
+that holds NaN/inf is refused on loading (``tunelab.methods.load_checks.check_tensors``).
 """
 
 from __future__ import annotations
 
 import math
-
-import torch
 
 
 class Diverged(RuntimeError):
@@ -32,26 +30,3 @@ def check_step(step: int, loss: float, grad_norm, checkpoint: str | None) -> Non
                    "or train.precision=fp32")
 
 
-def check_tensors(tensors: dict[str, torch.Tensor], where: str) -> None:
-    """Raise ValueError naming ``where`` and the first tensor with NaN/inf values."""
-    for name, t in tensors.items():
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            n = int((~torch.isfinite(t)).sum())
-            raise ValueError(f"{where}: tensor {name!r} holds {n} non-finite (NaN/inf) values; refusing to load it")
-
-
-def warn_rank(model, params: dict) -> list[str]:
-    """Warnings for a low-rank method whose rank ``r`` exceeds a wrapped layer's width (no gain, more cost)."""
-    r = params.get("r")
-    if not isinstance(r, int):
-        return []
-    widths = {}
-    for name, mod in model.named_modules():
-        if hasattr(mod, "base_layer") and hasattr(mod, "in_features") and hasattr(mod, "out_features"):
-            widths[name] = min(mod.in_features, mod.out_features)
-    narrow = {n: w for n, w in widths.items() if r > w}
-    if not narrow:
-        return []
-    name, w = next(iter(narrow.items()))
-    return [f"method rank r={r} is above the width of {len(narrow)} wrapped layer(s) (e.g. {name}: {w}); "
-            f"a rank above min(in, out) adds parameters but no capacity"]

@@ -42,3 +42,20 @@ def _offered(task, ex: dict) -> list[str]:
 def positions(model) -> int | None:
     """How many positions the model can take (None when its config does not say)."""
     return getattr(getattr(model, "config", None), "max_position_embeddings", None)
+
+
+def warn_rank(model, params: dict) -> list[str]:
+    """Warnings for a low-rank method whose rank ``r`` exceeds a wrapped layer's width (no gain, more cost)."""
+    r = params.get("r")
+    if not isinstance(r, int):
+        return []
+    widths = {}
+    for name, mod in model.named_modules():
+        if hasattr(mod, "base_layer") and hasattr(mod, "in_features") and hasattr(mod, "out_features"):
+            widths[name] = min(mod.in_features, mod.out_features)
+    narrow = {n: w for n, w in widths.items() if r > w}
+    if not narrow:
+        return []
+    name, w = next(iter(narrow.items()))
+    return [f"method rank r={r} is above the width of {len(narrow)} wrapped layer(s) (e.g. {name}: {w}); "
+            f"a rank above min(in, out) adds parameters but no capacity"]
