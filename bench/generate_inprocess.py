@@ -33,7 +33,8 @@ def main() -> None:
     from tunelab.config import load_config
     from tunelab.data.encoding import tokenize_prompt
     from tunelab.evaluation.scoring import _pad_left, generate
-    from tunelab.training.loop import Run, autocast
+    from tunelab.runtime.precision import autocast
+    from tunelab.training.loop import Run
 
     conf = bench_run.CONFIGS["generate"]
     cfg = load_config(None, bench_run.BASE + conf["tunelab"] + [f"train.threads={a.threads}", "train.device=cpu",

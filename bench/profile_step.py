@@ -59,7 +59,8 @@ def main() -> None:
     import tunelab
     from tunelab.config import load_config
     from tunelab.models import lm_loss
-    from tunelab.training.loop import Run, autocast
+    from tunelab.runtime.precision import autocast
+    from tunelab.training.loop import Run
     from tunelab.training.sizing import loop_batches
 
     sst2 = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2" / "train.tsv"
@@ -75,7 +76,7 @@ def main() -> None:
     trim = lm_loss.supports_loss_inputs(model, probe, autocast(r.device, r.amp))
     shared = trim and lm_loss.supports_shared_prefix(model, probe)
     try:  # frozen weights kept in the autocast dtype (issue 19); absent in older trees
-        from tunelab.held_weights import held_weights
+        from tunelab.runtime.precision import held_weights
 
         held = held_weights(model, r.amp, cfg.train.shadow_mb, r.device)
     except ImportError:

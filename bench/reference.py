@@ -27,8 +27,9 @@ import torch
 from tunelab.config import RunConfig, task_config
 from tunelab.data.encoding import Collator, tokenize_prompt
 from tunelab.models.loading import resolve
+from tunelab.runtime.precision import autocast, autocast_dtype, pick_device
 from tunelab.tasks import TASKS
-from tunelab.training.loop import autocast, autocast_dtype, default_lr, lr_lambda, pick_device
+from tunelab.training.loop import default_lr, lr_lambda
 from tunelab.training.sizing import (
     batch_shape,
     eval_flops,

@@ -20,8 +20,8 @@ from reference import prepare
 from tunelab.config import RunConfig
 from tunelab.data.encoding import tokenize_prompt
 from tunelab.models.loading import resolve
+from tunelab.runtime.precision import autocast, autocast_dtype, pick_device
 from tunelab.tasks.qa import best_span, windows
-from tunelab.training.loop import autocast, autocast_dtype, pick_device
 from tunelab.training.sizing import peak_memory_mb
 
 

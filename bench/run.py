@@ -132,9 +132,8 @@ def _no_chunked(lm_loss):
 
 
 def _no_held(lm_loss):
-    from tunelab import held_weights
-
-    held_weights.AUTO_MB = 0  # the automatic rule then holds nothing
+    from tunelab.runtime import precision
+    precision.AUTO_MB = 0  # the automatic rule then holds nothing
 
 
 LEVERS = {"loss-positions": _no_loss_positions, "shared-prefix": _no_prefix, "eager-attention": _no_eager,
@@ -235,7 +234,8 @@ def _tunelab(spec, cfg, conf, steps, warmup, peak) -> dict:
     # generation: tunelab.evaluation.scoring.generate alone (the task's evaluate also scores perplexity)
     import tunelab
     from tunelab.evaluation.scoring import generate
-    from tunelab.training.loop import Run, autocast
+    from tunelab.runtime.precision import autocast
+    from tunelab.training.loop import Run
 
     cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"train": None, "max_eval": conf.get("max_examples")})})
     r = Run(cfg)
@@ -412,7 +412,7 @@ def main() -> None:
 
     device = a.device if a.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     torch.set_num_threads(a.threads)
-    from tunelab.training.loop import autocast_dtype
+    from tunelab.runtime.precision import autocast_dtype
 
     dtype = autocast_dtype("auto", torch.device(device)) or torch.float32
     peak = matmul_peak(device, dtype, seconds=2.0)

@@ -8,7 +8,6 @@ import torch.nn.functional as F
 from transformers import BertConfig, BertForQuestionAnswering, BertForTokenClassification
 
 import tunelab
-from tunelab import held_weights
 from tunelab.data.encoding import tokenize_prompt
 from tunelab.evaluation import inference, scoring
 from tunelab.runtime import precision
@@ -104,11 +103,11 @@ def test_inference_holds_copies_only_where_they_fit_in_free_memory(tiny_tokenize
     need = precision.saved_bytes(model, torch.bfloat16, frozen_only=False)
     up = model.model.layers[0].mlp.up_proj
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        monkeypatch.setattr(held_weights, "free_bytes", lambda device: 4 * need)
+        monkeypatch.setattr(precision, "free_bytes", lambda device: 4 * need)
         with inference.inference(model):
             assert up.weight.dtype == torch.bfloat16
         held = scoring.score_choices(model, tiny_tokenizer, PROMPTS, CHOICES, batch_size=2)
-        monkeypatch.setattr(held_weights, "free_bytes", lambda device: 4 * need - 1)  # a large model on a full machine
+        monkeypatch.setattr(precision, "free_bytes", lambda device: 4 * need - 1)  # a large model on a full machine
         with inference.inference(model):
             assert up.weight.dtype == torch.float32  # autocast casts per forward instead
         plain = scoring.score_choices(model, tiny_tokenizer, PROMPTS, CHOICES, batch_size=2)

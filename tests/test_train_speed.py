@@ -1,6 +1,6 @@
 """Issue-19 training-speed levers leave the numbers alone: the fast dequantize is torchao's / the
 packed loop's bit for bit, QLoRA/LoftQ losses and gradients equal the previous path's, held copies
-(tunelab.held_weights) change nothing but the work, and the loop's budget key behaves as documented."""
+(tunelab.runtime.precision) change nothing but the work, and the loop's budget key behaves as documented."""
 
 import json
 
@@ -13,9 +13,9 @@ from tests.test_train import cfg_for, data, losses  # noqa: F401  (data: the fix
 
 import tunelab
 import tunelab.training.loop as train_mod
-from tunelab import held_weights
 from tunelab.config import load_config
 from tunelab.models import quantization
+from tunelab.runtime import precision
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -86,7 +86,7 @@ def test_quantized_loss_and_grads_equal_the_previous_path_and_with_held_copies(m
     model = _model(method, **kw)
     ids = torch.randint(3, 128, (2, 11))
     new_loss, new_grads = _loss_and_grads(model, ids, amp)
-    with held_weights.held_weights(model, torch.bfloat16 if amp else None, None, torch.device("cpu")) as facts:
+    with precision.held_weights(model, torch.bfloat16 if amp else None, None, torch.device("cpu")) as facts:
         assert facts["held_quantized"] == (14 if amp else 0)  # 2 layers x 7 linears
         held_loss, held_grads = _loss_and_grads(model, ids, amp)
     assert all(m.held is None for m in model.modules() if isinstance(m, quantization.QuantLinear))
@@ -103,22 +103,22 @@ def test_plan_budget_rules(monkeypatch):
     cpu, bf16 = torch.device("cpu"), torch.bfloat16
     quantized = [m for m in model.modules() if isinstance(m, quantization.QuantLinear)]
     each = [m.out_features * m.in_features * 2 for m in quantized]
-    auto = held_weights.plan(model, bf16, None, cpu)
+    auto = precision.plan(model, bf16, None, cpu)
     assert auto["quantized"] == quantized and auto["plain"]  # the tied head is a plain frozen linear
-    assert held_weights.plan(model, bf16, 0, cpu)["quantized"] == []
-    assert held_weights.plan(model, None, None, cpu)["bytes"] == 0  # fp32: nothing to hold
-    part = held_weights.plan(model, bf16, (each[0] + each[1]) / 2**20, cpu)
+    assert precision.plan(model, bf16, 0, cpu)["quantized"] == []
+    assert precision.plan(model, None, None, cpu)["bytes"] == 0  # fp32: nothing to hold
+    part = precision.plan(model, bf16, (each[0] + each[1]) / 2**20, cpu)
     assert part["quantized"] == quantized[:2] and not part["plain"] and part["bytes"] == each[0] + each[1]
-    monkeypatch.setattr(held_weights, "AUTO_MB", 0)  # a model too large for the automatic rule
-    assert held_weights.plan(model, bf16, None, cpu)["quantized"] == []
-    assert held_weights.plan(model, bf16, 10_000, cpu)["quantized"] == quantized  # an explicit budget still holds
+    monkeypatch.setattr(precision, "AUTO_MB", 0)  # a model too large for the automatic rule
+    assert precision.plan(model, bf16, None, cpu)["quantized"] == []
+    assert precision.plan(model, bf16, 10_000, cpu)["quantized"] == quantized  # an explicit budget still holds
 
 
 def test_held_copies_are_released_and_state_is_unchanged():
     model = _model("qlora")
     before = {k: v.clone() for k, v in tunelab.methods.base.method_state_dict(model).items()}
     params = {n: p for n, p in model.named_parameters()}
-    with held_weights.held_weights(model, torch.bfloat16, None, torch.device("cpu")):
+    with precision.held_weights(model, torch.bfloat16, None, torch.device("cpu")):
         inside = tunelab.methods.base.method_state_dict(model)
         assert inside.keys() == before.keys()
     assert all(p is params[n] for n, p in model.named_parameters())

@@ -90,7 +90,7 @@ class TrainSection(Section):
     gradient_checkpointing: bool = False
     # MB of frozen weights the loop may keep in the autocast dtype (bf16 copies of plain and dequantized
     # quantized bases, bit-identical results); null: all of them when they fit in 512 MB and a quarter
-    # of free memory, else none (tunelab.held_weights); 0: none
+    # of free memory, else none (tunelab.runtime.precision); 0: none
     shadow_mb: float | None = Field(None, ge=0, allow_inf_nan=False)
     seed: int = 0
     eval_every: int = Field(0, ge=0)  # steps; 0 = only at the end

@@ -30,12 +30,11 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from tunelab.held_weights import fits_free
 from tunelab.models import lm_loss
-from tunelab.runtime.precision import cast_weights, saved_bytes
+from tunelab.runtime.precision import cast_weights, fits_free, saved_bytes
 
 
-def autocast_dtype(device: torch.device) -> torch.dtype | None:
+def active_autocast_dtype(device: torch.device) -> torch.dtype | None:
     """The dtype autocast is on with for ``device`` right now (None when it is off)."""
     kind = device.type
     if not torch.is_autocast_enabled(kind):
@@ -55,7 +54,7 @@ class _SharedCasts(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if func is F.linear and args and type(args[0]) is torch.Tensor and args[0].dtype == torch.float32:
             x = args[0]
-            dtype = autocast_dtype(x.device)
+            dtype = active_autocast_dtype(x.device)
             if dtype is not None and dtype != torch.float32:
                 if x is not self.src or x._version != self.version or self.cast.dtype != dtype:
                     self.src, self.version, self.cast = x, x._version, x.to(dtype)
@@ -93,7 +92,7 @@ def inference(model, *, shared: bool = True):
     was_training = model.training
     model.eval()
     dev = next(model.parameters()).device
-    dtype = autocast_dtype(dev)
+    dtype = active_autocast_dtype(dev)
     try:
         with (torch.no_grad(), cast_weights(model, dtype if copies_fit(model, dtype, dev) else None, frozen_only=False),
               shared_casts() if shared else contextlib.nullcontext()):

@@ -19,7 +19,7 @@ The "uniform" formula is ``NFQuantizer.quantize_block`` in utils.py of github.co
 
 ``QuantLinear`` is a frozen linear over such a weight; its forward dequantizes into a temporary and
 its backward does it again, so no dense copy of W lives between steps (unless the training loop asks
-it to ``hold`` one: tunelab.held_weights, under a memory budget).
+it to ``hold`` one: tunelab.runtime.precision, under a memory budget).
 
 Dequantizing fast (``_decode``): a byte holds 8/k codes, so a 256-entry table maps each byte to its
 8/k levels at once; the table's rows are viewed as one machine word (2 fp32 levels = int64) and

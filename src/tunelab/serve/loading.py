@@ -27,7 +27,7 @@ def load_target(target: str, *, device: str = "auto", dtype: str | None = None, 
     import tunelab
     from tunelab.config import load_config
     from tunelab.models.loading import load as load_model
-    from tunelab.training.loop import pick_device
+    from tunelab.runtime.precision import pick_device
 
     if threads:
         torch.set_num_threads(threads)

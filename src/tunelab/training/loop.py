@@ -20,7 +20,6 @@ import json
 import math
 import os
 import random
-import resource
 import time
 from pathlib import Path
 
@@ -28,7 +27,6 @@ import numpy as np
 import torch
 
 import tunelab
-from tunelab import held_weights
 from tunelab.config import RunConfig, dump_config, task_config
 from tunelab.data import feature_cache
 from tunelab.data.encoding import Collator, batches
@@ -41,7 +39,9 @@ from tunelab.models.loading import load as load_model
 from tunelab.models.loading import resolve
 from tunelab.results import read_metrics
 from tunelab.runtime import distributed as dist
+from tunelab.runtime import precision
 from tunelab.runtime.atomic_files import atomic_write_text, recover, remove_stale
+from tunelab.runtime.precision import autocast, autocast_dtype, peak_memory_mb, pick_device
 from tunelab.tasks import TASKS
 from tunelab.training import tracking
 from tunelab.training.checkpoint import load_checkpoint, save_checkpoint, verify_checkpoint
@@ -53,52 +53,12 @@ DEFAULT_LR = 1e-4
 
 
 # ---------------------------------------------------------------- environment
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"train.device=cuda but CUDA is not available here (torch {torch.__version__}); "
-                             "use train.device=auto or train.device=cpu")
-        return torch.device("cuda", dist.local_rank())
-    return torch.device(name)
-
-
-def cpu_has_bf16() -> bool:
-    """AVX-512 BF16 or AMX: bf16 matmuls run natively (and about 4x faster than fp32)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    if precision == "fp32":
-        return None
-    if precision == "bf16":
-        return torch.bfloat16
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-    return torch.bfloat16 if cpu_has_bf16() else None
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None):
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
 
 
 def seed_all(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def loss_tokens(batch: dict, causal: bool) -> int:
@@ -382,7 +342,7 @@ def _train(r: Run, model, out: Path, lead: bool) -> dict:
     loss = pos["loss"] if pos["loss"] is not None else float("nan")
     stop = StopOnSignal()
     # frozen weights kept in the autocast dtype instead of re-cast / re-dequantized per call (same results)
-    held = held_weights.held_weights(base, r.amp, 0 if dist.is_sharded(model) else tc.shadow_mb, r.device)
+    held = precision.held_weights(base, r.amp, 0 if dist.is_sharded(model) else tc.shadow_mb, r.device)
     held_facts = held.__enter__()
     try:
         stop.__enter__()

@@ -32,6 +32,7 @@ from torch import nn
 import tunelab
 from tunelab.config import RunConfig
 from tunelab.data.encoding import Collator, batches
+from tunelab.runtime.precision import peak_memory_mb
 
 IGNORE = -100
 
@@ -55,12 +56,6 @@ def matmul_peak(device: torch.device | str = "cpu", dtype: torch.dtype = torch.f
         dt = time.perf_counter() - t
         best, spent = min(best, dt), spent + dt
     return 2 * n**3 / best
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    from tunelab.training.loop import peak_memory_mb as peak
-
-    return peak(device)
 
 
 # ---------------------------------------------------------------- FLOPs
@@ -212,7 +207,7 @@ def bench_train(cfg: RunConfig, *, steps: int = 8, warmup: int | None = None, pe
         "mean_loss": statistics.mean(rec["loss"] for rec in steps_log), "threads": torch.get_num_threads(),
         "first_pass_tokens_per_s": summarize(first) if first else None,
         "trainable_params": tunelab.trainable_parameters(model)["trainable"],
-        "held_weights_mb": stats.get("held_weights_mb"),  # frozen weights kept in bf16 (tunelab.held_weights)
+        "held_weights_mb": stats.get("held_weights_mb"),  # frozen weights kept in bf16 (tunelab.runtime.precision)
     }
     if flops:
         peak_flops = peak_flops or matmul_peak(r.device, r.amp or torch.float32)
