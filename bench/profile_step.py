@@ -60,6 +60,7 @@ def main() -> None:
     from tunelab.config import load_config
     from tunelab.models import lm_loss
     from tunelab.runtime.precision import autocast
+    from tunelab.training import cpu_attention, optimizer
     from tunelab.training.loop import Run
     from tunelab.training.sizing import loop_batches
 
@@ -71,7 +72,7 @@ def main() -> None:
     model = tunelab.attach(r.model, cfg.method.name, **cfg.method.params()).train()
     batches = loop_batches(r, cfg)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = lm_loss.adamw(params, lr=1e-4)
+    opt = optimizer.adamw(params, lr=1e-4)
     probe = {k: v[:2] for k, v in batches[0].items()}
     trim = lm_loss.supports_loss_inputs(model, probe, autocast(r.device, r.amp))
     shared = trim and lm_loss.supports_shared_prefix(model, probe)
@@ -85,7 +86,7 @@ def main() -> None:
     _label_dequantize()
 
     def step(b):
-        with autocast(r.device, r.amp), lm_loss.attention_for(model, b, r.device):
+        with autocast(r.device, r.amp), cpu_attention.attention_for(model, b, r.device):
             loss = lm_loss.loss(model, b, trim, shared)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -29,7 +29,7 @@ from tunelab.data.encoding import Collator, tokenize_prompt
 from tunelab.models.loading import resolve
 from tunelab.runtime.precision import autocast, autocast_dtype, pick_device
 from tunelab.tasks import TASKS
-from tunelab.training.loop import default_lr, lr_lambda
+from tunelab.training.optimizer import default_lr, lr_lambda
 from tunelab.training.sizing import (
     batch_shape,
     eval_flops,

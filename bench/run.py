@@ -109,30 +109,41 @@ CONFIGS = {
 
 
 # Levers of the tunelab loop that an ablation can turn off (bench/run.py --ablate).
-def _no_loss_positions(lm_loss):
+def _no_loss_positions():
+    from tunelab.models import lm_loss
+
     lm_loss.supports_loss_inputs = lambda *a, **k: False
 
 
-def _no_eager(lm_loss):
-    lm_loss.EAGER_MAX_BYTES = 0
+def _no_eager():
+    from tunelab.training import cpu_attention
+
+    cpu_attention.EAGER_MAX_BYTES = 0
 
 
-def _no_fused(lm_loss):
+def _no_fused():
     import torch
 
-    lm_loss.adamw = lambda params, **kw: torch.optim.AdamW(params, foreach=True, **kw)
+    from tunelab.training import optimizer
+
+    optimizer.adamw = lambda params, **kw: torch.optim.AdamW(params, foreach=True, **kw)
 
 
-def _no_prefix(lm_loss):
+def _no_prefix():
+    from tunelab.models import lm_loss
+
     lm_loss.supports_shared_prefix = lambda *a, **k: False
 
 
-def _no_chunked(lm_loss):
+def _no_chunked():
+    from tunelab.models import lm_loss
+
     lm_loss.supports_chunked_loss = lambda *a, **k: False
 
 
-def _no_held(lm_loss):
+def _no_held():
     from tunelab.runtime import precision
+
     precision.AUTO_MB = 0  # the automatic rule then holds nothing
 
 
@@ -222,11 +233,10 @@ def _child(spec: dict) -> dict:
 def _tunelab(spec, cfg, conf, steps, warmup, peak) -> dict:
     import torch
 
-    from tunelab.models import lm_loss
     from tunelab.training import sizing
 
     for lever in spec.get("disable", []):  # ablation: the loop without one of its levers
-        LEVERS[lever](lm_loss)
+        LEVERS[lever]()
     if not conf.get("eval"):
         return sizing.bench_train(cfg, steps=steps, warmup=warmup, peak_flops=peak)
     if conf["ref"] is None or conf["ref"][0] in ("score", "choice", "ner", "qa"):

@@ -11,7 +11,7 @@ import torch
 from tiny_models import SEQ2SEQ, tiny
 from tunelab.evaluation import decoding
 from tunelab.evaluation.scoring import _pad_left, generate
-from tunelab.models import lm_loss
+from tunelab.models import prefix_cache
 
 from conftest import shaken_llama, tiny_tokenizer_obj
 
@@ -90,7 +90,7 @@ def test_rows_end_at_eos_at_different_steps_and_budgets():
 @pytest.mark.parametrize("method,params", [("loreft", {"rank": 2}), ("prompt_tuning", {"num_virtual_tokens": 3})])
 def test_hook_methods_decode_batch_by_batch(method, params):
     model = shaken(method, **params)
-    assert not lm_loss.hook_free(model)
+    assert not prefix_cache.hook_free(model)
     rows = prompts(True)
     tok = tiny_tokenizer_obj()
     want = hf(model, rows, 8, {2})  # one batch: what batch_size >= rows gives

@@ -8,7 +8,8 @@ import torch
 import tunelab
 from tunelab.config import load_config
 from tunelab.data.encoding import Collator, pack
-from tunelab.models import lm_loss
+from tunelab.models import lm_loss, prefix_cache
+from tunelab.training import cpu_attention
 from tunelab.training.sizing import batch_shape, bench, matmul_counts, train_flops
 
 from conftest import tiny_llama, tiny_tokenizer_obj
@@ -127,25 +128,25 @@ def test_shared_prefix_scoring_matches_full_rows(monkeypatch, choices, method):
     tok = tiny_tokenizer_obj()
     model = _lora_model(method)
     made = []
-    real = lm_loss.PrefixForward
+    real = prefix_cache.PrefixForward
 
     def spy(*a, **k):
         made.append(1)
         return real(*a, **k)
 
-    monkeypatch.setattr(lm_loss, "PrefixForward", spy)
+    monkeypatch.setattr(prefix_cache, "PrefixForward", spy)
     fast_scores = score_choices(model, tok, PROMPTS, [choices] * 3, batch_size=2)
     assert len(made) == (1 if method == "lora" else 0)  # ReFT's hooks read positions: no prefix reuse
-    monkeypatch.setattr(lm_loss, "MIN_PREFIX", 10**6)
+    monkeypatch.setattr(prefix_cache, "MIN_PREFIX", 10**6)
     plain = score_choices(model, tok, PROMPTS, [choices] * 3, batch_size=2)
     torch.testing.assert_close(torch.tensor(fast_scores), torch.tensor(plain), rtol=1e-4, atol=1e-4)
 
 
 def test_shared_prefix_leaves_each_row_its_tail():
-    assert lm_loss.shared_prefix([[1, 2, 3, 4], [1, 2, 3, 5, 6]]) == 3
-    assert lm_loss.shared_prefix([[1, 2, 3], [1, 2, 3, 4]]) == 2  # the shorter row keeps one token
-    assert lm_loss.shared_prefix([[1, 2, 3, 7, 8], [1, 2, 3, 4, 9]], keep_last=3) == 2
-    assert lm_loss.shared_prefix([[1, 2]]) == 0
+    assert prefix_cache.shared_prefix([[1, 2, 3, 4], [1, 2, 3, 5, 6]]) == 3
+    assert prefix_cache.shared_prefix([[1, 2, 3], [1, 2, 3, 4]]) == 2  # the shorter row keeps one token
+    assert prefix_cache.shared_prefix([[1, 2, 3, 7, 8], [1, 2, 3, 4, 9]], keep_last=3) == 2
+    assert prefix_cache.shared_prefix([[1, 2]]) == 0
 
 
 def test_eager_attention_only_for_short_cpu_training_rows(monkeypatch):
@@ -154,13 +155,13 @@ def test_eager_attention_only_for_short_cpu_training_rows(monkeypatch):
     cpu = torch.device("cpu")
 
     def impl(m, device):
-        with lm_loss.attention_for(m, batch, device):
+        with cpu_attention.attention_for(m, batch, device):
             return m.config._attn_implementation
 
     assert model.config._attn_implementation == "sdpa"
     assert impl(model, cpu) == "eager" and model.config._attn_implementation == "sdpa"
     assert impl(model, torch.device("cuda")) == "sdpa"
-    monkeypatch.setattr(lm_loss, "EAGER_MAX_BYTES", 6 * 3 * 4 * 9**2 * 2 - 1)  # B x heads x L^2 x layers
+    monkeypatch.setattr(cpu_attention, "EAGER_MAX_BYTES", 6 * 3 * 4 * 9**2 * 2 - 1)  # B x heads x L^2 x layers
     assert impl(model, cpu) == "sdpa"
     monkeypatch.undo()
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -171,7 +172,7 @@ def test_eager_attention_gives_the_same_loss_and_grads():
     model = _lora_model()
     batch = Collator(0)(FEATS)
     ref_loss, ref = _grads(model, batch)
-    with lm_loss.attention_for(model, batch, torch.device("cpu")):
+    with cpu_attention.attention_for(model, batch, torch.device("cpu")):
         loss, got = _grads(model, batch)
     torch.testing.assert_close(loss, ref_loss)
     for name in ref:
@@ -236,7 +237,7 @@ def test_levers_together_keep_loss_and_grads():
     batch = Collator(0)(PFEATS)
     ref_loss, ref = _grads(model, batch)
     model.zero_grad(set_to_none=True)
-    with lm_loss.attention_for(model, batch, torch.device("cpu")):
+    with cpu_attention.attention_for(model, batch, torch.device("cpu")):
         loss = lm_loss.loss(model, batch, trim=True, prefix=True)
     loss.backward()
     torch.testing.assert_close(loss.detach(), ref_loss)

@@ -193,7 +193,7 @@ def test_save_load_restores_indices_from_the_file(tmp_path):
 def test_recommended_lr_and_bad_config():
     lr = rm.RandomMask.lr_for
     assert rm.RandomMask.recommended_lr == pytest.approx(lr(rm.RandomMaskConfig()))
-    from tunelab.training.loop import default_lr
+    from tunelab.training.optimizer import default_lr
 
     assert default_lr("random_mask") == rm.RandomMask.recommended_lr  # what the loop defaults to
     cfg = rm.RandomMaskConfig

@@ -479,7 +479,7 @@ def test_methods_listing_shows_default_lrs_and_why():
     from typer.testing import CliRunner
 
     from tunelab.cli import app
-    from tunelab.training.loop import default_lr
+    from tunelab.training.optimizer import default_lr
 
     out = CliRunner().invoke(app, ["methods"]).output
     block = out.split("loreft", 1)[1].split("\nparallel_adapter", 1)[0]

@@ -385,7 +385,7 @@ def bench(
 def methods():
     """List the fine-tuning methods and their parameters."""
     from tunelab.methods import METHODS
-    from tunelab.training.loop import default_lr
+    from tunelab.training.optimizer import default_lr
 
     for name in METHODS.names():
         m = METHODS.get(name)

@@ -16,7 +16,7 @@ attention mask, the KV cache, the LM head on the last position only); what chang
 - The caller holds matmul-only weights in the autocast dtype for the call (``shadow.cast_weights``).
 
 Stacking sub-batches and the shared prefix need a model whose output at a position depends on the
-tokens up to it and nothing else, with a plain ``DynamicCache``: ``lm_loss.hook_free`` models (the
+tokens up to it and nothing else, with a plain ``DynamicCache``: ``prefix_cache.hook_free`` models (the
 LoRA family, full, random masking). Methods with hooks (ReFT, prompt tuning, adapters) and models
 with sliding-window or other cache layers decode each prefill batch on its own, which is
 ``model.generate``'s batching with rows leaving early. Encoder-decoders and beam search are not
@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from tunelab.methods.base import context
-from tunelab.models import lm_loss
+from tunelab.models import prefix_cache
 
 MAX_ROWS = 64  # rows decoded together at most
 KV_BUDGET = 1 << 30  # bytes of KV cache one decode batch may hold
@@ -136,7 +136,7 @@ class Decoder:
         self.device = next(model.parameters()).device
         params = inspect.signature(model.forward).parameters
         self.cache_key = "cache" if "cache" in params else "past_key_values"
-        self.stackable = lm_loss.hook_free(model)
+        self.stackable = prefix_cache.hook_free(model)
         self.prefix = prefix and self.stackable
         self.stats = {"prefill_batches": 0, "decode_batches": 0, "steps": 0, "prefix": 0}
 
@@ -176,8 +176,8 @@ class Decoder:
         return logits, cache, mask, pos[:, -1:]
 
     def _shared(self, prompts: list[list[int]]):
-        p = lm_loss.shared_prefix(prompts, keep_last=1) if self.prefix else 0
-        if p < lm_loss.MIN_PREFIX:
+        p = prefix_cache.shared_prefix(prompts, keep_last=1) if self.prefix else 0
+        if p < prefix_cache.MIN_PREFIX:
             return None
         ids = torch.tensor([prompts[0][:p]], device=self.device)
         _, cache = self._forward(ids, torch.ones_like(ids), torch.arange(p, device=self.device)[None])

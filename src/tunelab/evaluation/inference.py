@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from tunelab.models import lm_loss
+from tunelab.models import prefix_cache
 from tunelab.runtime.precision import cast_weights, fits_free, saved_bytes
 
 
@@ -107,7 +107,7 @@ def packable(model) -> bool:
     return (cfg is not None and not getattr(cfg, "is_encoder_decoder", False)
             and getattr(cfg, "_attn_implementation", None) == "sdpa"
             and getattr(cfg, "sliding_window", None) is None
-            and lm_loss.hook_free(model) and lm_loss._takes_logits_to_keep(model))
+            and prefix_cache.hook_free(model) and prefix_cache.takes_logits_to_keep(model))
 
 
 def _row(prompt: list[int], choices: list[list[int]]):
@@ -139,11 +139,11 @@ def _mask(seg: torch.Tensor, prefix: int) -> torch.Tensor:
 def packed_choices(model, prompt_ids: list[list[int]], choice_ids: list[list[list[int]]], pad_id: int, device,
                    batch_size: int, bar=None) -> list[list[float]]:
     """Sum log-probabilities of every choice after its prompt, each prompt forwarded once."""
-    cut = lm_loss.shared_prefix(prompt_ids, keep_last=1)
+    cut = prefix_cache.shared_prefix(prompt_ids, keep_last=1)
     pre = None
-    if cut >= lm_loss.MIN_PREFIX:
+    if cut >= prefix_cache.MIN_PREFIX:
         try:
-            pre = lm_loss.PrefixForward(model, prompt_ids[0][:cut], device)
+            pre = prefix_cache.PrefixForward(model, prompt_ids[0][:cut], device)
         except (TypeError, ValueError, AttributeError):
             pre, cut = None, 0
     else:

@@ -21,7 +21,6 @@ Every call records ``prompt_mask`` in the model context, so methods that act on 
 
 from __future__ import annotations
 
-import inspect
 import sys
 from collections.abc import Sequence
 
@@ -31,7 +30,7 @@ import torch.nn.functional as F
 from tunelab.data.encoding import IGNORE, tokenize_prompt, tokenize_source
 from tunelab.evaluation import inference
 from tunelab.methods.base import context
-from tunelab.models import lm_loss
+from tunelab.models import prefix_cache
 from tunelab.runtime import distributed as dist
 
 _PROGRESS = {"on": True}
@@ -67,10 +66,6 @@ def _pad_left(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor,
 def _by_length(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-
-
-def _takes_logits_to_keep(model) -> bool:
-    return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
 def _encoder_decoder(model) -> bool:
@@ -126,7 +121,7 @@ def score_choices(model, tokenizer, prompts: list[str], choices: list[list[str]]
 
 def _score_choices(model, tokenizer, prompts, choices, batch_size) -> list[list[float]]:
     dev, pad = _device(model), tokenizer.pad_token_id
-    keep = _takes_logits_to_keep(model)
+    keep = prefix_cache.takes_logits_to_keep(model)
     prompt_ids = [tokenize_prompt(tokenizer, p) for p in prompts]
     choice_ids = [[_choice_ids(tokenizer, c) for c in cs] for cs in choices]
     if _encoder_decoder(model):
@@ -137,7 +132,7 @@ def _score_choices(model, tokenizer, prompts, choices, batch_size) -> list[list[
     single = all(len(c) == 1 for cs in choice_ids for c in cs)
     if single:
         # One forward per prompt: the next-token distribution at the prompt's end scores all choices.
-        pre, cut = lm_loss.prefix_forward(model, prompt_ids, dev)  # a shared template prefix runs once
+        pre, cut = prefix_cache.prefix_forward(model, prompt_ids, dev)  # a shared template prefix runs once
         bar = _bar(len(prompt_ids), "scoring")
         for batch in _by_length([len(p) for p in prompt_ids], batch_size):
             if pre:
@@ -159,7 +154,7 @@ def _score_choices(model, tokenizer, prompts, choices, batch_size) -> list[list[
     else:
         pairs = [(i, j) for i, cs in enumerate(choice_ids) for j in range(len(cs))]
         rows = [prompt_ids[i] + choice_ids[i][j] for i, j in pairs]
-        pre, cut = lm_loss.prefix_forward(model, rows, dev, keep_last=1 + max(len(c) for cs in choice_ids for c in cs))
+        pre, cut = prefix_cache.prefix_forward(model, rows, dev, keep_last=1 + max(len(c) for cs in choice_ids for c in cs))
         bar = _bar(len(rows), "scoring choices")
         for batch in _by_length([len(r) for r in rows], batch_size):
             n = max(len(choice_ids[pairs[k][0]][pairs[k][1]]) for k in batch)

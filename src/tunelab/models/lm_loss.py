@@ -1,4 +1,7 @@
-"""Speed levers for training and scoring that leave the results unchanged.
+"""The causal LM loss, computed only where it is needed, with the same value and gradients.
+
+The training loop and the text families' perplexity call ``loss``; each lever is checked on the
+first batch and used only where it is exact.
 
 Loss positions only. A causal LM's loss reads the logits only where the next token is a target, yet
 the model projects every position onto the vocabulary (SmolLM2: 49k x 576, a fifth of the forward's
@@ -15,16 +18,6 @@ A model that cannot take it (an older forward, or a method whose hooks change th
 such as prompt tuning) is caught once by ``supports_loss_inputs``, which compares the kept logits
 with the full ones on two rows of the first batch; the loop then calls the model as before.
 
-Attention kernel (CPU training). torch's CPU flash-attention backward is slow for short rows: per
-layer, 8 rows x 9 heads (3 KV) x 55 tokens, forward + backward take 9.7 ms with flash, 4.3 ms with
-SDPA's math kernel (which also upcasts to fp32 and keeps fp32 maps) and 1.9 ms with the model's
-eager attention (bf16 matmuls, fp32 softmax); at 192 tokens 30, 37 and 17 ms. ``attention_for``
-switches the model to its eager attention for a training forward on CPU while the attention maps
-that eager keeps for backward stay small (``EAGER_MAX_BYTES``), and back afterwards.
-
-Fused AdamW. ``adamw`` uses torch's fused kernel where the parameters allow it (the loop used
-``foreach``, whose CPU step is several times slower and allocates state-sized temporaries).
-
 Shared prompt prefix (training). When every row of a batch starts with the same tokens (a prompt
 template) and no loss position lies among them, ``loss`` runs that prefix once (batch 1, KV
 cache), repeats its keys and values per row, and runs only the rest of each row against them. The
@@ -33,14 +26,6 @@ on SST-2 with SmolLM2's chat template 41 of ~60 tokens per row are shared. Used 
 hook-free models (LoRA family, full, random masking), no dropout (checked by running the first
 batch twice under different seeds), no gradient checkpointing, a 2D attention mask, one process
 (DDP expects one forward per backward); ``supports_shared_prefix`` checks it on the first batch.
-
-Shared prompt prefix (scoring). Templated prompts start with the same tokens (SmolLM2's chat
-system prompt + the SST-2 instruction: 41 of ~70 tokens). ``PrefixForward`` runs that prefix
-once, keeps its KV cache, and feeds each batch only the rows' remaining tokens against the cache
-repeated per row (left-padded; positions continue after the prefix). It is used only for models
-without forward hooks (besides the context hook), whose outputs at a position depend on the
-tokens up to it and nothing else; a method with hooks (ReFT, prompt tuning, adapters) scores the
-usual way.
 """
 
 from __future__ import annotations
@@ -52,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tunelab.models import chunked_loss
+from tunelab.models import chunked_loss, prefix_cache
 
 IGNORE = -100
 
@@ -83,21 +68,13 @@ def loss_levers(model: nn.Module, batch: dict, amp: contextlib.AbstractContextMa
             "chunked": trim and supports_chunked_loss(model, batch, amp, distributed=distributed)}
 
 
-def _takes_logits_to_keep(model: nn.Module) -> bool:
-    fwd = getattr(model, "forward", None)
-    try:
-        return fwd is not None and "logits_to_keep" in inspect.signature(fwd).parameters
-    except (TypeError, ValueError):
-        return False
-
-
 @torch.no_grad()
 def supports_loss_inputs(model: nn.Module, batch: dict, amp: contextlib.AbstractContextManager | None = None,
                          rows: int = 2) -> bool:
     """Whether ``model(**loss_inputs(batch))`` gives the full forward's loss and logits at the kept
     positions (checked on the first ``rows`` rows, in eval mode so dropout is off)."""
     labels = batch.get("labels")
-    if labels is None or labels.dim() != 2 or labels.dtype.is_floating_point or not _takes_logits_to_keep(model):
+    if labels is None or labels.dim() != 2 or labels.dtype.is_floating_point or not prefix_cache.takes_logits_to_keep(model):
         return False
     small = first_rows(batch, rows)
     trimmed_in = loss_inputs(small)
@@ -121,21 +98,7 @@ def supports_loss_inputs(model: nn.Module, batch: dict, amp: contextlib.Abstract
     return bool((got.float() - want).abs().max() <= tol and torch.isclose(trimmed.loss.float(), full.loss.float(), rtol=1e-2))
 
 
-# ---------------------------------------------------------------- optimizer
-def adamw(params: list, **kwargs) -> torch.optim.AdamW:
-    """AdamW with torch's fused kernel where it runs (plain CPU/CUDA tensors), else ``foreach``.
-
-    On CPU the fused step is ~7x faster than foreach for a 135M-parameter model (0.07 s against
-    0.45 s, one thread) and allocates no temporaries the size of the state."""
-    plain = all(type(p) is nn.Parameter and p.device.type in ("cpu", "cuda") for p in params)
-    if plain:
-        try:
-            return torch.optim.AdamW(params, fused=True, **kwargs)
-        except (RuntimeError, ValueError):
-            pass
-    return torch.optim.AdamW(params, foreach=True, **kwargs)
-
-
+# ---------------------------------------------------------------- checks
 def checkpointing(model: nn.Module) -> bool:
     """Whether gradient (activation) checkpointing is on (transformers 5 renamed the property)."""
     for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
@@ -144,113 +107,7 @@ def checkpointing(model: nn.Module) -> bool:
     return False
 
 
-# ---------------------------------------------------------------- attention kernel
-EAGER_MAX_BYTES = 256 * 2**20  # the extra activation memory eager attention may cost per step
-
-
-@contextlib.contextmanager
-def attention_for(model: nn.Module, batch: dict, device: torch.device):
-    """Run a training forward of ``batch`` with the model's eager attention on CPU while the
-    attention maps it keeps for backward (~6 bytes x B x heads x L^2 per layer) fit in
-    ``EAGER_MAX_BYTES``; otherwise (CUDA, long rows, gradient checkpointing) change nothing."""
-    inner = getattr(model, "module", model)
-    cfg = getattr(inner, "config", None)
-    ids = batch["input_ids"]
-    heads, layers = getattr(cfg, "num_attention_heads", 0) or 0, getattr(cfg, "num_hidden_layers", 0) or 0
-    extra = 6 * ids.shape[0] * heads * ids.shape[-1] ** 2 * layers
-    if (device.type != "cpu" or getattr(cfg, "_attn_implementation", None) != "sdpa" or not heads
-            or extra > EAGER_MAX_BYTES or checkpointing(inner)):
-        yield
-        return
-    cfg._attn_implementation = "eager"
-    try:
-        yield
-    finally:
-        cfg._attn_implementation = "sdpa"
-
-
-# ---------------------------------------------------------------- shared prompt prefix
-MIN_PREFIX = 8
-
-
-def hook_free(model: nn.Module) -> bool:
-    """No forward hooks anywhere except the context pre-hook on the top model."""
-    for mod in model.modules():
-        hooks = list(mod._forward_hooks.values()) + list(mod._forward_pre_hooks.values())
-        if mod is model:
-            hooks = [h for h in hooks if getattr(h, "__name__", "") != "_pop_context"]
-        if hooks:
-            return False
-    return True
-
-
-def shared_prefix(rows: list[list[int]], keep_last: int = 1) -> int:
-    """Length of the prefix every row shares, leaving each row its last ``keep_last`` tokens."""
-    if len(rows) < 2:
-        return 0
-    n = max(min(len(r) for r in rows) - keep_last, 0)
-    first = rows[0]
-    for i in range(n):
-        t = first[i]
-        if any(r[i] != t for r in rows):
-            return i
-    return n
-
-
-class PrefixForward:
-    """Forward batches of rows that start with ``prefix`` while computing the prefix once."""
-
-    def __init__(self, model: nn.Module, prefix: list[int], device):
-        self.model, self.p, self.device = model, len(prefix), device
-        params = inspect.signature(model.forward).parameters
-        self.cache_key = "cache" if "cache" in params else "past_key_values"
-        ids = torch.tensor([prefix], device=device)
-        out = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True)
-        self.cache = getattr(out, self.cache_key, None) or getattr(out, "past_key_values", None)
-        if self.cache is None:
-            raise ValueError("the model returned no KV cache")
-
-    def __call__(self, suffixes: list[list[int]], pad_id: int, logits_to_keep: int) -> torch.Tensor:
-        """Logits (B, logits_to_keep, V) at the last positions of prefix + suffix, suffixes left-padded."""
-        import copy
-
-        width = max(len(s) for s in suffixes)
-        ids = torch.full((len(suffixes), width), pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, s in enumerate(suffixes):
-            ids[i, width - len(s):] = torch.tensor(s)
-            mask[i, width - len(s):] = 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        cache = copy.deepcopy(self.cache)
-        cache.batch_repeat_interleave(len(suffixes))
-        full = torch.cat([mask.new_ones(len(suffixes), self.p), mask], 1)
-        pos = self.p + (mask.cumsum(-1) - 1).clamp(min=0)
-        out = self.model(input_ids=ids, attention_mask=full, position_ids=pos, use_cache=True,
-                         logits_to_keep=logits_to_keep, **{self.cache_key: cache})
-        return out.logits
-
-
-def prefix_forward(model: nn.Module, rows: list[list[int]], device, keep_last: int = 1) -> tuple[PrefixForward | None, int]:
-    """(a PrefixForward for the prefix ``rows`` share, its length), or (None, 0) where it does not
-    apply: a short prefix, a model with hooks, or one without a KV cache or ``logits_to_keep``.
-    Every row keeps at least its last ``keep_last`` tokens out of the prefix."""
-    p = shared_prefix(rows, keep_last)
-    if p < MIN_PREFIX or not hook_free(model) or not _takes_logits_to_keep(model):
-        return None, 0
-    try:
-        return PrefixForward(model, rows[0][:p], device), p
-    except (TypeError, ValueError, AttributeError):
-        return None, 0
-
-
-def _cache_of(out):
-    for key in ("cache", "past_key_values"):
-        c = getattr(out, key, None)
-        if c is not None:
-            return c
-    raise ValueError("the model returned no KV cache")
-
-
+# ---------------------------------------------------------------- shared prompt prefix (training)
 def batch_prefix(batch: dict, keep: torch.Tensor | None = None) -> int:
     """Columns every row of ``batch`` shares from the start (real tokens, equal ids), cut before the
     first position whose logits are kept."""
@@ -281,7 +138,7 @@ def _prefix_loss(model: nn.Module, inputs: dict, cut: int, chunked: bool = False
     # into a bmm over a contiguous copy of the transposed head weight: 56 MB per step for SmolLM2.
     none = torch.zeros(1, cut, dtype=torch.bool, device=ids.device)
     pre = model(input_ids=ids[:1, :cut], attention_mask=mask[:1, :cut], use_cache=True, logits_to_keep=none)
-    cache = _cache_of(pre)
+    cache = prefix_cache.cache_of(pre)
     cache.batch_repeat_interleave(ids.shape[0])  # differentiable: the rows' gradients sum into the prefix
     rest = {k: v for k, v in inputs.items() if k not in ("input_ids", "prompt_mask", "logits_to_keep")}
     tail = {"input_ids": ids[:, cut:], "logits_to_keep": inputs["logits_to_keep"][:, cut:], "use_cache": True,
@@ -296,7 +153,7 @@ def loss(model: nn.Module, batch: dict, trim: bool, prefix: bool = False, chunke
         return model(**batch).loss
     inputs = loss_inputs(batch)
     cut = batch_prefix(batch, inputs["logits_to_keep"]) if prefix else 0
-    if cut < MIN_PREFIX:
+    if cut < prefix_cache.MIN_PREFIX:
         return _head_loss(model, inputs, chunked)
     return _prefix_loss(model, inputs, cut, chunked)
 
@@ -352,12 +209,12 @@ def supports_shared_prefix(model: nn.Module, batch: dict, distributed: bool = Fa
     """Whether ``loss(model, batch, True, prefix=True)`` is exact for this model: hook-free, no
     dropout, no gradient checkpointing, one process, and the same loss on the first rows of ``batch``
     (which must share a prefix) with and without the prefix path."""
-    if distributed or checkpointing(model) or not hook_free(model):
+    if distributed or checkpointing(model) or not prefix_cache.hook_free(model):
         return False
     small = first_rows(batch)
     inputs = loss_inputs(small)
     cut = batch_prefix(small, inputs["logits_to_keep"])
-    if cut < MIN_PREFIX:
+    if cut < prefix_cache.MIN_PREFIX:
         return False
     # Compared in fp32 (autocast off): in bf16 the two paths round differently (per-token losses
     # move by ~2%), which would hide a wrong position as well as flag a right one.

@@ -318,7 +318,7 @@ def tune_lr(plan, out_dir: Path, raw: dict, metric: str | None, keep_going: bool
     for label, cfg in cfgs.items():
         if cfg.train.max_steps == 0:
             continue
-        base = cfg.train.lr or importlib.import_module("tunelab.training.loop").default_lr(cfg.method.name, cfg.method.params())
+        base = cfg.train.lr or importlib.import_module("tunelab.training.optimizer").default_lr(cfg.method.name, cfg.method.params())
         grids[label] = lr_search.grid(base)
         first = next(r for i, r in plan if i["label"] == label)
         for lr in grids[label]:

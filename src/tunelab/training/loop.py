@@ -43,14 +43,11 @@ from tunelab.runtime import precision
 from tunelab.runtime.atomic_files import atomic_write_text, recover, remove_stale
 from tunelab.runtime.precision import autocast, autocast_dtype, peak_memory_mb, pick_device
 from tunelab.tasks import TASKS
-from tunelab.training import tracking
+from tunelab.training import cpu_attention, optimizer, tracking
 from tunelab.training.checkpoint import load_checkpoint, save_checkpoint, verify_checkpoint
 from tunelab.training.divergence import check_step
 from tunelab.training.preflight import check_run, warn_rank
 from tunelab.training.run_lock import RunLock, StopOnSignal, Stopped
-
-DEFAULT_LR = 1e-4
-
 
 # ---------------------------------------------------------------- environment
 
@@ -76,29 +73,6 @@ def real_tokens(batch: dict, pad_id: int) -> int:
     """Non-pad tokens (packed batches carry a 4D block mask, so count ids there)."""
     mask = batch["attention_mask"]
     return int(mask.sum()) if mask.dim() == 2 else int((batch["input_ids"] != pad_id).sum())
-
-
-def lr_lambda(schedule: str, warmup_steps: int, total: int):
-    def f(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / (warmup_steps + 1)
-        if schedule == "constant":
-            return 1.0
-        progress = (step - warmup_steps) / max(1, total - warmup_steps)
-        if schedule == "cosine":
-            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-        return max(0.0, 1 - progress)
-
-    return f
-
-
-def default_lr(method_name: str, params: dict | None = None) -> float:
-    """The method's own learning rate (``lr_for(cfg)`` when it depends on the settings, e.g. random
-    masking's density, else its ``recommended_lr``), or DEFAULT_LR."""
-    method = METHODS.get(method_name)
-    if hasattr(method, "lr_for"):
-        return method.lr_for(method.Config(**(params or {})))
-    return getattr(method, "recommended_lr", None) or DEFAULT_LR
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -304,9 +278,9 @@ def _train(r: Run, model, out: Path, lead: bool) -> dict:
     base = model
     model = dist.wrap(model, full=cfg.method.name == "full")
     params = [p for p in model.parameters() if p.requires_grad]
-    lr = tc.lr or default_lr(cfg.method.name, cfg.method.params())
-    opt = lm_loss.adamw(params, lr=lr, weight_decay=tc.weight_decay)  # fused where it runs
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(tc.schedule, int(tc.warmup * total), total))
+    lr = tc.lr or optimizer.default_lr(cfg.method.name, cfg.method.params())
+    opt = optimizer.adamw(params, lr=lr, weight_decay=tc.weight_decay)  # fused where it runs
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, optimizer.lr_lambda(tc.schedule, int(tc.warmup * total), total))
 
     ckpt = out / "checkpoints"
     # tokens / train_time_s / loss_*: whole-run figures, kept in the checkpoint so a resumed run reports them
@@ -353,7 +327,7 @@ def _train(r: Run, model, out: Path, lead: bool) -> dict:
             step_loss = torch.zeros((), device=r.device)
             for i, b in enumerate(micro):
                 sync = dist.no_sync(model) if i < len(micro) - 1 else contextlib.nullcontext()
-                with sync, autocast(r.device, r.amp), lm_loss.attention_for(model, b, r.device):
+                with sync, autocast(r.device, r.amp), cpu_attention.attention_for(model, b, r.device):
                     out_loss = obj.loss(model, b, base) if obj else lm_loss.loss(model, b, **levers)
                 weight = r.units(b) / n_total * dist.world()
                 (out_loss * weight).backward()
