@@ -127,7 +127,7 @@ def test_probe_refuses_a_head_whose_logits_the_forward_changes():
 
 @pytest.mark.parametrize("method", ["lora", "prompt_tuning"])  # prompt tuning changes the sequence: full logits
 def test_text_perplexity_in_chunks_equals_full_logits(monkeypatch, method):
-    from tunelab.tasks import text
+    from tunelab.tasks import shared
 
     from conftest import tiny_tokenizer_obj
 
@@ -137,10 +137,10 @@ def test_text_perplexity_in_chunks_equals_full_logits(monkeypatch, method):
     monkeypatch.setattr(chunked_loss, "CHUNK_BYTES", 4 * model.config.vocab_size * 5)
     calls, stats = [], chunked_loss.token_stats
     monkeypatch.setattr(chunked_loss, "token_stats", lambda *a, **k: calls.append(1) or stats(*a, **k))
-    fast_path = text.nll(model, tok, feats, batch_size=8)
+    fast_path = shared.nll(model, tok, feats, batch_size=8)
     assert len(calls) == (1 if method == "lora" else 0)  # all six rows in one batch
     monkeypatch.setattr(lm_loss, "supports_chunked_loss", lambda *a, **k: False)
-    full = text.nll(model, tok, feats, batch_size=8)
+    full = shared.nll(model, tok, feats, batch_size=8)
     assert fast_path[1:] == full[1:] and fast_path[1] == 43 + 15
     assert fast_path[0] == pytest.approx(full[0], rel=1e-6)
     assert not model.training and all(p.grad is None for p in model.parameters())

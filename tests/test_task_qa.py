@@ -10,7 +10,8 @@ from tunelab.data.encoding import Collator
 from tunelab.errors import DataError
 from tunelab.tasks import TASKS
 from tunelab.tasks import qa as qa_mod
-from tunelab.tasks.qa import answer_tokens, best_span, install_qa_labels, split_source, windows
+from tunelab.tasks.qa import answer_tokens, best_span, install_qa_labels, windows
+from tunelab.tasks.shared import split_source
 
 from conftest import shared_data
 

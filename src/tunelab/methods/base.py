@@ -18,7 +18,8 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
-from tunelab.models.arch import HEADS
+from tunelab.models.arch import HEADS, conv1d_class, is_transposed, linear_dims, replace_module  # noqa: F401  (methods import them from here)
+from tunelab.models.context import CONTEXT_KEYS, context, install_context  # noqa: F401
 from tunelab.registry import Registry
 
 
@@ -42,31 +43,11 @@ METHODS: Registry[Method] = Registry("method")
 HEAD_NAMES = HEADS  # kept here for the public API; the list lives in tunelab.models.arch
 
 
-def _conv1d():
-    from transformers.pytorch_utils import Conv1D
-
-    return Conv1D
-
-
 def linear_types() -> tuple[type, ...]:
     """What counts as a linear layer: nn.Linear, GPT-2's Conv1D and tunelab's quantized linear."""
     from tunelab.models.quantization import BnbLinear4, QuantLinear
 
-    return (nn.Linear, _conv1d(), QuantLinear, BnbLinear4)
-
-
-def is_transposed(mod: nn.Module) -> bool:
-    """True when the weight is stored d_in x d_out (GPT-2's Conv1D, an embedding seen as one-hot x W)."""
-    return isinstance(mod, (_conv1d(), nn.Embedding))
-
-
-def linear_dims(mod: nn.Module) -> tuple[int, int]:
-    """(d_in, d_out) of a linear, a Conv1D (weight d_in x d_out) or an embedding (vocab -> dim)."""
-    if isinstance(mod, nn.Embedding):
-        return mod.num_embeddings, mod.embedding_dim
-    if isinstance(mod, _conv1d()):
-        return mod.weight.shape[0], mod.nf
-    return mod.in_features, mod.out_features
+    return (nn.Linear, conv1d_class(), QuantLinear, BnbLinear4)
 
 
 def dense_weight(mod: nn.Module) -> torch.Tensor:
@@ -104,12 +85,6 @@ def find_linears(
         have = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, types)})
         raise ValueError(f"target_modules={target_modules!r} matched no module; the model's linears are named {have}")
     return found
-
-
-def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
 
 
 def method_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -168,31 +143,3 @@ def switched_off(model: nn.Module):
     finally:
         for m, was in zip(mods, before, strict=True):
             m.tunelab_active = was
-
-
-# ---- the per-forward context: data the batch carries beyond what the model's forward takes ----
-# The collator emits `prompt_mask` (True on prompt tokens); methods such as ReFT need it to find
-# their positions. A pre-hook on the top model moves it out of the kwargs into `model.tunelab_context`
-# so the loop can call `model(**batch)` whatever is attached.
-CONTEXT_KEYS = ("prompt_mask",)
-
-
-def _pop_context(module, args, kwargs):
-    ctx = module.tunelab_context
-    for key in CONTEXT_KEYS:
-        if key in kwargs:
-            ctx[key] = kwargs.pop(key)
-    return args, kwargs
-
-
-def install_context(model: nn.Module) -> nn.Module:
-    """Idempotently make ``model`` accept (and stash) the context keys. Returns the model."""
-    if not hasattr(model, "tunelab_context"):
-        model.tunelab_context = {}
-        model.register_forward_pre_hook(_pop_context, with_kwargs=True)
-    return model
-
-
-def context(model: nn.Module) -> dict:
-    """The context dict of the top model (``{}`` if none installed)."""
-    return getattr(model, "tunelab_context", {})

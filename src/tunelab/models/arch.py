@@ -167,3 +167,29 @@ def qv_rows(model: nn.Module, name: str, d_out: int) -> list[tuple[int, int]] | 
     if q + 2 * k != d_out:
         raise ValueError(f"{name}: {d_out} output rows do not split as q {q} + k {k} + v {k}")
     return [(0, q), (q + k, q + 2 * k)]
+
+
+def conv1d_class():
+    from transformers.pytorch_utils import Conv1D
+
+    return Conv1D
+
+
+def is_transposed(mod: nn.Module) -> bool:
+    """True when the weight is stored d_in x d_out (GPT-2's Conv1D, an embedding seen as one-hot x W)."""
+    return isinstance(mod, (conv1d_class(), nn.Embedding))
+
+
+def linear_dims(mod: nn.Module) -> tuple[int, int]:
+    """(d_in, d_out) of a linear, a Conv1D (weight d_in x d_out) or an embedding (vocab -> dim)."""
+    if isinstance(mod, nn.Embedding):
+        return mod.num_embeddings, mod.embedding_dim
+    if isinstance(mod, conv1d_class()):
+        return mod.weight.shape[0], mod.nf
+    return mod.in_features, mod.out_features
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from tunelab.runtime.atomic_files import atomic_dir
 
 if TYPE_CHECKING:  # torch and the task/method packages load on first use: `tunelab models` stays fast
-    from tunelab.tasks.base import HeadSpec
+    from tunelab.models.heads import HeadSpec
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +184,7 @@ def load(
     model.tunelab_method = None
     if head is not None and head.install is not None:
         head.install(model)
-    from tunelab.methods.base import install_context
+    from tunelab.models.context import install_context
 
     install_context(model)
     return model, tok

@@ -145,7 +145,7 @@ def load_quantized(path: str | Path, build_model: Callable[[], nn.Module], plan:
     plan's targets; returns ``(model, {"missing_keys": [...], "unexpected_keys": [...]})``."""
     from accelerate import init_empty_weights
 
-    from tunelab.methods.base import is_transposed, replace_module
+    from tunelab.models.arch import is_transposed, replace_module
 
     return_large_blocks()
     files = shard_files(path)

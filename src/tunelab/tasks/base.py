@@ -24,11 +24,11 @@ import contextlib
 import contextvars
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict
 
+from tunelab.models.heads import HeadSpec  # noqa: F401  (tasks return it; importable from here)
 from tunelab.registry import Registry
 
 
@@ -43,18 +43,6 @@ class TaskConfig(BaseModel):
     template: str | None = None
     # Wrap prompts in the tokenizer's chat template when it has one.
     chat: bool = True
-
-
-@dataclass
-class HeadSpec:
-    kind: Literal["sequence", "token", "qa", "seq2seq"]  # seq2seq: an encoder-decoder LM (no new head)
-    labels: list[str] = field(default_factory=list)
-    # Called on the loaded model (e.g. to map the loop's ``labels`` onto a head's own arguments).
-    install: Callable | None = None
-
-    @property
-    def num_labels(self) -> int:
-        return len(self.labels) if self.kind != "qa" else 2
 
 
 class Task(Protocol):

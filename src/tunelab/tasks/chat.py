@@ -37,7 +37,7 @@ from tunelab.errors import DataError
 from tunelab.evaluation.metrics import rouge
 from tunelab.evaluation.scoring import generate
 from tunelab.tasks.base import TASKS, TaskConfig, field_name, gen_args
-from tunelab.tasks.qa import split_source
+from tunelab.tasks.shared import select, split_source
 
 log = logging.getLogger(__name__)
 _WARNED = [0]
@@ -47,21 +47,6 @@ class ChatConfig(TaskConfig):
     style: Literal["auto", "openai", "sharegpt"] = "auto"
     system: str | None = None
     truncation: Literal["turns", "error"] = "turns"
-
-
-def select(table, source: str, rows: slice | None, limit: int | None, skip_bad: bool, extra: str) -> ArrowExamples:
-    """ArrowExamples over ``table``'s rows ``rows`` (then the first ``limit``); ``_where`` names file and row."""
-    ds, offset = table.ds, 0
-    if rows is not None:
-        idx = range(len(ds))[rows]
-        if rows.step not in (None, 1) or not len(idx):
-            raise DataError(f"{source}: '#rows=' selects no rows of {len(ds)} (or has a step)")
-        ds, offset = ds.select(idx), idx.start
-    if limit is not None and limit < len(ds):
-        ds = ds.select(range(limit))
-    ex = ArrowExamples(ds, lambda i: table.where(i + offset), f"{table.fingerprint}|{rows}|{limit}|{skip_bad}|{extra}")
-    ex.skip_bad = skip_bad
-    return ex
 
 
 class Chat:
@@ -167,7 +152,7 @@ class Chat:
         return {"input_ids": out["input_ids"][0], "labels": out["labels"][0], "prompt_len": out["prompt_len"][0]}
 
     def evaluate(self, model, tokenizer, examples, cfg, *, batch_size=16, gen=None):
-        from tunelab.tasks.text import nll
+        from tunelab.tasks.shared import nll
 
         convs = []
         for ex in examples:

@@ -36,7 +36,7 @@ from tunelab.tasks.base import (
     text_pairs,
     unreferenced,
 )
-from tunelab.tasks.qa import split_source
+from tunelab.tasks.shared import split_source
 
 DEFAULT_TEMPLATE = "{instruction}\n\n{input}"
 

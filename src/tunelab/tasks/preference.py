@@ -31,7 +31,7 @@ from tunelab.data.readers import read_preferences
 from tunelab.errors import DataError
 from tunelab.tasks.base import TASKS, TaskConfig, render_prompt
 from tunelab.tasks.objectives import Preference, pair_stats
-from tunelab.tasks.qa import split_source
+from tunelab.tasks.shared import split_source
 
 
 class PreferenceConfig(TaskConfig):

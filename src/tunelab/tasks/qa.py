@@ -48,13 +48,13 @@ from tunelab.evaluation.metrics import squad_scores
 from tunelab.evaluation.scoring import generate
 from tunelab.methods.base import context as model_context
 from tunelab.tasks.base import TASKS, HeadSpec, TaskConfig, field_name, gen_args, render_prompt
+from tunelab.tasks.shared import split_source
 
 DEFAULT_TEMPLATE = (
     "Answer the question with a short phrase copied from the context.\nContext: {context}\nQuestion: {question}"
 )
 SEQ2SEQ_TEMPLATE = "question: {question} context: {context}"
 START, END, BOTH = 1, 2, 3
-_FRAGMENT = re.compile(r"^(?P<path>.*)#(?P<key>\w+)=(?P<value>[^#]*)$")
 
 
 class QAConfig(TaskConfig):
@@ -63,24 +63,6 @@ class QAConfig(TaskConfig):
     stride: int = 128  # tokens shared by consecutive windows
     max_answer_tokens: int = 30
     n_best: int = 20  # start/end candidates tried per window
-
-
-def split_source(source: str, key: str = "articles") -> tuple[str, slice | None]:
-    """``"file.json#articles=0:40"`` -> ("file.json", slice(0, 40)); a plain path -> (path, None).
-    ``key`` is the one selector the caller supports (other families use ``rows``)."""
-    m = _FRAGMENT.match(str(source))
-    if not m:
-        return str(source), None
-    if m["key"] != key:
-        raise DataError(f"{source}: unknown selector {m['key']!r}; allowed: '#{key}=START:STOP'")
-    parts = m["value"].split(":")
-    try:
-        if len(parts) != 2:
-            raise ValueError
-        start, stop = (int(p) if p.strip() else None for p in parts)
-    except ValueError:
-        raise DataError(f"{source}: '#{key}=' wants START:STOP (Python slice, e.g. 0:40 or 40:), got {m['value']!r}") from None
-    return m["path"], slice(start, stop)
 
 
 def select_articles(records: list[dict], articles: slice, keys: list) -> list[dict]:

@@ -18,58 +18,15 @@ from __future__ import annotations
 import math
 from typing import Literal
 
-import torch
-
-from tunelab.data.encoding import Collator, _adds_bos
+from tunelab.data.encoding import _adds_bos
 from tunelab.data.feature_cache import DROPPED, KEPT
 from tunelab.data.readers import check_column, load_table
-from tunelab.evaluation import inference
-from tunelab.models import chunked_loss, lm_loss
 from tunelab.tasks.base import TASKS, TaskConfig, field_name
-from tunelab.tasks.chat import select
-from tunelab.tasks.qa import split_source
+from tunelab.tasks.shared import nll, select, split_source
 
 
 class TextConfig(TaskConfig):
     unit: Literal["paragraph", "line", "document"] = "paragraph"
-
-
-@torch.no_grad()
-@torch.no_grad()
-def nll(model, tokenizer, feats: list[dict], batch_size: int = 8) -> tuple[float, int, int]:
-    """(summed next-token NLL, tokens scored, tokens predicted right by argmax) of causal-LM features
-    (labels -100 = not scored).
-
-    The logits only at scored positions and a chunk of them at a time (``chunked_loss.token_stats``)
-    where the model allows it (probed on the first rows), so whole eval batches fit; otherwise full
-    logits in batches of at most 4. Both under ``inference.inference`` (weights cast once)."""
-    collate = Collator(tokenizer.pad_token_id)
-    dev = next(model.parameters()).device
-    order = sorted(range(len(feats)), key=lambda i: -len(feats[i]["input_ids"]))
-    total, count, right = 0.0, 0, 0
-    if not order:
-        return total, count, right
-
-    def batch_of(idx):
-        batch = collate([{k: feats[i][k] for k in ("input_ids", "labels")} for i in idx])
-        return {k: v.to(dev) for k, v in batch.items() if k != "prompt_mask"}
-
-    with inference.inference(model):
-        probe = batch_of(order[-2:])  # the shortest rows: a cheap probe
-        chunked = lm_loss.supports_loss_inputs(model, probe) and lm_loss.supports_chunked_loss(model, probe)
-        step = max(1, batch_size if chunked else min(batch_size, 4))  # full-vocabulary logits are large
-        for s in range(0, len(order), step):
-            batch = batch_of(order[s:s + step])
-            if chunked:
-                t, c, r = chunked_loss.token_stats(model, lm_loss.loss_inputs(batch))
-                total, count, right = total + t, count + c, right + r
-                continue
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
-            target = batch["labels"][:, 1:]
-            total += float(torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, ignore_index=-100, reduction="sum"))
-            count += int((target != -100).sum())
-            right += int(((logits.argmax(-1) == target) & (target != -100)).sum())
-    return total, count, right
 
 
 class Text:
