@@ -12,7 +12,7 @@ import tunelab
 from test_train import cfg_for
 from tunelab.cli import app
 from tunelab.config import dump_config
-from tunelab.export.merge import base_identity, native_dtype, recorded_base
+from tunelab.models.loading import base_identity, native_dtype, recorded_base
 
 from conftest import tiny_llama, tiny_tokenizer_obj
 

@@ -233,8 +233,9 @@ def export(
         typer.echo(f"GGUF ({outtype}, {path.stat().st_size / 1e6:.1f} MB) written to {path}")
         return
     from tunelab.export.card import write_card
-    from tunelab.export.merge import load_trained, recorded_base
+    from tunelab.export.merge import load_trained
     from tunelab.export.peft_format import export_peft, save_dequantized_base
+    from tunelab.models.loading import recorded_base
 
     if not (run_dir / "method" / "method.json").exists():
         _fail(f"{run_dir}: no trained method here (expected {run_dir / 'method' / 'method.json'})")

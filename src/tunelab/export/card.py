@@ -41,7 +41,7 @@ def _table(rows: dict) -> list[str]:
 
 def card_text(run_dir: str | Path, cfg, kind: str, extra: dict | None = None, command: str | None = None) -> str:
     from tunelab.api import read_method
-    from tunelab.export.merge import base_identity
+    from tunelab.models.loading import base_identity
     from tunelab.results import read_metrics
 
     run_dir = Path(run_dir)

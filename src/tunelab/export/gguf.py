@@ -190,7 +190,8 @@ def export_run(run_dir: str | Path, out_dir: str | Path, outtype: str = "f16", c
                progress: bool = False) -> Path:
     """Merge ``run_dir``'s method into its base and write ``out_dir/<run>-<outtype>.gguf`` + README.md."""
     from tunelab.export.card import write_card
-    from tunelab.export.merge import base_identity, load_trained, merged
+    from tunelab.export.merge import load_trained, merged
+    from tunelab.models.loading import base_identity
 
     if outtype not in OUTTYPES:
         raise ValueError(f"--outtype '{outtype}' is not one of {', '.join(OUTTYPES)}")

@@ -9,6 +9,7 @@ to a safetensors copy in the user cache so later loads take about a second) and 
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 import sys
@@ -223,3 +224,44 @@ def _load_quantized(auto_cls, path: str, dtype: str, extra: dict, kwargs: dict, 
     model, info = load_quantized(path, build, plan, getattr(torch, dtype), device)
     model.name_or_path = model.config._name_or_path = path
     return model.eval(), info
+
+
+# ---------------------------------------------------------------- the base model's identity, as exports record it
+# A run's model was loaded from a resolved path (for ``smollm2-135m`` a converted copy in the user's
+# cache), so ``model.config._name_or_path`` is machine-local. Exports record ``base_identity`` instead:
+# the Hugging Face hub id (the embedded alias's source repo, or the id the user gave) and the name as
+# the user wrote it.
+
+_TORCH_NAMES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+
+
+def base_identity(name: str) -> dict:
+    """``{"name": what the user wrote, "hub_id": the hub repo or None}`` for a model name."""
+    emb = EMBEDDED.get(name)
+    if emb is not None:
+        return {"name": name, "hub_id": emb.hub_id or None}
+    if Path(name).exists():  # a local directory: the user's own name for it is all we know
+        return {"name": name, "hub_id": None}
+    return {"name": name, "hub_id": name if name.count("/") == 1 else None}
+
+
+def recorded_base(name: str) -> str:
+    """The one string an export writes as its base: the hub id when there is one, else the user's name."""
+    ident = base_identity(name)
+    return ident["hub_id"] or ident["name"]
+
+
+def native_dtype(name: str) -> str:
+    """The base checkpoint's own dtype ("bf16" | "fp16" | "fp32"), read from its config.json."""
+    emb = EMBEDDED.get(name)
+    if emb is not None:
+        return _TORCH_NAMES.get(emb.dtype, "fp32")
+    path = Path(resolve(name)) / "config.json"
+    if path.exists():
+        raw = json.loads(path.read_text())
+        value = raw.get("dtype") or raw.get("torch_dtype")
+    else:  # a hub id: the (cached) config says
+        from transformers import AutoConfig
+
+        value = str(getattr(AutoConfig.from_pretrained(name), "dtype", None) or "").replace("torch.", "")
+    return _TORCH_NAMES.get(str(value), "fp32")

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from tunelab.report import html, plots, stats, tables
 from tunelab.report.fit import fit_sweep
+from tunelab.report.tables import scale_target
 from tunelab.runtime.atomic_files import atomic_write_text
 
 MANIFEST = "manifest.json"
@@ -36,20 +37,6 @@ def read_manifest(out_dir: str | Path) -> dict:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
-
-
-def scale_target(rows: list[dict], target: str | None) -> tuple[str, callable, str]:
-    """(metric key, value -> loss-like number, note). Default: eval_loss when every run has it, else
-    the task metric, turned into an error (1 - m, or 100 - m for percentages) when higher is better.
-    Training loss is never the default: with few examples it falls as the model memorises them."""
-    key = target or (
-        "eval_loss" if all(tables._number(r.get("eval_loss")) for r in rows) else tables.primary_metric(rows)
-    )
-    key = tables.primary_metric(rows, key)
-    if not tables.higher_is_better(key):
-        return key, float, ""
-    top = 100.0 if max(float(r[key]) for r in rows if tables._number(r.get(key))) > 1.0 else 1.0
-    return key, (lambda v: top - float(v)), f"{top:g} - {key}"
 
 
 def scaling_points(rows: list[dict], manifest: dict, target: str | None) -> tuple[list[dict], str, str]:

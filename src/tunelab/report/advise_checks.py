@@ -21,7 +21,7 @@ def target_of(rows: list[dict], manifest: dict) -> tuple[str, callable, str]:
     target = manifest.get("target")
     if not target or target == "eval_loss":
         return "eval_loss", float, "eval loss"
-    from tunelab.report import scale_target
+    from tunelab.report.tables import scale_target
 
     key, to_loss, shown = scale_target(rows, target)
     return key, to_loss, shown or key

@@ -331,3 +331,17 @@ def markdown_table(summary: list[dict], metric: str, by: str = "label") -> str:
     out = [line(head), "|" + "|".join(["---"] * 2 + ["---:"] * (len(head) - 3) + ["---"]) + "|"]
     out += [line(summary_cells(s, metric, by)) for s in summary]
     return "\n".join(out) + "\n"
+
+
+def scale_target(rows: list[dict], target: str | None) -> tuple[str, callable, str]:
+    """(metric key, value -> loss-like number, note). Default: eval_loss when every run has it, else
+    the task metric, turned into an error (1 - m, or 100 - m for percentages) when higher is better.
+    Training loss is never the default: with few examples it falls as the model memorises them."""
+    key = target or (
+        "eval_loss" if all(_number(r.get("eval_loss")) for r in rows) else primary_metric(rows)
+    )
+    key = primary_metric(rows, key)
+    if not higher_is_better(key):
+        return key, float, ""
+    top = 100.0 if max(float(r[key]) for r in rows if _number(r.get(key))) > 1.0 else 1.0
+    return key, (lambda v: top - float(v)), f"{top:g} - {key}"
