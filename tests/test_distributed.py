@@ -215,8 +215,7 @@ def test_single_process_is_a_no_op():
     model = torch.nn.Linear(2, 2)
     assert dist.wrap(model, full=True) is model and dist.world() == 1 and dist.is_lead()
     assert dist.gather_json({"a": [1.5, float("inf")]}) == [{"a": [1.5, float("inf")]}]
-    with dist.split_eval():
-        assert dist.spread("xs")(lambda xs: [x * 2 for x in xs])([1, 2]) == [2, 4]
+    assert dist.spread("xs")(lambda xs: [x * 2 for x in xs])([1, 2], split=True) == [2, 4]
 
 
 def test_parallel_choice_env(monkeypatch):
@@ -296,8 +295,7 @@ def _check_spread(path: Path) -> None:
     def shout(prompts):
         return [p + "!" for p in prompts]
 
-    with dist.split_eval():
-        got = {"tensor": logits([0, 1, 2], ["x", "y", "z"]).tolist(), "list": shout(["a"])}
+    got = {"tensor": logits([0, 1, 2], ["x", "y", "z"], split=True).tolist(), "list": shout(["a"], split=True)}
     got["ranks"] = dist.gather_json(scored)
     if dist.is_lead():
         path.write_text(json.dumps(got))

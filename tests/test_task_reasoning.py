@@ -93,7 +93,7 @@ def test_evaluate_choice_scoring(monkeypatch, tmp_path, tiny_tokenizer, llama):
     ex = R.read(str(write(tmp_path, ROWS[2:4])), R.Config(), limit=None, skip_bad=False)
     seen = {}
 
-    def fake(model, tok, prompts, choices, batch_size):
+    def fake(model, tok, prompts, choices, batch_size, split=False):
         seen.update(prompts=prompts, choices=choices)
         return [[-3.0, -1.0, -2.0], [-0.5, -0.7]]
 

@@ -62,7 +62,7 @@ def test_evaluate_rouge(monkeypatch, tiny_tokenizer, llama):
     metrics, preds = SUM.evaluate(llama, tiny_tokenizer, ex, SUM.Config(), batch_size=3, gen={"max_new_tokens": 20})
     assert metrics["rouge1"] == pytest.approx((2 / 3 + 1) / 2) and metrics["rougeL"] == pytest.approx((2 / 3 + 1) / 2)
     assert metrics["rouge2"] == pytest.approx((2 * 0.4 / 1.4 + 1) / 2) and metrics["n"] == 2
-    assert list(metrics)[0] == "rouge1" and seen == {"max_new_tokens": 20, "batch_size": 3}
+    assert list(metrics)[0] == "rouge1" and seen == {"max_new_tokens": 20, "batch_size": 3, "split": False}
     assert preds[1] == {"id": "2", "where": "b", "input": "Tom: bye", "prediction": "Tom says bye", "reference": "Tom says bye"}
     monkeypatch.undo()
     metrics, _ = SUM.evaluate(llama, tiny_tokenizer, ex, SUM.Config(), batch_size=2, gen={"max_new_tokens": 3})

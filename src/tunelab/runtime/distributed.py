@@ -11,8 +11,8 @@ fine-tuning trains under FSDP2 (``fully_shard`` per decoder layer, then the root
 gradients and AdamW states are sharded, so a model that does not fit one device still trains.
 ``TUNELAB_PARALLEL=ddp|fsdp`` overrides the choice. With FSDP every forward is a collective, so
 evaluation runs the same batches on every rank in lockstep; with DDP the evaluation primitives
-(``spread``) give each rank a strided share of the examples and gather the results, so every
-rank computes the same metrics. Only rank 0 writes files.
+(``spread``), called with ``split=True``, give each rank a strided share of the examples and
+gather the results, so every rank computes the same metrics. Only rank 0 writes files.
 """
 
 from __future__ import annotations
@@ -25,8 +25,6 @@ import os
 
 import torch
 import torch.distributed as td
-
-_SPLIT = False  # inside ``split_eval``: the ``spread`` primitives share their inputs across ranks
 
 
 # ---------------------------------------------------------------- the process group
@@ -252,30 +250,20 @@ def broadcast_json(obj):
 
 
 # ---------------------------------------------------------------- evaluation
-@contextlib.contextmanager
-def split_eval(enabled: bool = True):
-    """Inside, every rank calls the evaluation with all examples; the ``spread`` primitives score
-    only this rank's share and gather the rest, so the (cheap) metric code sees every result."""
-    global _SPLIT
-    old, _SPLIT = _SPLIT, enabled and active()
-    try:
-        yield
-    finally:
-        _SPLIT = old
-
-
 def spread(*names: str):
     """Decorator for a batched evaluation primitive whose parallel list arguments ``names`` (the
-    first one sets the length) may be scored a strided share per rank. It returns a list (or a
-    tensor stacked on dim 0) in input order, identical on every rank."""
+    first one sets the length) may be scored a strided share per rank. The decorated function takes
+    one more keyword argument, ``split``: with ``split=True`` under torchrun every rank calls it with
+    all examples, scores only its share and gathers the rest, so the (cheap) metric code sees every
+    result; the return value is a list (or a tensor stacked on dim 0) in input order, identical on
+    every rank. Without it (the default, and always in one process) the function runs as written."""
 
     def deco(fn):
         sig = inspect.signature(fn)
 
         @functools.wraps(fn)
-        def wrapper(*args, **kwargs):
-            global _SPLIT
-            if not _SPLIT:
+        def wrapper(*args, split: bool = False, **kwargs):
+            if not (split and active()):
                 return fn(*args, **kwargs)
             bound = sig.bind(*args, **kwargs)
             n = len(bound.arguments[names[0]])
@@ -283,11 +271,7 @@ def spread(*names: str):
             for name in names:
                 if bound.arguments.get(name) is not None:
                     bound.arguments[name] = [bound.arguments[name][i] for i in mine]
-            _SPLIT = False  # nested primitives run locally
-            try:
-                part = fn(*bound.args, **bound.kwargs) if len(mine) else None
-            finally:
-                _SPLIT = True
+            part = fn(*bound.args, **bound.kwargs) if len(mine) else None
             is_tensor = torch.is_tensor(part)
             parts = gather_json(None if part is None else {"tensor": is_tensor, "rows": part.tolist() if is_tensor else part})
             out: list = [None] * n

@@ -11,8 +11,10 @@ A task has a ``name``, a pydantic ``Config`` (field names, template, formulation
 - ``encode(example, tokenizer, cfg, max_length) -> dict``: one training feature with
   ``input_ids`` (list[int]), ``labels`` (list[int] with -100 on prompt tokens, or an int / list of
   ints for a head) and ``prompt_len`` (how many leading tokens are prompt).
-- ``evaluate(model, tokenizer, examples, cfg, *, batch_size, gen) -> (metrics, predictions)``:
+- ``evaluate(model, tokenizer, examples, cfg, *, batch_size, gen, split=False) -> (metrics, predictions)``:
   the family's metric(s) with ``"n"`` (examples scored) included; predictions are JSON-able dicts.
+  ``split`` is passed on to the batched evaluation primitives (``score_choices``, ``generate``,
+  ``classify``): under torchrun each rank then scores a share of the examples and gathers the rest.
   The first key of ``metrics`` is the family's primary metric (used to pick the best checkpoint).
 
 Nothing outside ``tasks/`` branches on a task name.
@@ -52,7 +54,8 @@ class Task(Protocol):
     def read(self, source: str, cfg: Any, *, limit: int | None, skip_bad: bool) -> list[dict]: ...
     def head(self, cfg: Any, examples: list[dict]) -> HeadSpec | None: ...
     def encode(self, example: dict, tokenizer, cfg: Any, max_length: int) -> dict: ...
-    def evaluate(self, model, tokenizer, examples: list[dict], cfg: Any, *, batch_size: int, gen: dict) -> tuple[dict, list[dict]]: ...
+    def evaluate(self, model, tokenizer, examples: list[dict], cfg: Any, *, batch_size: int, gen: dict,
+                 split: bool = False) -> tuple[dict, list[dict]]: ...
 
 
 TASKS: Registry[Task] = Registry("task")

@@ -151,7 +151,7 @@ class Chat:
         out = self.encode_batch({k: [v] for k, v in ex.items()}, tokenizer, cfg, max_length)
         return {"input_ids": out["input_ids"][0], "labels": out["labels"][0], "prompt_len": out["prompt_len"][0]}
 
-    def evaluate(self, model, tokenizer, examples, cfg, *, batch_size=16, gen=None):
+    def evaluate(self, model, tokenizer, examples, cfg, *, batch_size=16, gen=None, split=False):
         from tunelab.tasks.shared import nll
 
         convs = []
@@ -165,7 +165,7 @@ class Chat:
             last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
             prompts.append(render(msgs[:last], tokenizer, cfg.template, add_generation_prompt=True)[0])
             refs.append(msgs[last]["content"])
-        outputs = generate(model, tokenizer, prompts, **gen_args(gen, batch_size, max_new_tokens=128))
+        outputs = generate(model, tokenizer, prompts, **gen_args(gen, batch_size, max_new_tokens=128), split=split)
         feats = [f for f in (self.encode(ex, tokenizer, cfg, 4096) for ex, _ in convs) if f["input_ids"]]
         total, count, _ = nll(model, tokenizer, feats, batch_size)
         metrics = {"rougeL": rouge(outputs, refs, types=("rougeL",))["rougeL"],

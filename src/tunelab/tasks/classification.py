@@ -131,17 +131,17 @@ class Classification:
                            render=lambda ex, v: self.prompt({**ex, **v}, tokenizer, cfg, labels),
                            group=lambda ex: ex["label"], target=lambda ex: words[self.label_id(ex, labels)])
 
-    def evaluate(self, model, tokenizer, examples, cfg, *, batch_size=16, gen=None):
+    def evaluate(self, model, tokenizer, examples, cfg, *, batch_size=16, gen=None, split=False):
         labels = self._labels(cfg, examples)
         gold = [self.label_id(ex, labels) for ex in examples]
         if cfg.formulation == "head":
             texts = [ex["text"] for ex in examples]
             pairs = [ex["text_pair"] for ex in examples] if cfg.pair else None
-            pred = classify(model, tokenizer, texts, pairs, batch_size=batch_size).argmax(-1).tolist()
+            pred = classify(model, tokenizer, texts, pairs, batch_size=batch_size, split=split).argmax(-1).tolist()
         else:
             words = cfg.label_words or labels
             prompts = [self.prompt(ex, tokenizer, cfg, labels) for ex in examples]
-            scores = score_choices(model, tokenizer, prompts, [words] * len(prompts), batch_size=batch_size)
+            scores = score_choices(model, tokenizer, prompts, [words] * len(prompts), batch_size=batch_size, split=split)
             pred = [max(range(len(s)), key=s.__getitem__) for s in scores]
         metrics = {"accuracy": sum(p == g for p, g in zip(pred, gold, strict=True)) / len(gold)}
         from sklearn.metrics import f1_score  # here: sklearn (+ scipy, pandas) costs seconds to import

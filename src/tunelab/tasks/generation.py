@@ -91,17 +91,17 @@ class Generation:
                            render=lambda ex, v: self.prompt({**ex, **v}, tokenizer, cfg),
                            group=lambda ex: bool(ex["input"]), target=lambda ex: ex["output"])
 
-    def evaluate(self, model, tokenizer, examples, cfg, *, batch_size=16, gen=None):
+    def evaluate(self, model, tokenizer, examples, cfg, *, batch_size=16, gen=None, split=False):
         prompts = [self.prompt(ex, tokenizer, cfg) for ex in examples]
         refs = [ex["output"] for ex in examples]
         args = gen_args(gen, batch_size, max_new_tokens=128)
-        outputs = generate(model, tokenizer, prompts, **args)
+        outputs = generate(model, tokenizer, prompts, **args, split=split)
         preds = [{"where": ex["_where"], "input": ex["instruction"] + (f"\n\n{ex['input']}" if ex["input"] else ""),
                   "prediction": o, **({"reference": ex["output"]} if ex["output"] else {})}
                  for ex, o in zip(examples, outputs, strict=True)]
         if missing := unreferenced(examples, "output"):  # prompts alone (tunelab predict): no metrics
             return {"n": len(examples), "without_reference": missing}, preds
-        logp = score_choices(model, tokenizer, prompts, [[r] for r in refs], batch_size=args["batch_size"])
+        logp = score_choices(model, tokenizer, prompts, [[r] for r in refs], batch_size=args["batch_size"], split=split)
         n_tokens = sum(len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in refs)
         metrics = {"rougeL": rouge(outputs, refs, types=("rougeL",))["rougeL"], "bleu": bleu(outputs, refs),
                    "perplexity": perplexity(sum(s[0] for s in logp), n_tokens), "n": len(examples)}

@@ -209,7 +209,7 @@ class NER:
         return encode_lm(tokenizer, self.prompt(ex, tokenizer, cfg, self._types(cfg, [])), target, max_length)
 
     # ---- evaluation ---------------------------------------------------------------------------
-    def evaluate(self, model, tokenizer, examples, cfg, *, batch_size=16, gen=None):
+    def evaluate(self, model, tokenizer, examples, cfg, *, batch_size=16, gen=None, split=False):
         gold = [ex["tags"] for ex in examples]
         unplaced = 0
         if cfg.formulation == "head":
@@ -217,7 +217,7 @@ class NER:
         else:
             types = self._types(cfg, examples)
             args = gen_args(gen, batch_size, max_new_tokens=64, stop=["\n"])
-            texts = generate(model, tokenizer, [self.prompt(ex, tokenizer, cfg, types) for ex in examples], **args)
+            texts = generate(model, tokenizer, [self.prompt(ex, tokenizer, cfg, types) for ex in examples], **args, split=split)
             pred = []
             for ex, out in zip(examples, texts, strict=True):
                 ents, invalid = parse_entities(out, types)

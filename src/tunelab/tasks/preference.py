@@ -114,7 +114,7 @@ class PreferenceTask:
         return Preference(cfg.objective, cfg.beta, cfg.gamma, cfg.lam, cfg.label_smoothing)
 
     @torch.no_grad()
-    def evaluate(self, model, tokenizer, examples, cfg, *, batch_size=16, gen=None):
+    def evaluate(self, model, tokenizer, examples, cfg, *, batch_size=16, gen=None, split=False):
         was_training = model.training
         model.eval()
         device = next(model.parameters()).device

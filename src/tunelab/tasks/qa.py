@@ -259,12 +259,12 @@ class QA:
                            render=lambda ex, v: self.prompt({**ex, **v}, tokenizer, cfg),
                            group=lambda ex: 0, target=lambda ex: ex["answers"][0])
 
-    def evaluate(self, model, tokenizer, examples, cfg, *, batch_size=16, gen=None):
+    def evaluate(self, model, tokenizer, examples, cfg, *, batch_size=16, gen=None, split=False):
         if cfg.formulation == "head":
             answers = self._extract(model, tokenizer, examples, cfg, batch_size)
         else:
             args = gen_args(gen, batch_size, max_new_tokens=32, stop=["\n"])
-            answers = generate(model, tokenizer, [self.prompt(ex, tokenizer, cfg) for ex in examples], **args)
+            answers = generate(model, tokenizer, [self.prompt(ex, tokenizer, cfg) for ex in examples], **args, split=split)
         scores = squad_scores(answers, [ex["answers"] for ex in examples])
         metrics = {"f1": scores["f1"], "exact_match": scores["exact_match"], "n": len(examples)}
         preds = [{"id": ex["id"], "where": ex["_where"], "input": ex["question"], "prediction": a, "reference": ex["answers"]}

@@ -158,7 +158,7 @@ class Reasoning:
     def encode(self, ex, tokenizer, cfg, max_length) -> dict:
         return encode_lm(tokenizer, self.prompt(ex, tokenizer, cfg), self.target(ex, cfg), max_length)
 
-    def evaluate(self, model, tokenizer, examples, cfg, *, batch_size=16, gen=None):
+    def evaluate(self, model, tokenizer, examples, cfg, *, batch_size=16, gen=None, split=False):
         prompts = [self.prompt(ex, tokenizer, cfg) for ex in examples]
         scored = [i for i, ex in enumerate(examples) if ex["kind"] == "choice" and cfg.scoring == "choices"]
         gen_idx = [i for i in range(len(examples)) if i not in set(scored)]
@@ -167,13 +167,13 @@ class Reasoning:
         if scored:
             sep = " " if cfg.answer_prefix else ""
             scores = score_choices(model, tokenizer, [prompts[i] + cfg.answer_prefix for i in scored],
-                                   [[sep + c for c in examples[i]["choices"]] for i in scored], batch_size=batch_size)
+                                   [[sep + c for c in examples[i]["choices"]] for i in scored], batch_size=batch_size, split=split)
             for i, s in zip(scored, scores, strict=True):
                 pred[i] = examples[i]["choices"][max(range(len(s)), key=s.__getitem__)]
                 outputs[i] = {c: round(v, 4) for c, v in zip(examples[i]["choices"], s, strict=True)}
         if gen_idx:
             args = gen_args(gen, batch_size, max_new_tokens=256)
-            texts = generate(model, tokenizer, [prompts[i] for i in gen_idx], **args)
+            texts = generate(model, tokenizer, [prompts[i] for i in gen_idx], **args, split=split)
             for i, text in zip(gen_idx, texts, strict=True):
                 ex, outputs[i] = examples[i], text
                 kind = ex["kind"]

@@ -81,9 +81,9 @@ class Summarization:
                            render=lambda ex, v: self.prompt({**ex, **v}, tokenizer, cfg),
                            group=lambda ex: 0, target=lambda ex: ex["summary"])
 
-    def evaluate(self, model, tokenizer, examples, cfg, *, batch_size=16, gen=None):
+    def evaluate(self, model, tokenizer, examples, cfg, *, batch_size=16, gen=None, split=False):
         args = gen_args(gen, batch_size, max_new_tokens=64)
-        outputs = generate(model, tokenizer, [self.prompt(ex, tokenizer, cfg) for ex in examples], **args)
+        outputs = generate(model, tokenizer, [self.prompt(ex, tokenizer, cfg) for ex in examples], **args, split=split)
         preds = [{"id": ex["id"], "where": ex["_where"], "input": ex["dialogue"], "prediction": o,
                   **({"reference": ex["summary"]} if ex["summary"] else {})} for ex, o in zip(examples, outputs, strict=True)]
         if missing := unreferenced(examples, "summary"):  # prompts alone (tunelab predict): no metrics

@@ -75,7 +75,7 @@ class Text:
         out = self.encode_batch({field_name(cfg, "text"): [ex[field_name(cfg, "text")]]}, tokenizer, cfg, max_length)
         return {"input_ids": out["input_ids"][0], "labels": out["labels"][0], "prompt_len": 0}
 
-    def evaluate(self, model, tokenizer, examples, cfg, *, batch_size=16, gen=None):
+    def evaluate(self, model, tokenizer, examples, cfg, *, batch_size=16, gen=None, split=False):
         col = field_name(cfg, "text")
         length = min(getattr(tokenizer, "model_max_length", 2048) or 2048, 2048)
         out = self.encode_batch({col: [ex[col] for ex in examples]}, tokenizer, cfg, length)

@@ -124,8 +124,9 @@ class Run:
         if not self.eval_ex:
             return {}, []
         t0 = time.perf_counter()
-        with autocast(self.device, self.amp), dist.split_eval(not dist.is_sharded(self.model)):
-            metrics, preds = self.task.evaluate(self.model, self.tok, self.eval_ex, self.tcfg, batch_size=self.cfg.eval.batch_size, gen=self.cfg.eval.gen())
+        with autocast(self.device, self.amp):  # ranks share the examples unless the model is sharded
+            metrics, preds = self.task.evaluate(self.model, self.tok, self.eval_ex, self.tcfg, batch_size=self.cfg.eval.batch_size,
+                                                gen=self.cfg.eval.gen(), split=not dist.is_sharded(self.model))
         if self.cfg.eval.loss and "eval_loss" not in metrics:  # a task may report it itself (on the way)
             with autocast(self.device, self.amp):
                 metrics["eval_loss"] = self.eval_loss()
