@@ -13,7 +13,6 @@ from tunelab.data.encoding import (
     encode_lm,
     pack,
     packed_attention_mask,
-    shard,
     tokenize_prompt,
 )
 
@@ -228,15 +227,3 @@ def test_length_grouping_cuts_padding():
     # the batch order is still shuffled: not sorted by length
     firsts = [lengths[b[0]] for b in grouped]
     assert firsts != sorted(firsts, reverse=True)
-
-
-def test_shard_disjoint_equal_shares():
-    bs = batches(list(range(1, 104)), 4, seed=1, epoch=0)  # 26 batches
-    shares = [shard(bs, r, 4) for r in range(4)]
-    assert all(len(s) == 6 for s in shares)
-    flat = [tuple(b) for s in shares for b in s]
-    assert len(set(flat)) == 24 and set(flat) <= {tuple(b) for b in bs}
-    with pytest.raises(ValueError, match="rank"):
-        shard(bs, 4, 4)
-    with pytest.raises(ValueError, match="cannot be shared"):
-        shard(bs[:2], 0, 4)

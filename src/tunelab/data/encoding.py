@@ -17,6 +17,7 @@ import random
 import weakref
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 IGNORE = -100
@@ -251,33 +252,51 @@ class Collator:
         return batch
 
 
-def pack(features: Sequence[dict], max_length: int, window: int = 64) -> list[dict]:
-    """Concatenate LM features into rows of at most `max_length` tokens (first fit among the last `window`
-    open rows, so the input order is mostly kept). Each row has ``input_ids``, ``labels``, ``position_ids``
-    (restarting at 0 for every example) and a per-token ``prompt_mask``.
-
-    Each example's first label is set to -100: unpacked it is never a target (labels shift by one), and
-    packed it would otherwise be predicted from the previous example's last token.
-    """
-    if any(f.get("seq2seq") for f in features):
-        raise ValueError("data.pack does not apply to encoder-decoder (seq2seq) features: set data.pack=false")
-    rows: list[dict] = []
-    for j, f in enumerate(features):
-        n = len(f["input_ids"])
+def pack_plan(lengths: np.ndarray, max_length: int, window: int = 64) -> list[list[int]]:
+    """Rows of at most ``max_length`` tokens, as lists of feature indices: each feature goes to the
+    first row among the last ``window`` open ones where it fits (so the input order is mostly kept)."""
+    rows: list[list[int]] = []
+    fill: list[int] = []
+    for j, n in enumerate(lengths.tolist()):
         if n > max_length:
             raise ValueError(f"feature {j} has {n} tokens > max_length {max_length}; truncate it first")
         if n == 0:
             continue
-        row = next((r for r in rows[-window:] if len(r["input_ids"]) + n <= max_length), None)
-        if row is None:
-            row = {"input_ids": [], "labels": [], "position_ids": [], "prompt_mask": []}
-            rows.append(row)
-        p = f.get("prompt_len", 0)
+        start = max(0, len(rows) - window)
+        k = next((k for k in range(start, len(rows)) if fill[k] + n <= max_length), None)
+        if k is None:
+            rows.append([])
+            fill.append(0)
+            k = len(rows) - 1
+        rows[k].append(j)
+        fill[k] += n
+    return rows
+
+
+def pack_row(features: Sequence[dict]) -> dict:
+    """One packed row of LM features: ``input_ids``, ``labels``, ``position_ids`` (restarting at 0 for
+    every example) and a per-token ``prompt_mask``.
+
+    Each example's first label is set to -100: unpacked it is never a target (labels shift by one), and
+    packed it would otherwise be predicted from the previous example's last token.
+    """
+    row = {"input_ids": [], "labels": [], "position_ids": [], "prompt_mask": []}
+    for f in features:
+        if f.get("seq2seq"):
+            raise ValueError("data.pack does not apply to encoder-decoder (seq2seq) features: set data.pack=false")
+        n, p = len(f["input_ids"]), f.get("prompt_len", 0)
         row["input_ids"] += f["input_ids"]
         row["labels"] += [IGNORE] + list(f["labels"][1:])
         row["position_ids"] += range(n)
         row["prompt_mask"] += [True] * p + [False] * (n - p)
-    return rows
+    return row
+
+
+def pack(features: Sequence[dict], max_length: int, window: int = 64) -> list[dict]:
+    """``features`` packed into rows (``pack_plan``, then ``pack_row`` for each), all built at once; the
+    training pipeline builds the same rows lazily (``tunelab.data.feature_cache``)."""
+    lengths = np.array([len(f["input_ids"]) for f in features], dtype=np.int64)
+    return [pack_row([features[j] for j in row]) for row in pack_plan(lengths, max_length, window)]
 
 
 def batches(lengths: Sequence[int], batch_size: int, *, seed: int, epoch: int, shuffle: bool = True,
@@ -305,17 +324,3 @@ def batches(lengths: Sequence[int], batch_size: int, *, seed: int, epoch: int, s
     if shuffle and group_by_length:
         rng.shuffle(out)
     return out
-
-
-def shard(batch_list: Sequence[list[int]], rank: int, world: int) -> list[list[int]]:
-    """This rank's share of an epoch's batches for data-parallel training: batches rank, rank+world, ...
-
-    Every rank gets the same number, ``len(batch_list) // world``; the last ``len(batch_list) % world``
-    batches are left out of this epoch (they differ from epoch to epoch as the order is reshuffled).
-    """
-    if not 0 <= rank < world:
-        raise ValueError(f"rank must be in [0, {world}), got {rank}")
-    usable = len(batch_list) - len(batch_list) % world
-    if usable == 0:
-        raise ValueError(f"{len(batch_list)} batches cannot be shared by {world} ranks; use smaller batches")
-    return [list(b) for b in batch_list[rank:usable:world]]

@@ -16,7 +16,7 @@ indexes by batch. Two paths:
 Encoders report each row's fate in a ``status`` column (0 kept, 1 truncated, 2 dropped); dropped rows
 stay in the file with length 0 and are left out of the index, and the counts go to ``stats`` (the
 loop writes them into the run facts). ``pack=True`` packs lazily (same first-fit rule as
-`tunelab.data.encoding.pack`), so packing a million rows builds index lists, not token lists.
+`tunelab.data.encoding.pack_plan`), so packing a million rows builds index lists, not token lists.
 Worker processes: the config's ``data.num_proc`` when set, else ``TUNELAB_NUM_PROC``, else 1 under 20k
 rows or on 2 cores, else half the cores up to 4. Environment:
 ``TUNELAB_FEATURE_CACHE=0`` to skip the disk cache.
@@ -33,7 +33,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from tunelab.data.encoding import IGNORE
+from tunelab.data.encoding import pack_plan, pack_row
 
 log = logging.getLogger(__name__)
 VERSION = "2"  # 2: the examples key hashes rows in chunks
@@ -301,26 +301,6 @@ class Features(Sequence):
         return self.base.row(int(self.index[i]))
 
 
-def pack_plan(lengths: np.ndarray, max_length: int, window: int = 64) -> list[list[int]]:
-    """The rows `tunelab.data.encoding.pack` would build, as lists of feature indices (first fit in the last ``window``)."""
-    rows: list[list[int]] = []
-    fill: list[int] = []
-    for j, n in enumerate(lengths.tolist()):
-        if n > max_length:
-            raise ValueError(f"feature {j} has {n} tokens > max_length {max_length}; truncate it first")
-        if n == 0:
-            continue
-        start = max(0, len(rows) - window)
-        k = next((k for k in range(start, len(rows)) if fill[k] + n <= max_length), None)
-        if k is None:
-            rows.append([])
-            fill.append(0)
-            k = len(rows) - 1
-        rows[k].append(j)
-        fill[k] += n
-    return rows
-
-
 class Packed(Sequence):
     """`Features` packed into rows of at most ``max_length`` tokens, built when indexed."""
 
@@ -337,12 +317,4 @@ class Packed(Sequence):
     def __getitem__(self, i):
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(len(self)))]
-        row = {"input_ids": [], "labels": [], "position_ids": [], "prompt_mask": []}
-        for j in self.plan[i]:
-            f = self.feats[j]
-            n, p = len(f["input_ids"]), f.get("prompt_len", 0)
-            row["input_ids"] += f["input_ids"]
-            row["labels"] += [IGNORE] + list(f["labels"][1:])
-            row["position_ids"] += range(n)
-            row["prompt_mask"] += [True] * p + [False] * (n - p)
-        return row
+        return pack_row([self.feats[j] for j in self.plan[i]])
