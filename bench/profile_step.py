@@ -76,7 +76,7 @@ def main() -> None:
     probe = {k: v[:2] for k, v in batches[0].items()}
     trim = lm_loss.supports_loss_inputs(model, probe, autocast(r.device, r.amp))
     shared = trim and lm_loss.supports_shared_prefix(model, probe)
-    try:  # frozen weights kept in the autocast dtype (issue 19); absent in older trees
+    try:  # frozen weights kept in the autocast dtype ; absent in older trees
         from tunelab.runtime.precision import held_weights
 
         held = held_weights(model, r.amp, cfg.train.shadow_mb, r.device)

@@ -1,4 +1,4 @@
-"""Plain Hugging Face evaluation loops, the reference side of bench/run.py's evaluation rows (issue 19).
+"""Plain Hugging Face evaluation loops, the reference side of bench/run.py's evaluation rows.
 
 Each one is what a user writes without tunelab: the examples in file order, right padding, batches of
 ``eval.batch_size``, the plain model under the same autocast, the full output of every forward.

@@ -223,7 +223,7 @@ def _child(spec: dict) -> dict:
         return reference.pyreft_loop(cfg, steps, warmup, peak, **kw)
     if kind == "score":
         return reference.score_plain(cfg, peak, conf.get("max_examples"))
-    if kind in ("choice", "ner", "qa"):  # issue 19's evaluation rows
+    if kind in ("choice", "ner", "qa"):  # the evaluation rows with a plain Hugging Face reference
         import reference_eval
 
         return getattr(reference_eval, f"{kind}_plain")(cfg, conf.get("max_examples"))

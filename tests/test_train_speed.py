@@ -41,7 +41,7 @@ def test_fast_packed_dequantize_is_the_loop_bit_for_bit(bits, kind):
 
 
 def _old_forward(self, x):
-    """QuantLinear.forward before issue 19: dequantize in x's dtype (torchao's get_original_weight or
+    """QuantLinear.forward before weights were held dequantized: dequantize in x's dtype (torchao's get_original_weight or
     the packed loop), cast by autocast; dequantize again in backward."""
     def deq(dtype):
         if self.is_nf4:

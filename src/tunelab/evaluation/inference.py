@@ -1,4 +1,4 @@
-"""Faster evaluation forwards that give the same scores as the plain ones (issue 19).
+"""Evaluation forwards that give the plain forward's scores with less work.
 
 - ``inference(model)``: eval mode and no autograd for the block, and every matmul-only weight held
   in the autocast dtype once (``tunelab.runtime.precision.cast_weights``) instead of re-cast in each forward;

@@ -1,4 +1,4 @@
-"""Issue 19, evaluation levers: the same scores, tags and spans as the plain paths."""
+"""Evaluation inference paths (tunelab.evaluation.inference, packed choices, shared casts): the same scores, tags and spans as the plain paths."""
 
 import contextlib
 
