@@ -42,13 +42,14 @@ from tunelab.models.loading import resolve
 from tunelab.results import read_metrics
 from tunelab.runtime import distributed as dist
 from tunelab.runtime import precision
-from tunelab.runtime.atomic_files import atomic_write_text, recover, remove_stale
+from tunelab.runtime.atomic_files import atomic_write_text, remove_stale
 from tunelab.runtime.precision import autocast, autocast_dtype, peak_memory_mb, pick_device
 from tunelab.tasks import TASKS
 from tunelab.training import cpu_attention, optimizer, tracking
-from tunelab.training.checkpoint import load_checkpoint, save_checkpoint, verify_checkpoint
+from tunelab.training.checkpoint import save_checkpoint
 from tunelab.training.divergence import check_step
 from tunelab.training.preflight import check_run, warn_rank
+from tunelab.training.resume import start_position
 from tunelab.training.run_lock import RunLock, StopOnSignal, Stopped
 
 # ---------------------------------------------------------------- environment
@@ -255,7 +256,7 @@ def _train(r: Run, model, out: Path, lead: bool) -> dict:
     total = _total_steps(tc, len(_epoch_batches(r, feats.lengths, 0)))
     base, model, levers = _prepare_model(r, model, feats)
     params, opt, sched, lr = _optimizer_and_schedule(r.cfg, model, total)
-    pos = _start_position(out, tc, model, opt, sched, total=total, rows=len(feats.lengths), lead=lead)
+    pos = start_position(out, tc, model, opt, sched, total=total, rows=len(feats.lengths), lead=lead)
     t = _Training(r=r, feats=feats, model=model, base=base, params=params, opt=opt, sched=sched, levers=levers,
                   pos=pos, total=total, out=out)
     with contextlib.ExitStack() as stack:
@@ -335,24 +336,6 @@ def _optimizer_and_schedule(cfg: RunConfig, model, total: int) -> tuple:
     return params, opt, sched, lr
 
 
-def _start_position(out: Path, tc, model, opt, sched, *, total: int, rows: int, lead: bool) -> dict:
-    """Where training starts: step 0, or the checkpoint every process agrees on (``_agree_last``),
-    loaded into ``model``, ``opt`` and ``sched`` (the RNG states too). The lead process drops the
-    log lines past it. ``pos`` holds the step/epoch/batch position, the best eval score and the
-    whole-run tokens / train_time_s / loss figures, which a checkpoint keeps so a resumed run reports them."""
-    per_rank = tc.batch_size
-    pos = {"step": 0, "epoch": 0, "batch": 0, "best": None, "world": dist.world(), "global_batch": per_rank * dist.world(),
-           "tokens": 0, "train_time_s": 0.0, "loss": None, "loss_sum": 0.0}
-    last = _agree_last(out / "checkpoints", lead, total) if tc.resume else None
-    if last is not None:
-        pos = {**pos, **load_checkpoint(last, dist.unwrap(model), opt, sched)}
-        dist.check_resume(pos, per_rank, rows)
-        dist.log(f"resumed from {last} at step {pos['step']}")
-    if lead:  # lines past the checkpoint (or all, starting afresh) belong to no run any more
-        _truncate_log(out / "log.jsonl", pos["step"])
-    return pos
-
-
 def _progress_bar(cfg: RunConfig, total: int, initial: int):
     from tqdm.auto import tqdm
 
@@ -398,9 +381,9 @@ class _StepFacts(NamedTuple):
 @dataclasses.dataclass(eq=False)
 class _Training:
     """A training run under way: what its steps share. ``pos`` is the position a checkpoint keeps
-    (``_start_position``); ``model`` is what the steps call (data-parallel wrapped), ``base`` the
-    model with its method attached. The steps call ``model(**batch).loss`` or the task's objective:
-    they never name a method or a task."""
+    (``tunelab.training.resume.start_position``); ``model`` is what the steps call (data-parallel
+    wrapped), ``base`` the model with its method attached. The steps call ``model(**batch).loss`` or
+    the task's objective: they never name a method or a task."""
 
     r: Run
     feats: object
@@ -541,54 +524,6 @@ def _eval_and_keep_best(r: Run, model, out: Path, pos: dict, log_f) -> None:
         with dist.gathered(model):
             if dist.is_lead():
                 tunelab.save(model, out / "checkpoints" / "best")
-
-
-def _agree_last(ckpt: Path, lead: bool, total: int) -> Path | None:
-    """Rank 0 decides whether to resume and from which checkpoint: ``last``, else (with a message)
-    ``prev`` when ``last`` is corrupt (it repairs a half-renamed one too); every rank must then find
-    the same checkpoint, i.e. output_dir must be on a filesystem all nodes share."""
-    choice = None
-    if lead:
-        recover(ckpt / "last")
-        problems = []
-        for cand in (ckpt / "last", ckpt / "prev"):
-            if not cand.exists():
-                continue
-            try:
-                choice = [cand.name, verify_checkpoint(cand, total)["position"]["step"]]
-                break
-            except ValueError as e:
-                problems.append(str(e))
-                dist.log(f"warning: checkpoint {cand} is unusable ({e})" + ("; trying the previous one" if cand.name == "last" and (ckpt / "prev").exists() else ""))
-        if choice is None and problems:
-            raise ValueError(f"{ckpt}: no usable checkpoint to resume from ({'; '.join(problems)}); "
-                             "delete it or set train.resume=false to start over")
-    choice = dist.broadcast_json(choice)
-    if choice is None:
-        return None
-    name, step = choice
-    last = ckpt / name
-    mine = json.loads((last / "state.json").read_text())["position"]["step"] if (last / "state.json").exists() else None
-    if mine != step:
-        raise RuntimeError(f"rank {dist.rank()}: rank 0 resumes from {last} at step {step} but this process sees "
-                           f"{'no checkpoint' if mine is None else f'step {mine}'} there: output_dir must be on a "
-                           "filesystem every node shares")
-    return last
-
-
-def _truncate_log(path: Path, step: int) -> None:
-    """Drop log lines past the checkpoint we resume from, so the log reads as one clean run."""
-    if not path.exists():
-        return
-    keep = []
-    for ln in path.read_text(errors="replace").splitlines():
-        try:
-            rec = json.loads(ln)
-        except ValueError:  # a half-written line (killed mid-write, full disk): never resumed from
-            continue
-        if isinstance(rec, dict) and rec.get("step", 0) <= step:
-            keep.append(ln)
-    atomic_write_text(path, "".join(ln + "\n" for ln in keep))
 
 
 def evaluate_run(cfg: RunConfig, method_dir: str | os.PathLike | None = None) -> tuple[dict, list[dict]]:
