@@ -15,6 +15,7 @@ good one.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import math
@@ -22,6 +23,7 @@ import os
 import random
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -40,13 +42,14 @@ from tunelab.models.loading import resolve
 from tunelab.results import read_metrics
 from tunelab.runtime import distributed as dist
 from tunelab.runtime import precision
-from tunelab.runtime.atomic_files import atomic_write_text, recover, remove_stale
+from tunelab.runtime.atomic_files import atomic_write_text, remove_stale
 from tunelab.runtime.precision import autocast, autocast_dtype, peak_memory_mb, pick_device
 from tunelab.tasks import TASKS
 from tunelab.training import cpu_attention, optimizer, tracking
-from tunelab.training.checkpoint import load_checkpoint, save_checkpoint, verify_checkpoint
+from tunelab.training.checkpoint import save_checkpoint
 from tunelab.training.divergence import check_step
 from tunelab.training.preflight import check_run, warn_rank
+from tunelab.training.resume import start_position
 from tunelab.training.run_lock import RunLock, StopOnSignal, Stopped
 
 # ---------------------------------------------------------------- environment
@@ -246,8 +249,38 @@ def _run(cfg: RunConfig, t_start: float) -> dict:
 
 
 def _train(r: Run, model, out: Path, lead: bool) -> dict:
-    cfg, tc = r.cfg, r.cfg.train
-    # batched, cached, memory-mapped where the task and the data size allow (tunelab.data.feature_cache)
+    """Train ``model`` (``r.model`` with its method attached) for train.max_steps, else train.epochs;
+    the lead process writes log.jsonl and the checkpoints under ``out``. Returns the training facts
+    of the run's record (``run`` in metrics.json)."""
+    tc = r.cfg.train
+    feats = _train_features(r)
+    total = _total_steps(tc, len(_epoch_batches(r, feats.lengths, 0)))
+    base, model, levers = _prepare_model(r, model, feats)
+    params, opt, sched, lr = _optimizer_and_schedule(r.cfg, model, total)
+    pos = start_position(out, tc, model, opt, sched, total=total, rows=len(feats.lengths), lead=lead)
+    t = _Training(r=r, feats=feats, model=model, base=base, params=params, opt=opt, sched=sched, levers=levers,
+                  pos=pos, total=total, out=out)
+    with contextlib.ExitStack() as stack:
+        if lead and tc.progress:
+            t.bar = stack.enter_context(_progress_bar(r.cfg, total, pos["step"]))
+        model.train()
+        if lead:
+            t.log_f = stack.enter_context(open(out / "log.jsonl", "a"))
+        # frozen weights kept in the autocast dtype instead of re-cast / re-dequantized per call (same results)
+        held = stack.enter_context(precision.held_weights(base, r.amp, 0 if dist.is_sharded(model) else tc.shadow_mb, r.device))
+        t.stop = stack.enter_context(StopOnSignal())
+        stack.enter_context(_lost_peer_explained(t.ckpt))
+        while pos["step"] < total:
+            t.end_of_step(t.step())
+        t.save()
+    return _train_facts(feats, pos, lr, held)
+
+
+# ---------------------------------------------------------------- before the first step
+def _train_features(r: Run):
+    """The training set's features: batched, cached, memory-mapped where the task and the data size
+    allow (``tunelab.data.feature_cache``); says how many rows were truncated."""
+    cfg = r.cfg
     feats = feature_cache.features(r.task, r.train_ex, r.tok, r.tcfg, cfg.data.max_length, pack=cfg.data.pack, desc="tokenizing train",
                               num_proc=cfg.data.num_proc)
     if not len(feats):
@@ -256,123 +289,66 @@ def _train(r: Run, model, out: Path, lead: bool) -> dict:
     if truncated:
         dist.log(f"warning: {truncated} of {feats.stats['rows']} training rows are longer than data.max_length="
                  f"{cfg.data.max_length} and were truncated (their document part; see metrics.json run.truncated_rows)")
-    lengths = feats.lengths
-    collate = r.collate
-    per_rank = tc.batch_size
-    epoch_batches = lambda epoch: dist.shard(  # noqa: E731
-        batches(lengths, per_rank * dist.world(), seed=tc.seed, epoch=epoch, group_by_length=cfg.data.group_by_length),
+    return feats
+
+
+def _epoch_batches(r: Run, lengths, epoch: int) -> list:
+    """This process's share of ``epoch``'s batches (feature indices): a pure function of the seed and
+    the epoch, so a resumed run draws the very same ones."""
+    tc, per_rank = r.cfg.train, r.cfg.train.batch_size
+    return dist.shard(
+        batches(lengths, per_rank * dist.world(), seed=tc.seed, epoch=epoch, group_by_length=r.cfg.data.group_by_length),
         per_rank,
     )
-    steps_per_epoch = max(1, len(epoch_batches(0)) // tc.grad_accum)
-    total = tc.max_steps if tc.max_steps is not None else math.ceil(tc.epochs * steps_per_epoch)
+
+
+def _total_steps(tc, epoch_batches: int) -> int:
+    """train.max_steps, else train.epochs worth of optimizer steps (``grad_accum`` batches each)."""
+    steps_per_epoch = max(1, epoch_batches // tc.grad_accum)
+    return tc.max_steps if tc.max_steps is not None else math.ceil(tc.epochs * steps_per_epoch)
+
+
+def _prepare_model(r: Run, model, feats) -> tuple:
+    """Make ``model`` ready to train: gradient checkpointing if asked, the loss levers, the objective's
+    own preparation, then the data-parallel wrapper. Returns (``model`` itself, the model the steps
+    call, the levers)."""
+    cfg = r.cfg
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError(f"method '{cfg.method.name}' left no parameter trainable")
-    if tc.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
+    if cfg.train.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     # LM head and loss only where a target is (same loss and grads; see tunelab.models.lm_loss)
-    probe = {k: v.to(r.device) for k, v in collate(feats[:2]).items()}
-    obj = r.objective
+    probe = {k: v.to(r.device) for k, v in r.collate(feats[:2]).items()}
     levers = (lm_loss.loss_levers(model, probe, autocast(r.device, r.amp), distributed=dist.active())
-              if r.causal and not obj else {"trim": False})
-    if obj:
-        obj.prepare(model)  # e.g. DPO's frozen reference for a method without an off switch
-    base = model
-    model = dist.wrap(model, full=cfg.method.name == "full")
+              if r.causal and not r.objective else {"trim": False})
+    if r.objective:
+        r.objective.prepare(model)  # e.g. DPO's frozen reference for a method without an off switch
+    return model, dist.wrap(model, full=cfg.method.name == "full"), levers
+
+
+def _optimizer_and_schedule(cfg: RunConfig, model, total: int) -> tuple:
+    """AdamW over the trainable parameters (fused where it runs) and the warmup + decay schedule over
+    ``total`` steps. Returns (parameters, optimizer, schedule, learning rate)."""
+    tc = cfg.train
     params = [p for p in model.parameters() if p.requires_grad]
     lr = tc.lr or optimizer.default_lr(cfg.method.name, cfg.method.params())
-    opt = optimizer.adamw(params, lr=lr, weight_decay=tc.weight_decay)  # fused where it runs
+    opt = optimizer.adamw(params, lr=lr, weight_decay=tc.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, optimizer.lr_lambda(tc.schedule, int(tc.warmup * total), total))
+    return params, opt, sched, lr
 
-    ckpt = out / "checkpoints"
-    # tokens / train_time_s / loss_*: whole-run figures, kept in the checkpoint so a resumed run reports them
-    pos = {"step": 0, "epoch": 0, "batch": 0, "best": None, "world": dist.world(), "global_batch": per_rank * dist.world(),
-           "tokens": 0, "train_time_s": 0.0, "loss": None, "loss_sum": 0.0}
-    last = _agree_last(ckpt, lead, total) if tc.resume else None
-    if last is not None:
-        pos = {**pos, **load_checkpoint(last, dist.unwrap(model), opt, sched)}
-        dist.check_resume(pos, per_rank, len(lengths))
-        dist.log(f"resumed from {last} at step {pos['step']}")
-    if lead:  # lines past the checkpoint (or all, starting afresh) belong to no run any more
-        _truncate_log(out / "log.jsonl", pos["step"])
-    order = epoch_batches(pos["epoch"])
 
-    def next_batch():
-        nonlocal order
-        if pos["batch"] >= len(order):
-            pos["epoch"] += 1
-            pos["batch"] = 0
-            order = epoch_batches(pos["epoch"])
-        idx = order[pos["batch"]]
-        pos["batch"] += 1
-        return collate([feats[i] for i in idx])
+def _progress_bar(cfg: RunConfig, total: int, initial: int):
+    from tqdm.auto import tqdm
 
-    bar = None
-    if lead and tc.progress:
-        from tqdm.auto import tqdm
+    return tqdm(total=total, initial=initial, desc=f"{cfg.method.name} on {cfg.task.name}", unit="step", dynamic_ncols=True)
 
-        bar = tqdm(total=total, initial=pos["step"], desc=f"{cfg.method.name} on {cfg.task.name}", unit="step", dynamic_ncols=True)
-    model.train()
-    log_f = open(out / "log.jsonl", "a") if lead else None  # noqa: SIM115
-    tokens, t_train = pos["tokens"], pos["train_time_s"]
-    loss = pos["loss"] if pos["loss"] is not None else float("nan")
-    stop = StopOnSignal()
-    # frozen weights kept in the autocast dtype instead of re-cast / re-dequantized per call (same results)
-    held = precision.held_weights(base, r.amp, 0 if dist.is_sharded(model) else tc.shadow_mb, r.device)
-    held_facts = held.__enter__()
+
+@contextlib.contextmanager
+def _lost_peer_explained(ckpt: Path):
+    """A collective failing because another process died or hung becomes an error that says so and
+    whether a checkpoint is there to resume from."""
     try:
-        stop.__enter__()
-        while pos["step"] < total:
-            t0 = time.perf_counter()
-            micro = [{k: v.to(r.device) for k, v in next_batch().items()} for _ in range(tc.grad_accum)]
-            n_total = dist.all_sum(sum(r.units(b) for b in micro))
-            step_loss = torch.zeros((), device=r.device)
-            for i, b in enumerate(micro):
-                sync = dist.no_sync(model) if i < len(micro) - 1 else contextlib.nullcontext()
-                with sync, autocast(r.device, r.amp), cpu_attention.attention_for(model, b, r.device):
-                    out_loss = obj.loss(model, b, base) if obj else lm_loss.loss(model, b, **levers)
-                weight = r.units(b) / n_total * dist.world()
-                (out_loss * weight).backward()
-                step_loss += out_loss.detach() * weight
-            gnorm = torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm) if tc.max_grad_norm else None
-            gnorm = dist.full(gnorm)
-            loss = dist.mean(step_loss).item()
-            check_step(pos["step"] + 1, loss, gnorm, _last_saved(ckpt))  # before the update touches the weights
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            pos["step"] += 1
-            dt = time.perf_counter() - t0
-            n_tok = dist.all_sum(sum(real_tokens(b, r.tok.pad_token_id) for b in micro))
-            tokens += n_tok
-            t_train += dt
-            pos.update(tokens=tokens, train_time_s=t_train, loss=loss, loss_sum=pos["loss_sum"] + loss)
-            if lead:
-                rec = {"step": pos["step"], "epoch": pos["epoch"], "loss": loss, "lr": sched.get_last_lr()[0],
-                       "tokens_per_s": n_tok / dt, "elapsed_s": t_train}
-                if gnorm is not None:
-                    rec["grad_norm"] = float(gnorm)
-                if obj:  # e.g. reward accuracy and margin of the step's last micro-batch
-                    rec.update(obj.last)
-                if pos["step"] % tc.log_every == 0 or pos["step"] in (1, total):
-                    log_f.write(json.dumps(rec) + "\n")
-                    log_f.flush()
-                    if r.tracker:
-                        r.tracker.log_step(rec)
-                if bar:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens / t_train:,.0f}")
-            if tc.eval_every and pos["step"] % tc.eval_every == 0 and pos["step"] < total:
-                _eval_and_keep_best(r, dist.unwrap(model), out, pos, log_f)
-            if tc.save_every and pos["step"] % tc.save_every == 0 and pos["step"] < total:
-                save_checkpoint(ckpt / "last", dist.unwrap(model), opt, sched, pos)
-            dist.barrier_if(tc.save_every and pos["step"] % tc.save_every == 0)
-            signum = dist.all_sum(stop.signum or 0) if dist.active() else stop.signum
-            if signum and pos["step"] < total:
-                save_checkpoint(ckpt / "last", dist.unwrap(model), opt, sched, pos)
-                name = stop.name or f"signal {signum}"
-                raise Stopped(f"stopped by {name} at step {pos['step']} of {total}: checkpoint saved in {ckpt / 'last'}; "
-                              "run the same `tunelab train` command again (train.resume=true) to continue from it", signum)
-        save_checkpoint(ckpt / "last", dist.unwrap(model), opt, sched, pos)
+        yield
     except Exception as e:
         if dist.lost_peer(e):
             saved = _last_saved(ckpt)
@@ -383,18 +359,151 @@ def _train(r: Run, model, out: Path, lead: bool) -> dict:
                    if saved else "no checkpoint was written yet (set train.save_every to keep one)")
             ) from e
         raise
-    finally:
-        held.__exit__(None, None, None)
-        stop.__exit__(None, None, None)
-        if bar:
-            bar.close()
-        if log_f:
-            log_f.close()
+
+
+def _train_facts(feats, pos: dict, lr: float, held: dict) -> dict:
     data = {f"data_{k}": feats.stats[k] for k in ("rows", "dropped", "cached", "seconds")}
+    tokens, t_train = pos["tokens"], pos["train_time_s"]
     return {**data, "steps": pos["step"], "train_tokens": tokens, "train_time_s": t_train,
-            "train_tokens_per_s": tokens / t_train if t_train else 0.0, "final_loss": loss,
+            "train_tokens_per_s": tokens / t_train if t_train else 0.0,
+            "final_loss": pos["loss"] if pos["loss"] is not None else float("nan"),
             "mean_train_loss": pos["loss_sum"] / pos["step"] if pos["step"] else float("nan"), "lr": lr,
-            "truncated_rows": truncated, "held_weights_mb": held_facts["held_mb"]}
+            "truncated_rows": feats.stats["truncated"], "held_weights_mb": held["held_mb"]}
+
+
+# ---------------------------------------------------------------- the steps
+class _StepFacts(NamedTuple):
+    loss: float  # the step's token-mean loss over every process
+    grad_norm: torch.Tensor | None  # before clipping; None without train.max_grad_norm
+    tokens: int  # non-pad tokens of the step, every process
+    seconds: float
+
+
+@dataclasses.dataclass(eq=False)
+class _Training:
+    """A training run under way: what its steps share. ``pos`` is the position a checkpoint keeps
+    (``tunelab.training.resume.start_position``); ``model`` is what the steps call (data-parallel
+    wrapped), ``base`` the model with its method attached. The steps call ``model(**batch).loss`` or
+    the task's objective: they never name a method or a task."""
+
+    r: Run
+    feats: object
+    model: torch.nn.Module
+    base: torch.nn.Module
+    params: list
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    levers: dict
+    pos: dict
+    total: int
+    out: Path  # the run directory
+    log_f: object = None  # log.jsonl, open on the lead process
+    bar: object = None  # the progress bar (lead process, train.progress)
+    stop: StopOnSignal | None = None
+
+    def __post_init__(self):
+        self.ckpt = self.out / "checkpoints"
+        self.order = _epoch_batches(self.r, self.feats.lengths, self.pos["epoch"])
+
+    def next_batch(self) -> dict:
+        """The next batch in the loop's order, moving ``pos`` on (into the next epoch at the end of one)."""
+        pos = self.pos
+        if pos["batch"] >= len(self.order):
+            pos["epoch"] += 1
+            pos["batch"] = 0
+            self.order = _epoch_batches(self.r, self.feats.lengths, pos["epoch"])
+        idx = self.order[pos["batch"]]
+        pos["batch"] += 1
+        return self.r.collate([self.feats[i] for i in idx])
+
+    def step(self) -> _StepFacts:
+        """One optimizer step over train.grad_accum micro-batches, timed; the whole-run figures in
+        ``pos`` move on with it."""
+        r, pos = self.r, self.pos
+        t0 = time.perf_counter()
+        micro = [{k: v.to(r.device) for k, v in self.next_batch().items()} for _ in range(r.cfg.train.grad_accum)]
+        loss, gnorm = self.optimizer_step(micro)
+        dt = time.perf_counter() - t0
+        n_tok = dist.all_sum(sum(real_tokens(b, r.tok.pad_token_id) for b in micro))
+        pos.update(tokens=pos["tokens"] + n_tok, train_time_s=pos["train_time_s"] + dt, loss=loss,
+                   loss_sum=pos["loss_sum"] + loss)
+        return _StepFacts(loss, gnorm, n_tok, dt)
+
+    def optimizer_step(self, micro: list[dict]) -> tuple[float, torch.Tensor | None]:
+        """Accumulate the micro-batches' gradients, clip them, check the step for divergence, then update
+        the weights and the schedule. Returns the step's loss and gradient norm."""
+        tc = self.r.cfg.train
+        step_loss = self.accumulate(micro)
+        gnorm = torch.nn.utils.clip_grad_norm_(self.params, tc.max_grad_norm) if tc.max_grad_norm else None
+        gnorm = dist.full(gnorm)
+        loss = dist.mean(step_loss).item()
+        check_step(self.pos["step"] + 1, loss, gnorm, _last_saved(self.ckpt))  # before the update touches the weights
+        self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.pos["step"] += 1
+        return loss, gnorm
+
+    def accumulate(self, micro: list[dict]) -> torch.Tensor:
+        """Backward through each micro-batch, its mean loss weighted by its share of the step's loss units
+        over every process (so the gradient is the unit-mean over the whole step, whatever the padding);
+        returns this process's share of the step's loss."""
+        r, model, obj = self.r, self.model, self.r.objective
+        n_total = dist.all_sum(sum(r.units(b) for b in micro))
+        step_loss = torch.zeros((), device=r.device)
+        for i, b in enumerate(micro):
+            sync = dist.no_sync(model) if i < len(micro) - 1 else contextlib.nullcontext()
+            with sync, autocast(r.device, r.amp), cpu_attention.attention_for(model, b, r.device):
+                out_loss = obj.loss(model, b, self.base) if obj else lm_loss.loss(model, b, **self.levers)
+            weight = r.units(b) / n_total * dist.world()
+            (out_loss * weight).backward()
+            step_loss += out_loss.detach() * weight
+        return step_loss
+
+    # ------------------------------------------------ end of a step
+    def end_of_step(self, facts: _StepFacts) -> None:
+        """Log the step; evaluate and save a checkpoint when due; stop here if a signal came."""
+        tc, step = self.r.cfg.train, self.pos["step"]
+        if self.log_f is not None:  # the lead process
+            self.log_step(facts)
+        if tc.eval_every and step % tc.eval_every == 0 and step < self.total:
+            _eval_and_keep_best(self.r, dist.unwrap(self.model), self.out, self.pos, self.log_f)
+        if tc.save_every and step % tc.save_every == 0 and step < self.total:
+            self.save()
+        dist.barrier_if(tc.save_every and step % tc.save_every == 0)
+        self.stop_if_signalled()
+
+    def log_step(self, facts: _StepFacts) -> None:
+        """The lead process's line in log.jsonl (every train.log_every steps, the first and the last),
+        the same record to the tracker, and the progress bar."""
+        pos, obj, tracker = self.pos, self.r.objective, self.r.tracker
+        rec = {"step": pos["step"], "epoch": pos["epoch"], "loss": facts.loss, "lr": self.sched.get_last_lr()[0],
+               "tokens_per_s": facts.tokens / facts.seconds, "elapsed_s": pos["train_time_s"]}
+        if facts.grad_norm is not None:
+            rec["grad_norm"] = float(facts.grad_norm)
+        if obj:  # e.g. reward accuracy and margin of the step's last micro-batch
+            rec.update(obj.last)
+        if pos["step"] % self.r.cfg.train.log_every == 0 or pos["step"] in (1, self.total):
+            self.log_f.write(json.dumps(rec) + "\n")
+            self.log_f.flush()
+            if tracker:
+                tracker.log_step(rec)
+        if self.bar:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{facts.loss:.4f}", tok_s=f"{pos['tokens'] / pos['train_time_s']:,.0f}")
+
+    def save(self) -> None:
+        save_checkpoint(self.ckpt / "last", dist.unwrap(self.model), self.opt, self.sched, self.pos)
+
+    def stop_if_signalled(self) -> None:
+        """After SIGTERM/SIGINT on any process: save a checkpoint and raise ``Stopped`` saying how to resume."""
+        stop, step = self.stop, self.pos["step"]
+        signum = dist.all_sum(stop.signum or 0) if dist.active() else stop.signum
+        if signum and step < self.total:
+            self.save()
+            name = stop.name or f"signal {signum}"
+            raise Stopped(f"stopped by {name} at step {step} of {self.total}: checkpoint saved in {self.ckpt / 'last'}; "
+                          "run the same `tunelab train` command again (train.resume=true) to continue from it", signum)
 
 
 def _last_saved(ckpt: Path) -> Path | None:
@@ -416,54 +525,6 @@ def _eval_and_keep_best(r: Run, model, out: Path, pos: dict, log_f) -> None:
         with dist.gathered(model):
             if dist.is_lead():
                 tunelab.save(model, out / "checkpoints" / "best")
-
-
-def _agree_last(ckpt: Path, lead: bool, total: int) -> Path | None:
-    """Rank 0 decides whether to resume and from which checkpoint: ``last``, else (with a message)
-    ``prev`` when ``last`` is corrupt (it repairs a half-renamed one too); every rank must then find
-    the same checkpoint, i.e. output_dir must be on a filesystem all nodes share."""
-    choice = None
-    if lead:
-        recover(ckpt / "last")
-        problems = []
-        for cand in (ckpt / "last", ckpt / "prev"):
-            if not cand.exists():
-                continue
-            try:
-                choice = [cand.name, verify_checkpoint(cand, total)["position"]["step"]]
-                break
-            except ValueError as e:
-                problems.append(str(e))
-                dist.log(f"warning: checkpoint {cand} is unusable ({e})" + ("; trying the previous one" if cand.name == "last" and (ckpt / "prev").exists() else ""))
-        if choice is None and problems:
-            raise ValueError(f"{ckpt}: no usable checkpoint to resume from ({'; '.join(problems)}); "
-                             "delete it or set train.resume=false to start over")
-    choice = dist.broadcast_json(choice)
-    if choice is None:
-        return None
-    name, step = choice
-    last = ckpt / name
-    mine = json.loads((last / "state.json").read_text())["position"]["step"] if (last / "state.json").exists() else None
-    if mine != step:
-        raise RuntimeError(f"rank {dist.rank()}: rank 0 resumes from {last} at step {step} but this process sees "
-                           f"{'no checkpoint' if mine is None else f'step {mine}'} there: output_dir must be on a "
-                           "filesystem every node shares")
-    return last
-
-
-def _truncate_log(path: Path, step: int) -> None:
-    """Drop log lines past the checkpoint we resume from, so the log reads as one clean run."""
-    if not path.exists():
-        return
-    keep = []
-    for ln in path.read_text(errors="replace").splitlines():
-        try:
-            rec = json.loads(ln)
-        except ValueError:  # a half-written line (killed mid-write, full disk): never resumed from
-            continue
-        if isinstance(rec, dict) and rec.get("step", 0) <= step:
-            keep.append(ln)
-    atomic_write_text(path, "".join(ln + "\n" for ln in keep))
 
 
 def evaluate_run(cfg: RunConfig, method_dir: str | os.PathLike | None = None) -> tuple[dict, list[dict]]:
