@@ -31,17 +31,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 from tunelab.report import build_report
-from tunelab.sweeps.compare import (
+from tunelab.sweeps.compare import _execute, _say
+from tunelab.sweeps.spec import (
     FACTOR_KEYS,
-    _execute,
-    _say,
-    _seeds,
-    _set,
-    _variant,
-    method_spec,
+    method_specs,
+    parse_seeds,
     read_sweep_config,
+    set_key,
     slug,
     sweep_out_dir,
+    variant,
 )
 
 DEFAULT_SIZES = (125, 250, 500, 1000)
@@ -76,7 +75,7 @@ def advise(
         raise ValueError(f"advise needs at least 3 small data sizes to fit a law (got {sizes})")
     if full_size <= max(sizes):
         raise ValueError(f"full_size {full_size} must be larger than the largest small size {max(sizes)}")
-    seeds = _seeds(seeds, section, raw, default_n=3)
+    seeds = parse_seeds(seeds, section, raw, default_n=3)
     out_dir = sweep_out_dir(out_dir, section, overrides, f"runs/advise-{Path(cfg_path or 'config').stem}")
     verify = section.get("verify", False) if verify is None else verify
     if isinstance(verify, list) or verify_seeds:  # verify: [0] checks the full size with those seeds only
@@ -92,10 +91,8 @@ def advise(
         raise ValueError("advise compares methods already; advise.factor must be numeric (rank, prompt_length, ...)")
     xs = [float(v) for v in values] if values else [None]
     x_full = float(section.get("x", max(xs))) if values else None
-    specs = [method_spec(e, raw.get("method")) for e in entries]
+    specs = method_specs(entries, raw.get("method"))
     labels = [s[0] for s in specs]
-    if len(set(labels)) != len(labels):
-        raise ValueError(f"method labels repeat: {labels}; give each variant a distinct 'label'")
     run_sizes = sizes + ([full_size] if verify else [])
     plan = []
     for label, method, train in specs:
@@ -107,9 +104,9 @@ def advise(
                     tag = f"-x{slug(_num(x))}" if x is not None else ""
                     name = f"{label}{tag}-n{size}-s{seed}"
                     sets = {"method": method, "train": train, "data.max_train": size}
-                    run = _variant(raw, out_dir / "runs" / name, seed, sets)
+                    run = variant(raw, out_dir / "runs" / name, seed, sets)
                     if key:
-                        _set(run, key, _num(x))
+                        set_key(run, key, _num(x))
                     info = {"run": name, "label": label, "value": label, "size": size, "seed": seed, "x": x}
                     plan.append((info, run))
     steps_mode = section.get("steps", "per_size")
@@ -150,7 +147,7 @@ def _full_steps(plan, full_size: int) -> None:
 
     for info, raw in plan:
         cfg = _build_config(raw, f"run {info['run']}")
-        _set(raw, "train.max_steps", bud.planned_steps(cfg, full_size))
+        set_key(raw, "train.max_steps", bud.planned_steps(cfg, full_size))
 
 
 def _warn_short(plan, full_size: int, say) -> None:
@@ -197,6 +194,6 @@ def _match_per_size(plan, mode, out_dir: Path, section: dict, say, top: int) -> 
             continue
         cfg = _build_config(raw, f"run {info['run']}")
         ref_steps = bud.planned_steps(cfg, info["size"])
-        _set(raw, "train.max_steps", max(1, math.floor(ref_steps * costs[ref] / costs[info["label"]])))
+        set_key(raw, "train.max_steps", max(1, math.floor(ref_steps * costs[ref] / costs[info["label"]])))
     res["note"] += f"; applied at every data size as steps x cost({ref}) / cost(method)"
     return res

@@ -25,10 +25,8 @@ A method entry is a name, ``name:key=value:...``, or a mapping with ``name``, it
 from __future__ import annotations
 
 import contextlib
-import copy
 import importlib
 import json
-import re
 import signal
 import sys
 import threading
@@ -40,17 +38,20 @@ import yaml
 from tunelab.report import MANIFEST, build_report
 from tunelab.results import read_metrics
 from tunelab.runtime.atomic_files import atomic_write_text
+from tunelab.sweeps.spec import (
+    FACTOR_KEYS,
+    method_spec,
+    method_specs,
+    parse_seeds,
+    read_sweep_config,
+    set_key,
+    slug,
+    sweep_out_dir,
+    variant,
+)
 from tunelab.training.run_lock import Stopped, locked_by
 
-SWEEP_SECTIONS = ("compare", "scale", "advise")
 DEFAULT_SIZES = (250, 500, 1000, 2000, 4000)
-# Factor names -> the config key they set. "model" takes X from the runs' total_params.
-FACTOR_KEYS = {
-    "model": "model.name",
-    "rank": "method.r",
-    "prompt_length": "method.num_virtual_tokens",
-    "method": "method",
-}
 
 
 def _say(msg: str) -> None:
@@ -116,81 +117,6 @@ def _forward_signals(child):
             signal.signal(s, h)
 
 
-def read_sweep_config(cfg_path, overrides=()) -> tuple[dict, dict]:
-    """(run config as a raw dict with overrides applied, {"compare": {...}, "scale": {...}})."""
-    from tunelab.config import apply_overrides, resolve_data_paths
-
-    raw = {}
-    if cfg_path is not None:
-        path = Path(cfg_path)
-        if not path.exists():
-            raise FileNotFoundError(f"{path}: config file not found")
-        raw = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(raw, dict):
-            raise ValueError(f"{path}: the top level must be a mapping of sections")
-        # data paths are relative to the config file, as for tunelab train; absolute here, because each
-        # run's own config.yaml lives elsewhere (OUT/runs/...)
-        raw = resolve_data_paths(raw, path.parent.resolve())
-    raw = apply_overrides(raw, list(overrides))
-    sweep = {k: raw.pop(k) or {} for k in SWEEP_SECTIONS if k in raw}
-    for k, v in sweep.items():
-        if not isinstance(v, dict):
-            raise ValueError(f"{cfg_path}: section '{k}' must be a mapping (got {type(v).__name__})")
-    return raw, sweep
-
-
-def slug(text) -> str:
-    return re.sub(r"[^A-Za-z0-9_.+-]+", "_", str(text)).strip("_") or "run"
-
-
-def method_spec(entry, base_method) -> tuple[str, dict, dict]:
-    """(label, method section, train settings) for one method entry (see the module docstring)."""
-    base = {"name": base_method} if isinstance(base_method, str) else dict(base_method or {})
-    train: dict = {}
-    if isinstance(entry, str):
-        name, *pairs = entry.strip().split(":")
-        params = {}
-        for pair in pairs:
-            key, eq, val = pair.partition("=")
-            if not eq or not key:
-                raise ValueError(f"method '{entry}': '{pair}' is not key=value (e.g. lora:r=16:alpha=32)")
-            params[key.strip()] = yaml.safe_load(val)
-        label = "-".join([name] + [f"{k}{v}" for k, v in params.items()])
-    elif isinstance(entry, dict) and entry.get("name"):
-        params = {k: v for k, v in entry.items() if k not in ("name", "label", "train")}
-        name, train = entry["name"], dict(entry.get("train") or {})
-        label = str(entry.get("label") or "-".join([name] + [f"{k}{v}" for k, v in params.items()]))
-    else:
-        raise ValueError(f"method entry {entry!r}: expected a name or a mapping with 'name'")
-    # Same method as the config's own: keep its params (the user tuned them), the entry's win.
-    section = {**base, **params} if base.get("name") == name else {"name": name, **params}
-    return slug(label), {**section, "name": name}, train
-
-
-def _set(raw: dict, dotted: str, value) -> None:
-    *parents, last = dotted.split(".")
-    node = raw
-    for part in parents:
-        child = node.get(part)
-        if isinstance(child, str):  # the short form "method: lora"
-            child = {"name": child}
-        node[part] = child = dict(child or {})
-        node = child
-    node[last] = value
-
-
-def _variant(raw: dict, run_dir: Path, seed: int, sets: dict) -> dict:
-    out = copy.deepcopy(raw)
-    for key, value in sets.items():
-        if key == "train" and isinstance(value, dict):
-            out["train"] = {**(out.get("train") or {}), **value}
-        else:
-            _set(out, key, value)
-    _set(out, "train.seed", int(seed))
-    out["output_dir"] = str(run_dir)
-    return out
-
-
 def _execute(
     out_dir: Path, manifest: dict, plan: list[tuple[dict, dict]], keep_going: bool, say: Callable[[str], None]
 ) -> dict:
@@ -235,44 +161,15 @@ def _config_changed(run_dir: Path, cfg) -> bool:
     return saved.exists() and yaml.safe_load(saved.read_text()) != yaml.safe_load(dump_config(cfg))
 
 
-def _seeds(seeds, section: dict, raw: dict, default_n: int = 1) -> list[int]:
-    seeds = seeds if seeds else section.get("seeds")
-    if seeds is None:  # default_n seeds from the config's own: train.seed, +1, +2, ...
-        base = int((raw.get("train") or {}).get("seed", 0))
-        seeds = list(range(base, base + default_n))
-    seeds = [seeds] if isinstance(seeds, int) else list(seeds)
-    if len(set(seeds)) != len(seeds):
-        raise ValueError(f"seeds repeat: {seeds}")
-    return [int(s) for s in seeds]
-
-
-def sweep_out_dir(out_dir, section: dict, overrides, default: str) -> Path:
-    """--out, else an ``output_dir=`` override, else the section's out_dir, else ``default``.
-
-    A run config's own output_dir names one run; a sweep puts each run under OUT/runs/<name>, so an
-    ``output_dir=`` override on the command line is taken as the sweep's directory (never ignored)."""
-    given = [o.split("=", 1)[1].strip() for o in overrides or () if str(o).strip().startswith("output_dir=")]
-    if given:
-        if out_dir is not None and Path(out_dir) != Path(given[-1]):
-            raise ValueError(
-                f"output_dir={given[-1]} and --out {out_dir} disagree: pass the sweep's directory once, as --out "
-                "(each run goes to OUT/runs/<name>)"
-            )
-        out_dir = given[-1]
-    return Path(out_dir or section.get("out_dir") or default)
-
-
 def method_plan(raw: dict, entries, seeds, out_dir: Path, suffix: str = "") -> tuple[list[str], list]:
-    specs = [method_spec(e, raw.get("method")) for e in entries]
+    specs = method_specs(entries, raw.get("method"))
     labels = [s[0] for s in specs]
-    if len(set(labels)) != len(labels):
-        raise ValueError(f"method labels repeat: {labels}; give each variant a distinct 'label'")
     plan = []
     for label, method, train in specs:
         for seed in seeds:
             name = f"{label}{suffix}-s{seed}"
             info = {"run": name, "label": label, "method": method["name"], "seed": seed}
-            plan.append((info, _variant(raw, out_dir / "runs" / name, seed, {"method": method, "train": train})))
+            plan.append((info, variant(raw, out_dir / "runs" / name, seed, {"method": method, "train": train})))
     return labels, plan
 
 
@@ -297,7 +194,7 @@ def match_budget(plan, mode: str, out_dir: Path, section: dict, say=_say) -> dic
     for info, raw in plan:
         steps = result["per_label"].get(info["label"], {}).get("steps")
         if steps is not None:
-            _set(raw, "train.max_steps", int(steps))
+            set_key(raw, "train.max_steps", int(steps))
     say(f"  {result['note']}: " + ", ".join(f"{k} {v['steps']} steps" for k, v in result["per_label"].items()))
     return result
 
@@ -323,7 +220,7 @@ def tune_lr(plan, out_dir: Path, raw: dict, metric: str | None, keep_going: bool
         first = next(r for i, r in plan if i["label"] == label)
         for lr in grids[label]:
             name = f"{label}-lr{lr:g}"
-            t = _variant(first, tdir / "runs" / name, cfg.train.seed, {"train": {"lr": lr}})
+            t = variant(first, tdir / "runs" / name, cfg.train.seed, {"train": {"lr": lr}})
             t["data"] = {**t.get("data", {}), "train": str(tr), "eval": str(va), "max_train": None, "max_eval": None}
             trials.append(({"run": name, "label": label, "lr": lr, "seed": cfg.train.seed}, t))
     say(f"--tune lr: {len(trials)} trial runs on {split}")
@@ -368,7 +265,7 @@ def compare(
     entries = methods or section.get("methods")
     if not entries:
         raise ValueError("no methods to compare: pass --methods a,b or add compare.methods to the config")
-    seeds = _seeds(seeds, section, raw, default_n=3)
+    seeds = parse_seeds(seeds, section, raw, default_n=3)
     out_dir = sweep_out_dir(out_dir, section, overrides, f"runs/compare-{Path(cfg_path or 'config').stem}")
     tune = tune or section.get("tune")
     if tune not in (None, "lr"):
@@ -421,7 +318,7 @@ def scale(
     holdout = int(holdout or section.get("holdout", 1))
     if holdout >= len(set(sizes)):
         raise ValueError(f"holdout={holdout} leaves no data size to fit among {sorted(set(sizes))}")
-    seeds = _seeds(seeds, section, raw)
+    seeds = parse_seeds(seeds, section, raw)
     out_dir = sweep_out_dir(out_dir, section, overrides, f"runs/scale-{Path(cfg_path or 'config').stem}")
     key = FACTOR_KEYS.get(factor, factor)
     categorical = key == "method"
@@ -436,7 +333,7 @@ def scale(
             for seed in seeds:
                 name = f"{shown}-n{size}-s{seed}"
                 info = {"run": name, "label": f"{shown}-n{size}", "value": shown, "size": size, "seed": seed}
-                plan.append((info, _variant(raw, out_dir / "runs" / name, seed, {**sets, "data.max_train": size})))
+                plan.append((info, variant(raw, out_dir / "runs" / name, seed, {**sets, "data.max_train": size})))
     manifest = {
         "kind": "scale",
         "config": str(cfg_path),
