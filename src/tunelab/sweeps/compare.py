@@ -4,7 +4,9 @@ Every run shares the config's task, data, step budget and evaluation; only the m
 factor), the seed, ``data.max_train`` (scale) and ``output_dir`` change. Runs go to
 ``OUT/runs/<label>-s<seed>`` (compare) or ``OUT/runs/<value>-n<size>-s<seed>`` (scale). A run whose
 ``metrics.json`` exists is finished and reused, so an interrupted comparison continues where it stopped
-(an unfinished run is started again; the training loop resumes it from its own checkpoints).
+(an unfinished run is started again; the training loop resumes it from its own checkpoints). The runs
+are trained by ``tunelab.sweeps.runner`` with the ``executor`` given (default: one after another, each in
+its own ``tunelab train`` process).
 
 The sweep may be given in the YAML beside the run config; CLI arguments win over it:
 
@@ -24,20 +26,11 @@ A method entry is a name, ``name:key=value:...``, or a mapping with ``name``, it
 
 from __future__ import annotations
 
-import contextlib
-import importlib
-import json
-import signal
-import sys
-import threading
 from collections.abc import Callable
 from pathlib import Path
 
-import yaml
-
-from tunelab.report import MANIFEST, build_report
-from tunelab.results import read_metrics
-from tunelab.runtime.atomic_files import atomic_write_text
+from tunelab.report import build_report
+from tunelab.sweeps.runner import Executor, PlannedRun, first_configs, run_plan, to_stderr
 from tunelab.sweeps.spec import (
     FACTOR_KEYS,
     method_spec,
@@ -49,119 +42,11 @@ from tunelab.sweeps.spec import (
     sweep_out_dir,
     variant,
 )
-from tunelab.training.run_lock import Stopped, locked_by
 
 DEFAULT_SIZES = (250, 500, 1000, 2000, 4000)
 
 
-def _say(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def _build_config(raw: dict, source: str):
-    from tunelab.config import build_config
-
-    return build_config(raw, source)
-
-
-# Each run trains in a fresh process by default: peak memory (RSS never shrinks), threads and any
-# state a method leaves behind then belong to that run alone, as when a user runs it by itself.
-ISOLATE = True
-
-
-def _train_run(cfg) -> dict:
-    if not ISOLATE:
-        return importlib.import_module("tunelab.training.loop").run(cfg)
-    import subprocess
-
-    from tunelab.config import dump_config
-
-    run_dir = cfg.run_dir()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    spec = run_dir / "requested.yaml"
-    atomic_write_text(spec, dump_config(cfg))
-    with open(run_dir / "train.out", "w") as out:
-        # Its own session: a terminal's Ctrl-C reaches only us, and we pass it on exactly once.
-        child = subprocess.Popen([sys.executable, "-m", "tunelab", "train", str(spec)], stdout=out,
-                                 stderr=subprocess.STDOUT, start_new_session=True)
-        with _forward_signals(child) as got:
-            returncode = child.wait()
-    if got:
-        raise Stopped(f"stopped by {signal.Signals(got[0]).name}: the run in {run_dir} saved a checkpoint and "
-                      "stopped; rerun the same command to continue the comparison where it stopped", got[0])
-    if returncode != 0:
-        tail = (run_dir / "train.out").read_text().strip().splitlines()[-5:]
-        raise RuntimeError(f"training exited with status {returncode}; last lines of {run_dir / 'train.out'}:\n" + "\n".join(tail))
-    return read_metrics(run_dir)
-
-
-@contextlib.contextmanager
-def _forward_signals(child):
-    """While ``child`` runs, SIGTERM/SIGINT are passed on to it (it checkpoints and stops); the signals
-    received are yielded so the caller stops the sweep instead of starting the next run."""
-    got: list[int] = []
-    if threading.current_thread() is not threading.main_thread():
-        yield got
-        return
-
-    def forward(signum, frame):
-        got.append(signum)
-        with contextlib.suppress(ProcessLookupError):
-            child.send_signal(signum)
-
-    old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield got
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
-
-
-def _execute(
-    out_dir: Path, manifest: dict, plan: list[tuple[dict, dict]], keep_going: bool, say: Callable[[str], None]
-) -> dict:
-    """Validate every run's config first (a typo fails before hours of training), then run them."""
-    cfgs = [_build_config(raw, f"run {info['run']}") for info, raw in plan]
-    manifest["failed"] = {}
-    atomic_write_text(out_dir / MANIFEST, json.dumps(manifest, indent=2))
-    for i, ((info, _), cfg) in enumerate(zip(plan, cfgs, strict=True), 1):
-        run_dir = out_dir / "runs" / info["run"]
-        if (run_dir / "metrics.json").exists():
-            say(f"[{i}/{len(plan)}] {info['run']}: finished before, reused")
-            if _config_changed(run_dir, cfg):
-                say(f"  warning: {run_dir / 'config.yaml'} differs from this config; delete the run to redo it")
-            continue
-        holder = locked_by(run_dir)
-        if holder:  # another process trains it right now: never start a second writer
-            manifest["failed"][info["run"]] = f"locked: {run_dir} is being written by {holder}"
-            say(f"[{i}/{len(plan)}] {info['run']}: SKIPPED, {run_dir} is locked by {holder}")
-            continue
-        say(f"[{i}/{len(plan)}] {info['run']}: training")
-        try:
-            metrics = _train_run(cfg)
-        except Stopped:
-            atomic_write_text(out_dir / MANIFEST, json.dumps(manifest, indent=2))
-            raise
-        except Exception as e:  # one bad method must not sink the whole comparison
-            if not keep_going:
-                raise
-            manifest["failed"][info["run"]] = f"{type(e).__name__}: {e}"
-            say(f"[{i}/{len(plan)}] {info['run']}: FAILED {type(e).__name__}: {e}")
-            continue
-        if metrics and not (run_dir / "metrics.json").exists():  # keep the "finished" marker true to the contract
-            atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2, default=str))
-    atomic_write_text(out_dir / MANIFEST, json.dumps(manifest, indent=2))
-    return manifest
-
-
-def _config_changed(run_dir: Path, cfg) -> bool:
-    from tunelab.config import dump_config
-
-    saved = run_dir / "config.yaml"
-    return saved.exists() and yaml.safe_load(saved.read_text()) != yaml.safe_load(dump_config(cfg))
-
-
-def method_plan(raw: dict, entries, seeds, out_dir: Path, suffix: str = "") -> tuple[list[str], list]:
+def method_plan(raw: dict, entries, seeds, out_dir: Path, suffix: str = "") -> tuple[list[str], list[PlannedRun]]:
     specs = method_specs(entries, raw.get("method"))
     labels = [s[0] for s in specs]
     plan = []
@@ -169,19 +54,11 @@ def method_plan(raw: dict, entries, seeds, out_dir: Path, suffix: str = "") -> t
         for seed in seeds:
             name = f"{label}{suffix}-s{seed}"
             info = {"run": name, "label": label, "method": method["name"], "seed": seed}
-            plan.append((info, variant(raw, out_dir / "runs" / name, seed, {"method": method, "train": train})))
+            plan.append(PlannedRun(info, variant(raw, out_dir / "runs" / name, seed, {"method": method, "train": train})))
     return labels, plan
 
 
-def _by_label(plan) -> dict:
-    """label -> the RunConfig of its first seed (probes and the lr search use it)."""
-    out = {}
-    for info, raw in plan:
-        out.setdefault(info["label"], _build_config(raw, f"run {info['run']}"))
-    return out
-
-
-def match_budget(plan, mode: str, out_dir: Path, section: dict, say=_say) -> dict:
+def match_budget(plan: list[PlannedRun], mode: str, out_dir: Path, section: dict, say=to_stderr) -> dict:
     """Set train.max_steps per method so that budgets match by ``mode`` (see tunelab.sweeps.budget)."""
     from tunelab.sweeps import budget as bud
 
@@ -190,19 +67,21 @@ def match_budget(plan, mode: str, out_dir: Path, section: dict, say=_say) -> dic
         return bud.plan("steps", {}, out_dir)
     say(f"matching budgets by {mode}: probing each method")
     total = section.get("time_s") if mode == "time" else section.get("flops")
-    result = bud.plan(mode, _by_label(plan), out_dir, ref=section.get("budget_ref"), total=total)
-    for info, raw in plan:
-        steps = result["per_label"].get(info["label"], {}).get("steps")
+    result = bud.plan(mode, first_configs(plan), out_dir, ref=section.get("budget_ref"), total=total)
+    for run in plan:
+        steps = result["per_label"].get(run.label, {}).get("steps")
         if steps is not None:
-            set_key(raw, "train.max_steps", int(steps))
+            set_key(run.raw, "train.max_steps", int(steps))
     say(f"  {result['note']}: " + ", ".join(f"{k} {v['steps']} steps" for k, v in result["per_label"].items()))
     return result
 
 
-def tune_lr(plan, out_dir: Path, raw: dict, metric: str | None, keep_going: bool, say=_say) -> dict:
+def tune_lr(plan: list[PlannedRun], out_dir: Path, raw: dict, metric: str | None, keep_going: bool, say=to_stderr,
+            executor: Executor | None = None) -> dict:
     """The learning-rate search of ``--tune lr`` (see tunelab.sweeps.lr_search); sets each method's best lr in ``plan``."""
     from tunelab.report.tables import higher_is_better
     from tunelab.sweeps import lr_search
+    from tunelab.training.optimizer import default_lr
 
     data = raw.get("data") or {}
     if not data.get("train"):
@@ -210,21 +89,22 @@ def tune_lr(plan, out_dir: Path, raw: dict, metric: str | None, keep_going: bool
     tdir = out_dir / "tune"
     tr, va, n_tr, n_va = lr_search.split_file(data["train"], tdir / "data", data.get("max_train"))
     split = f"a split of the training rows ({n_tr} train / {n_va} validation; the eval set is never read)"
-    cfgs = _by_label(plan)
+    cfgs = first_configs(plan)
     trials, grids = [], {}
     for label, cfg in cfgs.items():
         if cfg.train.max_steps == 0:
             continue
-        base = cfg.train.lr or importlib.import_module("tunelab.training.optimizer").default_lr(cfg.method.name, cfg.method.params())
+        base = cfg.train.lr or default_lr(cfg.method.name, cfg.method.params())
         grids[label] = lr_search.grid(base)
-        first = next(r for i, r in plan if i["label"] == label)
+        first = next(r.raw for r in plan if r.label == label)
         for lr in grids[label]:
             name = f"{label}-lr{lr:g}"
             t = variant(first, tdir / "runs" / name, cfg.train.seed, {"train": {"lr": lr}})
             t["data"] = {**t.get("data", {}), "train": str(tr), "eval": str(va), "max_train": None, "max_eval": None}
-            trials.append(({"run": name, "label": label, "lr": lr, "seed": cfg.train.seed}, t))
+            trials.append(PlannedRun({"run": name, "label": label, "lr": lr, "seed": cfg.train.seed}, t))
     say(f"--tune lr: {len(trials)} trial runs on {split}")
-    _execute(tdir, {"kind": "tune", "runs": [i for i, _ in trials]}, trials, keep_going, say)
+    run_plan(tdir, {"kind": "tune", "runs": [t.info for t in trials]}, trials, executor=executor,
+             keep_going=keep_going, say=say)
     result = {}
     for label, lrs in grids.items():
         scores, name = [], metric
@@ -233,9 +113,9 @@ def tune_lr(plan, out_dir: Path, raw: dict, metric: str | None, keep_going: bool
             scores.append((lr, value))
         best = lr_search.best_lr(scores, higher_is_better(name or "accuracy"))
         result[label] = {"best_lr": best, "scores": scores, "metric": name, "split": split}
-        for info, r in plan:
-            if info["label"] == label:
-                r["train"] = {**(r.get("train") or {}), "lr": best}
+        for run in plan:
+            if run.label == label:
+                run.raw["train"] = {**(run.raw.get("train") or {}), "lr": best}
         say(f"  {label}: lr {best:g} (" + ", ".join(f"{lr:g}: {v}" for lr, v in scores) + ")")
     return result
 
@@ -251,13 +131,14 @@ def compare(
     budget: str | None = None,
     tune: str | None = None,
     keep_going: bool = True,
-    say: Callable[[str], None] = _say,
+    say: Callable[[str], None] = to_stderr,
+    executor: Executor | None = None,
 ) -> Path:
     """Run each method x seed on the config's task, then write the report; returns ``out_dir``.
 
     ``budget`` (or compare.budget): "steps" (default), "time" or "flops" (see tunelab.sweeps.budget).
     ``tune`` (or compare.tune): "lr" runs a small learning-rate search per method first (tunelab.sweeps.lr_search).
-    Seeds default to three: train.seed, +1, +2."""
+    Seeds default to three: train.seed, +1, +2. ``executor`` trains the runs (see tunelab.sweeps.runner)."""
     from tunelab.report.stats import environment
 
     raw, sweep = read_sweep_config(cfg_path, overrides)
@@ -272,7 +153,7 @@ def compare(
         raise ValueError(f"--tune {tune}: only 'lr' (a learning-rate search per method) is supported")
     labels, plan = method_plan(raw, entries, seeds, out_dir)
     budget_info = match_budget(plan, budget or section.get("budget"), out_dir, section, say)
-    tuning = tune_lr(plan, out_dir, raw, metric, keep_going, say) if tune == "lr" else {}
+    tuning = tune_lr(plan, out_dir, raw, metric, keep_going, say, executor) if tune == "lr" else {}
     manifest = {
         "kind": "compare",
         "config": str(cfg_path),
@@ -283,9 +164,9 @@ def compare(
         "budget": budget_info,
         "tuning": tuning,
         "environment": environment(),
-        "runs": [info for info, _ in plan],
+        "runs": [run.info for run in plan],
     }
-    _execute(out_dir, manifest, plan, keep_going, say)
+    run_plan(out_dir, manifest, plan, executor=executor, keep_going=keep_going, say=say)
     say(f"report: {build_report(out_dir, metric)}")
     return out_dir
 
@@ -302,9 +183,11 @@ def scale(
     target: str | None = None,
     holdout: int | None = None,
     keep_going: bool = True,
-    say: Callable[[str], None] = _say,
+    say: Callable[[str], None] = to_stderr,
+    executor: Executor | None = None,
 ) -> Path:
-    """Sweep data.max_train over ``sizes`` against ``factor`` in ``values``, fit the laws, report."""
+    """Sweep data.max_train over ``sizes`` against ``factor`` in ``values``, fit the laws, report.
+    ``executor`` trains the runs (see tunelab.sweeps.runner)."""
     raw, sweep = read_sweep_config(cfg_path, overrides)
     section = sweep.get("scale", {})
     sizes = [int(s) for s in (sizes or section.get("sizes") or DEFAULT_SIZES)]
@@ -333,7 +216,7 @@ def scale(
             for seed in seeds:
                 name = f"{shown}-n{size}-s{seed}"
                 info = {"run": name, "label": f"{shown}-n{size}", "value": shown, "size": size, "seed": seed}
-                plan.append((info, variant(raw, out_dir / "runs" / name, seed, {**sets, "data.max_train": size})))
+                plan.append(PlannedRun(info, variant(raw, out_dir / "runs" / name, seed, {**sets, "data.max_train": size})))
     manifest = {
         "kind": "scale",
         "config": str(cfg_path),
@@ -347,8 +230,8 @@ def scale(
         "seeds": seeds,
         "target": target,
         "holdout": holdout,
-        "runs": [info for info, _ in plan],
+        "runs": [run.info for run in plan],
     }
-    _execute(out_dir, manifest, plan, keep_going, say)
+    run_plan(out_dir, manifest, plan, executor=executor, keep_going=keep_going, say=say)
     say(f"report: {build_report(out_dir, target=target, holdout=holdout)}")
     return out_dir
