@@ -30,6 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from tunelab.report import build_report
+from tunelab.sweeps import lr_search
 from tunelab.sweeps.runner import Executor, PlannedRun, first_configs, run_plan, to_stderr
 from tunelab.sweeps.spec import (
     FACTOR_KEYS,
@@ -76,50 +77,6 @@ def match_budget(plan: list[PlannedRun], mode: str, out_dir: Path, section: dict
     return result
 
 
-def tune_lr(plan: list[PlannedRun], out_dir: Path, raw: dict, metric: str | None, keep_going: bool, say=to_stderr,
-            executor: Executor | None = None) -> dict:
-    """The learning-rate search of ``--tune lr`` (see tunelab.sweeps.lr_search); sets each method's best lr in ``plan``."""
-    from tunelab.report.tables import higher_is_better
-    from tunelab.sweeps import lr_search
-    from tunelab.training.optimizer import default_lr
-
-    data = raw.get("data") or {}
-    if not data.get("train"):
-        raise ValueError("--tune lr needs data.train to split into a tuning train and validation part")
-    tdir = out_dir / "tune"
-    tr, va, n_tr, n_va = lr_search.split_file(data["train"], tdir / "data", data.get("max_train"))
-    split = f"a split of the training rows ({n_tr} train / {n_va} validation; the eval set is never read)"
-    cfgs = first_configs(plan)
-    trials, grids = [], {}
-    for label, cfg in cfgs.items():
-        if cfg.train.max_steps == 0:
-            continue
-        base = cfg.train.lr or default_lr(cfg.method.name, cfg.method.params())
-        grids[label] = lr_search.grid(base)
-        first = next(r.raw for r in plan if r.label == label)
-        for lr in grids[label]:
-            name = f"{label}-lr{lr:g}"
-            t = variant(first, tdir / "runs" / name, cfg.train.seed, {"train": {"lr": lr}})
-            t["data"] = {**t.get("data", {}), "train": str(tr), "eval": str(va), "max_train": None, "max_eval": None}
-            trials.append(PlannedRun({"run": name, "label": label, "lr": lr, "seed": cfg.train.seed}, t))
-    say(f"--tune lr: {len(trials)} trial runs on {split}")
-    run_plan(tdir, {"kind": "tune", "runs": [t.info for t in trials]}, trials, executor=executor,
-             keep_going=keep_going, say=say)
-    result = {}
-    for label, lrs in grids.items():
-        scores, name = [], metric
-        for lr in lrs:
-            value, name = lr_search.trial_score(tdir / "runs" / f"{label}-lr{lr:g}", name)
-            scores.append((lr, value))
-        best = lr_search.best_lr(scores, higher_is_better(name or "accuracy"))
-        result[label] = {"best_lr": best, "scores": scores, "metric": name, "split": split}
-        for run in plan:
-            if run.label == label:
-                run.raw["train"] = {**(run.raw.get("train") or {}), "lr": best}
-        say(f"  {label}: lr {best:g} (" + ", ".join(f"{lr:g}: {v}" for lr, v in scores) + ")")
-    return result
-
-
 def compare(
     cfg_path,
     overrides=(),
@@ -153,7 +110,8 @@ def compare(
         raise ValueError(f"--tune {tune}: only 'lr' (a learning-rate search per method) is supported")
     labels, plan = method_plan(raw, entries, seeds, out_dir)
     budget_info = match_budget(plan, budget or section.get("budget"), out_dir, section, say)
-    tuning = tune_lr(plan, out_dir, raw, metric, keep_going, say, executor) if tune == "lr" else {}
+    tuning = (lr_search.search(plan, out_dir, raw, metric, keep_going=keep_going, executor=executor, say=say)
+              if tune == "lr" else {})
     manifest = {
         "kind": "compare",
         "config": str(cfg_path),

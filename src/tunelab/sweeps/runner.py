@@ -32,7 +32,6 @@ from typing import TYPE_CHECKING, Protocol
 
 import yaml
 
-from tunelab.report import MANIFEST
 from tunelab.results import read_metrics
 from tunelab.runtime.atomic_files import atomic_write_text
 from tunelab.training.run_lock import Stopped, locked_by
@@ -260,6 +259,8 @@ def run_plan(
 
 
 def write_manifest(out_dir: Path, manifest: dict) -> None:
+    from tunelab.report import MANIFEST  # the report package draws plots: imported only when a sweep runs
+
     atomic_write_text(out_dir / MANIFEST, json.dumps(manifest, indent=2))
 
 
