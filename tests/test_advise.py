@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import math
-import sys
-import types
 
 import pytest
 import yaml
 
 from tunelab.report import advise as ra
 from tunelab.sweeps import advise as adv
+from tunelab.sweeps.runner import SerialExecutor
 
 # lora is better with little data, full with more: the curves cross near D = 676.
 LAWS = {"lora": {"A": 2.0, "beta": 0.3, "E": 0.3}, "full": {"A": 10.0, "beta": 0.5, "E": 0.2}}
@@ -38,6 +37,7 @@ def crossing() -> float:
 class FakeTrain:
     def __init__(self):
         self.calls = []
+        self.executor = SerialExecutor(self.run)  # trains the sweep's runs with the fake, in this process
 
     def run(self, cfg) -> dict:
         self.calls.append(cfg)
@@ -53,13 +53,8 @@ class FakeTrain:
 
 @pytest.fixture
 def fake(monkeypatch):
-    import tunelab.sweeps.compare
-
-    monkeypatch.setattr(tunelab.sweeps.compare, "ISOLATE", False)
     monkeypatch.setattr(ra, "N_BOOT", 40)  # enough resamples for the test's loose interval checks
-    f = FakeTrain()
-    monkeypatch.setitem(sys.modules, "tunelab.training.loop", types.SimpleNamespace(run=f.run))
-    return f
+    return FakeTrain()
 
 
 def write_cfg(tmp_path, **advise):
@@ -72,7 +67,8 @@ def write_cfg(tmp_path, **advise):
 
 
 def test_advise_predicts_the_known_law_the_winner_and_the_flip(tmp_path, fake):
-    out = adv.advise(write_cfg(tmp_path, verify=True), out_dir=tmp_path / "adv", say=lambda m: None)
+    out = adv.advise(write_cfg(tmp_path, verify=True), out_dir=tmp_path / "adv", say=lambda m: None,
+                     executor=fake.executor)
     names = sorted(c.run_dir().name for c in fake.calls)
     assert len(names) == 2 * 5 * 3 and "full-n4000-s2" in names  # 4 small sizes + the verify size, 3 seeds
     assert {c.data.max_train for c in fake.calls} == {125, 250, 500, 1000, 4000}
@@ -119,27 +115,29 @@ def test_a_flat_loss_is_flagged_not_trusted(monkeypatch):
 ])
 def test_bad_advise_settings_fail_before_training(tmp_path, fake, advise, match):
     with pytest.raises(ValueError, match=match):
-        adv.advise(write_cfg(tmp_path, **advise), out_dir=tmp_path / "adv", say=lambda m: None)
+        adv.advise(write_cfg(tmp_path, **advise), out_dir=tmp_path / "adv", say=lambda m: None,
+                   executor=fake.executor)
     assert fake.calls == []
 
 
 def test_output_dir_override_sets_the_directory_or_says_to_use_out(tmp_path, fake):
     cfg = write_cfg(tmp_path, sizes=[125, 250, 500], full_size=1000)
-    out = adv.advise(cfg, [f"output_dir={tmp_path / 'here'}"], seeds=[0], say=lambda m: None)
+    out = adv.advise(cfg, [f"output_dir={tmp_path / 'here'}"], seeds=[0], say=lambda m: None, executor=fake.executor)
     assert out == tmp_path / "here" and (out / "advise.json").exists()
     with pytest.raises(ValueError, match="pass the sweep's directory once, as --out"):
-        adv.advise(cfg, [f"output_dir={tmp_path / 'a'}"], out_dir=tmp_path / "b", seeds=[0], say=lambda m: None)
+        adv.advise(cfg, [f"output_dir={tmp_path / 'a'}"], out_dir=tmp_path / "b", seeds=[0], say=lambda m: None,
+                   executor=fake.executor)
 
 
 def test_steps_full_trains_every_size_at_the_full_budget(tmp_path, fake):
     adv.advise(write_cfg(tmp_path, steps="full", sizes=[125, 250, 500], full_size=1000), seeds=[0],
-               out_dir=tmp_path / "adv", say=lambda m: None)
+               out_dir=tmp_path / "adv", say=lambda m: None, executor=fake.executor)
     assert {c.train.max_steps for c in fake.calls} == {125}  # ceil(1000 rows / batch 8), one epoch of the full set
 
 
 def test_verify_with_some_seeds_only(tmp_path, fake):
     adv.advise(write_cfg(tmp_path, sizes=[125, 250, 500], full_size=1000, verify=[1]), seeds=[0, 1],
-               out_dir=tmp_path / "adv", say=lambda m: None)
+               out_dir=tmp_path / "adv", say=lambda m: None, executor=fake.executor)
     full = sorted(c.run_dir().name for c in fake.calls if c.data.max_train == 1000)
     assert full == ["full-n1000-s1", "lora-n1000-s1"]
     res = json.loads((tmp_path / "adv" / "advise.json").read_text())
@@ -218,18 +216,19 @@ def test_a_real_law_is_not_called_a_plateau():
 def test_per_size_steps_warn_when_the_small_runs_are_short(tmp_path, fake):
     said = []
     adv.advise(write_cfg(tmp_path, sizes=[125, 250, 500], full_size=2000), seeds=[0], out_dir=tmp_path / "a",
-               say=said.append)
+               say=said.append, executor=fake.executor)
     assert any("trains 16 steps, the full size 250" in m and "advise.steps: full" in m for m in said)
     said.clear()
     adv.advise(write_cfg(tmp_path, sizes=[125, 250, 500], full_size=1000), seeds=[0], out_dir=tmp_path / "b",
-               say=said.append)
+               say=said.append, executor=fake.executor)
     assert not any("warning" in m for m in said)
 
 
 @pytest.mark.parametrize("bad", [0, -1, "ln2", True])
 def test_bad_chance_loss_fails_before_training(tmp_path, fake, bad):
     with pytest.raises(ValueError, match="advise.chance_loss: .* is not a positive number"):
-        adv.advise(write_cfg(tmp_path, chance_loss=bad), out_dir=tmp_path / "adv", say=lambda m: None)
+        adv.advise(write_cfg(tmp_path, chance_loss=bad), out_dir=tmp_path / "adv", say=lambda m: None,
+                   executor=fake.executor)
     assert fake.calls == []
 
 
@@ -260,7 +259,8 @@ def test_target_accuracy_fits_the_error_and_predicts_the_metric_directly(monkeyp
 
 def test_bad_target_fails_before_training(tmp_path, fake):
     with pytest.raises(ValueError, match="advise.target: 3 is not a metric name"):
-        adv.advise(write_cfg(tmp_path, target=3), out_dir=tmp_path / "adv", say=lambda m: None)
+        adv.advise(write_cfg(tmp_path, target=3), out_dir=tmp_path / "adv", say=lambda m: None,
+                   executor=fake.executor)
 
 
 def test_losses_above_chance_are_not_a_plateau_but_are_warned_about():

@@ -1,10 +1,9 @@
-"""compare/scale orchestration with a fake ``tunelab.training.loop.run``: same budget per run, resume, reports."""
+"""compare/scale orchestration with a fake trainer in place of ``tunelab.training.loop.run`` (passed as the
+sweep's executor): same budget per run, resume, reports."""
 
 from __future__ import annotations
 
 import json
-import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -13,6 +12,7 @@ import yaml
 from tunelab.config import dump_config
 from tunelab.report.fit import predict
 from tunelab.sweeps import compare as cmp
+from tunelab.sweeps.runner import SerialExecutor
 
 BASE = {
     "model": "smollm2-135m",
@@ -26,10 +26,12 @@ TRUE = {"A": 30.0, "alpha": 0.1, "beta": 0.4, "E": 0.9}
 
 
 class FakeTrain:
-    """Stands in for tunelab.training.loop: records each config and writes a run directory like the real loop."""
+    """Stands in for tunelab.training.loop.run: records each config and writes a run directory like the real
+    loop. ``executor`` trains a sweep's runs with it, one after another in this process."""
 
     def __init__(self, fail_on: set[str] = frozenset(), interrupt_after: int | None = None):
         self.calls, self.fail_on, self.interrupt_after = [], set(fail_on), interrupt_after
+        self.executor = SerialExecutor(self.run)
 
     def run(self, cfg) -> dict:
         out = cfg.run_dir()
@@ -64,17 +66,8 @@ class FakeTrain:
 
 
 @pytest.fixture
-def fake(monkeypatch):
-    import tunelab.sweeps.compare
-
-    monkeypatch.setattr(tunelab.sweeps.compare, "ISOLATE", False)  # the fake trains in this process
-
-    def install(**kw) -> FakeTrain:
-        f = FakeTrain(**kw)
-        monkeypatch.setitem(sys.modules, "tunelab.training.loop", types.SimpleNamespace(run=f.run))
-        return f
-
-    return install
+def fake():
+    return FakeTrain
 
 
 def write_cfg(tmp_path: Path, **sections) -> Path:
@@ -90,7 +83,8 @@ def quiet(_msg: str) -> None:
 def test_compare_runs_every_method_and_seed_on_the_same_budget(tmp_path, fake):
     f = fake()
     out = cmp.compare(
-        write_cfg(tmp_path), ["train.batch_size=4"], ["lora", "loreft", "full"], [0, 1], tmp_path / "cmp", say=quiet
+        write_cfg(tmp_path), ["train.batch_size=4"], ["lora", "loreft", "full"], [0, 1], tmp_path / "cmp", say=quiet,
+        executor=f.executor,
     )
     assert sorted(c.run_dir().name for c in f.calls) == sorted(
         f"{m}-s{s}" for m in ("lora", "loreft", "full") for s in (0, 1)
@@ -116,19 +110,19 @@ def test_interrupted_compare_resumes_and_reuses_finished_runs(tmp_path, fake):
     args = (cfg, (), ["lora", "loreft"], [0, 1], tmp_path / "cmp")
     first = fake(interrupt_after=3)
     with pytest.raises(KeyboardInterrupt):
-        cmp.compare(*args, say=quiet)
+        cmp.compare(*args, say=quiet, executor=first.executor)
     assert len(first.calls) == 3
     second = fake()
     msgs = []
-    out = cmp.compare(*args, say=msgs.append)
+    out = cmp.compare(*args, say=msgs.append, executor=second.executor)
     assert [c.run_dir().name for c in second.calls] == ["loreft-s1"]  # only the unfinished run
     assert sum("reused" in m for m in msgs) == 3
     assert len((out / "results.csv").read_text().splitlines()) == 1 + 4
     assert not any("differs" in m for m in msgs)
     # Reusing a run made under another config is allowed, but said.
-    fake()
     msgs.clear()
-    cmp.compare(cfg, ["train.max_steps=7"], ["lora", "loreft"], [0, 1], tmp_path / "cmp", say=msgs.append)
+    cmp.compare(cfg, ["train.max_steps=7"], ["lora", "loreft"], [0, 1], tmp_path / "cmp", say=msgs.append,
+                executor=fake().executor)
     assert sum("differs from this config" in m for m in msgs) == 4
 
 
@@ -142,7 +136,7 @@ def test_methods_and_seeds_from_the_yaml(tmp_path, fake):
         "seeds": [3],
         "out_dir": str(tmp_path / "y"),
     }
-    out = cmp.compare(write_cfg(tmp_path, compare=section), say=quiet)
+    out = cmp.compare(write_cfg(tmp_path, compare=section), say=quiet, executor=f.executor)
     assert out == tmp_path / "y"
     got = {c.run_dir().name: c for c in f.calls}
     assert set(got) == {"lora-r4-s3", "pt10-s3"}
@@ -154,15 +148,16 @@ def test_methods_and_seeds_from_the_yaml(tmp_path, fake):
 
 def test_a_failed_run_is_recorded_and_the_rest_go_on(tmp_path, fake):
     f = fake(fail_on={"loreft-s0"})
-    out = cmp.compare(write_cfg(tmp_path), (), ["lora", "loreft"], [0], tmp_path / "c", say=quiet)
+    out = cmp.compare(write_cfg(tmp_path), (), ["lora", "loreft"], [0], tmp_path / "c", say=quiet, executor=f.executor)
     assert len(f.calls) == 2
     failed = json.loads((out / "manifest.json").read_text())["failed"]
     assert "out of memory" in failed["loreft-s0"]
     html = (out / "report.html").read_text()
     assert "Failed" in html and "loreft-s0" in html
-    fake(fail_on={"loreft-s0"})
+    f = fake(fail_on={"loreft-s0"})
     with pytest.raises(RuntimeError, match="out of memory"):
-        cmp.compare(write_cfg(tmp_path), (), ["lora", "loreft"], [0], tmp_path / "c", keep_going=False, say=quiet)
+        cmp.compare(write_cfg(tmp_path), (), ["lora", "loreft"], [0], tmp_path / "c", keep_going=False, say=quiet,
+                    executor=f.executor)
 
 
 @pytest.mark.parametrize(
@@ -177,7 +172,7 @@ def test_a_failed_run_is_recorded_and_the_rest_go_on(tmp_path, fake):
 def test_bad_method_lists_fail_before_training(tmp_path, fake, methods, match):
     f = fake()
     with pytest.raises(ValueError, match=match):
-        cmp.compare(write_cfg(tmp_path), (), methods, [0], tmp_path / "c", say=quiet)
+        cmp.compare(write_cfg(tmp_path), (), methods, [0], tmp_path / "c", say=quiet, executor=f.executor)
     assert f.calls == []
 
 
@@ -192,6 +187,7 @@ def test_scale_sweeps_rank_and_data_size_and_fits_the_law(tmp_path, fake):
         tmp_path / "s",
         target="eval_loss",
         say=quiet,
+        executor=f.executor,
     )
     assert len(f.calls) == 15
     assert {(c.method.params()["r"], c.data.max_train) for c in f.calls} == {
@@ -208,12 +204,12 @@ def test_scale_sweeps_rank_and_data_size_and_fits_the_law(tmp_path, fake):
 
 
 def test_scale_over_methods_fits_each_in_data_size_alone(tmp_path, fake):
-    fake()
     out = cmp.scale(
         write_cfg(tmp_path, scale={"factor": "method", "values": ["lora", "full"], "sizes": [250, 500, 1000, 2000]}),
         out_dir=tmp_path / "m",
         target="eval_loss",
         say=quiet,
+        executor=fake().executor,
     )
     res = json.loads((out / "scaling.json").read_text())
     assert "D alone" in res["note"]
@@ -221,7 +217,7 @@ def test_scale_over_methods_fits_each_in_data_size_alone(tmp_path, fake):
     assert all(x["params"]["beta"] == pytest.approx(0.4, abs=1e-3) for x in res["fits"])
 
 
-def test_scale_over_models_takes_x_from_total_params(tmp_path, fake, monkeypatch):
+def test_scale_over_models_takes_x_from_total_params(tmp_path, fake):
     sizes = {"small": 1e8, "mid": 3e8, "big": 1e9}
     f = fake()
     real_run = f.run
@@ -233,8 +229,8 @@ def test_scale_over_models_takes_x_from_total_params(tmp_path, fake, monkeypatch
         (cfg.run_dir() / "metrics.json").write_text(json.dumps(m))
         return m
 
-    monkeypatch.setitem(sys.modules, "tunelab.training.loop", types.SimpleNamespace(run=run))
-    out = cmp.scale(write_cfg(tmp_path), (), [250, 500, 1000, 2000], "model", list(sizes), tmp_path / "mod", say=quiet)
+    out = cmp.scale(write_cfg(tmp_path), (), [250, 500, 1000, 2000], "model", list(sizes), tmp_path / "mod", say=quiet,
+                    executor=SerialExecutor(run))
     assert {c.model.name for c in f.calls} == set(sizes)
     res = json.loads((out / "scaling.json").read_text())
     assert res["target"] == "eval_loss"
@@ -243,8 +239,43 @@ def test_scale_over_models_takes_x_from_total_params(tmp_path, fake, monkeypatch
 
 
 def test_scale_needs_a_factor_and_enough_sizes(tmp_path, fake):
-    fake()
+    f = fake()
     with pytest.raises(ValueError, match="needs a factor"):
-        cmp.scale(write_cfg(tmp_path), out_dir=tmp_path / "x", say=quiet)
+        cmp.scale(write_cfg(tmp_path), out_dir=tmp_path / "x", say=quiet, executor=f.executor)
     with pytest.raises(ValueError, match="leaves no data size"):
-        cmp.scale(write_cfg(tmp_path), (), [250], "rank", [4, 8], tmp_path / "x", say=quiet)
+        cmp.scale(write_cfg(tmp_path), (), [250], "rank", [4, 8], tmp_path / "x", say=quiet, executor=f.executor)
+    assert f.calls == []
+
+
+def test_the_runner_takes_outcomes_in_any_order_and_a_stop_ends_the_sweep(tmp_path):
+    """The executor contract a parallel or Ray executor will rely on: outcomes in finishing order, a job's
+    failure yielded rather than raised, and the runner closing the executor when it stops early."""
+    from tunelab.sweeps.runner import Outcome, PlannedRun, run_plan
+    from tunelab.training.run_lock import Stopped
+
+    raw = yaml.safe_load(write_cfg(tmp_path).read_text())
+    out = tmp_path / "o"
+    plan = [PlannedRun({"run": n, "label": n}, {**raw, "output_dir": str(out / "runs" / n)}) for n in "abc"]
+
+    class AllAtOnce:  # every job launched first, the last to start finishing first
+        def __init__(self, fail: Exception):
+            self.fail, self.closed = fail, False
+
+        def execute(self, jobs, start):
+            launched = [j for j in jobs if start(j)]
+            try:
+                for j in reversed(launched):
+                    yield Outcome(j, error=self.fail) if j.name == "b" else Outcome(j, {"accuracy": 0.5})
+            finally:
+                self.closed = True
+
+    msgs = []
+    manifest = run_plan(out, {"kind": "compare"}, plan, executor=AllAtOnce(RuntimeError("boom")), say=msgs.append)
+    assert manifest["failed"] == {"b": "RuntimeError: boom"}
+    assert msgs == ["[1/3] a: training", "[2/3] b: training", "[3/3] c: training", "[2/3] b: FAILED RuntimeError: boom"]
+    assert json.loads((out / "runs" / "a" / "metrics.json").read_text()) == {"accuracy": 0.5}
+    # rerun: a and c are reused; b is stopped by a signal, which ends the sweep with the manifest written
+    stopper = AllAtOnce(Stopped("stopped by SIGTERM", 15))
+    with pytest.raises(Stopped):
+        run_plan(out, {"kind": "compare", "again": True}, plan, executor=stopper, say=quiet)
+    assert stopper.closed and json.loads((out / "manifest.json").read_text())["again"]

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import sys
-import types
 
 import pytest
 import yaml
 
 from tunelab.sweeps import budget
 from tunelab.sweeps import compare as cmp
+from tunelab.sweeps.runner import SerialExecutor
 
 BEST_LR = {"lora": 3e-3, "full": 1e-5}  # the fake's optimum per method
 
@@ -18,6 +17,7 @@ BEST_LR = {"lora": 3e-3, "full": 1e-5}  # the fake's optimum per method
 class FakeTrain:
     def __init__(self):
         self.calls = []
+        self.executor = SerialExecutor(self.run)  # trains the sweep's runs with the fake, in this process
 
     def run(self, cfg) -> dict:
         self.calls.append(cfg)
@@ -34,11 +34,8 @@ class FakeTrain:
 
 
 @pytest.fixture
-def fake(monkeypatch):
-    monkeypatch.setattr(cmp, "ISOLATE", False)
-    f = FakeTrain()
-    monkeypatch.setitem(sys.modules, "tunelab.training.loop", types.SimpleNamespace(run=f.run))
-    return f
+def fake():
+    return FakeTrain()
 
 
 def write_cfg(tmp_path, **compare):
@@ -54,7 +51,8 @@ def write_cfg(tmp_path, **compare):
 
 
 def test_three_seeds_by_default_and_tune_lr_on_a_training_split(tmp_path, fake):
-    out = cmp.compare(write_cfg(tmp_path), out_dir=tmp_path / "cmp", tune="lr", say=lambda m: None)
+    out = cmp.compare(write_cfg(tmp_path), out_dir=tmp_path / "cmp", tune="lr", say=lambda m: None,
+                      executor=fake.executor)
     final = [c for c in fake.calls if "tune" not in str(c.run_dir())]
     trials = [c for c in fake.calls if "tune" in str(c.run_dir())]
     assert sorted(c.train.seed for c in final) == [0, 0, 1, 1, 2, 2]
@@ -76,7 +74,7 @@ def test_budget_flops_sets_steps_per_method(tmp_path, fake, monkeypatch):
     cost = {"lora": 4.0, "full": 6.0}
     monkeypatch.setattr(budget, "probe_flops", lambda c: cost[c.method.name])
     out = cmp.compare(write_cfg(tmp_path, budget="flops", budget_ref="full"), seeds=[0], out_dir=tmp_path / "c",
-                      say=lambda m: None)
+                      say=lambda m: None, executor=fake.executor)
     assert {c.method.name: c.train.max_steps for c in fake.calls} == {"full": 10, "lora": 15}
     b = json.loads((out / "manifest.json").read_text())["budget"]
     assert b["mode"] == "flops" and b["per_label"]["lora"] == {"steps": 15, "flops_per_step": 4.0}
@@ -85,9 +83,10 @@ def test_budget_flops_sets_steps_per_method(tmp_path, fake, monkeypatch):
 
 def test_output_dir_override_is_the_sweep_directory(tmp_path, fake):
     cfg = write_cfg(tmp_path)
-    out = cmp.compare(cfg, [f"output_dir={tmp_path / 'mine'}"], seeds=[0], say=lambda m: None)
+    out = cmp.compare(cfg, [f"output_dir={tmp_path / 'mine'}"], seeds=[0], say=lambda m: None, executor=fake.executor)
     assert out == tmp_path / "mine" and (out / "report.html").exists()
     with pytest.raises(ValueError, match="as --out"):
-        cmp.compare(cfg, [f"output_dir={tmp_path / 'a'}"], seeds=[0], out_dir=tmp_path / "b", say=lambda m: None)
+        cmp.compare(cfg, [f"output_dir={tmp_path / 'a'}"], seeds=[0], out_dir=tmp_path / "b", say=lambda m: None,
+                    executor=fake.executor)
     with pytest.raises(ValueError, match="--tune fast: only 'lr'"):
-        cmp.compare(cfg, seeds=[0], tune="fast", say=lambda m: None)
+        cmp.compare(cfg, seeds=[0], tune="fast", say=lambda m: None, executor=fake.executor)

@@ -16,6 +16,7 @@ from test_train import cfg_for, data  # noqa: F401  (fixtures)
 from tunelab.cli import app
 from tunelab.config import dump_config
 from tunelab.sweeps import compare as compare_mod
+from tunelab.sweeps.runner import SerialExecutor, forward_signals
 from tunelab.training.run_lock import RunLock, RunLocked, locked_by
 
 # runlock.py imports nothing of tunelab: load it alone so the holder starts fast (no torch import)
@@ -69,11 +70,11 @@ def test_cli_double_launch_is_one_clear_line(tiny_dir, data, tmp_path):  # noqa:
 
 def test_compare_never_starts_a_locked_run(tmp_path, monkeypatch):
     started = []
-    monkeypatch.setattr(compare_mod, "_train_run", lambda cfg: started.append(cfg) or {})
     monkeypatch.setattr(compare_mod, "build_report", lambda *a, **k: "report.html")
     (tmp_path / "c.yaml").write_text("task: sentiment\n")
     with RunLock(tmp_path / "cmp" / "runs" / "lora-s0"):
-        compare_mod.compare(tmp_path / "c.yaml", methods=["lora"], seeds=[0], out_dir=tmp_path / "cmp", say=lambda m: None)
+        compare_mod.compare(tmp_path / "c.yaml", methods=["lora"], seeds=[0], out_dir=tmp_path / "cmp", say=lambda m: None,
+                            executor=SerialExecutor(lambda cfg: started.append(cfg) or {}))
     manifest = (tmp_path / "cmp" / "manifest.json").read_text()
     assert not started and "locked" in manifest and str(os.getpid()) in manifest
 
@@ -84,7 +85,7 @@ def test_compare_forwards_sigterm_to_its_child():
          "signal.signal(signal.SIGTERM, lambda *a: sys.exit(143))\nprint('ready', flush=True)\ntime.sleep(60)"],
         stdout=subprocess.PIPE, text=True, start_new_session=True)
     assert child.stdout.readline().strip() == "ready"
-    with compare_mod._forward_signals(child) as got:
+    with forward_signals(child) as got:
         os.kill(os.getpid(), signal.SIGTERM)  # what `kill <compare pid>` does
         assert child.wait(timeout=60) == 143
     assert got == [signal.SIGTERM]

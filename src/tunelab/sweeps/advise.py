@@ -31,17 +31,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 from tunelab.report import build_report
-from tunelab.sweeps.compare import (
+from tunelab.sweeps.runner import Executor, PlannedRun, first_configs, run_plan, to_stderr
+from tunelab.sweeps.spec import (
     FACTOR_KEYS,
-    _execute,
-    _say,
-    _seeds,
-    _set,
-    _variant,
-    method_spec,
+    method_specs,
+    parse_seeds,
     read_sweep_config,
+    set_key,
     slug,
     sweep_out_dir,
+    variant,
 )
 
 DEFAULT_SIZES = (125, 250, 500, 1000)
@@ -60,9 +59,11 @@ def advise(
     verify: bool | None = None,
     verify_seeds: list[int] | None = None,
     keep_going: bool = True,
-    say: Callable[[str], None] = _say,
+    say: Callable[[str], None] = to_stderr,
+    executor: Executor | None = None,
 ) -> Path:
-    """Run the small-size sweep (and, with ``verify``, the full size), then write the advice."""
+    """Run the small-size sweep (and, with ``verify``, the full size), then write the advice.
+    ``executor`` trains the runs (see tunelab.sweeps.runner)."""
     raw, sweep = read_sweep_config(cfg_path, overrides)
     section = sweep.get("advise", {})
     entries = methods or section.get("methods")
@@ -76,7 +77,7 @@ def advise(
         raise ValueError(f"advise needs at least 3 small data sizes to fit a law (got {sizes})")
     if full_size <= max(sizes):
         raise ValueError(f"full_size {full_size} must be larger than the largest small size {max(sizes)}")
-    seeds = _seeds(seeds, section, raw, default_n=3)
+    seeds = parse_seeds(seeds, section, raw, default_n=3)
     out_dir = sweep_out_dir(out_dir, section, overrides, f"runs/advise-{Path(cfg_path or 'config').stem}")
     verify = section.get("verify", False) if verify is None else verify
     if isinstance(verify, list) or verify_seeds:  # verify: [0] checks the full size with those seeds only
@@ -92,10 +93,8 @@ def advise(
         raise ValueError("advise compares methods already; advise.factor must be numeric (rank, prompt_length, ...)")
     xs = [float(v) for v in values] if values else [None]
     x_full = float(section.get("x", max(xs))) if values else None
-    specs = [method_spec(e, raw.get("method")) for e in entries]
+    specs = method_specs(entries, raw.get("method"))
     labels = [s[0] for s in specs]
-    if len(set(labels)) != len(labels):
-        raise ValueError(f"method labels repeat: {labels}; give each variant a distinct 'label'")
     run_sizes = sizes + ([full_size] if verify else [])
     plan = []
     for label, method, train in specs:
@@ -107,11 +106,11 @@ def advise(
                     tag = f"-x{slug(_num(x))}" if x is not None else ""
                     name = f"{label}{tag}-n{size}-s{seed}"
                     sets = {"method": method, "train": train, "data.max_train": size}
-                    run = _variant(raw, out_dir / "runs" / name, seed, sets)
+                    run = variant(raw, out_dir / "runs" / name, seed, sets)
                     if key:
-                        _set(run, key, _num(x))
+                        set_key(run, key, _num(x))
                     info = {"run": name, "label": label, "value": label, "size": size, "seed": seed, "x": x}
-                    plan.append((info, run))
+                    plan.append(PlannedRun(info, run))
     steps_mode = section.get("steps", "per_size")
     if steps_mode not in ("per_size", "full"):
         raise ValueError(f"advise.steps: '{steps_mode}' is not one of per_size (each size's own epochs) or full")
@@ -132,38 +131,35 @@ def advise(
         "sizes": sizes, "full_size": full_size, "verify": verify, "factor": factor, "x_full": x_full,
         "seeds": seeds, "budget": budget_info, "metric": section.get("metric"), "steps": steps_mode,
         "chance_loss": None if chance is None else float(chance), "target": target,
-        "runs": [info for info, _ in plan],
+        "runs": [run.info for run in plan],
     }
     from tunelab.report.stats import environment
 
     manifest["environment"] = environment()
-    _execute(out_dir, manifest, plan, keep_going, say)
+    run_plan(out_dir, manifest, plan, executor=executor, keep_going=keep_going, say=say)
     say(f"report: {build_report(out_dir)}")
     return out_dir
 
 
-def _full_steps(plan, full_size: int) -> None:
+def _full_steps(plan: list[PlannedRun], full_size: int) -> None:
     """advise.steps: full: every run trains the steps of the full-size run (more epochs on less data),
     so the law is fitted at the user's own compute budget and only the data varies."""
     from tunelab.sweeps import budget as bud
-    from tunelab.sweeps.compare import _build_config
 
-    for info, raw in plan:
-        cfg = _build_config(raw, f"run {info['run']}")
-        _set(raw, "train.max_steps", bud.planned_steps(cfg, full_size))
+    for run in plan:
+        set_key(run.raw, "train.max_steps", bud.planned_steps(run.config(), full_size))
 
 
-def _warn_short(plan, full_size: int, say) -> None:
+def _warn_short(plan: list[PlannedRun], full_size: int, say) -> None:
     """advise.steps: per_size gives the smallest size a fraction of the full run's steps; below a tenth
     its runs often never leave the chance plateau, and a power law cannot extrapolate from a plateau."""
     from tunelab.sweeps import budget as bud
-    from tunelab.sweeps.compare import _build_config
 
-    info, raw = min(plan, key=lambda p: p[0]["size"])
-    cfg = _build_config(raw, f"run {info['run']}")
-    small, full = bud.planned_steps(cfg, info["size"]), bud.planned_steps(cfg, full_size)
+    run = min(plan, key=lambda r: r.info["size"])
+    cfg, size = run.config(), run.info["size"]
+    small, full = bud.planned_steps(cfg, size), bud.planned_steps(cfg, full_size)
     if small * 10 < full:
-        say(f"warning: the smallest size ({info['size']} rows) trains {small} steps, the full size {full}; "
+        say(f"warning: the smallest size ({size} rows) trains {small} steps, the full size {full}; "
             "runs this short may stay at chance, where no law extrapolates: consider advise.steps: full "
             "(every size trains the full size's steps) and advise.chance_loss to have such sizes detected")
 
@@ -172,31 +168,26 @@ def _num(x):
     return int(x) if x is not None and float(x).is_integer() else x
 
 
-def _match_per_size(plan, mode, out_dir: Path, section: dict, say, top: int) -> dict:
+def _match_per_size(plan: list[PlannedRun], mode, out_dir: Path, section: dict, say, top: int) -> dict:
     """Budget matching across methods, applied at every data size: the probe's cost ratios (measured
     once, at the largest small size) scale each method's steps against the reference's."""
     import math
 
     from tunelab.sweeps import budget as bud
-    from tunelab.sweeps.compare import _build_config
 
     mode = bud.check_mode(mode)
     if mode == "steps":
         return bud.plan("steps", {}, out_dir)
-    probe_cfgs = {}
-    for info, raw in plan:
-        if info["size"] == top and info["label"] not in probe_cfgs:
-            probe_cfgs[info["label"]] = _build_config(raw, f"run {info['run']}")
+    probe_cfgs = first_configs(r for r in plan if r.info["size"] == top)
     say(f"matching budgets by {mode}: probing each method")
     res = bud.plan(mode, probe_cfgs, out_dir, ref=section.get("budget_ref"))
     cost_key = "s_per_step" if mode == "time" else "flops_per_step"
     costs = {k: v[cost_key] for k, v in res["per_label"].items()}
     ref = res["ref"]
-    for info, raw in plan:
-        if info["label"] not in costs:
+    for run in plan:
+        if run.label not in costs:
             continue
-        cfg = _build_config(raw, f"run {info['run']}")
-        ref_steps = bud.planned_steps(cfg, info["size"])
-        _set(raw, "train.max_steps", max(1, math.floor(ref_steps * costs[ref] / costs[info["label"]])))
+        ref_steps = bud.planned_steps(run.config(), run.info["size"])
+        set_key(run.raw, "train.max_steps", max(1, math.floor(ref_steps * costs[ref] / costs[run.label])))
     res["note"] += f"; applied at every data size as steps x cost({ref}) / cost(method)"
     return res

@@ -4,7 +4,9 @@ Every run shares the config's task, data, step budget and evaluation; only the m
 factor), the seed, ``data.max_train`` (scale) and ``output_dir`` change. Runs go to
 ``OUT/runs/<label>-s<seed>`` (compare) or ``OUT/runs/<value>-n<size>-s<seed>`` (scale). A run whose
 ``metrics.json`` exists is finished and reused, so an interrupted comparison continues where it stopped
-(an unfinished run is started again; the training loop resumes it from its own checkpoints).
+(an unfinished run is started again; the training loop resumes it from its own checkpoints). The runs
+are trained by ``tunelab.sweeps.runner`` with the ``executor`` given (default: one after another, each in
+its own ``tunelab train`` process).
 
 The sweep may be given in the YAML beside the run config; CLI arguments win over it:
 
@@ -24,267 +26,40 @@ A method entry is a name, ``name:key=value:...``, or a mapping with ``name``, it
 
 from __future__ import annotations
 
-import contextlib
-import copy
-import importlib
-import json
-import re
-import signal
-import sys
-import threading
 from collections.abc import Callable
 from pathlib import Path
 
-import yaml
+from tunelab.report import build_report
+from tunelab.sweeps import lr_search
+from tunelab.sweeps.runner import Executor, PlannedRun, first_configs, run_plan, to_stderr
+from tunelab.sweeps.spec import (
+    FACTOR_KEYS,
+    method_spec,
+    method_specs,
+    parse_seeds,
+    read_sweep_config,
+    set_key,
+    slug,
+    sweep_out_dir,
+    variant,
+)
 
-from tunelab.report import MANIFEST, build_report
-from tunelab.results import read_metrics
-from tunelab.runtime.atomic_files import atomic_write_text
-from tunelab.training.run_lock import Stopped, locked_by
-
-SWEEP_SECTIONS = ("compare", "scale", "advise")
 DEFAULT_SIZES = (250, 500, 1000, 2000, 4000)
-# Factor names -> the config key they set. "model" takes X from the runs' total_params.
-FACTOR_KEYS = {
-    "model": "model.name",
-    "rank": "method.r",
-    "prompt_length": "method.num_virtual_tokens",
-    "method": "method",
-}
 
 
-def _say(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def _build_config(raw: dict, source: str):
-    from tunelab.config import build_config
-
-    return build_config(raw, source)
-
-
-# Each run trains in a fresh process by default: peak memory (RSS never shrinks), threads and any
-# state a method leaves behind then belong to that run alone, as when a user runs it by itself.
-ISOLATE = True
-
-
-def _train_run(cfg) -> dict:
-    if not ISOLATE:
-        return importlib.import_module("tunelab.training.loop").run(cfg)
-    import subprocess
-
-    from tunelab.config import dump_config
-
-    run_dir = cfg.run_dir()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    spec = run_dir / "requested.yaml"
-    atomic_write_text(spec, dump_config(cfg))
-    with open(run_dir / "train.out", "w") as out:
-        # Its own session: a terminal's Ctrl-C reaches only us, and we pass it on exactly once.
-        child = subprocess.Popen([sys.executable, "-m", "tunelab", "train", str(spec)], stdout=out,
-                                 stderr=subprocess.STDOUT, start_new_session=True)
-        with _forward_signals(child) as got:
-            returncode = child.wait()
-    if got:
-        raise Stopped(f"stopped by {signal.Signals(got[0]).name}: the run in {run_dir} saved a checkpoint and "
-                      "stopped; rerun the same command to continue the comparison where it stopped", got[0])
-    if returncode != 0:
-        tail = (run_dir / "train.out").read_text().strip().splitlines()[-5:]
-        raise RuntimeError(f"training exited with status {returncode}; last lines of {run_dir / 'train.out'}:\n" + "\n".join(tail))
-    return read_metrics(run_dir)
-
-
-@contextlib.contextmanager
-def _forward_signals(child):
-    """While ``child`` runs, SIGTERM/SIGINT are passed on to it (it checkpoints and stops); the signals
-    received are yielded so the caller stops the sweep instead of starting the next run."""
-    got: list[int] = []
-    if threading.current_thread() is not threading.main_thread():
-        yield got
-        return
-
-    def forward(signum, frame):
-        got.append(signum)
-        with contextlib.suppress(ProcessLookupError):
-            child.send_signal(signum)
-
-    old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield got
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
-
-
-def read_sweep_config(cfg_path, overrides=()) -> tuple[dict, dict]:
-    """(run config as a raw dict with overrides applied, {"compare": {...}, "scale": {...}})."""
-    from tunelab.config import apply_overrides, resolve_data_paths
-
-    raw = {}
-    if cfg_path is not None:
-        path = Path(cfg_path)
-        if not path.exists():
-            raise FileNotFoundError(f"{path}: config file not found")
-        raw = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(raw, dict):
-            raise ValueError(f"{path}: the top level must be a mapping of sections")
-        # data paths are relative to the config file, as for tunelab train; absolute here, because each
-        # run's own config.yaml lives elsewhere (OUT/runs/...)
-        raw = resolve_data_paths(raw, path.parent.resolve())
-    raw = apply_overrides(raw, list(overrides))
-    sweep = {k: raw.pop(k) or {} for k in SWEEP_SECTIONS if k in raw}
-    for k, v in sweep.items():
-        if not isinstance(v, dict):
-            raise ValueError(f"{cfg_path}: section '{k}' must be a mapping (got {type(v).__name__})")
-    return raw, sweep
-
-
-def slug(text) -> str:
-    return re.sub(r"[^A-Za-z0-9_.+-]+", "_", str(text)).strip("_") or "run"
-
-
-def method_spec(entry, base_method) -> tuple[str, dict, dict]:
-    """(label, method section, train settings) for one method entry (see the module docstring)."""
-    base = {"name": base_method} if isinstance(base_method, str) else dict(base_method or {})
-    train: dict = {}
-    if isinstance(entry, str):
-        name, *pairs = entry.strip().split(":")
-        params = {}
-        for pair in pairs:
-            key, eq, val = pair.partition("=")
-            if not eq or not key:
-                raise ValueError(f"method '{entry}': '{pair}' is not key=value (e.g. lora:r=16:alpha=32)")
-            params[key.strip()] = yaml.safe_load(val)
-        label = "-".join([name] + [f"{k}{v}" for k, v in params.items()])
-    elif isinstance(entry, dict) and entry.get("name"):
-        params = {k: v for k, v in entry.items() if k not in ("name", "label", "train")}
-        name, train = entry["name"], dict(entry.get("train") or {})
-        label = str(entry.get("label") or "-".join([name] + [f"{k}{v}" for k, v in params.items()]))
-    else:
-        raise ValueError(f"method entry {entry!r}: expected a name or a mapping with 'name'")
-    # Same method as the config's own: keep its params (the user tuned them), the entry's win.
-    section = {**base, **params} if base.get("name") == name else {"name": name, **params}
-    return slug(label), {**section, "name": name}, train
-
-
-def _set(raw: dict, dotted: str, value) -> None:
-    *parents, last = dotted.split(".")
-    node = raw
-    for part in parents:
-        child = node.get(part)
-        if isinstance(child, str):  # the short form "method: lora"
-            child = {"name": child}
-        node[part] = child = dict(child or {})
-        node = child
-    node[last] = value
-
-
-def _variant(raw: dict, run_dir: Path, seed: int, sets: dict) -> dict:
-    out = copy.deepcopy(raw)
-    for key, value in sets.items():
-        if key == "train" and isinstance(value, dict):
-            out["train"] = {**(out.get("train") or {}), **value}
-        else:
-            _set(out, key, value)
-    _set(out, "train.seed", int(seed))
-    out["output_dir"] = str(run_dir)
-    return out
-
-
-def _execute(
-    out_dir: Path, manifest: dict, plan: list[tuple[dict, dict]], keep_going: bool, say: Callable[[str], None]
-) -> dict:
-    """Validate every run's config first (a typo fails before hours of training), then run them."""
-    cfgs = [_build_config(raw, f"run {info['run']}") for info, raw in plan]
-    manifest["failed"] = {}
-    atomic_write_text(out_dir / MANIFEST, json.dumps(manifest, indent=2))
-    for i, ((info, _), cfg) in enumerate(zip(plan, cfgs, strict=True), 1):
-        run_dir = out_dir / "runs" / info["run"]
-        if (run_dir / "metrics.json").exists():
-            say(f"[{i}/{len(plan)}] {info['run']}: finished before, reused")
-            if _config_changed(run_dir, cfg):
-                say(f"  warning: {run_dir / 'config.yaml'} differs from this config; delete the run to redo it")
-            continue
-        holder = locked_by(run_dir)
-        if holder:  # another process trains it right now: never start a second writer
-            manifest["failed"][info["run"]] = f"locked: {run_dir} is being written by {holder}"
-            say(f"[{i}/{len(plan)}] {info['run']}: SKIPPED, {run_dir} is locked by {holder}")
-            continue
-        say(f"[{i}/{len(plan)}] {info['run']}: training")
-        try:
-            metrics = _train_run(cfg)
-        except Stopped:
-            atomic_write_text(out_dir / MANIFEST, json.dumps(manifest, indent=2))
-            raise
-        except Exception as e:  # one bad method must not sink the whole comparison
-            if not keep_going:
-                raise
-            manifest["failed"][info["run"]] = f"{type(e).__name__}: {e}"
-            say(f"[{i}/{len(plan)}] {info['run']}: FAILED {type(e).__name__}: {e}")
-            continue
-        if metrics and not (run_dir / "metrics.json").exists():  # keep the "finished" marker true to the contract
-            atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2, default=str))
-    atomic_write_text(out_dir / MANIFEST, json.dumps(manifest, indent=2))
-    return manifest
-
-
-def _config_changed(run_dir: Path, cfg) -> bool:
-    from tunelab.config import dump_config
-
-    saved = run_dir / "config.yaml"
-    return saved.exists() and yaml.safe_load(saved.read_text()) != yaml.safe_load(dump_config(cfg))
-
-
-def _seeds(seeds, section: dict, raw: dict, default_n: int = 1) -> list[int]:
-    seeds = seeds if seeds else section.get("seeds")
-    if seeds is None:  # default_n seeds from the config's own: train.seed, +1, +2, ...
-        base = int((raw.get("train") or {}).get("seed", 0))
-        seeds = list(range(base, base + default_n))
-    seeds = [seeds] if isinstance(seeds, int) else list(seeds)
-    if len(set(seeds)) != len(seeds):
-        raise ValueError(f"seeds repeat: {seeds}")
-    return [int(s) for s in seeds]
-
-
-def sweep_out_dir(out_dir, section: dict, overrides, default: str) -> Path:
-    """--out, else an ``output_dir=`` override, else the section's out_dir, else ``default``.
-
-    A run config's own output_dir names one run; a sweep puts each run under OUT/runs/<name>, so an
-    ``output_dir=`` override on the command line is taken as the sweep's directory (never ignored)."""
-    given = [o.split("=", 1)[1].strip() for o in overrides or () if str(o).strip().startswith("output_dir=")]
-    if given:
-        if out_dir is not None and Path(out_dir) != Path(given[-1]):
-            raise ValueError(
-                f"output_dir={given[-1]} and --out {out_dir} disagree: pass the sweep's directory once, as --out "
-                "(each run goes to OUT/runs/<name>)"
-            )
-        out_dir = given[-1]
-    return Path(out_dir or section.get("out_dir") or default)
-
-
-def method_plan(raw: dict, entries, seeds, out_dir: Path, suffix: str = "") -> tuple[list[str], list]:
-    specs = [method_spec(e, raw.get("method")) for e in entries]
+def method_plan(raw: dict, entries, seeds, out_dir: Path, suffix: str = "") -> tuple[list[str], list[PlannedRun]]:
+    specs = method_specs(entries, raw.get("method"))
     labels = [s[0] for s in specs]
-    if len(set(labels)) != len(labels):
-        raise ValueError(f"method labels repeat: {labels}; give each variant a distinct 'label'")
     plan = []
     for label, method, train in specs:
         for seed in seeds:
             name = f"{label}{suffix}-s{seed}"
             info = {"run": name, "label": label, "method": method["name"], "seed": seed}
-            plan.append((info, _variant(raw, out_dir / "runs" / name, seed, {"method": method, "train": train})))
+            plan.append(PlannedRun(info, variant(raw, out_dir / "runs" / name, seed, {"method": method, "train": train})))
     return labels, plan
 
 
-def _by_label(plan) -> dict:
-    """label -> the RunConfig of its first seed (probes and the lr search use it)."""
-    out = {}
-    for info, raw in plan:
-        out.setdefault(info["label"], _build_config(raw, f"run {info['run']}"))
-    return out
-
-
-def match_budget(plan, mode: str, out_dir: Path, section: dict, say=_say) -> dict:
+def match_budget(plan: list[PlannedRun], mode: str, out_dir: Path, section: dict, say=to_stderr) -> dict:
     """Set train.max_steps per method so that budgets match by ``mode`` (see tunelab.sweeps.budget)."""
     from tunelab.sweeps import budget as bud
 
@@ -293,53 +68,12 @@ def match_budget(plan, mode: str, out_dir: Path, section: dict, say=_say) -> dic
         return bud.plan("steps", {}, out_dir)
     say(f"matching budgets by {mode}: probing each method")
     total = section.get("time_s") if mode == "time" else section.get("flops")
-    result = bud.plan(mode, _by_label(plan), out_dir, ref=section.get("budget_ref"), total=total)
-    for info, raw in plan:
-        steps = result["per_label"].get(info["label"], {}).get("steps")
+    result = bud.plan(mode, first_configs(plan), out_dir, ref=section.get("budget_ref"), total=total)
+    for run in plan:
+        steps = result["per_label"].get(run.label, {}).get("steps")
         if steps is not None:
-            _set(raw, "train.max_steps", int(steps))
+            set_key(run.raw, "train.max_steps", int(steps))
     say(f"  {result['note']}: " + ", ".join(f"{k} {v['steps']} steps" for k, v in result["per_label"].items()))
-    return result
-
-
-def tune_lr(plan, out_dir: Path, raw: dict, metric: str | None, keep_going: bool, say=_say) -> dict:
-    """The learning-rate search of ``--tune lr`` (see tunelab.sweeps.lr_search); sets each method's best lr in ``plan``."""
-    from tunelab.report.tables import higher_is_better
-    from tunelab.sweeps import lr_search
-
-    data = raw.get("data") or {}
-    if not data.get("train"):
-        raise ValueError("--tune lr needs data.train to split into a tuning train and validation part")
-    tdir = out_dir / "tune"
-    tr, va, n_tr, n_va = lr_search.split_file(data["train"], tdir / "data", data.get("max_train"))
-    split = f"a split of the training rows ({n_tr} train / {n_va} validation; the eval set is never read)"
-    cfgs = _by_label(plan)
-    trials, grids = [], {}
-    for label, cfg in cfgs.items():
-        if cfg.train.max_steps == 0:
-            continue
-        base = cfg.train.lr or importlib.import_module("tunelab.training.optimizer").default_lr(cfg.method.name, cfg.method.params())
-        grids[label] = lr_search.grid(base)
-        first = next(r for i, r in plan if i["label"] == label)
-        for lr in grids[label]:
-            name = f"{label}-lr{lr:g}"
-            t = _variant(first, tdir / "runs" / name, cfg.train.seed, {"train": {"lr": lr}})
-            t["data"] = {**t.get("data", {}), "train": str(tr), "eval": str(va), "max_train": None, "max_eval": None}
-            trials.append(({"run": name, "label": label, "lr": lr, "seed": cfg.train.seed}, t))
-    say(f"--tune lr: {len(trials)} trial runs on {split}")
-    _execute(tdir, {"kind": "tune", "runs": [i for i, _ in trials]}, trials, keep_going, say)
-    result = {}
-    for label, lrs in grids.items():
-        scores, name = [], metric
-        for lr in lrs:
-            value, name = lr_search.trial_score(tdir / "runs" / f"{label}-lr{lr:g}", name)
-            scores.append((lr, value))
-        best = lr_search.best_lr(scores, higher_is_better(name or "accuracy"))
-        result[label] = {"best_lr": best, "scores": scores, "metric": name, "split": split}
-        for info, r in plan:
-            if info["label"] == label:
-                r["train"] = {**(r.get("train") or {}), "lr": best}
-        say(f"  {label}: lr {best:g} (" + ", ".join(f"{lr:g}: {v}" for lr, v in scores) + ")")
     return result
 
 
@@ -354,13 +88,14 @@ def compare(
     budget: str | None = None,
     tune: str | None = None,
     keep_going: bool = True,
-    say: Callable[[str], None] = _say,
+    say: Callable[[str], None] = to_stderr,
+    executor: Executor | None = None,
 ) -> Path:
     """Run each method x seed on the config's task, then write the report; returns ``out_dir``.
 
     ``budget`` (or compare.budget): "steps" (default), "time" or "flops" (see tunelab.sweeps.budget).
     ``tune`` (or compare.tune): "lr" runs a small learning-rate search per method first (tunelab.sweeps.lr_search).
-    Seeds default to three: train.seed, +1, +2."""
+    Seeds default to three: train.seed, +1, +2. ``executor`` trains the runs (see tunelab.sweeps.runner)."""
     from tunelab.report.stats import environment
 
     raw, sweep = read_sweep_config(cfg_path, overrides)
@@ -368,14 +103,15 @@ def compare(
     entries = methods or section.get("methods")
     if not entries:
         raise ValueError("no methods to compare: pass --methods a,b or add compare.methods to the config")
-    seeds = _seeds(seeds, section, raw, default_n=3)
+    seeds = parse_seeds(seeds, section, raw, default_n=3)
     out_dir = sweep_out_dir(out_dir, section, overrides, f"runs/compare-{Path(cfg_path or 'config').stem}")
     tune = tune or section.get("tune")
     if tune not in (None, "lr"):
         raise ValueError(f"--tune {tune}: only 'lr' (a learning-rate search per method) is supported")
     labels, plan = method_plan(raw, entries, seeds, out_dir)
     budget_info = match_budget(plan, budget or section.get("budget"), out_dir, section, say)
-    tuning = tune_lr(plan, out_dir, raw, metric, keep_going, say) if tune == "lr" else {}
+    tuning = (lr_search.search(plan, out_dir, raw, metric, keep_going=keep_going, executor=executor, say=say)
+              if tune == "lr" else {})
     manifest = {
         "kind": "compare",
         "config": str(cfg_path),
@@ -386,9 +122,9 @@ def compare(
         "budget": budget_info,
         "tuning": tuning,
         "environment": environment(),
-        "runs": [info for info, _ in plan],
+        "runs": [run.info for run in plan],
     }
-    _execute(out_dir, manifest, plan, keep_going, say)
+    run_plan(out_dir, manifest, plan, executor=executor, keep_going=keep_going, say=say)
     say(f"report: {build_report(out_dir, metric)}")
     return out_dir
 
@@ -405,9 +141,11 @@ def scale(
     target: str | None = None,
     holdout: int | None = None,
     keep_going: bool = True,
-    say: Callable[[str], None] = _say,
+    say: Callable[[str], None] = to_stderr,
+    executor: Executor | None = None,
 ) -> Path:
-    """Sweep data.max_train over ``sizes`` against ``factor`` in ``values``, fit the laws, report."""
+    """Sweep data.max_train over ``sizes`` against ``factor`` in ``values``, fit the laws, report.
+    ``executor`` trains the runs (see tunelab.sweeps.runner)."""
     raw, sweep = read_sweep_config(cfg_path, overrides)
     section = sweep.get("scale", {})
     sizes = [int(s) for s in (sizes or section.get("sizes") or DEFAULT_SIZES)]
@@ -421,7 +159,7 @@ def scale(
     holdout = int(holdout or section.get("holdout", 1))
     if holdout >= len(set(sizes)):
         raise ValueError(f"holdout={holdout} leaves no data size to fit among {sorted(set(sizes))}")
-    seeds = _seeds(seeds, section, raw)
+    seeds = parse_seeds(seeds, section, raw)
     out_dir = sweep_out_dir(out_dir, section, overrides, f"runs/scale-{Path(cfg_path or 'config').stem}")
     key = FACTOR_KEYS.get(factor, factor)
     categorical = key == "method"
@@ -436,7 +174,7 @@ def scale(
             for seed in seeds:
                 name = f"{shown}-n{size}-s{seed}"
                 info = {"run": name, "label": f"{shown}-n{size}", "value": shown, "size": size, "seed": seed}
-                plan.append((info, _variant(raw, out_dir / "runs" / name, seed, {**sets, "data.max_train": size})))
+                plan.append(PlannedRun(info, variant(raw, out_dir / "runs" / name, seed, {**sets, "data.max_train": size})))
     manifest = {
         "kind": "scale",
         "config": str(cfg_path),
@@ -450,8 +188,8 @@ def scale(
         "seeds": seeds,
         "target": target,
         "holdout": holdout,
-        "runs": [info for info, _ in plan],
+        "runs": [run.info for run in plan],
     }
-    _execute(out_dir, manifest, plan, keep_going, say)
+    run_plan(out_dir, manifest, plan, executor=executor, keep_going=keep_going, say=say)
     say(f"report: {build_report(out_dir, target=target, holdout=holdout)}")
     return out_dir

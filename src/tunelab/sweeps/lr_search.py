@@ -13,11 +13,59 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Callable
 from pathlib import Path
+
+from tunelab.sweeps.runner import Executor, PlannedRun, first_configs, run_plan, to_stderr
+from tunelab.sweeps.spec import variant
 
 FACTORS = (1 / 3, 1.0, 3.0)
 VALID_FRACTION = 0.2
 SPLITS = ("tune_train", "tune_valid")
+
+
+def search(plan: list[PlannedRun], out_dir: Path, raw: dict, metric: str | None = None, *, keep_going: bool = True,
+           executor: Executor | None = None, say: Callable[[str], None] = to_stderr) -> dict:
+    """The search of ``--tune lr`` for the sweep in ``out_dir`` (trials in ``out_dir/tune``, trained by
+    ``executor``); sets each method's best lr in ``plan`` and returns label -> best_lr, scores, metric, split."""
+    from tunelab.report.tables import higher_is_better
+    from tunelab.training.optimizer import default_lr
+
+    data = raw.get("data") or {}
+    if not data.get("train"):
+        raise ValueError("--tune lr needs data.train to split into a tuning train and validation part")
+    tdir = out_dir / "tune"
+    tr, va, n_tr, n_va = split_file(data["train"], tdir / "data", data.get("max_train"))
+    split = f"a split of the training rows ({n_tr} train / {n_va} validation; the eval set is never read)"
+    cfgs = first_configs(plan)
+    trials, grids = [], {}
+    for label, cfg in cfgs.items():
+        if cfg.train.max_steps == 0:
+            continue
+        base = cfg.train.lr or default_lr(cfg.method.name, cfg.method.params())
+        grids[label] = grid(base)
+        first = next(r.raw for r in plan if r.label == label)
+        for lr in grids[label]:
+            name = f"{label}-lr{lr:g}"
+            t = variant(first, tdir / "runs" / name, cfg.train.seed, {"train": {"lr": lr}})
+            t["data"] = {**t.get("data", {}), "train": str(tr), "eval": str(va), "max_train": None, "max_eval": None}
+            trials.append(PlannedRun({"run": name, "label": label, "lr": lr, "seed": cfg.train.seed}, t))
+    say(f"--tune lr: {len(trials)} trial runs on {split}")
+    run_plan(tdir, {"kind": "tune", "runs": [t.info for t in trials]}, trials, executor=executor,
+             keep_going=keep_going, say=say)
+    result = {}
+    for label, lrs in grids.items():
+        scores, name = [], metric
+        for lr in lrs:
+            value, name = trial_score(tdir / "runs" / f"{label}-lr{lr:g}", name)
+            scores.append((lr, value))
+        best = best_lr(scores, higher_is_better(name or "accuracy"))
+        result[label] = {"best_lr": best, "scores": scores, "metric": name, "split": split}
+        for run in plan:
+            if run.label == label:
+                run.raw["train"] = {**(run.raw.get("train") or {}), "lr": best}
+        say(f"  {label}: lr {best:g} (" + ", ".join(f"{lr:g}: {v}" for lr, v in scores) + ")")
+    return result
 
 
 def grid(base: float) -> list[float]:
