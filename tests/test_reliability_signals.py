@@ -57,14 +57,15 @@ def test_signal_checkpoints_then_resume_is_exact(signum, full, tiny_dir, data, t
 
 KILL_IN_SAVE = """
 import os, signal, sys
+import tunelab.training.checkpoint as ck
 import tunelab.training.loop as t
 from tunelab.config import load_config
-real = t.save_file
+real = ck.save_file
 def save_file(tensors, path, *a, **k):
     real(tensors, path, *a, **k)
     if path.endswith("optimizer.safetensors") and "/.last.tmp-" in path and os.path.exists(os.path.dirname(os.path.dirname(path)) + "/last"):
         os.kill(os.getpid(), signal.SIGKILL)  # the second save, half written
-t.save_file = save_file
+ck.save_file = save_file  # checkpoints are written by tunelab.training.checkpoint
 t.run(load_config(sys.argv[1]))
 """
 
