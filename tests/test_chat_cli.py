@@ -92,4 +92,4 @@ def test_chat_base_model_without_template_and_errors(tmp_path):
     assert res.exit_code == 2 and "trained a task head (score)" in res.output
     (run / "method" / "method.json").unlink()
     res = runner.invoke(app, ["chat", str(run)], input="")
-    assert res.exit_code == 2 and "without a trained method" in res.output
+    assert res.exit_code == 2 and f"{run}: no trained method here" in res.output  # one message for merge, export, chat

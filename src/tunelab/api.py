@@ -50,7 +50,9 @@ def trainable_parameters(model: nn.Module) -> dict[str, float]:
 
 
 def save(model: nn.Module, directory: str | Path) -> Path:
-    """Write the method's tensors (safetensors) and its name + params (JSON), atomically."""
+    """Write the method's tensors (safetensors) and its name + params (JSON), atomically. The JSON also
+    names the heads created for the run and, for a classification / token head, its labels in order
+    (``head_labels``: what rebuilds the head without the data that gave them)."""
     info = getattr(model, "tunelab_method", None)
     if not info:
         raise ValueError("no tunelab method is attached to this model; call tunelab.attach first")
@@ -59,6 +61,8 @@ def save(model: nn.Module, directory: str | Path) -> Path:
     with atomic_dir(directory) as tmp:
         save_file(state, str(tmp / METHOD_WEIGHTS))
         meta = dict(info, heads=list(getattr(model, "tunelab_new_head", [])))
+        if getattr(model, "tunelab_head_labels", None):  # set by tunelab.models.loading
+            meta["head_labels"] = list(model.tunelab_head_labels)
         (tmp / METHOD_JSON).write_text(json.dumps(meta, indent=2))
     return directory
 

@@ -233,12 +233,10 @@ def export(
         typer.echo(f"GGUF ({outtype}, {path.stat().st_size / 1e6:.1f} MB) written to {path}")
         return
     from tunelab.export.card import write_card
-    from tunelab.export.merge import load_trained
     from tunelab.export.peft_format import export_peft, save_dequantized_base
     from tunelab.models.loading import recorded_base
+    from tunelab.training.run_directory import load_trained
 
-    if not (run_dir / "method" / "method.json").exists():
-        _fail(f"{run_dir}: no trained method here (expected {run_dir / 'method' / 'method.json'})")
     model, tok, cfg = _guard(load_trained, run_dir)
     _guard(export_peft, model, out_dir, recorded_base(cfg.model.name))
     _guard(write_card, out_dir, run_dir, cfg, "peft", None, cmd)

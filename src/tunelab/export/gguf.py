@@ -190,8 +190,9 @@ def export_run(run_dir: str | Path, out_dir: str | Path, outtype: str = "f16", c
                progress: bool = False) -> Path:
     """Merge ``run_dir``'s method into its base and write ``out_dir/<run>-<outtype>.gguf`` + README.md."""
     from tunelab.export.card import write_card
-    from tunelab.export.merge import load_trained, merged
+    from tunelab.export.merge import merged
     from tunelab.models.loading import base_identity
+    from tunelab.training.run_directory import load_trained
 
     if outtype not in OUTTYPES:
         raise ValueError(f"--outtype '{outtype}' is not one of {', '.join(OUTTYPES)}")

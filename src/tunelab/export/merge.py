@@ -8,26 +8,13 @@ from pathlib import Path
 import torch
 
 from tunelab.models.loading import native_dtype, recorded_base
+from tunelab.training.run_directory import load_trained  # merge, export and serve load a run one way
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 CANNOT_MERGE_HINT = (
     "export it unmerged instead: `tunelab export RUN OUT --format peft` (LoRA family and prompt tuning), "
     "or run it as is with `tunelab chat` / `tunelab serve`"
 )
-
-
-def load_trained(run_dir: str | Path):
-    """``(model with the run's method, tokenizer, run config)`` for a finished run directory."""
-    import tunelab
-    from tunelab.config import load_config
-    from tunelab.training.loop import Run
-
-    run_dir = Path(run_dir)
-    if not (run_dir / "method" / "method.json").exists():
-        raise FileNotFoundError(f"{run_dir}: no trained method here (expected {run_dir / 'method' / 'method.json'})")
-    cfg = load_config(run_dir / "config.yaml", []).model_copy(update={"output_dir": str(run_dir)})
-    r = Run(cfg.model_copy(update={"data": cfg.data.model_copy(update={"train": None})}))
-    return tunelab.load(r.model, run_dir / "method"), r.tok, cfg
 
 
 def merged(model, method_name: str):

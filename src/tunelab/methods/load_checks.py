@@ -66,6 +66,9 @@ def check_method_meta(meta: dict, path: Path) -> None:
     heads = meta.get("heads", [])
     if not isinstance(heads, list) or not all(isinstance(h, str) for h in heads):
         raise ValueError(f"{path}: 'heads' must be a list of module names, got {heads!r}")
+    labels = meta.get("head_labels", [])
+    if not isinstance(labels, list) or not all(isinstance(lab, str) for lab in labels):
+        raise ValueError(f"{path}: 'head_labels' must be a list of label names, got {labels!r}")
 
 
 def _number(v) -> bool:

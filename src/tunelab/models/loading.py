@@ -145,7 +145,8 @@ def load(
     device="cpu",  # str or torch.device
 ):
     """Return ``(model, tokenizer)``. ``head`` picks a classification / token / QA head (new heads
-    are recorded in ``model.tunelab_new_head`` so they train with any method). ``quantize`` (a
+    are recorded in ``model.tunelab_new_head`` so they train with any method; a classification or
+    token head's labels in ``model.tunelab_head_labels``). ``quantize`` (a
     ``tunelab.models.quantized_loading.LoadPlan``, from a method's ``quantize_on_load``) quantizes its target linears
     shard by shard onto ``device`` while loading, so the full-precision weights never sit there."""
     import torch
@@ -182,6 +183,9 @@ def load(
     # Modules whose weights the checkpoint lacked were created fresh: they are the task head.
     new_head = head is not None and head.kind != "seq2seq"
     model.tunelab_new_head = sorted({k.rsplit(".", 1)[0] for k in info.get("missing_keys", [])}) if new_head else []
+    # The head's labels in output order (often collected from the training data): ``tunelab.save``
+    # records them in method.json, so the head can be rebuilt from the run directory alone.
+    model.tunelab_head_labels = list(head.labels) if head is not None and head.kind in ("sequence", "token") else []
     model.tunelab_method = None
     if head is not None and head.install is not None:
         head.install(model)

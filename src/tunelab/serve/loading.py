@@ -3,7 +3,6 @@ and how a conversation becomes a prompt."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,27 +23,21 @@ class Target:
 
 def load_target(target: str, *, device: str = "auto", dtype: str | None = None, threads: int | None = None) -> Target:
     """A run directory (``config.yaml`` + ``method/``) with its method loaded, or a model name/dir."""
-    import tunelab
-    from tunelab.config import load_config
     from tunelab.models.loading import load as load_model
     from tunelab.runtime.precision import pick_device
+    from tunelab.training.run_directory import load_trained, method_meta
 
     if threads:
         torch.set_num_threads(threads)
     path = Path(target)
     run = path.is_dir() and (path / "config.yaml").exists()
     if run:
-        meta_path = path / "method" / "method.json"
-        if not meta_path.exists():
-            raise FileNotFoundError(f"{path}: a run directory without a trained method (expected {meta_path})")
-        meta = json.loads(meta_path.read_text())
+        meta = method_meta(path)
         if meta.get("heads"):
             raise ValueError(f"{path}: this run trained a task head ({', '.join(meta['heads'])}), not a language model "
                              "to chat with; use `tunelab predict` for it")
-        m = load_config(path / "config.yaml", []).model
-        model, tok = load_model(m.name, dtype=dtype or m.dtype, trust_remote_code=m.trust_remote_code, revision=m.revision)
-        model = tunelab.load(model, path / "method")
-        about = f"{meta['name']} on {m.name}"
+        model, tok, cfg = load_trained(path, device=device, dtype=dtype)
+        about = f"{meta['name']} on {cfg.model.name}"
     else:
         model, tok = load_model(target, dtype=dtype or "float32")
         about = f"base model {target}"
