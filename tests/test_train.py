@@ -6,7 +6,7 @@ import pytest
 from safetensors.torch import load_file
 
 import tunelab.training.loop as train_mod
-from tunelab.config import load_config
+from tunelab.config import dump_config, load_config
 
 WORDS = "the cat sat on mat dog was in John Mary Tom Paris Berlin visited city".split()
 
@@ -97,3 +97,18 @@ def test_loss_token_weighting():
     b = {"labels": torch.tensor([[-100, 5, 6, -100], [-100, -100, 7, 8]]), "input_ids": torch.zeros(2, 4)}
     assert train_mod.loss_tokens(b, causal=True) == 4
     assert train_mod.loss_tokens({"labels": torch.tensor([0, 1, 1])}, causal=False) == 3
+
+
+def test_qlora_trains_in_a_fresh_process(tiny_dir, data, tmp_path):
+    """The loop itself imports what a 4-bit load needs (once only other tests happened to import the API
+    first: `tunelab train method.name=qlora` failed with "module 'tunelab' has no attribute 'api'")."""
+    import subprocess
+    import sys
+
+    spec = tmp_path / "q.yaml"
+    spec.write_text(dump_config(cfg_for(tiny_dir, data, tmp_path / "q", "method.name=qlora", "train.max_steps=1",
+                                        "eval.before=false")))
+    code = f"from tunelab.config import load_config\nfrom tunelab.training.loop import run\nrun(load_config({str(spec)!r}))\n"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (tmp_path / "q" / "method" / "method.json").exists()

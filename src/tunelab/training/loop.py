@@ -34,6 +34,7 @@ from tunelab.data import feature_cache
 from tunelab.data.encoding import Collator, batches
 from tunelab.evaluation import inference
 from tunelab.evaluation.scoring import show_progress
+from tunelab.methods import method_config
 from tunelab.methods.base import METHODS, method_state_dict
 from tunelab.methods.load_checks import check_tensors
 from tunelab.models import lm_loss
@@ -111,7 +112,7 @@ class Run:
         m = cfg.model
         # a method may quantize its targets while the weights load (QLoRA, LoftQ): it says so itself
         on_load = getattr(METHODS.get(cfg.method.name), "quantize_on_load", None)
-        plan = on_load(tunelab.api.method_config(cfg.method.name, cfg.method.params())) if on_load else None
+        plan = on_load(method_config(cfg.method.name, cfg.method.params())) if on_load else None
         self.model, self.tok = load_model(m.name, head=head, dtype=m.dtype, trust_remote_code=m.trust_remote_code, revision=m.revision, quantize=plan, device=self.device)
         check_run(self.task, self.tcfg, self.train_ex, self.eval_ex, self.tok, self.model, d.max_length)  # before step 1
         self.model.to(self.device)
