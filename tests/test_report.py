@@ -142,6 +142,16 @@ def test_html_escapes_run_names(tmp_path):
     assert "<i>" not in text and "&lt;i&gt;x&amp;y-s0" in text and "&lt;i&gt;m" in text
 
 
+def test_sweep_kind_and_text_table():
+    from tunelab.report import html, sweep_kind
+
+    named = [{"run": "16-n500-s0"}, {"run": "4-n250-s1"}]
+    assert sweep_kind({}, named) == "scale" and sweep_kind({"kind": "compare"}, named) == "compare"
+    assert sweep_kind({"kind": "advise"}, [{"run": "x"}]) == "advise" and sweep_kind({}, [{"run": "x"}]) == "compare"
+    table = html.text_table(["a<b", "c"], [["<i>", "2"]])
+    assert "<th>a&lt;b</th>" in table and '<td class="t">&lt;i&gt;</td><td class="t">2</td>' in table
+
+
 def test_report_without_finished_runs_says_so(tmp_path):
     (tmp_path / "runs" / "a-s0").mkdir(parents=True)
     with pytest.raises(ValueError, match="no finished runs"):

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from html import escape as _esc
 from pathlib import Path
 
@@ -81,100 +83,190 @@ def build_report(
     """(Re)build every report file under ``out_dir`` from its finished runs; returns report.html's path.
 
     ``metric`` ranks the comparison (default: the manifest's, else the first of accuracy/f1/rougeL/
-    exact_match/... that the runs have). ``target`` and ``holdout`` apply to scale sweeps."""
+    exact_match/... that the runs have). ``target`` and ``holdout`` apply to scale sweeps.
+
+    Every report has the summary table, the runs, the loss curves, the budget and the environment;
+    ``SECTIONS[sweep_kind(...)]`` adds what its kind of sweep needs (plots, a fit, the advice)."""
     out_dir = Path(out_dir)
     manifest = read_manifest(out_dir)
-    rows, unfinished = tables.collect_runs(out_dir)
-    planned = [r["run"] for r in manifest.get("runs", [])]
-    if planned:  # the manifest says which runs this comparison is made of
-        rows = [r for r in rows if r["run"] in planned]
-        done = {r["run"] for r in rows}
-        unfinished = [n for n in planned if n not in done]
-    if not rows:
-        raise ValueError(f"{out_dir}: no finished runs (no runs/*/metrics.json) to report on")
-    kind = manifest.get("kind")
-    is_scale = kind in ("scale", "advise") or (kind is None and all(_SCALE_NAME.match(r["run"]) for r in rows))
-    if is_scale:  # a sweep's table is ranked by the fitted target (e.g. eval_loss) unless told otherwise
-        metric = metric or scale_target(rows, target or manifest.get("target"))[0]
-    metric = tables.primary_metric(rows, metric or manifest.get("metric"))
-    summary = tables.summarize(rows, metric)
-    notes = [stats.INTERVAL_NOTE + "; with one seed there is no interval."]
-    if not is_scale and len(summary) > 1:
-        kind = stats.compare_to_best(rows, summary)
-        if kind:
-            notes.append(
-                f"vs best: paired bootstrap against {summary[0]['label']} over eval examples (per-example "
-                f"score: {SCORE_NAMES.get(kind, kind)}, averaged over each method's seeds per example; "
-                "10,000 resamples; Δ = mean score difference, percentile 95% CI, two-sided p)."
-            )
+    rows, unfinished = _finished_runs(out_dir, manifest)
+    sweep = sweep_kind(manifest, rows)
+    target = target or manifest.get("target")
+    holdout = holdout or manifest.get("holdout", 1)
+    metric = _ranking_metric(rows, manifest, sweep, metric, target)
+    summary, notes = _summary(rows, metric, vs_best=sweep == "compare")
     _add_manifest_facts(summary, manifest)
     columns = tables.results_columns(rows, metric)
     atomic_write_text(out_dir / "results.csv", tables.to_csv(rows, columns))
     atomic_write_text(out_dir / "summary.csv", tables.to_csv(summary))
     env = manifest.get("environment") or {"(report machine)": "", **stats.environment()}
     facts = budget_facts(manifest)
-    md = tables.markdown_table(summary, metric) + "\n" + "\n".join(notes) + "\n"
-    if facts:
-        md += "\n## Budget\n\n" + "\n".join(f"- {k}: {v}" for k, v in facts.items()) + "\n"
-    md += "\n## Environment\n\n" + "\n".join(f"- {k}: {v}" for k, v in env.items()) + "\n"
-    figs = [(plots.loss_curves(rows), "training loss per run (log.jsonl)")]
-    if not is_scale:  # one point per method; a sweep's many points are plotted by the scaling fit
-        figs = [
-            (plots.metric_vs_params(summary, metric), f"{metric} vs trainable parameters (log scale)"),
-            (plots.metric_vs_time(summary, metric), f"{metric} vs wall time"),
-            *figs,
-        ]
-    extra = ""
-    if kind == "advise":
-        from tunelab.report import advise
-
-        task_metric = tables.primary_metric(rows, manifest.get("metric") or _task_metric(rows))
-        result = advise.analyse(rows, manifest, task_metric, tables.higher_is_better(task_metric))
-        atomic_write_text(out_dir / "advise.json", json.dumps(result, indent=2, default=float))
-        png = advise.plot(result, advise.points_for(rows, manifest, task_metric))
-        _write_png(out_dir / "plots" / "advise.png", png)
-        md = advise.markdown(result) + "\n## All data sizes\n\n" + md
-        heads, cells = advise.table_rows(result)
-        extra = (f"<h2>Advice at {result['full_size']:g} rows</h2>"
-                 + "".join(f'<p class="note">{_esc(x)}</p>' for x in advise.markdown(result).splitlines()[2:4] if x)
-                 + html._table(heads, [f"<tr>{''.join(html._td(c, cls='t') for c in r)}</tr>" for r in cells])
-                 + f'<div class="plots">{html.figure(png, "eval loss vs data size: fits, predictions, truth")}</div>')
-    elif is_scale:
-        points, key, shown = scaling_points(rows, manifest, target or manifest.get("target"))
-        categorical = bool(manifest.get("categorical")) or any(p["x"] is None for p in points)
-        result = fit_sweep(points, categorical=categorical, holdout=holdout or manifest.get("holdout", 1))
-        result.update(target=shown, metric=key, factor=manifest.get("factor", "factor"))
-        atomic_write_text(out_dir / "scaling.json", json.dumps(result, indent=2))
-        png = plots.scaling_plot(result)
-        extra = html.scaling_section(result, png)
-        md += "\n" + scaling_markdown(result)
-        _write_png(out_dir / "plots" / "scaling.png", png)
+    loss_curves = (plots.loss_curves(rows), "training loss per run (log.jsonl)", "loss_curves")
+    section = SECTIONS[sweep](Runs(out_dir, manifest, rows, summary, metric, target, holdout))
+    md = section.markdown_before + _summary_markdown(summary, metric, notes, facts, env) + section.markdown_after
     atomic_write_text(out_dir / "results.md", md)
-    names = ("loss_curves",) if is_scale else ("metric_vs_params", "metric_vs_time", "loss_curves")
-    for (png, _), name in zip(figs, names, strict=True):
+    figures = [*section.figures, loss_curves]
+    for png, _, name in figures:
         _write_png(out_dir / "plots" / f"{name}.png", png)
-    meta = {
-        "task": rows[0].get("task"),
-        "config": manifest.get("config"),
-        "runs": len(rows),
-        "seeds": ", ".join(str(s) for s in manifest.get("seeds", [])) or None,
-    }
     page = html.render(
         title=title or f"tunelab {manifest.get('kind', 'report')}: {out_dir.name}",
         metric=metric,
         summary=summary,
         rows=rows,
         columns=columns,
-        plots=figs,
-        meta=meta,
+        plots=[(png, caption) for png, caption, _ in figures],
+        meta=_meta(rows, manifest),
         unfinished=unfinished,
         failed=manifest.get("failed"),
-        extra_html=extra + html.kv_table("Budget", facts) + html.kv_table("Environment", env),
+        extra_html=section.html + html.kv_table("Budget", facts) + html.kv_table("Environment", env),
         notes=notes,
     )
     path = out_dir / "report.html"
     atomic_write_text(path, page)
     return path
+
+
+def sweep_kind(manifest: dict, rows: list[dict]) -> str:
+    """What made the runs: "advise", "scale" or "compare" (also a tuning sweep or any directory of
+    runs). The manifest says; without one, runs all named VALUE-nSIZE-sSEED are a scale sweep."""
+    kind = manifest.get("kind")
+    if kind in ("scale", "advise"):
+        return kind
+    if kind is None and all(_SCALE_NAME.match(r["run"]) for r in rows):
+        return "scale"
+    return "compare"
+
+
+def _finished_runs(out_dir: Path, manifest: dict) -> tuple[list[dict], list[str]]:
+    """The finished runs' rows and the unfinished runs' names; the manifest's plan, when it has one,
+    says which runs the report is made of."""
+    rows, unfinished = tables.collect_runs(out_dir)
+    planned = [r["run"] for r in manifest.get("runs", [])]
+    if planned:
+        rows = [r for r in rows if r["run"] in planned]
+        done = {r["run"] for r in rows}
+        unfinished = [n for n in planned if n not in done]
+    if not rows:
+        raise ValueError(f"{out_dir}: no finished runs (no runs/*/metrics.json) to report on")
+    return rows, unfinished
+
+
+def _ranking_metric(rows: list[dict], manifest: dict, sweep: str, metric: str | None, target: str | None) -> str:
+    """The metric the summary is ranked by: ``metric``, else the manifest's, else the first the runs have.
+    A sweep's table is ranked by its fitted target (e.g. eval_loss) unless told otherwise."""
+    if sweep != "compare":
+        metric = metric or scale_target(rows, target)[0]
+    return tables.primary_metric(rows, metric or manifest.get("metric"))
+
+
+def _summary(rows: list[dict], metric: str, *, vs_best: bool) -> tuple[list[dict], list[str]]:
+    """One row per label, best first, and the notes shown under it. With ``vs_best`` (a comparison of
+    several labels) each label gets a paired bootstrap against the best over the eval examples."""
+    summary = tables.summarize(rows, metric)
+    notes = [stats.INTERVAL_NOTE + "; with one seed there is no interval."]
+    if vs_best and len(summary) > 1:
+        score = stats.compare_to_best(rows, summary)  # the per-example score, None without predictions
+        if score:
+            notes.append(
+                f"vs best: paired bootstrap against {summary[0]['label']} over eval examples (per-example "
+                f"score: {SCORE_NAMES.get(score, score)}, averaged over each method's seeds per example; "
+                "10,000 resamples; Δ = mean score difference, percentile 95% CI, two-sided p)."
+            )
+    return summary, notes
+
+
+def _summary_markdown(summary: list[dict], metric: str, notes: list[str], facts: dict, env: dict) -> str:
+    """results.md's common part: the summary table, its notes, the budget and the environment."""
+    md = tables.markdown_table(summary, metric) + "\n" + "\n".join(notes) + "\n"
+    if facts:
+        md += "\n## Budget\n\n" + "\n".join(f"- {k}: {v}" for k, v in facts.items()) + "\n"
+    return md + "\n## Environment\n\n" + "\n".join(f"- {k}: {v}" for k, v in env.items()) + "\n"
+
+
+def _meta(rows: list[dict], manifest: dict) -> dict:
+    """The facts in the line under report.html's title."""
+    return {
+        "task": rows[0].get("task"),
+        "config": manifest.get("config"),
+        "runs": len(rows),
+        "seeds": ", ".join(str(s) for s in manifest.get("seeds", [])) or None,
+    }
+
+
+# ---- what each kind of report adds --------------------------------------------------------------------
+
+
+@dataclass
+class Runs:
+    """What a section builder gets: the finished runs and how the report ranks and fits them."""
+
+    out_dir: Path
+    manifest: dict
+    rows: list[dict]
+    summary: list[dict]
+    metric: str  # the summary's ranking metric
+    target: str | None  # a sweep's fitted target (argument, else the manifest's)
+    holdout: int  # a scale sweep's held-out data sizes (argument, else the manifest's, else 1)
+
+
+@dataclass
+class Section:
+    """What one kind of report adds to the parts every report has."""
+
+    # (png, caption, NAME): shown before the loss curves, written to plots/NAME.png
+    figures: list[tuple[bytes | None, str, str]] = field(default_factory=list)
+    markdown_before: str = ""  # results.md above the summary table
+    markdown_after: str = ""  # results.md below the environment
+    html: str = ""  # report.html between the plots and the budget
+
+
+def _compare_section(r: Runs) -> Section:
+    """A comparison has one point per label: the metric against trainable parameters and wall time.
+    (A sweep's many points are plotted by its fit instead.)"""
+    return Section(figures=[
+        (plots.metric_vs_params(r.summary, r.metric), f"{r.metric} vs trainable parameters (log scale)",
+         "metric_vs_params"),
+        (plots.metric_vs_time(r.summary, r.metric), f"{r.metric} vs wall time", "metric_vs_time"),
+    ])
+
+
+def _scale_section(r: Runs) -> Section:
+    """A scale sweep: the scaling law fitted over (factor value, data size), with held-out sizes
+    predicted; writes scaling.json and plots/scaling.png."""
+    points, key, shown = scaling_points(r.rows, r.manifest, r.target)
+    categorical = bool(r.manifest.get("categorical")) or any(p["x"] is None for p in points)
+    result = fit_sweep(points, categorical=categorical, holdout=r.holdout)
+    result.update(target=shown, metric=key, factor=r.manifest.get("factor", "factor"))
+    atomic_write_text(r.out_dir / "scaling.json", json.dumps(result, indent=2))
+    png = plots.scaling_plot(result)
+    _write_png(r.out_dir / "plots" / "scaling.png", png)
+    return Section(markdown_after="\n" + scaling_markdown(result), html=html.scaling_section(result, png))
+
+
+def _advise_section(r: Runs) -> Section:
+    """``tunelab advise``: which method wins at the full data size, predicted from the small runs;
+    writes advise.json and plots/advise.png. The advice comes first in results.md."""
+    from tunelab.report import advise
+
+    task_metric = tables.primary_metric(r.rows, r.manifest.get("metric") or _task_metric(r.rows))
+    result = advise.analyse(r.rows, r.manifest, task_metric, tables.higher_is_better(task_metric))
+    atomic_write_text(r.out_dir / "advise.json", json.dumps(result, indent=2, default=float))
+    png = advise.plot(result, advise.points_for(r.rows, r.manifest, task_metric))
+    _write_png(r.out_dir / "plots" / "advise.png", png)
+    md = advise.markdown(result)
+    heads, cells = advise.table_rows(result)
+    page = (f"<h2>Advice at {result['full_size']:g} rows</h2>"
+            + "".join(f'<p class="note">{_esc(x)}</p>' for x in md.splitlines()[2:4] if x)
+            + html.text_table(heads, cells)
+            + f'<div class="plots">{html.figure(png, "eval loss vs data size: fits, predictions, truth")}</div>')
+    return Section(markdown_before=md + "\n## All data sizes\n\n", html=page)
+
+
+SECTIONS: dict[str, Callable[[Runs], Section]] = {
+    "compare": _compare_section,
+    "scale": _scale_section,
+    "advise": _advise_section,
+}
 
 
 SCORE_NAMES = {

@@ -62,6 +62,14 @@ def _table(headers: list[str], body_rows: list[str], sortable: bool = True) -> s
     return f'<div class="scroll">{table}</div>'
 
 
+def text_table(headers: list[str], rows: list[list[str]]) -> str:
+    """A sortable table whose cells are all plain text: escaped, left-aligned, sorted as text.
+
+    For tables whose cells are already formatted elsewhere (the advice's predictions); tables of
+    numbers use ``summary_table`` / ``runs_table``, which sort by the raw values."""
+    return _table(headers, [f"<tr>{''.join(_td(c, cls='t') for c in r)}</tr>" for r in rows])
+
+
 def summary_table(summary: list[dict], metric: str, by: str = "label") -> str:
     rows = []
     for i, s in enumerate(summary):
