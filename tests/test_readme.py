@@ -531,6 +531,9 @@ def test_the_checker_catches(line, says):
     assert found and says in "\n".join(found), found
 
 
-def test_the_module_check_catches_old_names():
-    assert not resolves("tunelab.fast_eval.inference") and not resolves("tunelab.evaluation.scoring.nope")
+def test_the_module_check_catches_missing_names():
+    assert not resolves("tunelab.no_such_room.inference") and not resolves("tunelab.evaluation.scoring.no_such_name")
     assert resolves("tunelab.evaluation.inference.inference") and resolves("tunelab.results.read_metrics")
+    text = "`tunelab.no_such_room.x`, `src/tunelab/no_such_room/x.py`\n```python\nfrom tunelab.api import nope\n```\n"
+    dotted, paths = named_modules(text)
+    assert dotted == ["tunelab.no_such_room.x", "tunelab.api.nope"] and paths == ["src/tunelab/no_such_room/x.py"]
