@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from tunelab.methods.base import find_linears, linear_types, method_state_dict
+from tunelab.methods.base import METHODS, find_linears, linear_types, method_state_dict
 from tunelab.methods.load_checks import check_peft_config, check_state, load_tensors, read_json_object
 from tunelab.methods.lora import LoRAEmbedding, lora_modules
 
@@ -81,9 +81,13 @@ def export_peft(model: nn.Module, directory: str | Path, base_model: str | None 
     info = getattr(model, "tunelab_method", None) or {}
     if info.get("name") == "prompt_tuning":
         return export_prompt_tuning(model, directory, base_model)
+    own = getattr(METHODS.get(info["name"]), "export_peft", None) if info.get("name") in METHODS else None
+    if own is not None:  # a method that is PEFT's already (the PEFT bridge's tuners) writes its own directory
+        return own(model, directory, base_model, _task_type(model))
     if info.get("name") not in LORA_FAMILY:
         raise ValueError(
-            f"export_peft needs a LoRA-family method ({', '.join(LORA_FAMILY)}); the model has {info.get('name')!r}"
+            f"export_peft needs a LoRA-family method ({', '.join(LORA_FAMILY)}), prompt tuning or a PEFT-bridged "
+            f"tuner; the model has {info.get('name')!r}"
         )
     mods = lora_modules(model)
     if any(m.merged for _, m in mods):

@@ -48,7 +48,10 @@ def default_lr(method_name: str, params: dict | None = None) -> float:
     masking's density, else its ``recommended_lr``), or DEFAULT_LR."""
     method = METHODS.get(method_name)
     if hasattr(method, "lr_for"):
-        return method.lr_for(method.Config(**(params or {})))
+        try:
+            return method.lr_for(method.Config(**(params or {})))
+        except ValueError:  # settings that must be given (method 'peft': peft_type) are not
+            pass
     return getattr(method, "recommended_lr", None) or DEFAULT_LR
 
 
