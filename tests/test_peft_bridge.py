@@ -115,3 +115,16 @@ def test_a_merged_tuner_has_no_off_switch():
     with pytest.raises(ValueError, match="merged"):
         with tunelab.disabled(model):
             pass
+
+
+def test_methods_lists_native_and_bridged_apart():
+    from typer.testing import CliRunner
+
+    from tunelab.cli import app
+
+    out = CliRunner().invoke(app, ["methods"]).output
+    native, bridged = out.split("== PEFT's tuners")
+    assert "\nlora " in native and "vera" not in native
+    for name in (*TUNERS, "peft"):
+        assert f"\n{name} " in bridged, name
+    assert "default lr: 0.005" in bridged  # ia3's
