@@ -121,3 +121,43 @@ def test_unknown_family_falls_back():
     assert arch.of(model) is arch.GENERIC
     assert arch.default_targets(model, "qv")[0].endswith("q_proj")
     assert len(arch.blocks(model)) == 2
+
+
+# PEFT's tuners through tunelab's bridge, on one family per kind (decoder, GPT-2's Conv1D, encoder,
+# seq2seq): the full 15-family grid would add minutes. PEFT itself refuses some cells; the refusal names why.
+BRIDGED = {"vera": {"r": 8}, "ia3": {}, "adalora": {"init_r": 4, "target_r": 2}, "oft": {}, "boft": {}, "loha": {},
+           "lokr": {}, "fourierft": {"n_frequency": 64}, "hra": {"r": 4}, "ln_tuning": {}}
+BRIDGED_FAMILIES = ("llama", "gpt2", "bert", "t5")
+BRIDGED_REFUSALS = {**{("gpt2", m): "Conv1D.*not supported" for m in ("oft", "boft", "loha", "lokr", "hra")},
+                    ("bert", "ln_tuning"): "specify `target_modules`"}
+
+
+@pytest.mark.parametrize("method", list(BRIDGED))
+@pytest.mark.parametrize("family", BRIDGED_FAMILIES)
+def test_bridged_cell(family, method):
+    pytest.importorskip("peft")
+    model = tiny(family, layers=1)
+    b = batch(family)
+    if (family, method) in BRIDGED_REFUSALS:
+        with pytest.raises(ValueError, match=BRIDGED_REFUSALS[family, method]):
+            tunelab.attach(model, method, **BRIDGED[method])
+        return
+    base = _logits(model, b)
+    model = tunelab.attach(model, method, **BRIDGED[method])
+    start = _logits(model, b)
+    if method != "fourierft":  # PEFT starts FourierFT's spectrum at random (init_weights=False)
+        torch.testing.assert_close(start, base, atol=1e-5, rtol=1e-5)
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    model.train()
+    loss = model(**b).loss
+    assert torch.isfinite(loss)
+    loss.backward()
+    assert all(p.grad is not None for p in trainable.values()) and any(p.grad.abs().sum() > 0 for p in trainable.values())
+    assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
+    with torch.no_grad():
+        for p in trainable.values():
+            p -= 1.0 * p.grad.sign() * 1e-2
+    model.eval()
+    assert not torch.allclose(_logits(model, b), start)
+    with tunelab.disabled(model):
+        torch.testing.assert_close(_logits(model, b), base, atol=0, rtol=0)

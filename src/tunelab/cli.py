@@ -386,14 +386,25 @@ def methods():
     from tunelab.methods import METHODS
     from tunelab.training.optimizer import default_lr
 
-    for name in METHODS.names():
-        m = METHODS.get(name)
-        doc = (sys.modules[type(m).__module__].__doc__ or "").strip().splitlines()[0]
-        params = ", ".join(f"{k}={f.default!r}" for k, f in m.Config.model_fields.items())
-        typer.echo(f"{name:18s} {doc}\n{'':18s} params: {params or '-'}")
-        typer.echo(f"{'':18s} default lr: {default_lr(name):g} (used when train.lr is not set)")
-        if getattr(m, "about_defaults", None):
-            typer.echo(f"{'':18s} defaults: {m.about_defaults}")
+    names = METHODS.names()
+    bridged = [n for n in names if getattr(METHODS.get(n), "source", None) == "peft"]
+    for title, group in (("tunelab's own methods", [n for n in names if n not in bridged]),
+                         ("PEFT's tuners, bridged (tunelab.methods.peft_bridge; needs `peft`)", bridged)):
+        typer.echo(f"== {title}")
+        for name in group:
+            m = METHODS.get(name)
+            if name in bridged:
+                doc = m.about_defaults
+                ptype = m.Config.model_fields["peft_type"].default
+                params = (f"peft_type={ptype!r} + the keys of PEFT's config for {ptype} (checked)" if isinstance(ptype, str)
+                          else "peft_type (required) + the keys of PEFT's config for that type (checked)")
+            else:
+                doc = (sys.modules[type(m).__module__].__doc__ or "").strip().splitlines()[0]
+                params = ", ".join(f"{k}={f.default!r}" for k, f in m.Config.model_fields.items())
+            typer.echo(f"{name:18s} {doc}\n{'':18s} params: {params or '-'}")
+            typer.echo(f"{'':18s} default lr: {default_lr(name):g} (used when train.lr is not set)")
+            if getattr(m, "about_defaults", None) and name not in bridged:
+                typer.echo(f"{'':18s} defaults: {m.about_defaults}")
 
 
 @app.command()

@@ -12,7 +12,7 @@ from tunelab.training.run_directory import load_trained  # merge, export and ser
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 CANNOT_MERGE_HINT = (
-    "export it unmerged instead: `tunelab export RUN OUT --format peft` (LoRA family and prompt tuning), "
+    "export it unmerged instead: `tunelab export RUN OUT --format peft` (LoRA family, prompt tuning, PEFT-bridged tuners), "
     "or run it as is with `tunelab chat` / `tunelab serve`"
 )
 

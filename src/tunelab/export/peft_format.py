@@ -12,6 +12,9 @@ tunelab's LoRALinear holds the same tensors (lora_A, lora_B, lora_magnitude), so
 GPT-2's Conv1D layers are written with ``fan_in_fan_out: true``, as PEFT requires for them; A and B have
 the same shapes as for a linear (PEFT transposes only the merged delta).
 
+A PiSSA/OLoRA adapter (``init``) is written as PEFT converts one: a plain LoRA of rank 2r over the
+original base (A' = [A; A0], B' = [B, -B0]), so it loads over the untouched base model.
+
 For "qlora" / "loftq" the adapter was trained over a quantized base: load it in PEFT over that base,
 which ``save_dequantized_base`` writes (required for LoftQ, whose B A compensates W - Q_T).
 """
@@ -25,7 +28,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from tunelab.methods.base import find_linears, linear_types, method_state_dict
+from tunelab.methods.base import METHODS, find_linears, linear_types, method_state_dict
 from tunelab.methods.load_checks import check_peft_config, check_state, load_tensors, read_json_object
 from tunelab.methods.lora import LoRAEmbedding, lora_modules
 
@@ -78,9 +81,13 @@ def export_peft(model: nn.Module, directory: str | Path, base_model: str | None 
     info = getattr(model, "tunelab_method", None) or {}
     if info.get("name") == "prompt_tuning":
         return export_prompt_tuning(model, directory, base_model)
+    own = getattr(METHODS.get(info["name"]), "export_peft", None) if info.get("name") in METHODS else None
+    if own is not None:  # a method that is PEFT's already (the PEFT bridge's tuners) writes its own directory
+        return own(model, directory, base_model, _task_type(model))
     if info.get("name") not in LORA_FAMILY:
         raise ValueError(
-            f"export_peft needs a LoRA-family method ({', '.join(LORA_FAMILY)}); the model has {info.get('name')!r}"
+            f"export_peft needs a LoRA-family method ({', '.join(LORA_FAMILY)}), prompt tuning or a PEFT-bridged "
+            f"tuner; the model has {info.get('name')!r}"
         )
     mods = lora_modules(model)
     if any(m.merged for _, m in mods):
@@ -92,19 +99,25 @@ def export_peft(model: nn.Module, directory: str | Path, base_model: str | None 
             tensors[f"{PREFIX}{name}.lora_embedding_A"] = m.lora_A.detach()
             tensors[f"{PREFIX}{name}.lora_embedding_B"] = m.lora_B.detach()
             continue
-        tensors[f"{PREFIX}{name}.lora_A.weight"] = m.lora_A.detach()
-        tensors[f"{PREFIX}{name}.lora_B.weight"] = m.lora_B.detach()
+        A, B = m.lora_A.detach(), m.lora_B.detach()
+        if m.init_A is not None:  # PiSSA/OLoRA: PEFT's conversion to a rank-2r LoRA over the original base
+            A, B = torch.cat([A, m.init_A.to(A)], 0), torch.cat([B, -m.init_B.to(B)], 1)
+        tensors[f"{PREFIX}{name}.lora_A.weight"] = A
+        tensors[f"{PREFIX}{name}.lora_B.weight"] = B
         if m.lora_magnitude is not None:
             tensors[f"{PREFIX}{name}.lora_magnitude_vector"] = m.lora_magnitude.detach()
     for head in heads:
         for pname, t in model.get_submodule(head).state_dict().items():
             tensors[f"{PREFIX}{head}.{pname}"] = t.detach()
+    r, alpha = p["r"], p["alpha"]
+    if any(m.init_A is not None for _, m in mods):  # W_res + s B A = W0 + s' [B, -B0] [A; A0] with s' = s
+        r, alpha = 2 * r, alpha * (2**0.5 if p["rslora"] else 2)
     config = {
         "peft_type": "LORA",
         "task_type": _task_type(model),
         "base_model_name_or_path": base_model or getattr(getattr(model, "config", None), "_name_or_path", None) or None,
-        "r": p["r"],
-        "lora_alpha": int(p["alpha"]) if float(p["alpha"]).is_integer() else p["alpha"],
+        "r": r,
+        "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha,
         "lora_dropout": p["dropout"],
         "use_rslora": p["rslora"],
         "use_dora": any(m.lora_magnitude is not None for _, m in mods),

@@ -333,7 +333,7 @@ def _optimizer_and_schedule(cfg: RunConfig, model, total: int) -> tuple:
     tc = cfg.train
     params = [p for p in model.parameters() if p.requires_grad]
     lr = tc.lr or optimizer.default_lr(cfg.method.name, cfg.method.params())
-    opt = optimizer.adamw(params, lr=lr, weight_decay=tc.weight_decay)
+    opt = optimizer.build(cfg.method.name, cfg.method.params(), dist.unwrap(model), lr, tc.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, optimizer.lr_lambda(tc.schedule, int(tc.warmup * total), total))
     return params, opt, sched, lr
 
@@ -405,6 +405,8 @@ class _Training:
     def __post_init__(self):
         self.ckpt = self.out / "checkpoints"
         self.order = _epoch_batches(self.r, self.feats.lengths, self.pos["epoch"])
+        # a method may ask to be called after every optimizer step: ``on_step(model, step, total)``
+        self.on_step = getattr(METHODS.get(self.r.cfg.method.name), "on_step", None)
 
     def next_batch(self) -> dict:
         """The next batch in the loop's order, moving ``pos`` on (into the next epoch at the end of one)."""
@@ -441,8 +443,10 @@ class _Training:
         check_step(self.pos["step"] + 1, loss, gnorm, _last_saved(self.ckpt))  # before the update touches the weights
         self.opt.step()
         self.sched.step()
-        self.opt.zero_grad(set_to_none=True)
         self.pos["step"] += 1
+        if self.on_step is not None:  # the method's own end-of-step work (e.g. a rank allocation), gradients still there
+            self.on_step(self.base, self.pos["step"], self.total)
+        self.opt.zero_grad(set_to_none=True)
         return loss, gnorm
 
     def accumulate(self, micro: list[dict]) -> torch.Tensor:
