@@ -209,34 +209,47 @@ def merge(
     typer.echo(f"merged model ({res['dtype']}, {res['bytes'] / 1e6:.1f} MB of weights) written to {out_dir}")
 
 
-EXPORT_FORMATS = ("peft", "gguf")
+EXPORT_FORMATS = ("peft", "gguf", "ollama")
 
 
 @app.command()
 def export(
     run_dir: Path = typer.Argument(..., help="a finished run directory"),
-    out_dir: Path = typer.Argument(...),
+    out_dir: Path = typer.Argument(..., help="a new or empty directory"),
     format: str = typer.Option("peft", "--format", help="peft: adapter_config.json + adapter_model.safetensors "
-                               "(LoRA family, prompt tuning); gguf: one llama.cpp file of the merged model"),
-    outtype: str = typer.Option("f16", "--outtype", help="gguf only: f32 | f16 | bf16 | q8_0 | q4_0"),
+                               "(LoRA family, prompt tuning); gguf: one llama.cpp file of the merged model; "
+                               "ollama: the GGUF + an Ollama Modelfile"),
+    outtype: str = typer.Option("f16", "--outtype", help="gguf/ollama: f32 | f16 | bf16 | q8_0 | q4_0"),
+    modelfile: bool = typer.Option(False, "--modelfile", help="gguf: also write an Ollama Modelfile (= --format ollama)"),
+    pretokenizer: str = typer.Option(None, "--pretokenizer", help="gguf/ollama: llama.cpp pre-tokenizer name for a "
+                                     "tokenizer it cannot identify (e.g. gpt-2, llama-bpe, qwen2, smollm)"),
 ):
     """Export the run for other tools: PEFT's adapter format, or GGUF for llama.cpp / Ollama (+ README.md)."""
     from tunelab.export.card import cli_command
 
-    cmd = cli_command("export", run_dir, out_dir, "--format", format, *(["--outtype", outtype] if format == "gguf" else []))
+    gguf_like = format in ("gguf", "ollama")
+    cmd = cli_command("export", run_dir, out_dir, "--format", format, *(["--outtype", outtype] if gguf_like else []),
+                      *(["--modelfile"] if modelfile and format == "gguf" else []),
+                      *(["--pretokenizer", pretokenizer] if pretokenizer and gguf_like else []))
     if format not in EXPORT_FORMATS:
         _fail(f"unknown export format '{format}'; available: {', '.join(EXPORT_FORMATS)}")
-    if format == "gguf":
+    if gguf_like:
         from tunelab.export.gguf import export_run
 
-        path = _guard(export_run, run_dir, out_dir, outtype, cmd, progress=sys.stderr.isatty())
+        path = _guard(export_run, run_dir, out_dir, outtype, cmd, progress=sys.stderr.isatty(),
+                      pretokenizer=pretokenizer, modelfile=modelfile or format == "ollama")
         typer.echo(f"GGUF ({outtype}, {path.stat().st_size / 1e6:.1f} MB) written to {path}")
+        if modelfile or format == "ollama":
+            typer.echo(f"Ollama: cd {out_dir} && ollama create {Path(run_dir).resolve().name} -f Modelfile")
         return
-    from tunelab.export.card import write_card
+    if modelfile or pretokenizer:
+        _fail("--modelfile and --pretokenizer are for --format gguf / ollama")
+    from tunelab.export.card import refuse_nonempty, write_card
     from tunelab.export.peft_format import export_peft, save_dequantized_base
     from tunelab.models.loading import recorded_base
     from tunelab.training.run_directory import load_trained
 
+    _guard(refuse_nonempty, out_dir)
     model, tok, cfg = _guard(load_trained, run_dir)
     _guard(export_peft, model, out_dir, recorded_base(cfg.model.name))
     _guard(write_card, out_dir, run_dir, cfg, "peft", None, cmd)

@@ -6,6 +6,7 @@ The front matter follows the Hugging Face hub's model-card metadata (``base_mode
 
 from __future__ import annotations
 
+import json
 import shlex
 import sys
 from pathlib import Path
@@ -28,6 +29,14 @@ def cli_command(*parts) -> str:
     return shlex.join(["tunelab", *(str(x) for x in parts)] if parts else ["tunelab", *sys.argv[1:]])
 
 
+def refuse_nonempty(out_dir: str | Path) -> None:
+    """Exports write into a new or empty directory only: they never overwrite or delete a user's files."""
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        what = "is a file" if not out.is_dir() else "is not empty"
+        raise ValueError(f"output directory {out} {what}; choose a new directory (an export never replaces files)")
+
+
 def _fmt(x) -> str:
     return f"{x:.4g}" if isinstance(x, float) else str(x)
 
@@ -41,7 +50,7 @@ def _table(rows: dict) -> list[str]:
 
 def card_text(run_dir: str | Path, cfg, kind: str, extra: dict | None = None, command: str | None = None) -> str:
     from tunelab.api import read_method
-    from tunelab.models.loading import base_identity
+    from tunelab.models.loading import base_identity, base_record
     from tunelab.results import read_metrics
 
     run_dir = Path(run_dir)
@@ -56,6 +65,9 @@ def card_text(run_dir: str | Path, cfg, kind: str, extra: dict | None = None, co
     lines += [f"Fine-tuned from **{recorded}**{alias} with tunelab "
               f"method `{method['name']}` on task `{cfg.task.name}`; exported as {kind}"
               + "".join(f", {k} {v}" for k, v in (extra or {}).items()) + ".", ""]
+    where = base_record(cfg.model.name)["local_path"]
+    if where:
+        lines += [f"Offline, the base was read from `{where}` on the machine that trained it (base_model.json).", ""]
     lines += ["## Method", "", *_table(method.get("params") or {"(no parameters)": "-"}), ""]
     d = cfg.data
     data = {"train": d.train, "eval": d.eval, "max_train": d.max_train, "max_length": d.max_length,
@@ -79,12 +91,18 @@ def card_text(run_dir: str | Path, cfg, kind: str, extra: dict | None = None, co
     files = extra or {}
     lines += ["## How it was made", "", "```", command or cli_command(), "```", "",
               "## Use", "", "```", USAGE[kind].format(dir=".", base=recorded, file=files.get("file", "model.gguf")),
+              *([f"ollama create {Path(run_dir).name} -f Modelfile && ollama run {Path(run_dir).name}   # Ollama"]
+                if "Modelfile" in files else []),
               "```", ""]
     return "\n".join(lines)
 
 
 def write_card(out_dir: str | Path, run_dir: str | Path, cfg, kind: str, extra: dict | None = None,
                command: str | None = None) -> Path:
+    """README.md (the card) and base_model.json (`tunelab.models.loading.base_record`: hub id and local path)."""
+    from tunelab.models.loading import base_record
+
+    (Path(out_dir) / "base_model.json").write_text(json.dumps(base_record(cfg.model.name), indent=2) + "\n")
     path = Path(out_dir) / "README.md"
     path.write_text(card_text(run_dir, cfg, kind, extra, command))
     return path

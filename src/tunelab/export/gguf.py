@@ -12,8 +12,9 @@ What llama.cpp's convert_hf_to_gguf.py writes for a ``LlamaForCausalLM``, with t
   (gguf.quants; a matrix whose rows are not a multiple of the 32-value block falls back to f16);
 - metadata: llama.* hyperparameters, general.* naming the base by its hub id, and the tokenizer as
   "gpt2" BPE (byte-level tokens, merges, token types, bos/eos/unk/pad ids, add_bos, chat template).
-  ``tokenizer.ggml.pre`` (llama.cpp's pre-tokenizer regex family) is carried over from the source
-  GGUF of an embedded model ("smollm" for SmolLM2) and is "default" otherwise (``pre=`` overrides).
+  ``tokenizer.ggml.pre`` (llama.cpp's pre-tokenizer regex family) is named as llama.cpp's converter names
+  it (`tunelab.export.pretokenizer`: the hash of its check string, else the pre-tokenizer's structure);
+  an unknown one is refused unless ``pre=`` (``--pretokenizer``) names it; never a silent "default".
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from tunelab.export.pretokenizer import check_name, choose
 
 OUTTYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
 SUPPORTED = ("llama", "mistral")  # Hugging Face model_type values with llama.cpp's "llama" layout
@@ -108,21 +111,32 @@ def source_pre(model_name: str) -> str | None:
 def write_gguf(model, tok, path: str | Path, outtype: str = "f16", *, base: dict | None = None,
                name: str | None = None, pre: str | None = None, progress: bool = False) -> Path:
     """Write ``model`` (a plain, merged Llama-family causal LM) and ``tok`` to the GGUF file ``path``."""
-    import gguf
-    from gguf import quants
-
     if outtype not in OUTTYPES:
         raise ValueError(f"--outtype '{outtype}' is not one of {', '.join(OUTTYPES)}")
-    c = model.config
-    check_supported(c)
-    qtype, ftype = _types(outtype)
+    check_supported(model.config)
+    choose(tok, pre)  # refuse an unknown pre-tokenizer before any file is written
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        _write(model, tok, tmp, outtype, base, name or path.stem, pre, progress)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # only the file this call created
+        raise
+    os.replace(tmp, path)
+    return path
+
+
+def _write(model, tok, tmp: Path, outtype: str, base, name: str, pre, progress: bool) -> None:
+    import gguf
+    from gguf import quants
+
+    c = model.config
+    qtype, ftype = _types(outtype)
     w = gguf.GGUFWriter(str(tmp), "llama")
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     w.add_type("model")
-    w.add_name(name or path.stem)
+    w.add_name(name)
     if base and base.get("hub_id"):
         w.add_base_model_count(1)
         w.add_base_model_name(0, base["hub_id"].split("/")[-1])
@@ -143,7 +157,7 @@ def write_gguf(model, tok, path: str | Path, outtype: str = "f16", *, base: dict
 
     t = tokenizer_fields(tok, c.vocab_size)
     w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre(pre or "default")
+    w.add_tokenizer_pre(choose(tok, pre)[0])
     w.add_token_list(t["tokens"])
     w.add_token_types(t["types"])
     w.add_token_merges(t["merges"])
@@ -182,29 +196,41 @@ def write_gguf(model, tok, path: str | Path, outtype: str = "f16", *, base: dict
         w.write_tensors_to_file(progress=progress)
     finally:
         w.close()
-    os.replace(tmp, path)
-    return path
 
 
 def export_run(run_dir: str | Path, out_dir: str | Path, outtype: str = "f16", command: str | None = None,
-               progress: bool = False) -> Path:
-    """Merge ``run_dir``'s method into its base and write ``out_dir/<run>-<outtype>.gguf`` + README.md."""
-    from tunelab.export.card import write_card
+               progress: bool = False, *, pretokenizer: str | None = None, modelfile: bool = False) -> Path:
+    """Merge ``run_dir``'s method into its base and write ``out_dir/<run>-<outtype>.gguf`` + README.md
+    (+ an Ollama ``Modelfile`` with ``modelfile=True``). ``out_dir`` must be new or empty."""
+    from tunelab.export.card import refuse_nonempty, write_card
     from tunelab.export.merge import merged
     from tunelab.models.loading import base_identity
     from tunelab.training.run_directory import load_trained
 
     if outtype not in OUTTYPES:
         raise ValueError(f"--outtype '{outtype}' is not one of {', '.join(OUTTYPES)}")
+    refuse_nonempty(out_dir)
+    if pretokenizer is not None:
+        check_name(pretokenizer)
     model, tok, cfg = load_trained(run_dir)
     check_supported(model.config)
     if getattr(model, "tunelab_new_head", None):
         raise ValueError(f"GGUF export is for causal LMs; this run trained a new head ({', '.join(model.tunelab_new_head)})")
-    model = merged(model, model.tunelab_method["name"])
+    pre, how = choose(tok, pretokenizer)
     run_name = Path(run_dir).resolve().name
-    base = base_identity(cfg.model.name)
     path = Path(out_dir) / f"{run_name}-{outtype}.gguf"
+    text = None
+    if modelfile:  # before the (slow) merge and write, so a template it cannot translate fails at once
+        from tunelab.export.modelfile import modelfile_text
+
+        text = modelfile_text(path.name, tok, cfg.task.params())
+    model = merged(model, model.tunelab_method["name"])
+    base = base_identity(cfg.model.name)
     write_gguf(model, tok, path, outtype, base=base, name=f"{(base['hub_id'] or base['name']).split('/')[-1]}-{run_name}",
-               pre=source_pre(cfg.model.name), progress=progress)
-    write_card(out_dir, run_dir, cfg, kind="gguf", extra={"file": path.name, "outtype": outtype}, command=command)
+               pre=pre, progress=progress)
+    extra = {"file": path.name, "outtype": outtype, "pre-tokenizer": f"{pre} ({how})"}
+    if text is not None:
+        (Path(out_dir) / "Modelfile").write_text(text)
+        extra["Modelfile"] = "Modelfile"
+    write_card(out_dir, run_dir, cfg, kind="gguf", extra=extra, command=command)
     return path

@@ -30,11 +30,12 @@ def merged(model, method_name: str):
 def merge_run(run_dir: str | Path, out_dir: str | Path, dtype: str | None = None, command: str | None = None) -> dict:
     """Write the merged model (+ tokenizer + README.md) of ``run_dir`` to ``out_dir`` in ``dtype``
     (default: the base checkpoint's dtype). Returns ``{"dir", "dtype", "bytes"}``."""
-    from tunelab.export.card import write_card
+    from tunelab.export.card import refuse_nonempty, write_card
     from tunelab.runtime.atomic_files import atomic_dir
 
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"--dtype '{dtype}' is not one of {', '.join(DTYPES)}")
+    refuse_nonempty(out_dir)
     model, tok, cfg = load_trained(run_dir)
     method = model.tunelab_method["name"]
     dtype = dtype or native_dtype(cfg.model.name)

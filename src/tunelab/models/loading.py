@@ -249,6 +249,19 @@ def base_identity(name: str) -> dict:
     return {"name": name, "hub_id": name if name.count("/") == 1 else None}
 
 
+def base_record(name: str) -> dict:
+    """What an export records so its base can be found offline: ``base_identity`` plus ``local_path``, the
+    folder the weights were read from (a local directory, or the embedded model's converted cache copy
+    under ``~/.cache/tunelab``); None for a hub id (the hub cache holds it)."""
+    ident = base_identity(name)
+    local = None
+    if name in EMBEDDED:
+        local = str(Path(resolve(name)).resolve())
+    elif Path(name).is_dir():
+        local = str(Path(name).resolve())
+    return {**ident, "local_path": local}
+
+
 def recorded_base(name: str) -> str:
     """The one string an export writes as its base: the hub id when there is one, else the user's name."""
     ident = base_identity(name)

@@ -51,6 +51,7 @@ class ChatConfig(TaskConfig):
 
 class Chat:
     name = "chat"
+    teaches_stop = True  # training preflight warns when the loss leaves the end-of-turn token out
     Config = ChatConfig
 
     def read(self, source, cfg, *, limit=None, skip_bad=False) -> ArrowExamples:

@@ -49,6 +49,7 @@ class GenerationConfig(TaskConfig):
 
 class Generation:
     name = "generation"
+    teaches_stop = True  # training preflight warns when the loss leaves the end-of-turn token out
     Config = GenerationConfig
 
     def read(self, source, cfg, *, limit=None, skip_bad=False) -> list[dict]:

@@ -8,7 +8,10 @@
 
 from __future__ import annotations
 
+import logging
 import string
+
+log = logging.getLogger(__name__)
 
 
 def template_keys(template: str | None) -> list[str]:
@@ -33,6 +36,28 @@ def check_run(task, tcfg, train_ex: list[dict], eval_ex: list[dict], tokenizer, 
                              f"e.g. {{{next(iter(_offered(task, ex)), 'text')}}}") from None
     if hasattr(task, "check"):
         task.check(tcfg, train_ex, eval_ex, tokenizer, model)
+    if getattr(task, "teaches_stop", False) and getattr(tcfg, "formulation", "lm") == "lm":
+        for warning in warn_stop(task, tcfg, train_ex[:8], tokenizer, max_length):
+            log.warning(warning)
+
+
+def warn_stop(task, tcfg, examples: list[dict], tokenizer, max_length: int) -> list[str]:
+    """A warning when training examples' loss does not end on an end-of-turn token (EOS or another special
+    token such as ``<|im_end|>``): the model would never learn to stop and would run to max_new_tokens."""
+    stops = set(getattr(tokenizer, "all_special_ids", []) or [])
+    if tokenizer.eos_token_id is not None:
+        stops.add(tokenizer.eos_token_id)
+    bad = []
+    for ex in examples:
+        labels = [t for t in task.encode(ex, tokenizer, tcfg, max_length).get("labels", []) if t != -100]
+        if labels and labels[-1] not in stops:
+            bad.append(labels[-1])
+    if not bad:
+        return []
+    last = tokenizer.convert_ids_to_tokens(bad[0])
+    return [f"task '{task.name}': {len(bad)} of the first {len(examples)} training examples end their loss on "
+            f"{last!r}, not an end-of-turn token: the model will not learn to stop (a chat template that writes "
+            "nothing after an assistant turn, a tokenizer without eos_token, or answers cut at data.max_length)"]
 
 
 def _offered(task, ex: dict) -> list[str]:
