@@ -187,7 +187,7 @@ def write_gguf(model, tok, path: str | Path, outtype: str = "f16", *, base: dict
 
 
 def export_run(run_dir: str | Path, out_dir: str | Path, outtype: str = "f16", command: str | None = None,
-               progress: bool = False) -> Path:
+               progress: bool = False, checkpoint: str = "final") -> Path:
     """Merge ``run_dir``'s method into its base and write ``out_dir/<run>-<outtype>.gguf`` + README.md."""
     from tunelab.export.card import write_card
     from tunelab.export.merge import merged
@@ -196,7 +196,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, outtype: str = "f16", c
 
     if outtype not in OUTTYPES:
         raise ValueError(f"--outtype '{outtype}' is not one of {', '.join(OUTTYPES)}")
-    model, tok, cfg = load_trained(run_dir)
+    model, tok, cfg = load_trained(run_dir, checkpoint=checkpoint)
     check_supported(model.config)
     if getattr(model, "tunelab_new_head", None):
         raise ValueError(f"GGUF export is for causal LMs; this run trained a new head ({', '.join(model.tunelab_new_head)})")
