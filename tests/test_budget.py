@@ -1,4 +1,4 @@
-"""Budget matching (equal steps / wall time / FLOPs) and the lr search's data split, without models."""
+"""Budget matching (equal steps / wall time / FLOPs) and the lr search's data split; the real probes once, on a tiny model."""
 
 from __future__ import annotations
 
@@ -77,3 +77,26 @@ def test_lr_grid_and_pick():
     assert lr_search.best_lr([(1e-4, 0.9), (3e-4, 0.9), (9e-4, 0.9)], True) == 3e-4  # ties: the base rate
     with pytest.raises(ValueError, match="every learning-rate trial failed"):
         lr_search.best_lr([(1e-4, None)], True)
+
+
+def test_the_real_probes_measure_a_tiny_model(tiny_dir, tmp_path):
+    """probe_flops and probe_time themselves (every other test passes a stand-in), on a tiny Llama."""
+    import math
+
+    from test_train import cfg_for
+
+    rows = [{"sentence": f"the film number {i} was " + ("good yes" if i % 2 else "bad no"), "label": i % 2} for i in range(16)]
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    full = cfg_for(tiny_dir, (train, None), tmp_path / "full", "train.max_steps=6", "data.eval=null")
+    lora = cfg_for(tiny_dir, (train, None), tmp_path / "lora", "train.max_steps=6", "data.eval=null", "method.name=lora")
+    f_full, f_lora = budget.probe_flops(full), budget.probe_flops(lora)
+    assert math.isfinite(f_full) and math.isfinite(f_lora) and f_full > f_lora > 0
+    assert budget.probe_flops(full) == f_full  # the same batches drawn: a deterministic count
+    # full fine-tuning's backward adds the weight gradients of every matmul: between 1x and 2x LoRA's step
+    assert 1.0 < f_full / f_lora < 2.0
+    s = budget.probe_time(lora)
+    assert math.isfinite(s) and 0 < s < 60
+    res = budget.plan("flops", {"full": full, "lora": lora}, tmp_path / "plan", ref="full")
+    steps = {k: v["steps"] for k, v in res["per_label"].items()}
+    assert steps["full"] == 6 and steps["lora"] == math.floor(6 * f_full / f_lora + 1e-9)

@@ -11,6 +11,7 @@ import yaml
 
 from tunelab.config import dump_config
 from tunelab.report.fit import predict
+from tunelab.results import read_metrics
 from tunelab.sweeps import compare as cmp
 from tunelab.sweeps.runner import SerialExecutor
 
@@ -44,25 +45,33 @@ class FakeTrain:
         m = cfg.method
         n = cfg.data.max_train or 1000
         x = m.params().get("r", 8)
-        metrics = {
-            "accuracy": ACC[m.name] + 0.01 * cfg.train.seed,
-            "method": m.name,
-            "task": cfg.task.name,
-            "seed": cfg.train.seed,
-            "trainable_params": 1000 * x,
-            "total_params": 135_000_000,
-            "trainable_percent": 100 * 1000 * x / 135e6,
-            "train_tokens_per_s": 500.0,
-            "wall_time_s": 3.0,
-            "peak_memory_mb": 800.0,
-            "final_loss": 1.0 - ACC[m.name],
-            "eval_loss": float(predict("multiplicative", TRUE, n, x)) * {"lora": 1.0, "full": 0.8}.get(m.name, 1.1),
+        record = {  # the real loop's metrics.json (tunelab.results): task metrics and run facts apart
+            "metrics": {
+                "accuracy": ACC[m.name] + 0.01 * cfg.train.seed,
+                "n": 872,
+                "eval_loss": float(predict("multiplicative", TRUE, n, x)) * {"lora": 1.0, "full": 0.8}.get(m.name, 1.1),
+            },
+            "run": {
+                "method": m.name,
+                "task": cfg.task.name,
+                "model": cfg.model.name,
+                "seed": cfg.train.seed,
+                "trainable_params": 1000 * x,
+                "total_params": 135_000_000,
+                "trainable_percent": 100 * 1000 * x / 135e6,
+                "train_tokens_per_s": 500.0,
+                "wall_time_s": 3.0,
+                "peak_memory_mb": 800.0,
+                "final_loss": 1.0 - ACC[m.name],
+                "steps": cfg.train.max_steps,
+            },
         }
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(dump_config(cfg))
         (out / "log.jsonl").write_text("".join(json.dumps({"step": s, "loss": 2.0 / s}) + "\n" for s in (1, 2, 3)))
-        (out / "metrics.json").write_text(json.dumps(metrics))
-        return metrics
+        (out / "metrics.json").write_text(json.dumps(record))
+        assert read_metrics(out) == record  # the one reader takes it as the real format, not a legacy flat file
+        return record
 
 
 @pytest.fixture
@@ -224,8 +233,8 @@ def test_scale_over_models_takes_x_from_total_params(tmp_path, fake):
 
     def run(cfg):
         m = real_run(cfg)
-        m["total_params"] = sizes[cfg.model.name]
-        m["eval_loss"] = float(predict("multiplicative", TRUE, cfg.data.max_train, sizes[cfg.model.name]))
+        m["run"]["total_params"] = sizes[cfg.model.name]
+        m["metrics"]["eval_loss"] = float(predict("multiplicative", TRUE, cfg.data.max_train, sizes[cfg.model.name]))
         (cfg.run_dir() / "metrics.json").write_text(json.dumps(m))
         return m
 

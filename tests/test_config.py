@@ -17,9 +17,9 @@ def test_defaults_and_overrides(tmp_path):
 
 
 def test_unknown_key_suggests_closest(tmp_path):
-    with pytest.raises(ValueError, match=r"unknown key 'train.learning_rat'.*|did you mean") as e:
+    # too far from any key for a suggestion: the message names the key and lists the valid ones
+    with pytest.raises(ValueError, match=r"unknown key 'train\.learning_rat'; valid keys here: .*\blr\b"):
         load_config(write(tmp_path, "train: {learning_rat: 1.0}\n"))
-    assert "train.learning_rat" in str(e.value)
     with pytest.raises(ValueError, match=r"did you mean 'batch_size'"):
         load_config(None, ["train.batchsize=4"])
 

@@ -77,47 +77,128 @@ def test_disabled_refuses_a_merged_update():
         pass
 
 
-# ---- the objectives against TRL 1.16.0
-def _trl_dpo_sigmoid(pc, pr, rc, rr, beta, ls):
-    # trl/trainer/dpo_trainer.py (TRL 1.16.0, `_compute_loss`), f_divergence "reverse_kl", loss_type "sigmoid":
-    #   delta_score = (chosen_logps - ref_chosen_logps) - (rejected_logps - ref_rejected_logps)
-    #   per_sequence_loss = -(1 - ls) * logsigmoid(beta * delta) - ls * logsigmoid(-beta * delta)
-    delta = (pc - rc) - (pr - rr)
-    return -F.logsigmoid(beta * delta) * (1 - ls) - F.logsigmoid(-beta * delta) * ls
+# ---- the objectives against TRL 1.16.0: TRL's own loss code on the same log-probabilities
+class _LogpModel(torch.nn.Module):
+    """Stands in for TRL's fused-LM-head model: returns the given per-token log-probabilities."""
+
+    def __init__(self, per_token):
+        super().__init__()
+        self.per_token = per_token
+
+    def forward(self, **kw):
+        from types import SimpleNamespace
+
+        z = torch.zeros_like(self.per_token)
+        return SimpleNamespace(log_probs=self.per_token, entropy=z, mean_logits=z, is_top1=z.bool())
 
 
-def test_dpo_loss_matches_trls_formula_and_gradients():
-    torch.manual_seed(0)
-    pc, pr, rc, rr = (torch.randn(6, dtype=torch.float64) * 5 for _ in range(4))
-    pc.requires_grad_(True)
-    pr.requires_grad_(True)
-    for beta, ls in ((0.1, 0.0), (0.5, 0.2)):
-        ours = dpo_loss(pc, pr, rc, rr, beta, ls)
-        theirs = _trl_dpo_sigmoid(pc, pr, rc, rr, beta, ls)
-        assert torch.allclose(ours, theirs, rtol=1e-12)
-        g_ours = torch.autograd.grad(ours.sum(), (pc, pr))
-        g_theirs = torch.autograd.grad(theirs.sum(), (pc, pr))
-        for a, b in zip(g_ours, g_theirs, strict=True):
-            assert torch.allclose(a, b, rtol=1e-12)
-
-
-def test_simpo_and_orpo_match_trl():
-    trl_cpo = pytest.importorskip("trl.experimental.cpo.cpo_trainer")
-    trl_orpo = pytest.importorskip("trl.experimental.orpo.orpo_trainer")
+def _trl_dpo(per_token, completion_mask, ref_c, ref_r, beta, ls, loss_type):
+    """TRL 1.16.0's `DPOTrainer._compute_loss` (reference log-probabilities precomputed), on a stub trainer."""
+    from collections import defaultdict
     from types import SimpleNamespace
+
+    from trl.trainer.dpo_trainer import DPOTrainer
+
+    model = _LogpModel(per_token).eval()
+    t = DPOTrainer.__new__(DPOTrainer)
+    t.__dict__.update(
+        model=model, accelerator=SimpleNamespace(device="cpu", gather_for_metrics=lambda x: x, gather=lambda x: x),
+        aux_loss_enabled=False, ld_alpha=None, precompute_ref_logps=True, f_divergence_type="reverse_kl",
+        loss_types=[loss_type], loss_weights=[1.0], beta=beta, label_smoothing=ls, use_weighting=False,
+        _metrics={"train": defaultdict(list), "eval": defaultdict(list)}, _total_train_tokens=0, _tp_size=1)
+    ids = torch.zeros(completion_mask.shape, dtype=torch.long)
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "completion_mask": completion_mask,
+              "ref_chosen_logps": ref_c, "ref_rejected_logps": ref_r}
+    return t._compute_loss(model, inputs, False)
+
+
+@pytest.mark.parametrize("beta, ls, loss_type", [(0.1, 0.0, "sigmoid"), (0.5, 0.0, "sigmoid"), (0.5, 0.2, "robust"),
+                                                 (0.1, 0.45, "robust")])
+def test_dpo_loss_is_trls_own_and_so_are_its_gradients(beta, ls, loss_type):
+    torch.manual_seed(0)
+    b, t = 4, 7
+    completion_mask = torch.zeros(2 * b, t + 1, dtype=torch.long)
+    for i in range(2 * b):
+        completion_mask[i, 2 + i % 3 :] = 1  # responses of different lengths after the prompt
+    per_token = (-torch.rand(2 * b, t, dtype=torch.float64) * 3 * completion_mask[:, 1:]).requires_grad_(True)
+    ref_c, ref_r = -torch.rand(b, dtype=torch.float64) * 15, -torch.rand(b, dtype=torch.float64) * 15
+    theirs = _trl_dpo(per_token, completion_mask, ref_c, ref_r, beta, ls, loss_type)
+    sums = per_token.sum(1)  # TRL sums the completion's per-token log-probabilities (zero elsewhere)
+    ours = dpo_loss(sums[:b], sums[b:], ref_c, ref_r, beta, ls).mean()
+    assert torch.allclose(ours, theirs, rtol=1e-12, atol=0), (ours.item(), theirs.item())
+    g_ours, g_theirs = torch.autograd.grad(ours, per_token)[0], torch.autograd.grad(theirs, per_token)[0]
+    assert torch.allclose(g_ours, g_theirs, rtol=1e-12, atol=1e-15)
+
+
+def test_simpo_is_trls_cpo_loss():
+    from types import SimpleNamespace
+
+    from trl.experimental.cpo.cpo_trainer import CPOTrainer
 
     torch.manual_seed(0)
     avg_c, avg_r = -torch.rand(5, dtype=torch.float64) * 3 - 0.01, -torch.rand(5, dtype=torch.float64) * 3 - 0.01
-    stub = SimpleNamespace(alpha=0.0, loss_type="simpo", simpo_gamma=0.5, beta=2.0, label_smoothing=0.1,
-                           accelerator=SimpleNamespace(device="cpu"))
-    theirs, _, _ = trl_cpo.CPOTrainer.cpo_loss(stub, avg_c, avg_r)
-    assert torch.allclose(simpo_loss(avg_c, avg_r, 2.0, 0.5, 0.1), theirs, rtol=1e-12)
-    stub = SimpleNamespace(beta=0.1, accelerator=SimpleNamespace(device="cpu"))
-    or_term, *_ = trl_orpo.ORPOTrainer.odds_ratio_loss(stub, avg_c, avg_r)
-    # ORPO = NLL(chosen) - mean(beta * log sigmoid(log odds)); our NLL is the chosen response's token mean
-    assert torch.allclose(orpo_loss(avg_c, avg_r, 0.1), -avg_c - or_term.double(), rtol=1e-6)
+    for ls in (0.0, 0.1):
+        stub = SimpleNamespace(alpha=0.0, loss_type="simpo", simpo_gamma=0.5, beta=2.0, label_smoothing=ls,
+                               accelerator=SimpleNamespace(device="cpu"))
+        theirs, _, _ = CPOTrainer.cpo_loss(stub, avg_c, avg_r)
+        assert torch.allclose(simpo_loss(avg_c, avg_r, 2.0, 0.5, ls), theirs, rtol=1e-12)
+
+
+def _orpo_batch(seed=0):
+    """Two pairs, right-padded as tunelab's collator pads: prompt (labels -100), response, pads."""
+    torch.manual_seed(seed)
+    b, t = 2, 11
+    ids = torch.randint(3, 128, (2 * b, t))
+    lens, prompts = [11, 8, 9, 11], [4, 4, 5, 5]
+    attn = torch.zeros_like(ids)
+    labels = torch.full_like(ids, -100)
+    for i, (n, p) in enumerate(zip(lens, prompts, strict=True)):
+        attn[i, :n] = 1
+        labels[i, p:n] = ids[i, p:n]
+        ids[i, n:] = 0
+    return {"input_ids": ids, "attention_mask": attn, "labels": labels}
+
+
+def _trl_orpo(model, batch, lam):
+    """TRL 1.16.0's `ORPOTrainer.get_batch_loss_metrics` (its NLL and `odds_ratio_loss`) on a stub trainer."""
+    from types import SimpleNamespace
+
+    from trl.experimental.orpo.orpo_trainer import ORPOTrainer
+
+    t = ORPOTrainer.__new__(ORPOTrainer)
+    t.__dict__.update(is_encoder_decoder=False, padding_value=0, aux_loss_enabled=False, beta=lam,
+                      accelerator=SimpleNamespace(device="cpu", gather_for_metrics=lambda x: x))
+    b = batch["input_ids"].shape[0] // 2
+    trl_batch = {f"{side}_{k}": batch[k][rows] for side, rows in (("chosen", slice(0, b)), ("rejected", slice(b, None)))
+                 for k in ("input_ids", "attention_mask", "labels")}
+    loss, metrics = ORPOTrainer.get_batch_loss_metrics(t, model, trl_batch)
+    return loss, metrics
+
+
+def test_orpo_loss_is_trls_own_by_default_and_the_papers_as_an_option():
+    from tunelab.tasks.objectives import Preference
+
+    model = tiny_llama()
+    batch = _orpo_batch()
+    params = [p for p in model.parameters() if p.requires_grad]
+    theirs, metrics = _trl_orpo(model, batch, lam=0.1)
+    ours = Preference("orpo", lam=0.1).loss(model, batch)
+    assert torch.allclose(ours, theirs, rtol=1e-5, atol=0), (ours.item(), theirs.item())
+    g_ours = torch.autograd.grad(ours, params)
+    g_theirs = torch.autograd.grad(_trl_orpo(model, batch, 0.1)[0], params)
+    for a, c in zip(g_ours, g_theirs, strict=True):
+        assert torch.allclose(a, c, rtol=1e-4, atol=1e-7)
+    # the paper's NLL (option): the chosen responses' own token means, not TRL's batch mean over prompt + response
+    paper = Preference("orpo", lam=0.1, orpo_nll="response").loss(model, batch)
+    s, n = sequence_logps(model, batch)
+    or_term = theirs - metrics["nll_loss"]  # TRL's -lam * mean log sigmoid(log odds)
+    assert torch.allclose(paper, (-s[:2] / n[:2]).mean() + or_term, rtol=1e-5)
+    assert not torch.allclose(paper, theirs, rtol=1e-4)
+    assert torch.allclose(orpo_loss(s[:2] / n[:2], s[2:] / n[2:], 0.1).mean(), paper)  # the function's default NLL
     x = torch.tensor([-1e-6, -0.5, -0.7, -5.0, -50.0], dtype=torch.float64)
-    assert torch.allclose(log1mexp(x), trl_orpo.log1mexp(x), rtol=1e-12)
+    from trl.experimental.orpo.orpo_trainer import log1mexp as trl_log1mexp
+
+    assert torch.allclose(log1mexp(x), trl_log1mexp(x), rtol=1e-12)
 
 
 def test_sequence_logps_counts_only_the_response_tokens():

@@ -3,8 +3,7 @@ a local MLflow store, read back with the libraries' own readers; bad values and 
 before training."""
 
 import json
-import sys
-import types
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -80,27 +79,25 @@ def test_missing_library_fails_before_training_naming_the_package(tiny_dir, data
     assert not (tmp_path / "run").exists()  # nothing loaded, nothing written
 
 
-def test_wandb_backend_runs_offline_and_logs_each_record(tmp_path, monkeypatch):
-    """W&B's calls, through a recording stand-in for the wandb module (the real one is not installed here)."""
-    calls = []
-
-    class FakeRun:
-        summary = {}
-
-        def log(self, values, step):
-            calls.append(("log", values, step))
-
-        def finish(self):
-            calls.append(("finish",))
-
-    fake = types.SimpleNamespace(init=lambda **kw: calls.append(("init", kw)) or FakeRun())
-    monkeypatch.setitem(sys.modules, "wandb", fake)
-    monkeypatch.delenv("WANDB_MODE", raising=False)
+def test_wandb_backend_runs_offline_and_logs_each_record(tmp_path, monkeypatch, capfd):
+    """The real wandb package in offline mode: the run lives in RUN/wandb, carries the config, and its
+    history and summary (which wandb prints when the run finishes) hold what the tracker logged."""
+    monkeypatch.delenv("WANDB_MODE", raising=False)  # tunelab's default: offline
+    monkeypatch.setenv("WANDB_SILENT", "false")
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
     t = tracking.Tracker.__new__(tracking.Tracker)
-    t.step, t.backends = 0, [tracking.WandB(tmp_path / "r", {"method": {"name": "lora"}})]
+    t.step, t.backends = 0, [tracking.WandB(run_dir, {"method": {"name": "lora"}})]
+    run = t.backends[0].run
+    assert run.offline and run.settings.mode == "offline" and run.config["method"]["name"] == "lora"
+    assert Path(run.dir).is_relative_to(run_dir / "wandb") and run.name == "r"
     t.log_step({"step": 3, "loss": 1.5, "lr": 1e-3})
+    assert run.step == 3
     t.finish({"accuracy": 0.5, "method": "lora"})
-    init = calls[0][1]
-    assert init["mode"] == "offline" and init["dir"] == str(tmp_path / "r") and init["config"]["method"]["name"] == "lora"
-    assert calls[1] == ("log", {"train/loss": 1.5, "train/lr": 1e-3}, 3)
-    assert FakeRun.summary == {"final/accuracy": 0.5} and calls[-1] == ("finish",)
+    (record,) = (run_dir / "wandb").glob("offline-run-*/run-*.wandb")
+    assert record.stat().st_size > 0
+    out = capfd.readouterr()
+    shown = " ".join((out.out + out.err).split())
+    for line in ("final/accuracy 0.5", "train/loss 1.5", "train/lr 0.001"):  # wandb's own run summary
+        assert line in shown, shown[-2000:]
+    assert "final/method" not in shown  # only numbers are logged

@@ -60,11 +60,21 @@ def train(config: Path = typer.Argument(..., help="run YAML"), overrides: list[s
     typer.echo(f"run directory: {cfg.run_dir()}")
 
 
-def _eval(target: Path, overrides, predictions_out: Path | None):
+CHECKPOINT = typer.Option("final", "--checkpoint", help="final: the run's method/ (the end of training); "
+                          "best: checkpoints/best/, the evaluation during training that scored best")
+
+
+def _eval(target: Path, overrides, predictions_out: Path | None, checkpoint: str = "final"):
     from tunelab.training.loop import evaluate_run
+    from tunelab.training.run_directory import method_dir as trained_dir
 
     cfg = _guard(_run_config, target, overrides)
-    method_dir = target / "method" if target.is_dir() and (target / "method").exists() else None
+    if checkpoint != "final" and not target.is_dir():
+        _fail(f"--checkpoint {checkpoint} needs a run directory, not {target}")
+    if checkpoint != "final":
+        method_dir = _guard(trained_dir, target, checkpoint)
+    else:
+        method_dir = target / "method" if target.is_dir() and (target / "method").exists() else None
     metrics, preds = _guard(evaluate_run, cfg, method_dir)
     if predictions_out:
         predictions_out.parent.mkdir(parents=True, exist_ok=True)
@@ -73,9 +83,10 @@ def _eval(target: Path, overrides, predictions_out: Path | None):
 
 
 @app.command("eval")
-def eval_(target: Path = typer.Argument(..., help="run directory or config YAML"), overrides: list[str] = OVERRIDES):
+def eval_(target: Path = typer.Argument(..., help="run directory or config YAML"), overrides: list[str] = OVERRIDES,
+          checkpoint: str = CHECKPOINT):
     """Score the eval set with a trained run (its saved method) or with the base model of a config."""
-    metrics, _ = _eval(target, overrides, None)
+    metrics, _ = _eval(target, overrides, None, checkpoint)
     typer.echo(json.dumps(metrics, indent=2))
 
 
@@ -86,6 +97,7 @@ def predict(
     out: Path = typer.Option(Path("predictions.jsonl"), "--out", "-o", help="JSONL file for the predictions"),
     input_file: Path = typer.Option(None, "--input", "-i", help="JSONL/CSV/JSON to predict instead of data.eval; "
                                "prompt/target tasks need no references in it"),
+    checkpoint: str = CHECKPOINT,
 ):
     """Write one JSON line of prediction per eval example (and print the metrics, when there are references)."""
     from tunelab.tasks.base import targets_optional
@@ -93,7 +105,7 @@ def predict(
     if input_file is not None:
         overrides = [*(overrides or []), f"data.eval={input_file}", "data.train=null"]
     with targets_optional():
-        metrics, preds = _eval(target, overrides, out)
+        metrics, preds = _eval(target, overrides, out, checkpoint)
     if metrics.get("without_reference"):
         metrics.pop("eval_loss", None)  # it would score only the EOS of reference-less rows
         typer.echo(f"{metrics['without_reference']} of {metrics['n']} examples have no reference: no metrics")
@@ -199,14 +211,19 @@ def merge(
     run_dir: Path = typer.Argument(..., help="a finished run directory"),
     out_dir: Path = typer.Argument(...),
     dtype: str = typer.Option(None, "--dtype", help="bf16 | fp16 | fp32 (default: the base checkpoint's own dtype)"),
+    checkpoint: str = CHECKPOINT,
 ):
     """Fold the run's method into the base weights and save a plain transformers model (+ tokenizer, README.md)."""
     from tunelab.export.card import cli_command
     from tunelab.export.merge import merge_run
 
-    cmd = cli_command("merge", run_dir, out_dir, *(["--dtype", dtype] if dtype else []))
-    res = _guard(merge_run, run_dir, out_dir, dtype, cmd)
+    cmd = cli_command("merge", run_dir, out_dir, *(["--dtype", dtype] if dtype else []), *_checkpoint_args(checkpoint))
+    res = _guard(merge_run, run_dir, out_dir, dtype, cmd, checkpoint=checkpoint)
     typer.echo(f"merged model ({res['dtype']}, {res['bytes'] / 1e6:.1f} MB of weights) written to {out_dir}")
+
+
+def _checkpoint_args(checkpoint: str) -> list[str]:
+    return [] if checkpoint == "final" else ["--checkpoint", checkpoint]
 
 
 EXPORT_FORMATS = ("peft", "gguf", "ollama")
@@ -223,6 +240,7 @@ def export(
     modelfile: bool = typer.Option(False, "--modelfile", help="gguf: also write an Ollama Modelfile (= --format ollama)"),
     pretokenizer: str = typer.Option(None, "--pretokenizer", help="gguf/ollama: llama.cpp pre-tokenizer name for a "
                                      "tokenizer it cannot identify (e.g. gpt-2, llama-bpe, qwen2, smollm)"),
+    checkpoint: str = CHECKPOINT,
 ):
     """Export the run for other tools: PEFT's adapter format, or GGUF for llama.cpp / Ollama (+ README.md)."""
     from tunelab.export.card import cli_command
@@ -230,14 +248,15 @@ def export(
     gguf_like = format in ("gguf", "ollama")
     cmd = cli_command("export", run_dir, out_dir, "--format", format, *(["--outtype", outtype] if gguf_like else []),
                       *(["--modelfile"] if modelfile and format == "gguf" else []),
-                      *(["--pretokenizer", pretokenizer] if pretokenizer and gguf_like else []))
+                      *(["--pretokenizer", pretokenizer] if pretokenizer and gguf_like else []),
+                      *_checkpoint_args(checkpoint))
     if format not in EXPORT_FORMATS:
         _fail(f"unknown export format '{format}'; available: {', '.join(EXPORT_FORMATS)}")
     if gguf_like:
         from tunelab.export.gguf import export_run
 
         path = _guard(export_run, run_dir, out_dir, outtype, cmd, progress=sys.stderr.isatty(),
-                      pretokenizer=pretokenizer, modelfile=modelfile or format == "ollama")
+                      pretokenizer=pretokenizer, modelfile=modelfile or format == "ollama", checkpoint=checkpoint)
         typer.echo(f"GGUF ({outtype}, {path.stat().st_size / 1e6:.1f} MB) written to {path}")
         if modelfile or format == "ollama":
             typer.echo(f"Ollama: cd {out_dir} && ollama create {Path(run_dir).resolve().name} -f Modelfile")
@@ -250,7 +269,7 @@ def export(
     from tunelab.training.run_directory import load_trained
 
     _guard(refuse_nonempty, out_dir)
-    model, tok, cfg = _guard(load_trained, run_dir)
+    model, tok, cfg = _guard(load_trained, run_dir, checkpoint=checkpoint)
     _guard(export_peft, model, out_dir, recorded_base(cfg.model.name))
     _guard(write_card, out_dir, run_dir, cfg, "peft", None, cmd)
     typer.echo(f"PEFT adapter written to {out_dir}")

@@ -18,6 +18,37 @@ import re
 import string
 from collections import Counter
 
+# ---- which way is better, and which metric picks the best checkpoint ----------------------------
+
+# The one direction table: the training loop's best checkpoint and the report's tables both read it.
+LOWER_IS_BETTER = {"eval_loss", "loss", "final_loss", "perplexity", "ppl", "wer", "cer", "ter"}
+# Counts a task reports beside its scores: never a quality to select on.
+NOT_SCORES = {"n", "without_reference", "tokens", "unplaced"}
+
+
+def higher_is_better(metric: str) -> bool:
+    """Whether a larger value of ``metric`` (or of ``group.metric``) is better."""
+    return metric.split(".")[-1] not in LOWER_IS_BETTER
+
+
+def selection_metric(metrics: dict) -> str | None:
+    """The metric that picks the best checkpoint: the task's primary metric (its first finite number that
+    is a score, not a count such as ``n`` or ``without_reference``); ``eval_loss`` only when the task
+    reports no score (e.g. generation without references); None when there is neither."""
+    def finite(v) -> bool:
+        return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+    for k, v in metrics.items():
+        if k not in NOT_SCORES and k != "eval_loss" and finite(v):
+            return k
+    return "eval_loss" if finite(metrics.get("eval_loss")) else None
+
+
+def better(metric: str, value: float, best: float | None) -> bool:
+    """Whether ``value`` of ``metric`` beats ``best`` (None: nothing to beat) in the metric's direction."""
+    return best is None or (value > best if higher_is_better(metric) else value < best)
+
+
 # ---- classification ---------------------------------------------------------------------------
 
 

@@ -199,9 +199,11 @@ def _write(model, tok, tmp: Path, outtype: str, base, name: str, pre, progress: 
 
 
 def export_run(run_dir: str | Path, out_dir: str | Path, outtype: str = "f16", command: str | None = None,
-               progress: bool = False, *, pretokenizer: str | None = None, modelfile: bool = False) -> Path:
-    """Merge ``run_dir``'s method into its base and write ``out_dir/<run>-<outtype>.gguf`` + README.md
-    (+ an Ollama ``Modelfile`` with ``modelfile=True``). ``out_dir`` must be new or empty."""
+               progress: bool = False, checkpoint: str = "final", *, pretokenizer: str | None = None,
+               modelfile: bool = False) -> Path:
+    """Merge ``run_dir``'s method (``checkpoint`` "final" or "best") into its base and write
+    ``out_dir/<run>-<outtype>.gguf`` + README.md (+ an Ollama ``Modelfile`` with ``modelfile=True``).
+    ``out_dir`` must be new or empty."""
     from tunelab.export.card import refuse_nonempty, write_card
     from tunelab.export.merge import merged
     from tunelab.models.loading import base_identity
@@ -212,7 +214,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, outtype: str = "f16", c
     refuse_nonempty(out_dir)
     if pretokenizer is not None:
         check_name(pretokenizer)
-    model, tok, cfg = load_trained(run_dir)
+    model, tok, cfg = load_trained(run_dir, checkpoint=checkpoint)
     check_supported(model.config)
     if getattr(model, "tunelab_new_head", None):
         raise ValueError(f"GGUF export is for causal LMs; this run trained a new head ({', '.join(model.tunelab_new_head)})")

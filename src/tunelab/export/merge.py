@@ -27,16 +27,18 @@ def merged(model, method_name: str):
         raise ValueError(f"{e}; {CANNOT_MERGE_HINT}") from None
 
 
-def merge_run(run_dir: str | Path, out_dir: str | Path, dtype: str | None = None, command: str | None = None) -> dict:
+def merge_run(run_dir: str | Path, out_dir: str | Path, dtype: str | None = None, command: str | None = None,
+              checkpoint: str = "final") -> dict:
     """Write the merged model (+ tokenizer + README.md) of ``run_dir`` to ``out_dir`` in ``dtype``
-    (default: the base checkpoint's dtype). Returns ``{"dir", "dtype", "bytes"}``."""
+    (default: the base checkpoint's dtype); ``checkpoint`` "final" or "best" (``load_trained``).
+    Returns ``{"dir", "dtype", "bytes"}``."""
     from tunelab.export.card import refuse_nonempty, write_card
     from tunelab.runtime.atomic_files import atomic_dir
 
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"--dtype '{dtype}' is not one of {', '.join(DTYPES)}")
     refuse_nonempty(out_dir)
-    model, tok, cfg = load_trained(run_dir)
+    model, tok, cfg = load_trained(run_dir, checkpoint=checkpoint)
     method = model.tunelab_method["name"]
     dtype = dtype or native_dtype(cfg.model.name)
     model = merged(model, method).to(DTYPES[dtype])

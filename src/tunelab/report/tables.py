@@ -16,6 +16,8 @@ import math
 import re
 from pathlib import Path
 
+# the one direction table (LOWER_IS_BETTER, higher_is_better), shared with the training loop's best checkpoint
+from tunelab.evaluation.metrics import LOWER_IS_BETTER, higher_is_better  # noqa: F401
 from tunelab.report.stats import t_interval
 from tunelab.results import read_metrics
 
@@ -38,7 +40,6 @@ PRIMARY_METRICS = (
     "rouge2",
     "eval_loss",
 )
-LOWER_IS_BETTER = {"eval_loss", "loss", "final_loss", "perplexity", "ppl", "wer", "cer", "ter"}
 # Bookkeeping keys every run has; never picked as the task metric.
 RUN_KEYS = (
     "trainable_params",
@@ -173,10 +174,6 @@ def primary_metric(rows: list[dict], metric: str | None = None) -> str:
         if _number(v) and k not in _NOT_METRICS and all(_number(r.get(k)) for r in rows):
             return k
     return "final_loss"
-
-
-def higher_is_better(metric: str) -> bool:
-    return metric.split(".")[-1] not in LOWER_IS_BETTER
 
 
 def mean_std(values: list[float]) -> tuple[float | None, float | None]:

@@ -15,7 +15,8 @@ A task has a ``name``, a pydantic ``Config`` (field names, template, formulation
   the family's metric(s) with ``"n"`` (examples scored) included; predictions are JSON-able dicts.
   ``split`` is passed on to the batched evaluation primitives (``score_choices``, ``generate``,
   ``classify``): under torchrun each rank then scores a share of the examples and gathers the rest.
-  The first key of ``metrics`` is the family's primary metric (used to pick the best checkpoint).
+  The first key of ``metrics`` is the family's primary metric (it picks the best checkpoint, in its direction:
+  ``tunelab.evaluation.metrics.selection_metric`` / ``higher_is_better``).
 
 Nothing outside ``tasks/`` branches on a task name.
 """

@@ -39,7 +39,11 @@ class PreferenceConfig(TaskConfig):
     beta: float = Field(0.1, gt=0)  # DPO/SimPO temperature; also scales the reported implicit rewards
     gamma: float = Field(0.5, ge=0)  # SimPO's target margin
     lam: float = Field(0.1, ge=0)  # ORPO's weight of the odds-ratio term
+    # DPO: robust DPO's label-flip rate (TRL "robust"); SimPO: conservative smoothing (TRL CPO "simpo")
     label_smoothing: float = Field(0.0, ge=0, lt=0.5)
+    # ORPO's NLL term: "trl" = token mean over the batch's chosen prompt+response tokens (TRL 1.16),
+    # "response" = each pair's chosen response token mean (the ORPO paper)
+    orpo_nll: Literal["trl", "response"] = "trl"
     system: str | None = None
     max_length: int = Field(512, ge=8)  # for evaluation (training uses data.max_length)
 
@@ -111,7 +115,7 @@ class PreferenceTask:
         return PairCollator(tokenizer.pad_token_id)
 
     def objective(self, cfg):
-        return Preference(cfg.objective, cfg.beta, cfg.gamma, cfg.lam, cfg.label_smoothing)
+        return Preference(cfg.objective, cfg.beta, cfg.gamma, cfg.lam, cfg.label_smoothing, cfg.orpo_nll)
 
     @torch.no_grad()
     def evaluate(self, model, tokenizer, examples, cfg, *, batch_size=16, gen=None, split=False):
@@ -125,7 +129,7 @@ class PreferenceTask:
         step = max(1, batch_size // 2)  # each pair is two rows
         for s in range(0, len(feats), step):
             batch = {k: v.to(device) for k, v in collate(feats[s : s + step]).items()}
-            st = pair_stats(model, batch)
+            st = pair_stats(model, batch, whole=objective.needs_whole)
             for acc, t in zip((pc, pr, rc, rr, losses), (*st["policy"], *st["reference"], objective.pair_losses(st)), strict=True):
                 acc.append(t.float().cpu())
         model.train(was_training)

@@ -81,7 +81,7 @@ class Text:
         out = self.encode_batch({col: [ex[col] for ex in examples]}, tokenizer, cfg, length)
         feats = [{"input_ids": i, "labels": lab} for i, lab in zip(out["input_ids"], out["labels"], strict=True) if i]
         total, count, right = nll(model, tokenizer, feats, batch_size)
-        # next-token accuracy first: the loop keeps the checkpoint whose first metric is HIGHEST
+        # next-token accuracy first: the primary metric, which picks the best checkpoint (higher is better)
         metrics = {"token_accuracy": right / count if count else 0.0,
                    "perplexity": math.exp(total / count) if count else float("nan"), "tokens": count, "n": len(examples)}
         return metrics, []

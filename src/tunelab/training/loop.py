@@ -21,6 +21,7 @@ import json
 import math
 import os
 import random
+import shutil
 import time
 from pathlib import Path
 from typing import NamedTuple
@@ -33,6 +34,7 @@ from tunelab.config import RunConfig, dump_config, task_config
 from tunelab.data import feature_cache
 from tunelab.data.encoding import Collator, batches
 from tunelab.evaluation import inference
+from tunelab.evaluation.metrics import better, higher_is_better, selection_metric
 from tunelab.evaluation.scoring import show_progress
 from tunelab.methods import method_config
 from tunelab.methods.base import METHODS, method_state_dict
@@ -51,6 +53,7 @@ from tunelab.training.checkpoint import save_checkpoint
 from tunelab.training.divergence import check_step
 from tunelab.training.preflight import check_run, warn_rank
 from tunelab.training.resume import start_position
+from tunelab.training.run_directory import BEST_JSON
 from tunelab.training.run_lock import RunLock, StopOnSignal, Stopped
 
 # ---------------------------------------------------------------- environment
@@ -231,6 +234,8 @@ def _run(cfg: RunConfig, t_start: float) -> dict:
             check_tensors(method_state_dict(model), f"{out / 'method'} (the trained weights)")
             tunelab.save(model, out / "method")
     final, preds = r.evaluate()
+    if getattr(r, "position", None) and r.position.get("best") is not None:  # evaluated during training
+        _keep_best(model, final, out, r.position)
     record = {"metrics": final, **record}
     record["run"] = dict(
         method=cfg.method.name, task=cfg.task.name, model=cfg.model.name, seed=cfg.train.seed,
@@ -259,6 +264,8 @@ def _train(r: Run, model, out: Path, lead: bool) -> dict:
     base, model, levers = _prepare_model(r, model, feats)
     params, opt, sched, lr = _optimizer_and_schedule(r.cfg, model, total)
     pos = start_position(out, tc, model, opt, sched, total=total, rows=len(feats.lengths), lead=lead)
+    if lead and pos["step"] == 0:  # starting afresh: a best checkpoint of an earlier run is not this run's
+        shutil.rmtree(out / "checkpoints" / "best", ignore_errors=True)
     t = _Training(r=r, feats=feats, model=model, base=base, params=params, opt=opt, sched=sched, levers=levers,
                   pos=pos, total=total, out=out)
     with contextlib.ExitStack() as stack:
@@ -274,6 +281,7 @@ def _train(r: Run, model, out: Path, lead: bool) -> dict:
         while pos["step"] < total:
             t.end_of_step(t.step())
         t.save()
+    r.position = pos  # the final evaluation competes for checkpoints/best too
     return _train_facts(feats, pos, lr, held)
 
 
@@ -519,17 +527,33 @@ def _eval_and_keep_best(r: Run, model, out: Path, pos: dict, log_f) -> None:
     metrics, _ = r.evaluate()  # the same on every rank
     if not metrics:
         return
-    primary = next(k for k in metrics if k != "n")
     if log_f:
         log_f.write(json.dumps({"step": pos["step"], "eval": metrics}) + "\n")
         log_f.flush()
         if r.tracker:
             r.tracker.log_eval(pos["step"], metrics)
-    if pos["best"] is None or metrics[primary] > pos["best"]:
-        pos["best"] = metrics[primary]
-        with dist.gathered(model):
-            if dist.is_lead():
-                tunelab.save(model, out / "checkpoints" / "best")
+    _keep_best(model, metrics, out, pos)
+
+
+def _keep_best(model, metrics: dict, out: Path, pos: dict) -> None:
+    """Save the method as ``checkpoints/best`` when this evaluation beats the best so far on the task's
+    selection metric, in that metric's direction (``tunelab.evaluation.metrics``); ``best.json`` beside
+    it says which step and score. ``tunelab eval/merge/export RUN --checkpoint best`` read it."""
+    name = selection_metric(metrics)
+    if name is None:
+        return
+    if pos.get("best_metric") != name:  # a position from before the metric was recorded: start afresh
+        pos["best"] = None
+    if not better(name, metrics[name], pos["best"]):
+        return
+    pos["best"], pos["best_metric"] = metrics[name], name
+    best = out / "checkpoints" / "best"
+    with dist.gathered(model):
+        if dist.is_lead():
+            tunelab.save(model, best)
+            atomic_write_text(best / BEST_JSON, json.dumps({
+                "step": pos["step"], "metric": name, "value": metrics[name],
+                "higher_is_better": higher_is_better(name)}, indent=2))
 
 
 def evaluate_run(cfg: RunConfig, method_dir: str | os.PathLike | None = None) -> tuple[dict, list[dict]]:

@@ -22,7 +22,7 @@ def start_position(out: Path, tc, model, opt, sched, *, total: int, rows: int, l
     log lines past it. ``pos`` holds the step/epoch/batch position, the best eval score and the
     whole-run tokens / train_time_s / loss figures, which a checkpoint keeps so a resumed run reports them."""
     per_rank = tc.batch_size
-    pos = {"step": 0, "epoch": 0, "batch": 0, "best": None, "world": dist.world(), "global_batch": per_rank * dist.world(),
+    pos = {"step": 0, "epoch": 0, "batch": 0, "best": None, "best_metric": None, "world": dist.world(), "global_batch": per_rank * dist.world(),
            "tokens": 0, "train_time_s": 0.0, "loss": None, "loss_sum": 0.0}
     last = agree_last(out / "checkpoints", lead, total) if tc.resume else None
     if last is not None:

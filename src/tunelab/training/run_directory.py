@@ -2,7 +2,9 @@
 (model name, dtype, revision, the quantization QLoRA / LoftQ apply while loading, the task head), the
 run's method on it (``tunelab.load``), its tokenizer and its config.
 
-It reads ``config.yaml`` and ``method/`` and never the data: a run trained with ``data.eval=null``,
+It reads ``config.yaml`` and ``method/`` (or, with ``checkpoint="best"``, ``checkpoints/best/``: the
+method at the evaluation that scored best during training, ``best.json`` naming its step and score)
+and never the data: a run trained with ``data.eval=null``,
 or whose data files were moved or deleted since, still merges, exports and serves. A classification
 or token head is rebuilt from the labels ``method/method.json`` records (``head_labels``); only runs
 trained before tunelab recorded them read their training data again for the labels.
@@ -14,6 +16,9 @@ import dataclasses
 from pathlib import Path
 from typing import Any, NamedTuple
 
+BEST_JSON = "best.json"  # in checkpoints/best: {"step", "metric", "value", "higher_is_better"}
+CHECKPOINTS = ("final", "best")
+
 
 class Trained(NamedTuple):
     model: Any  # the base with the run's method attached and loaded
@@ -21,12 +26,35 @@ class Trained(NamedTuple):
     config: Any  # the run's RunConfig (output_dir: this run directory)
 
 
-def method_meta(run_dir: str | Path) -> dict:
-    """``method/method.json`` of a run directory; a missing one is one error naming the run directory."""
+def method_dir(run_dir: str | Path, checkpoint: str = "final") -> Path:
+    """Where a run's trained method is: ``method/`` ("final"), or ``checkpoints/best/`` ("best")."""
+    run_dir = Path(run_dir)
+    if checkpoint not in CHECKPOINTS:
+        raise ValueError(f"checkpoint {checkpoint!r} is unknown; allowed: {', '.join(CHECKPOINTS)}")
+    if checkpoint == "final":
+        return run_dir / "method"
+    best = run_dir / "checkpoints" / "best"
+    if not (best / "method.json").exists():
+        raise FileNotFoundError(
+            f"{run_dir}: no best checkpoint here (expected {best}); training keeps one when it evaluates during "
+            "training (train.eval_every > 0 and an eval set)")
+    return best
+
+
+def best_checkpoint(run_dir: str | Path) -> dict | None:
+    """``checkpoints/best/best.json`` of a run (step, metric, value, higher_is_better), or None."""
+    import json
+
+    path = Path(run_dir) / "checkpoints" / "best" / BEST_JSON
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def method_meta(run_dir: str | Path, checkpoint: str = "final") -> dict:
+    """``method.json`` of a run directory's method (``method_dir``); a missing one is one error naming the run directory."""
     from tunelab.api import METHOD_JSON, read_method
 
     run_dir = Path(run_dir)
-    path = run_dir / "method" / METHOD_JSON
+    path = method_dir(run_dir, checkpoint) / METHOD_JSON
     if not path.exists():
         last = run_dir / "checkpoints" / "last"
         hint = (f"training has not finished (its last checkpoint is {last}): run the same `tunelab train` "
@@ -84,9 +112,11 @@ def _head_from_data(task, tcfg, cfg, run_dir: Path, kind: str):
     return task.head(tcfg, examples)
 
 
-def load_trained(run_dir: str | Path, *, device: str | None = None, dtype: str | None = None) -> Trained:
+def load_trained(run_dir: str | Path, *, device: str | None = None, dtype: str | None = None,
+                 checkpoint: str = "final") -> Trained:
     """``(model with the run's method, tokenizer, run config)`` of a finished run directory, on
-    ``device`` (default: the run's ``train.device``) in ``dtype`` (default: the run's ``model.dtype``)."""
+    ``device`` (default: the run's ``train.device``) in ``dtype`` (default: the run's ``model.dtype``);
+    ``checkpoint`` "final" (``method/``) or "best" (``checkpoints/best/``, see ``method_dir``)."""
     import tunelab
     from tunelab.methods import method_config
     from tunelab.methods.base import METHODS
@@ -94,7 +124,7 @@ def load_trained(run_dir: str | Path, *, device: str | None = None, dtype: str |
     from tunelab.runtime.precision import pick_device
 
     run_dir = Path(run_dir)
-    meta = method_meta(run_dir)
+    meta = method_meta(run_dir, checkpoint)
     cfg = run_config(run_dir)
     head = head_spec(cfg, meta, run_dir)
     m = cfg.model
@@ -105,4 +135,4 @@ def load_trained(run_dir: str | Path, *, device: str | None = None, dtype: str |
     model, tok = load_model(m.name, head=head, dtype=dtype or m.dtype, trust_remote_code=m.trust_remote_code,
                             revision=m.revision, quantize=plan, device=dev)
     model.to(dev)
-    return Trained(tunelab.load(model, run_dir / "method"), tok, cfg)
+    return Trained(tunelab.load(model, method_dir(run_dir, checkpoint)), tok, cfg)
