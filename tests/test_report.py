@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tunelab.report import build_report, plots, tables
+from tunelab.report import build_report, plots, stats, tables
 from tunelab.report.fit import predict
 
 ACC = {"lora": [0.80, 0.84], "loreft": [0.78, 0.79], "full": [0.90, 0.86]}
@@ -99,10 +99,14 @@ def test_single_seed_has_no_std_and_markdown_shows_plus_minus():
     ]
     summary = tables.summarize(rows, tables.primary_metric(rows))
     assert summary[1]["f1_std"] is None
+    # two seeds: t(0.975, 1) = 12.706, half-width = 12.706 * 0.1414 / sqrt(2) = 1.27 -> [-0.471, 2.07],
+    # which a bounded metric cannot take: without predictions the report cuts it to [0, 1] and says so
+    assert summary[0]["f1_lo"] == pytest.approx(-0.4706, abs=1e-3)
+    stats.bounded_t_rows(summary, "f1")
+    assert summary[0]["f1_interval"] == "t over seeds, cut to the metric's range"
     md = tables.markdown_table(summary, "f1").splitlines()
-    assert md[0].startswith("| label | method | f1 ↑ (± 95% CI) | 95% CI | std |")
-    # two seeds: t(0.975, 1) = 12.706, half-width = 12.706 * 0.1414 / sqrt(2) = 1.27
-    assert "| 0.8 ± 1.3 | [-0.471, 2.07] | 0.14 |" in md[2] and "| 0.5 | – | – |" in md[3]
+    assert md[0].startswith("| label | method | f1 ↑ (mean) | 95% CI | seed sd | per seed |")
+    assert "| 0.8 | [0, 1] | 0.14 | 0.7 0.9 |" in md[2] and "| 0.5 | – | – | 0.5 |" in md[3]
 
 
 def test_build_report_writes_every_output(cmp_dir):
@@ -114,13 +118,20 @@ def test_build_report_writes_every_output(cmp_dir):
     summary = list(csv.DictReader(io.StringIO((cmp_dir / "summary.csv").read_text())))
     assert [r["label"] for r in summary] == ["full", "lora", "loreft"]
     md = (cmp_dir / "results.md").read_text()
-    assert "| full | full | 0.88 ± 0.25 | [0.626, 1.13] | 0.028 | best | 135M | 100% |" in md
-    assert "Student-t interval over seeds" in md and "## Environment" in md and "torch:" in md
-    # paired bootstrap vs full: lora scores 0.82 vs 0.88 on the same examples; every lora hit is a full hit
+    # the two-level bootstrap interval (seeds x examples) stays inside [0, 1]; a t-interval over the
+    # 2 seeds would be [0.626, 1.13]
+    assert "| full | full | 0.88 | [0.825, 0.93] | 0.028 | 0.9 0.86 | best | 135M | 100% |" in md
+    for s in summary:
+        assert 0 <= float(s["accuracy_lo"]) < float(s["accuracy_mean"]) < float(s["accuracy_hi"]) <= 1
+    assert "two-level bootstrap" in md and "## Environment" in md and "torch:" in md
+    assert md.startswith("**Verdict: full is best (accuracy 0.88); lora and loreft are worse by 0.06 to 0.095")
+    assert "only 2 seeds" in md and "Holm-Bonferroni" in md and '"Best" was chosen from these same data' in md
+    # paired test vs full: lora scores 0.82 vs 0.88 on the same examples; every lora hit is a full hit
     lora = next(r for r in summary if r["label"] == "lora")
-    assert float(lora["vs_best_diff"]) == pytest.approx(-0.06) and float(lora["vs_best_p"]) < 0.01
+    assert float(lora["vs_best_diff"]) == pytest.approx(-0.06) and float(lora["vs_best_p"]) < 0.05
+    assert float(lora["vs_best_p"]) <= float(lora["vs_best_p_holm"]) < 0.05 and lora["tied_with_best"] == "False"
     assert float(lora["vs_best_lo"]) < -0.06 < float(lora["vs_best_hi"]) < 0
-    assert "paired bootstrap against full" in md and "correct = prediction == reference" in md
+    assert "paired two-level bootstrap against full" in md and "correct = prediction == reference" in md
     for name in ("metric_vs_params", "metric_vs_time", "loss_curves"):
         assert (cmp_dir / "plots" / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     text = page.read_text()
@@ -217,5 +228,6 @@ def test_html_loads_in_headless_chromium_without_console_errors(cmp_dir, tmp_pat
     console = [ln for ln in proc.stderr.splitlines() if "CONSOLE" in ln or "Uncaught" in ln]
     assert console == [], console
     # What a researcher cites is on the rendered page: intervals, the paired test, the settings, the machine.
-    for text in ("95% CI", "[0.626, 1.13]", "vs best: Δ [95% CI] p", "p=", "Environment", "torch", "hyperparameters"):
+    for text in ("95% CI", "[0.825, 0.93]", "vs best: Δ [95% CI] p", "p=", "Holm p=", "Verdict: full is best",
+                 "Environment", "torch", "hyperparameters"):
         assert text in dom, text
