@@ -101,7 +101,7 @@ def test_per_example_terms_reproduce_the_reported_metric():
     labels = ["neg", "pos", "neu"]
     gold = [labels[i] for i in rng.integers(0, 3, 300)]
     pred = [g if rng.random() < 0.7 else labels[rng.integers(0, 3)] for g in gold]
-    cls = [{"where": f"d:{i}", "prediction": p, "reference": g} for i, (p, g) in enumerate(zip(pred, gold))]
+    cls = [{"where": f"d:{i}", "prediction": p, "reference": g} for i, (p, g) in enumerate(zip(pred, gold, strict=True))]
     for metric, want in (("accuracy", metrics.accuracy(gold, pred)),
                          ("macro_f1", f1_score(gold, pred, average="macro"))):
         t = stats.metric_terms(cls, metric)
@@ -109,7 +109,7 @@ def test_per_example_terms_reproduce_the_reported_metric():
 
     answers = [["the Eiffel Tower", "Eiffel"], ["1889"], ["Gustave Eiffel's company"], ["Paris, France"]]
     said = ["eiffel tower!", "in 1889", "Gustave", "a city"]
-    qa = [{"id": f"q{i}", "prediction": p, "reference": r} for i, (p, r) in enumerate(zip(said, answers))]
+    qa = [{"id": f"q{i}", "prediction": p, "reference": r} for i, (p, r) in enumerate(zip(said, answers, strict=True))]
     want = metrics.squad_scores(said, answers)
     for metric in ("f1", "exact_match"):
         t = stats.metric_terms(qa, metric)
@@ -118,14 +118,14 @@ def test_per_example_terms_reproduce_the_reported_metric():
 
     refs = ["The cats were running home quickly", "a dog barked at the mailman", "rain fell all day long"]
     outs = ["the cat runs home", "dogs bark at mailmen", "it rained all day"]
-    gen = [{"where": f"g:{i}", "prediction": o, "reference": r} for i, (o, r) in enumerate(zip(outs, refs))]
+    gen = [{"where": f"g:{i}", "prediction": o, "reference": r} for i, (o, r) in enumerate(zip(outs, refs, strict=True))]
     t = stats.metric_terms(gen, "rougeL")
     assert float(t.value(t.comps.sum(0))) == pytest.approx(metrics.rouge(outs, refs, types=("rougeL",))["rougeL"])
 
     gold_tags = [["B-PER", "I-PER", "O", "B-LOC"], ["O", "B-ORG", "O"], ["B-MISC", "O"], ["O", "O"]]
     pred_tags = [["B-PER", "O", "O", "B-LOC"], ["O", "B-ORG", "B-LOC"], ["O", "O"], ["B-PER", "O"]]
     ner = [{"where": f"n:{i}", "prediction": "-", "reference": "-", "gold_tags": g, "pred_tags": p}
-           for i, (g, p) in enumerate(zip(gold_tags, pred_tags))]
+           for i, (g, p) in enumerate(zip(gold_tags, pred_tags, strict=True))]
     want = metrics.entity_prf(gold_tags, pred_tags)
     for metric in ("f1", "precision", "recall"):
         t = stats.metric_terms(ner, metric)
