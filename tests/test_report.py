@@ -213,12 +213,28 @@ def test_html_loads_in_headless_chromium_without_console_errors(cmp_dir, tmp_pat
         "--enable-logging=stderr",
         "--v=0",
         "--virtual-time-budget=3000",
+        "--window-size=1280,900",
         "--dump-dom",
-        page.resolve().as_uri(),
     ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    # a copy of the page that records, after layout at 1280 px, how wide the page and each table are
+    measure = page.with_name("measure.html")
+    probe = ("<script>document.body.setAttribute('data-layout', [document.documentElement.scrollWidth, "
+             "document.documentElement.clientWidth].concat(Array.prototype.map.call(document.querySelectorAll('.scroll'), "
+             "function(d){return d.scrollWidth + '/' + d.clientWidth + '/' + getComputedStyle(d).overflowX;})).join(' '));"
+             "</script></body>")
+    measure.write_text(page.read_text().replace("</body>", probe))
+    cmd_page, cmd_measure = [*cmd, page.resolve().as_uri()], [*cmd, measure.resolve().as_uri()]
+    proc = subprocess.run(cmd_page, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     dom = proc.stdout
+    # At 1280 px the page itself never scrolls sideways: the wide summary table scrolls inside its
+    # wrapper (overflow-x: auto), so no column is cut off.
+    laid = subprocess.run(cmd_measure, capture_output=True, text=True, timeout=120).stdout
+    layout = re.search(r'data-layout="([^"]*)"', laid).group(1).split()
+    page_w, view_w, boxes = int(layout[0]), int(layout[1]), [b.split("/") for b in layout[2:]]
+    assert page_w <= view_w <= 1280, layout
+    assert boxes and all(o == "auto" and int(c) <= view_w for _, c, o in boxes), layout
+    assert int(boxes[0][0]) > int(boxes[0][1]), layout  # the summary is wider than the screen: it scrolls
     # The page's script ran to its last line (it sets data-ready) and every run is listed.
     assert re.search(r'<body[^>]*data-ready="1"', dom), dom[:500]
     for method, accs in ACC.items():

@@ -25,7 +25,7 @@ td:first-child,th:first-child,td.t{text-align:left}
 tr:nth-child(even) td{background:#fafafa} tr.best td{background:#eef8ee}
 .plots{display:flex;flex-wrap:wrap;gap:1rem} figure{margin:0;flex:1 1 480px}
 figure img{max-width:100%;border:1px solid #eee} figcaption{font-size:.85rem;color:#555}
-.scroll{overflow-x:auto;max-width:100%} .verdict{font-weight:600;font-size:1rem} .warn{color:#a33} code{background:#f4f4f6;padding:0 .2rem}
+.scroll{overflow-x:auto;max-width:100%} td.wrap{white-space:normal;min-width:14rem;max-width:26rem;text-align:left} .verdict{font-weight:600;font-size:1rem} .warn{color:#a33} code{background:#f4f4f6;padding:0 .2rem}
 """
 
 _JS = """
@@ -92,7 +92,7 @@ def summary_table(summary: list[dict], metric: str, by: str = "label") -> str:
             None,
         ]
         tds = "".join(
-            _td(c, v, "t" if j < 2 or j == 5 or j == len(cells) - 1 else "")
+            _td(c, v, "t wrap" if j == len(cells) - 1 else "t" if j < 2 or j == 5 else "")
             for j, (c, v) in enumerate(zip(cells, raw, strict=True))
         )
         rows.append(f"<tr{' class=best' if i == 0 else ''}>{tds}</tr>")
