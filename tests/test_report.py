@@ -247,3 +247,13 @@ def test_html_loads_in_headless_chromium_without_console_errors(cmp_dir, tmp_pat
     for text in ("95% CI", "[0.825, 0.93]", "vs best: Δ [95% CI] p", "p=", "Holm p=", "Verdict: full is best",
                  "Environment", "torch", "hyperparameters"):
         assert text in dom, text
+
+
+def test_t_interval_is_an_option_and_still_stays_in_range(cmp_dir):
+    build_report(cmp_dir, interval="t")
+    md = (cmp_dir / "results.md").read_text()
+    # the t-interval over full's 2 seeds is [0.626, 1.13]; the report cuts it to the metric's range and says so
+    assert "| full | full | 0.88 | [0.626, 1] |" in md and "cut to the metric's range" in md
+    assert "Verdict: full is best" in md  # the paired tests do not depend on the interval shown
+    with pytest.raises(ValueError, match="interval='normal'"):
+        build_report(cmp_dir, interval="normal")

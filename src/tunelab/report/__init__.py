@@ -80,11 +80,14 @@ def build_report(
     target: str | None = None,
     holdout: int | None = None,
     title: str | None = None,
+    interval: str = "bootstrap",
 ) -> Path:
     """(Re)build every report file under ``out_dir`` from its finished runs; returns report.html's path.
 
     ``metric`` ranks the comparison (default: the manifest's, else the first of accuracy/f1/rougeL/
-    exact_match/... that the runs have). ``target`` and ``holdout`` apply to scale sweeps.
+    exact_match/... that the runs have). ``target`` and ``holdout`` apply to scale sweeps. ``interval``:
+    "bootstrap" (the two-level bootstrap over seeds and examples where the runs saved predictions) or
+    "t" (the Student-t interval over seeds for every row, as before; the paired tests are unchanged).
 
     Every report has the summary table, the runs, the loss curves, the budget and the environment;
     ``SECTIONS[sweep_kind(...)]`` adds what its kind of sweep needs (plots, a fit, the advice)."""
@@ -95,7 +98,9 @@ def build_report(
     target = target or manifest.get("target")
     holdout = holdout or manifest.get("holdout", 1)
     metric = _ranking_metric(rows, manifest, sweep, metric, target)
-    summary, lead, notes = _summary(rows, metric, vs_best=sweep == "compare")
+    if interval not in ("bootstrap", "t"):
+        raise ValueError(f"interval={interval!r}: use 'bootstrap' (seeds x examples) or 't' (Student-t over seeds)")
+    summary, lead, notes = _summary(rows, metric, vs_best=sweep == "compare", t_only=interval == "t")
     _add_manifest_facts(summary, manifest)
     columns = tables.results_columns(rows, metric)
     atomic_write_text(out_dir / "results.csv", tables.to_csv(rows, columns))
@@ -161,14 +166,12 @@ def _ranking_metric(rows: list[dict], manifest: dict, sweep: str, metric: str | 
     return tables.primary_metric(rows, metric or manifest.get("metric"))
 
 
-def _summary(rows: list[dict], metric: str, *, vs_best: bool) -> tuple[list[dict], list[str], list[str]]:
+def _summary(rows: list[dict], metric: str, *, vs_best: bool, t_only: bool = False) -> tuple[list[dict], list[str], list[str]]:
     """One row per label, best first, the lines shown above it (the verdict, warnings) and the notes
     under it. With ``vs_best`` (a comparison of several labels) each label gets a two-level bootstrap
     interval and a paired test against the best, Holm-corrected (``stats.analyse``)."""
     summary = tables.summarize(rows, metric)
-    result = stats.analyse(rows, summary, metric) if vs_best and len(summary) > 1 else None
-    if result is None and vs_best and len(summary) == 1:
-        result = stats.analyse(rows, summary, metric)  # one label: its interval, no test
+    result = stats.analyse(rows, summary, metric, intervals=not t_only) if vs_best else None
     stats.bounded_t_rows(summary, metric)
     lead, notes = [], []
     if vs_best:

@@ -381,7 +381,7 @@ def _aligned(groups: dict[str, list[Terms]]) -> dict[str, list[Terms]]:
 
 
 def analyse(rows: list[dict], summary: list[dict], metric: str, *, n_boot: int = 10000, alpha: float = 0.05,
-            seed: int = 0) -> dict | None:
+            seed: int = 0, intervals: bool = True) -> dict | None:
     """The comparison's statistics from the runs' predictions.jsonl, written into ``summary`` in place:
     ``{metric}_lo/_hi/_ci`` become the two-level bootstrap interval (``{metric}_interval`` says which
     interval a row has), and every row but the best gets ``vs_best_diff/lo/hi/p/p_holm/n_examples`` and
@@ -405,9 +405,10 @@ def analyse(rows: list[dict], summary: list[dict], metric: str, *, n_boot: int =
     result = compare_methods(groups, best, n_boot=n_boot, seed=seed, alpha=alpha)
     for g, res in result["groups"].items():
         s = by_label[g]
-        s[f"{metric}_lo"], s[f"{metric}_hi"] = res["lo"], res["hi"]
-        s[f"{metric}_ci"] = (res["hi"] - res["lo"]) / 2
-        s[f"{metric}_interval"] = "bootstrap (seeds x examples)"
+        if intervals:
+            s[f"{metric}_lo"], s[f"{metric}_hi"] = res["lo"], res["hi"]
+            s[f"{metric}_ci"] = (res["hi"] - res["lo"]) / 2
+            s[f"{metric}_interval"] = "bootstrap (seeds x examples)"
         s[f"{metric}_terms_mean"] = res["mean"]
         if g == best:
             s["is_best"] = True
