@@ -1,17 +1,25 @@
-"""Uncertainty for comparisons: t-intervals over seeds and a paired bootstrap over eval examples.
+"""Uncertainty for comparisons: intervals and paired tests that respect the metric and the seeds.
 
-- ``t_interval``: the mean over seeds and its two-sided Student-t confidence interval,
-  mean ± t_{0.975, n-1} · s / sqrt(n) (sample std s, ddof = 1). With one seed there is no interval.
-- ``example_scores``: one number per eval example from a run's ``predictions.jsonl``: the task's own
-  ``correct`` flag when it writes one (reasoning), correctness (prediction == reference) when the
-  references are labels (classification; NER: the whole sentence's entities), token F1 for QA spans
-  (a list of acceptable answers), ROUGE-L F1 when they are free text (summaries, instructions). Examples are keyed by
-  ``where`` (file:line) when present, else by their position, so runs of the same eval set pair up.
-- ``paired_bootstrap``: the difference in mean per-example score between two methods, with both
-  methods' scores first averaged over their seeds per example (pooled by pairing the same example),
-  resampled over examples (the same resample for both, hence "paired"). The CI is the percentile
-  interval of the resampled differences; the p-value is two-sided, from the bootstrap distribution
-  shifted to the null of no difference: p = (1 + #{|d* - d| >= |d|}) / (1 + B).
+What the report uses (``analyse``):
+- ``metric_terms``: a run's ``predictions.jsonl`` as per-example terms of the table's own metric
+  (``tunelab.evaluation.metrics``): (score, 1) for means (accuracy, the task's ``correct`` flag,
+  SQuAD F1/EM with the official normalisation, ROUGE with rouge-score's tokenizer and Porter
+  stemming), (TP, predicted, gold) per sentence for entity-level P/R/F1 (seqeval chunks of the saved
+  tags) and per class for macro F1, recomputed from the summed counts. The mean over seeds of
+  ``value(terms.sum())`` is the table's mean.
+- ``two_level_replicates``: each bootstrap replicate draws the eval examples with replacement (one
+  draw shared by every method: paired) and, per method, its seeds with replacement; the replicate's
+  value is the mean over the drawn seeds of the metric recomputed on the drawn examples.
+- ``compare_methods``: percentile intervals of those replicates (inside the metric's range by
+  construction), and each method's difference from the best with a percentile CI and a two-sided
+  p-value from the distribution shifted to the null, p = (1 + #{|d* - d| >= |d|}) / (1 + B),
+  Holm-Bonferroni-adjusted over the comparisons against the best (chosen from the same data).
+- ``t_interval``: mean ± t_{0.975, n-1} · s / sqrt(n) over seeds; kept for losses and for runs
+  without predictions (``bounded_t_rows`` cuts it to the metric's range and says so).
+
+Kept for callers of the earlier API: ``example_scores`` / ``score_example`` (now with metrics.py's
+ROUGE-L and SQuAD F1), ``pooled`` and ``paired_bootstrap`` (examples only, seeds averaged first: it
+cannot see seed-to-seed variation; the report no longer uses it), ``compare_to_best``.
 """
 
 from __future__ import annotations
