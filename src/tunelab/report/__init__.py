@@ -193,11 +193,16 @@ def _summary(rows: list[dict], metric: str, *, vs_best: bool, t_only: bool = Fal
             f"vs best: paired two-level bootstrap against {summary[0]['label']} over the same "
             f"{result['n_examples']} eval examples and each method's seeds (per-example score: {score}; "
             f"{result['n_boot']:,} resamples; Δ = difference in mean {metric}, percentile 95% CI, two-sided p). "
-            f"\"Best\" was chosen from these same data, so the {len(summary) - 1} comparisons against it are "
-            f"corrected together (Holm-Bonferroni, family-wise {result['alpha']:g}); \"tied\" = not "
+            f"\"Best\" was chosen from these same data, so the {_n_comparisons(len(summary) - 1)} against it "
+            f"{'is' if len(summary) == 2 else 'are'} corrected together (Holm-Bonferroni, family-wise "
+            f"{result['alpha']:g}); \"tied\" = not "
             f"distinguishable from the best at that level: {', '.join([str(summary[0]['label']), *map(str, result['tied'])])}."
         )
     return summary, lead, notes
+
+
+def _n_comparisons(n: int) -> str:
+    return "1 comparison" if n == 1 else f"{n} comparisons"
 
 
 def _summary_markdown(summary: list[dict], metric: str, lead: list[str], notes: list[str], facts: dict, env: dict) -> str:
