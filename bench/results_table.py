@@ -1,19 +1,113 @@
-"""Print a Markdown before/after table from run directories (each trained with eval.before=true).
+"""Markdown tables for the docs, rebuilt from result files.
 
-    python bench/results_table.py runs/families/*
+    python bench/results_table.py --write      # rebuild every generated table in README.md and docs/results.md
+    python bench/results_table.py --check      # exit 1 when a committed table differs from its rebuild
+    python bench/results_table.py runs/families/*   # a before/after table from run directories (eval.before=true)
+
+A generated table sits between ``<!-- results-table: DIR -->`` and ``<!-- /results-table -->`` (``DIR`` a
+comparison's committed result files: ``summary.csv``, ``results.md``, ``manifest.json``, under
+``docs/results/``); what is between the markers is rebuilt from those files only, with the exact command
+that made them in the table's heading. ``tests/test_results_tables.py`` checks that the committed tables
+equal their rebuild.
 """
 
 from __future__ import annotations
 
+import csv
+import json
+import re
 import sys
 from pathlib import Path
 
-import yaml
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ("README.md", "docs/results.md")
+BLOCK = re.compile(r"(<!-- results-table: (?P<dir>[^ ]+?)(?: (?P<style>\w+))? -->\n)(?P<body>.*?)(<!-- /results-table -->)", re.S)
 
-from tunelab.results import read_metrics
+
+def _f(v: str, digits: int = 3) -> str:
+    return "–" if v in ("", None) else f"{float(v):.{digits}f}"
+
+
+def _count(v: str) -> str:
+    if v in ("", None):
+        return "–"
+    n = float(v)
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.3g}{unit}"
+    return f"{n:.0f}"
+
+
+def comparison_table(result_dir: str | Path, style: str = "full") -> str:
+    """The Markdown for one comparison from its committed summary.csv / results.md / manifest.json."""
+    d = ROOT / result_dir
+    manifest = json.loads((d / "manifest.json").read_text())
+    rows = list(csv.DictReader((d / "summary.csv").open()))
+    metric = manifest.get("metric") or next(k[: -len("_mean")] for k in rows[0] if k.endswith("_mean"))
+    verdict = next((ln for ln in (d / "results.md").read_text().splitlines() if ln.startswith("**Verdict")), "")
+    warning = next((ln for ln in (d / "results.md").read_text().splitlines() if ln.startswith("Warning:")), "")
+    cmd = " ".join(["tunelab compare", manifest["config"], *manifest.get("overrides", [])])
+    seeds = ", ".join(str(s) for s in manifest.get("seeds", []))
+    out = [f"Command: `{cmd}` (seeds {seeds}); result files: `{result_dir}/`; this table: "
+           "`python bench/results_table.py --write`.", ""]
+    if verdict:
+        out += [verdict, ""]
+    if warning:
+        out += [warning, ""]
+    if style == "short":
+        out += [f"| method | {metric} (mean) | 95% CI | vs best: Δ, Holm p |", "|---|---:|---:|---|"]
+    else:
+        out += [f"| method | {metric} (mean) | 95% CI (seeds × examples) | seed sd | per seed | "
+                "vs best: Δ [95% CI] | p | Holm p | tied with best | trainable | % of model |",
+                "|---|---:|---:|---:|---|---:|---:|---:|---|---:|---:|"]
+    for r in rows:
+        ci = "–" if r.get(f"{metric}_lo") in ("", None) else f"[{_f(r[f'{metric}_lo'])}, {_f(r[f'{metric}_hi'])}]"
+        best = r.get("is_best") == "True"
+        if r.get("vs_best_diff") not in ("", None):
+            delta = f"{float(r['vs_best_diff']):+.3f}"
+            dci = f"{delta} [{float(r['vs_best_lo']):+.3f}, {float(r['vs_best_hi']):+.3f}]"
+            p, ph = f"{float(r['vs_best_p']):.2g}", f"{float(r['vs_best_p_holm']):.2g}"
+        else:
+            delta = dci = "best" if best else "–"
+            p = ph = ""
+        tied = "yes" if r.get("tied_with_best") == "True" else ("no" if r.get("tied_with_best") == "False" else "–")
+        if style == "short":
+            out.append(f"| {r['label']} | {_f(r[f'{metric}_mean'])} | {ci} | {delta}{f', {ph}' if ph else ''} |")
+        else:
+            pct = r.get("trainable_percent_mean")
+            out.append(f"| {r['label']} | {_f(r[f'{metric}_mean'])} | {ci} | {_f(r.get(f'{metric}_std'))} | "
+                       f"{r.get(f'{metric}_per_seed') or '–'} | {dci} | {p} | {ph} | {tied} | "
+                       f"{_count(r.get('trainable_params_mean'))} | {'–' if not pct else f'{float(pct):.3g}%'} |")
+    return "\n".join(out) + "\n"
+
+
+def rebuild(text: str) -> str:
+    """``text`` with every generated block rebuilt from its result files."""
+    return BLOCK.sub(lambda m: m.group(1) + comparison_table(m["dir"], m["style"] or "full") + m.group(5), text)
+
+
+def docs_tables(write: bool = False) -> list[str]:
+    """The docs whose generated tables differ from their rebuild (rewritten when ``write``)."""
+    stale = []
+    for name in DOCS:
+        path = ROOT / name
+        text = path.read_text()
+        new = rebuild(text)
+        if new != text:
+            stale.append(name)
+            if write:
+                path.write_text(new)
+    return stale
+
+
+# ---- before/after table from run directories -------------------------------------------------------
 
 
 def row(run: Path) -> str | None:
+    import yaml
+
+    from tunelab.results import read_metrics
+
     rec = read_metrics(run)
     if rec is None:
         return None
@@ -29,14 +123,21 @@ def row(run: Path) -> str | None:
             f"{m['n']} | {facts['wall_time_s'] / 60:.1f} | {cells} |")
 
 
-def main(paths: list[str]) -> None:
+def main(args: list[str]) -> int:
+    if args and args[0] in ("--write", "--check"):
+        stale = docs_tables(write=args[0] == "--write")
+        verb = "rewrote" if args[0] == "--write" else "stale (run with --write)"
+        for name in stale:
+            print(f"{verb}: {name}")
+        return 1 if stale and args[0] == "--check" else 0
     print("| run | task (formulation) | model | method | training budget | eval n | minutes | metric before → after |")
     print("|---|---|---|---|---|---|---|---|")
-    for p in paths:
+    for p in args:
         r = row(Path(p))
         if r:
             print(r)
+    return 0
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(main(sys.argv[1:]))

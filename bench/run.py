@@ -27,9 +27,11 @@ noted, the same rows, batches, precision and hyperparameters on both sides):
     lora-text      lora on SAMSum dialogues as plain text (task text, loss on every token, rows <= 256 tokens)
     text-ppl       perplexity of 200 SAMSum validation dialogues (task text, LoRA attached); tunelab only (--before)
 
-Every evaluation row runs once more, untimed, under torch's FlopCounterMode: the MFU column then adds
-"ran X TFLOP at Y%", the matmul and attention FLOPs that side executed (padding included, a shared
-prefix once) over its time and the measured peak: how close each side's own work runs to the hardware.
+Every evaluation row runs once more, untimed, under torch's FlopCounterMode: its MFU is the matmul and
+attention FLOPs that side executed (padding included, a shared prefix once) over its time and the
+measured peak, "Y% (ran X TFLOP)": how close each side's own work runs to the hardware. Only FLOPs a
+side ran count, so MFU cannot pass 100% (the plain forward's work over a faster side's time could: that
+is a speed-up, not a utilisation).
 
 --before DIR adds a side "tunelab-before": the tunelab half run from DIR/src (e.g. a `git worktree` of
 main), for before/after figures in one interleaved run.
@@ -166,6 +168,24 @@ def executed_flops(fn) -> float:
     with FlopCounterMode(display=False, custom_mapping={cpu_sdpa: sdpa} if cpu_sdpa else None) as counter:
         fn()
     return float(counter.get_total_flops())
+
+
+def mfu_cell(rs: list[dict], config_rows: dict, side: str) -> str:
+    """The MFU column: FLOPs over time over the measured matmul peak (2048^3, compute dtype), counting
+    only FLOPs a side ran, so it cannot pass 100% unless a kernel beats that matmul. Train rows: the
+    model FLOPs the step needs (tunelab.training.sizing: padding and unread logits excluded, so no more
+    than any implementation runs). Evaluation rows: the FLOPs the side executed
+    (FlopCounterMode); without that count, the plain forward's work is an MFU only for the plain
+    forward itself ("-" for a side that may skip work, e.g. a shared prefix computed once)."""
+    if all(isinstance(r.get("mfu"), dict) for r in rs):
+        return f"{100 * statistics.median(r['mfu']['median'] for r in rs):.1f}%"
+    if all("executed_mfu" in r for r in rs):  # evaluation rows: the work each side actually ran
+        done = statistics.median(r["executed_flops"] for r in rs) / 1e12
+        return f"{100 * statistics.median(r['executed_mfu'] for r in rs):.1f}% (ran {done:,.2f} TFLOP)"
+    flops = next((x["model_flops"] for x in config_rows.get("reference", []) if "model_flops" in x), None)
+    if side == "reference" and flops and all("seconds" in r for r in rs):
+        return f"{100 * statistics.median(flops / r['seconds'] / (r['matmul_peak_tflops'] * 1e12) for r in rs):.1f}%"
+    return "-"
 
 
 def child(spec: dict) -> dict:
@@ -350,14 +370,7 @@ def table(results: list[dict]) -> str:
             med[side] = statistics.median(sp)
             unit = "tok/s" if rs[0]["kind"] == "train" else "ex/s"
             mem = statistics.median(r["peak_memory_mb"] for r in rs)
-            flops = next((x["model_flops"] for x in by[name].get("reference", []) if "model_flops" in x), None)
-            mfu = [r["mfu"]["median"] if isinstance(r.get("mfu"), dict)
-                   else (flops / r["seconds"] / (r["matmul_peak_tflops"] * 1e12) if flops and "seconds" in r else None)
-                   for r in rs]
-            mfu_s = f"{100 * statistics.median(mfu):.1f}%" if all(m is not None for m in mfu) else "-"
-            if all("executed_mfu" in r for r in rs):  # evaluation rows: the work each side actually ran
-                done = statistics.median(r["executed_flops"] for r in rs) / 1e12
-                mfu_s += f"; ran {done:,.2f} TFLOP at {100 * statistics.median(r['executed_mfu'] for r in rs):.0f}%"
+            mfu_s = mfu_cell(rs, by[name], side)
             q = rs[0].get("mean_loss")
             if side != "reference" and "outputs" in rs[0] and by[name].get("reference") and "outputs" in by[name]["reference"][0]:
                 q = f"{differing(rs[0]['outputs'], by[name]['reference'][0]['outputs'])}/{len(rs[0]['outputs'])} differ"

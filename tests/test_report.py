@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tunelab.report import build_report, plots, tables
+from tunelab.report import build_report, plots, stats, tables
 from tunelab.report.fit import predict
 
 ACC = {"lora": [0.80, 0.84], "loreft": [0.78, 0.79], "full": [0.90, 0.86]}
@@ -99,10 +99,14 @@ def test_single_seed_has_no_std_and_markdown_shows_plus_minus():
     ]
     summary = tables.summarize(rows, tables.primary_metric(rows))
     assert summary[1]["f1_std"] is None
+    # two seeds: t(0.975, 1) = 12.706, half-width = 12.706 * 0.1414 / sqrt(2) = 1.27 -> [-0.471, 2.07],
+    # which a bounded metric cannot take: without predictions the report cuts it to [0, 1] and says so
+    assert summary[0]["f1_lo"] == pytest.approx(-0.4706, abs=1e-3)
+    stats.bounded_t_rows(summary, "f1")
+    assert summary[0]["f1_interval"] == "t over seeds, cut to the metric's range"
     md = tables.markdown_table(summary, "f1").splitlines()
-    assert md[0].startswith("| label | method | f1 ↑ (± 95% CI) | 95% CI | std |")
-    # two seeds: t(0.975, 1) = 12.706, half-width = 12.706 * 0.1414 / sqrt(2) = 1.27
-    assert "| 0.8 ± 1.3 | [-0.471, 2.07] | 0.14 |" in md[2] and "| 0.5 | – | – |" in md[3]
+    assert md[0].startswith("| label | method | f1 ↑ (mean) | 95% CI | seed sd | per seed |")
+    assert "| 0.8 | [0, 1] | 0.14 | 0.7 0.9 |" in md[2] and "| 0.5 | – | – | 0.5 |" in md[3]
 
 
 def test_build_report_writes_every_output(cmp_dir):
@@ -114,13 +118,20 @@ def test_build_report_writes_every_output(cmp_dir):
     summary = list(csv.DictReader(io.StringIO((cmp_dir / "summary.csv").read_text())))
     assert [r["label"] for r in summary] == ["full", "lora", "loreft"]
     md = (cmp_dir / "results.md").read_text()
-    assert "| full | full | 0.88 ± 0.25 | [0.626, 1.13] | 0.028 | best | 135M | 100% |" in md
-    assert "Student-t interval over seeds" in md and "## Environment" in md and "torch:" in md
-    # paired bootstrap vs full: lora scores 0.82 vs 0.88 on the same examples; every lora hit is a full hit
+    # the two-level bootstrap interval (seeds x examples) stays inside [0, 1]; a t-interval over the
+    # 2 seeds would be [0.626, 1.13]
+    assert "| full | full | 0.88 | [0.825, 0.93] | 0.028 | 0.9 0.86 | best | 135M | 100% |" in md
+    for s in summary:
+        assert 0 <= float(s["accuracy_lo"]) < float(s["accuracy_mean"]) < float(s["accuracy_hi"]) <= 1
+    assert "two-level bootstrap" in md and "## Environment" in md and "torch:" in md
+    assert md.startswith("**Verdict: full is best (accuracy 0.88); lora and loreft are worse by 0.06 to 0.095")
+    assert "only 2 seeds" in md and "Holm-Bonferroni" in md and '"Best" was chosen from these same data' in md
+    # paired test vs full: lora scores 0.82 vs 0.88 on the same examples; every lora hit is a full hit
     lora = next(r for r in summary if r["label"] == "lora")
-    assert float(lora["vs_best_diff"]) == pytest.approx(-0.06) and float(lora["vs_best_p"]) < 0.01
+    assert float(lora["vs_best_diff"]) == pytest.approx(-0.06) and float(lora["vs_best_p"]) < 0.05
+    assert float(lora["vs_best_p"]) <= float(lora["vs_best_p_holm"]) < 0.05 and lora["tied_with_best"] == "False"
     assert float(lora["vs_best_lo"]) < -0.06 < float(lora["vs_best_hi"]) < 0
-    assert "paired bootstrap against full" in md and "correct = prediction == reference" in md
+    assert "paired two-level bootstrap against full" in md and "correct = prediction == reference" in md
     for name in ("metric_vs_params", "metric_vs_time", "loss_curves"):
         assert (cmp_dir / "plots" / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     text = page.read_text()
@@ -202,12 +213,28 @@ def test_html_loads_in_headless_chromium_without_console_errors(cmp_dir, tmp_pat
         "--enable-logging=stderr",
         "--v=0",
         "--virtual-time-budget=3000",
+        "--window-size=1280,900",
         "--dump-dom",
-        page.resolve().as_uri(),
     ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    # a copy of the page that records, after layout at 1280 px, how wide the page and each table are
+    measure = page.with_name("measure.html")
+    probe = ("<script>document.body.setAttribute('data-layout', [document.documentElement.scrollWidth, "
+             "document.documentElement.clientWidth].concat(Array.prototype.map.call(document.querySelectorAll('.scroll'), "
+             "function(d){return d.scrollWidth + '/' + d.clientWidth + '/' + getComputedStyle(d).overflowX;})).join(' '));"
+             "</script></body>")
+    measure.write_text(page.read_text().replace("</body>", probe))
+    cmd_page, cmd_measure = [*cmd, page.resolve().as_uri()], [*cmd, measure.resolve().as_uri()]
+    proc = subprocess.run(cmd_page, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     dom = proc.stdout
+    # At 1280 px the page itself never scrolls sideways: the wide summary table scrolls inside its
+    # wrapper (overflow-x: auto), so no column is cut off.
+    laid = subprocess.run(cmd_measure, capture_output=True, text=True, timeout=120).stdout
+    layout = re.search(r'data-layout="([^"]*)"', laid).group(1).split()
+    page_w, view_w, boxes = int(layout[0]), int(layout[1]), [b.split("/") for b in layout[2:]]
+    assert page_w <= view_w <= 1280, layout
+    assert boxes and all(o == "auto" and int(c) <= view_w for _, c, o in boxes), layout
+    assert int(boxes[0][0]) > int(boxes[0][1]), layout  # the summary is wider than the screen: it scrolls
     # The page's script ran to its last line (it sets data-ready) and every run is listed.
     assert re.search(r'<body[^>]*data-ready="1"', dom), dom[:500]
     for method, accs in ACC.items():
@@ -217,5 +244,16 @@ def test_html_loads_in_headless_chromium_without_console_errors(cmp_dir, tmp_pat
     console = [ln for ln in proc.stderr.splitlines() if "CONSOLE" in ln or "Uncaught" in ln]
     assert console == [], console
     # What a researcher cites is on the rendered page: intervals, the paired test, the settings, the machine.
-    for text in ("95% CI", "[0.626, 1.13]", "vs best: Δ [95% CI] p", "p=", "Environment", "torch", "hyperparameters"):
+    for text in ("95% CI", "[0.825, 0.93]", "vs best: Δ [95% CI] p", "p=", "Holm p=", "Verdict: full is best",
+                 "Environment", "torch", "hyperparameters"):
         assert text in dom, text
+
+
+def test_t_interval_is_an_option_and_still_stays_in_range(cmp_dir):
+    build_report(cmp_dir, interval="t")
+    md = (cmp_dir / "results.md").read_text()
+    # the t-interval over full's 2 seeds is [0.626, 1.13]; the report cuts it to the metric's range and says so
+    assert "| full | full | 0.88 | [0.626, 1] |" in md and "cut to the metric's range" in md
+    assert "Verdict: full is best" in md  # the paired tests do not depend on the interval shown
+    with pytest.raises(ValueError, match="interval='normal'"):
+        build_report(cmp_dir, interval="normal")

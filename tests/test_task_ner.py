@@ -167,7 +167,8 @@ def test_evaluate_head_reads_first_subtokens(tiny_tokenizer):
     # sentence 2: "Smith" -> I-PER opens a PER entity (conlleval), so everything matches
     assert metrics["f1"] == 1.0 and metrics["n"] == 2 and list(metrics)[0] == "f1"
     assert preds[0] == {"where": "a:1", "input": "John Smith lives in Paris .",
-                        "prediction": "PER: John Smith; LOC: Paris", "reference": "PER: John Smith; LOC: Paris"}
+                        "prediction": "PER: John Smith; LOC: Paris", "reference": "PER: John Smith; LOC: Paris",
+                        "pred_tags": ["B-PER", "I-PER", "O", "O", "B-LOC", "O"], "gold_tags": TAGS}
 
 
 def test_evaluate_generative(monkeypatch, tiny_tokenizer, llama):
@@ -186,6 +187,12 @@ def test_evaluate_generative(monkeypatch, tiny_tokenizer, llama):
     assert metrics["precision"] == 0.75 and metrics["recall"] == 0.75 and metrics["unplaced"] == 1
     assert seen["max_new_tokens"] == 9 and seen["batch_size"] == 4 and "bogus" not in seen
     assert preds[1]["output"] == "ORG: Google; PER: Tom" and preds[1]["prediction"] == "ORG: Google"
+    # the report's paired test recounts entity precision from the saved tags and per-sentence unplaced
+    from tunelab.report import stats
+
+    assert preds[1]["unplaced"] == 1 and preds[1]["pred_tags"] == ["B-ORG", "O", "O"]
+    t = stats.metric_terms(preds, "precision")
+    assert float(t.value(t.comps.sum(0))) == metrics["precision"]
     # and for real, with the tiny random Llama: runs, counts every example
     monkeypatch.undo()
     metrics, preds = NER.evaluate(llama, tiny_tokenizer, examples, cfg, batch_size=2, gen={"max_new_tokens": 4})

@@ -374,11 +374,13 @@ def scale(
 
 @app.command()
 def report(directory: Path = typer.Argument(..., help="a compare or scale output directory"),
-           metric: str = typer.Option(None, help="metric to rank by")):
+           metric: str = typer.Option(None, help="metric to rank by"),
+           interval: str = typer.Option("bootstrap", help="bootstrap (seeds x examples, inside the metric's "
+                                        "range) | t (Student-t over seeds)")):
     """Rebuild results.csv, the tables, plots and report.html from the finished runs in DIRECTORY."""
     from tunelab.report import build_report
 
-    html = _guard(build_report, directory, metric)
+    html = _guard(build_report, directory, metric, interval=interval)
     _report_summary(directory)
     typer.echo(f"report: {html}")
 

@@ -3,8 +3,9 @@
 It writes, beside the runs:
 
     results.csv    one row per finished run (task metrics, params, time, speed, memory, loss)
-    summary.csv    one row per label (method or variant): mean and sample std over seeds
-    results.md     the summary as a Markdown table, best first
+    summary.csv    one row per label (method or variant): mean, 95% interval, sample std over seeds,
+                   the paired test against the best (raw and Holm-corrected p, tied_with_best)
+    results.md     a one-line verdict, then the summary as a Markdown table, best first
     plots/*.png    metric vs trainable params (log x), metric vs wall time, loss curves
     scaling.json   (scale sweeps) fitted laws, held-out predictions; plots/scaling.png
     report.html    all of the above in one self-contained file
@@ -79,11 +80,14 @@ def build_report(
     target: str | None = None,
     holdout: int | None = None,
     title: str | None = None,
+    interval: str = "bootstrap",
 ) -> Path:
     """(Re)build every report file under ``out_dir`` from its finished runs; returns report.html's path.
 
     ``metric`` ranks the comparison (default: the manifest's, else the first of accuracy/f1/rougeL/
-    exact_match/... that the runs have). ``target`` and ``holdout`` apply to scale sweeps.
+    exact_match/... that the runs have). ``target`` and ``holdout`` apply to scale sweeps. ``interval``:
+    "bootstrap" (the two-level bootstrap over seeds and examples where the runs saved predictions) or
+    "t" (the Student-t interval over seeds for every row, as before; the paired tests are unchanged).
 
     Every report has the summary table, the runs, the loss curves, the budget and the environment;
     ``SECTIONS[sweep_kind(...)]`` adds what its kind of sweep needs (plots, a fit, the advice)."""
@@ -94,7 +98,9 @@ def build_report(
     target = target or manifest.get("target")
     holdout = holdout or manifest.get("holdout", 1)
     metric = _ranking_metric(rows, manifest, sweep, metric, target)
-    summary, notes = _summary(rows, metric, vs_best=sweep == "compare")
+    if interval not in ("bootstrap", "t"):
+        raise ValueError(f"interval={interval!r}: use 'bootstrap' (seeds x examples) or 't' (Student-t over seeds)")
+    summary, lead, notes = _summary(rows, metric, vs_best=sweep == "compare", t_only=interval == "t")
     _add_manifest_facts(summary, manifest)
     columns = tables.results_columns(rows, metric)
     atomic_write_text(out_dir / "results.csv", tables.to_csv(rows, columns))
@@ -103,7 +109,7 @@ def build_report(
     facts = budget_facts(manifest)
     loss_curves = (plots.loss_curves(rows), "training loss per run (log.jsonl)", "loss_curves")
     section = SECTIONS[sweep](Runs(out_dir, manifest, rows, summary, metric, target, holdout))
-    md = section.markdown_before + _summary_markdown(summary, metric, notes, facts, env) + section.markdown_after
+    md = section.markdown_before + _summary_markdown(summary, metric, lead, notes, facts, env) + section.markdown_after
     atomic_write_text(out_dir / "results.md", md)
     figures = [*section.figures, loss_curves]
     for png, _, name in figures:
@@ -120,6 +126,7 @@ def build_report(
         failed=manifest.get("failed"),
         extra_html=section.html + html.kv_table("Budget", facts) + html.kv_table("Environment", env),
         notes=notes,
+        lead=lead,
     )
     path = out_dir / "report.html"
     atomic_write_text(path, page)
@@ -159,25 +166,49 @@ def _ranking_metric(rows: list[dict], manifest: dict, sweep: str, metric: str | 
     return tables.primary_metric(rows, metric or manifest.get("metric"))
 
 
-def _summary(rows: list[dict], metric: str, *, vs_best: bool) -> tuple[list[dict], list[str]]:
-    """One row per label, best first, and the notes shown under it. With ``vs_best`` (a comparison of
-    several labels) each label gets a paired bootstrap against the best over the eval examples."""
+def _summary(rows: list[dict], metric: str, *, vs_best: bool, t_only: bool = False) -> tuple[list[dict], list[str], list[str]]:
+    """One row per label, best first, the lines shown above it (the verdict, warnings) and the notes
+    under it. With ``vs_best`` (a comparison of several labels) each label gets a two-level bootstrap
+    interval and a paired test against the best, Holm-corrected (``stats.analyse``)."""
     summary = tables.summarize(rows, metric)
-    notes = [stats.INTERVAL_NOTE + "; with one seed there is no interval."]
-    if vs_best and len(summary) > 1:
-        score = stats.compare_to_best(rows, summary)  # the per-example score, None without predictions
-        if score:
-            notes.append(
-                f"vs best: paired bootstrap against {summary[0]['label']} over eval examples (per-example "
-                f"score: {SCORE_NAMES.get(score, score)}, averaged over each method's seeds per example; "
-                "10,000 resamples; Δ = mean score difference, percentile 95% CI, two-sided p)."
-            )
-    return summary, notes
+    result = stats.analyse(rows, summary, metric, intervals=not t_only) if vs_best else None
+    stats.bounded_t_rows(summary, metric)
+    lead, notes = [], []
+    if vs_best:
+        lead.append("Verdict: " + stats.verdict(summary, metric, result if len(summary) > 1 else None))
+    if warning := stats.seed_warning(summary):
+        lead.append(warning)
+    kinds = {s.get(f"{metric}_interval") for s in summary} - {None, ""}
+    if any(k.startswith("bootstrap") for k in kinds):
+        notes.append(stats.BOOTSTRAP_NOTE)
+    if any(k.startswith("t over seeds") for k in kinds) or not kinds:
+        cut = " (cut to the metric's range)" if any("cut" in k for k in kinds) else ""
+        notes.append(stats.INTERVAL_NOTE + f"{cut}, for rows without per-example predictions or a loss-like "
+                     "metric; with one seed there is no interval.")
+    if result is not None and len(summary) > 1:
+        score = result["how"] if result["exact"] else (
+            f"{result['how']}; NOTE: {metric} has no per-example form here, so the test compares "
+            f"{result['score_metric']}, not {metric}")
+        notes.append(
+            f"vs best: paired two-level bootstrap against {summary[0]['label']} over the same "
+            f"{result['n_examples']} eval examples and each method's seeds (per-example score: {score}; "
+            f"{result['n_boot']:,} resamples; Δ = difference in mean {metric}, percentile 95% CI, two-sided p). "
+            f"\"Best\" was chosen from these same data, so the {_n_comparisons(len(summary) - 1)} against it "
+            f"{'is' if len(summary) == 2 else 'are'} corrected together (Holm-Bonferroni, family-wise "
+            f"{result['alpha']:g}); \"tied\" = not "
+            f"distinguishable from the best at that level: {', '.join([str(summary[0]['label']), *map(str, result['tied'])])}."
+        )
+    return summary, lead, notes
 
 
-def _summary_markdown(summary: list[dict], metric: str, notes: list[str], facts: dict, env: dict) -> str:
-    """results.md's common part: the summary table, its notes, the budget and the environment."""
-    md = tables.markdown_table(summary, metric) + "\n" + "\n".join(notes) + "\n"
+def _n_comparisons(n: int) -> str:
+    return "1 comparison" if n == 1 else f"{n} comparisons"
+
+
+def _summary_markdown(summary: list[dict], metric: str, lead: list[str], notes: list[str], facts: dict, env: dict) -> str:
+    """results.md's common part: the verdict, the summary table, its notes, the budget and the environment."""
+    md = "".join(f"**{x}**\n\n" if x.startswith("Verdict") else f"{x}\n\n" for x in lead)
+    md += tables.markdown_table(summary, metric) + "\n" + "\n".join(notes) + "\n"
     if facts:
         md += "\n## Budget\n\n" + "\n".join(f"- {k}: {v}" for k, v in facts.items()) + "\n"
     return md + "\n## Environment\n\n" + "\n".join(f"- {k}: {v}" for k, v in env.items()) + "\n"

@@ -25,7 +25,7 @@ td:first-child,th:first-child,td.t{text-align:left}
 tr:nth-child(even) td{background:#fafafa} tr.best td{background:#eef8ee}
 .plots{display:flex;flex-wrap:wrap;gap:1rem} figure{margin:0;flex:1 1 480px}
 figure img{max-width:100%;border:1px solid #eee} figcaption{font-size:.85rem;color:#555}
-.scroll{overflow-x:auto;max-width:100%} .warn{color:#a33} code{background:#f4f4f6;padding:0 .2rem}
+.scroll{overflow-x:auto;max-width:100%} td.wrap{white-space:normal;min-width:14rem;max-width:26rem;text-align:left} .verdict{font-weight:600;font-size:1rem} .warn{color:#a33} code{background:#f4f4f6;padding:0 .2rem}
 """
 
 _JS = """
@@ -80,6 +80,7 @@ def summary_table(summary: list[dict], metric: str, by: str = "label") -> str:
             s[f"{metric}_mean"],
             s.get(f"{metric}_lo"),
             s.get(f"{metric}_std"),
+            None,
             s.get("vs_best_diff"),
             s.get("trainable_params_mean"),
             s.get("trainable_percent_mean"),
@@ -91,7 +92,8 @@ def summary_table(summary: list[dict], metric: str, by: str = "label") -> str:
             None,
         ]
         tds = "".join(
-            _td(c, v, "t" if j < 2 or j == len(cells) - 1 else "") for j, (c, v) in enumerate(zip(cells, raw, strict=True))
+            _td(c, v, "t wrap" if j == len(cells) - 1 else "t" if j < 2 or j == 5 else "")
+            for j, (c, v) in enumerate(zip(cells, raw, strict=True))
         )
         rows.append(f"<tr{' class=best' if i == 0 else ''}>{tds}</tr>")
     return _table(summary_headers(metric, by), rows)
@@ -218,6 +220,7 @@ def render(
     failed: dict[str, str] | None = None,
     extra_html: str = "",
     notes: list[str] = (),
+    lead: list[str] = (),
 ) -> str:
     """The whole report page as a string."""
     when = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
@@ -225,7 +228,8 @@ def render(
     parts = [
         f"<h1>{escape(title)}</h1>",
         f'<p class="meta">{meta_txt}{" · " if meta_txt else ""}generated {when} · ranked by '
-        f"<code>{escape(metric)}</code> (mean ± 95% CI over seeds)</p>",
+        f"<code>{escape(metric)}</code> (mean over seeds, 95% CI)</p>",
+        *(f'<p class="{"verdict" if x.startswith("Verdict") else "warn"}">{escape(x)}</p>' for x in lead),
         "<h2>Summary</h2>",
         summary_table(summary, metric, by),
         *(f'<p class="note">{escape(n)}</p>' for n in notes),

@@ -54,7 +54,7 @@ def _scatter_summary(summary: list[dict], metric: str, xkey: str, by: str, xlabe
         ax.errorbar(
             [x],
             [y],
-            yerr=None if s.get(f"{metric}_ci") is None else [s[f"{metric}_ci"]],
+            yerr=_yerr(s, metric, y),
             xerr=None if s.get(f"{xkey}_ci") is None else [s[f"{xkey}_ci"]],
             fmt="o",
             color=c,
@@ -67,13 +67,21 @@ def _scatter_summary(summary: list[dict], metric: str, xkey: str, by: str, xlabe
         ax.set_xscale("log")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(metric)
-    ax.set_title("mean over seeds; error bars: 95% t-interval", fontsize=9)
+    ax.set_title("mean over seeds; error bars: the table's 95% interval (two-level bootstrap)", fontsize=9)
     ax.legend(fontsize=8, loc="best")
     return png_bytes(fig)
 
 
+def _yerr(s: dict, metric: str, y: float):
+    """The table's interval as asymmetric error bars: [[y - lo], [hi - y]] (None without one)."""
+    lo, hi = s.get(f"{metric}_lo"), s.get(f"{metric}_hi")
+    if lo is None or hi is None:
+        return None
+    return [[max(0.0, y - lo)], [max(0.0, hi - y)]]
+
+
 def metric_vs_params(summary: list[dict], metric: str, by: str = "label") -> bytes | None:
-    """Metric (mean, error bar = 95% t-interval over seeds) against trainable parameters on a log axis."""
+    """Metric (mean, error bar = the summary's 95% interval) against trainable parameters on a log axis."""
     return _scatter_summary(summary, metric, "trainable_params", by, "trainable parameters (log scale)", True)
 
 

@@ -4,8 +4,10 @@ A run directory is finished when its ``metrics.json`` exists. Its row is that fi
 task metrics (read by ``tunelab.results.read_metrics``) plus ``run`` (the directory name), ``label``
 (the name less a trailing ``-s<seed>``) and ``hyperparameters`` (from its config.yaml), so runs of one
 method (or one method variant) with several seeds share a label and are averaged together. The
-interval is the Student-t 95% CI of the mean over seeds (``stats.t_interval``), the std the sample
-standard deviation (ddof = 1); with one seed both are left empty.
+interval ``summarize`` gives is the Student-t 95% CI of the mean over seeds (``stats.t_interval``), the
+std the sample standard deviation (ddof = 1); with one seed both are left empty. The report then replaces
+the ranking metric's interval by the two-level bootstrap (``stats.analyse``) when the runs saved their
+predictions, and cuts a t-interval to the metric's range otherwise (``stats.bounded_t_rows``).
 """
 
 from __future__ import annotations
@@ -205,6 +207,7 @@ def summarize(rows: list[dict], metric: str, by: str = "label") -> list[dict]:
             s[f"{key}_mean"], s[f"{key}_std"] = mean_std([r.get(key) for r in rs])
             ci = t_interval([r.get(key) for r in rs if _number(r.get(key))])
             s[f"{key}_ci"], s[f"{key}_lo"], s[f"{key}_hi"] = ci["half"], ci["lo"], ci["hi"]
+        s[f"{metric}_per_seed"] = " ".join(fmt_num(r.get(metric), 3) for r in rs if _number(r.get(metric)))
         hps = list(dict.fromkeys(str(r["hyperparameters"]) for r in rs if r.get("hyperparameters")))
         s["hyperparameters"] = " | ".join(hps)
         out.append(s)
@@ -267,25 +270,31 @@ def fmt_ci(lo, hi, digits: int = 3) -> str:
 
 
 def fmt_test(s: dict) -> str:
-    """'-0.021 [-0.034, -0.008] p=0.002' for a row's paired bootstrap against the best; '–' if none."""
+    """'-0.021 [-0.034, -0.008] p=0.002, Holm p=0.004' for a row's paired test against the best, with
+    "(tied)" when the Holm-corrected p does not reject; '–' if none."""
     if s.get("vs_best_diff") is None:
         return "best" if s.get("is_best") else "–"
     p = s["vs_best_p"]
-    return f"{s['vs_best_diff']:+.3g} {fmt_ci(s['vs_best_lo'], s['vs_best_hi'])} p={p:.2g}"
+    out = f"{s['vs_best_diff']:+.3g} {fmt_ci(s['vs_best_lo'], s['vs_best_hi'])} p={p:.2g}"
+    if s.get("vs_best_p_holm") is not None:
+        out += f", Holm p={s['vs_best_p_holm']:.2g}" + (" (tied)" if s.get("tied_with_best") else "")
+    return out
 
 
 def summary_cells(s: dict, metric: str, by: str = "label") -> list[str]:
     """The display cells of one summary row (shared by the Markdown and HTML tables).
 
-    The metric is shown as mean ± the half-width of its 95% t-interval over seeds, then the interval
-    itself, the sample std, and the paired bootstrap against the best method."""
+    The metric is shown as its mean over seeds, then its 95% interval (the two-level bootstrap when the
+    report computed one, which is not symmetric, so no "±"), the seed-to-seed spread (sample std and the
+    per-seed values), and the paired test against the best method."""
     pct = s.get("trainable_percent_mean")
     return [
         str(s[by]),
         str(s["method"]),
-        fmt_pm(s[f"{metric}_mean"], s.get(f"{metric}_ci")),
+        fmt_num(s[f"{metric}_mean"], 4),
         fmt_ci(s.get(f"{metric}_lo"), s.get(f"{metric}_hi")),
         fmt_num(s.get(f"{metric}_std"), 2),
+        str(s.get(f"{metric}_per_seed") or "–"),
         fmt_test(s),
         fmt_count(s.get("trainable_params_mean")),
         "–" if pct is None else f"{pct:.3g}%",
@@ -303,10 +312,11 @@ def summary_headers(metric: str, by: str = "label") -> list[str]:
     return [
         by,
         "method",
-        f"{metric} {arrow} (± 95% CI)",
+        f"{metric} {arrow} (mean)",
         "95% CI",
-        "std",
-        "vs best: Δ [95% CI] p",
+        "seed sd",
+        "per seed",
+        "vs best: Δ [95% CI] p, Holm p",
         "trainable params",
         "trainable %",
         "wall time (s)",
@@ -319,7 +329,7 @@ def summary_headers(metric: str, by: str = "label") -> list[str]:
 
 
 def markdown_table(summary: list[dict], metric: str, by: str = "label") -> str:
-    """A GitHub-flavoured Markdown table of ``summarize`` rows (mean ± 95% t-interval over seeds)."""
+    """A GitHub-flavoured Markdown table of ``summarize`` rows (mean, 95% interval, seed spread, test)."""
 
     def line(cells):
         return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"

@@ -211,7 +211,7 @@ class NER:
     # ---- evaluation ---------------------------------------------------------------------------
     def evaluate(self, model, tokenizer, examples, cfg, *, batch_size=16, gen=None, split=False):
         gold = [ex["tags"] for ex in examples]
-        unplaced = 0
+        unplaced, lost = 0, [0] * len(examples)  # lost: each sentence's unplaced entities
         if cfg.formulation == "head":
             pred, texts = self._tag_with_head(model, tokenizer, examples, cfg, batch_size), None
         else:
@@ -219,11 +219,12 @@ class NER:
             args = gen_args(gen, batch_size, max_new_tokens=64, stop=["\n"])
             texts = generate(model, tokenizer, [self.prompt(ex, tokenizer, cfg, types) for ex in examples], **args, split=split)
             pred = []
-            for ex, out in zip(examples, texts, strict=True):
+            for i, (ex, out) in enumerate(zip(examples, texts, strict=True)):
                 ents, invalid = parse_entities(out, types)
                 tags, missed = place_entities(ex["tokens"], ents)
                 pred.append(tags)
                 unplaced += invalid + missed
+                lost[i] = invalid + missed
         metrics = entity_prf(gold, pred, unplaced=unplaced)
         metrics = {"f1": metrics.pop("f1"), **metrics, "n": len(examples)}
         if texts is not None:
@@ -231,9 +232,12 @@ class NER:
         preds = []
         for i, ex in enumerate(examples):
             row = {"where": ex["_where"], "input": " ".join(ex["tokens"]),
-                   "prediction": render_entities(ex["tokens"], pred[i]), "reference": render_entities(ex["tokens"], gold[i])}
+                   "prediction": render_entities(ex["tokens"], pred[i]), "reference": render_entities(ex["tokens"], gold[i]),
+                   # the tags themselves, so the report's paired test counts entities as entity_prf does
+                   "pred_tags": list(pred[i]), "gold_tags": list(gold[i])}
             if texts is not None:
                 row["output"] = texts[i]
+                row["unplaced"] = lost[i]
             preds.append(row)
         return metrics, preds
 

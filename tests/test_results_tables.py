@@ -1,0 +1,47 @@
+"""The docs' result tables are rebuilt from committed result files (bench/results_table.py)."""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load():
+    spec = importlib.util.spec_from_file_location("results_table", ROOT / "bench" / "results_table.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_committed_tables_equal_their_rebuild():
+    rt = load()
+    blocks = [m["dir"] for name in rt.DOCS for m in rt.BLOCK.finditer((ROOT / name).read_text())]
+    assert blocks, "no generated table in README.md or docs/results.md"
+    for d in blocks:
+        for f in ("summary.csv", "results.md", "manifest.json"):
+            assert (ROOT / d / f).is_file(), f"{d}/{f}: the result files behind a table must be committed"
+    assert rt.docs_tables(write=False) == [], "run: python bench/results_table.py --write"
+
+
+def test_a_changed_result_file_makes_the_table_stale(tmp_path, monkeypatch):
+    rt = load()
+    src = next(m["dir"] for m in rt.BLOCK.finditer((ROOT / "docs/results.md").read_text()))
+    fake = tmp_path / "r"
+    shutil.copytree(ROOT / src, fake)
+    doc = tmp_path / "doc.md"
+    doc.write_text("x\n<!-- results-table: r -->\nold\n<!-- /results-table -->\ny\n")
+    monkeypatch.setattr(rt, "ROOT", tmp_path)
+    monkeypatch.setattr(rt, "DOCS", ("doc.md",))
+    assert rt.docs_tables(write=True) == ["doc.md"] and rt.docs_tables() == []
+    first = doc.read_text()
+    assert "Command: `tunelab compare " in first and "| method |" in first and first.endswith("y\n")
+    summary = fake / "summary.csv"
+    summary.write_text(summary.read_text().replace(",3,", ",4,", 1).replace("0.", "0.9", 1))
+    assert rt.docs_tables() == ["doc.md"]
+    with pytest.raises(FileNotFoundError):
+        rt.comparison_table("nowhere")
