@@ -64,12 +64,25 @@ def _eval(target: Path, overrides, predictions_out: Path | None):
     from tunelab.training.loop import evaluate_run
 
     cfg = _guard(_run_config, target, overrides)
+    if predictions_out:
+        _check_predictions_out(predictions_out, [target, cfg.data.train, cfg.data.eval])
     method_dir = target / "method" if target.is_dir() and (target / "method").exists() else None
     metrics, preds = _guard(evaluate_run, cfg, method_dir)
     if predictions_out:
-        predictions_out.parent.mkdir(parents=True, exist_ok=True)
-        predictions_out.write_text("".join(json.dumps(p) + "\n" for p in preds))
+        from tunelab.runtime.atomic_files import atomic_write_text
+
+        _guard(atomic_write_text, predictions_out, "".join(json.dumps(p) + "\n" for p in preds))
     return metrics, preds
+
+
+def _check_predictions_out(out: Path, inputs: list) -> None:
+    """Before any work: -o is not a folder and not one of the files being read."""
+    if out.is_dir():
+        _fail(f"--out {out} is a folder: give a file name for the predictions, e.g. {out / 'predictions.jsonl'}")
+    for src in inputs:
+        if isinstance(src, str | Path) and Path(src).is_file() and Path(src).resolve() == out.resolve():
+            _fail(f"--out {out} is also an input ({src}): writing the predictions there would overwrite it; "
+                  "choose another file")
 
 
 @app.command("eval")
@@ -194,18 +207,23 @@ def demo(
     typer.echo(f"  accuracy before: {before:.3f}\n  accuracy after:  {after:.3f}\nrun directory: {cfg.run_dir()}")
 
 
+OVERWRITE_HELP = "write into a folder that already holds files: replace only the files of the same names"
+
+
 @app.command()
 def merge(
     run_dir: Path = typer.Argument(..., help="a finished run directory"),
     out_dir: Path = typer.Argument(...),
     dtype: str = typer.Option(None, "--dtype", help="bf16 | fp16 | fp32 (default: the base checkpoint's own dtype)"),
+    overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
 ):
-    """Fold the run's method into the base weights and save a plain transformers model (+ tokenizer, README.md)."""
+    """Fold the run's method into the base weights and save a plain transformers model (+ tokenizer, README.md)
+    in OUT_DIR (new or empty; never the run directory)."""
     from tunelab.export.card import cli_command
     from tunelab.export.merge import merge_run
 
     cmd = cli_command("merge", run_dir, out_dir, *(["--dtype", dtype] if dtype else []))
-    res = _guard(merge_run, run_dir, out_dir, dtype, cmd)
+    res = _guard(merge_run, run_dir, out_dir, dtype, cmd, overwrite=overwrite)
     typer.echo(f"merged model ({res['dtype']}, {res['bytes'] / 1e6:.1f} MB of weights) written to {out_dir}")
 
 
@@ -219,8 +237,10 @@ def export(
     format: str = typer.Option("peft", "--format", help="peft: adapter_config.json + adapter_model.safetensors "
                                "(LoRA family, prompt tuning); gguf: one llama.cpp file of the merged model"),
     outtype: str = typer.Option("f16", "--outtype", help="gguf only: f32 | f16 | bf16 | q8_0 | q4_0"),
+    overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
 ):
-    """Export the run for other tools: PEFT's adapter format, or GGUF for llama.cpp / Ollama (+ README.md)."""
+    """Export the run for other tools: PEFT's adapter format, or GGUF for llama.cpp / Ollama (+ README.md),
+    into OUT_DIR (new or empty; never the run directory)."""
     from tunelab.export.card import cli_command
 
     cmd = cli_command("export", run_dir, out_dir, "--format", format, *(["--outtype", outtype] if format == "gguf" else []))
@@ -229,23 +249,35 @@ def export(
     if format == "gguf":
         from tunelab.export.gguf import export_run
 
-        path = _guard(export_run, run_dir, out_dir, outtype, cmd, progress=sys.stderr.isatty())
+        path = _guard(export_run, run_dir, out_dir, outtype, cmd, progress=sys.stderr.isatty(), overwrite=overwrite)
         typer.echo(f"GGUF ({outtype}, {path.stat().st_size / 1e6:.1f} MB) written to {path}")
         return
+    from tunelab.export.merge import check_out_dir
+    from tunelab.training.run_directory import load_trained
+
+    _guard(check_out_dir, run_dir, out_dir, overwrite, "export")
+    model, tok, cfg = _guard(load_trained, run_dir)
+    quantized = _guard(_export_peft, model, tok, cfg, run_dir, out_dir, cmd, overwrite)
+    typer.echo(f"PEFT adapter written to {out_dir}")
+    if quantized:
+        typer.echo(f"the quantized base it was trained over (dequantized) is in {out_dir / 'base'}")
+
+
+def _export_peft(model, tok, cfg, run_dir: Path, out_dir: Path, cmd: str, overwrite: bool) -> bool:
+    """Adapter + card (+ the dequantized base of QLoRA/LoftQ), written beside OUT_DIR and moved in."""
     from tunelab.export.card import write_card
     from tunelab.export.peft_format import export_peft, save_dequantized_base
     from tunelab.models.loading import recorded_base
-    from tunelab.training.run_directory import load_trained
+    from tunelab.runtime.atomic_files import files_into
 
-    model, tok, cfg = _guard(load_trained, run_dir)
-    _guard(export_peft, model, out_dir, recorded_base(cfg.model.name))
-    _guard(write_card, out_dir, run_dir, cfg, "peft", None, cmd)
-    typer.echo(f"PEFT adapter written to {out_dir}")
-    if model.tunelab_method["name"] in ("qlora", "loftq"):
-        # The adapter was trained over the quantized base: PEFT must load it over that base, not W.
-        base = _guard(save_dequantized_base, model, out_dir / "base")
-        tok.save_pretrained(base)
-        typer.echo(f"the quantized base it was trained over (dequantized) is in {base}")
+    quantized = model.tunelab_method["name"] in ("qlora", "loftq")
+    with files_into(out_dir, overwrite=overwrite) as tmp:
+        export_peft(model, tmp, recorded_base(cfg.model.name))
+        write_card(tmp, run_dir, cfg, "peft", None, cmd)
+        if quantized:
+            # The adapter was trained over the quantized base: PEFT must load it over that base, not W.
+            tok.save_pretrained(save_dequantized_base(model, tmp / "base"))
+    return quantized
 
 
 def _split(text: str | None) -> list[str] | None:

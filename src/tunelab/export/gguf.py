@@ -187,15 +187,18 @@ def write_gguf(model, tok, path: str | Path, outtype: str = "f16", *, base: dict
 
 
 def export_run(run_dir: str | Path, out_dir: str | Path, outtype: str = "f16", command: str | None = None,
-               progress: bool = False) -> Path:
-    """Merge ``run_dir``'s method into its base and write ``out_dir/<run>-<outtype>.gguf`` + README.md."""
+               progress: bool = False, *, overwrite: bool = False) -> Path:
+    """Merge ``run_dir``'s method into its base and write ``out_dir/<run>-<outtype>.gguf`` + README.md
+    (``out_dir``: new or empty unless ``overwrite``; never the run directory; see ``merge_run``)."""
     from tunelab.export.card import write_card
-    from tunelab.export.merge import merged
+    from tunelab.export.merge import check_out_dir, merged
     from tunelab.models.loading import base_identity
+    from tunelab.runtime.atomic_files import files_into
     from tunelab.training.run_directory import load_trained
 
     if outtype not in OUTTYPES:
         raise ValueError(f"--outtype '{outtype}' is not one of {', '.join(OUTTYPES)}")
+    check_out_dir(run_dir, out_dir, overwrite, "export")
     model, tok, cfg = load_trained(run_dir)
     check_supported(model.config)
     if getattr(model, "tunelab_new_head", None):
@@ -204,7 +207,9 @@ def export_run(run_dir: str | Path, out_dir: str | Path, outtype: str = "f16", c
     run_name = Path(run_dir).resolve().name
     base = base_identity(cfg.model.name)
     path = Path(out_dir) / f"{run_name}-{outtype}.gguf"
-    write_gguf(model, tok, path, outtype, base=base, name=f"{(base['hub_id'] or base['name']).split('/')[-1]}-{run_name}",
-               pre=source_pre(cfg.model.name), progress=progress)
-    write_card(out_dir, run_dir, cfg, kind="gguf", extra={"file": path.name, "outtype": outtype}, command=command)
+    with files_into(out_dir, overwrite=overwrite) as tmp:
+        write_gguf(model, tok, tmp / path.name, outtype, base=base,
+                   name=f"{(base['hub_id'] or base['name']).split('/')[-1]}-{run_name}",
+                   pre=source_pre(cfg.model.name), progress=progress)
+        write_card(tmp, run_dir, cfg, kind="gguf", extra={"file": path.name, "outtype": outtype}, command=command)
     return path
