@@ -51,7 +51,7 @@ from tunelab.training.checkpoint import save_checkpoint
 from tunelab.training.divergence import check_step
 from tunelab.training.preflight import check_run, warn_rank
 from tunelab.training.resume import start_position
-from tunelab.training.run_lock import RunLock, StopOnSignal, Stopped
+from tunelab.training.run_lock import RunLock, StopOnSignal, Stopped, stop_says_where
 
 # ---------------------------------------------------------------- environment
 
@@ -213,7 +213,9 @@ def _run(cfg: RunConfig, t_start: float) -> dict:
     r.tracker = tracking.start(cfg, lead)
     record: dict = {}
     if cfg.eval.before and r.eval_ex:
-        before, _ = r.evaluate()
+        with stop_says_where("during the evaluation before training (eval.before): nothing was trained yet; "
+                             "run the same `tunelab train` command again to start"):
+            before, _ = r.evaluate()
         record["before"] = before
         if r.tracker:
             r.tracker.log_eval(0, before)
@@ -230,7 +232,10 @@ def _run(cfg: RunConfig, t_start: float) -> dict:
         if lead:
             check_tensors(method_state_dict(model), f"{out / 'method'} (the trained weights)")
             tunelab.save(model, out / "method")
-    final, preds = r.evaluate()
+    with stop_says_where(f"during the final evaluation: training finished and the trained method is saved in "
+                         f"{out / 'method'}, but metrics.json was not written; run the same `tunelab train` command "
+                         "again to evaluate it (nothing is trained again)"):
+        final, preds = r.evaluate()
     record = {"metrics": final, **record}
     record["run"] = dict(
         method=cfg.method.name, task=cfg.task.name, model=cfg.model.name, seed=cfg.train.seed,
@@ -255,10 +260,12 @@ def _train(r: Run, model, out: Path, lead: bool) -> dict:
     of the run's record (``run`` in metrics.json)."""
     tc = r.cfg.train
     feats = _train_features(r)
-    total = _total_steps(tc, len(_epoch_batches(r, feats.lengths, 0)))
+    epoch_batches = len(_epoch_batches(r, feats.lengths, 0))
+    total = _total_steps(tc, epoch_batches)
     base, model, levers = _prepare_model(r, model, feats)
     params, opt, sched, lr = _optimizer_and_schedule(r.cfg, model, total)
-    pos = start_position(out, tc, model, opt, sched, total=total, rows=len(feats.lengths), lead=lead)
+    pos = start_position(out, tc, model, opt, sched, total=total, rows=len(feats.lengths), lead=lead,
+                         epoch_batches=epoch_batches)
     t = _Training(r=r, feats=feats, model=model, base=base, params=params, opt=opt, sched=sched, levers=levers,
                   pos=pos, total=total, out=out)
     with contextlib.ExitStack() as stack:
