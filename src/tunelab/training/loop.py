@@ -49,7 +49,7 @@ from tunelab.tasks import TASKS
 from tunelab.training import cpu_attention, optimizer, tracking
 from tunelab.training.checkpoint import save_checkpoint
 from tunelab.training.divergence import check_step
-from tunelab.training.preflight import check_run, warn_rank
+from tunelab.training.preflight import check_data_sources, check_run, overlap_warning, warn_rank
 from tunelab.training.resume import start_position
 from tunelab.training.run_lock import RunLock, StopOnSignal, Stopped, stop_says_where
 
@@ -202,7 +202,11 @@ def _run(cfg: RunConfig, t_start: float) -> dict:
             resolve(cfg.model.name)
         dist.barrier_if(True)
     seed_all(cfg.train.seed)
+    check_data_sources(cfg.data.train, cfg.data.eval)  # before reading: a folder never swallows the eval file
     r = Run(cfg)
+    leak = overlap_warning(r.train_ex, r.eval_ex)
+    if leak:
+        dist.log(leak)
     out = r.dir
     lead = dist.is_lead()
     if lead:
