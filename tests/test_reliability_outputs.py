@@ -98,3 +98,33 @@ def test_predict_never_overwrites_its_input_and_refuses_a_folder(run, tmp_path):
     assert res.exit_code == 2 and "is a folder" in res.output and "Traceback" not in res.output, res.output
     res = runner.invoke(app, ["predict", str(run), "-o", str(rows)])  # the run's own data.eval
     assert res.exit_code == 2 and "also an input" in res.output
+
+
+def test_predict_rows_without_labels_predicts_and_mixed_rows_skip_metrics(run, tmp_path):
+    """Item 2: `tunelab predict RUN -i rows.jsonl` on rows without labels predicts (help: metrics only
+    when references exist); with labels it still scores."""
+    src = tmp_path / "rows.jsonl"
+    src.write_text('{"sentence": "the cat sat on the mat"}\n{"sentence": "John visited Paris", "label": null}\n')
+    out = tmp_path / "p.jsonl"
+    res = runner.invoke(app, ["predict", str(run), "-i", str(src), "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "2 of 2 examples have no reference: no metrics" in res.output and "accuracy" not in res.output
+    got = [json.loads(ln) for ln in out.read_text().splitlines()]
+    assert [g["prediction"] in ("no", "yes") for g in got] == [True, True] and got[0]["reference"] is None
+    res = runner.invoke(app, ["predict", str(run), "-i", str(run.parent / "dev.jsonl"), "-o", str(out)])
+    assert res.exit_code == 0 and '"accuracy"' in res.output
+    # outside predict, a label is still required
+    res = runner.invoke(app, ["eval", str(run), f"data.eval={src}"])
+    assert res.exit_code == 2 and "'label' is missing" in res.output
+
+
+def test_predict_and_eval_refuse_a_run_without_its_method(run, tmp_path):
+    import shutil
+
+    bare = tmp_path / "bare"
+    shutil.copytree(run, bare)
+    shutil.rmtree(bare / "method")
+    for cmd in (["eval", str(bare)], ["predict", str(bare), "-o", str(tmp_path / "p.jsonl")]):
+        res = runner.invoke(app, cmd)
+        assert res.exit_code == 2 and "no trained method here" in res.output and "Traceback" not in res.output, res.output
+    assert not (tmp_path / "p.jsonl").exists()

@@ -66,7 +66,12 @@ def _eval(target: Path, overrides, predictions_out: Path | None):
     cfg = _guard(_run_config, target, overrides)
     if predictions_out:
         _check_predictions_out(predictions_out, [target, cfg.data.train, cfg.data.eval])
-    method_dir = target / "method" if target.is_dir() and (target / "method").exists() else None
+    method_dir = None
+    if target.is_dir():  # a run directory: its method, never the bare base model in its place
+        from tunelab.training.run_directory import method_meta
+
+        _guard(method_meta, target)
+        method_dir = target / "method"
     metrics, preds = _guard(evaluate_run, cfg, method_dir)
     if predictions_out:
         from tunelab.runtime.atomic_files import atomic_write_text

@@ -131,7 +131,8 @@ class Run:
         with autocast(self.device, self.amp):  # ranks share the examples unless the model is sharded
             metrics, preds = self.task.evaluate(self.model, self.tok, self.eval_ex, self.tcfg, batch_size=self.cfg.eval.batch_size,
                                                 gen=self.cfg.eval.gen(), split=not dist.is_sharded(self.model))
-        if self.cfg.eval.loss and "eval_loss" not in metrics:  # a task may report it itself (on the way)
+        # a task may report it itself (on the way); rows without references (tunelab predict) have none
+        if self.cfg.eval.loss and "eval_loss" not in metrics and not metrics.get("without_reference"):
             with autocast(self.device, self.amp):
                 metrics["eval_loss"] = self.eval_loss()
         self.eval_time_s = getattr(self, "eval_time_s", 0.0) + time.perf_counter() - t0  # every evaluation of the run
