@@ -127,7 +127,7 @@ def _engine(target: str, device: str, threads: int | None, **kw):
     from tunelab.serve.loading import load_target
 
     t = _guard(load_target, target, device=device, threads=threads)
-    return t, Engine(t.model, t.tokenizer, **kw)
+    return t, _guard(Engine, t.model, t.tokenizer, **kw)  # a model that cannot generate is refused here
 
 
 @app.command()
@@ -156,7 +156,7 @@ def chat(
 def serve(
     target: str = TALK_TARGET,
     host: str = typer.Option("127.0.0.1", help="address to bind (0.0.0.0 exposes it to the network)"),
-    port: int = typer.Option(8000, help="TCP port"),
+    port: int = typer.Option(8000, min=1, max=65535, help="TCP port (1-65535)"),
     api_key: str = typer.Option(None, envvar="TUNELAB_API_KEY", show_envvar=True, show_default=False,
                                 help="require Authorization: Bearer KEY"),
     model_name: str = typer.Option(None, help="the model id clients send (default: TARGET as given)"),
@@ -164,6 +164,7 @@ def serve(
     batch_wait_ms: float = typer.Option(5.0, min=0.0, help="how long the first request waits for others"),
     max_queue: int = typer.Option(64, min=1, help="requests waiting beyond this get 429"),
     max_tokens_limit: int = typer.Option(2048, min=1, help="largest max_tokens a request may ask for"),
+    max_body_mb: float = typer.Option(4.0, min=0.001, help="largest request body in MB (larger ones get 413)"),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     threads: int = typer.Option(None, help="CPU threads for torch"),
 ):
@@ -173,7 +174,8 @@ def serve(
 
     t, engine = _engine(target, device, threads, max_batch=max_batch, batch_wait_ms=batch_wait_ms, max_queue=max_queue)
     name = model_name or t.name
-    app_ = create_app(engine, name, api_key=api_key, max_tokens_limit=max_tokens_limit)
+    app_ = create_app(engine, name, api_key=api_key, max_tokens_limit=max_tokens_limit,
+                      max_body_bytes=int(max_body_mb * 1e6))
     typer.echo(f"serving {name} ({t.about}) at http://{host}:{port}/v1 "
                f"(API key {'required' if api_key else 'not required'})")
     run_server(app_, host, port)
