@@ -291,9 +291,10 @@ def _split(text: str | None) -> list[str] | None:
     return [t.strip() for t in text.split(",") if t.strip()] if text else None
 
 
-def _ints(text: str | None, option: str) -> list[int] | None:
-    """A comma list of whole numbers, or one clear error naming the option and the bad entry."""
-    if not text:
+def _ints(text: str | None, option: str, minimum: int | None = None) -> list[int] | None:
+    """A comma list of whole numbers (each at least ``minimum``), or one clear error naming the option and
+    the bad entry. Only an option not given is None: an empty one ('') is an error, not the default."""
+    if text is None:
         return None
     out = []
     for t in _split(text) or []:
@@ -301,6 +302,8 @@ def _ints(text: str | None, option: str) -> list[int] | None:
             out.append(int(t))
         except ValueError:
             _fail(f"{option}: {t!r} is not a whole number (expected a comma list such as 0,1,2)")
+        if minimum is not None and out[-1] < minimum:
+            _fail(f"{option}: {out[-1]} is below {minimum} (expected a comma list such as 0,1,2)")
     if not out:
         _fail(f"{option}: no numbers in {text!r}")
     return out
@@ -326,7 +329,7 @@ def compare(
     """Run several methods on the same task, data, budget and seeds (3 by default); write results.csv, a Markdown table with 95% CIs and paired tests, plots and report.html. Rerun to resume."""
     from tunelab.sweeps.compare import compare as run_compare
 
-    seed_list = _ints(seeds, "--seeds")
+    seed_list = _ints(seeds, "--seeds", minimum=0)
     out_dir = _guard(run_compare, config, overrides or [], _split(methods), seed_list, out, metric=metric,
                      budget=budget, tune=tune)
     _report_summary(out_dir)
@@ -348,11 +351,11 @@ def advise(
     """Which method will win at your full data size: fit each method's scaling law on small runs and predict, with intervals and the sizes where the ranking flips."""
     from tunelab.sweeps.advise import advise as run_advise
 
-    seed_list = _ints(seeds, "--seeds")
-    size_list = _ints(sizes, "--sizes")
+    seed_list = _ints(seeds, "--seeds", minimum=0)
+    size_list = _ints(sizes, "--sizes", minimum=1)
     out_dir = _guard(run_advise, config, overrides or [], _split(methods), size_list, full_size, out,
                      seeds=seed_list, budget=budget, verify=verify,
-                     verify_seeds=_ints(verify_seeds, "--verify-seeds"))
+                     verify_seeds=_ints(verify_seeds, "--verify-seeds", minimum=0))
     _report_summary(out_dir)
 
 
