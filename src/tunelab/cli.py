@@ -146,6 +146,8 @@ def chat(
     from tunelab.serve.chat import Conversation, repl
     from tunelab.serve.engine import Params
 
+    if seed is not None and not -(2**63) <= seed < 2**64:
+        _fail(f"--seed {seed} is outside what a generator takes (-2**63 .. 2**64-1)")
     t, engine = _engine(target, device, threads, max_batch=1, batch_wait_ms=0)
     params = Params(max_tokens=max_new_tokens, temperature=0.0 if greedy else temperature, top_p=top_p, seed=seed)
     template = "its chat template" if getattr(t.tokenizer, "chat_template", None) else "a plain User:/Assistant: format"
