@@ -124,15 +124,23 @@ def row(run: Path) -> str | None:
 
 
 def main(args: list[str]) -> int:
-    if args and args[0] in ("--write", "--check"):
-        stale = docs_tables(write=args[0] == "--write")
-        verb = "rewrote" if args[0] == "--write" else "stale (run with --write)"
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Markdown tables for the docs, rebuilt from result files.")
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument("--write", action="store_true", help="rebuild every generated table in README.md and docs/results.md")
+    mode.add_argument("--check", action="store_true", help="exit 1 when a committed table differs from its rebuild")
+    ap.add_argument("runs", nargs="*", help="run directories: print a before/after table of them")
+    opts = ap.parse_args(args)
+    if opts.write or opts.check:
+        stale = docs_tables(write=opts.write)
+        verb = "rewrote" if opts.write else "stale (run with --write)"
         for name in stale:
             print(f"{verb}: {name}")
-        return 1 if stale and args[0] == "--check" else 0
+        return 1 if stale and opts.check else 0
     print("| run | task (formulation) | model | method | training budget | eval n | minutes | metric before → after |")
     print("|---|---|---|---|---|---|---|---|")
-    for p in args:
+    for p in opts.runs:
         r = row(Path(p))
         if r:
             print(r)

@@ -15,7 +15,7 @@ def test_isolated_runs_write_their_own_metrics(tiny_dir, tmp_path):  # noqa: F81
     cfg = {
         "model": str(tiny_dir), "method": {"name": "full"},
         "task": {"name": "sentiment", "chat": False, "labels": ["no", "yes"], "template": "{text} ?"},
-        "data": {"train": str(data), "eval": str(data)},
+        "data": {"train": str(data), "eval": str(_copy(data))},  # train == eval is refused (a leak)
         "train": {"max_steps": 2, "batch_size": 4, "progress": False, "precision": "fp32", "threads": 1},
         "eval": {"loss": False},
     }
@@ -27,3 +27,10 @@ def test_isolated_runs_write_their_own_metrics(tiny_dir, tmp_path):  # noqa: F81
         assert metrics["run"]["steps"] == 2 and metrics["metrics"]["n"] == 12
         assert (out / "runs" / run / "train.out").exists()
     assert (out / "report.html").exists()
+
+
+def _copy(path):
+    """The same rows under another name: an eval file that is not the training file itself."""
+    dev = path.with_name("dev-" + path.name)
+    dev.write_text(path.read_text())
+    return dev

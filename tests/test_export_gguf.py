@@ -48,10 +48,11 @@ def trained_run(tmp_path_factory):
     bpe_tokenizer().save_pretrained(model_dir)
     rows = [{"sentence": t, "label": i % 2} for i, t in enumerate(TEXTS)]
     (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (root / "dev.jsonl").write_text((root / "train.jsonl").read_text())  # train == eval is refused (a leak)
     cfg = load_config(None, [
         f"model.name={model_dir}", "method.name=lora", "method.r=4", "task.name=sentiment", "task.chat=false",
         'task.labels=["bad", "good"]', "task.template={text} ?", f"data.train={root / 'train.jsonl'}",
-        f"data.eval={root / 'train.jsonl'}", "train.batch_size=4", "train.lr=5e-2", "train.max_steps=2",
+        f"data.eval={root / 'dev.jsonl'}", "train.batch_size=4", "train.lr=5e-2", "train.max_steps=2",
         "train.progress=false", "train.precision=fp32", "train.threads=1", f"output_dir={root / 'run'}",
     ])
     (root / "run.yaml").write_text(dump_config(cfg))

@@ -55,6 +55,9 @@ def test_unknown_template_key_is_one_line(tiny_dir, data, tmp_path):  # noqa: F8
 @pytest.mark.parametrize("args, needle", [
     (["compare", "c.yaml", "--methods", "lora", "--seeds", "0,x"], "--seeds: 'x' is not a whole number"),
     (["compare", "c.yaml", "--methods", "lora", "--seeds", ","], "--seeds: no numbers"),
+    (["compare", "c.yaml", "--methods", "lora", "--seeds", ""], "--seeds: no numbers in ''"),
+    (["compare", "c.yaml", "--methods", "lora", "--seeds", "-1,2"], "--seeds: -1 is below 0"),
+    (["advise", "c.yaml", "--methods", "lora", "--sizes", "0,8,16"], "--sizes: 0 is below 1"),
     (["scale", "c.yaml", "--sizes", "10,1.5", "--factor", "rank", "--values", "2"], "--sizes: '1.5' is not a whole number"),
     (["scale", "c.yaml", "--sizes", "0,10", "--factor", "rank", "--values", "2"], "--sizes: every size must be at least 1"),
 ])

@@ -81,7 +81,9 @@ def test_qa_eval_window_above_positions(bert, tmp_path):
     rows = [{"context": ctx, "question": "what is the capital ?", "answers": ["Paris"], "answer_starts": [0]}]
     d = tmp_path / "qa.jsonl"
     d.write_text(json.dumps(rows[0]) + "\n")
+    dev = tmp_path / "qa-dev.jsonl"  # train == eval is refused (a leak)
+    dev.write_text(d.read_text())
     cfg = load_config(None, [f"model.name={bert}", "task.name=qa", "task.formulation=head", f"data.train={d}",
-                             f"data.eval={d}", "train.max_steps=2", "train.progress=false", f"output_dir={tmp_path / 'run'}"])
+                             f"data.eval={dev}", "train.max_steps=2", "train.progress=false", f"output_dir={tmp_path / 'run'}"])
     with pytest.raises(ValueError, match=r"longer than the model's 128 positions and task.window=384"):
         train_mod.run(cfg)

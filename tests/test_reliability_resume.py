@@ -98,8 +98,31 @@ def _past_end(ckpt):
     (ckpt / "state.json").write_text(json.dumps(state))
 
 
+def _wrong_shape(ckpt):
+    from safetensors.torch import load_file, save_file
+
+    f = ckpt / "trainable.safetensors"
+    t = load_file(str(f))
+    key = sorted(t)[0]
+    t[key] = t[key].reshape(-1)[:-1].clone()  # one element short: loading it would be a RuntimeError
+    save_file(t, str(f))
+
+
+def _state_field(key, value):
+    def corrupt(ckpt):
+        state = json.loads((ckpt / "state.json").read_text())
+        state["position"][key] = value
+        (ckpt / "state.json").write_text(json.dumps(state))
+
+    return corrupt
+
+
 @pytest.mark.parametrize("corrupt, why", [(_truncate, "unreadable safetensors"), (_bad_json, "unreadable checkpoint state"),
-                                          (_past_end, "past the end")])
+                                          (_past_end, "past the end"), (_wrong_shape, "has shape"),
+                                          (_state_field("batch", 40), "past the end of an epoch"),
+                                          (_state_field("batch", 1), "is not where step 6 ends"),
+                                          (_state_field("epoch", -1), "position.epoch is -1"),
+                                          (_state_field("loss", "x"), "position.loss")])
 def test_corrupt_last_checkpoint_falls_back_to_the_previous(corrupt, why, full, tiny_dir, data, tmp_path, monkeypatch, capsys):  # noqa: F811
     part = tmp_path / "part"
     steps = ["train.max_steps=9", "train.save_every=3", "train.grad_accum=2"]

@@ -107,3 +107,23 @@ def test_cli_sigterm_exits_nonzero_with_resume_hint(tiny_dir, data, tmp_path, mo
     assert "stopped by SIGTERM at step 3 of 50" in res.output and "Traceback" not in res.output
     state = (out / "checkpoints" / "last" / "state.json").read_text()
     assert '"step": 3' in state
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_signal_during_the_final_evaluation_says_where_it_stopped(signum, tiny_dir, data, tmp_path, monkeypatch):  # noqa: F811
+    out = tmp_path / "run"
+    real = train_mod.Run.evaluate
+
+    def interrupted(self):
+        os.kill(os.getpid(), signum)  # the handler runs here, inside the evaluation
+        return real(self)
+
+    monkeypatch.setattr(train_mod.Run, "evaluate", interrupted)
+    with pytest.raises(Stopped, match="during the final evaluation.*method is saved") as e:
+        train_mod.run(cfg_for(tiny_dir, data, out, "train.max_steps=2"))
+    assert e.value.exit_code == 128 + signum
+    assert (out / "method" / "method.json").exists() and not (out / "metrics.json").exists()
+    assert signal.getsignal(signum) is not None and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    monkeypatch.setattr(train_mod.Run, "evaluate", real)
+    rec = train_mod.run(cfg_for(tiny_dir, data, out, "train.max_steps=2"))  # the same command evaluates it
+    assert rec["run"]["steps"] == 2 and (out / "metrics.json").exists() and len(losses(out)) == 2

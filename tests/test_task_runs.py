@@ -67,6 +67,9 @@ def fixture_data(tmp_path, task):
 @pytest.mark.parametrize("task,formulation", [(t, "lm") for t in FAMILIES] + [("ner", "head"), ("qa", "head")])
 def test_two_steps_through_the_loop(task, formulation, llama_dir, bert_dir, tmp_path, monkeypatch):
     train, dev = fixture_data(tmp_path, task)
+    if dev == train:  # the same rows under another name: train == eval is refused as a leak
+        dev = train.with_name("dev-" + train.name)
+        dev.write_text(train.read_text())
     model = bert_dir if formulation == "head" else llama_dir
     cfg = load_config(None, [
         f"model.name={model}", "method.name=full", f"task.name={task}", f"task.formulation={formulation}",

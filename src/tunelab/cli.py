@@ -69,17 +69,32 @@ def _eval(target: Path, overrides, predictions_out: Path | None, checkpoint: str
     from tunelab.training.run_directory import method_dir as trained_dir
 
     cfg = _guard(_run_config, target, overrides)
+    if predictions_out:
+        _check_predictions_out(predictions_out, [target, cfg.data.train, cfg.data.eval])
     if checkpoint != "final" and not target.is_dir():
         _fail(f"--checkpoint {checkpoint} needs a run directory, not {target}")
-    if checkpoint != "final":
-        method_dir = _guard(trained_dir, target, checkpoint)
-    else:
-        method_dir = target / "method" if target.is_dir() and (target / "method").exists() else None
+    method_dir = None
+    if target.is_dir():  # a run directory: its method, never the bare base model in its place
+        from tunelab.training.run_directory import method_meta
+
+        _guard(method_meta, target)
+        method_dir = target / "method" if checkpoint == "final" else _guard(trained_dir, target, checkpoint)
     metrics, preds = _guard(evaluate_run, cfg, method_dir)
     if predictions_out:
-        predictions_out.parent.mkdir(parents=True, exist_ok=True)
-        predictions_out.write_text("".join(json.dumps(p) + "\n" for p in preds))
+        from tunelab.runtime.atomic_files import atomic_write_text
+
+        _guard(atomic_write_text, predictions_out, "".join(json.dumps(p) + "\n" for p in preds))
     return metrics, preds
+
+
+def _check_predictions_out(out: Path, inputs: list) -> None:
+    """Before any work: -o is not a folder and not one of the files being read."""
+    if out.is_dir():
+        _fail(f"--out {out} is a folder: give a file name for the predictions, e.g. {out / 'predictions.jsonl'}")
+    for src in inputs:
+        if isinstance(src, str | Path) and Path(src).is_file() and Path(src).resolve() == out.resolve():
+            _fail(f"--out {out} is also an input ({src}): writing the predictions there would overwrite it; "
+                  "choose another file")
 
 
 @app.command("eval")
@@ -121,7 +136,7 @@ def _engine(target: str, device: str, threads: int | None, **kw):
     from tunelab.serve.loading import load_target
 
     t = _guard(load_target, target, device=device, threads=threads)
-    return t, Engine(t.model, t.tokenizer, **kw)
+    return t, _guard(Engine, t.model, t.tokenizer, **kw)  # a model that cannot generate is refused here
 
 
 @app.command()
@@ -140,6 +155,8 @@ def chat(
     from tunelab.serve.chat import Conversation, repl
     from tunelab.serve.engine import Params
 
+    if seed is not None and not -(2**63) <= seed < 2**64:
+        _fail(f"--seed {seed} is outside what a generator takes (-2**63 .. 2**64-1)")
     t, engine = _engine(target, device, threads, max_batch=1, batch_wait_ms=0)
     params = Params(max_tokens=max_new_tokens, temperature=0.0 if greedy else temperature, top_p=top_p, seed=seed)
     template = "its chat template" if getattr(t.tokenizer, "chat_template", None) else "a plain User:/Assistant: format"
@@ -150,7 +167,7 @@ def chat(
 def serve(
     target: str = TALK_TARGET,
     host: str = typer.Option("127.0.0.1", help="address to bind (0.0.0.0 exposes it to the network)"),
-    port: int = typer.Option(8000, help="TCP port"),
+    port: int = typer.Option(8000, min=1, max=65535, help="TCP port (1-65535)"),
     api_key: str = typer.Option(None, envvar="TUNELAB_API_KEY", show_envvar=True, show_default=False,
                                 help="require Authorization: Bearer KEY"),
     model_name: str = typer.Option(None, help="the model id clients send (default: TARGET as given)"),
@@ -158,6 +175,7 @@ def serve(
     batch_wait_ms: float = typer.Option(5.0, min=0.0, help="how long the first request waits for others"),
     max_queue: int = typer.Option(64, min=1, help="requests waiting beyond this get 429"),
     max_tokens_limit: int = typer.Option(2048, min=1, help="largest max_tokens a request may ask for"),
+    max_body_mb: float = typer.Option(4.0, min=0.001, help="largest request body in MB (larger ones get 413)"),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     threads: int = typer.Option(None, help="CPU threads for torch"),
 ):
@@ -167,7 +185,8 @@ def serve(
 
     t, engine = _engine(target, device, threads, max_batch=max_batch, batch_wait_ms=batch_wait_ms, max_queue=max_queue)
     name = model_name or t.name
-    app_ = create_app(engine, name, api_key=api_key, max_tokens_limit=max_tokens_limit)
+    app_ = create_app(engine, name, api_key=api_key, max_tokens_limit=max_tokens_limit,
+                      max_body_bytes=int(max_body_mb * 1e6))
     typer.echo(f"serving {name} ({t.about}) at http://{host}:{port}/v1 "
                f"(API key {'required' if api_key else 'not required'})")
     run_server(app_, host, port)
@@ -206,19 +225,24 @@ def demo(
     typer.echo(f"  accuracy before: {before:.3f}\n  accuracy after:  {after:.3f}\nrun directory: {cfg.run_dir()}")
 
 
+OVERWRITE_HELP = "write into a folder that already holds files: replace only the files of the same names"
+
+
 @app.command()
 def merge(
     run_dir: Path = typer.Argument(..., help="a finished run directory"),
     out_dir: Path = typer.Argument(...),
     dtype: str = typer.Option(None, "--dtype", help="bf16 | fp16 | fp32 (default: the base checkpoint's own dtype)"),
     checkpoint: str = CHECKPOINT,
+    overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
 ):
-    """Fold the run's method into the base weights and save a plain transformers model (+ tokenizer, README.md)."""
+    """Fold the run's method into the base weights and save a plain transformers model (+ tokenizer, README.md)
+    in OUT_DIR (new or empty; never the run directory)."""
     from tunelab.export.card import cli_command
     from tunelab.export.merge import merge_run
 
     cmd = cli_command("merge", run_dir, out_dir, *(["--dtype", dtype] if dtype else []), *_checkpoint_args(checkpoint))
-    res = _guard(merge_run, run_dir, out_dir, dtype, cmd, checkpoint=checkpoint)
+    res = _guard(merge_run, run_dir, out_dir, dtype, cmd, checkpoint=checkpoint, overwrite=overwrite)
     typer.echo(f"merged model ({res['dtype']}, {res['bytes'] / 1e6:.1f} MB of weights) written to {out_dir}")
 
 
@@ -241,8 +265,10 @@ def export(
     pretokenizer: str = typer.Option(None, "--pretokenizer", help="gguf/ollama: llama.cpp pre-tokenizer name for a "
                                      "tokenizer it cannot identify (e.g. gpt-2, llama-bpe, qwen2, smollm)"),
     checkpoint: str = CHECKPOINT,
+    overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
 ):
-    """Export the run for other tools: PEFT's adapter format, or GGUF for llama.cpp / Ollama (+ README.md)."""
+    """Export the run for other tools: PEFT's adapter format, or GGUF for llama.cpp / Ollama (+ README.md),
+    into OUT_DIR (new or empty; never the run directory)."""
     from tunelab.export.card import cli_command
 
     gguf_like = format in ("gguf", "ollama")
@@ -256,37 +282,50 @@ def export(
         from tunelab.export.gguf import export_run
 
         path = _guard(export_run, run_dir, out_dir, outtype, cmd, progress=sys.stderr.isatty(),
-                      pretokenizer=pretokenizer, modelfile=modelfile or format == "ollama", checkpoint=checkpoint)
+                      pretokenizer=pretokenizer, modelfile=modelfile or format == "ollama", checkpoint=checkpoint,
+                      overwrite=overwrite)
         typer.echo(f"GGUF ({outtype}, {path.stat().st_size / 1e6:.1f} MB) written to {path}")
         if modelfile or format == "ollama":
             typer.echo(f"Ollama: cd {out_dir} && ollama create {Path(run_dir).resolve().name} -f Modelfile")
         return
     if modelfile or pretokenizer:
         _fail("--modelfile and --pretokenizer are for --format gguf / ollama")
-    from tunelab.export.card import refuse_nonempty, write_card
-    from tunelab.export.peft_format import export_peft, save_dequantized_base
-    from tunelab.models.loading import recorded_base
+    from tunelab.export.merge import check_out_dir
     from tunelab.training.run_directory import load_trained
 
-    _guard(refuse_nonempty, out_dir)
+    _guard(check_out_dir, run_dir, out_dir, overwrite, "export")
     model, tok, cfg = _guard(load_trained, run_dir, checkpoint=checkpoint)
-    _guard(export_peft, model, out_dir, recorded_base(cfg.model.name))
-    _guard(write_card, out_dir, run_dir, cfg, "peft", None, cmd)
+    quantized = _guard(_export_peft, model, tok, cfg, run_dir, out_dir, cmd, overwrite)
     typer.echo(f"PEFT adapter written to {out_dir}")
-    if model.tunelab_method["name"] in ("qlora", "loftq"):
-        # The adapter was trained over the quantized base: PEFT must load it over that base, not W.
-        base = _guard(save_dequantized_base, model, out_dir / "base")
-        tok.save_pretrained(base)
-        typer.echo(f"the quantized base it was trained over (dequantized) is in {base}")
+    if quantized:
+        typer.echo(f"the quantized base it was trained over (dequantized) is in {out_dir / 'base'}")
+
+
+def _export_peft(model, tok, cfg, run_dir: Path, out_dir: Path, cmd: str, overwrite: bool) -> bool:
+    """Adapter + card (+ the dequantized base of QLoRA/LoftQ), written beside OUT_DIR and moved in."""
+    from tunelab.export.card import write_card
+    from tunelab.export.peft_format import export_peft, save_dequantized_base
+    from tunelab.models.loading import recorded_base
+    from tunelab.runtime.atomic_files import files_into
+
+    quantized = model.tunelab_method["name"] in ("qlora", "loftq")
+    with files_into(out_dir, overwrite=overwrite) as tmp:
+        export_peft(model, tmp, recorded_base(cfg.model.name))
+        write_card(tmp, run_dir, cfg, "peft", None, cmd)
+        if quantized:
+            # The adapter was trained over the quantized base: PEFT must load it over that base, not W.
+            tok.save_pretrained(save_dequantized_base(model, tmp / "base"))
+    return quantized
 
 
 def _split(text: str | None) -> list[str] | None:
     return [t.strip() for t in text.split(",") if t.strip()] if text else None
 
 
-def _ints(text: str | None, option: str) -> list[int] | None:
-    """A comma list of whole numbers, or one clear error naming the option and the bad entry."""
-    if not text:
+def _ints(text: str | None, option: str, minimum: int | None = None) -> list[int] | None:
+    """A comma list of whole numbers (each at least ``minimum``), or one clear error naming the option and
+    the bad entry. Only an option not given is None: an empty one ('') is an error, not the default."""
+    if text is None:
         return None
     out = []
     for t in _split(text) or []:
@@ -294,6 +333,8 @@ def _ints(text: str | None, option: str) -> list[int] | None:
             out.append(int(t))
         except ValueError:
             _fail(f"{option}: {t!r} is not a whole number (expected a comma list such as 0,1,2)")
+        if minimum is not None and out[-1] < minimum:
+            _fail(f"{option}: {out[-1]} is below {minimum} (expected a comma list such as 0,1,2)")
     if not out:
         _fail(f"{option}: no numbers in {text!r}")
     return out
@@ -319,7 +360,7 @@ def compare(
     """Run several methods on the same task, data, budget and seeds (3 by default); write results.csv, a Markdown table with 95% CIs and paired tests, plots and report.html. Rerun to resume."""
     from tunelab.sweeps.compare import compare as run_compare
 
-    seed_list = _ints(seeds, "--seeds")
+    seed_list = _ints(seeds, "--seeds", minimum=0)
     out_dir = _guard(run_compare, config, overrides or [], _split(methods), seed_list, out, metric=metric,
                      budget=budget, tune=tune)
     _report_summary(out_dir)
@@ -341,11 +382,11 @@ def advise(
     """Which method will win at your full data size: fit each method's scaling law on small runs and predict, with intervals and the sizes where the ranking flips."""
     from tunelab.sweeps.advise import advise as run_advise
 
-    seed_list = _ints(seeds, "--seeds")
-    size_list = _ints(sizes, "--sizes")
+    seed_list = _ints(seeds, "--seeds", minimum=0)
+    size_list = _ints(sizes, "--sizes", minimum=1)
     out_dir = _guard(run_advise, config, overrides or [], _split(methods), size_list, full_size, out,
                      seeds=seed_list, budget=budget, verify=verify,
-                     verify_seeds=_ints(verify_seeds, "--verify-seeds"))
+                     verify_seeds=_ints(verify_seeds, "--verify-seeds", minimum=0))
     _report_summary(out_dir)
 
 

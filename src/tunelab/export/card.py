@@ -29,14 +29,6 @@ def cli_command(*parts) -> str:
     return shlex.join(["tunelab", *(str(x) for x in parts)] if parts else ["tunelab", *sys.argv[1:]])
 
 
-def refuse_nonempty(out_dir: str | Path) -> None:
-    """Exports write into a new or empty directory only: they never overwrite or delete a user's files."""
-    out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        what = "is a file" if not out.is_dir() else "is not empty"
-        raise ValueError(f"output directory {out} {what}; choose a new directory (an export never replaces files)")
-
-
 def _fmt(x) -> str:
     return f"{x:.4g}" if isinstance(x, float) else str(x)
 

@@ -200,18 +200,19 @@ def _write(model, tok, tmp: Path, outtype: str, base, name: str, pre, progress: 
 
 def export_run(run_dir: str | Path, out_dir: str | Path, outtype: str = "f16", command: str | None = None,
                progress: bool = False, checkpoint: str = "final", *, pretokenizer: str | None = None,
-               modelfile: bool = False) -> Path:
+               modelfile: bool = False, overwrite: bool = False) -> Path:
     """Merge ``run_dir``'s method (``checkpoint`` "final" or "best") into its base and write
     ``out_dir/<run>-<outtype>.gguf`` + README.md (+ an Ollama ``Modelfile`` with ``modelfile=True``).
-    ``out_dir`` must be new or empty."""
-    from tunelab.export.card import refuse_nonempty, write_card
-    from tunelab.export.merge import merged
+    ``out_dir``: new or empty unless ``overwrite``; never the run directory (see ``merge_run``)."""
+    from tunelab.export.card import write_card
+    from tunelab.export.merge import check_out_dir, merged
     from tunelab.models.loading import base_identity
+    from tunelab.runtime.atomic_files import files_into
     from tunelab.training.run_directory import load_trained
 
     if outtype not in OUTTYPES:
         raise ValueError(f"--outtype '{outtype}' is not one of {', '.join(OUTTYPES)}")
-    refuse_nonempty(out_dir)
+    check_out_dir(run_dir, out_dir, overwrite, "export")
     if pretokenizer is not None:
         check_name(pretokenizer)
     model, tok, cfg = load_trained(run_dir, checkpoint=checkpoint)
@@ -228,11 +229,12 @@ def export_run(run_dir: str | Path, out_dir: str | Path, outtype: str = "f16", c
         text = modelfile_text(path.name, tok, cfg.task.params())
     model = merged(model, model.tunelab_method["name"])
     base = base_identity(cfg.model.name)
-    write_gguf(model, tok, path, outtype, base=base, name=f"{(base['hub_id'] or base['name']).split('/')[-1]}-{run_name}",
-               pre=pre, progress=progress)
     extra = {"file": path.name, "outtype": outtype, "pre-tokenizer": f"{pre} ({how})"}
-    if text is not None:
-        (Path(out_dir) / "Modelfile").write_text(text)
-        extra["Modelfile"] = "Modelfile"
-    write_card(out_dir, run_dir, cfg, kind="gguf", extra=extra, command=command)
+    with files_into(out_dir, overwrite=overwrite) as tmp:
+        write_gguf(model, tok, tmp / path.name, outtype, base=base,
+                   name=f"{(base['hub_id'] or base['name']).split('/')[-1]}-{run_name}", pre=pre, progress=progress)
+        if text is not None:
+            (tmp / "Modelfile").write_text(text)
+            extra["Modelfile"] = "Modelfile"
+        write_card(tmp, run_dir, cfg, kind="gguf", extra=extra, command=command)
     return path

@@ -27,17 +27,29 @@ def merged(model, method_name: str):
         raise ValueError(f"{e}; {CANNOT_MERGE_HINT}") from None
 
 
+def check_out_dir(run_dir: str | Path, out_dir: str | Path, overwrite: bool = False, what: str = "merge") -> None:
+    """Before any work: ``out_dir`` is neither the run directory nor inside it, and (without
+    ``overwrite``) new or empty, so writing there never deletes a file tunelab did not write."""
+    from tunelab.runtime.atomic_files import check_output_dir
+
+    check_output_dir(out_dir, overwrite=overwrite, protect=(run_dir,) if Path(run_dir).is_dir() else (), what=what)
+
+
 def merge_run(run_dir: str | Path, out_dir: str | Path, dtype: str | None = None, command: str | None = None,
-              checkpoint: str = "final") -> dict:
+              checkpoint: str = "final", *, overwrite: bool = False) -> dict:
     """Write the merged model (+ tokenizer + README.md) of ``run_dir`` to ``out_dir`` in ``dtype``
     (default: the base checkpoint's dtype); ``checkpoint`` "final" or "best" (``load_trained``).
-    Returns ``{"dir", "dtype", "bytes"}``."""
-    from tunelab.export.card import refuse_nonempty, write_card
-    from tunelab.runtime.atomic_files import atomic_dir
+    Returns ``{"dir", "dtype", "bytes"}``.
+
+    ``out_dir`` must be new or empty (with ``overwrite``: files of the same names are replaced, others
+    kept); it may not be the run directory or a folder inside it. Files are written beside it first
+    and moved in only when complete."""
+    from tunelab.export.card import write_card
+    from tunelab.runtime.atomic_files import files_into
 
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"--dtype '{dtype}' is not one of {', '.join(DTYPES)}")
-    refuse_nonempty(out_dir)
+    check_out_dir(run_dir, out_dir, overwrite, "merge")
     model, tok, cfg = load_trained(run_dir, checkpoint=checkpoint)
     method = model.tunelab_method["name"]
     dtype = dtype or native_dtype(cfg.model.name)
@@ -45,9 +57,10 @@ def merge_run(run_dir: str | Path, out_dir: str | Path, dtype: str | None = None
     model.config._name_or_path = recorded_base(cfg.model.name)
     if hasattr(model.config, "_model_name_or_path"):  # set by transformers' GGUF loader to the GGUF's title
         model.config._model_name_or_path = recorded_base(cfg.model.name)
-    with atomic_dir(out_dir) as tmp:
+    with files_into(out_dir, overwrite=overwrite) as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         write_card(tmp, run_dir, cfg, kind="merged", extra={"dtype": dtype}, command=command)
-    size = sum(f.stat().st_size for f in Path(out_dir).glob("*.safetensors"))
+        written = [f.name for f in tmp.glob("*.safetensors")]
+    size = sum((Path(out_dir) / f).stat().st_size for f in written)
     return {"dir": Path(out_dir), "dtype": dtype, "bytes": size}

@@ -99,3 +99,78 @@ def recover(target: str | Path) -> Path | None:
     return target if target.exists() else None
 
 
+
+
+def check_output_dir(target: str | Path, *, overwrite: bool = False, protect: tuple = (), what: str = "this") -> None:
+    """Refuse an output folder where writing would lose files tunelab did not write, before any work.
+
+    ``protect`` are folders that must never receive the output (a run directory: the target may be
+    neither it nor a folder inside it). Without ``overwrite`` the target must be absent or empty;
+    with it, only the files of the same names are replaced later (``files_into``)."""
+    target = Path(target)
+    resolved = target.resolve()
+    for p in protect:
+        p = Path(p).resolve()
+        if resolved == p or p in resolved.parents:
+            raise ValueError(f"{target}: this is {'the run directory' if resolved == p else 'inside the run directory'} "
+                             f"{p}; {what} would write beside the run's own files (config.yaml, method/, ...): "
+                             "choose a folder outside the run directory")
+    if target.exists() and not target.is_dir():
+        raise ValueError(f"{target} is a file, not a folder: choose a new or empty folder for the output")
+    if target.is_dir() and not overwrite:
+        entries = sorted(e.name for e in target.iterdir())
+        if entries:
+            more = f" and {len(entries) - 1} more" if len(entries) > 1 else ""
+            raise ValueError(f"{target} is not empty ({entries[0]}{more} would be at risk): choose a new or empty "
+                             "folder, or pass --overwrite to replace only the files of the same names")
+
+
+def _move_in(src: Path, dest: Path, overwrite: bool) -> None:
+    for entry in sorted(src.iterdir()):
+        to = dest / entry.name
+        if entry.is_dir() and to.is_dir():
+            _move_in(entry, to, overwrite)
+            continue
+        if to.exists() or to.is_symlink():
+            if not overwrite:
+                raise FileExistsError(f"{to} already exists and was not written by this command: nothing was "
+                                      "replaced; choose a new folder, or pass --overwrite to replace it")
+            if to.is_dir() != entry.is_dir():
+                raise FileExistsError(f"{to} is a {'folder' if to.is_dir() else 'file'} where tunelab writes a "
+                                      f"{'folder' if entry.is_dir() else 'file'}: move it away first")
+        os.replace(entry, to)
+
+
+@contextlib.contextmanager
+def files_into(target: str | Path, *, overwrite: bool = False):
+    """Yield a temporary folder beside ``target``; on success move its files into ``target``.
+
+    Unlike ``atomic_dir`` nothing else in ``target`` is touched: a new target appears whole (one
+    rename); into an existing one only the written files move, and with ``overwrite`` they replace
+    the files of the same names (without it, a name clash is an error and nothing is replaced)."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    readable(tmp, directory=True)
+    try:
+        yield tmp
+        for f in tmp.rglob("*"):
+            readable(f, directory=f.is_dir())
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+        if not target.exists():
+            os.replace(tmp, target)
+        else:
+            if not overwrite:  # check every name before moving any, so a clash replaces nothing
+                clash = [p for p in tmp.rglob("*") if p.is_file() and (target / p.relative_to(tmp)).exists()]
+                if clash:
+                    raise FileExistsError(f"{target / clash[0].relative_to(tmp)} already exists and was not written "
+                                          "by this command: nothing was replaced; choose a new folder, or pass "
+                                          "--overwrite to replace the files of the same names")
+            _move_in(tmp, target, overwrite)
+            shutil.rmtree(tmp, ignore_errors=True)
+        _fsync_dir(target.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

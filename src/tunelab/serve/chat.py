@@ -26,11 +26,40 @@ class Conversation:
         msgs += self.turns
         return msgs + ([{"role": "user", "content": user}] if user is not None else [])
 
-    def reply(self, user: str, write: Callable[[str], None]) -> str:
+    def fit(self, user: str, write: Callable[[str], None]) -> tuple[list[int], list[str], int] | None:
+        """The prompt ids, stop strings and answer budget for ``user``: the oldest exchanges are dropped
+        (the system message kept) until the prompt leaves room for an answer in the model's context, with
+        a one-line notice; the budget is --max-new-tokens cut to what is left. None (and a message) when
+        the message alone leaves no room."""
+        ctx = self.engine.context_len
+        reserve = min(self.params.max_tokens, 64)  # room an answer needs before old turns are dropped
+        dropped, kept = 0, self.turns
+        while True:
+            prompt, stops = render_chat(self.engine.tok, self.messages(user))
+            ids = self.engine.encode(prompt)
+            if not ctx or len(ids) + reserve <= ctx or not self.turns:
+                break
+            self.turns = self.turns[2:]
+            dropped += 1
+        left = ctx - len(ids) if ctx else self.params.max_tokens
+        if left < 1:  # the message alone does not fit: refused, the conversation kept whole
+            self.turns = kept
+            write(f"(this message is {len(ids)} tokens with the chat format; the model's context is {ctx} tokens: "
+                  "shorten it)\n")
+            return None
+        if dropped:
+            write(f"(the conversation outgrew the model's context of {ctx} tokens: dropped the oldest "
+                  f"{dropped} exchange{'s' if dropped > 1 else ''})\n")
+        return ids, stops, min(self.params.max_tokens, left)
+
+    def reply(self, user: str, write: Callable[[str], None]) -> str | None:
         """Stream the answer to ``user`` through ``write`` and add the exchange to the history."""
-        prompt, stops = render_chat(self.engine.tok, self.messages(user))
-        p = Params(**{**vars(self.params), "stop": list(self.params.stop) + stops})
-        req = self.engine.submit(self.engine.encode(prompt), p)
+        fitted = self.fit(user, write)
+        if fitted is None:
+            return None
+        ids, stops, budget = fitted
+        p = Params(**{**vars(self.params), "stop": list(self.params.stop) + stops, "max_tokens": budget})
+        req = self.engine.submit(ids, p)
         started = False
         try:
             for kind, value in req.events():
@@ -66,6 +95,8 @@ def command(conv: Conversation, line: str) -> str | None:
 
 def repl(conv: Conversation, banner: str, stdin=None, stdout=None) -> None:
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
+    if hasattr(stdin, "reconfigure"):  # bytes that are not UTF-8 reach us as surrogates: named, not a traceback
+        stdin.reconfigure(errors="surrogateescape")
     interactive = stdin.isatty()
     if interactive:
         try:
@@ -98,6 +129,14 @@ def repl(conv: Conversation, banner: str, stdin=None, stdout=None) -> None:
                 return
             write(msg + "\n")
             continue
+        try:
+            line.encode("utf-8")
+        except UnicodeEncodeError as e:
+            write(f"(that line is not UTF-8 text (byte {e.start + 1}); it was not sent)\n")
+            continue
         write("model> ")
-        conv.reply(line, write)
+        try:
+            conv.reply(line, write)
+        except (ValueError, RuntimeError) as e:  # the engine refused or failed: the conversation goes on
+            write(f"\n(error: {e})")
         write("\n")

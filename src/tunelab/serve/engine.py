@@ -106,8 +106,23 @@ def _stream_cut(text: str, stops: list[str], final: bool) -> int:
     return max(0, *(text.rfind(c, 0, cut + 1) for c in " \n\t"))
 
 
+def check_can_generate(model) -> None:
+    """ValueError unless ``model`` is a causal LM that can write text (an encoder such as BERT, a
+    classification head or a seq2seq model cannot be chatted with or served)."""
+    from tunelab.models import arch
+
+    name = type(model).__name__
+    can = getattr(model, "can_generate", None)
+    kind = arch.of(model).kind
+    if (callable(can) and not can()) or kind != "decoder" or getattr(model, "tunelab_new_head", None):
+        why = {"encoder": "an encoder", "seq2seq": "an encoder-decoder model"}.get(kind, "not a causal language model")
+        raise ValueError(f"{name} is {why}: it cannot generate text, so it cannot be chatted with or served; "
+                         "use a causal LM (or `tunelab predict` for a run with a task head)")
+
+
 class Engine:
     def __init__(self, model, tokenizer, *, max_batch: int = 8, batch_wait_ms: float = 5.0, max_queue: int = 64):
+        check_can_generate(model)
         self.model, self.tok = model.eval(), tokenizer
         self.max_batch, self.wait_s, self.max_queue = max_batch, batch_wait_ms / 1000, max_queue
         self.device = next(model.parameters()).device
@@ -127,6 +142,11 @@ class Engine:
     def submit(self, prompt_ids: list[int], params: Params, loop=None) -> Request:
         if not prompt_ids:
             raise ValueError("the prompt is empty (it encodes to no tokens)")
+        if params.seed is not None:
+            try:  # a seed torch cannot take (2**70) fails here, alone, not in the batch it would join
+                torch.Generator().manual_seed(params.seed)
+            except (RuntimeError, OverflowError, TypeError, ValueError) as e:
+                raise ValueError(f"seed={params.seed} cannot seed a generator ({e})") from None
         if self.context_len and len(prompt_ids) + params.max_tokens > self.context_len:
             raise ValueError(f"the prompt has {len(prompt_ids)} tokens; with max_tokens={params.max_tokens} it exceeds "
                              f"the model's context of {self.context_len} tokens")
@@ -162,13 +182,26 @@ class Engine:
             batch = self._take()
             if not batch:
                 continue
-            try:
-                self.run_batch(batch)
-            except Exception as e:  # noqa: BLE001  (reported to every client of the batch, the worker goes on)
-                for r in batch:
-                    if r.finish_reason is None:
-                        r.finish_reason = "error"
-                        r._emit("error", f"generation failed: {type(e).__name__}: {e}")
+            self._run_isolating(batch)
+
+    def _run_isolating(self, batch: list[Request]) -> None:
+        """Decode ``batch``; when it fails, the rows that had not produced a token yet are decoded again one
+        by one, so one bad request fails alone and the others get their answers (the worker goes on)."""
+        try:
+            self.run_batch(batch)
+        except Exception as e:  # noqa: BLE001
+            fresh = [r for r in batch if r.finish_reason is None and not r.tokens and not r.sent]
+            for r in batch:
+                if r.finish_reason is None and r not in fresh:
+                    r.finish_reason = "error"
+                    r._emit("error", f"generation failed: {type(e).__name__}: {e}")
+            if len(batch) == 1:
+                for r in fresh:
+                    r.finish_reason = "error"
+                    r._emit("error", f"generation failed: {type(e).__name__}: {e}")
+                return
+            for r in fresh:
+                self._run_isolating([r])
 
     def _advance(self, r: Request, token: int) -> None:
         """Add ``token`` to ``r``; stream what is settled; set ``finish_reason`` when the row is done."""

@@ -82,6 +82,11 @@ def targets_optional():
         _TARGETS_OPTIONAL.reset(token)
 
 
+def targets_are_optional() -> bool:
+    """Inside ``targets_optional()``: a family's reader accepts rows without their reference."""
+    return _TARGETS_OPTIONAL.get()
+
+
 def unreferenced(examples: list[dict], key: str) -> int:
     """How many examples have no reference in ``key``; when some lack one, logs that metrics are skipped."""
     n = sum(1 for ex in examples if not ex[key])

@@ -19,7 +19,15 @@ from tunelab.data.prompt_splicing import lm_features
 from tunelab.data.readers import read_records
 from tunelab.errors import DataError
 from tunelab.evaluation.scoring import classify, score_choices
-from tunelab.tasks.base import TASKS, HeadSpec, TaskConfig, field_name, render_prompt
+from tunelab.tasks.base import (
+    TASKS,
+    HeadSpec,
+    TaskConfig,
+    field_name,
+    render_prompt,
+    targets_are_optional,
+    unreferenced,
+)
 
 
 class ClassificationConfig(TaskConfig):
@@ -41,12 +49,16 @@ class Classification:
         keys = ["text", "label"] + (["text_pair"] if cfg.pair else [])
         cols = {k: field_name(cfg, k) for k in keys}
         texts = [c for k, c in cols.items() if k != "label"]
-        rows = read_records(source, skip_bad=skip_bad, quoting=cfg.quoting, limit=limit, required=list(cols.values()),
-                            text=texts)
+        optional = targets_are_optional()  # tunelab predict: rows without a label are predicted, not scored
+        rows = read_records(source, skip_bad=skip_bad, quoting=cfg.quoting, limit=limit,
+                            required=texts if optional else list(cols.values()), text=texts)
         out = []
         for r in rows:
             ex = {k: str(r[c]).strip() for k, c in cols.items() if k != "label"}
-            label = r[cols["label"]]
+            label = r.get(cols["label"])
+            if optional and (label is None or label == "" or (isinstance(label, float) and label != label)):
+                out.append({**ex, "label": "", "_where": r.get("_where", source)})
+                continue
             if isinstance(label, float) and label.is_integer():
                 label = int(label)
             if not isinstance(label, str | int):  # a list, a mapping, 0.5: never a class name
@@ -61,7 +73,11 @@ class Classification:
     def _labels(self, cfg, examples) -> list[str]:
         if cfg.labels:
             return cfg.labels
-        seen = sorted({ex["label"] for ex in examples}, key=lambda s: (not s.isdigit(), int(s) if s.isdigit() else 0, s))
+        seen = sorted({ex["label"] for ex in examples if ex["label"]},
+                      key=lambda s: (not s.isdigit(), int(s) if s.isdigit() else 0, s))
+        if not seen and examples:
+            raise DataError(f"{examples[0]['_where']}: the rows have no labels and task.labels is not set, so the "
+                            "classes are unknown: set task.labels (in label-id order)")
         return seen
 
     def label_id(self, ex: dict, labels: list[str]) -> int:
@@ -79,7 +95,8 @@ class Classification:
             raise ValueError(f"task.label_words has {len(cfg.label_words)} words {cfg.label_words} but there are "
                              f"{len(labels)} labels {labels}: give one word per label, in label order")
         for ex in eval_ex:
-            self.label_id(ex, labels)
+            if ex["label"]:  # a row without one (tunelab predict) is predicted, not scored
+                self.label_id(ex, labels)
 
     def fit(self, cfg, examples):
         """Complete the config from the training data: the label set when none was given."""
@@ -97,8 +114,9 @@ class Classification:
         return render_prompt(tokenizer, text, cfg.chat)
 
     def encode(self, ex, tokenizer, cfg, max_length) -> dict:
-        labels = self._labels(cfg, [ex])
-        y = self.label_id(ex, labels)
+        labels = self._labels(cfg, [ex]) if ex["label"] or not cfg.labels else cfg.labels
+        # only tunelab predict reads rows without a label (the template check encodes one): any class renders
+        y = self.label_id(ex, labels) if ex["label"] else 0
         if cfg.formulation == "head":
             return encode_head(tokenizer, ex["text"], ex.get("text_pair"), label=y, max_length=max_length)
         words = cfg.label_words or labels
@@ -133,7 +151,8 @@ class Classification:
 
     def evaluate(self, model, tokenizer, examples, cfg, *, batch_size=16, gen=None, split=False):
         labels = self._labels(cfg, examples)
-        gold = [self.label_id(ex, labels) for ex in examples]
+        missing = unreferenced(examples, "label")  # rows without a label (tunelab predict): predictions only
+        gold = [self.label_id(ex, labels) if ex["label"] else -1 for ex in examples]
         if cfg.formulation == "head":
             texts = [ex["text"] for ex in examples]
             pairs = [ex["text_pair"] for ex in examples] if cfg.pair else None
@@ -143,6 +162,10 @@ class Classification:
             prompts = [self.prompt(ex, tokenizer, cfg, labels) for ex in examples]
             scores = score_choices(model, tokenizer, prompts, [words] * len(prompts), batch_size=batch_size, split=split)
             pred = [max(range(len(s)), key=s.__getitem__) for s in scores]
+        if missing:
+            return {"n": len(examples), "without_reference": missing}, [
+                {"where": ex["_where"], "text": ex["text"], "prediction": labels[p], "reference": labels[g] if g >= 0 else None}
+                for ex, p, g in zip(examples, pred, gold, strict=True)]
         metrics = {"accuracy": sum(p == g for p, g in zip(pred, gold, strict=True)) / len(gold)}
         from sklearn.metrics import f1_score  # here: sklearn (+ scipy, pandas) costs seconds to import
 

@@ -65,6 +65,81 @@ def verify_checkpoint(path: str | Path, total: int | None = None, deep: bool = T
     return state
 
 
+def _whole(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def check_fits(path: str | Path, state: dict, model, optimizer, *, epoch_batches: int | None = None,
+               grad_accum: int = 1, global_batch: int | None = None) -> None:
+    """ValueError naming the file and the field unless the checkpoint fits this run exactly: every
+    trainable tensor is one the model's method owns, of its shape and a floating dtype (none missing);
+    every optimizer tensor belongs to a parameter and has its shape; every position field has its type
+    and range, and the step, epoch and batch agree with each other (``epoch_batches`` batches an epoch,
+    ``grad_accum`` of them a step), so the run would resume where it stopped, not elsewhere."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    state_p = path / "state.json"
+    pos = state.get("position")
+    if not isinstance(pos, dict):
+        raise ValueError(f"{state_p}: position is {pos!r}, not an object")
+    for key, ok, what in (("step", _whole, "a whole number"), ("epoch", _whole, "a whole number"),
+                          ("batch", _whole, "a whole number"), ("tokens", _whole, "a whole number")):
+        if key in pos and not (ok(pos[key]) and pos[key] >= 0):
+            raise ValueError(f"{state_p}: position.{key} is {pos[key]!r}, not {what} >= 0")
+    for key in ("epoch", "batch"):
+        if key not in pos:
+            raise ValueError(f"{state_p}: position.{key} is missing")
+    for key in ("train_time_s", "loss", "loss_sum", "best"):
+        v = pos.get(key)
+        if v is not None and not (isinstance(v, int | float) and not isinstance(v, bool) and np.isfinite(v)):
+            raise ValueError(f"{state_p}: position.{key} is {v!r}, not a finite number")
+    if epoch_batches:
+        if pos["batch"] > epoch_batches:
+            raise ValueError(f"{state_p}: position.batch {pos['batch']} is past the end of an epoch "
+                             f"({epoch_batches} batches)")
+        same_batches = global_batch is None or pos.get("global_batch", global_batch) == global_batch
+        done = pos["epoch"] * epoch_batches + pos["batch"]
+        if same_batches and done != pos["step"] * grad_accum:
+            raise ValueError(
+                f"{state_p}: position epoch {pos['epoch']}, batch {pos['batch']} is not where step {pos['step']} "
+                f"ends ({pos['step']} x {grad_accum} micro-batches of {epoch_batches} per epoch): the checkpoint "
+                "does not match this run's data, train.batch_size or train.grad_accum")
+    own = method_state_dict(model)
+    f = path / "trainable.safetensors"
+    with safe_open(str(f), framework="pt") as h:
+        keys = set(h.keys())
+        for key in sorted(keys):
+            if key not in own:
+                raise ValueError(f"{f}: tensor '{key}' is not one this run's method trains (the model or "
+                                 "method changed since the checkpoint?)")
+            shape = tuple(h.get_slice(key).get_shape())
+            if shape != tuple(own[key].shape):
+                raise ValueError(f"{f}: tensor '{key}' has shape {list(shape)}; the model's is {list(own[key].shape)}")
+    missing = sorted(set(own) - keys)
+    if missing:
+        raise ValueError(f"{f}: tensor '{missing[0]}' is missing ({len(missing)} of the method's {len(own)} tensors)")
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    f = path / "optimizer.safetensors"
+    with safe_open(str(f), framework="pt") as h:
+        for key in sorted(h.keys()):
+            idx, _, name = key.partition(".")
+            if not idx.isdigit() or int(idx) >= len(params):
+                raise ValueError(f"{f}: tensor '{key}' belongs to no parameter of this run's optimizer "
+                                 f"({len(params)} parameters)")
+            shape = tuple(h.get_slice(key).get_shape())
+            if shape and shape != tuple(params[int(idx)].shape):
+                raise ValueError(f"{f}: tensor '{key}' has shape {list(shape)}; its parameter's is "
+                                 f"{list(params[int(idx)].shape)}")
+    groups = state.get("optimizer", {}).get("param_groups") if isinstance(state.get("optimizer"), dict) else None
+    if not isinstance(groups, list) or len(groups) != len(optimizer.param_groups):
+        raise ValueError(f"{state_p}: optimizer.param_groups does not match this run's optimizer "
+                         f"({len(optimizer.param_groups)} group(s))")
+    if not isinstance(state.get("scheduler"), dict) or not isinstance(state.get("python_random"), list) \
+            or not isinstance(state.get("numpy_random"), list):
+        raise ValueError(f"{state_p}: scheduler / python_random / numpy_random missing or malformed")
+
+
 def save_checkpoint(path: Path, model, optimizer, scheduler, position: dict) -> None:
     """Every rank calls it (sharded tensors are gathered, each rank's RNG state is kept); only
     rank 0 writes."""

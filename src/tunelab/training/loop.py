@@ -51,10 +51,10 @@ from tunelab.tasks import TASKS
 from tunelab.training import cpu_attention, optimizer, tracking
 from tunelab.training.checkpoint import save_checkpoint
 from tunelab.training.divergence import check_step
-from tunelab.training.preflight import check_run, warn_rank
+from tunelab.training.preflight import check_data_sources, check_run, overlap_warning, warn_rank
 from tunelab.training.resume import start_position
 from tunelab.training.run_directory import BEST_JSON
-from tunelab.training.run_lock import RunLock, StopOnSignal, Stopped
+from tunelab.training.run_lock import RunLock, StopOnSignal, Stopped, stop_says_where
 
 # ---------------------------------------------------------------- environment
 
@@ -134,7 +134,8 @@ class Run:
         with autocast(self.device, self.amp):  # ranks share the examples unless the model is sharded
             metrics, preds = self.task.evaluate(self.model, self.tok, self.eval_ex, self.tcfg, batch_size=self.cfg.eval.batch_size,
                                                 gen=self.cfg.eval.gen(), split=not dist.is_sharded(self.model))
-        if self.cfg.eval.loss and "eval_loss" not in metrics:  # a task may report it itself (on the way)
+        # a task may report it itself (on the way); rows without references (tunelab predict) have none
+        if self.cfg.eval.loss and "eval_loss" not in metrics and not metrics.get("without_reference"):
             with autocast(self.device, self.amp):
                 metrics["eval_loss"] = self.eval_loss()
         self.eval_time_s = getattr(self, "eval_time_s", 0.0) + time.perf_counter() - t0  # every evaluation of the run
@@ -205,7 +206,11 @@ def _run(cfg: RunConfig, t_start: float) -> dict:
             resolve(cfg.model.name)
         dist.barrier_if(True)
     seed_all(cfg.train.seed)
+    check_data_sources(cfg.data.train, cfg.data.eval)  # before reading: a folder never swallows the eval file
     r = Run(cfg)
+    leak = overlap_warning(r.train_ex, r.eval_ex)
+    if leak:
+        dist.log(leak)
     out = r.dir
     lead = dist.is_lead()
     if lead:
@@ -216,7 +221,9 @@ def _run(cfg: RunConfig, t_start: float) -> dict:
     r.tracker = tracking.start(cfg, lead)
     record: dict = {}
     if cfg.eval.before and r.eval_ex:
-        before, _ = r.evaluate()
+        with stop_says_where("during the evaluation before training (eval.before): nothing was trained yet; "
+                             "run the same `tunelab train` command again to start"):
+            before, _ = r.evaluate()
         record["before"] = before
         if r.tracker:
             r.tracker.log_eval(0, before)
@@ -233,7 +240,10 @@ def _run(cfg: RunConfig, t_start: float) -> dict:
         if lead:
             check_tensors(method_state_dict(model), f"{out / 'method'} (the trained weights)")
             tunelab.save(model, out / "method")
-    final, preds = r.evaluate()
+    with stop_says_where(f"during the final evaluation: training finished and the trained method is saved in "
+                         f"{out / 'method'}, but metrics.json was not written; run the same `tunelab train` command "
+                         "again to evaluate it (nothing is trained again)"):
+        final, preds = r.evaluate()
     if getattr(r, "position", None) and r.position.get("best") is not None:  # evaluated during training
         _keep_best(model, final, out, r.position)
     record = {"metrics": final, **record}
@@ -260,10 +270,12 @@ def _train(r: Run, model, out: Path, lead: bool) -> dict:
     of the run's record (``run`` in metrics.json)."""
     tc = r.cfg.train
     feats = _train_features(r)
-    total = _total_steps(tc, len(_epoch_batches(r, feats.lengths, 0)))
+    epoch_batches = len(_epoch_batches(r, feats.lengths, 0))
+    total = _total_steps(tc, epoch_batches)
     base, model, levers = _prepare_model(r, model, feats)
     params, opt, sched, lr = _optimizer_and_schedule(r.cfg, model, total)
-    pos = start_position(out, tc, model, opt, sched, total=total, rows=len(feats.lengths), lead=lead)
+    pos = start_position(out, tc, model, opt, sched, total=total, rows=len(feats.lengths), lead=lead,
+                         epoch_batches=epoch_batches)
     if lead and pos["step"] == 0:  # starting afresh: a best checkpoint of an earlier run is not this run's
         shutil.rmtree(out / "checkpoints" / "best", ignore_errors=True)
     t = _Training(r=r, feats=feats, model=model, base=base, params=params, opt=opt, sched=sched, levers=levers,

@@ -84,3 +84,50 @@ def warn_rank(model, params: dict) -> list[str]:
     name, w = next(iter(narrow.items()))
     return [f"method rank r={r} is above the width of {len(narrow)} wrapped layer(s) (e.g. {name}: {w}); "
             f"a rank above min(in, out) adds parameters but no capacity"]
+
+
+def _local(source) -> object:
+    from pathlib import Path
+
+    if not source or str(source).startswith("hf:"):
+        return None
+    p = Path(str(source))
+    return p.resolve() if p.exists() else None
+
+
+def check_data_sources(train, eval_) -> None:
+    """Before reading: data.train and data.eval are not the same file, and a folder data set does not
+    hold the other split's file (every file of a folder is read: the eval set would be trained on)."""
+    t, e = _local(train), _local(eval_)
+    if t is None or e is None:
+        return
+    if t == e:
+        raise ValueError(f"data.train and data.eval are the same {'folder' if t.is_dir() else 'file'} ({train}): "
+                         "the model would be scored on the rows it trained on; give data.eval a held-out file")
+    for folder, inner, fkey, ikey in ((t, e, "data.train", "data.eval"), (e, t, "data.eval", "data.train")):
+        if folder.is_dir() and (inner.parent == folder or (inner.is_dir() and folder in inner.parents)):
+            raise ValueError(f"{fkey}={folder} is a folder and every file in it is read, including {ikey}={inner}: "
+                             f"the eval set would leak into training; move {inner.name} out of {folder} "
+                             f"(or point {fkey} at the files themselves)")
+
+
+def _fingerprint(ex: dict) -> str:
+    import hashlib
+    import json
+
+    content = {k: v for k, v in ex.items() if not k.startswith("_") and k != "id"}
+    return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def overlap_warning(train_ex: list[dict], eval_ex: list[dict]) -> str | None:
+    """A one-line warning when eval examples also occur in the training data (same content hash)."""
+    if not train_ex or not eval_ex:
+        return None
+    seen = {_fingerprint(ex) for ex in train_ex}
+    dup = [ex for ex in eval_ex if _fingerprint(ex) in seen]
+    if not dup:
+        return None
+    first = dup[0].get("_where")
+    return (f"warning: {len(dup)} of {len(eval_ex)} eval examples also occur in the training data (identical "
+            f"content{', e.g. ' + str(first) if first else ''}): the eval score overstates how the model does "
+            "on new data; remove them from one of the sets")

@@ -13,10 +13,11 @@ from pathlib import Path
 
 from tunelab.runtime import distributed as dist
 from tunelab.runtime.atomic_files import atomic_write_text, recover
-from tunelab.training.checkpoint import load_checkpoint, verify_checkpoint
+from tunelab.training.checkpoint import check_fits, load_checkpoint, verify_checkpoint
 
 
-def start_position(out: Path, tc, model, opt, sched, *, total: int, rows: int, lead: bool) -> dict:
+def start_position(out: Path, tc, model, opt, sched, *, total: int, rows: int, lead: bool,
+                   epoch_batches: int | None = None) -> dict:
     """Where training starts: step 0, or the checkpoint every process agrees on (``agree_last``),
     loaded into ``model``, ``opt`` and ``sched`` (the RNG states too). The lead process drops the
     log lines past it. ``pos`` holds the step/epoch/batch position, the best eval score and the
@@ -24,7 +25,11 @@ def start_position(out: Path, tc, model, opt, sched, *, total: int, rows: int, l
     per_rank = tc.batch_size
     pos = {"step": 0, "epoch": 0, "batch": 0, "best": None, "best_metric": None, "world": dist.world(), "global_batch": per_rank * dist.world(),
            "tokens": 0, "train_time_s": 0.0, "loss": None, "loss_sum": 0.0}
-    last = agree_last(out / "checkpoints", lead, total) if tc.resume else None
+    def fits(path: Path, state: dict) -> None:  # every tensor against the model, every field of the state
+        check_fits(path, state, dist.unwrap(model), opt, epoch_batches=epoch_batches, grad_accum=tc.grad_accum,
+                   global_batch=pos["global_batch"])
+
+    last = agree_last(out / "checkpoints", lead, total, fits) if tc.resume else None
     if last is not None:
         pos = {**pos, **load_checkpoint(last, dist.unwrap(model), opt, sched)}
         dist.check_resume(pos, per_rank, rows)
@@ -34,7 +39,7 @@ def start_position(out: Path, tc, model, opt, sched, *, total: int, rows: int, l
     return pos
 
 
-def agree_last(ckpt: Path, lead: bool, total: int) -> Path | None:
+def agree_last(ckpt: Path, lead: bool, total: int, fits=None) -> Path | None:
     """Rank 0 decides whether to resume and from which checkpoint: ``last``, else (with a message)
     ``prev`` when ``last`` is corrupt (it repairs a half-renamed one too); every rank must then find
     the same checkpoint, i.e. output_dir must be on a filesystem all nodes share."""
@@ -46,7 +51,10 @@ def agree_last(ckpt: Path, lead: bool, total: int) -> Path | None:
             if not cand.exists():
                 continue
             try:
-                choice = [cand.name, verify_checkpoint(cand, total)["position"]["step"]]
+                state = verify_checkpoint(cand, total)
+                if fits is not None:
+                    fits(cand, state)
+                choice = [cand.name, state["position"]["step"]]
                 break
             except ValueError as e:
                 problems.append(str(e))

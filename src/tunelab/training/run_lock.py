@@ -129,3 +129,22 @@ class StopOnSignal:
 
     def __exit__(self, *exc):
         self._restore()
+
+
+@contextlib.contextmanager
+def stop_says_where(where: str):
+    """Outside the step loop (evaluations): SIGTERM/SIGINT stop at once with ``Stopped`` saying
+    ``where`` it stopped and what is kept, instead of a bare KeyboardInterrupt traceback or a silent kill."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handle(signum, frame):
+        raise Stopped(f"stopped by {signal.Signals(signum).name} {where}", signum)
+
+    old = {s: signal.signal(s, handle) for s in StopOnSignal.SIGNALS}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
