@@ -265,7 +265,6 @@ def run_plan(
     before = previous_state(out_dir)
     state: dict[str, dict] = {job.name: {"state": "pending"} for job in jobs}
     manifest["state"] = state
-    slots = max(1, int(getattr(executor, "slots", 1) or 1))
     began: dict[str, float] = {}
     write_manifest(out_dir, manifest)
 
@@ -305,7 +304,7 @@ def run_plan(
             entry["where"] = done.where
         if error:
             entry["error"] = error
-        manifest["eta_s"] = eta_s(state, slots)
+        manifest["eta_s"] = eta_s(state, max(1, int(getattr(executor, "slots", 1) or 1)))  # may grow (Ray)
         write_manifest(out_dir, manifest)
 
     def stop_all() -> None:  # the sweep is stopping: the runs in flight saved a checkpoint
