@@ -136,12 +136,15 @@ class LocalExecutor:
                 for child in finished:
                     job, taken = running.pop(child)
                     free.extend(taken)
-                    if got and child.returncode != 0:
-                        stopped.append(job)  # stopped by the signal after saving its checkpoint
-                        continue
+                    rc = child.returncode
+                    if got and rc != 0:
+                        if not (job.run_dir / "metrics.json").exists():
+                            stopped.append(job)  # stopped by the signal after saving its checkpoint
+                            continue
+                        rc = 0  # it had finished (metrics.json is written last) when the signal came
                     error, metrics = None, None
                     try:
-                        metrics = train_result(job.run_dir, child.returncode)
+                        metrics = train_result(job.run_dir, rc)
                     except Exception as e:
                         error = e
                     yield Outcome(job, metrics, error)

@@ -224,6 +224,8 @@ class RayExecutor:
                         res = {"returncode": -1, "error": f"{type(e).__name__}: {e}".splitlines()[0]}
                     where = f"ray node {res['host']}" + (f" cuda:{res['gpus']}" if res.get("gpus") else "") \
                         if res.get("host") else None
+                    if got and (job.run_dir / "metrics.json").exists():
+                        res["returncode"] = 0  # it had finished (metrics.json is written last) when stopped
                     if got:
                         if res["returncode"] != 0:
                             stopped.append(job)

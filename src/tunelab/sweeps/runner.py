@@ -320,7 +320,7 @@ def run_plan(
             job, error = done.job, done.error
             at = f"[{job.index}/{job.total}] {job.name}"
             if isinstance(error, Stopped):
-                finish(done, "stopped")
+                finish(done, "done" if (job.run_dir / "metrics.json").exists() else "stopped")
                 stop_all()
                 raise error
             if error is not None:
