@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -199,3 +200,85 @@ def test_the_storage_probe_names_a_node_that_cannot_see_the_runs(tmp_path):
     problems = probe_problems(answers, "t", path)
     assert len(problems) == 2 and "node blind cannot read" in problems[0] and "node other sees another" in problems[1]
 
+
+
+class FakeRay:
+    """Enough of Ray's API for RayExecutor, running each task at once in this process: ``results``
+    gives, per run directory name, the task results to return in turn (then the real task body is not
+    run; a result with returncode 0 writes the run's metrics.json)."""
+
+    class Ref:
+        def __init__(self, value):
+            self.value = value
+
+    def __init__(self, results):
+        self.results, self.submitted = results, []
+
+    def is_initialized(self):
+        return True
+
+    def cluster_resources(self):
+        return {"CPU": 2.0}
+
+    def nodes(self):
+        return [{"Alive": True, "NodeID": "n1"}]
+
+    def remote(self, fn):
+        fake = self
+
+        class Remote:
+            def options(self, **kw):
+                return self
+
+            def remote(self, *args):
+                if fn.__name__ == "probe_task":
+                    return FakeRay.Ref(fn(*args))
+                run_dir = Path(args[1])
+                fake.submitted.append(run_dir.name)
+                res = fake.results[run_dir.name].pop(0)
+                if isinstance(res, Exception):
+                    return FakeRay.Ref(res)
+                if res["returncode"] == 0:
+                    (run_dir / "metrics.json").write_text(json.dumps({"metrics": {"accuracy": 1.0}, "run": {}}))
+                return FakeRay.Ref({"host": "node-a", **res})
+
+        return Remote()
+
+    def wait(self, refs, num_returns=1, timeout=None):
+        return list(refs)[:num_returns], list(refs)[num_returns:]
+
+    def get(self, ref):
+        if isinstance(ref, list):
+            return [self.get(r) for r in ref]
+        if isinstance(ref.value, Exception):
+            raise ref.value
+        return ref.value
+
+    def cancel(self, ref, force=False):
+        pass
+
+
+def test_ray_retries_a_failed_run_then_reports_it_and_the_others_finish(tmp_path, monkeypatch):
+    from test_compare import write_cfg
+    from tunelab.sweeps import compare as cmp
+    from tunelab.sweeps.ray_executor import RayExecutor
+
+    fake = FakeRay({
+        "lora-s0": [{"returncode": 1}, {"returncode": 0}],                      # fails once, then resumes
+        "loreft-s0": [RuntimeError("node died"), {"returncode": 1}, {"returncode": 1}],  # fails every attempt
+        "full-s0": [{"returncode": 0}],
+    })
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    strategies = types.ModuleType("ray.util.scheduling_strategies")
+    strategies.NodeAffinitySchedulingStrategy = lambda node, soft: None
+    monkeypatch.setitem(sys.modules, "ray.util.scheduling_strategies", strategies)
+    msgs = []
+    out = cmp.compare(write_cfg(tmp_path), (), ["lora", "loreft", "full"], [0], tmp_path / "cmp", say=msgs.append,
+                      executor=RayExecutor(retries=2))
+    assert sorted(fake.submitted) == ["full-s0", "lora-s0", "lora-s0", "loreft-s0", "loreft-s0", "loreft-s0"]
+    st = states(out)
+    assert st["lora-s0"]["state"] == "done" and st["lora-s0"]["attempts"] == 2 and st["lora-s0"]["where"] == "ray node node-a"
+    assert st["loreft-s0"]["state"] == "failed" and st["loreft-s0"]["attempts"] == 3
+    assert st["full-s0"]["state"] == "done"
+    assert "loreft-s0" in json.loads((out / "manifest.json").read_text())["failed"]
+    assert any("loreft-s0: training (retry 2 of 2)" in m for m in msgs)
