@@ -394,7 +394,8 @@ def previous_state(out_dir: Path) -> dict[str, dict]:
 
 
 def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S")
+    t = time.time()
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(t)) + f".{int(t % 1 * 1000):03d}"
 
 
 def write_manifest(out_dir: Path, manifest: dict) -> None:
