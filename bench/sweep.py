@@ -38,7 +38,7 @@ MODES = {
     "jobs2": ["--jobs", "2"],
     "ray": ["--executor", "ray"],
 }
-METHODS = ["full", "lora:r=4", "loreft:r=2"]
+METHODS = ["full", "lora:r=4", "loreft:rank=2"]
 
 
 def setup(root: Path, steps: int) -> Path:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -23,7 +24,7 @@ from tunelab.sweeps.runner import SerialExecutor
 # columns of results.csv that measure the machine, not the training
 MACHINE = {"data_seconds", "eval_time_s", "wall_time_s", "train_tokens_per_s", "peak_memory_mb", "train_time_s",
            "run_dir", "data_cached", "held_weights_mb"}
-LONG_STEPS = 600
+LONG_STEPS = 1000
 METHODS = [{"name": "full", "label": "short", "train": {"max_steps": 2}},
            {"name": "lora", "r": 2, "label": "long", "train": {"max_steps": LONG_STEPS, "lr": 1e-3}}]
 
@@ -125,11 +126,20 @@ def test_sigterm_stops_every_job_and_the_rerun_retrains_nothing_finished(cfg_pat
         log = long / "log.jsonl"
         return log.exists() and log.read_text().strip() != ""
 
-    def short_done_long_training():
-        return (out / "manifest.json").exists() and states(out)["short-s0"]["state"] == "done" and long_is_training()
+    def short_done():
+        return (out / "manifest.json").exists() and states(out)["short-s0"]["state"] == "done"
 
-    wait_for("the sweep to record the short run done while the long one trains", short_done_long_training, proc)
-    proc.send_signal(signal.SIGTERM)  # what `kill <pid>` or a scheduler's preemption does
+    # The long run is held (SIGSTOP) once it trains, so that it is mid-run when the sweep is stopped
+    # however fast or loaded the machine is.
+    wait_for("the long run to log a step", long_is_training, proc)
+    held = json.loads((long / ".tunelab.lock").read_text())["pid"]
+    os.kill(held, signal.SIGSTOP)
+    try:
+        wait_for("the sweep to record the short run done", short_done, proc)
+        proc.send_signal(signal.SIGTERM)  # what `kill <pid>` or a scheduler's preemption does
+        time.sleep(1)  # the sweep passes it on to the (held) long run
+    finally:
+        os.kill(held, signal.SIGCONT)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 128 + signal.SIGTERM, err
     st = states(out)
@@ -188,6 +198,18 @@ def test_cpu_cores_are_split_between_jobs_and_gpus_given_one_per_run(cfg_path):
     assert env["CUDA_VISIBLE_DEVICES"] == "2,3" and nproc == 2 and taken == ["2", "3"] and "cuda:2,3" in where
     with pytest.raises(ValueError, match="at most 2 runs at once"):
         LocalExecutor(3, 2, gpus=["0", "1", "2", "3"])
+
+
+def test_the_sweep_section_chooses_the_executor(monkeypatch):
+    from tunelab.sweeps import executors
+
+    monkeypatch.setattr(executors, "visible_gpus", lambda: [])
+    assert isinstance(executors.executor_from({}), SerialExecutor)  # the CPU default: one run at a time
+    local = executors.executor_from({"executor": "local", "jobs": 2})
+    assert isinstance(local, executors.LocalExecutor) and local.jobs == 2
+    assert executors.executor_from({"jobs": 2}, jobs=1).__class__ is SerialExecutor  # the command line wins
+    monkeypatch.setattr(executors, "visible_gpus", lambda: ["0", "1", "2"])
+    assert executors.executor_from({}).jobs == 3  # CUDA: one run per GPU
 
 
 def test_the_storage_probe_names_a_node_that_cannot_see_the_runs(tmp_path):
