@@ -283,10 +283,28 @@ def test_the_runner_takes_outcomes_in_any_order_and_a_stop_ends_the_sweep(tmp_pa
     msgs = []
     manifest = run_plan(out, {"kind": "compare"}, plan, executor=AllAtOnce(RuntimeError("boom")), say=msgs.append)
     assert manifest["failed"] == {"b": "RuntimeError: boom"}
-    assert msgs == ["[1/3] a: training", "[2/3] b: training", "[3/3] c: training", "[2/3] b: FAILED RuntimeError: boom"]
+    assert msgs[:3] == ["[1/3] a: training", "[2/3] b: training", "[3/3] c: training"]
+    assert [m.split(" in ")[0] for m in msgs[3:]] == ["[3/3] c: done", "[2/3] b: FAILED RuntimeError: boom", "[1/3] a: done"]
     assert json.loads((out / "runs" / "a" / "metrics.json").read_text()) == {"accuracy": 0.5}
+    state = json.loads((out / "manifest.json").read_text())["state"]
+    assert {n: e["state"] for n, e in state.items()} == {"a": "done", "b": "failed", "c": "done"}
+    assert state["b"]["error"] == "RuntimeError: boom" and state["a"]["attempts"] == 1 and "wall_s" in state["a"]
     # rerun: a and c are reused; b is stopped by a signal, which ends the sweep with the manifest written
     stopper = AllAtOnce(Stopped("stopped by SIGTERM", 15))
     with pytest.raises(Stopped):
         run_plan(out, {"kind": "compare", "again": True}, plan, executor=stopper, say=quiet)
-    assert stopper.closed and json.loads((out / "manifest.json").read_text())["again"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert stopper.closed and manifest["again"]
+    assert {n: e["state"] for n, e in manifest["state"].items()} == {"a": "done", "b": "stopped", "c": "done"}
+    assert manifest["state"]["a"]["reused"]
+
+
+def test_the_first_seed_of_every_method_comes_first(tmp_path, fake):
+    f = fake()
+    cmp.compare(write_cfg(tmp_path), (), ["lora", "loreft", "full"], [0, 1], tmp_path / "cmp", say=quiet,
+                executor=f.executor)
+    assert [c.run_dir().name for c in f.calls] == ["lora-s0", "loreft-s0", "full-s0", "lora-s1", "loreft-s1", "full-s1"]
+    # the manifest keeps the plan's order (the report's), the progress lines say the order trained
+    manifest = json.loads((tmp_path / "cmp" / "manifest.json").read_text())
+    assert [r["run"] for r in manifest["runs"]][:2] == ["lora-s0", "lora-s1"]
+    assert all(e["state"] == "done" for e in manifest["state"].values()) and manifest["eta_s"] is None

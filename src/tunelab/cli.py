@@ -1,5 +1,5 @@
-"""The command line: ``tunelab train | eval | predict | chat | serve | compare | advise | report | scale | merge |
-export | bench | methods | tasks | models``. Every command takes ``--help``."""
+"""The command line: ``tunelab train | eval | predict | chat | serve | compare | advise | report | scale | status |
+merge | export | bench | methods | tasks | models``. Every command takes ``--help``."""
 
 from __future__ import annotations
 
@@ -346,6 +346,20 @@ def _numbers(text: str | None) -> list | None:
     return [yaml.safe_load(t) for t in _split(text)] if text else None
 
 
+EXECUTOR = typer.Option(None, "--executor", help="local (default: runs at once on this machine) | ray (a Ray cluster)")
+JOBS = typer.Option(None, "--jobs", min=1, help="local: runs at once (default: one per GPU, else 1); CPU cores are split between them")
+GPUS_PER_RUN = typer.Option(None, "--gpus-per-run", min=1, help="GPUs each run gets (k > 1: started under torchrun --nproc_per_node k)")
+RAY_ADDRESS = typer.Option(None, "--ray-address", help="ray: auto (the running cluster) | ray://head:10001 (default: a local one)")
+STORAGE = typer.Option(None, "--storage", help="ray: a directory every node mounts; --out must lie inside it (default: --out)")
+RETRIES = typer.Option(None, "--retries", min=0, help="ray: attempts after a run fails, each resuming from its checkpoint (default 1)")
+
+
+def _executor_options(jobs, gpus_per_run, ray_address, storage, retries) -> dict:
+    given = {"jobs": jobs, "gpus_per_run": gpus_per_run, "ray_address": ray_address, "storage": storage,
+             "retries": retries}
+    return {k: v for k, v in given.items() if v is not None}
+
+
 @app.command()
 def compare(
     config: Path = typer.Argument(..., help="run YAML (may hold a compare: {methods, seeds} section)"),
@@ -356,13 +370,20 @@ def compare(
     metric: str = typer.Option(None, help="metric to rank by (default: the task's primary metric)"),
     budget: str = typer.Option(None, "--budget", help="match budgets by steps (default) | time | flops"),
     tune: str = typer.Option(None, "--tune", help="lr: pick each method's lr (x1/3, x1, x3) on a split of the training data"),
+    executor: str = EXECUTOR,
+    jobs: int = JOBS,
+    gpus_per_run: int = GPUS_PER_RUN,
+    ray_address: str = RAY_ADDRESS,
+    storage: str = STORAGE,
+    retries: int = RETRIES,
 ):
     """Run several methods on the same task, data, budget and seeds (3 by default); write results.csv, a Markdown table with 95% CIs and paired tests, plots and report.html. Rerun to resume."""
     from tunelab.sweeps.compare import compare as run_compare
 
     seed_list = _ints(seeds, "--seeds", minimum=0)
     out_dir = _guard(run_compare, config, overrides or [], _split(methods), seed_list, out, metric=metric,
-                     budget=budget, tune=tune)
+                     budget=budget, tune=tune, executor=executor,
+                     executor_options=_executor_options(jobs, gpus_per_run, ray_address, storage, retries))
     _report_summary(out_dir)
 
 
@@ -378,6 +399,12 @@ def advise(
     verify: bool = typer.Option(None, "--verify/--no-verify", help="also train at the full size: prediction vs truth"),
     verify_seeds: str = typer.Option(None, "--verify-seeds", help="seeds for the full-size check (default: all)"),
     out: Path = typer.Option(None, "--out", help="output directory (default runs/advise-<config>)"),
+    executor: str = EXECUTOR,
+    jobs: int = JOBS,
+    gpus_per_run: int = GPUS_PER_RUN,
+    ray_address: str = RAY_ADDRESS,
+    storage: str = STORAGE,
+    retries: int = RETRIES,
 ):
     """Which method will win at your full data size: fit each method's scaling law on small runs and predict, with intervals and the sizes where the ranking flips."""
     from tunelab.sweeps.advise import advise as run_advise
@@ -386,7 +413,8 @@ def advise(
     size_list = _ints(sizes, "--sizes", minimum=1)
     out_dir = _guard(run_advise, config, overrides or [], _split(methods), size_list, full_size, out,
                      seeds=seed_list, budget=budget, verify=verify,
-                     verify_seeds=_ints(verify_seeds, "--verify-seeds", minimum=0))
+                     verify_seeds=_ints(verify_seeds, "--verify-seeds", minimum=0), executor=executor,
+                     executor_options=_executor_options(jobs, gpus_per_run, ray_address, storage, retries))
     _report_summary(out_dir)
 
 
@@ -399,6 +427,12 @@ def scale(
     values: str = typer.Option(None, "--values", help="comma list of the factor's values"),
     out: Path = typer.Option(None, "--out", help="output directory"),
     holdout: int = typer.Option(None, help="how many of the largest sizes to hold out and predict"),
+    executor: str = EXECUTOR,
+    jobs: int = JOBS,
+    gpus_per_run: int = GPUS_PER_RUN,
+    ray_address: str = RAY_ADDRESS,
+    storage: str = STORAGE,
+    retries: int = RETRIES,
 ):
     """Sweep data size against a second factor and fit L(X, D) = A X^-alpha D^-beta + E (and the additive form)."""
     from tunelab.sweeps.compare import scale as run_scale
@@ -406,7 +440,9 @@ def scale(
     size_list = _ints(sizes, "--sizes")
     if size_list and min(size_list) < 1:
         _fail(f"--sizes: every size must be at least 1 (got {min(size_list)})")
-    out_dir = _guard(run_scale, config, overrides or [], size_list, factor, _numbers(values), out, holdout=holdout)
+    out_dir = _guard(run_scale, config, overrides or [], size_list, factor, _numbers(values), out, holdout=holdout,
+                     executor=executor,
+                     executor_options=_executor_options(jobs, gpus_per_run, ray_address, storage, retries))
     _report_summary(out_dir)
     fit = out_dir / "scaling.json"
     if fit.exists():
@@ -424,6 +460,14 @@ def report(directory: Path = typer.Argument(..., help="a compare or scale output
     html = _guard(build_report, directory, metric, interval=interval)
     _report_summary(directory)
     typer.echo(f"report: {html}")
+
+
+@app.command()
+def status(directory: Path = typer.Argument(..., help="a compare, scale or advise output directory")):
+    """Where a sweep stands (from another shell too): each run's state, where it ran, its wall time, and the time left."""
+    from tunelab.sweeps.status import format_status
+
+    typer.echo(_guard(format_status, directory))
 
 
 def _report_summary(out_dir: Path) -> None:

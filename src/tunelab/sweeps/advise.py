@@ -31,6 +31,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from tunelab.report import build_report
+from tunelab.sweeps.executors import executor_from
 from tunelab.sweeps.runner import Executor, PlannedRun, first_configs, run_plan, to_stderr
 from tunelab.sweeps.spec import (
     FACTOR_KEYS,
@@ -60,12 +61,16 @@ def advise(
     verify_seeds: list[int] | None = None,
     keep_going: bool = True,
     say: Callable[[str], None] = to_stderr,
-    executor: Executor | None = None,
+    executor: Executor | str | None = None,
+    executor_options: dict | None = None,
 ) -> Path:
     """Run the small-size sweep (and, with ``verify``, the full size), then write the advice.
-    ``executor`` trains the runs (see tunelab.sweeps.runner)."""
+    ``executor`` trains the runs: an ``Executor``, or "local" / "ray" with ``executor_options``
+    (jobs, gpus_per_run, ray_address, storage, retries; see tunelab.sweeps.executors); default: the
+    section's ``executor`` keys, else local."""
     raw, sweep = read_sweep_config(cfg_path, overrides)
     section = sweep.get("advise", {})
+    executor = executor_from(section, executor, **(executor_options or {}))
     entries = methods or section.get("methods")
     if not entries:
         raise ValueError("no methods to advise on: pass --methods a,b or add advise.methods to the config")

@@ -5,8 +5,9 @@ factor), the seed, ``data.max_train`` (scale) and ``output_dir`` change. Runs go
 ``OUT/runs/<label>-s<seed>`` (compare) or ``OUT/runs/<value>-n<size>-s<seed>`` (scale). A run whose
 ``metrics.json`` exists is finished and reused, so an interrupted comparison continues where it stopped
 (an unfinished run is started again; the training loop resumes it from its own checkpoints). The runs
-are trained by ``tunelab.sweeps.runner`` with the ``executor`` given (default: one after another, each in
-its own ``tunelab train`` process).
+are trained by ``tunelab.sweeps.runner`` with the ``executor`` given (default: the section's
+``executor``/``jobs`` keys, else one after another on the CPU or one run per GPU at once, each in its own
+``tunelab train`` process; see ``tunelab.sweeps.executors``).
 
 The sweep may be given in the YAML beside the run config; CLI arguments win over it:
 
@@ -31,6 +32,7 @@ from pathlib import Path
 
 from tunelab.report import build_report
 from tunelab.sweeps import lr_search
+from tunelab.sweeps.executors import executor_from
 from tunelab.sweeps.runner import Executor, PlannedRun, first_configs, run_plan, to_stderr
 from tunelab.sweeps.spec import (
     FACTOR_KEYS,
@@ -89,17 +91,21 @@ def compare(
     tune: str | None = None,
     keep_going: bool = True,
     say: Callable[[str], None] = to_stderr,
-    executor: Executor | None = None,
+    executor: Executor | str | None = None,
+    executor_options: dict | None = None,
 ) -> Path:
     """Run each method x seed on the config's task, then write the report; returns ``out_dir``.
 
     ``budget`` (or compare.budget): "steps" (default), "time" or "flops" (see tunelab.sweeps.budget).
     ``tune`` (or compare.tune): "lr" runs a small learning-rate search per method first (tunelab.sweeps.lr_search).
-    Seeds default to three: train.seed, +1, +2. ``executor`` trains the runs (see tunelab.sweeps.runner)."""
+    Seeds default to three: train.seed, +1, +2. ``executor`` trains the runs: an ``Executor``, or "local" / "ray" with ``executor_options``
+    (jobs, gpus_per_run, ray_address, storage, retries; see tunelab.sweeps.executors); default: the
+    section's ``executor`` keys, else local."""
     from tunelab.report.stats import environment
 
     raw, sweep = read_sweep_config(cfg_path, overrides)
     section = sweep.get("compare", {})
+    executor = executor_from(section, executor, **(executor_options or {}))
     entries = methods or section.get("methods")
     if not entries:
         raise ValueError("no methods to compare: pass --methods a,b or add compare.methods to the config")
@@ -142,12 +148,16 @@ def scale(
     holdout: int | None = None,
     keep_going: bool = True,
     say: Callable[[str], None] = to_stderr,
-    executor: Executor | None = None,
+    executor: Executor | str | None = None,
+    executor_options: dict | None = None,
 ) -> Path:
     """Sweep data.max_train over ``sizes`` against ``factor`` in ``values``, fit the laws, report.
-    ``executor`` trains the runs (see tunelab.sweeps.runner)."""
+    ``executor`` trains the runs: an ``Executor``, or "local" / "ray" with ``executor_options``
+    (jobs, gpus_per_run, ray_address, storage, retries; see tunelab.sweeps.executors); default: the
+    section's ``executor`` keys, else local."""
     raw, sweep = read_sweep_config(cfg_path, overrides)
     section = sweep.get("scale", {})
+    executor = executor_from(section, executor, **(executor_options or {}))
     sizes = [int(s) for s in (sizes or section.get("sizes") or DEFAULT_SIZES)]
     factor = factor or section.get("factor")
     values = values or section.get("values")

@@ -12,19 +12,30 @@ plan, a list of ``PlannedRun`` (its manifest entry and its config as a raw dict,
 - says ``[i/N] <run>: ...`` for each run, and records a failed run and goes on (``keep_going``).
 
 How the runs train is the executor's part (``Executor``): it is given every job at once and yields
-each one's ``Outcome`` as it finishes, so an executor may train several at a time. Today's, and the
-default, is ``SerialExecutor()``: one run after another in plan order, each in its own
-``tunelab train`` process. Tests pass ``SerialExecutor(fake_train)``.
+each one's ``Outcome`` as it finishes, so an executor may train several at a time. ``SerialExecutor()``
+trains one run after another, each in its own ``tunelab train`` process (tests pass
+``SerialExecutor(fake_train)``); ``tunelab.sweeps.executors`` has the parallel ones (``LocalExecutor``:
+several runs at once on one machine, ``RayExecutor``: a Ray cluster) and ``executor_from`` (the
+``--executor``/``--jobs`` options).
+
+The jobs are ordered so that the first seed of every label (method) comes before any second seed: a
+sweep stopped half-way (or a budget running out) has one complete comparison first. The manifest's
+``state`` holds each run's state (``pending``, ``running``, ``done``, ``failed``, ``stopped``: stopped by
+a signal after saving a checkpoint), where it ran, its wall time and attempts, and ``eta_s``, the time
+left estimated from the finished runs' wall times; ``tunelab status DIR`` prints it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,11 +104,13 @@ class Job:
 @dataclass(frozen=True)
 class Outcome:
     """What training one job gave: its metrics (may be None; the run directory's metrics.json is the
-    record), or the exception that ended it."""
+    record), or the exception that ended it; ``where`` it ran when the executor knows it better than
+    it did at the start (a Ray node)."""
 
     job: Job
     metrics: dict | None = None
     error: Exception | None = None
+    where: str | None = None
 
 
 class Executor(Protocol):
@@ -107,6 +120,9 @@ class Executor(Protocol):
     job it trained, each as it finishes (in any order). Just before launching a job it calls
     ``start(job)``, in the thread iterating it; when that returns False the job is not trained and no
     outcome is yielded (it finished before, or another process holds it; the runner has said why).
+    ``start`` also takes ``where=`` (the machine and devices, for the manifest) and ``note=`` (e.g.
+    "retry 1 of 2"; a job may be started again after a failed attempt). An executor may have ``slots``
+    (how many jobs it trains at once; 1 when absent), used for the ETA.
     An ``Exception`` raised while training a job (``Stopped`` by a signal included) is yielded as that
     job's ``Outcome.error``, never raised; the runner decides whether the sweep goes on. When the
     runner stops iterating early it closes the iterator (``close()``, as for a generator): an executor
@@ -125,24 +141,51 @@ def train_in_subprocess(cfg: RunConfig) -> dict | None:
     Peak memory (RSS never shrinks), threads and any state a method leaves behind then belong to that
     run alone, as when a user runs it by itself. SIGTERM/SIGINT are passed on to the run, which saves a
     checkpoint and stops; this then raises ``Stopped`` so the sweep starts nothing more."""
+    child = launch_train(cfg)
+    with forward_signals(child) as got:
+        returncode = child.wait()
+    return train_result(cfg.run_dir(), returncode, got[0] if got else None)
+
+
+def write_request(cfg: RunConfig) -> Path:
+    """Write the run's config as ``<run_dir>/requested.yaml`` (what ``tunelab train`` is given)."""
     from tunelab.config import dump_config
 
     run_dir = cfg.run_dir()
     run_dir.mkdir(parents=True, exist_ok=True)
     spec = run_dir / "requested.yaml"
     atomic_write_text(spec, dump_config(cfg))
-    with open(run_dir / "train.out", "w") as out:
-        # Its own session: a terminal's Ctrl-C reaches only us, and we pass it on exactly once.
-        child = subprocess.Popen([sys.executable, "-m", "tunelab", "train", str(spec)], stdout=out,
-                                 stderr=subprocess.STDOUT, start_new_session=True)
-        with forward_signals(child) as got:
-            returncode = child.wait()
-    if got:
-        raise Stopped(f"stopped by {signal.Signals(got[0]).name}: the run in {run_dir} saved a checkpoint and "
-                      "stopped; rerun the same command to continue the comparison where it stopped", got[0])
+    return spec
+
+
+def train_command(spec: Path, nproc: int = 1) -> list[str]:
+    """``tunelab train SPEC`` with this Python, under ``torchrun`` (one process per GPU) when ``nproc`` > 1."""
+    if nproc > 1:
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+                "-m", "tunelab", "train", str(spec)]
+    return [sys.executable, "-m", "tunelab", "train", str(spec)]
+
+
+def launch_train(cfg: RunConfig, env: dict[str, str] | None = None, nproc: int = 1) -> subprocess.Popen:
+    """Start ``tunelab train`` for ``cfg`` (output to ``<run_dir>/train.out``), with ``env`` added to
+    this process's environment; returns the child, in its own session (a terminal's Ctrl-C reaches
+    only the sweep, which passes it on exactly once)."""
+    spec = write_request(cfg)
+    with open(cfg.run_dir() / "train.out", "w") as out:
+        return subprocess.Popen(train_command(spec, nproc), stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True, env={**os.environ, **(env or {})})
+
+
+def train_result(run_dir: Path, returncode: int, signum: int | None = None) -> dict | None:
+    """The metrics of a finished ``tunelab train`` child; ``Stopped`` when ``signum`` was passed on to
+    it (it saved a checkpoint, or finished), RuntimeError with the end of its train.out when it failed."""
+    if signum is not None:
+        raise Stopped(f"stopped by {signal.Signals(signum).name}: the run in {run_dir} saved a checkpoint and "
+                      "stopped; rerun the same command to continue the sweep where it stopped", signum)
     if returncode != 0:
-        tail = (run_dir / "train.out").read_text().strip().splitlines()[-5:]
-        raise RuntimeError(f"training exited with status {returncode}; last lines of {run_dir / 'train.out'}:\n" + "\n".join(tail))
+        out = run_dir / "train.out"
+        tail = out.read_text(errors="replace").strip().splitlines()[-5:] if out.exists() else []
+        raise RuntimeError(f"training exited with status {returncode}; last lines of {out}:\n" + "\n".join(tail))
     return read_metrics(run_dir)
 
 
@@ -205,57 +248,154 @@ def run_plan(
     say: Callable[[str], None] = to_stderr,
 ) -> dict:
     """Train every run of ``plan`` under ``out_dir/runs`` with ``executor`` (default ``SerialExecutor()``)
-    and record them in ``out_dir/manifest.json`` (``manifest`` plus ``failed``); returns the manifest.
+    and record them in ``out_dir/manifest.json`` (``manifest`` plus ``failed`` and ``state``); returns the
+    manifest.
 
-    Every config is validated before any run starts. A run with a ``metrics.json`` is reused, a run
-    another process holds locked is skipped and recorded as failed. A failed run is recorded and the
-    rest go on, unless ``keep_going`` is False (then its exception is raised). ``Stopped`` (a signal)
-    writes the manifest and is raised: rerunning the sweep continues it."""
+    Every config is validated before any run starts. The runs are trained first seeds first
+    (``budget_order``). A run with a ``metrics.json`` is reused, a run another process holds locked is
+    skipped and recorded as failed. A failed run is recorded and the rest go on, unless ``keep_going`` is
+    False (then its exception is raised). ``Stopped`` (a signal) writes the manifest and is raised:
+    rerunning the sweep continues it."""
     cfgs = [run.config() for run in plan]
-    jobs = [Job(run.name, cfg, out_dir / "runs" / run.name, i, len(plan))
-            for i, (run, cfg) in enumerate(zip(plan, cfgs, strict=True), 1)]
+    order = budget_order(plan)
+    jobs = [Job(plan[i].name, cfgs[i], out_dir / "runs" / plan[i].name, n, len(plan)) for n, i in enumerate(order, 1)]
     executor = executor or SerialExecutor()
     failed: dict[str, str] = {}
     manifest["failed"] = failed
+    before = previous_state(out_dir)
+    state: dict[str, dict] = {job.name: {"state": "pending"} for job in jobs}
+    manifest["state"] = state
+    began: dict[str, float] = {}
     write_manifest(out_dir, manifest)
 
-    def start(job: Job) -> bool:
-        where = f"[{job.index}/{job.total}] {job.name}"
+    def start(job: Job, where: str | None = None, note: str | None = None) -> bool:
+        at = f"[{job.index}/{job.total}] {job.name}"
+        entry = state[job.name]
         if (job.run_dir / "metrics.json").exists():
-            say(f"{where}: finished before, reused")
+            say(f"{at}: finished before, reused")
             if config_changed(job.run_dir, job.config):
                 say(f"  warning: {job.run_dir / 'config.yaml'} differs from this config; delete the run to redo it")
+            old = before.get(job.name) or {}
+            entry.update({k: old[k] for k in ("where", "wall_s", "attempts") if k in old}, state="done", reused=True)
+            write_manifest(out_dir, manifest)
             return False
         holder = locked_by(job.run_dir)
         if holder:  # another process trains it right now: never start a second writer
             failed[job.name] = f"locked: {job.run_dir} is being written by {holder}"
-            say(f"{where}: SKIPPED, {job.run_dir} is locked by {holder}")
+            entry.update(state="failed", error=failed[job.name])
+            say(f"{at}: SKIPPED, {job.run_dir} is locked by {holder}")
+            write_manifest(out_dir, manifest)
             return False
-        say(f"{where}: training")
+        say(f"{at}: training" + (f" ({note})" if note else "") + (f" on {where}" if where else ""))
+        began[job.name] = time.time()
+        entry.pop("error", None)
+        entry.update(state="running", where=where or socket.gethostname(), started=_now(),
+                     attempts=entry.get("attempts", 0) + 1)
+        failed.pop(job.name, None)
+        write_manifest(out_dir, manifest)
         return True
+
+    def finish(done: Outcome, new_state: str, error: str | None = None) -> None:
+        entry = state[done.job.name]
+        entry.update(state=new_state, finished=_now())
+        if done.job.name in began:
+            entry["wall_s"] = round(time.time() - began.pop(done.job.name), 2)
+        if done.where:
+            entry["where"] = done.where
+        if error:
+            entry["error"] = error
+        manifest["eta_s"] = eta_s(state, max(1, int(getattr(executor, "slots", 1) or 1)))  # may grow (Ray)
+        write_manifest(out_dir, manifest)
+
+    def stop_all() -> None:  # the sweep is stopping: the runs in flight saved a checkpoint
+        for entry in state.values():
+            if entry["state"] == "running":
+                entry["state"] = "stopped"
+        manifest["eta_s"] = None
+        write_manifest(out_dir, manifest)
 
     outcomes = iter(executor.execute(jobs, start))
     try:
         for done in outcomes:
             job, error = done.job, done.error
+            at = f"[{job.index}/{job.total}] {job.name}"
             if isinstance(error, Stopped):
-                write_manifest(out_dir, manifest)
+                finish(done, "done" if (job.run_dir / "metrics.json").exists() else "stopped")
+                stop_all()
                 raise error
             if error is not None:
+                finish(done, "failed", f"{type(error).__name__}: {error}")
                 if not keep_going:
                     raise error
                 # one bad method must not sink the whole comparison
                 failed[job.name] = f"{type(error).__name__}: {error}"
-                say(f"[{job.index}/{job.total}] {job.name}: FAILED {type(error).__name__}: {error}")
+                write_manifest(out_dir, manifest)
+                say(f"{at}: FAILED {type(error).__name__}: {error}")
                 continue
             if done.metrics and not (job.run_dir / "metrics.json").exists():  # keep the "finished" marker true
                 atomic_write_text(job.run_dir / "metrics.json", json.dumps(done.metrics, indent=2, default=str))
+            finish(done, "done")
+            say(f"{at}: done in {state[job.name]['wall_s']:.1f}s" + progress_note(state, manifest.get("eta_s")))
+    except BaseException:
+        stop_all()
+        raise
     finally:
         close = getattr(outcomes, "close", None)
         if close is not None:  # a generator: its jobs still in flight are stopped
             close()
+    manifest["eta_s"] = None
     write_manifest(out_dir, manifest)
     return manifest
+
+
+def budget_order(plan: Sequence[PlannedRun]) -> list[int]:
+    """Plan indices, first runs of every label first, then every label's second run, ... (plan order
+    within a round): the first complete seed of every method arrives first."""
+    seen: dict[str, int] = {}
+    rank = []
+    for run in plan:
+        rank.append(seen.get(run.label, 0))
+        seen[run.label] = rank[-1] + 1
+    return sorted(range(len(plan)), key=lambda i: (rank[i], i))
+
+
+def eta_s(state: dict[str, dict], slots: int = 1) -> float | None:
+    """Seconds left: the mean wall time of this sweep's finished runs x the runs not finished / ``slots``."""
+    walls = [e["wall_s"] for e in state.values() if e["state"] == "done" and not e.get("reused") and "wall_s" in e]
+    left = sum(e["state"] in ("pending", "running", "stopped") for e in state.values())
+    if not walls:
+        return None
+    return round(sum(walls) / len(walls) * left / max(1, slots), 1)
+
+
+def progress_note(state: dict[str, dict], eta: float | None) -> str:
+    n_done = sum(e["state"] == "done" for e in state.values())
+    text = f" ({n_done}/{len(state)} done"
+    if eta:
+        text += f", about {format_seconds(eta)} left"
+    return text + ")"
+
+
+def format_seconds(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+def previous_state(out_dir: Path) -> dict[str, dict]:
+    """The ``state`` of the manifest an earlier (interrupted) run of this sweep left, or {}."""
+    from tunelab.report import MANIFEST
+
+    try:
+        return json.loads((out_dir / MANIFEST).read_text()).get("state") or {}
+    except (OSError, ValueError, AttributeError):
+        return {}
+
+
+def _now() -> str:
+    t = time.time()
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(t)) + f".{int(t % 1 * 1000):03d}"
 
 
 def write_manifest(out_dir: Path, manifest: dict) -> None:
