@@ -61,9 +61,11 @@ def test_trained_tiny_model_stops_by_itself(tmp_path):
     bpe("gpt2").save_pretrained(tmp_path / "tiny")
     rows = [_chat_row(q, a) for q, a in zip(QUESTIONS, ANSWERS, strict=True)]
     (tmp_path / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    # scored on copies of the rows it trained on (stopping is what is tested, not generalisation)
+    (tmp_path / "chat_eval.jsonl").write_text((tmp_path / "chat.jsonl").read_text())
     cfg = load_config(None, [
         f"model.name={tmp_path / 'tiny'}", "method.name=full", "task.name=chat", f"data.train={tmp_path / 'chat.jsonl'}",
-        f"data.eval={tmp_path / 'chat.jsonl'}", "data.max_eval=2", "train.batch_size=8", "train.max_steps=60",
+        f"data.eval={tmp_path / 'chat_eval.jsonl'}", "data.max_eval=2", "train.batch_size=8", "train.max_steps=60",
         "train.lr=3e-3", "train.warmup=0", "train.progress=false", "train.precision=fp32", "train.threads=1",
         "eval.max_new_tokens=4", f"output_dir={tmp_path / 'run'}",
     ])
