@@ -105,10 +105,11 @@ def chat_run(tmp_path_factory):
     bpe("smollm").save_pretrained(root / "tiny")
     rows = [{"messages": [{"role": "user", "content": t}, {"role": "assistant", "content": t[:9]}]} for t in TEXTS]
     (root / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (root / "chat_eval.jsonl").write_text((root / "chat.jsonl").read_text())  # train == eval is refused
     cfg = load_config(None, [
         f"model.name={root / 'tiny'}", "method.name=lora", "method.r=4", "task.name=chat",
         "task.system=You answer in nine characters.", f"data.train={root / 'chat.jsonl'}",
-        f"data.eval={root / 'chat.jsonl'}", "data.max_eval=2", "train.batch_size=4", "train.max_steps=2",
+        f"data.eval={root / 'chat_eval.jsonl'}", "data.max_eval=2", "train.batch_size=4", "train.max_steps=2",
         "train.progress=false", "train.precision=fp32", "train.threads=1", "eval.max_new_tokens=4",
         f"output_dir={root / 'run'}",
     ])
