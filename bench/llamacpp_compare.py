@@ -49,7 +49,7 @@ def main() -> None:
     from tunelab.export.merge import merged
     from tunelab.training.run_directory import load_trained
 
-    model, tok, _ = load_trained(run_dir, dtype="fp32")
+    model, tok, _ = load_trained(run_dir, dtype="float32")
     model = merged(model, model.tunelab_method["name"]).eval()
     res: dict = {"tokenize": [], "greedy": []}
     for p in PROMPTS:
