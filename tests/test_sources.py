@@ -64,8 +64,10 @@ def test_hub_ids_with_config_split_revision_and_streaming(monkeypatch):
         return datasets.Dataset.from_list(ROWS)
 
     monkeypatch.setattr(datasets, "load_dataset", fake)
-    t = load_table("hf:owner/name/cfg:test@abc123")
-    assert calls[-1] == ("owner/name", "cfg", "test", "abc123", False) and t.where(0) == "hf:owner/name/cfg:test@abc123 row 1"
+    t = load_table("hf:owner/name:cfg:test@abc123")
+    assert calls[-1] == ("owner/name", "cfg", "test", "abc123", False) and t.where(0) == "hf:owner/name:cfg:test@abc123 row 1"
+    load_table("hf:HuggingFaceH4/no_robots:train@v1")  # owner/name is one repository; @revision is not the split
+    assert calls[-1] == ("HuggingFaceH4/no_robots", None, "train", "v1", False)
     t = load_table("hf:someset", streaming=True)
     assert calls[-1] == ("someset", None, "train", None, True) and len(t.ds) == 5  # streamed into Arrow once
 

@@ -10,9 +10,11 @@ Formats (inferred from the file name unless `fmt` is given):
   MRPC contain bare ``"`` characters that a quote-aware reader would swallow together with tabs.
 - ``conll``: whitespace-separated token columns, blank line between sentences (see `read_conll`).
 - ``squad``: SQuAD v1/v2 JSON, one record per question.
-- ``hub``: a `datasets.load_dataset` name, used when `source` is not a file: ``"hf:glue/sst2:validation"``,
-  ``"glue/sst2"`` with ``split="validation"``. ``a/b`` means dataset ``a`` with config ``b``; ``a/b/c`` means
-  repository ``a/b`` with config ``c``.
+- ``hub``: a `datasets.load_dataset` id, used when `source` is not a file:
+  ``hf:owner/name[:config][:split][@revision]`` (`parse_hub_name`), e.g. ``"hf:HuggingFaceH4/no_robots:train"``,
+  ``"hf:nyu-mll/glue:mrpc:validation@main"``, or ``"nyu-mll/glue"`` with ``split="validation"``. ``owner/name``
+  is always one repository; one ``:part`` is the split, two are config and split; ``owner/name/config`` is
+  still read. A malformed id is a DataError showing this form.
 
 A malformed row (bad JSON, wrong column count, a `required` field missing or empty) raises `DataError` naming
 file, line and field. With ``skip_bad=True`` such rows are skipped and counted instead: a warning is logged and
@@ -25,6 +27,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import re
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -382,44 +385,74 @@ def _read_squad(path: Path, obj: Any, rows: _Rows) -> None:
                           "answer_starts": [int(a["answer_start"]) for a in answers]}, where)
 
 
-def parse_hub_name(source: str, split: str | None = None) -> tuple[str, str | None, str]:
-    """``"hf:glue/sst2:validation"`` -> ("glue", "sst2", "validation"); see the module docstring."""
+HUB_ID_FORM = "hf:owner/name[:config][:split][@revision]"
+_HUB_PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def parse_hub_name(source: str, split: str | None = None) -> tuple[str, str | None, str, str | None]:
+    """A hub id -> (repository, config, split, revision); see the module docstring.
+
+    ``hf:owner/name[:config][:split][@revision]``: ``owner/name`` (or a bare ``name``) is one repository;
+    one ``:part`` is the split, two are config and split; ``@revision`` ends the id. ``owner/name/config``
+    (the config after a slash) is still read. ``"hf:HuggingFaceH4/no_robots:train@v1"`` ->
+    ("HuggingFaceH4/no_robots", None, "train", "v1"). A malformed id is a DataError showing the form.
+    """
+    def bad(why: str):
+        return DataError(f"{source}: malformed hub id ({why}); expected {HUB_ID_FORM}, "
+                         "e.g. hf:HuggingFaceH4/no_robots:train or hf:nyu-mll/glue:mrpc:test@main")
+
     name = source[3:] if source.startswith("hf:") else source
-    if ":" in name:
-        name, name_split = name.split(":", 1)
-        if split is not None and split != name_split:
-            raise DataError(f"{source}: split {name_split!r} in the name conflicts with split={split!r}")
-        split = name_split
-    parts = [p for p in name.split("/") if p]
-    if not 1 <= len(parts) <= 3:
-        raise DataError(f"{source}: expected a hub name 'dataset', 'dataset/config' or 'owner/name/config'")
-    if len(parts) == 3:
-        path, config = f"{parts[0]}/{parts[1]}", parts[2]
-    else:
-        path, config = parts[0], (parts[1] if len(parts) == 2 else None)
-    return path, config, split or "train"
+    revision = None
+    if "@" in name:
+        name, revision = name.split("@", 1)
+        if not revision.strip() or "@" in revision or revision != revision.strip():
+            raise bad(f"revision {revision!r} after '@' is empty or malformed")
+    repo, *rest = name.split(":")
+    if len(rest) > 2:
+        raise bad(f"{len(rest)} ':' parts after the repository; at most config and split")
+    if any(not p.strip() or p != p.strip() for p in rest):
+        raise bad("an empty or padded ':' part")
+    parts = repo.split("/")
+    if not 1 <= len(parts) <= 3 or not all(_HUB_PART.fullmatch(p) for p in parts):
+        raise bad(f"repository {repo!r} is not 'name' or 'owner/name'")
+    config = rest[0] if len(rest) == 2 else None
+    if len(parts) == 3:  # owner/name/config
+        if config is not None:
+            raise bad(f"two configs: {parts[2]!r} after '/' and {config!r} after ':'")
+        repo, config = "/".join(parts[:2]), parts[2]
+    if rest:
+        if split is not None and split != rest[-1]:
+            raise DataError(f"{source}: split {rest[-1]!r} in the name conflicts with split={split!r}")
+        split = rest[-1]
+    return repo, config, split or "train", revision
+
+
+def hub_label(repo: str, config: str | None, split: str, revision: str | None) -> str:
+    """The canonical id of a parsed hub name, as rows' ``_where`` shows it."""
+    return f"hf:{repo}{':' + config if config else ''}:{split}{'@' + revision if revision else ''}"
 
 
 def _read_hub(source: str, split: str | None, rows: _Rows) -> None:
-    path, config, split = parse_hub_name(source, split)
+    path, config, split, revision = parse_hub_name(source, split)
     try:
         import datasets
 
-        ds = datasets.load_dataset(path, config, split=split)
+        ds = datasets.load_dataset(path, config, split=split, **({"revision": revision} if revision else {}))
     except Exception as e:  # network, unknown name, unknown split: say which dataset it was
-        raise DataError(f"{source}: cannot load hub dataset {path!r} (config {config!r}, split {split!r}): "
-                        f"{type(e).__name__}: {e}") from e
+        raise DataError(f"{source}: cannot load hub dataset {path!r} (config {config!r}, split {split!r}, "
+                        f"revision {revision!r}): {type(e).__name__}: {e}") from e
+    label = hub_label(path, config, split, revision)
     for i, item in enumerate(ds):
         if rows.full:
             return
-        rows.add(dict(item), f"hf:{path}{'/' + config if config else ''}:{split}:[{i}]")
+        rows.add(dict(item), f"{label}:[{i}]")
 
 
 # ---------------------------------------------------------------- Arrow-backed sources (large sets)
 # Parquet / Arrow files, `datasets.save_to_disk` folders, a folder of files of one format, JSON/JSONL/CSV/
 # TSV/TXT files and hub ids with config, split and revision, read as a memory-mapped `datasets.Dataset`
 # (`load_table`), so a million rows never become Python objects. Hub syntax:
-# ``hf:owner/name[/config][:split][@revision]``; ``streaming=True`` streams a hub set row by row.
+# ``hf:owner/name[:config][:split][@revision]``; ``streaming=True`` streams a hub set row by row.
 TABLE_BUILDERS = {".parquet": "parquet", ".arrow": "arrow", ".jsonl": "json", ".json": "json", ".csv": "csv",
                   ".tsv": "csv", ".txt": "text"}
 
@@ -512,14 +545,13 @@ def load_table(source, *, split: str | None = None, streaming: bool = False, tex
 def _load_hub_table(source: str, split: str | None, streaming: bool) -> Table:
     import datasets
 
-    name, _, revision = source.partition("@")
-    repo, config, split = parse_hub_name(name, split)
-    label = f"hf:{repo}{'/' + config if config else ''}:{split}{'@' + revision if revision else ''}"
+    repo, config, split, revision = parse_hub_name(source, split)
+    label = hub_label(repo, config, split, revision)
     try:
-        ds = datasets.load_dataset(repo, config, split=split, revision=revision or None, streaming=streaming)
+        ds = datasets.load_dataset(repo, config, split=split, revision=revision, streaming=streaming)
     except Exception as e:  # network, unknown name, unknown split: say which dataset it was
         raise DataError(f"{source}: cannot load hub dataset {repo!r} (config {config!r}, split {split!r}, "
-                        f"revision {revision or None!r}): {type(e).__name__}: {e}") from e
+                        f"revision {revision!r}): {type(e).__name__}: {e}") from e
     if streaming:  # features must be random-access: the stream is written to Arrow once, row by row
         ds = datasets.Dataset.from_generator(lambda: (yield from ds))
     return Table(ds, [(0, label)], getattr(ds, "_fingerprint", label))
