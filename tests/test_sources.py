@@ -84,7 +84,8 @@ def test_chat_parquet_with_a_wrong_column_type(tmp_path):
     from tunelab.tasks import TASKS
 
     pq.write_table(pa.table({"messages": ["not a list"]}), tmp_path / "c.parquet")
-    with pytest.raises(DataError, match=r"c.parquet row 1: field 'messages' has Arrow type string, expected a list of turns"):
+    with pytest.raises(DataError, match=r"c.parquet row 1: field 'messages' must be a list of turns, got str 'not a list' "
+                       r"\(the column's Arrow type is string\)$"):
         TASKS.get("chat").read(str(tmp_path / "c.parquet"), task_config("chat", {}))
     pq.write_table(pa.Table.from_pylist([{"messages": CONV}]), tmp_path / "ok.parquet")
     assert len(TASKS.get("chat").read(str(tmp_path / "ok.parquet"), task_config("chat", {}))) == 1

@@ -172,7 +172,8 @@ def read_records(source, fmt: str | None = None, *, skip_bad: bool = False, deli
         _read_hub(source_s, split, rows)
         return rows.finish()
     if fmt is None and (Path(source_s).is_dir() or Path(source_s).suffix.lower() in (".parquet", ".arrow")):
-        return read_table_records(source_s, limit=limit, required=required, skip_bad=skip_bad, report=report, split=split)
+        return read_table_records(source_s, limit=limit, required=required, skip_bad=skip_bad, report=report, split=split,
+                                  text=text)
     path = Path(source)
     if not path.is_file():
         raise DataError(f"{path}: file not found" + (" (it is a directory)" if path.is_dir() else ""))
@@ -482,24 +483,49 @@ def _file_fingerprint(paths: list[Path]) -> str:
 
 
 def _load_file(path: Path, datasets, text_unit: str = "line"):
+    """One file as a Dataset; a DataError naming the file when it is corrupt, truncated, not of its suffix's
+    format, or holds no rows."""
+    ds = _load_one(path, datasets, text_unit)
+    if len(ds) == 0:
+        raise DataError(f"{path}: the file holds no rows")
+    return ds
+
+
+def _load_one(path: Path, datasets, text_unit: str):
     builder = TABLE_BUILDERS.get(path.suffix.lower())
     if builder is None:
         raise DataError(f"{path}: cannot read {path.suffix!r} files as a table; known: {sorted(TABLE_BUILDERS)}")
     if builder == "arrow":
+        import pyarrow as pa
+
         try:
             return datasets.Dataset.from_file(str(path))
         except Exception:  # the IPC file format (pyarrow.feather / ipc.new_file) rather than a stream
-            import pyarrow as pa
+            try:
+                with pa.memory_map(str(path)) as src:
+                    return datasets.Dataset(pa.ipc.open_file(src).read_all())
+            except Exception as e:
+                raise DataError(f"{path}: not a readable Arrow file (neither the Arrow stream format `datasets` writes "
+                                f"nor the IPC file format; corrupt, truncated or not Arrow): {type(e).__name__}: {e}") from None
+    if builder == "parquet":  # check the footer first: `datasets` would only say DatasetGenerationError
+        import pyarrow.parquet as pq
 
-            with pa.memory_map(str(path)) as src:
-                return datasets.Dataset(pa.ipc.open_file(src).read_all())
+        try:
+            rows = pq.ParquetFile(str(path)).metadata.num_rows
+        except Exception as e:
+            raise DataError(f"{path}: not a readable Parquet file (corrupt, truncated or not Parquet): "
+                            f"{type(e).__name__}: {e}") from None
+        if rows == 0:
+            raise DataError(f"{path}: the file holds no rows")
     kwargs = {"delimiter": "\t"} if path.suffix.lower() == ".tsv" else {"sample_by": text_unit} if builder == "text" else {}
     from tunelab.models.loading import cache_dir
 
     try:
         return datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=str(cache_dir() / "datasets"), **kwargs)
     except Exception as e:
-        raise DataError(f"{path}: cannot read as {builder}: {type(e).__name__}: {e}") from None
+        cause = e.__cause__ or e.__context__ if type(e).__name__ == "DatasetGenerationError" else None
+        detail = f"{type(cause).__name__}: {cause}" if cause is not None else f"{type(e).__name__}: {e}"
+        raise DataError(f"{path}: cannot read as {builder} (corrupt, truncated or not {builder}?): {detail}") from None
 
 
 def load_table(source, *, split: str | None = None, streaming: bool = False, text_unit: str = "line") -> Table:
@@ -557,8 +583,12 @@ def _load_hub_table(source: str, split: str | None, streaming: bool) -> Table:
     return Table(ds, [(0, label)], getattr(ds, "_fingerprint", label))
 
 
-def check_column(table: Table, column: str, kind: str, source: str) -> None:
-    """A DataError when ``column`` is absent or not of ``kind`` ("text" or "list") in the table's schema."""
+def check_column(table: Table, column: str, kind: str, source: str, skip_bad: bool = False) -> None:
+    """A DataError when ``column`` is absent, or a row's value is null or not of ``kind`` ("text" or "list").
+
+    The error names the first bad row (file and row number), the field and the value, as the JSONL reader
+    does: a list<string> or int column is never trained on as its Python repr. With ``skip_bad`` only a
+    column without one good value is an error (the bad rows are dropped and counted when encoded)."""
     import pyarrow as pa
 
     schema = table.ds.data.schema if hasattr(table.ds, "data") else None
@@ -568,18 +598,40 @@ def check_column(table: Table, column: str, kind: str, source: str) -> None:
     if schema is None:
         return
     t = schema.field(column).type
-    ok = (pa.types.is_string(t) or pa.types.is_large_string(t)) if kind == "text" else (
+    typed = (pa.types.is_string(t) or pa.types.is_large_string(t)) if kind == "text" else (
         pa.types.is_list(t) or pa.types.is_large_list(t))
-    if not ok:
-        want = "text (string)" if kind == "text" else "a list of turns"
-        raise DataError(f"{table.where(0)}: field {column!r} has Arrow type {t}, expected {want} (the whole column)")
+    nulls = table.ds.data.column(column).null_count
+    if typed and (nulls == 0 or (skip_bad and nulls < len(table.ds))):
+        return
+    want = "text" if kind == "text" else "a list of turns"
+    good = (lambda v: isinstance(v, str)) if kind == "text" else (lambda v: isinstance(v, list))
+    first = None
+    for i, value in enumerate(_column_values(table.ds, column)):
+        if good(value):
+            if skip_bad:
+                return
+            continue
+        if first is None:
+            first = (i, value)
+            if not skip_bad:
+                break
+    if first is None:
+        return
+    i, value = first
+    also = "" if typed or isinstance(t, pa.BaseExtensionType) else f" (the column's Arrow type is {t})"
+    raise DataError(f"{table.where(i)}: field {column!r} must be {want}, got {_kind(value)}{also}")
+
+
+def _column_values(ds, column: str):
+    for start in range(0, len(ds), 1000):
+        yield from ds[start:start + 1000][column]
 
 
 def read_table_records(source, *, limit: int | None = None, required=None, skip_bad: bool = False,
-                       report: dict | None = None, split: str | None = None) -> list[dict]:
-    """Records of an Arrow-backed source (small sets; large ones stay a `Table`)."""
+                       report: dict | None = None, split: str | None = None, text=None) -> list[dict]:
+    """Records of an Arrow-backed source (small sets; large ones stay a `Table`). `text`: as `read_records`."""
     table = load_table(source, split=split)
-    rows = _Rows(str(source), skip_bad, limit, required, report)
+    rows = _Rows(str(source), skip_bad, limit, required, report, text)
     for i in range(len(table.ds)):
         if rows.full:
             break

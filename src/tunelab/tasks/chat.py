@@ -64,7 +64,7 @@ class Chat:
         if style is None:
             raise DataError(f"{path}: no {cols['openai']!r} (OpenAI) or {cols['sharegpt']!r} (ShareGPT) column "
                             f"(present: {table.ds.column_names}); map yours with task.fields, e.g. {{messages: dialog}}")
-        check_column(table, cols[style], "list", path)
+        check_column(table, cols[style], "list", path, skip_bad)
         table.ds = table.ds.select_columns([cols[style]])
         return select(table, source, rows, limit, skip_bad, style)
 
