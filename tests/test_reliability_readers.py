@@ -165,7 +165,7 @@ def test_table_bad_row_names_its_own_row_and_field(tmp_path):
     p = parquet(tmp_path, {"text": ["a", "b", "c", "d", None]})
     with pytest.raises(DataError) as e:
         read("text", p)
-    assert str(e.value) == f"{p} row 5: field 'text' must be text, got null"
+    assert str(e.value) == f"{p} row 5: field 'text' is missing or null, expected text"
     assert len(read("text", p, skip_bad=True)) == 5  # dropped and counted when encoded
     j = jsonl(tmp_path, [{"text": t} for t in ["a", "b", "c", "d", 5]], "t.jsonl")
     with pytest.raises(DataError) as e:
@@ -175,7 +175,7 @@ def test_table_bad_row_names_its_own_row_and_field(tmp_path):
     c = parquet(tmp_path, {"messages": [conv, conv, None]}, "c.parquet")
     with pytest.raises(DataError) as e:
         read("chat", c)
-    assert str(e.value) == f"{c} row 3: field 'messages' must be a list of turns, got null"
+    assert str(e.value) == f"{c} row 3: field 'messages' is missing or null, expected a list of turns"
 
 
 def test_unreadable_parquet_and_arrow_files_name_the_file(tmp_path):

@@ -619,6 +619,8 @@ def check_column(table: Table, column: str, kind: str, source: str, skip_bad: bo
         return
     i, value = first
     also = "" if typed or isinstance(t, pa.BaseExtensionType) else f" (the column's Arrow type is {t})"
+    if value is None:  # a JSONL row without the field reads as null here
+        raise DataError(f"{table.where(i)}: field {column!r} is missing or null, expected {want}")
     raise DataError(f"{table.where(i)}: field {column!r} must be {want}, got {_kind(value)}{also}")
 
 
@@ -652,12 +654,19 @@ def _pref_side(value, where: str, key: str):
         style = "sharegpt" if value and isinstance(value[0], dict) and "from" in value[0] else "openai"
         try:
             if key == "prompt":
-                return normalize(value + [{"role": "assistant", "content": ""}] if style == "openai" else
-                                 value + [{"from": "gpt", "value": ""}], style)[:-1]
+                return normalize(value + [{"role": "assistant", "content": "-"}] if style == "openai" else
+                                 value + [{"from": "gpt", "value": "-"}], style)[:-1]  # a placeholder answer
             return normalize(value, style)
         except (ValueError, TypeError) as e:
             raise DataError(f"{where}: field {key!r}: {e}") from None
     raise DataError(f"{where}: field {key!r} must be text or a list of turns, got {type(value).__name__}")
+
+
+def _squashed(side):
+    """A side with every run of whitespace made one space and the ends stripped (text, or each turn's content)."""
+    if isinstance(side, str):
+        return " ".join(side.split())
+    return [(t["role"], " ".join(t["content"].split())) for t in side]
 
 
 def read_preferences(source, *, fields: dict | None = None, limit: int | None = None, skip_bad: bool = False,
@@ -697,6 +706,9 @@ def read_preferences(source, *, fields: dict | None = None, limit: int | None = 
                     prompt = _pref_side(prompt, where, "prompt") if isinstance(prompt, list) else [{"role": "user", "content": str(prompt)}]
             if chosen == rejected:
                 raise DataError(f"{where}: 'chosen' and 'rejected' are identical: the pair carries no preference")
+            if _squashed(chosen) == _squashed(rejected):
+                raise DataError(f"{where}: 'chosen' and 'rejected' are identical after whitespace normalisation: "
+                                "the pair carries no preference")
         except DataError as e:
             if not skip_bad:
                 raise
