@@ -165,6 +165,8 @@ def test_template_skeleton_is_exact_or_not_used():
      "tunelab trains on text only"),
     ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": " \n"}]},
      r"bad.jsonl row 2: turn 1: the assistant answer is empty: nothing to learn from"),
+    ({"messages": [{"role": "user", "content": "hi\x00"}, {"role": "assistant", "content": "yo"}]},
+     r"bad.jsonl row 2: turn 0: field 'content' contains a NUL character \(\\x00\) at character 3"),
 ])
 def test_chat_rows_without_messages_with_an_image_or_an_empty_answer_are_refused(tmp_path, row, match):
     tok, cfg = chat_tok(), task_config("chat", {})

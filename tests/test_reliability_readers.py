@@ -203,3 +203,20 @@ def test_unreadable_parquet_and_arrow_files_name_the_file(tmp_path):
         with pytest.raises(DataError) as e:
             read("text", p)
         assert str(e.value) == f"{p}: the file holds no rows"
+
+
+def test_nul_characters_in_text_are_refused_naming_the_row(tmp_path):
+    msg = "field 'sentence' contains a NUL character (\\x00) at character 3: binary or mis-encoded data"
+    p = jsonl(tmp_path, [{"sentence": "good", "label": 1}, {"sentence": "ba\x00d", "label": 0}])
+    with pytest.raises(DataError) as e:
+        read("sentiment", p)
+    assert str(e.value).startswith(f"{p}:2: {msg}")
+    assert [ex["text"] for ex in read("sentiment", p, skip_bad=True)] == ["good"]
+    c = write(tmp_path, "d.csv", "sentence,label\ngood,1\nba\x00d,0\n")
+    with pytest.raises(DataError) as e:
+        read("sentiment", c)
+    assert str(e.value).startswith(f"{c}:3: {msg}")
+    t = parquet(tmp_path, {"text": ["fine", "also fine", "bi\x00nary"]})
+    with pytest.raises(DataError) as e:
+        read("text", t)
+    assert str(e.value).startswith(f"{t} row 3: field 'text' contains a NUL character (\\x00) at character 3")

@@ -82,6 +82,9 @@ def normalize(turns, style: str = "openai") -> list[dict]:
         text = _text(content, f"{where} field {text_key!r}") if content is not None else ""
         if calls:  # tool-call turns are kept as text the model learns to write
             text = (text + "\n" if text else "") + json.dumps(calls, ensure_ascii=False)
+        if "\x00" in text:
+            raise ChatError(f"{where}: field {text_key!r} contains a NUL character (\\x00) at character "
+                            f"{text.index(chr(0)) + 1}: binary or mis-encoded data")
         if role == "assistant" and not text.strip():
             raise ChatError(f"{where}: the assistant answer is empty: nothing to learn from")
         out.append({"role": role, "content": text})

@@ -79,6 +79,8 @@ class _Rows:
         for key in self.text:
             if key in record and not isinstance(record[key], str):
                 return self.bad(where, f"non-text field {key!r}", f"field {key!r} must be text, got {_kind(record[key])}")
+            if key in record and "\x00" in record[key]:
+                return self.bad(where, f"NUL in field {key!r}", _nul(key, record[key]))
         record["_where"] = where
         self.records.append(record)
 
@@ -93,6 +95,12 @@ class _Rows:
             why = f"all {skipped} rows were bad ({dict(self.reasons)})" if skipped else "it holds no records"
             raise DataError(f"{self.source}: no records read: {why}")
         return self.records
+
+
+def _nul(key: str, text: str) -> str:
+    """The error for a NUL character in a text field (binary or mis-encoded data, never meant as text)."""
+    return (f"field {key!r} contains a NUL character (\\x00) at character {text.index(chr(0)) + 1}: binary or "
+            "mis-encoded data; remove it or set data.skip_bad_rows=true")
 
 
 def _kind(value) -> str:
@@ -601,6 +609,12 @@ def check_column(table: Table, column: str, kind: str, source: str, skip_bad: bo
     typed = (pa.types.is_string(t) or pa.types.is_large_string(t)) if kind == "text" else (
         pa.types.is_list(t) or pa.types.is_large_list(t))
     nulls = table.ds.data.column(column).null_count
+    if typed and kind == "text" and not skip_bad:  # a NUL character: binary or mis-encoded data
+        import pyarrow.compute as pc
+
+        hit = pc.index(pc.match_substring(table.ds.data.column(column), "\x00"), True).as_py()
+        if hit is not None and hit >= 0:
+            raise DataError(f"{table.where(hit)}: {_nul(column, table.ds[hit][column])}")
     if typed and (nulls == 0 or (skip_bad and nulls < len(table.ds))):
         return
     want = "text" if kind == "text" else "a list of turns"
