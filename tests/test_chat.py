@@ -154,3 +154,24 @@ def test_template_skeleton_is_exact_or_not_used():
     padded = [[{"role": "user", "content": f"  the cat {i} "}, {"role": "assistant", "content": f" yes {i}  "}] for i in range(6)]
     assert [render(c, tok, None) for c in padded] == [_sentinel(c, tok, False) for c in padded]
     assert "<|im_start|>user\nthe cat 5<|im_end|>" in render(padded[5], tok, None)[0]
+
+
+@pytest.mark.parametrize("row, match", [
+    ({"text": "no conversation here"}, r"bad.jsonl row 2: field 'messages' is missing or null, expected a list of turns"),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": "what is it?"},
+                                                {"type": "image_url", "image_url": {"url": "cat.png"}}]},
+                   {"role": "assistant", "content": "a cat"}]},
+     r"bad.jsonl row 2: turn 0 field 'content': holds a non-text part of type 'image_url' \(an image, audio or file\): "
+     "tunelab trains on text only"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": " \n"}]},
+     r"bad.jsonl row 2: turn 1: the assistant answer is empty: nothing to learn from"),
+    ({"messages": [{"role": "user", "content": "hi\x00"}, {"role": "assistant", "content": "yo"}]},
+     r"bad.jsonl row 2: turn 0: field 'content' contains a NUL character \(\\x00\) at character 3"),
+])
+def test_chat_rows_without_messages_with_an_image_or_an_empty_answer_are_refused(tmp_path, row, match):
+    tok, cfg = chat_tok(), task_config("chat", {})
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"messages": CONV}, row, {"messages": CONV}])
+    with pytest.raises(DataError, match=match):
+        feature_cache.features(CHAT, CHAT.read(str(bad), cfg), tok, cfg, 64)
+    f = feature_cache.features(CHAT, CHAT.read(str(bad), cfg, skip_bad=True), tok, cfg, 64)
+    assert len(f) == 2 and f.stats["dropped"] == 1

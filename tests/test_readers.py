@@ -169,12 +169,32 @@ def test_unknown_suffix_and_fmt(tmp_path):
 
 
 def test_hub_name_parsing():
-    assert parse_hub_name("hf:glue/sst2:validation") == ("glue", "sst2", "validation")
-    assert parse_hub_name("glue/sst2", "test") == ("glue", "sst2", "test")
-    assert parse_hub_name("hf:imdb") == ("imdb", None, "train")
-    assert parse_hub_name("hf:nyu-mll/glue/mrpc:test") == ("nyu-mll/glue", "mrpc", "test")
+    assert parse_hub_name("hf:HuggingFaceH4/no_robots:train") == ("HuggingFaceH4/no_robots", None, "train", None)
+    assert parse_hub_name("hf:HuggingFaceH4/no_robots:test@v1.0") == ("HuggingFaceH4/no_robots", None, "test", "v1.0")
+    assert parse_hub_name("hf:nyu-mll/glue:mrpc:validation@refs/pr/3") == ("nyu-mll/glue", "mrpc", "validation", "refs/pr/3")
+    assert parse_hub_name("hf:owner/name@abc123") == ("owner/name", None, "train", "abc123")
+    assert parse_hub_name("nyu-mll/glue", "test") == ("nyu-mll/glue", None, "test", None)
+    assert parse_hub_name("hf:imdb") == ("imdb", None, "train", None)
+    assert parse_hub_name("hf:nyu-mll/glue/mrpc:test") == ("nyu-mll/glue", "mrpc", "test", None)  # the older form
     with pytest.raises(DataError, match="conflicts"):
-        parse_hub_name("hf:glue/sst2:train", "test")
+        parse_hub_name("hf:owner/name:train", "test")
+
+
+@pytest.mark.parametrize("name, why", [
+    ("hf:", "repository '' is not 'name' or 'owner/name'"),
+    ("hf:a/b/c/d:train", "repository 'a/b/c/d'"),
+    ("hf:owner//name", "repository 'owner//name'"),
+    ("hf:owner/name:cfg:train:extra", "3 ':' parts after the repository"),
+    ("hf:owner/name::train", "an empty or padded ':' part"),
+    ("hf:owner/name:train@", "revision '' after '@'"),
+    ("hf:owner/name@a@b", "revision 'a@b'"),
+    ("hf:owner/name/cfg:other:train", "two configs: 'cfg' after '/' and 'other' after ':'"),
+    ("hf:owner/na me", "repository 'owner/na me'"),
+])
+def test_malformed_hub_ids_are_refused(name, why):
+    with pytest.raises(DataError) as e:
+        parse_hub_name(name)
+    assert str(e.value).startswith(f"{name}: malformed hub id ({why}") and "hf:owner/name[:config][:split][@revision]" in str(e.value)
 
 
 def test_hub_dispatch_uses_load_dataset(monkeypatch, tmp_path):
@@ -188,19 +208,20 @@ def test_hub_dispatch_uses_load_dataset(monkeypatch, tmp_path):
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
     report = {}
-    recs = read_records("hf:glue/sst2:validation", required=["sentence"], skip_bad=True, report=report)
-    assert calls == [("glue", "sst2", "validation")]
-    assert recs == [{"sentence": "good", "label": 1, "_where": "hf:glue/sst2:validation:[0]"}]
+    recs = read_records("hf:nyu-mll/glue:sst2:validation", required=["sentence"], skip_bad=True, report=report)
+    assert calls == [("nyu-mll/glue", "sst2", "validation")]
+    assert recs == [{"sentence": "good", "label": 1, "_where": "hf:nyu-mll/glue:sst2:validation:[0]"}]
     assert report["skipped"] == 1
-    read_records("glue/sst2", split="train")
-    assert calls[-1] == ("glue", "sst2", "train")
+    read_records("HuggingFaceH4/no_robots", split="train")
+    assert calls[-1] == ("HuggingFaceH4/no_robots", None, "train")
 
     def failing(*a, **k):
         raise ConnectionError("no network")
 
     monkeypatch.setattr(datasets, "load_dataset", failing)
-    with pytest.raises(DataError, match="cannot load hub dataset 'glue'.*ConnectionError"):
-        read_records("hf:glue/sst2")
+    with pytest.raises(DataError, match=r"cannot load hub dataset 'HuggingFaceH4/no_robots' \(config None, split 'test', "
+                       r"revision 'v1'\): ConnectionError"):
+        read_records("hf:HuggingFaceH4/no_robots:test@v1")
     # a missing file that looks like a file path is a file error, not a hub lookup
     with pytest.raises(DataError, match="file not found"):
         read_records(tmp_path / "nope" / "eng.testa")

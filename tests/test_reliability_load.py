@@ -101,3 +101,38 @@ def test_peft_nan_and_shape_errors_name_the_file(peft_dir):
     edit_weights(w, lambda t: t.update({k: v * float("inf") for k, v in t.items() if k.endswith("lora_B.weight")}))
     with pytest.raises(ValueError, match="adapter_model.safetensors: tensor .*lora_B.* non-finite"):
         import_peft(tiny_llama(), peft_dir)
+
+
+@pytest.fixture
+def model_folder(tmp_path):
+    from conftest import tiny_tokenizer_obj
+
+    d = tmp_path / "m"
+    tiny_llama().save_pretrained(d)
+    tiny_tokenizer_obj().save_pretrained(d)
+    return d
+
+
+def test_a_pickle_model_folder_is_refused_by_name_before_loading(model_folder, monkeypatch):
+    from tunelab.models import loading
+
+    (model_folder / "model.safetensors").unlink()
+    torch.save({"w": torch.zeros(1)}, model_folder / "pytorch_model.bin")
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("the pickle was opened"))
+    with pytest.raises(ValueError) as e:
+        loading.load(str(model_folder))
+    assert str(e.value).startswith(f"model '{model_folder}': {model_folder / 'pytorch_model.bin'} holds pickle weights")
+    assert "tunelab loads safetensors only" in str(e.value)
+
+
+def test_a_config_with_auto_map_says_it_loads_the_builtin_class(model_folder, caplog):
+    from tunelab.models import loading
+
+    cfg = json.loads((model_folder / "config.json").read_text())
+    cfg["auto_map"] = {"AutoModelForCausalLM": "modeling_custom.CustomLlama"}
+    (model_folder / "config.json").write_text(json.dumps(cfg))
+    with caplog.at_level("WARNING", logger="tunelab.models.loading"):
+        model, _ = loading.load(str(model_folder))
+    assert type(model).__name__ == "LlamaForCausalLM"
+    assert (f"model '{model_folder}': its config.json names custom code (auto_map: AutoModelForCausalLM); "
+            "trust_remote_code is off, so tunelab loads the built-in class LlamaForCausalLM (model_type 'llama')") in caplog.text

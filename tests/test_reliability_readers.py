@@ -139,3 +139,84 @@ def test_truncated_rows_are_counted_in_the_run_facts(tmp_path):
         "task.template=Is it good ? {text} Answer :", f"data.train={d}", "data.max_length=24", "train.max_steps=1",
         "train.progress=false", "eval.loss=false", f"output_dir={tmp_path / 'run'}"]))
     assert rec["run"]["truncated_rows"] == 4
+
+
+# ---------------------------------------------------------------- Parquet / Arrow: read exactly or refuse
+def parquet(tmp_path, columns, name="d.parquet"):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table(columns), tmp_path / name)
+    return tmp_path / name
+
+
+@pytest.mark.parametrize("values, kind", [([["a", "b"], ["c"]], 'a list (["a", "b"])'), ([0, 1], "int 0")])
+def test_parquet_non_text_in_a_text_field_is_refused(tmp_path, values, kind):
+    p = parquet(tmp_path, {"sentence": values, "label": [1, 0]})
+    with pytest.raises(DataError) as e:
+        read("sentiment", p)  # never the text "['a', 'b']" or "0"
+    assert str(e.value) == f"{p} row 1: field 'sentence' must be text, got {kind}"
+    p = parquet(tmp_path, {"text": values}, "t.parquet")
+    with pytest.raises(DataError, match=rf"t.parquet row 1: field 'text' must be text, got {kind[:5]}.*\(the column's Arrow type is"):
+        read("text", p)
+
+
+def test_table_bad_row_names_its_own_row_and_field(tmp_path):
+    p = parquet(tmp_path, {"text": ["a", "b", "c", "d", None]})
+    with pytest.raises(DataError) as e:
+        read("text", p)
+    assert str(e.value) == f"{p} row 5: field 'text' is missing or null, expected text"
+    assert len(read("text", p, skip_bad=True)) == 5  # dropped and counted when encoded
+    j = jsonl(tmp_path, [{"text": t} for t in ["a", "b", "c", "d", 5]], "t.jsonl")
+    with pytest.raises(DataError) as e:
+        read("text", j)
+    assert str(e.value) == f"{j} row 5: field 'text' must be text, got int 5"
+    conv = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    c = parquet(tmp_path, {"messages": [conv, conv, None]}, "c.parquet")
+    with pytest.raises(DataError) as e:
+        read("chat", c)
+    assert str(e.value) == f"{c} row 3: field 'messages' is missing or null, expected a list of turns"
+
+
+def test_unreadable_parquet_and_arrow_files_name_the_file(tmp_path):
+    import pyarrow as pa
+
+    from tunelab.data.readers import load_table
+
+    good = parquet(tmp_path, {"text": [f"row {i}" for i in range(50)]})
+    cases = {"cut.parquet": (good.read_bytes()[:200], "not a readable Parquet file (corrupt, truncated or not Parquet)"),
+             "junk.parquet": (b"PAR1 these are not parquet pages PAR1", "not a readable Parquet file"),
+             "text.arrow": (b"just some text, no Arrow at all", "not a readable Arrow file")}
+    schema = pa.schema([("text", pa.string())])
+    with pa.OSFile(str(tmp_path / "f.arrow"), "wb") as sink, pa.ipc.new_file(sink, schema) as w:
+        w.write_table(pa.table({"text": [f"row {i}" for i in range(50)]}))
+    cases["cut.arrow"] = ((tmp_path / "f.arrow").read_bytes()[:300], "not a readable Arrow file")
+    for name, (data, msg) in cases.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(DataError) as e:
+            load_table(tmp_path / name)
+        assert str(e.value).startswith(f"{tmp_path / name}: {msg}"), str(e.value)
+    empty = parquet(tmp_path, {"text": pa.array([], pa.string())}, "empty.parquet")
+    with pa.OSFile(str(tmp_path / "empty.arrow"), "wb") as sink, pa.ipc.new_file(sink, schema):
+        pass
+    for p in (empty, tmp_path / "empty.arrow"):
+        with pytest.raises(DataError) as e:
+            read("text", p)
+        assert str(e.value) == f"{p}: the file holds no rows"
+
+
+def test_nul_characters_in_text_are_refused_naming_the_row(tmp_path):
+    msg = "field 'sentence' contains a NUL character (\\x00) at character 3: binary or mis-encoded data"
+    p = jsonl(tmp_path, [{"sentence": "good", "label": 1}, {"sentence": "ba\x00d", "label": 0}])
+    with pytest.raises(DataError) as e:
+        read("sentiment", p)
+    assert str(e.value).startswith(f"{p}:2: {msg}")
+    assert [ex["text"] for ex in read("sentiment", p, skip_bad=True)] == ["good"]
+    c = write(tmp_path, "d.csv", "sentence,label\ngood,1\nba\x00d,0\n")
+    with pytest.raises(DataError) as e:
+        read("sentiment", c)
+    assert str(e.value).startswith(f"{c}:3: {msg}")
+    t = parquet(tmp_path, {"text": ["fine", "also fine", "bi\x00nary"]})
+    with pytest.raises(DataError) as e:
+        read("text", t)
+    assert str(e.value).startswith(f"{t} row 3: field 'text' contains a NUL character (\\x00) at character 3")

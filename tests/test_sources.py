@@ -64,8 +64,10 @@ def test_hub_ids_with_config_split_revision_and_streaming(monkeypatch):
         return datasets.Dataset.from_list(ROWS)
 
     monkeypatch.setattr(datasets, "load_dataset", fake)
-    t = load_table("hf:owner/name/cfg:test@abc123")
-    assert calls[-1] == ("owner/name", "cfg", "test", "abc123", False) and t.where(0) == "hf:owner/name/cfg:test@abc123 row 1"
+    t = load_table("hf:owner/name:cfg:test@abc123")
+    assert calls[-1] == ("owner/name", "cfg", "test", "abc123", False) and t.where(0) == "hf:owner/name:cfg:test@abc123 row 1"
+    load_table("hf:HuggingFaceH4/no_robots:train@v1")  # owner/name is one repository; @revision is not the split
+    assert calls[-1] == ("HuggingFaceH4/no_robots", None, "train", "v1", False)
     t = load_table("hf:someset", streaming=True)
     assert calls[-1] == ("someset", None, "train", None, True) and len(t.ds) == 5  # streamed into Arrow once
 
@@ -82,7 +84,8 @@ def test_chat_parquet_with_a_wrong_column_type(tmp_path):
     from tunelab.tasks import TASKS
 
     pq.write_table(pa.table({"messages": ["not a list"]}), tmp_path / "c.parquet")
-    with pytest.raises(DataError, match=r"c.parquet row 1: field 'messages' has Arrow type string, expected a list of turns"):
+    with pytest.raises(DataError, match=r"c.parquet row 1: field 'messages' must be a list of turns, got str 'not a list' "
+                       r"\(the column's Arrow type is string\)$"):
         TASKS.get("chat").read(str(tmp_path / "c.parquet"), task_config("chat", {}))
     pq.write_table(pa.Table.from_pylist([{"messages": CONV}]), tmp_path / "ok.parquet")
     assert len(TASKS.get("chat").read(str(tmp_path / "ok.parquet"), task_config("chat", {}))) == 1
@@ -130,6 +133,10 @@ def test_preference_pairs_plain_and_chat(tmp_path):
     ({"prompt": "q", "chosen": "a", "rejected": ""}, r"field 'rejected' is empty"),
     ({"chosen": "a", "rejected": "b"}, r"p.jsonl:1: field 'prompt' is missing \(plain pairs need a prompt\)"),
     ({"prompt": "q", "chosen": "a", "rejected": "a"}, "identical"),
+    ({"prompt": "q", "chosen": "Good  answer.\n", "rejected": " Good answer."},
+     r"p.jsonl:1: 'chosen' and 'rejected' are identical after whitespace normalisation: the pair carries no preference"),
+    ({"chosen": CONV, "rejected": CONV[:1] + [{"role": "assistant", "content": "hello\n\n"}]},
+     r"p.jsonl:1: 'chosen' and 'rejected' are identical after whitespace normalisation"),
     ({"prompt": "q", "chosen": "a", "rejected": CONV}, "both be text or both be turn lists"),
     ({"chosen": CONV, "rejected": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}, {"role": "user", "content": "z"}]},
      r"field 'rejected': the last turn is 'user'"),

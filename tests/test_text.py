@@ -76,7 +76,7 @@ def test_text_column_of_the_wrong_type_names_file_and_field(tmp_path):
     import pyarrow.parquet as pq
 
     pq.write_table(pa.table({"text": [1, 2, 3]}), tmp_path / "n.parquet")
-    with pytest.raises(DataError, match=r"n.parquet row 1: field 'text' has Arrow type int64, expected text"):
+    with pytest.raises(DataError, match=r"n.parquet row 1: field 'text' must be text, got int 1 \(the column's Arrow type is int64\)"):
         TEXT.read(str(tmp_path / "n.parquet"), task_config("text", {}))
     with pytest.raises(DataError, match=r"column 'body' is missing \(present: \['text'\]\)"):
         TEXT.read(str(tmp_path / "n.parquet"), task_config("text", {"fields": {"text": "body"}}))

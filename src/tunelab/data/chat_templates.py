@@ -51,9 +51,12 @@ def _text(value, where: str) -> str:
     if isinstance(value, str):
         return value
     if isinstance(value, list):  # OpenAI content parts: keep the text parts
-        parts = [p.get("text", "") for p in value if isinstance(p, dict) and p.get("type", "text") == "text"]
-        if len(parts) == len(value):
-            return "".join(parts)
+        other = next((p for p in value if not isinstance(p, dict) or p.get("type", "text") != "text"), None)
+        if other is None:
+            return "".join(p.get("text", "") for p in value)
+        if isinstance(other, dict):
+            raise ChatError(f"{where}: holds a non-text part of type {other.get('type')!r} (an image, audio or file): tunelab trains "
+                            "on text only; drop such rows or their non-text parts")
     raise ChatError(f"{where}: content must be text, got {type(value).__name__}")
 
 
@@ -79,6 +82,11 @@ def normalize(turns, style: str = "openai") -> list[dict]:
         text = _text(content, f"{where} field {text_key!r}") if content is not None else ""
         if calls:  # tool-call turns are kept as text the model learns to write
             text = (text + "\n" if text else "") + json.dumps(calls, ensure_ascii=False)
+        if "\x00" in text:
+            raise ChatError(f"{where}: field {text_key!r} contains a NUL character (\\x00) at character "
+                            f"{text.index(chr(0)) + 1}: binary or mis-encoded data")
+        if role == "assistant" and not text.strip():
+            raise ChatError(f"{where}: the assistant answer is empty: nothing to learn from")
         out.append({"role": role, "content": text})
     if not any(m["role"] == "assistant" for m in out):
         raise ChatError(f"no assistant turn (roles: {[m['role'] for m in out]}): nothing to learn from")

@@ -10,9 +10,11 @@ Formats (inferred from the file name unless `fmt` is given):
   MRPC contain bare ``"`` characters that a quote-aware reader would swallow together with tabs.
 - ``conll``: whitespace-separated token columns, blank line between sentences (see `read_conll`).
 - ``squad``: SQuAD v1/v2 JSON, one record per question.
-- ``hub``: a `datasets.load_dataset` name, used when `source` is not a file: ``"hf:glue/sst2:validation"``,
-  ``"glue/sst2"`` with ``split="validation"``. ``a/b`` means dataset ``a`` with config ``b``; ``a/b/c`` means
-  repository ``a/b`` with config ``c``.
+- ``hub``: a `datasets.load_dataset` id, used when `source` is not a file:
+  ``hf:owner/name[:config][:split][@revision]`` (`parse_hub_name`), e.g. ``"hf:HuggingFaceH4/no_robots:train"``,
+  ``"hf:nyu-mll/glue:mrpc:validation@main"``, or ``"nyu-mll/glue"`` with ``split="validation"``. ``owner/name``
+  is always one repository; one ``:part`` is the split, two are config and split; ``owner/name/config`` is
+  still read. A malformed id is a DataError showing this form.
 
 A malformed row (bad JSON, wrong column count, a `required` field missing or empty) raises `DataError` naming
 file, line and field. With ``skip_bad=True`` such rows are skipped and counted instead: a warning is logged and
@@ -25,6 +27,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import re
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -76,6 +79,8 @@ class _Rows:
         for key in self.text:
             if key in record and not isinstance(record[key], str):
                 return self.bad(where, f"non-text field {key!r}", f"field {key!r} must be text, got {_kind(record[key])}")
+            if key in record and "\x00" in record[key]:
+                return self.bad(where, f"NUL in field {key!r}", _nul(key, record[key]))
         record["_where"] = where
         self.records.append(record)
 
@@ -90,6 +95,12 @@ class _Rows:
             why = f"all {skipped} rows were bad ({dict(self.reasons)})" if skipped else "it holds no records"
             raise DataError(f"{self.source}: no records read: {why}")
         return self.records
+
+
+def _nul(key: str, text: str) -> str:
+    """The error for a NUL character in a text field (binary or mis-encoded data, never meant as text)."""
+    return (f"field {key!r} contains a NUL character (\\x00) at character {text.index(chr(0)) + 1}: binary or "
+            "mis-encoded data; remove it or set data.skip_bad_rows=true")
 
 
 def _kind(value) -> str:
@@ -169,7 +180,8 @@ def read_records(source, fmt: str | None = None, *, skip_bad: bool = False, deli
         _read_hub(source_s, split, rows)
         return rows.finish()
     if fmt is None and (Path(source_s).is_dir() or Path(source_s).suffix.lower() in (".parquet", ".arrow")):
-        return read_table_records(source_s, limit=limit, required=required, skip_bad=skip_bad, report=report, split=split)
+        return read_table_records(source_s, limit=limit, required=required, skip_bad=skip_bad, report=report, split=split,
+                                  text=text)
     path = Path(source)
     if not path.is_file():
         raise DataError(f"{path}: file not found" + (" (it is a directory)" if path.is_dir() else ""))
@@ -382,44 +394,74 @@ def _read_squad(path: Path, obj: Any, rows: _Rows) -> None:
                           "answer_starts": [int(a["answer_start"]) for a in answers]}, where)
 
 
-def parse_hub_name(source: str, split: str | None = None) -> tuple[str, str | None, str]:
-    """``"hf:glue/sst2:validation"`` -> ("glue", "sst2", "validation"); see the module docstring."""
+HUB_ID_FORM = "hf:owner/name[:config][:split][@revision]"
+_HUB_PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def parse_hub_name(source: str, split: str | None = None) -> tuple[str, str | None, str, str | None]:
+    """A hub id -> (repository, config, split, revision); see the module docstring.
+
+    ``hf:owner/name[:config][:split][@revision]``: ``owner/name`` (or a bare ``name``) is one repository;
+    one ``:part`` is the split, two are config and split; ``@revision`` ends the id. ``owner/name/config``
+    (the config after a slash) is still read. ``"hf:HuggingFaceH4/no_robots:train@v1"`` ->
+    ("HuggingFaceH4/no_robots", None, "train", "v1"). A malformed id is a DataError showing the form.
+    """
+    def bad(why: str):
+        return DataError(f"{source}: malformed hub id ({why}); expected {HUB_ID_FORM}, "
+                         "e.g. hf:HuggingFaceH4/no_robots:train or hf:nyu-mll/glue:mrpc:test@main")
+
     name = source[3:] if source.startswith("hf:") else source
-    if ":" in name:
-        name, name_split = name.split(":", 1)
-        if split is not None and split != name_split:
-            raise DataError(f"{source}: split {name_split!r} in the name conflicts with split={split!r}")
-        split = name_split
-    parts = [p for p in name.split("/") if p]
-    if not 1 <= len(parts) <= 3:
-        raise DataError(f"{source}: expected a hub name 'dataset', 'dataset/config' or 'owner/name/config'")
-    if len(parts) == 3:
-        path, config = f"{parts[0]}/{parts[1]}", parts[2]
-    else:
-        path, config = parts[0], (parts[1] if len(parts) == 2 else None)
-    return path, config, split or "train"
+    revision = None
+    if "@" in name:
+        name, revision = name.split("@", 1)
+        if not revision.strip() or "@" in revision or revision != revision.strip():
+            raise bad(f"revision {revision!r} after '@' is empty or malformed")
+    repo, *rest = name.split(":")
+    if len(rest) > 2:
+        raise bad(f"{len(rest)} ':' parts after the repository; at most config and split")
+    if any(not p.strip() or p != p.strip() for p in rest):
+        raise bad("an empty or padded ':' part")
+    parts = repo.split("/")
+    if not 1 <= len(parts) <= 3 or not all(_HUB_PART.fullmatch(p) for p in parts):
+        raise bad(f"repository {repo!r} is not 'name' or 'owner/name'")
+    config = rest[0] if len(rest) == 2 else None
+    if len(parts) == 3:  # owner/name/config
+        if config is not None:
+            raise bad(f"two configs: {parts[2]!r} after '/' and {config!r} after ':'")
+        repo, config = "/".join(parts[:2]), parts[2]
+    if rest:
+        if split is not None and split != rest[-1]:
+            raise DataError(f"{source}: split {rest[-1]!r} in the name conflicts with split={split!r}")
+        split = rest[-1]
+    return repo, config, split or "train", revision
+
+
+def hub_label(repo: str, config: str | None, split: str, revision: str | None) -> str:
+    """The canonical id of a parsed hub name, as rows' ``_where`` shows it."""
+    return f"hf:{repo}{':' + config if config else ''}:{split}{'@' + revision if revision else ''}"
 
 
 def _read_hub(source: str, split: str | None, rows: _Rows) -> None:
-    path, config, split = parse_hub_name(source, split)
+    path, config, split, revision = parse_hub_name(source, split)
     try:
         import datasets
 
-        ds = datasets.load_dataset(path, config, split=split)
+        ds = datasets.load_dataset(path, config, split=split, **({"revision": revision} if revision else {}))
     except Exception as e:  # network, unknown name, unknown split: say which dataset it was
-        raise DataError(f"{source}: cannot load hub dataset {path!r} (config {config!r}, split {split!r}): "
-                        f"{type(e).__name__}: {e}") from e
+        raise DataError(f"{source}: cannot load hub dataset {path!r} (config {config!r}, split {split!r}, "
+                        f"revision {revision!r}): {type(e).__name__}: {e}") from e
+    label = hub_label(path, config, split, revision)
     for i, item in enumerate(ds):
         if rows.full:
             return
-        rows.add(dict(item), f"hf:{path}{'/' + config if config else ''}:{split}:[{i}]")
+        rows.add(dict(item), f"{label}:[{i}]")
 
 
 # ---------------------------------------------------------------- Arrow-backed sources (large sets)
 # Parquet / Arrow files, `datasets.save_to_disk` folders, a folder of files of one format, JSON/JSONL/CSV/
 # TSV/TXT files and hub ids with config, split and revision, read as a memory-mapped `datasets.Dataset`
 # (`load_table`), so a million rows never become Python objects. Hub syntax:
-# ``hf:owner/name[/config][:split][@revision]``; ``streaming=True`` streams a hub set row by row.
+# ``hf:owner/name[:config][:split][@revision]``; ``streaming=True`` streams a hub set row by row.
 TABLE_BUILDERS = {".parquet": "parquet", ".arrow": "arrow", ".jsonl": "json", ".json": "json", ".csv": "csv",
                   ".tsv": "csv", ".txt": "text"}
 
@@ -449,24 +491,49 @@ def _file_fingerprint(paths: list[Path]) -> str:
 
 
 def _load_file(path: Path, datasets, text_unit: str = "line"):
+    """One file as a Dataset; a DataError naming the file when it is corrupt, truncated, not of its suffix's
+    format, or holds no rows."""
+    ds = _load_one(path, datasets, text_unit)
+    if len(ds) == 0:
+        raise DataError(f"{path}: the file holds no rows")
+    return ds
+
+
+def _load_one(path: Path, datasets, text_unit: str):
     builder = TABLE_BUILDERS.get(path.suffix.lower())
     if builder is None:
         raise DataError(f"{path}: cannot read {path.suffix!r} files as a table; known: {sorted(TABLE_BUILDERS)}")
     if builder == "arrow":
+        import pyarrow as pa
+
         try:
             return datasets.Dataset.from_file(str(path))
         except Exception:  # the IPC file format (pyarrow.feather / ipc.new_file) rather than a stream
-            import pyarrow as pa
+            try:
+                with pa.memory_map(str(path)) as src:
+                    return datasets.Dataset(pa.ipc.open_file(src).read_all())
+            except Exception as e:
+                raise DataError(f"{path}: not a readable Arrow file (neither the Arrow stream format `datasets` writes "
+                                f"nor the IPC file format; corrupt, truncated or not Arrow): {type(e).__name__}: {e}") from None
+    if builder == "parquet":  # check the footer first: `datasets` would only say DatasetGenerationError
+        import pyarrow.parquet as pq
 
-            with pa.memory_map(str(path)) as src:
-                return datasets.Dataset(pa.ipc.open_file(src).read_all())
+        try:
+            rows = pq.ParquetFile(str(path)).metadata.num_rows
+        except Exception as e:
+            raise DataError(f"{path}: not a readable Parquet file (corrupt, truncated or not Parquet): "
+                            f"{type(e).__name__}: {e}") from None
+        if rows == 0:
+            raise DataError(f"{path}: the file holds no rows")
     kwargs = {"delimiter": "\t"} if path.suffix.lower() == ".tsv" else {"sample_by": text_unit} if builder == "text" else {}
     from tunelab.models.loading import cache_dir
 
     try:
         return datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=str(cache_dir() / "datasets"), **kwargs)
     except Exception as e:
-        raise DataError(f"{path}: cannot read as {builder}: {type(e).__name__}: {e}") from None
+        cause = e.__cause__ or e.__context__ if type(e).__name__ == "DatasetGenerationError" else None
+        detail = f"{type(cause).__name__}: {cause}" if cause is not None else f"{type(e).__name__}: {e}"
+        raise DataError(f"{path}: cannot read as {builder} (corrupt, truncated or not {builder}?): {detail}") from None
 
 
 def load_table(source, *, split: str | None = None, streaming: bool = False, text_unit: str = "line") -> Table:
@@ -512,21 +579,24 @@ def load_table(source, *, split: str | None = None, streaming: bool = False, tex
 def _load_hub_table(source: str, split: str | None, streaming: bool) -> Table:
     import datasets
 
-    name, _, revision = source.partition("@")
-    repo, config, split = parse_hub_name(name, split)
-    label = f"hf:{repo}{'/' + config if config else ''}:{split}{'@' + revision if revision else ''}"
+    repo, config, split, revision = parse_hub_name(source, split)
+    label = hub_label(repo, config, split, revision)
     try:
-        ds = datasets.load_dataset(repo, config, split=split, revision=revision or None, streaming=streaming)
+        ds = datasets.load_dataset(repo, config, split=split, revision=revision, streaming=streaming)
     except Exception as e:  # network, unknown name, unknown split: say which dataset it was
         raise DataError(f"{source}: cannot load hub dataset {repo!r} (config {config!r}, split {split!r}, "
-                        f"revision {revision or None!r}): {type(e).__name__}: {e}") from e
+                        f"revision {revision!r}): {type(e).__name__}: {e}") from e
     if streaming:  # features must be random-access: the stream is written to Arrow once, row by row
         ds = datasets.Dataset.from_generator(lambda: (yield from ds))
     return Table(ds, [(0, label)], getattr(ds, "_fingerprint", label))
 
 
-def check_column(table: Table, column: str, kind: str, source: str) -> None:
-    """A DataError when ``column`` is absent or not of ``kind`` ("text" or "list") in the table's schema."""
+def check_column(table: Table, column: str, kind: str, source: str, skip_bad: bool = False) -> None:
+    """A DataError when ``column`` is absent, or a row's value is null or not of ``kind`` ("text" or "list").
+
+    The error names the first bad row (file and row number), the field and the value, as the JSONL reader
+    does: a list<string> or int column is never trained on as its Python repr. With ``skip_bad`` only a
+    column without one good value is an error (the bad rows are dropped and counted when encoded)."""
     import pyarrow as pa
 
     schema = table.ds.data.schema if hasattr(table.ds, "data") else None
@@ -536,18 +606,48 @@ def check_column(table: Table, column: str, kind: str, source: str) -> None:
     if schema is None:
         return
     t = schema.field(column).type
-    ok = (pa.types.is_string(t) or pa.types.is_large_string(t)) if kind == "text" else (
+    typed = (pa.types.is_string(t) or pa.types.is_large_string(t)) if kind == "text" else (
         pa.types.is_list(t) or pa.types.is_large_list(t))
-    if not ok:
-        want = "text (string)" if kind == "text" else "a list of turns"
-        raise DataError(f"{table.where(0)}: field {column!r} has Arrow type {t}, expected {want} (the whole column)")
+    nulls = table.ds.data.column(column).null_count
+    if typed and kind == "text" and not skip_bad:  # a NUL character: binary or mis-encoded data
+        import pyarrow.compute as pc
+
+        hit = pc.index(pc.match_substring(table.ds.data.column(column), "\x00"), True).as_py()
+        if hit is not None and hit >= 0:
+            raise DataError(f"{table.where(hit)}: {_nul(column, table.ds[hit][column])}")
+    if typed and (nulls == 0 or (skip_bad and nulls < len(table.ds))):
+        return
+    want = "text" if kind == "text" else "a list of turns"
+    good = (lambda v: isinstance(v, str)) if kind == "text" else (lambda v: isinstance(v, list))
+    first = None
+    for i, value in enumerate(_column_values(table.ds, column)):
+        if good(value):
+            if skip_bad:
+                return
+            continue
+        if first is None:
+            first = (i, value)
+            if not skip_bad:
+                break
+    if first is None:
+        return
+    i, value = first
+    also = "" if typed or isinstance(t, pa.BaseExtensionType) else f" (the column's Arrow type is {t})"
+    if value is None:  # a JSONL row without the field reads as null here
+        raise DataError(f"{table.where(i)}: field {column!r} is missing or null, expected {want}")
+    raise DataError(f"{table.where(i)}: field {column!r} must be {want}, got {_kind(value)}{also}")
+
+
+def _column_values(ds, column: str):
+    for start in range(0, len(ds), 1000):
+        yield from ds[start:start + 1000][column]
 
 
 def read_table_records(source, *, limit: int | None = None, required=None, skip_bad: bool = False,
-                       report: dict | None = None, split: str | None = None) -> list[dict]:
-    """Records of an Arrow-backed source (small sets; large ones stay a `Table`)."""
+                       report: dict | None = None, split: str | None = None, text=None) -> list[dict]:
+    """Records of an Arrow-backed source (small sets; large ones stay a `Table`). `text`: as `read_records`."""
     table = load_table(source, split=split)
-    rows = _Rows(str(source), skip_bad, limit, required, report)
+    rows = _Rows(str(source), skip_bad, limit, required, report, text)
     for i in range(len(table.ds)):
         if rows.full:
             break
@@ -568,12 +668,19 @@ def _pref_side(value, where: str, key: str):
         style = "sharegpt" if value and isinstance(value[0], dict) and "from" in value[0] else "openai"
         try:
             if key == "prompt":
-                return normalize(value + [{"role": "assistant", "content": ""}] if style == "openai" else
-                                 value + [{"from": "gpt", "value": ""}], style)[:-1]
+                return normalize(value + [{"role": "assistant", "content": "-"}] if style == "openai" else
+                                 value + [{"from": "gpt", "value": "-"}], style)[:-1]  # a placeholder answer
             return normalize(value, style)
         except (ValueError, TypeError) as e:
             raise DataError(f"{where}: field {key!r}: {e}") from None
     raise DataError(f"{where}: field {key!r} must be text or a list of turns, got {type(value).__name__}")
+
+
+def _squashed(side):
+    """A side with every run of whitespace made one space and the ends stripped (text, or each turn's content)."""
+    if isinstance(side, str):
+        return " ".join(side.split())
+    return [(t["role"], " ".join(t["content"].split())) for t in side]
 
 
 def read_preferences(source, *, fields: dict | None = None, limit: int | None = None, skip_bad: bool = False,
@@ -613,6 +720,9 @@ def read_preferences(source, *, fields: dict | None = None, limit: int | None = 
                     prompt = _pref_side(prompt, where, "prompt") if isinstance(prompt, list) else [{"role": "user", "content": str(prompt)}]
             if chosen == rejected:
                 raise DataError(f"{where}: 'chosen' and 'rejected' are identical: the pair carries no preference")
+            if _squashed(chosen) == _squashed(rejected):
+                raise DataError(f"{where}: 'chosen' and 'rejected' are identical after whitespace normalisation: "
+                                "the pair carries no preference")
         except DataError as e:
             if not skip_bad:
                 raise

@@ -161,6 +161,7 @@ def load(
             "nor a hub id of the form owner/name"
         )
     kwargs = {"trust_remote_code": trust_remote_code, "revision": revision}
+    _refuse_pickle_weights(name, path)
     _check_encoder_decoder(name, path, head, kwargs)
     try:
         tok = AutoTokenizer.from_pretrained(path, **kwargs)
@@ -192,7 +193,40 @@ def load(
     from tunelab.models.context import install_context
 
     install_context(model)
+    _say_custom_code_skipped(name, path, model, trust_remote_code)
     return model, tok
+
+
+PICKLE_WEIGHTS = ("pytorch_model*.bin", "*.pt", "*.pth", "*.ckpt")
+
+
+def _refuse_pickle_weights(name: str, path: str) -> None:
+    """A model folder whose weights are only pickle files is refused by name before anything loads them:
+    unpickling can run code hidden in the file. tunelab loads safetensors weights (GGUF aliases convert)."""
+    folder = Path(path)
+    if not folder.is_dir() or any(folder.glob("*.safetensors")) or any(folder.glob("*.gguf")):
+        return
+    pickled = sorted(p.name for pattern in PICKLE_WEIGHTS for p in folder.glob(pattern))
+    if pickled:
+        raise ValueError(f"model '{name}': {folder / pickled[0]} holds pickle weights (loading a pickle can run code "
+                         "hidden in it) and the folder has no .safetensors file; tunelab loads safetensors only: "
+                         "convert it where you trust it (model.save_pretrained(dir) writes safetensors) or use the "
+                         "model's safetensors release")
+
+
+def _say_custom_code_skipped(name: str, path: str, model, trust_remote_code: bool) -> None:
+    """A config with ``auto_map`` names custom model code; without trust_remote_code the built-in class for
+    its model_type loads instead, which is said rather than left to a silent difference."""
+    auto_map = getattr(model.config, "auto_map", None)
+    if not auto_map and Path(path, "config.json").is_file():
+        try:
+            auto_map = json.loads(Path(path, "config.json").read_text()).get("auto_map")
+        except (OSError, ValueError):
+            auto_map = None
+    if auto_map and not trust_remote_code:
+        log.warning("model '%s': its config.json names custom code (auto_map: %s); trust_remote_code is off, so tunelab "
+                    "loads the built-in class %s (model_type %r) instead, which may differ from the author's code",
+                    name, ", ".join(sorted(auto_map)), type(model).__name__, model.config.model_type)
 
 
 def _local(path: str, kwargs: dict) -> str:

@@ -4,8 +4,9 @@ Data: any source `tunelab.data.readers.load_table` reads (JSONL/JSON, Parquet, A
 folder, a folder of files, ``hf:`` ids), one conversation per row: OpenAI ``messages``
 (role/content; ``tool_calls`` kept as text) or ShareGPT ``conversations`` (from/value), detected from
 the column (``style`` names it; ``fields`` maps other column names). ``#rows=START:STOP`` selects rows.
-Each row is checked when it is encoded: an unknown role, a missing content, no assistant turn is an
-error naming file, row and turn (``data.skip_bad_rows`` drops and counts them instead).
+A row without the column is an error naming file and row when read; each row is checked when it is encoded:
+an unknown role, a missing content, an image (non-text) part, an empty assistant answer, no assistant turn
+is an error naming file, row and turn (``data.skip_bad_rows`` drops and counts them instead).
 
 Formatting: ``template`` None/"auto" = the tokenizer's own chat template, or a named one for base models
 (`tunelab.data.chat_templates.TEMPLATES`: chatml, llama3, alpaca, zephyr). ``system`` adds a system turn to
@@ -64,7 +65,7 @@ class Chat:
         if style is None:
             raise DataError(f"{path}: no {cols['openai']!r} (OpenAI) or {cols['sharegpt']!r} (ShareGPT) column "
                             f"(present: {table.ds.column_names}); map yours with task.fields, e.g. {{messages: dialog}}")
-        check_column(table, cols[style], "list", path)
+        check_column(table, cols[style], "list", path, skip_bad)
         table.ds = table.ds.select_columns([cols[style]])
         return select(table, source, rows, limit, skip_bad, style)
 

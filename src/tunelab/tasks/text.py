@@ -37,7 +37,7 @@ class Text:
         path, rows = split_source(source, "rows")
         table = load_table(path, text_unit=cfg.unit)
         col = field_name(cfg, "text")
-        check_column(table, col, "text", path)
+        check_column(table, col, "text", path, skip_bad)
         table.ds = table.ds.select_columns([col])
         return select(table, source, rows, limit, skip_bad, col)
 
