@@ -39,10 +39,12 @@ def cfg_path(tiny_dir, tmp_path_factory):
     rows = [{"sentence": " ".join(WORDS[i % 7 : i % 7 + 4]), "label": i % 2} for i in range(12)]
     data = d / "d.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    held = d / "d_eval.jsonl"  # a copy: train == eval is refused, and what is tested is the executors' sameness
+    held.write_text(data.read_text())
     cfg = {
         "model": str(tiny_dir), "method": {"name": "full"},
         "task": {"name": "sentiment", "chat": False, "labels": ["no", "yes"], "template": "{text} ?"},
-        "data": {"train": str(data), "eval": str(data)},
+        "data": {"train": str(data), "eval": str(held)},
         "train": {"max_steps": 2, "batch_size": 4, "progress": False, "precision": "fp32", "threads": 1,
                   "log_every": 5},
         "eval": {"loss": False},
