@@ -308,3 +308,76 @@ def test_the_first_seed_of_every_method_comes_first(tmp_path, fake):
     manifest = json.loads((tmp_path / "cmp" / "manifest.json").read_text())
     assert [r["run"] for r in manifest["runs"]][:2] == ["lora-s0", "lora-s1"]
     assert all(e["state"] == "done" for e in manifest["state"].values()) and manifest["eta_s"] is None
+
+
+def test_the_status_table_shows_each_runs_state_and_the_time_left(tmp_path):
+    """One table for ``tunelab status`` and the live display: states, where, wall, tries, totals, ETA."""
+    from tunelab.sweeps.status import format_status, status_text
+
+    state = {"a-s0": {"state": "done", "where": "vm cpu", "wall_s": 62.0, "attempts": 1},
+             "b-s0": {"state": "running", "where": "vm cpu", "attempts": 2},
+             "c-s0": {"state": "failed", "where": "vm cpu", "wall_s": 3.0, "attempts": 1, "error": "RuntimeError: x"},
+             "d-s0": {"state": "pending"}}
+    manifest = {"kind": "compare", "state": state, "eta_s": 100.0}
+    text = status_text(tmp_path, manifest, state)
+    lines = text.splitlines()
+    assert lines[0] == f"compare in {tmp_path}: 1 done, 1 running, 1 pending, 1 failed; about 1m40s left"
+    assert lines[1].split() == ["run", "state", "where", "wall", "tries"]
+    assert lines[2].split() == ["a-s0", "done", "vm", "cpu", "1m02s", "1"]
+    assert lines[3].split() == ["b-s0", "running", "vm", "cpu", "2"]
+    assert lines[5].split() == ["d-s0", "pending"] and lines[-2:] == ["failed:", "  c-s0: RuntimeError: x"]
+    # between two runs of a live sweep nothing runs, yet it is not stopped: the ETA, no "rerun" hint
+    state["b-s0"].update(state="done", wall_s=5.0)
+    assert "about 1m40s left" in status_text(tmp_path, manifest, state, in_progress=True)
+    assert "rerun the sweep's command" in status_text(tmp_path, manifest, state)
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    assert format_status(tmp_path) == status_text(tmp_path, manifest, state)
+
+
+def test_a_sweep_on_a_terminal_draws_the_status_table_live(tmp_path, fake, monkeypatch):
+    """stderr a terminal: the table is drawn (rich.live) and redrawn as runs start and finish, the progress
+    lines above it, the last table with the final states kept; the manifest and results are the same."""
+    import io
+    import re
+
+    from rich.console import Console
+
+    from tunelab.sweeps import runner
+    from tunelab.sweeps.runner import to_stderr
+
+    screen = io.StringIO()
+    monkeypatch.setattr(runner, "live_console", lambda: Console(force_terminal=True, file=screen, width=120))
+    f = fake(fail_on={"loreft-s0"})
+    out = cmp.compare(write_cfg(tmp_path), (), ["lora", "loreft"], [0], tmp_path / "live", say=to_stderr,
+                      executor=f.executor)
+    drawn = screen.getvalue()
+    assert "\x1b[?25l" in drawn and drawn.rstrip().endswith("\x1b[?25h")  # cursor hidden, then shown again
+    plain = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", drawn)
+    assert re.search(r"lora-s0\s+running\s", plain) and re.search(r"loreft-s0\s+running\s", plain)  # redrawn at starts
+    final = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", drawn.split("\x1b[2K")[-1])  # the last table, plain
+    assert final.startswith(f"compare in {out}: 1 done, 1 failed\n")
+    assert re.search(r"lora-s0\s+done\s", final) and re.search(r"loreft-s0\s+failed\s", final)
+    assert "[1/2] lora-s0: training" in drawn and "[2/2] loreft-s0: FAILED RuntimeError" in drawn
+    quiet_out = cmp.compare(write_cfg(tmp_path), (), ["lora", "loreft"], [0], tmp_path / "plain", say=quiet,
+                            executor=fake(fail_on={"loreft-s0"}).executor)
+    machine = ("where", "started", "finished", "wall_s")
+    runs = [{n: {k: v for k, v in e.items() if k not in machine}
+             for n, e in json.loads((d / "manifest.json").read_text())["state"].items()} for d in (out, quiet_out)]
+    csv = [(d / "results.csv").read_text().replace(str(d), "OUT") for d in (out, quiet_out)]
+    assert runs[0] == runs[1] and csv[0] == csv[1]
+
+
+def test_a_sweep_without_a_terminal_prints_only_the_progress_lines(tmp_path, fake, capsys):
+    import re
+
+    from tunelab.sweeps.runner import to_stderr
+    from tunelab.sweeps.status import live_console
+
+    assert live_console() is None  # pytest's stderr is no terminal
+    cmp.compare(write_cfg(tmp_path), (), ["lora", "full"], [0], tmp_path / "cmp", say=to_stderr, executor=fake().executor)
+    err = capsys.readouterr().err
+    assert "\x1b" not in err and "run  " not in err
+    lines = [re.sub(r"[0-9.]+s\b", "Ts", re.sub(r", about \S+ left", "", line)) for line in err.splitlines()]
+    assert lines == ["[1/2] lora-s0: training", "[1/2] lora-s0: done in Ts (1/2 done)",  # today's lines exactly
+                     "[2/2] full-s0: training", "[2/2] full-s0: done in Ts (2/2 done)",
+                     f"report: {tmp_path / 'cmp' / 'report.html'}"]

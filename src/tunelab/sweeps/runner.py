@@ -22,7 +22,8 @@ The jobs are ordered so that the first seed of every label (method) comes before
 sweep stopped half-way (or a budget running out) has one complete comparison first. The manifest's
 ``state`` holds each run's state (``pending``, ``running``, ``done``, ``failed``, ``stopped``: stopped by
 a signal after saving a checkpoint), where it ran, its wall time and attempts, and ``eta_s``, the time
-left estimated from the finished runs' wall times; ``tunelab status DIR`` prints it.
+left estimated from the finished runs' wall times; ``tunelab status DIR`` prints it, and while a sweep
+runs with stderr on a terminal it draws that table live there (``tunelab.sweeps.status.LiveStatus``).
 """
 
 from __future__ import annotations
@@ -45,9 +46,12 @@ import yaml
 
 from tunelab.results import read_metrics
 from tunelab.runtime.atomic_files import atomic_write_text
+from tunelab.sweeps.status import LiveStatus, format_seconds, live_console
 from tunelab.training.run_lock import Stopped, locked_by
 
 if TYPE_CHECKING:
+    from rich.console import Console
+
     from tunelab.config import RunConfig
 
 
@@ -246,6 +250,7 @@ def run_plan(
     executor: Executor | None = None,
     keep_going: bool = True,
     say: Callable[[str], None] = to_stderr,
+    console: Console | None | bool = None,
 ) -> dict:
     """Train every run of ``plan`` under ``out_dir/runs`` with ``executor`` (default ``SerialExecutor()``)
     and record them in ``out_dir/manifest.json`` (``manifest`` plus ``failed`` and ``state``); returns the
@@ -255,7 +260,11 @@ def run_plan(
     (``budget_order``). A run with a ``metrics.json`` is reused, a run another process holds locked is
     skipped and recorded as failed. A failed run is recorded and the rest go on, unless ``keep_going`` is
     False (then its exception is raised). ``Stopped`` (a signal) writes the manifest and is raised:
-    rerunning the sweep continues it."""
+    rerunning the sweep continues it.
+
+    ``console``: a rich Console on which the sweep draws ``tunelab status``'s table live, redrawn as runs
+    start and finish (``tunelab.sweeps.status.LiveStatus``); None (default): stderr's when ``say`` is
+    ``to_stderr`` and stderr is a terminal, else no table (the progress lines alone); False: never."""
     cfgs = [run.config() for run in plan]
     order = budget_order(plan)
     jobs = [Job(plan[i].name, cfgs[i], out_dir / "runs" / plan[i].name, n, len(plan)) for n, i in enumerate(order, 1)]
@@ -266,7 +275,18 @@ def run_plan(
     state: dict[str, dict] = {job.name: {"state": "pending"} for job in jobs}
     manifest["state"] = state
     began: dict[str, float] = {}
-    write_manifest(out_dir, manifest)
+    if console is None:
+        console = live_console() if say is to_stderr else None
+    live = None
+    if console is not None and console is not False:
+        live = LiveStatus(out_dir, manifest, console)
+
+    def save() -> None:  # the manifest, and the live table when there is one
+        write_manifest(out_dir, manifest)
+        if live is not None:
+            live.show()
+
+    save()
 
     def start(job: Job, where: str | None = None, note: str | None = None) -> bool:
         at = f"[{job.index}/{job.total}] {job.name}"
@@ -277,14 +297,14 @@ def run_plan(
                 say(f"  warning: {job.run_dir / 'config.yaml'} differs from this config; delete the run to redo it")
             old = before.get(job.name) or {}
             entry.update({k: old[k] for k in ("where", "wall_s", "attempts") if k in old}, state="done", reused=True)
-            write_manifest(out_dir, manifest)
+            save()
             return False
         holder = locked_by(job.run_dir)
         if holder:  # another process trains it right now: never start a second writer
             failed[job.name] = f"locked: {job.run_dir} is being written by {holder}"
             entry.update(state="failed", error=failed[job.name])
             say(f"{at}: SKIPPED, {job.run_dir} is locked by {holder}")
-            write_manifest(out_dir, manifest)
+            save()
             return False
         say(f"{at}: training" + (f" ({note})" if note else "") + (f" on {where}" if where else ""))
         began[job.name] = time.time()
@@ -292,7 +312,7 @@ def run_plan(
         entry.update(state="running", where=where or socket.gethostname(), started=_now(),
                      attempts=entry.get("attempts", 0) + 1)
         failed.pop(job.name, None)
-        write_manifest(out_dir, manifest)
+        save()
         return True
 
     def finish(done: Outcome, new_state: str, error: str | None = None) -> None:
@@ -305,47 +325,48 @@ def run_plan(
         if error:
             entry["error"] = error
         manifest["eta_s"] = eta_s(state, max(1, int(getattr(executor, "slots", 1) or 1)))  # may grow (Ray)
-        write_manifest(out_dir, manifest)
+        save()
 
     def stop_all() -> None:  # the sweep is stopping: the runs in flight saved a checkpoint
         for entry in state.values():
             if entry["state"] == "running":
                 entry["state"] = "stopped"
         manifest["eta_s"] = None
-        write_manifest(out_dir, manifest)
+        save()
 
-    outcomes = iter(executor.execute(jobs, start))
-    try:
-        for done in outcomes:
-            job, error = done.job, done.error
-            at = f"[{job.index}/{job.total}] {job.name}"
-            if isinstance(error, Stopped):
-                finish(done, "done" if (job.run_dir / "metrics.json").exists() else "stopped")
-                stop_all()
-                raise error
-            if error is not None:
-                finish(done, "failed", f"{type(error).__name__}: {error}")
-                if not keep_going:
+    with live or contextlib.nullcontext():  # the live table stops on any way out
+        outcomes = iter(executor.execute(jobs, start))
+        try:
+            for done in outcomes:
+                job, error = done.job, done.error
+                at = f"[{job.index}/{job.total}] {job.name}"
+                if isinstance(error, Stopped):
+                    finish(done, "done" if (job.run_dir / "metrics.json").exists() else "stopped")
+                    stop_all()
                     raise error
-                # one bad method must not sink the whole comparison
-                failed[job.name] = f"{type(error).__name__}: {error}"
-                write_manifest(out_dir, manifest)
-                say(f"{at}: FAILED {type(error).__name__}: {error}")
-                continue
-            if done.metrics and not (job.run_dir / "metrics.json").exists():  # keep the "finished" marker true
-                atomic_write_text(job.run_dir / "metrics.json", json.dumps(done.metrics, indent=2, default=str))
-            finish(done, "done")
-            say(f"{at}: done in {state[job.name]['wall_s']:.1f}s" + progress_note(state, manifest.get("eta_s")))
-    except BaseException:
-        stop_all()
-        raise
-    finally:
-        close = getattr(outcomes, "close", None)
-        if close is not None:  # a generator: its jobs still in flight are stopped
-            close()
-    manifest["eta_s"] = None
-    write_manifest(out_dir, manifest)
-    return manifest
+                if error is not None:
+                    finish(done, "failed", f"{type(error).__name__}: {error}")
+                    if not keep_going:
+                        raise error
+                    # one bad method must not sink the whole comparison
+                    failed[job.name] = f"{type(error).__name__}: {error}"
+                    save()
+                    say(f"{at}: FAILED {type(error).__name__}: {error}")
+                    continue
+                if done.metrics and not (job.run_dir / "metrics.json").exists():  # keep the "finished" marker true
+                    atomic_write_text(job.run_dir / "metrics.json", json.dumps(done.metrics, indent=2, default=str))
+                finish(done, "done")
+                say(f"{at}: done in {state[job.name]['wall_s']:.1f}s" + progress_note(state, manifest.get("eta_s")))
+        except BaseException:
+            stop_all()
+            raise
+        finally:
+            close = getattr(outcomes, "close", None)
+            if close is not None:  # a generator: its jobs still in flight are stopped
+                close()
+        manifest["eta_s"] = None
+        save()
+        return manifest
 
 
 def budget_order(plan: Sequence[PlannedRun]) -> list[int]:
@@ -374,13 +395,6 @@ def progress_note(state: dict[str, dict], eta: float | None) -> str:
     if eta:
         text += f", about {format_seconds(eta)} left"
     return text + ")"
-
-
-def format_seconds(seconds: float) -> str:
-    seconds = int(round(seconds))
-    h, rest = divmod(seconds, 3600)
-    m, s = divmod(rest, 60)
-    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
 
 
 def previous_state(out_dir: Path) -> dict[str, dict]:
