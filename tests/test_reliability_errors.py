@@ -82,3 +82,22 @@ def test_files_a_run_writes_are_group_readable(tiny_dir, data, tmp_path):  # noq
         assert stat.S_IMODE(p.stat().st_mode) == 0o644, p
     for d in [p for p in out.rglob("*") if p.is_dir()]:
         assert stat.S_IMODE(d.stat().st_mode) == 0o755, d
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("task.max_answer_tokens=0", "max_answer_tokens: Input should be greater than or equal to 1 (got 0)"),
+    ("task.n_best=0", "n_best: Input should be greater than or equal to 1 (got 0)"),
+    ("task.stride=-1", "stride: Input should be greater than or equal to 0 (got -1)"),
+    ("task.stride=384", "stride: task.stride=384 must be below task.window=384"),
+    ("task.window=0", "window: Input should be greater than or equal to 8 (got 0)"),
+])
+def test_qa_integer_settings_out_of_range(override, needle):
+    with pytest.raises(ValueError) as e:
+        load_config(None, ["task.name=qa", override])
+    assert "bad parameters for task 'qa'" in str(e.value) and needle in str(e.value)
+    assert "errors.pydantic.dev" not in str(e.value)
+
+
+def test_ner_eval_max_length_out_of_range():
+    with pytest.raises(ValueError, match=r"eval_max_length: Input should be greater than or equal to 8 \(got 0\)"):
+        load_config(None, ["task.name=ner", "task.eval_max_length=0"])

@@ -87,3 +87,35 @@ def test_qa_eval_window_above_positions(bert, tmp_path):
                              f"data.eval={dev}", "train.max_steps=2", "train.progress=false", f"output_dir={tmp_path / 'run'}"])
     with pytest.raises(ValueError, match=r"longer than the model's 128 positions and task.window=384"):
         train_mod.run(cfg)
+
+
+def test_qa_eval_question_longer_than_the_window(bert, tmp_path):
+    ctx = "Paris is the capital . the cat sat on the mat ."
+    question = "what is the name of the city that is the capital of the country where the cat sat on the mat ?"
+    d = tmp_path / "qa.jsonl"
+    d.write_text(json.dumps({"context": ctx, "question": "what is the capital ?", "answers": ["Paris"],
+                             "answer_starts": [0]}) + "\n")
+    dev = tmp_path / "qa-dev.jsonl"
+    dev.write_text(json.dumps({"context": ctx, "question": question, "answers": ["Paris"], "answer_starts": [0]}) + "\n")
+    out = tmp_path / "run"
+    cfg = load_config(None, [f"model.name={bert}", "task.name=qa", "task.formulation=head", f"data.train={d}",
+                             f"data.eval={dev}", "task.window=16", "task.stride=4", "train.max_steps=2",
+                             "train.progress=false", f"output_dir={out}"])
+    with pytest.raises(ValueError, match=rf"{dev}:1: the question is \d+ tokens .*no room for the context in task.window=16"):
+        train_mod.run(cfg)
+    assert nothing_trained(out)
+
+
+def test_lr_far_from_the_methods_range_is_warned(tiny_dir, data, tmp_path, capsys):  # noqa: F811
+    train_mod.run(cfg_for(tiny_dir, data, tmp_path / "run", "train.lr=1e6", "train.max_steps=0"))
+    out = capsys.readouterr().out
+    assert "warning: train.lr=1e+06 is" in out and "method 'full''s recommended learning rate 2e-05" in out
+    from tunelab.training.preflight import warn_lr
+
+    assert "recommended learning rate 0.0003" in warn_lr("lora", {}, 1e-9)[0] and "1/" in warn_lr("lora", {}, 1e-9)[0]
+    assert warn_lr("lora", {}, 3e-4) == [] and warn_lr("lora", {}, None) == [] and warn_lr("full", {}, 1e-3) == []
+
+
+def test_eval_before_without_eval_data_is_warned(tiny_dir, data, tmp_path, capsys):  # noqa: F811
+    train_mod.run(cfg_for(tiny_dir, data, tmp_path / "run", "data.eval=", "eval.before=true", "train.max_steps=0"))
+    assert "warning: eval.before=true but there is no eval data (data.eval is not set)" in capsys.readouterr().out

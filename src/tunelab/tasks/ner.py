@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from pydantic import Field
 
 from tunelab.data.encoding import encode_lm
 from tunelab.data.readers import infer_format, read_conll, read_records
@@ -41,7 +42,7 @@ class NERConfig(TaskConfig):
     format: Literal["auto", "conll", "records"] = "auto"  # auto: CoNLL by file suffix, else records
     token_col: int = 0  # CoNLL columns
     tag_col: int = -1
-    eval_max_length: int = 512  # truncation when scoring with a head (words beyond it are tagged O)
+    eval_max_length: int = Field(512, ge=8)  # truncation when scoring with a head (words beyond it are tagged O)
 
 
 def render_entities(tokens: list[str], tags: list[str]) -> str:

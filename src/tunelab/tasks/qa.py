@@ -38,6 +38,7 @@ import re
 from typing import Literal
 
 import torch
+from pydantic import Field, field_validator
 
 from tunelab.data.encoding import encode_lm_document, encode_seq2seq
 from tunelab.data.prompt_splicing import lm_features
@@ -59,10 +60,19 @@ START, END, BOTH = 1, 2, 3
 
 class QAConfig(TaskConfig):
     formulation: Literal["lm", "head", "seq2seq"] = "lm"
-    window: int = 384  # extractive head: tokens per window (question + context + specials)
-    stride: int = 128  # tokens shared by consecutive windows
-    max_answer_tokens: int = 30
-    n_best: int = 20  # start/end candidates tried per window
+    window: int = Field(384, ge=8)  # extractive head: tokens per window (question + context + specials)
+    stride: int = Field(128, ge=0)  # tokens shared by consecutive windows (below task.window)
+    max_answer_tokens: int = Field(30, ge=1)
+    n_best: int = Field(20, ge=1)  # start/end candidates tried per window
+
+    @field_validator("stride")
+    @classmethod
+    def _stride_below_window(cls, v, info):
+        window = info.data.get("window")
+        if window is not None and v >= window:
+            raise ValueError(f"task.stride={v} must be below task.window={window} "
+                             "(it is the tokens consecutive windows share)")
+        return v
 
 
 def select_articles(records: list[dict], articles: slice, keys: list) -> list[dict]:
@@ -213,7 +223,16 @@ class QA:
         return HeadSpec("qa", install=install_qa_labels) if cfg.formulation == "head" else None
 
     def check(self, cfg, train_ex, eval_ex, tokenizer, model) -> None:
-        """Before step 1: the head's eval windows must fit the model's positions."""
+        """Before step 1: the head's eval windows must fit the model's positions, and each eval question
+        (+ the special tokens) must leave room for context in task.window."""
+        if cfg.formulation == "head" and eval_ex:
+            specials = tokenizer.num_special_tokens_to_add(pair=True)
+            counts = [len(ids) for ids in tokenizer([ex["question"] for ex in eval_ex], add_special_tokens=False)["input_ids"]]
+            k, ex = max(zip(counts, eval_ex, strict=True), key=lambda t: t[0])
+            if k + specials >= cfg.window:
+                raise ValueError(f"{ex.get('_where', 'an eval example')}: the question is {k} tokens (+ {specials} special), "
+                                 f"which leaves no room for the context in task.window={cfg.window}; "
+                                 f"set task.window above {k + specials}")
         n = getattr(model.config, "max_position_embeddings", None)
         if cfg.formulation != "head" or not n or cfg.window <= n or not eval_ex:
             return

@@ -51,7 +51,7 @@ from tunelab.tasks import TASKS
 from tunelab.training import cpu_attention, optimizer, tracking
 from tunelab.training.checkpoint import save_checkpoint
 from tunelab.training.divergence import check_step
-from tunelab.training.preflight import check_data_sources, check_run, overlap_warning, warn_rank
+from tunelab.training.preflight import check_data_sources, check_run, overlap_warning, warn_lr, warn_rank
 from tunelab.training.resume import start_position
 from tunelab.training.run_directory import BEST_JSON
 from tunelab.training.run_lock import RunLock, StopOnSignal, Stopped, stop_says_where
@@ -220,6 +220,12 @@ def _run(cfg: RunConfig, t_start: float) -> dict:
         (out / "metrics.json").unlink(missing_ok=True)  # a metrics.json always belongs to the config beside it
     r.tracker = tracking.start(cfg, lead)
     record: dict = {}
+    for w in warn_lr(cfg.method.name, cfg.method.params(), cfg.train.lr) if r.train_ex else []:
+        dist.log(f"warning: {w}")
+    if cfg.eval.before and not r.eval_ex:
+        dist.log("warning: eval.before=true but there is no eval data ("
+                 + (f"data.eval={cfg.data.eval} holds no examples" if cfg.data.eval else "data.eval is not set")
+                 + "): no score before training; set data.eval to a held-out file")
     if cfg.eval.before and r.eval_ex:
         with stop_says_where("during the evaluation before training (eval.before): nothing was trained yet; "
                              "run the same `tunelab train` command again to start"):

@@ -86,6 +86,27 @@ def warn_rank(model, params: dict) -> list[str]:
             f"a rank above min(in, out) adds parameters but no capacity"]
 
 
+LR_HIGH, LR_LOW = 100, 1 / 1000  # train.lr this far above / below the method's recommended lr is warned
+
+
+def warn_lr(method_name: str, params: dict, lr: float | None) -> list[str]:
+    """A warning when ``train.lr`` is far outside the method's usual range: above ``LR_HIGH`` times or
+    below ``LR_LOW`` times its recommended learning rate (training would diverge, or not move)."""
+    if lr is None:
+        return []
+    from tunelab.training.optimizer import default_lr
+
+    usual = default_lr(method_name, params)
+    if lr > usual * LR_HIGH:
+        how = f"{lr / usual:.0f}x above"
+    elif lr < usual * LR_LOW:
+        how = f"1/{usual / lr:.0f} of"
+    else:
+        return []
+    return [f"train.lr={lr:g} is {how} method '{method_name}''s recommended learning rate {usual:g}: "
+            f"training will likely {'diverge' if lr > usual else 'not move'}; leave train.lr unset to use {usual:g}"]
+
+
 def _local(source) -> object:
     from pathlib import Path
 
