@@ -109,10 +109,10 @@ def test_qa_eval_question_longer_than_the_window(bert, tmp_path):
 def test_lr_far_from_the_methods_range_is_warned(tiny_dir, data, tmp_path, capsys):  # noqa: F811
     train_mod.run(cfg_for(tiny_dir, data, tmp_path / "run", "train.lr=1e6", "train.max_steps=0"))
     out = capsys.readouterr().out
-    assert "warning: train.lr=1e+06 is" in out and "method 'full''s recommended learning rate 2e-05" in out
+    assert "warning: train.lr=1e+06 is" in out and "the recommended learning rate of method 'full', 2e-05" in out
     from tunelab.training.preflight import warn_lr
 
-    assert "recommended learning rate 0.0003" in warn_lr("lora", {}, 1e-9)[0] and "1/" in warn_lr("lora", {}, 1e-9)[0]
+    assert "of method 'lora', 0.0003" in warn_lr("lora", {}, 1e-9)[0] and "1/" in warn_lr("lora", {}, 1e-9)[0]
     assert warn_lr("lora", {}, 3e-4) == [] and warn_lr("lora", {}, None) == [] and warn_lr("full", {}, 1e-3) == []
 
 

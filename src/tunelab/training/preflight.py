@@ -103,7 +103,7 @@ def warn_lr(method_name: str, params: dict, lr: float | None) -> list[str]:
         how = f"1/{usual / lr:.0f} of"
     else:
         return []
-    return [f"train.lr={lr:g} is {how} method '{method_name}''s recommended learning rate {usual:g}: "
+    return [f"train.lr={lr:g} is {how} the recommended learning rate of method '{method_name}', {usual:g}: "
             f"training will likely {'diverge' if lr > usual else 'not move'}; leave train.lr unset to use {usual:g}"]
 
 
