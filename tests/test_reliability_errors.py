@@ -82,3 +82,13 @@ def test_files_a_run_writes_are_group_readable(tiny_dir, data, tmp_path):  # noq
         assert stat.S_IMODE(p.stat().st_mode) == 0o644, p
     for d in [p for p in out.rglob("*") if p.is_dir()]:
         assert stat.S_IMODE(d.stat().st_mode) == 0o755, d
+
+
+@pytest.mark.parametrize("output_dir, needle", [
+    ("runs/{foo}", "output_dir 'runs/{foo}' uses the unknown placeholder {foo}; the placeholders are {task}, {method}, {seed}"),
+    ("runs/{task", "output_dir 'runs/{task': expected '}' before end of string"),
+])
+def test_an_unknown_output_dir_placeholder_is_one_line(tmp_path, monkeypatch, output_dir, needle):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "c.yaml").write_text(f"task: sentiment\noutput_dir: '{output_dir}'\n")
+    one_line_error(runner.invoke(app, ["train", "c.yaml"]), needle)

@@ -136,3 +136,16 @@ def test_a_config_with_auto_map_says_it_loads_the_builtin_class(model_folder, ca
     assert type(model).__name__ == "LlamaForCausalLM"
     assert (f"model '{model_folder}': its config.json names custom code (auto_map: AutoModelForCausalLM); "
             "trust_remote_code is off, so tunelab loads the built-in class LlamaForCausalLM (model_type 'llama')") in caplog.text
+
+
+def test_an_empty_or_weightless_model_folder_is_named(tmp_path, model_folder):
+    from tunelab.models import loading
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError) as e:
+        loading.load(str(empty))
+    assert str(e.value).startswith(f"model '{empty}': the folder {empty} holds no config.json and no weights (*.safetensors)")
+    (model_folder / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match=r"holds no weights \(\*\.safetensors\); a model folder is what"):
+        loading.load(str(model_folder))
