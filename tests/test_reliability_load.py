@@ -149,3 +149,14 @@ def test_an_empty_or_weightless_model_folder_is_named(tmp_path, model_folder):
     (model_folder / "model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match=r"holds no weights \(\*\.safetensors\); a model folder is what"):
         loading.load(str(model_folder))
+
+
+def test_fp16_method_tensors_are_cast_with_a_warning(method_dir, caplog):
+    w = method_dir / "method.safetensors"
+    edit_weights(w, lambda t: t.update({k: v.half() for k, v in t.items()}))
+    n = len(load_file(str(w)))
+    with caplog.at_level("WARNING", logger="tunelab.methods.load_checks"):
+        model = tunelab.load(tiny_llama(), method_dir)
+    assert f"{w}: {n} tensor(s) stored as float16 (e.g. " in caplog.text
+    assert "are cast to the model's float32 on load" in caplog.text
+    assert all(p.dtype == torch.float32 for p in model.parameters())
