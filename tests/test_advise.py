@@ -275,3 +275,15 @@ def test_form_band_scales_the_backtest_error_by_the_extrapolation_distance():
     assert band["rel"] == pytest.approx(0.10) and band["lo"] == pytest.approx(0.36) and band["hi"] == pytest.approx(0.44)
     assert ra.form_band({**bt, "errors": {"mean_rel_error": 0.6}}, 0.4, 4000.0)["lo"] == 0.0  # never below 0
     assert ra.form_band({"error": "needs at least 3 data sizes"}, 0.4, 4000.0)["lo"] is None
+
+
+def test_sizes_above_the_training_rows_are_refused_before_training(tmp_path, fake):
+    rows = [{"sentence": f"w{i} yes" if i % 2 else f"w{i} no", "label": i % 2} for i in range(48)]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "dev.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:8]))
+    with pytest.raises(ValueError) as e:
+        adv.advise(write_cfg(tmp_path, sizes=[8, 16, 1000], full_size=4000), seeds=[0], out_dir=tmp_path / "adv",
+                   say=lambda m: None, executor=fake.executor)
+    assert str(e.value).startswith("advise: size(s) 1000 exceed the 48 training rows of ")
+    assert "use sizes up to 48" in str(e.value)
+    assert fake.calls == []

@@ -141,3 +141,17 @@ def test_import_errors_name_the_file_and_key(tmp_path):
         import_peft(tiny_llama(), tmp_path)
     with pytest.raises(ValueError, match="LoRA-family"):
         export_peft(tunelab.attach(tiny_llama(), "full"), tmp_path / "x")
+
+
+@pytest.mark.parametrize("use_dora, drop", [(False, "lora_B.weight"), (True, "lora_magnitude_vector")])
+def test_import_an_adapter_missing_a_tensor_names_the_file_and_tensor(tmp_path, use_dora, drop):
+    from safetensors.torch import load_file, save_file
+
+    pm = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=2, target_modules=["q_proj"], use_dora=use_dora))
+    pm.save_pretrained(str(tmp_path))
+    w = tmp_path / "adapter_model.safetensors"
+    state = load_file(str(w))
+    gone = sorted(k for k in state if k.endswith(drop))[0]
+    save_file({k: v for k, v in state.items() if k != gone}, str(w))
+    with pytest.raises(ValueError, match=f"adapter_model.safetensors: the tensor '{gone}' is missing"):
+        import_peft(tiny_llama(), tmp_path)

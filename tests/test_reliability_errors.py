@@ -101,3 +101,13 @@ def test_qa_integer_settings_out_of_range(override, needle):
 def test_ner_eval_max_length_out_of_range():
     with pytest.raises(ValueError, match=r"eval_max_length: Input should be greater than or equal to 8 \(got 0\)"):
         load_config(None, ["task.name=ner", "task.eval_max_length=0"])
+
+
+@pytest.mark.parametrize("output_dir, needle", [
+    ("runs/{foo}", "output_dir 'runs/{foo}' uses the unknown placeholder {foo}; the placeholders are {task}, {method}, {seed}"),
+    ("runs/{task", "output_dir 'runs/{task': expected '}' before end of string"),
+])
+def test_an_unknown_output_dir_placeholder_is_one_line(tmp_path, monkeypatch, output_dir, needle):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "c.yaml").write_text(f"task: sentiment\noutput_dir: '{output_dir}'\n")
+    one_line_error(runner.invoke(app, ["train", "c.yaml"]), needle)

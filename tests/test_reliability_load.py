@@ -136,3 +136,27 @@ def test_a_config_with_auto_map_says_it_loads_the_builtin_class(model_folder, ca
     assert type(model).__name__ == "LlamaForCausalLM"
     assert (f"model '{model_folder}': its config.json names custom code (auto_map: AutoModelForCausalLM); "
             "trust_remote_code is off, so tunelab loads the built-in class LlamaForCausalLM (model_type 'llama')") in caplog.text
+
+
+def test_an_empty_or_weightless_model_folder_is_named(tmp_path, model_folder):
+    from tunelab.models import loading
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError) as e:
+        loading.load(str(empty))
+    assert str(e.value).startswith(f"model '{empty}': the folder {empty} holds no config.json and no weights (*.safetensors)")
+    (model_folder / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match=r"holds no weights \(\*\.safetensors\); a model folder is what"):
+        loading.load(str(model_folder))
+
+
+def test_fp16_method_tensors_are_cast_with_a_warning(method_dir, caplog):
+    w = method_dir / "method.safetensors"
+    edit_weights(w, lambda t: t.update({k: v.half() for k, v in t.items()}))
+    n = len(load_file(str(w)))
+    with caplog.at_level("WARNING", logger="tunelab.methods.load_checks"):
+        model = tunelab.load(tiny_llama(), method_dir)
+    assert f"{w}: {n} tensor(s) stored as float16 (e.g. " in caplog.text
+    assert "are cast to the model's float32 on load" in caplog.text
+    assert all(p.dtype == torch.float32 for p in model.parameters())

@@ -257,3 +257,11 @@ def test_t_interval_is_an_option_and_still_stays_in_range(cmp_dir):
     assert "Verdict: full is best" in md  # the paired tests do not depend on the interval shown
     with pytest.raises(ValueError, match="interval='normal'"):
         build_report(cmp_dir, interval="normal")
+
+
+def test_results_md_shows_a_parameter_value_as_text_never_markup():
+    summary = [{"label": "lora-<b>x</b>", "method": "lora", "accuracy_mean": 0.5, "seeds": 1,
+                "hyperparameters": "target_modules=<script>x</script> | r=8 & a"}]
+    md = tables.markdown_table(summary, "accuracy")
+    assert "<script>" not in md and "<b>" not in md
+    assert "target_modules=&lt;script&gt;x&lt;/script&gt; \\| r=8 &amp; a" in md and "lora-&lt;b&gt;x&lt;/b&gt;" in md

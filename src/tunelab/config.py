@@ -146,6 +146,21 @@ class RunConfig(Section):
                     values = dict(values, **{key: {"name": values[key]}})
         return values
 
+    @field_validator("output_dir")
+    @classmethod
+    def _output_dir_placeholders(cls, v: str) -> str:
+        import string
+
+        try:
+            names = [f for _, f, _, _ in string.Formatter().parse(v) if f is not None]
+        except ValueError as e:  # an unmatched brace
+            raise ValueError(f"output_dir {v!r}: {e}; the placeholders are {{task}}, {{method}}, {{seed}}") from None
+        bad = [f for f in names if f not in ("task", "method", "seed")]
+        if bad:
+            raise ValueError(f"output_dir {v!r} uses the unknown placeholder {{{bad[0]}}}; the placeholders are "
+                             "{task}, {method}, {seed}")
+        return v
+
     def run_dir(self) -> Path:
         return Path(self.output_dir.format(task=self.task.name, method=self.method.name, seed=self.train.seed))
 

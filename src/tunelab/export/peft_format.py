@@ -216,6 +216,12 @@ def import_peft(model: nn.Module, directory: str | Path) -> nn.Module:
     ours = {}
     for name in adapted:
         a, b = ("lora_embedding_A", "lora_embedding_B") if name in embeds else ("lora_A.weight", "lora_B.weight")
+        needed = [f"{name}.{b}"] + ([f"{name}.lora_magnitude_vector"] if cfg.get("use_dora") else [])
+        missing = [k for k in needed if k not in state]
+        if missing:
+            why = "use_dora is set, so each adapted module needs one" if missing[0].endswith("magnitude_vector") else \
+                "each adapted module needs lora_A and lora_B"
+            raise ValueError(f"{w_path}: the tensor '{PREFIX}{missing[0]}' is missing ({why}); the adapter is incomplete")
         ours[f"{name}.lora_A"] = state[f"{name}.{a}"]
         ours[f"{name}.lora_B"] = state[f"{name}.{b}"]
         if cfg.get("use_dora"):

@@ -9,12 +9,15 @@ finite. A PEFT config is checked before anything is allocated. Every error names
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 
 import torch
 
 from tunelab.methods.base import HEAD_NAMES
+
+log = logging.getLogger(__name__)
 
 
 def read_json_object(path: Path, what: str) -> dict:
@@ -55,6 +58,11 @@ def check_state(state: dict[str, torch.Tensor], owned: dict[str, torch.Tensor], 
             raise ValueError(f"{path}: tensor {k!r} has shape {tuple(v.shape)}, the model expects {tuple(want.shape)}")
         if v.is_floating_point() != want.is_floating_point():
             raise ValueError(f"{path}: tensor {k!r} has dtype {v.dtype}, the model expects {want.dtype}")
+    cast = sorted(k for k, v in state.items() if v.is_floating_point() and v.dtype != owned[k].dtype)
+    if cast:  # load_state_dict copies into the model's tensors: said, not done silently
+        k = cast[0]
+        log.warning("%s: %d tensor(s) stored as %s (e.g. %r) are cast to the model's %s on load", path, len(cast),
+                    str(state[k].dtype).removeprefix("torch."), k, str(owned[k].dtype).removeprefix("torch."))
     check_tensors(state, str(path))
 
 

@@ -162,6 +162,7 @@ def load(
         )
     kwargs = {"trust_remote_code": trust_remote_code, "revision": revision}
     _refuse_pickle_weights(name, path)
+    _refuse_incomplete_folder(name, path)
     _check_encoder_decoder(name, path, head, kwargs)
     try:
         tok = AutoTokenizer.from_pretrained(path, **kwargs)
@@ -212,6 +213,20 @@ def _refuse_pickle_weights(name: str, path: str) -> None:
                          "hidden in it) and the folder has no .safetensors file; tunelab loads safetensors only: "
                          "convert it where you trust it (model.save_pretrained(dir) writes safetensors) or use the "
                          "model's safetensors release")
+
+
+def _refuse_incomplete_folder(name: str, path: str) -> None:
+    """A local folder without config.json or without weights is named, not left to transformers' guesses."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return
+    missing = [what for what, there in (
+        ("config.json", (folder / "config.json").is_file()),
+        ("weights (*.safetensors)", any(folder.glob("*.safetensors")) or any(folder.glob("*.gguf"))),
+    ) if not there]
+    if missing:
+        raise FileNotFoundError(f"model '{name}': the folder {folder} holds no {' and no '.join(missing)}; a model "
+                                "folder is what model.save_pretrained(dir) writes")
 
 
 def _say_custom_code_skipped(name: str, path: str, model, trust_remote_code: bool) -> None:

@@ -34,6 +34,7 @@ import numpy as np
 from tunelab.report import fit as fitmod
 from tunelab.report.advise_checks import MIN_SIZES, form_band, plateau, target_of  # noqa: F401 (API)
 from tunelab.report.stats import t_interval
+from tunelab.report.tables import md_cell
 
 N_BOOT = 200
 
@@ -343,7 +344,7 @@ def markdown(result: dict) -> str:
         lines.append(f"Verified at the full size: lowest true {result.get('target', 'eval loss')}: {result['true_winner']} (prediction {ok}); "
                      f"best true {result['metric']}: {result.get('true_winner_by_metric', '–')}.")
     lines += ["", "| " + " | ".join(heads) + " |", "|" + "|".join("---" for _ in heads) + "|"]
-    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in rows]
+    lines += ["| " + " | ".join(md_cell(c) for c in r) + " |" for r in rows]
     lines.append("")
     if result["crossings"]:
         lines.append("Critical points (the predicted ranking flips):")

@@ -13,6 +13,7 @@ predictions, and cuts a t-interval to the metric's range otherwise (``stats.boun
 from __future__ import annotations
 
 import csv
+import html
 import io
 import math
 import re
@@ -328,11 +329,17 @@ def summary_headers(metric: str, by: str = "label") -> list[str]:
     ]
 
 
+def md_cell(text: str) -> str:
+    """A Markdown table cell: ``|`` escaped, and ``&``, ``<``, ``>`` as entities, so a value (a method
+    parameter, a label) shows as text where the Markdown is rendered as HTML, never as markup."""
+    return html.escape(str(text), quote=False).replace("|", "\\|")
+
+
 def markdown_table(summary: list[dict], metric: str, by: str = "label") -> str:
     """A GitHub-flavoured Markdown table of ``summarize`` rows (mean, 95% interval, seed spread, test)."""
 
     def line(cells):
-        return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+        return "| " + " | ".join(md_cell(c) for c in cells) + " |"
 
     head = summary_headers(metric, by)
     out = [line(head), "|" + "|".join(["---"] * 2 + ["---:"] * (len(head) - 3) + ["---"]) + "|"]

@@ -116,6 +116,7 @@ def advise(
                         set_key(run, key, _num(x))
                     info = {"run": name, "label": label, "value": label, "size": size, "seed": seed, "x": x}
                     plan.append(PlannedRun(info, run))
+    _check_sizes_fit(plan, sizes, full_size if verify else None)
     steps_mode = section.get("steps", "per_size")
     if steps_mode not in ("per_size", "full"):
         raise ValueError(f"advise.steps: '{steps_mode}' is not one of per_size (each size's own epochs) or full")
@@ -144,6 +145,24 @@ def advise(
     run_plan(out_dir, manifest, plan, executor=executor, keep_going=keep_going, say=say)
     say(f"report: {build_report(out_dir)}")
     return out_dir
+
+
+def _check_sizes_fit(plan: list[PlannedRun], sizes: list[int], verified: int | None) -> None:
+    """A size above the training rows would train on all of them under its own name ("n1000" on 48
+    rows): refused before any run, naming the sizes. Data that cannot be read is left to the runs to report."""
+    from tunelab.sweeps import budget as bud
+
+    cfg = plan[0].config()
+    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"max_train": None})})
+    try:
+        rows = bud.train_rows(cfg)
+    except (OSError, ValueError, KeyError):
+        return
+    over = [s for s in sizes if s > rows] + ([verified] if verified and verified > rows else [])
+    if over:
+        raise ValueError(f"advise: size(s) {', '.join(map(str, over))} exceed the {rows} training rows of "
+                         f"{cfg.data.train or 'the task data'}: a size is a number of training rows "
+                         f"(data.max_train); use sizes up to {rows}")
 
 
 def _full_steps(plan: list[PlannedRun], full_size: int) -> None:
