@@ -95,19 +95,6 @@ def tokenizer_fields(tok, vocab_size: int) -> dict:
     return {"tokens": tokens, "types": types, "merges": merges}
 
 
-def source_pre(model_name: str) -> str | None:
-    """``tokenizer.ggml.pre`` of the GGUF an embedded model was converted from, if any."""
-    from tunelab.models.loading import EMBEDDED, _package_dir
-
-    emb = EMBEDDED.get(model_name)
-    if emb is None or not emb.gguf:
-        return None
-    from gguf import GGUFReader
-
-    field = GGUFReader(str(_package_dir(emb, model_name) / emb.gguf)).fields.get("tokenizer.ggml.pre")
-    return field.contents() if field is not None else None
-
-
 def write_gguf(model, tok, path: str | Path, outtype: str = "f16", *, base: dict | None = None,
                name: str | None = None, pre: str | None = None, progress: bool = False) -> Path:
     """Write ``model`` (a plain, merged Llama-family causal LM) and ``tok`` to the GGUF file ``path``."""

@@ -193,14 +193,6 @@ def train_result(run_dir: Path, returncode: int, signum: int | None = None) -> d
     return read_metrics(run_dir)
 
 
-def train_in_process(cfg: RunConfig) -> dict | None:
-    """Train one run in this process (``tunelab.training.loop.run``): no process start, but the run's
-    memory and threads stay with the sweep."""
-    from tunelab.training.loop import run
-
-    return run(cfg)
-
-
 @contextlib.contextmanager
 def forward_signals(child: subprocess.Popen) -> Iterator[list[int]]:
     """While ``child`` runs, SIGTERM/SIGINT are passed on to it (it checkpoints and stops); the signals
