@@ -130,3 +130,29 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _tasks_report_only_declared_metrics():
+    """Every task family's evaluate, wherever a test calls it, checks that the metrics it reports are in its
+    ``metrics`` declaration (what ``compare --metric`` checks before training); pyproject.toml turns the
+    UndeclaredMetricWarning into an error."""
+    from tunelab.tasks import TASKS
+    from tunelab.tasks.base import check_reported
+
+    def checked(task):
+        bound = task.evaluate
+
+        def evaluate(*args, **kwargs):
+            metrics, preds = bound(*args, **kwargs)
+            check_reported(task, metrics)
+            return metrics, preds
+
+        return evaluate
+
+    tasks = [TASKS.get(name) for name in TASKS.names()]
+    for task in tasks:
+        task.evaluate = checked(task)
+    yield
+    for task in tasks:
+        del task.evaluate

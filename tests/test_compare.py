@@ -187,6 +187,21 @@ def test_bad_method_lists_fail_before_training(tmp_path, fake, methods, match):
     assert f.calls == []
 
 
+def test_a_metric_the_task_never_reports_is_refused_before_any_run(tmp_path, fake):
+    """compare --metric bleu on sentiment (no BLEU) and scale.target with a typo stop before training, naming
+    the task's own metrics; a declared metric, a run fact and a nested metric group pass."""
+    f = fake()
+    with pytest.raises(ValueError, match=r"--metric bleu: task 'sentiment' does not report it.*accuracy"):
+        cmp.compare(write_cfg(tmp_path), (), ["lora"], [0], tmp_path / "c", metric="bleu", say=quiet, executor=f.executor)
+    with pytest.raises(ValueError, match=r"scale.target acuracy: .*did you mean 'accuracy'"):
+        cmp.scale(write_cfg(tmp_path), (), [250, 500], "rank", [4], tmp_path / "s", target="acuracy", say=quiet,
+                  executor=f.executor)
+    assert f.calls == [] and not (tmp_path / "c").exists()
+    for metric in ("accuracy", "train_tokens_per_s"):
+        cmp.compare(write_cfg(tmp_path), (), ["lora"], [0], tmp_path / metric, metric=metric, say=quiet, executor=f.executor)
+    assert len(f.calls) == 2
+
+
 def test_scale_sweeps_rank_and_data_size_and_fits_the_law(tmp_path, fake):
     f = fake()
     out = cmp.scale(

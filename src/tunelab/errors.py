@@ -18,6 +18,11 @@ class DataError(ValueError):
     """A data file (or dataset) that cannot be read as asked: the message names file, line and field."""
 
 
+class UndeclaredMetricWarning(RuntimeWarning):
+    """A task family reported a metric its ``metrics`` declaration does not list (so ``compare --metric``
+    cannot check that name before training). The test suite turns it into an error (pyproject.toml)."""
+
+
 def suggest(name: str, choices) -> str:
     """' (did you mean 'x'?)' when a close match exists, else ''."""
     close = difflib.get_close_matches(str(name), list(choices), n=1, cutoff=0.5)

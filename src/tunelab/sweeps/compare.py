@@ -36,6 +36,7 @@ from tunelab.sweeps.executors import executor_from
 from tunelab.sweeps.runner import Executor, PlannedRun, first_configs, run_plan, to_stderr
 from tunelab.sweeps.spec import (
     FACTOR_KEYS,
+    check_metric,
     method_spec,
     method_specs,
     parse_seeds,
@@ -105,6 +106,7 @@ def compare(
 
     raw, sweep = read_sweep_config(cfg_path, overrides)
     section = sweep.get("compare", {})
+    check_metric(raw, metric)  # before any run trains
     executor = executor_from(section, executor, **(executor_options or {}))
     entries = methods or section.get("methods")
     if not entries:
@@ -157,6 +159,7 @@ def scale(
     section's ``executor`` keys, else local."""
     raw, sweep = read_sweep_config(cfg_path, overrides)
     section = sweep.get("scale", {})
+    check_metric(raw, target or section.get("target"), "scale.target")
     executor = executor_from(section, executor, **(executor_options or {}))
     sizes = [int(s) for s in (sizes or section.get("sizes") or DEFAULT_SIZES)]
     factor = factor or section.get("factor")

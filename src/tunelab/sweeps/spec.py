@@ -139,3 +139,30 @@ def variant(raw: dict, run_dir: Path, seed: int, sets: dict) -> dict:
     set_key(out, "train.seed", int(seed))
     out["output_dir"] = str(run_dir)
     return out
+
+
+# Run facts every run's metrics.json has that a comparison may also be ranked by (beside the task's metrics).
+RANKABLE_RUN_FACTS = ("eval_loss", "final_loss", "mean_train_loss", "trainable_params", "total_params",
+                      "trainable_percent", "wall_time_s", "train_time_s", "eval_time_s", "train_tokens_per_s",
+                      "peak_memory_mb")
+
+
+def check_metric(raw: dict, metric: str | None, key: str = "--metric") -> None:
+    """Refuse, before any run trains, a ranking ``metric`` the config's task family never reports (its
+    ``metrics`` declaration) and that is no run fact; a dotted name (a nested metric group) is not checked."""
+    if metric is None or "." in str(metric):
+        return
+    from tunelab.errors import suggest
+    from tunelab.tasks import TASKS
+    from tunelab.tasks.base import declares_metric
+
+    entry = raw.get("task") or "sentiment"
+    name = entry.get("name", "sentiment") if isinstance(entry, dict) else str(entry)
+    if name not in TASKS:
+        return  # the config check names the unknown task
+    task = TASKS.get(name)
+    if declares_metric(task, metric) or metric in RANKABLE_RUN_FACTS:
+        return
+    own = list(task.metrics)
+    raise ValueError(f"{key} {metric}: task '{name}' does not report it{suggest(metric, own + list(RANKABLE_RUN_FACTS))}; "
+                     f"its metrics: {', '.join(own)}; run facts: {', '.join(RANKABLE_RUN_FACTS)}")

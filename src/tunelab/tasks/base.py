@@ -11,6 +11,10 @@ A task has a ``name``, a pydantic ``Config`` (field names, template, formulation
 - ``encode(example, tokenizer, cfg, max_length) -> dict``: one training feature with
   ``input_ids`` (list[int]), ``labels`` (list[int] with -100 on prompt tokens, or an int / list of
   ints for a head) and ``prompt_len`` (how many leading tokens are prompt).
+- ``metrics``: the names ``evaluate`` may report (scores; counts such as ``n`` need not be listed; a
+  trailing ``*`` matches a prefix, e.g. NER's ``f1_*`` per entity type). ``compare``/``scale`` check a
+  ``--metric`` against it before training; a reported name missing from it is an
+  ``UndeclaredMetricWarning`` (an error in the test suite).
 - ``evaluate(model, tokenizer, examples, cfg, *, batch_size, gen, split=False) -> (metrics, predictions)``:
   the family's metric(s) with ``"n"`` (examples scored) included; predictions are JSON-able dicts.
   ``split`` is passed on to the batched evaluation primitives (``score_choices``, ``generate``,
@@ -51,6 +55,7 @@ class TaskConfig(BaseModel):
 class Task(Protocol):
     name: ClassVar[str]
     Config: ClassVar[type[TaskConfig]]
+    metrics: ClassVar[tuple[str, ...]]
 
     def read(self, source: str, cfg: Any, *, limit: int | None, skip_bad: bool) -> list[dict]: ...
     def head(self, cfg: Any, examples: list[dict]) -> HeadSpec | None: ...
@@ -60,6 +65,25 @@ class Task(Protocol):
 
 
 TASKS: Registry[Task] = Registry("task")
+
+
+def declares_metric(task: Task, name: str) -> bool:
+    """Whether ``task`` may report ``name`` (its ``metrics`` list, where ``f1_*`` matches ``f1_PER``)."""
+    return any(name == d or (d.endswith("*") and name.startswith(d[:-1])) for d in getattr(task, "metrics", ()))
+
+
+def check_reported(task: Task, metrics: dict) -> None:
+    """Warn (``UndeclaredMetricWarning``) about every score in ``metrics`` that ``task.metrics`` does not list."""
+    import warnings
+
+    from tunelab.errors import UndeclaredMetricWarning
+    from tunelab.evaluation.metrics import NOT_SCORES
+
+    extra = [k for k, v in metrics.items() if k not in NOT_SCORES and k != "eval_loss"
+             and isinstance(v, int | float) and not declares_metric(task, k)]
+    if extra:
+        warnings.warn(f"task '{task.name}' reported {', '.join(extra)}, which its metrics declaration "
+                      f"({', '.join(getattr(task, 'metrics', ())) or 'none'}) does not list", UndeclaredMetricWarning, stacklevel=2)
 
 
 def field_name(cfg: TaskConfig, canonical: str) -> str:

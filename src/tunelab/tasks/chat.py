@@ -52,6 +52,8 @@ class ChatConfig(TaskConfig):
 
 class Chat:
     name = "chat"
+    # The metric names evaluate() may report (a trailing * matches a prefix): compare checks --metric before training.
+    metrics = ("rougeL", "perplexity")
     teaches_stop = True  # training preflight warns when the loss leaves the end-of-turn token out
     Config = ChatConfig
 

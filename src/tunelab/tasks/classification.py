@@ -43,6 +43,8 @@ PAIR_TEMPLATE = "Classify the pair into one of: {choices}.\nText 1: {text}\nText
 
 class Classification:
     name = "classification"
+    # The metric names evaluate() may report (a trailing * matches a prefix): compare checks --metric before training.
+    metrics = ("accuracy", "macro_f1", "f1")
     Config = ClassificationConfig
 
     def read(self, source, cfg, *, limit=None, skip_bad=False) -> list[dict]:

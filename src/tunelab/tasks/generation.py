@@ -49,6 +49,8 @@ class GenerationConfig(TaskConfig):
 
 class Generation:
     name = "generation"
+    # The metric names evaluate() may report (a trailing * matches a prefix): compare checks --metric before training.
+    metrics = ("rougeL", "bleu", "perplexity")
     teaches_stop = True  # training preflight warns when the loss leaves the end-of-turn token out
     Config = GenerationConfig
 

@@ -120,6 +120,8 @@ def first_subtokens(offsets: list[tuple[int, int]], words: list[tuple[int, int]]
 
 class NER:
     name = "ner"
+    # The metric names evaluate() may report (a trailing * matches a prefix): compare checks --metric before training.
+    metrics = ("f1", "precision", "recall", "f1_*")
     Config = NERConfig
 
     def read(self, source, cfg, *, limit=None, skip_bad=False) -> list[dict]:

@@ -177,6 +177,8 @@ def answer_mismatch(context: str, answers: list[str], starts) -> str | None:
 
 class QA:
     name = "qa"
+    # The metric names evaluate() may report (a trailing * matches a prefix): compare checks --metric before training.
+    metrics = ("f1", "exact_match")
     Config = QAConfig
 
     def read(self, source, cfg, *, limit=None, skip_bad=False) -> list[dict]:

@@ -100,6 +100,8 @@ def from_gsm8k(question: str, solution: str) -> tuple[str, str]:
 
 class Reasoning:
     name = "reasoning"
+    # The metric names evaluate() may report (a trailing * matches a prefix): compare checks --metric before training.
+    metrics = ("accuracy", "no_answer")
     Config = ReasoningConfig
 
     def read(self, source, cfg, *, limit=None, skip_bad=False) -> list[dict]:

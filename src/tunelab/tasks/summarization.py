@@ -46,6 +46,8 @@ def clean(text) -> str:
 
 class Summarization:
     name = "summarization"
+    # The metric names evaluate() may report (a trailing * matches a prefix): compare checks --metric before training.
+    metrics = ("rouge1", "rouge2", "rougeL")
     Config = SummarizationConfig
 
     def read(self, source, cfg, *, limit=None, skip_bad=False) -> list[dict]:

@@ -31,6 +31,8 @@ class TextConfig(TaskConfig):
 
 class Text:
     name = "text"
+    # The metric names evaluate() may report (a trailing * matches a prefix): compare checks --metric before training.
+    metrics = ("token_accuracy", "perplexity")
     Config = TextConfig
 
     def read(self, source, cfg, *, limit=None, skip_bad=False):

@@ -48,6 +48,7 @@ from tunelab.runtime import precision
 from tunelab.runtime.atomic_files import atomic_write_text, remove_stale
 from tunelab.runtime.precision import autocast, autocast_dtype, peak_memory_mb, pick_device
 from tunelab.tasks import TASKS
+from tunelab.tasks.base import check_reported
 from tunelab.training import cpu_attention, optimizer, tracking
 from tunelab.training.checkpoint import save_checkpoint
 from tunelab.training.divergence import check_step
@@ -134,6 +135,7 @@ class Run:
         with autocast(self.device, self.amp):  # ranks share the examples unless the model is sharded
             metrics, preds = self.task.evaluate(self.model, self.tok, self.eval_ex, self.tcfg, batch_size=self.cfg.eval.batch_size,
                                                 gen=self.cfg.eval.gen(), split=not dist.is_sharded(self.model))
+        check_reported(self.task, metrics)
         # a task may report it itself (on the way); rows without references (tunelab predict) have none
         if self.cfg.eval.loss and "eval_loss" not in metrics and not metrics.get("without_reference"):
             with autocast(self.device, self.amp):
