@@ -72,6 +72,9 @@ class DataSection(Section):
     pack: bool = False
     group_by_length: bool = True
     skip_bad_rows: bool = False
+    # hold out this share of data.train as the eval set (instead of data.eval): seeded by split_seed, no overlap
+    eval_split: float | None = Field(None, gt=0, lt=1)
+    split_seed: int = 0
     # worker processes for tokenizing (datasets.map num_proc); None: $TUNELAB_NUM_PROC, else automatic
     num_proc: int | None = Field(None, ge=1)
 
@@ -166,13 +169,14 @@ class RunConfig(Section):
 
 
 def task_config(name: str, params: dict):
-    from tunelab.tasks import TASKS
+    from tunelab.tasks import TASKS, layouts
 
     task = TASKS.get(name)
     try:
-        return task.Config(**params)
+        cfg = task.Config(**params)
     except ValidationError as e:
         raise ValueError(f"bad parameters for task '{name}':\n{explain(e, task.Config)}") from None
+    return layouts.configure(name, cfg)  # the settings a data layout implies (label names, pair)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -52,6 +52,7 @@ class ChatConfig(TaskConfig):
 
 class Chat:
     name = "chat"
+    selectors = ("rows",)  # data path selectors it applies itself (tunelab.tasks.splits)
     teaches_stop = True  # training preflight warns when the loss leaves the end-of-turn token out
     Config = ChatConfig
 

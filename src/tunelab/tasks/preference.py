@@ -75,6 +75,7 @@ class PairCollator:
 
 class PreferenceTask:
     name = "preference"
+    selectors = ("rows",)  # data path selectors it applies itself (tunelab.tasks.splits)
     Config = PreferenceConfig
 
     def read(self, source, cfg, *, limit=None, skip_bad=False) -> list[dict]:

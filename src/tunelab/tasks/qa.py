@@ -193,6 +193,11 @@ def answer_mismatch(context: str, answers: list[str], starts) -> str | None:
 
 class QA:
     name = "qa"
+    selectors = ("articles",)  # data path selectors it applies itself (tunelab.tasks.splits)
+
+    @staticmethod
+    def split_group(ex) -> str:  # data.eval_split keeps an article's questions on one side
+        return ex["title"] or ex["context"] or ex["question"]
     Config = QAConfig
 
     def read(self, source, cfg, *, limit=None, skip_bad=False) -> list[dict]:
@@ -237,19 +242,20 @@ class QA:
             if not starts:  # no offsets given: where the answers first occur in the context
                 starts = [ctx.find(a) for a in answers]
                 lost = next((a for a, k in zip(answers, starts, strict=True) if k < 0), None)
-                if lost is not None and cfg.formulation == "head":
-                    raise DataError(f"{r['_where']}: answer {lost!r} does not occur in the context, so task.formulation=head "
-                                    "cannot extract it; use task.formulation: lm, or fix the row")
-                if lost is not None:  # generative: the answer is only the target; no offset to check
-                    starts = None
-            wrong = answer_mismatch(ctx, answers, starts) if starts is not None else None  # checked before training
+                if lost is not None:  # checked for every formulation: a misaligned file, not a closed-book one
+                    if skip_bad:
+                        continue
+                    raise DataError(f"{r['_where']}: answer {lost!r} does not occur in the context (the row gives no "
+                                    "answer_starts); for closed-book QA (question + answers, no context) leave the context "
+                                    "out, e.g. task.layout: nq_open")
+            wrong = answer_mismatch(ctx, answers, starts)  # checked before training
             if wrong:
                 if skip_bad:
                     continue
                 raise DataError(f"{r['_where']}: {wrong}")
             out.append({"id": str(r.get(cols["id"], r["_where"])), "title": r.get(cols["title"], ""), "context": ctx,
                         "question": str(r[cols["question"]]), "answers": answers,
-                        "answer_starts": [int(k) for k in starts] if starts is not None else [], "_where": r["_where"]})
+                        "answer_starts": [int(k) for k in starts], "_where": r["_where"]})
         return out[:limit] if limit is not None else out
 
     def head(self, cfg, examples):

@@ -31,6 +31,7 @@ class TextConfig(TaskConfig):
 
 class Text:
     name = "text"
+    selectors = ("rows",)  # data path selectors it applies itself (tunelab.tasks.splits)
     Config = TextConfig
 
     def read(self, source, cfg, *, limit=None, skip_bad=False):

@@ -48,6 +48,7 @@ from tunelab.runtime import precision
 from tunelab.runtime.atomic_files import atomic_write_text, remove_stale
 from tunelab.runtime.precision import autocast, autocast_dtype, peak_memory_mb, pick_device
 from tunelab.tasks import TASKS
+from tunelab.tasks.splits import read_run_data
 from tunelab.training import cpu_attention, optimizer, tracking
 from tunelab.training.checkpoint import save_checkpoint
 from tunelab.training.divergence import check_step
@@ -102,9 +103,7 @@ class Run:
         d = cfg.data
         if not d.train and not d.eval:
             raise ValueError("data.train and data.eval are both empty: nothing to train or evaluate")
-        read = dict(skip_bad=d.skip_bad_rows)
-        self.train_ex = self.task.read(d.train, self.tcfg, limit=d.max_train, **read) if d.train else []
-        self.eval_ex = self.task.read(d.eval, self.tcfg, limit=d.max_eval, **read) if d.eval else []
+        self.train_ex, self.eval_ex = read_run_data(self.task, self.tcfg, d)  # layouts, #rows=, data.eval_split
         if hasattr(self.task, "fit"):
             self.tcfg = self.task.fit(self.tcfg, self.train_ex or self.eval_ex)
         head = self.task.head(self.tcfg, self.train_ex or self.eval_ex)

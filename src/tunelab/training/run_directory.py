@@ -100,7 +100,9 @@ def _head_from_data(task, tcfg, cfg, run_dir: Path, kind: str):
     try:
         if not source:
             raise DataError("data.train and data.eval are both empty")
-        examples = task.read(source, tcfg, limit=limit, skip_bad=d.skip_bad_rows)
+        from tunelab.tasks.splits import read_examples
+
+        examples = read_examples(task, source, tcfg, limit=limit, skip_bad=d.skip_bad_rows)
     except (OSError, DataError) as e:
         raise ValueError(
             f"{run_dir}: this run trained a {kind} head whose labels {run_dir / 'method' / 'method.json'} does not "
