@@ -249,3 +249,36 @@ def test_imdb_csv_trains_with_a_held_out_share(tmp_path, llama_dir):
                      {"train": "IMDB Dataset.csv", "eval_split": 0.3})
     assert m["metrics"]["n"] == 3 and "accuracy" in m["metrics"] and "tied_predictions" in m["metrics"]
     assert m["run"]["data_rows"] == 7  # the held-out rows are not trained on
+
+
+# ---------------------------------------------------------------- tunelab tasks NAME
+@pytest.mark.parametrize("name", sorted(TASKS.names()))
+def test_tasks_name_prints_settings_formulations_layouts_and_an_example_row(name):
+    res = runner.invoke(app, ["tasks", name])
+    assert res.exit_code == 0, res.output
+    out = res.output
+    assert "task.formulation:" in out and "Formulations (task.formulation): lm" in out
+    assert "Data layouts (task.layout: NAME):" in out and "Example row" in out
+    example = json.loads(out.split("Example row (no layout needed):\n", 1)[1].strip().splitlines()[0])
+    assert example  # an example row, as JSON
+    if name == "reasoning":
+        assert "task.kind: 'auto'   (one of auto, number, letter, choice)" in out and "csqa:" in out and "piqa:" in out
+    if name == "qa":
+        assert "Formulations (task.formulation): lm, head, seq2seq" in out and "nq_open:" in out
+
+
+def test_tasks_lists_families_and_refuses_unknown_names():
+    res = runner.invoke(app, ["tasks"])
+    assert res.exit_code == 0 and "reasoning" in res.output and "tunelab tasks NAME" in res.output
+    res = runner.invoke(app, ["tasks", "reasonin"])
+    assert res.exit_code != 0 and "did you mean 'reasoning'" in res.output
+
+
+@pytest.mark.parametrize("name", sorted(TASKS.names()))
+def test_each_familys_example_row_reads(tmp_path, name):
+    from tunelab.config import task_config
+    from tunelab.tasks.layouts import DEFAULT_ROWS
+    from tunelab.tasks.splits import read_examples
+
+    ex = read_examples(TASKS.get(name), str(jsonl(tmp_path / "d.jsonl", [DEFAULT_ROWS[name]])), task_config(name, {}))
+    assert len(ex) == 1

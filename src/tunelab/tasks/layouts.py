@@ -128,6 +128,23 @@ LAYOUTS: dict[str, Layout] = {lay.name: lay for lay in (
 )}
 
 
+# One row each family reads with no layout at all (its canonical fields; `tunelab tasks NAME` shows it).
+DEFAULT_ROWS: dict[str, dict] = {
+    "chat": {"messages": [{"role": "user", "content": "Hi!"}, {"role": "assistant", "content": "Hello."}]},
+    "classification": {"text": "A fine film.", "label": "positive"},
+    "sentiment": {"sentence": "a fine film", "label": 1},
+    "paraphrase": {"#1 String": "He left.", "#2 String": "He went away.", "Quality": 1},
+    "generation": {"instruction": "Say hello in French.", "input": "", "output": "Bonjour."},
+    "ner": {"tokens": ["John", "lives", "in", "Paris"], "tags": ["B-PER", "O", "O", "B-LOC"]},
+    "preference": {"prompt": "Say hi.", "chosen": "Hi!", "rejected": "No."},
+    "qa": {"context": "Mary lives in Paris.", "question": "Who lives in Paris?", "answers": ["Mary"]},
+    "reasoning": {"instruction": "Tom had 3 apples and bought 4. How many?", "input": "",
+                  "output": "3 + 4 = 7. The answer is 7.", "answer": "7"},
+    "summarization": {"id": "1", "dialogue": "Tom: hi\nMary: hello", "summary": "Tom and Mary greet."},
+    "text": {"text": "Any plain text to continue training on."},
+}
+
+
 def for_family(family: str) -> list[Layout]:
     return [lay for lay in LAYOUTS.values() if family in lay.families]
 
