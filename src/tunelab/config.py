@@ -125,6 +125,9 @@ class EvalSection(Section):
     num_beams: int = Field(1, ge=1)
     save_predictions: bool = True
     loss: bool = True  # also report eval_loss (the token-mean loss on the eval set)
+    # evaluate every N optimizer steps during training (log.jsonl, trackers, checkpoints/best); 0: only at
+    # the end. train.eval_every is the older name of the same setting.
+    every_steps: int = Field(0, ge=0)
 
     def gen(self) -> dict:
         keys = {"max_new_tokens", "do_sample", "temperature", "top_p", "num_beams"}
@@ -148,6 +151,14 @@ class RunConfig(Section):
                 if isinstance(values.get(key), str):
                     values = dict(values, **{key: {"name": values[key]}})
         return values
+
+    @model_validator(mode="after")
+    def _one_eval_interval(self):
+        a, b = self.eval.every_steps, self.train.eval_every
+        if a and b and a != b:
+            raise ValueError(f"eval.every_steps={a} and train.eval_every={b} are the same setting (the latter its older "
+                             "name) with two values; set eval.every_steps alone")
+        return self
 
     @field_validator("output_dir")
     @classmethod

@@ -14,14 +14,18 @@
 
 Rows are sorted by length before batching (less padding) and results returned in input order.
 Each call shows a progress bar (rows/s, ETA) on the lead process when stderr is a terminal, unless
-``show_progress(False)`` (``train.progress: false``) turned it off.
+``show_progress(False)`` (``train.progress: false``) turned it off. Within ``progress_to(sink)`` (the training
+loop's evaluations) every call also hands ``sink`` a record ``{"desc", "done", "total", "elapsed_s", "eta_s"}``
+every ``every_s`` seconds and at its end, whatever stderr is: the loop writes them to log.jsonl.
 Every call records ``prompt_mask`` in the model context, so methods that act on prompt positions
 (ReFT) see them during scoring and generation too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import sys
+import time
 from collections.abc import Sequence
 
 import torch
@@ -41,11 +45,52 @@ def show_progress(on: bool) -> None:
     _PROGRESS["on"] = bool(on)
 
 
-def _bar(total: int, desc: str):
-    from tqdm.auto import tqdm
+@contextlib.contextmanager
+def progress_to(sink, every_s: float = 30.0):
+    """Within this block, evaluation calls report their progress to ``sink(record)`` (lead process only):
+    every ``every_s`` seconds and when a call finishes."""
+    old = _PROGRESS.get("sink"), _PROGRESS.get("every_s")
+    _PROGRESS["sink"], _PROGRESS["every_s"] = sink, every_s
+    try:
+        yield
+    finally:
+        _PROGRESS["sink"], _PROGRESS["every_s"] = old
 
-    on = _PROGRESS["on"] and dist.is_lead() and sys.stderr.isatty()
-    return tqdm(total=total, desc=desc, unit="row", disable=not on, leave=False, dynamic_ncols=True)
+
+class _Progress:
+    """A tqdm bar (in a terminal) plus periodic records to the ``progress_to`` sink, with an ETA."""
+
+    def __init__(self, total: int, desc: str):
+        from tqdm.auto import tqdm
+
+        on = _PROGRESS["on"] and dist.is_lead() and sys.stderr.isatty()
+        self.bar = tqdm(total=total, desc=desc, unit="row", disable=not on, leave=False, dynamic_ncols=True)
+        self.total, self.desc, self.done = total, desc, 0
+        self.sink = _PROGRESS.get("sink") if dist.is_lead() else None
+        self.every = _PROGRESS.get("every_s") or 0.0
+        self.t0 = self.last = time.perf_counter()
+
+    def update(self, n: int = 1) -> None:
+        self.bar.update(n)
+        self.done += n
+        now = time.perf_counter()
+        if self.sink is not None and (now - self.last >= self.every or self.done >= self.total):
+            self.last = now
+            self.sink(self.record(now))
+
+    def record(self, now: float) -> dict:
+        elapsed = now - self.t0
+        rate = self.done / elapsed if elapsed > 0 else 0.0
+        eta = (self.total - self.done) / rate if rate > 0 else None
+        return {"desc": self.desc, "done": self.done, "total": self.total, "elapsed_s": round(elapsed, 1),
+                "eta_s": round(eta, 1) if eta is not None else None}
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _bar(total: int, desc: str) -> _Progress:
+    return _Progress(total, desc)
 
 
 def _device(model) -> torch.device:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 BEST_JSON = "best.json"  # in checkpoints/best: {"step", "metric", "value", "higher_is_better"}
+TASK_JSON = "task.json"  # the run's task config as training fitted it (labels from the data)
 CHECKPOINTS = ("final", "best")
 
 
@@ -37,7 +38,7 @@ def method_dir(run_dir: str | Path, checkpoint: str = "final") -> Path:
     if not (best / "method.json").exists():
         raise FileNotFoundError(
             f"{run_dir}: no best checkpoint here (expected {best}); training keeps one when it evaluates during "
-            "training (train.eval_every > 0 and an eval set)")
+            "training (eval.every_steps, or train.eval_every, > 0 and an eval set)")
     return best
 
 

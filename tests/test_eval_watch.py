@@ -1,0 +1,107 @@
+"""Evaluation you can watch (issue 32): progress lines (with an ETA) in log.jsonl and on a non-terminal console,
+``eval.every_steps`` (logged, tracked, picks checkpoints/best), the memory note, and `tunelab eval RUN`
+without the training file."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from tunelab.cli import app
+from tunelab.config import load_config
+
+from conftest import tiny_llama, tiny_tokenizer_obj
+
+runner = CliRunner()
+ROWS = [{"text": f"the cat sat {i}", "label": "yes" if i % 2 else "no"} for i in range(8)]
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny-llama")
+    tiny_llama().save_pretrained(d)
+    tiny_tokenizer_obj().save_pretrained(d)
+    return d
+
+
+def write_run(tmp_path, llama_dir, *overrides):
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    (tmp_path / "dev.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS[:4]))
+    cfg = {"model": str(llama_dir), "method": {"name": "lora", "r": 2}, "task": {"name": "classification", "chat": False},
+           "data": {"train": "train.jsonl", "eval": "dev.jsonl", "max_length": 48},
+           "train": {"max_steps": 4, "batch_size": 2, "lr": 1e-3, "progress": True, "precision": "fp32", "threads": 1},
+           "eval": {"batch_size": 2}, "output_dir": str(tmp_path / "run")}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+    res = runner.invoke(app, ["train", str(tmp_path / "run.yaml"), *overrides])
+    assert res.exit_code == 0, res.output
+    return tmp_path / "run", res.output
+
+
+def test_every_steps_evaluates_logs_tracks_and_keeps_the_best(tmp_path, llama_dir):
+    pytest.importorskip("tensorboard")
+    run, output = write_run(tmp_path, llama_dir, "eval.every_steps=2", "eval.before=true", "train.report_to=tensorboard")
+    lines = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
+    evals = [x for x in lines if "eval" in x]
+    assert [x["step"] for x in evals] == [2] and "accuracy" in evals[0]["eval"]  # step 4 is the final evaluation
+    best = json.loads((run / "checkpoints" / "best" / "best.json").read_text())
+    assert best["metric"] == "accuracy"
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("eval/accuracy")] == [0, 2]
+    # progress: a line per evaluation call at least (at its end), with the phase, the rows and an ETA
+    progress = [x for x in lines if "eval_progress" in x]
+    phases = {x["eval_progress"]["phase"] for x in progress}
+    assert {"before training", "at step 2", "after training"} <= phases
+    last = progress[-1]["eval_progress"]
+    assert last["done"] == last["total"] == 4 and last["eta_s"] == 0 and progress[-1]["step"] == 4
+    assert [x["step"] for x in progress if x["eval_progress"]["phase"] == "at step 2"][0] == 2
+    # the console is not a terminal here: the same progress in words
+    assert "evaluation before training: scoring 4/4 rows" in output
+    # older name, same setting; two values for it are refused
+    with pytest.raises(ValueError, match="eval.every_steps=2 and train.eval_every=3"):
+        load_config(None, ["eval.every_steps=2", "train.eval_every=3"])
+
+
+def test_eval_of_a_run_does_not_read_the_training_file(tmp_path, llama_dir):
+    run, _ = write_run(tmp_path, llama_dir)
+    assert json.loads((run / "task.json").read_text()) == {"labels": ["no", "yes"]}
+    (tmp_path / "train.jsonl").rename(tmp_path / "moved.jsonl")  # gone: eval must not need it
+    res = runner.invoke(app, ["eval", str(run)])
+    assert res.exit_code == 0, res.output
+    got = json.loads(res.output[res.output.index("{\n"):])
+    saved = json.loads((run / "metrics.json").read_text())["metrics"]
+    assert got["accuracy"] == saved["accuracy"] and got["n"] == 4
+    # task.json is the only stand-in: without it (a run from before), the training file would be read for the labels
+    (run / "task.json").unlink()
+    res = runner.invoke(app, ["eval", str(run)])
+    assert res.exit_code != 0 and "train.jsonl: file not found" in res.output
+
+
+def fake_model(hidden=576, layers=30, heads=9, vocab=49152, params=135_000_000):
+    import torch
+
+    cfg = SimpleNamespace(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, vocab_size=vocab,
+                          _attn_implementation="sdpa")
+    return SimpleNamespace(config=cfg, parameters=lambda: [torch.empty(params // 1000, dtype=torch.bfloat16)] * 1000)
+
+
+def test_memory_note_names_gradient_checkpointing_and_packing():
+    from tunelab.training.preflight import memory_note
+
+    cfg = load_config(None, ["train.batch_size=8", "data.max_length=512", "train.precision=bf16"])
+    gb = 1024**3
+    note = memory_note(cfg, fake_model(), "cuda", free=6 * gb)  # a 135M model at 8 x 512 on a small card
+    assert "train.gradient_checkpointing=true" in note and "data.pack=true" in note and "GB free" in note
+    assert memory_note(cfg, fake_model(), "cuda", free=200 * gb) is not None  # still 10x the weights: said anyway
+    small = load_config(None, ["train.batch_size=2", "data.max_length=128", "train.precision=bf16"])
+    assert memory_note(small, fake_model(), "cuda", free=200 * gb) is None
+    on = load_config(None, ["train.batch_size=8", "data.max_length=512", "train.gradient_checkpointing=true",
+                            "data.pack=true", "train.precision=bf16"])
+    note = memory_note(on, fake_model(), "cuda", free=1 * gb)
+    assert "gradient_checkpointing=true would" not in note and "grad_accum" in note and "data.pack" not in note
