@@ -282,3 +282,13 @@ def test_each_familys_example_row_reads(tmp_path, name):
 
     ex = read_examples(TASKS.get(name), str(jsonl(tmp_path / "d.jsonl", [DEFAULT_ROWS[name]])), task_config(name, {}))
     assert len(ex) == 1
+
+
+def test_docs_list_every_layout_with_its_example_row():
+    from pathlib import Path
+
+    from tunelab.tasks.layouts import LAYOUTS
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "data.md").read_text()
+    for lay in LAYOUTS.values():
+        assert f"| `{lay.name}` |" in doc and f"`{json.dumps(lay.example)}`" in doc, lay.name
