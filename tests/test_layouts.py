@@ -292,3 +292,22 @@ def test_docs_list_every_layout_with_its_example_row():
     doc = (Path(__file__).resolve().parents[1] / "docs" / "data.md").read_text()
     for lay in LAYOUTS.values():
         assert f"| `{lay.name}` |" in doc and f"`{json.dumps(lay.example)}`" in doc, lay.name
+
+
+def test_nli_pairs_with_label_ids_train_through_a_layout(tmp_path, llama_dir):
+    rows = [{"premise": "the cat sat", "hypothesis": h, "label": y} for h, y in
+            (("a cat sat", 0), ("the dog sat", 2), ("a cat is", 1), ("no cat", -1))] * 2  # -1: no gold label (dropped)
+    jsonl(tmp_path / "snli_1.0_train.jsonl", rows)
+    jsonl(tmp_path / "snli_1.0_dev.jsonl", rows)
+    m = train_config(tmp_path, llama_dir, {"name": "classification", "layout": "snli"},
+                     {"train": "snli_1.0_train.jsonl", "eval": "snli_1.0_dev.jsonl"})["metrics"]
+    assert m["n"] == 6 and "macro_f1" in m
+    preds = [json.loads(x) for x in (tmp_path / "run" / "predictions.jsonl").read_text().splitlines()]
+    assert {p["reference"] for p in preds} == {"entailment", "neutral", "contradiction"}
+
+
+def test_table_families_take_no_layout():
+    from tunelab.config import task_config
+
+    with pytest.raises(ValueError, match="task 'chat' reads its data as an Arrow table"):
+        task_config("chat", {"layout": {"messages": "dialog"}})

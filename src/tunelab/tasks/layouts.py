@@ -149,8 +149,15 @@ def for_family(family: str) -> list[Layout]:
     return [lay for lay in LAYOUTS.values() if family in lay.families]
 
 
+# families that read Arrow tables column by column (no records to rename): task.fields maps their columns
+TABLE_FAMILIES = {"chat", "text"}
+
+
 def resolve(family: str, spec) -> tuple[str, dict, dict]:
     """(name, field map, settings) of ``task.layout``: a layout name of ``family``, or a field map."""
+    if family in TABLE_FAMILIES:
+        raise ValueError(f"task '{family}' reads its data as an Arrow table and takes no task.layout; name its "
+                         "column with task.fields")
     if isinstance(spec, dict):
         return "the task.layout map", dict(spec), {}
     lay = LAYOUTS.get(spec)
