@@ -1,8 +1,10 @@
 """Reading-comprehension QA (SQuAD v1.1 style): answer = a span of the context.
 
 Data: SQuAD JSON (one example per question), or JSON/JSONL/CSV records with ``context``,
-``question``, ``answers`` (a list of strings or one string) and optional ``answer_starts``, ``id``,
-``title``.
+``question``, ``answers`` (a list of strings, one string, the hub's ``{text, answer_start}`` or TriviaQA's
+``{value, aliases}``) and optional ``answer_starts``, ``id``, ``title``. A row without a context is
+closed-book QA (NQ-Open, TriviaQA): the prompt is the question alone (``template_closed_book``), and the
+score the best match over all answers, as for any row (``lm`` and ``seq2seq`` only).
 
 Formulations:
 - ``lm`` (generative): the model writes the answer after the prompt; first reference is the target.
@@ -194,11 +196,11 @@ def answer_mismatch(context: str, answers: list[str], starts) -> str | None:
 class QA:
     name = "qa"
     selectors = ("articles",)  # data path selectors it applies itself (tunelab.tasks.splits)
+    Config = QAConfig
 
     @staticmethod
     def split_group(ex) -> str:  # data.eval_split keeps an article's questions on one side
         return ex["title"] or ex["context"] or ex["question"]
-    Config = QAConfig
 
     def read(self, source, cfg, *, limit=None, skip_bad=False) -> list[dict]:
         path, articles = split_source(source)
