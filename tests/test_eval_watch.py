@@ -105,3 +105,21 @@ def test_memory_note_names_gradient_checkpointing_and_packing():
                             "data.pack=true", "train.precision=bf16"])
     note = memory_note(on, fake_model(), "cuda", free=1 * gb)
     assert "gradient_checkpointing=true would" not in note and "grad_accum" in note and "data.pack" not in note
+
+
+def test_choices_fp32_scores_without_autocast(llama, tiny_tokenizer):
+    import torch
+
+    from tunelab.evaluation import scoring
+
+    prompts, choices = ["the cat sat on the", "Tom has a"], [["mat", "dog"], ["cat", "dog", "apples"]]
+    exact = scoring.score_choices(llama, tiny_tokenizer, prompts, choices, batch_size=2)  # no autocast: fp32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        rounded = scoring.score_choices(llama, tiny_tokenizer, prompts, choices, batch_size=2)
+        scoring.choices_in_fp32(True)
+        try:
+            full = scoring.score_choices(llama, tiny_tokenizer, prompts, choices, batch_size=2)
+        finally:
+            scoring.choices_in_fp32(False)
+    assert full == exact and rounded != exact
+    assert load_config(None, ["eval.choices_fp32=true"]).eval.choices_fp32

@@ -125,6 +125,9 @@ class EvalSection(Section):
     num_beams: int = Field(1, ge=1)
     save_predictions: bool = True
     loss: bool = True  # also report eval_loss (the token-mean loss on the eval set)
+    # score choices (multiple choice, label words) with autocast off: fp32 for a float32 model, so bf16 rounding
+    # never ties two choices (tied_predictions counts ties either way); slower
+    choices_fp32: bool = False
     # evaluate every N optimizer steps during training (log.jsonl, trackers, checkpoints/best); 0: only at
     # the end. train.eval_every is the older name of the same setting.
     every_steps: int = Field(0, ge=0)

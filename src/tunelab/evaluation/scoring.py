@@ -40,6 +40,12 @@ from tunelab.runtime import distributed as dist
 _PROGRESS = {"on": True}
 
 
+def choices_in_fp32(on: bool) -> None:
+    """Score choices (``score_choices``) with autocast off (``eval.choices_fp32``): in the weights' own dtype,
+    fp32 for a float32 model, so low-precision rounding cannot tie two choices. Generation is unaffected."""
+    _PROGRESS["fp32"] = bool(on)
+
+
 def show_progress(on: bool) -> None:
     """Turn the evaluation progress bars on (where stderr is a terminal) or off."""
     _PROGRESS["on"] = bool(on)
@@ -160,7 +166,8 @@ def score_choices(model, tokenizer, prompts: list[str], choices: list[list[str]]
     """Sum log-probability of each ``choices[i][j]`` following ``prompts[i]``."""
     if len(prompts) != len(choices):
         raise ValueError(f"{len(prompts)} prompts but {len(choices)} choice lists")
-    with inference.inference(model):  # weights cast once for the whole evaluation, not in every forward
+    full = torch.autocast(_device(model).type, enabled=False) if _PROGRESS.get("fp32") else contextlib.nullcontext()
+    with full, inference.inference(model):  # weights cast once for the whole evaluation, not in every forward
         return _score_choices(model, tokenizer, prompts, choices, batch_size)
 
 

@@ -36,7 +36,7 @@ from tunelab.data import feature_cache
 from tunelab.data.encoding import Collator, batches
 from tunelab.evaluation import inference
 from tunelab.evaluation.metrics import better, higher_is_better, selection_metric
-from tunelab.evaluation.scoring import progress_to, show_progress
+from tunelab.evaluation.scoring import choices_in_fp32, progress_to, show_progress
 from tunelab.methods import method_config
 from tunelab.methods.base import METHODS, method_state_dict
 from tunelab.methods.load_checks import check_tensors
@@ -101,6 +101,7 @@ class Run:
         self.cfg = cfg
         self.dir = cfg.run_dir()
         show_progress(cfg.train.progress)  # evaluation bars follow train.progress too
+        choices_in_fp32(cfg.eval.choices_fp32)
         self.task = TASKS.get(cfg.task.name)
         self.tcfg = task_config(cfg.task.name, cfg.task.params())
         if fitted:
