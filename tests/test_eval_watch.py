@@ -1,4 +1,4 @@
-"""Evaluation you can watch (issue 32): progress lines (with an ETA) in log.jsonl and on a non-terminal console,
+"""Evaluation you can watch (issue 32): progress lines (with an ETA) in eval_log.jsonl and on a non-terminal console,
 ``eval.every_steps`` (logged, tracked, picks checkpoints/best), the memory note, and `tunelab eval RUN`
 without the training file."""
 
@@ -54,13 +54,13 @@ def test_every_steps_evaluates_logs_tracks_and_keeps_the_best(tmp_path, llama_di
     acc = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0})
     acc.Reload()
     assert [e.step for e in acc.Scalars("eval/accuracy")] == [0, 2]
+    assert all("loss" in x or "eval" in x for x in lines)  # log.jsonl: step and eval lines only
     # progress: a line per evaluation call at least (at its end), with the phase, the rows and an ETA
-    progress = [x for x in lines if "eval_progress" in x]
-    phases = {x["eval_progress"]["phase"] for x in progress}
-    assert {"before training", "at step 2", "after training"} <= phases
-    last = progress[-1]["eval_progress"]
-    assert last["done"] == last["total"] == 4 and last["eta_s"] == 0 and progress[-1]["step"] == 4
-    assert [x["step"] for x in progress if x["eval_progress"]["phase"] == "at step 2"][0] == 2
+    progress = [json.loads(x) for x in (run / "eval_log.jsonl").read_text().splitlines()]
+    assert {"before training", "at step 2", "after training"} <= {x["phase"] for x in progress}
+    last = progress[-1]
+    assert last["done"] == last["total"] == 4 and last["eta_s"] == 0 and last["step"] == 4 and last["desc"] == "scoring"
+    assert [x["step"] for x in progress if x["phase"] == "at step 2"][0] == 2
     # the console is not a terminal here: the same progress in words
     assert "evaluation before training: scoring 4/4 rows" in output
     # older name, same setting; two values for it are refused

@@ -16,7 +16,7 @@ Rows are sorted by length before batching (less padding) and results returned in
 Each call shows a progress bar (rows/s, ETA) on the lead process when stderr is a terminal, unless
 ``show_progress(False)`` (``train.progress: false``) turned it off. Within ``progress_to(sink)`` (the training
 loop's evaluations) every call also hands ``sink`` a record ``{"desc", "done", "total", "elapsed_s", "eta_s"}``
-every ``every_s`` seconds and at its end, whatever stderr is: the loop writes them to log.jsonl.
+every ``every_s`` seconds and at its end, whatever stderr is: the loop writes them to the run's eval_log.jsonl.
 Every call records ``prompt_mask`` in the model context, so methods that act on prompt positions
 (ReFT) see them during scoring and generation too.
 """

@@ -55,7 +55,7 @@ from tunelab.training.checkpoint import save_checkpoint
 from tunelab.training.divergence import check_step
 from tunelab.training.preflight import check_data_sources, check_run, memory_note, overlap_warning, warn_lr, warn_rank
 from tunelab.training.resume import start_position
-from tunelab.training.run_directory import BEST_JSON, TASK_JSON
+from tunelab.training.run_directory import BEST_JSON, EVAL_LOG, TASK_JSON
 from tunelab.training.run_lock import RunLock, StopOnSignal, Stopped, stop_says_where
 
 # ---------------------------------------------------------------- environment
@@ -92,7 +92,7 @@ class Run:
     """Everything a run needs, loaded once: task, data, model with its method, features."""
 
     tracker = None  # tunelab.training.tracking.Tracker of a training run (lead process only)
-    log_path = None  # log.jsonl of a training run (lead process): evaluations write their progress there
+    log_path = None  # eval_log.jsonl of a training run (lead process): evaluations write their progress there
     step = 0  # the training step an evaluation belongs to (its progress lines carry it)
 
     def __init__(self, cfg: RunConfig, fitted: dict | None = None):
@@ -178,12 +178,13 @@ class Run:
 
 
 def _eval_progress(r: Run, phase: str):
-    """The sink of an evaluation's progress (``tunelab.evaluation.scoring.progress_to``): a line in log.jsonl,
-    ``{"step", "eval_progress": {"phase", "desc", "done", "total", "elapsed_s", "eta_s"}}``, and where stderr is
-    not a terminal (no bar there) the same in words on the console."""
+    """The sink of an evaluation's progress (``tunelab.evaluation.scoring.progress_to``): a line in the run's
+    eval_log.jsonl, ``{"time", "step", "phase", "desc", "done", "total", "elapsed_s", "eta_s"}`` (log.jsonl keeps
+    its step and eval lines alone), and where stderr is not a terminal (no bar there) the same in words on the
+    console."""
     def sink(rec: dict) -> None:
         with open(r.log_path, "a") as f:
-            f.write(json.dumps({"step": r.step, "eval_progress": {"phase": phase, **rec}}) + "\n")
+            f.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "step": r.step, "phase": phase, **rec}) + "\n")
         if r.cfg.train.progress and not sys.stderr.isatty():
             eta = f", about {rec['eta_s']:.0f} s left" if rec["eta_s"] else ""
             dist.log(f"evaluation {phase}: {rec['desc']} {rec['done']}/{rec['total']} rows in {rec['elapsed_s']:.0f} s{eta}")
@@ -242,7 +243,7 @@ def _run(cfg: RunConfig, t_start: float) -> dict:
         atomic_write_text(out / "config.yaml", dump_config(cfg))
     if lead:
         (out / "metrics.json").unlink(missing_ok=True)  # a metrics.json always belongs to the config beside it
-        r.log_path = out / "log.jsonl"
+        r.log_path = out / EVAL_LOG
         # the fitted task config (labels from the training data): `tunelab eval RUN` reads it, not data.train
         atomic_write_text(out / TASK_JSON, json.dumps(r.fitted, indent=2))
     note = memory_note(cfg, r.model, r.device) if r.train_ex else None

@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 
 BEST_JSON = "best.json"  # in checkpoints/best: {"step", "metric", "value", "higher_is_better"}
 TASK_JSON = "task.json"  # the run's task config as training fitted it (labels from the data)
+EVAL_LOG = "eval_log.jsonl"  # progress of the run's evaluations (rows done, ETA), every 30 s and at each pass's end
 CHECKPOINTS = ("final", "best")
 
 
