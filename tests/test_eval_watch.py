@@ -116,10 +116,7 @@ def test_choices_fp32_scores_without_autocast(llama, tiny_tokenizer):
     exact = scoring.score_choices(llama, tiny_tokenizer, prompts, choices, batch_size=2)  # no autocast: fp32
     with torch.autocast("cpu", dtype=torch.bfloat16):
         rounded = scoring.score_choices(llama, tiny_tokenizer, prompts, choices, batch_size=2)
-        scoring.choices_in_fp32(True)
-        try:
+        with scoring.choices_fp32():
             full = scoring.score_choices(llama, tiny_tokenizer, prompts, choices, batch_size=2)
-        finally:
-            scoring.choices_in_fp32(False)
     assert full == exact and rounded != exact
     assert load_config(None, ["eval.choices_fp32=true"]).eval.choices_fp32

@@ -103,11 +103,11 @@ def test_csqa_rows_train_and_score_each_choice_label(tmp_path, llama_dir):
     assert r.target(ex, cfg) == "the correct answer is E"
 
 
-@pytest.mark.parametrize("name", sorted(__import__("tunelab.tasks.layouts", fromlist=["LAYOUTS"]).LAYOUTS))
+@pytest.mark.parametrize("name", sorted(__import__("tunelab.data.layouts", fromlist=["LAYOUTS"]).LAYOUTS))
 def test_every_layouts_example_row_reads(tmp_path, name):
     """The example row of each layout (the one docs/data.md and `tunelab tasks NAME` show) reads as that layout."""
     from tunelab.config import task_config
-    from tunelab.tasks.layouts import LAYOUTS
+    from tunelab.data.layouts import LAYOUTS
     from tunelab.tasks.splits import read_examples
 
     lay = LAYOUTS[name]
@@ -127,12 +127,12 @@ def test_every_layouts_example_row_reads(tmp_path, name):
 
 
 def test_multiple_choice_in_each_hub_shape():
-    from tunelab.tasks.layouts import LAYOUTS
+    from tunelab.data.layouts import LAYOUTS
 
     r = TASKS.get("reasoning")
     got = {}
     for name in ("hellaswag", "piqa", "mmlu", "openbookqa", "arc"):
-        from tunelab.tasks.layouts import transform
+        from tunelab.data.layouts import transform
 
         rec = transform("reasoning", name, {})(dict(LAYOUTS[name].example), "x:1")
         ex = r._example({**rec, "_where": "x:1"}, r.Config(), "instruction", "input", "output", "answer")
@@ -277,7 +277,7 @@ def test_tasks_lists_families_and_refuses_unknown_names():
 @pytest.mark.parametrize("name", sorted(TASKS.names()))
 def test_each_familys_example_row_reads(tmp_path, name):
     from tunelab.config import task_config
-    from tunelab.tasks.layouts import DEFAULT_ROWS
+    from tunelab.data.layouts import DEFAULT_ROWS
     from tunelab.tasks.splits import read_examples
 
     ex = read_examples(TASKS.get(name), str(jsonl(tmp_path / "d.jsonl", [DEFAULT_ROWS[name]])), task_config(name, {}))
@@ -287,7 +287,7 @@ def test_each_familys_example_row_reads(tmp_path, name):
 def test_docs_list_every_layout_with_its_example_row():
     from pathlib import Path
 
-    from tunelab.tasks.layouts import LAYOUTS
+    from tunelab.data.layouts import LAYOUTS
 
     doc = (Path(__file__).resolve().parents[1] / "docs" / "data.md").read_text()
     for lay in LAYOUTS.values():

@@ -546,7 +546,8 @@ def task_help(name: str) -> str:
     """What `tunelab tasks NAME` prints."""
     import typing
 
-    from tunelab.tasks import TASKS, layouts
+    from tunelab.data import layouts
+    from tunelab.tasks import TASKS
 
     t = TASKS.get(name)
     doc = (sys.modules[type(t).__module__].__doc__ or "").strip()

@@ -183,13 +183,17 @@ class RunConfig(Section):
 
 
 def task_config(name: str, params: dict):
-    from tunelab.tasks import TASKS, layouts
+    from tunelab.data import layouts
+    from tunelab.tasks import TASKS
 
     task = TASKS.get(name)
     try:
         cfg = task.Config(**params)
     except ValidationError as e:
         raise ValueError(f"bad parameters for task '{name}':\n{explain(e, task.Config)}") from None
+    if getattr(task, "reads_tables", False) and (cfg.layout is not None or cfg.layout_eval is not None):
+        raise ValueError(f"task '{name}' reads its data as an Arrow table and takes no task.layout; name its "
+                         "column with task.fields")
     return layouts.configure(name, cfg)  # the settings a data layout implies (label names, pair)
 
 

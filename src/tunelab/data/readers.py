@@ -52,7 +52,7 @@ _TRANSFORM: contextvars.ContextVar = contextvars.ContextVar("record_transform", 
 def record_transform(fn):
     """Within this block every record read (`read_records`, `read_conll`, `read_table_records`, ...) is first
     passed through ``fn(record, where) -> record`` (a data layout renaming columns, see
-    ``tunelab.tasks.layouts``); ``None`` drops the row (counted in the skipped-rows report). ``fn`` may raise
+    ``tunelab.data.layouts``); ``None`` drops the row (counted in the skipped-rows report). ``fn`` may raise
     a DataError naming the row."""
     token = _TRANSFORM.set(fn)
     try:

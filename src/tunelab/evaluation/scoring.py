@@ -24,6 +24,7 @@ Every call records ``prompt_mask`` in the model context, so methods that act on 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import sys
 import time
 from collections.abc import Sequence
@@ -40,10 +41,19 @@ from tunelab.runtime import distributed as dist
 _PROGRESS = {"on": True}
 
 
-def choices_in_fp32(on: bool) -> None:
-    """Score choices (``score_choices``) with autocast off (``eval.choices_fp32``): in the weights' own dtype,
-    fp32 for a float32 model, so low-precision rounding cannot tie two choices. Generation is unaffected."""
-    _PROGRESS["fp32"] = bool(on)
+_FP32_CHOICES: contextvars.ContextVar = contextvars.ContextVar("fp32_choices", default=False)
+_SINK: contextvars.ContextVar = contextvars.ContextVar("progress_sink", default=(None, 0.0))
+
+
+@contextlib.contextmanager
+def choices_fp32(on: bool = True):
+    """Within this block ``score_choices`` runs with autocast off (``eval.choices_fp32``): in the weights' own
+    dtype, fp32 for a float32 model, so low-precision rounding cannot tie two choices. Generation is unaffected."""
+    token = _FP32_CHOICES.set(bool(on))
+    try:
+        yield
+    finally:
+        _FP32_CHOICES.reset(token)
 
 
 def show_progress(on: bool) -> None:
@@ -55,12 +65,11 @@ def show_progress(on: bool) -> None:
 def progress_to(sink, every_s: float = 30.0):
     """Within this block, evaluation calls report their progress to ``sink(record)`` (lead process only):
     every ``every_s`` seconds and when a call finishes."""
-    old = _PROGRESS.get("sink"), _PROGRESS.get("every_s")
-    _PROGRESS["sink"], _PROGRESS["every_s"] = sink, every_s
+    token = _SINK.set((sink, every_s))
     try:
         yield
     finally:
-        _PROGRESS["sink"], _PROGRESS["every_s"] = old
+        _SINK.reset(token)
 
 
 class _Progress:
@@ -72,8 +81,8 @@ class _Progress:
         on = _PROGRESS["on"] and dist.is_lead() and sys.stderr.isatty()
         self.bar = tqdm(total=total, desc=desc, unit="row", disable=not on, leave=False, dynamic_ncols=True)
         self.total, self.desc, self.done = total, desc, 0
-        self.sink = _PROGRESS.get("sink") if dist.is_lead() else None
-        self.every = _PROGRESS.get("every_s") or 0.0
+        sink, self.every = _SINK.get()
+        self.sink = sink if dist.is_lead() else None
         self.t0 = self.last = time.perf_counter()
 
     def update(self, n: int = 1) -> None:
@@ -166,7 +175,7 @@ def score_choices(model, tokenizer, prompts: list[str], choices: list[list[str]]
     """Sum log-probability of each ``choices[i][j]`` following ``prompts[i]``."""
     if len(prompts) != len(choices):
         raise ValueError(f"{len(prompts)} prompts but {len(choices)} choice lists")
-    full = torch.autocast(_device(model).type, enabled=False) if _PROGRESS.get("fp32") else contextlib.nullcontext()
+    full = torch.autocast(_device(model).type, enabled=False) if _FP32_CHOICES.get() else contextlib.nullcontext()
     with full, inference.inference(model):  # weights cast once for the whole evaluation, not in every forward
         return _score_choices(model, tokenizer, prompts, choices, batch_size)
 

@@ -44,7 +44,7 @@ class TaskConfig(BaseModel):
     fields: dict[str, str] = {}
     # The eval file's own map when its columns differ from the training file's; None: ``fields``.
     fields_eval: dict[str, str] | None = None
-    # A known data layout by name (``tunelab tasks NAME`` lists them; see tunelab.tasks.layouts) or a generic
+    # A known data layout by name (``tunelab tasks NAME`` lists them; see tunelab.data.layouts) or a generic
     # map {canonical field: column, or a list of columns collected into one list}; None: ``fields`` alone.
     layout: str | dict[str, str | list[str]] | None = None
     layout_eval: str | dict[str, str | list[str]] | None = None  # the eval file's layout; None: ``layout``

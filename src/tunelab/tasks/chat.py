@@ -53,6 +53,7 @@ class ChatConfig(TaskConfig):
 class Chat:
     name = "chat"
     selectors = ("rows",)  # data path selectors it applies itself (tunelab.tasks.splits)
+    reads_tables = True  # reads Arrow columns, not records: no task.layout (tunelab.data.layouts)
     teaches_stop = True  # training preflight warns when the loss leaves the end-of-turn token out
     Config = ChatConfig
 

@@ -8,7 +8,7 @@
   permutation (``data.split_seed``), deterministic, no example on both sides. A family may name a
   ``split_group(example)`` (qa: the article) so that examples sharing it stay on one side.
 - A missing file is one error everywhere: ``PATH: file not found``.
-- The data layout (``task.layout`` / ``task.layout_eval``, ``tunelab.tasks.layouts``) and the per-split
+- The data layout (``task.layout`` / ``task.layout_eval``, ``tunelab.data.layouts``) and the per-split
   field map (``task.fields_eval``) are applied while reading.
 """
 
@@ -19,9 +19,9 @@ import math
 import random
 from pathlib import Path
 
+from tunelab.data import layouts
 from tunelab.data.readers import _is_hub_name, record_transform
 from tunelab.errors import DataError
-from tunelab.tasks import layouts
 from tunelab.tasks.shared import split_source
 
 _FRAGMENT_KEYS = ("rows", "articles")

@@ -32,6 +32,7 @@ class TextConfig(TaskConfig):
 class Text:
     name = "text"
     selectors = ("rows",)  # data path selectors it applies itself (tunelab.tasks.splits)
+    reads_tables = True  # reads Arrow columns, not records: no task.layout (tunelab.data.layouts)
     Config = TextConfig
 
     def read(self, source, cfg, *, limit=None, skip_bad=False):

@@ -36,7 +36,7 @@ from tunelab.data import feature_cache
 from tunelab.data.encoding import Collator, batches
 from tunelab.evaluation import inference
 from tunelab.evaluation.metrics import better, higher_is_better, selection_metric
-from tunelab.evaluation.scoring import choices_in_fp32, progress_to, show_progress
+from tunelab.evaluation.scoring import choices_fp32, progress_to, show_progress
 from tunelab.methods import method_config
 from tunelab.methods.base import METHODS, method_state_dict
 from tunelab.methods.load_checks import check_tensors
@@ -101,7 +101,6 @@ class Run:
         self.cfg = cfg
         self.dir = cfg.run_dir()
         show_progress(cfg.train.progress)  # evaluation bars follow train.progress too
-        choices_in_fp32(cfg.eval.choices_fp32)
         self.task = TASKS.get(cfg.task.name)
         self.tcfg = task_config(cfg.task.name, cfg.task.params())
         if fitted:
@@ -142,7 +141,7 @@ class Run:
             return {}, []
         t0 = time.perf_counter()
         watch = progress_to(_eval_progress(self, phase)) if self.log_path else contextlib.nullcontext()
-        with watch, autocast(self.device, self.amp):  # ranks share the examples unless the model is sharded
+        with watch, choices_fp32(self.cfg.eval.choices_fp32), autocast(self.device, self.amp):  # ranks share the examples unless the model is sharded
             metrics, preds = self.task.evaluate(self.model, self.tok, self.eval_ex, self.tcfg, batch_size=self.cfg.eval.batch_size,
                                                 gen=self.cfg.eval.gen(), split=not dist.is_sharded(self.model))
         # a task may report it itself (on the way); rows without references (tunelab predict) have none

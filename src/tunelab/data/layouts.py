@@ -15,8 +15,10 @@ The family then reads canonical fields, whose values may be structured as the hu
 - classification: ``text`` (+ ``text_pair``) and ``label`` (a name or an id into ``task.labels``);
 - NER: ``tokens`` and ``tags`` (tag names, or ids into ``task.labels``).
 
-Reading applies the map to every record (``tunelab.data.readers.record_transform``); a record whose columns
-do not fit is an error naming the row, what is present and which layout names would fit.
+Reading applies the map to every record (``tunelab.data.readers.record_transform``, set up by
+``tunelab.tasks.splits``); a record whose columns do not fit is an error naming the row, what is present and which
+layout names would fit. Families that read Arrow tables column by column (``reads_tables``: chat, text) take no
+layout; ``task.fields`` names their column.
 """
 
 from __future__ import annotations
@@ -149,15 +151,8 @@ def for_family(family: str) -> list[Layout]:
     return [lay for lay in LAYOUTS.values() if family in lay.families]
 
 
-# families that read Arrow tables column by column (no records to rename): task.fields maps their columns
-TABLE_FAMILIES = {"chat", "text"}
-
-
 def resolve(family: str, spec) -> tuple[str, dict, dict]:
     """(name, field map, settings) of ``task.layout``: a layout name of ``family``, or a field map."""
-    if family in TABLE_FAMILIES:
-        raise ValueError(f"task '{family}' reads its data as an Arrow table and takes no task.layout; name its "
-                         "column with task.fields")
     if isinstance(spec, dict):
         return "the task.layout map", dict(spec), {}
     lay = LAYOUTS.get(spec)
