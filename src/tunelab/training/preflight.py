@@ -156,7 +156,7 @@ def overlap_warning(train_ex: list[dict], eval_ex: list[dict]) -> str | None:
 
 # ---------------------------------------------------------------- memory
 MEMORY_SHARE = 0.5  # a note when the estimated activations pass this share of the free memory,
-WEIGHTS_TIMES, NOTE_GB = 10, 2.0  # or pass NOTE_GB and WEIGHTS_TIMES the model's weights
+WEIGHTS_TIMES, NOTE_GB = 5, 2.0  # or pass NOTE_GB and WEIGHTS_TIMES the model's weights
 
 
 def activation_bytes(model_config, batch: int, length: int, *, checkpointing: bool, bytes_per_value: int = 2,
