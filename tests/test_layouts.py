@@ -311,3 +311,18 @@ def test_table_families_take_no_layout():
 
     with pytest.raises(ValueError, match="task 'chat' reads its data as an Arrow table"):
         task_config("chat", {"layout": {"messages": "dialog"}})
+
+
+@pytest.mark.data
+def test_shared_sst2_reads_through_its_layout_with_a_held_out_share():
+    from conftest import shared_data
+    from tunelab.config import load_config, task_config
+    from tunelab.tasks.splits import read_run_data
+
+    path = shared_data("sst2", "dev.tsv")
+    data = load_config(None, [f"data.train={path}", "data.eval_split=0.1", "data.split_seed=3"]).data
+    cfg = task_config("classification", {"layout": "sst2", "quoting": "none"})
+    assert cfg.labels == ["negative", "positive"]
+    train, evals = read_run_data(TASKS.get("classification"), cfg, data)
+    assert (len(train), len(evals)) == (784, 88)  # 872 rows, a tenth held out
+    assert not {e["_where"] for e in train} & {e["_where"] for e in evals}
