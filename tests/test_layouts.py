@@ -315,9 +315,10 @@ def test_table_families_take_no_layout():
 
 @pytest.mark.data
 def test_shared_sst2_reads_through_its_layout_with_a_held_out_share():
-    from conftest import shared_data
     from tunelab.config import load_config, task_config
     from tunelab.tasks.splits import read_run_data
+
+    from conftest import shared_data
 
     path = shared_data("sst2", "dev.tsv")
     data = load_config(None, [f"data.train={path}", "data.eval_split=0.1", "data.split_seed=3"]).data
