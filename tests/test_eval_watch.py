@@ -122,3 +122,14 @@ def test_choices_fp32_scores_without_autocast(llama, tiny_tokenizer):
             full = scoring.score_choices(llama, tiny_tokenizer, prompts, choices, batch_size=2)
     assert full == exact and rounded != exact
     assert load_config(None, ["eval.choices_fp32=true"]).eval.choices_fp32
+
+
+def test_a_familys_own_evaluation_loop_reports_progress(llama, tiny_tokenizer):
+    from tunelab.evaluation.scoring import progress_to
+    from tunelab.tasks.shared import nll
+
+    feats = [{"input_ids": [5, 6, 7, 8, 9][: 3 + i % 3], "labels": [-100, 6, 7, 8, 9][: 3 + i % 3]} for i in range(5)]
+    seen = []
+    with progress_to(seen.append, every_s=0):  # text and chat perplexity: every batch reported
+        nll(llama, tiny_tokenizer, feats, batch_size=2)
+    assert [r["done"] for r in seen] == [2, 4, 5] and all(r["total"] == 5 for r in seen) and seen[-1]["eta_s"] == 0

@@ -104,8 +104,13 @@ class _Progress:
         self.bar.close()
 
 
-def _bar(total: int, desc: str) -> _Progress:
+def progress(total: int, desc: str) -> _Progress:
+    """A progress reporter for an evaluation pass of ``total`` rows (``update(n)``, ``close()``): the terminal
+    bar and the ``progress_to`` records, as the primitives here use; for a family's own batched loop."""
     return _Progress(total, desc)
+
+
+_bar = progress
 
 
 def _device(model) -> torch.device:

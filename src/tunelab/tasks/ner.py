@@ -30,7 +30,7 @@ from tunelab.data.readers import infer_format, read_conll, read_records
 from tunelab.errors import DataError
 from tunelab.evaluation import inference
 from tunelab.evaluation.metrics import entities, entity_prf
-from tunelab.evaluation.scoring import generate
+from tunelab.evaluation.scoring import generate, progress
 from tunelab.methods.base import context
 from tunelab.tasks.base import TASKS, HeadSpec, TaskConfig, field_name, gen_args, render_prompt
 
@@ -292,6 +292,7 @@ class NER:
         out: list[list[str]] = [["O"] * len(ex["tokens"]) for ex in examples]
         order = sorted(range(len(feats)), key=lambda i: -len(feats[i]["input_ids"]))
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        bar = progress(len(order), "tagging")
         with inference.inference(model):
             for b in range(0, len(order), batch_size):
                 batch = order[b : b + batch_size]
@@ -310,7 +311,9 @@ class NER:
                     got = best[torch.tensor([a[0] for a in at]), torch.tensor([a[1] for a in at])].tolist()
                     for (_, _, i, w), k in zip(at, got, strict=True):
                         out[i][w] = id2label[k]
+                bar.update(len(batch))
             context(model).pop("prompt_mask", None)
+        bar.close()
         return out
 
 

@@ -48,7 +48,7 @@ from tunelab.data.readers import read_records
 from tunelab.errors import DataError
 from tunelab.evaluation import inference
 from tunelab.evaluation.metrics import squad_scores
-from tunelab.evaluation.scoring import generate
+from tunelab.evaluation.scoring import generate, progress
 from tunelab.methods.base import context as model_context
 from tunelab.tasks.base import TASKS, HeadSpec, TaskConfig, field_name, gen_args, render_prompt
 from tunelab.tasks.shared import split_source
@@ -348,6 +348,7 @@ class QA:
         best: list = [None] * len(examples)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         order = sorted(range(len(feats)), key=lambda k: -len(feats[k][1]["input_ids"]))
+        bar = progress(len(order), "extracting")
         with inference.inference(model):
             for b in range(0, len(order), batch_size):
                 batch = [feats[k] for k in order[b : b + batch_size]]
@@ -372,7 +373,9 @@ class QA:
                 for (i, w), span in zip(batch, spans, strict=True):
                     if span is not None and (best[i] is None or span[0] > best[i][0]):
                         best[i] = (span[0], w["offsets"][span[1]][0], w["offsets"][span[2]][1])
+                bar.update(len(batch))
             model_context(model).pop("prompt_mask", None)
+        bar.close()
         return [examples[i]["context"][b[1] : b[2]] if b else "" for i, b in enumerate(best)]
 
 
