@@ -102,12 +102,16 @@ def test_evaluate_choice_scoring(monkeypatch, tmp_path, tiny_tokenizer, llama):
     metrics, preds = R.evaluate(llama, tiny_tokenizer, ex, cfg, batch_size=2, gen={})
     assert seen["prompts"][1] == "Is Paris in France?\n\nAnswer format: true/falsethe correct answer is"
     assert seen["choices"] == [[" answer1", " answer2", " answer3"], [" true", " false"]]
-    assert metrics == {"accuracy": 0.5, "n": 2, "no_answer": 0}
+    assert metrics == {"accuracy": 0.5, "n": 2, "no_answer": 0, "tied_predictions": 0}
     assert preds[0]["prediction"] == "answer2" and preds[0]["output"] == {"answer1": -3.0, "answer2": -1.0, "answer3": -2.0}
     # the training target ends exactly with the scored continuation
     feat = R.encode(ex[0], tiny_tokenizer, cfg, 128)
     assert tiny_tokenizer.decode([t for t, lab in zip(feat["input_ids"], feat["labels"], strict=True) if lab != -100],
                                  skip_special_tokens=True) == "the correct answer is answer1"
+    # exactly tied top scores (bf16 logits round choices together) are counted, never silently decided
+    monkeypatch.setattr(rmod, "score_choices", lambda *a, **k: [[-1.0, -1.0, -2.0], [-0.5, -0.7]])
+    metrics, preds = R.evaluate(llama, tiny_tokenizer, ex, cfg, batch_size=2, gen={})
+    assert metrics["tied_predictions"] == 1 and preds[0]["tied"] and "tied" not in preds[1]
     monkeypatch.undo()  # and for real with the tiny Llama
     metrics, preds = R.evaluate(llama, tiny_tokenizer, ex, cfg, batch_size=2, gen={})
     assert metrics["n"] == 2 and all(p["prediction"] in e["choices"] for p, e in zip(preds, ex, strict=True))

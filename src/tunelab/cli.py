@@ -527,14 +527,57 @@ def methods():
 
 
 @app.command()
-def tasks():
-    """List the task families and their settings."""
+def tasks(name: str = typer.Argument(None, help="a task family: its settings, formulations, data layouts and an example row")):
+    """List the task families; with NAME, one family's settings (task.*), formulations, accepted data layouts
+    (task.layout) and an example row."""
     from tunelab.tasks import TASKS
 
-    for name in TASKS.names():
-        t = TASKS.get(name)
-        doc = (sys.modules[type(t).__module__].__doc__ or "").strip().splitlines()[0]
-        typer.echo(f"{name:15s} {doc}")
+    if name is None:
+        for family in TASKS.names():
+            t = TASKS.get(family)
+            doc = (sys.modules[type(t).__module__].__doc__ or "").strip().splitlines()[0]
+            typer.echo(f"{family:15s} {doc}")
+        typer.echo("\n`tunelab tasks NAME` prints a family's settings, formulations, data layouts and an example row.")
+        return
+    typer.echo(_guard(task_help, name))
+
+
+def task_help(name: str) -> str:
+    """What `tunelab tasks NAME` prints."""
+    import typing
+
+    from tunelab.data import layouts
+    from tunelab.tasks import TASKS
+
+    t = TASKS.get(name)
+    doc = (sys.modules[type(t).__module__].__doc__ or "").strip()
+    lines = [f"task.name: {name}", "", doc, "", "Settings (task.KEY, with their defaults):"]
+    for key, field in t.Config.model_fields.items():
+        kind = (f"one of {', '.join(map(str, typing.get_args(field.annotation)))}" if typing.get_origin(field.annotation) is typing.Literal
+                else getattr(field.annotation, "__name__", None) or str(field.annotation).replace("typing.", ""))
+        lines.append(f"  task.{key}: {field.default!r}   ({kind})")
+    formulations = typing.get_args(t.Config.model_fields["formulation"].annotation)
+    usable = [f for f in formulations if _formulation_works(t, f)]
+    lines += ["", f"Formulations (task.formulation): {', '.join(usable)}", "", "Data layouts (task.layout: NAME):"]
+    own = layouts.for_family(name)
+    lines += [f"  {layouts.describe(lay)}\n    e.g. {json.dumps(lay.example)}" for lay in own] or ["  (none named)"]
+    lines += ["  or any columns mapped with task.fields: {canonical field: column} (task.fields_eval for the eval file), "
+              "or task.layout: {canonical field: column or [columns]}"]
+    example = layouts.DEFAULT_ROWS.get(name)
+    if example is not None:
+        lines += ["", "Example row (no layout needed):", f"  {json.dumps(example)}"]
+    return "\n".join(lines)
+
+
+def _formulation_works(task, formulation: str) -> bool:
+    """Whether the family takes ``formulation`` (its head() refuses those it only declares)."""
+    try:
+        task.head(task.Config(formulation=formulation), [])
+    except ValueError:
+        return False
+    except Exception:  # noqa: BLE001 - a head that needs examples to build: the formulation exists
+        return True
+    return True
 
 
 @app.command()

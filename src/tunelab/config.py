@@ -72,6 +72,9 @@ class DataSection(Section):
     pack: bool = False
     group_by_length: bool = True
     skip_bad_rows: bool = False
+    # hold out this share of data.train as the eval set (instead of data.eval): seeded by split_seed, no overlap
+    eval_split: float | None = Field(None, gt=0, lt=1)
+    split_seed: int = 0
     # worker processes for tokenizing (datasets.map num_proc); None: $TUNELAB_NUM_PROC, else automatic
     num_proc: int | None = Field(None, ge=1)
 
@@ -122,6 +125,12 @@ class EvalSection(Section):
     num_beams: int = Field(1, ge=1)
     save_predictions: bool = True
     loss: bool = True  # also report eval_loss (the token-mean loss on the eval set)
+    # score choices (multiple choice, label words) with autocast off: fp32 for a float32 model, so bf16 rounding
+    # never ties two choices (tied_predictions counts ties either way); slower
+    choices_fp32: bool = False
+    # evaluate every N optimizer steps during training (log.jsonl, trackers, checkpoints/best); 0: only at
+    # the end. train.eval_every is the older name of the same setting.
+    every_steps: int = Field(0, ge=0)
 
     def gen(self) -> dict:
         keys = {"max_new_tokens", "do_sample", "temperature", "top_p", "num_beams"}
@@ -146,6 +155,14 @@ class RunConfig(Section):
                     values = dict(values, **{key: {"name": values[key]}})
         return values
 
+    @model_validator(mode="after")
+    def _one_eval_interval(self):
+        a, b = self.eval.every_steps, self.train.eval_every
+        if a and b and a != b:
+            raise ValueError(f"eval.every_steps={a} and train.eval_every={b} are the same setting (the latter its older "
+                             "name) with two values; set eval.every_steps alone")
+        return self
+
     @field_validator("output_dir")
     @classmethod
     def _output_dir_placeholders(cls, v: str) -> str:
@@ -166,13 +183,18 @@ class RunConfig(Section):
 
 
 def task_config(name: str, params: dict):
+    from tunelab.data import layouts
     from tunelab.tasks import TASKS
 
     task = TASKS.get(name)
     try:
-        return task.Config(**params)
+        cfg = task.Config(**params)
     except ValidationError as e:
         raise ValueError(f"bad parameters for task '{name}':\n{explain(e, task.Config)}") from None
+    if getattr(task, "reads_tables", False) and (cfg.layout is not None or cfg.layout_eval is not None):
+        raise ValueError(f"task '{name}' reads its data as an Arrow table and takes no task.layout; name its "
+                         "column with task.fields")
+    return layouts.configure(name, cfg)  # the settings a data layout implies (label names, pair)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

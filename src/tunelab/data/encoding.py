@@ -84,7 +84,8 @@ def lm_join(tokenizer, p: list[int], t: list[int], max_length: int, add_eos: boo
     """`encode_lm` from token ids: prompt ids ``p`` (BOS rule applied) and target ids ``t`` (no EOS yet)."""
     if add_eos:
         if tokenizer.eos_token_id is None:
-            raise ValueError("add_eos=True but the tokenizer has no eos_token_id; set one or pass add_eos=False")
+            raise ValueError("the tokenizer has no end-of-sequence token (eos_token_id), which ends every training "
+                             "target; use a model (model.name) whose tokenizer defines one")
         t.append(tokenizer.eos_token_id)
     cut = len(p) + len(t) > max_length
     if cut:

@@ -24,6 +24,8 @@ always a `DataError`, never a silent empty list.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import csv
 import json
 import logging
@@ -36,11 +38,27 @@ from tunelab.errors import DataError
 
 log = logging.getLogger(__name__)
 
-CONLL_SUFFIXES = {".conll", ".conllu", ".iob", ".iob2", ".bio", ".testa", ".testb", ".train"}
+CONLL_SUFFIXES = {".conll", ".conllu", ".conll03", ".iob", ".iob2", ".bio", ".bioes", ".testa", ".testb", ".train",
+                  ".dev", ".test", ".annotated"}  # .annotated: WNUT-17's files
 SUFFIX_FORMATS = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "tsv", ".txt": "tsv"}
 QUOTING = {"none": csv.QUOTE_NONE, "minimal": csv.QUOTE_MINIMAL, "all": csv.QUOTE_ALL,
            "nonnumeric": csv.QUOTE_NONNUMERIC}
 FORMATS = ("jsonl", "json", "csv", "tsv", "conll", "squad", "hub")
+
+_TRANSFORM: contextvars.ContextVar = contextvars.ContextVar("record_transform", default=None)
+
+
+@contextlib.contextmanager
+def record_transform(fn):
+    """Within this block every record read (`read_records`, `read_conll`, `read_table_records`, ...) is first
+    passed through ``fn(record, where) -> record`` (a data layout renaming columns, see
+    ``tunelab.data.layouts``); ``None`` drops the row (counted in the skipped-rows report). ``fn`` may raise
+    a DataError naming the row."""
+    token = _TRANSFORM.set(fn)
+    try:
+        yield
+    finally:
+        _TRANSFORM.reset(token)
 
 
 class _Rows:
@@ -66,6 +84,12 @@ class _Rows:
             self.first.append(f"{where}: {detail}")
 
     def add(self, record: dict, where: str) -> None:
+        transform = _TRANSFORM.get()
+        if transform is not None:
+            record = transform(record, where)
+            if record is None:
+                self.reasons["dropped by the layout"] += 1
+                return
         for key in self.required:
             if key not in record:
                 return self.bad(where, f"missing field {key!r}",
@@ -143,8 +167,9 @@ def _empty(value) -> bool:
     return value is None or (isinstance(value, list | dict | tuple) and not value)
 
 
-def infer_format(path: Path) -> str:
-    """The reader format for a file name; raises DataError listing the known suffixes."""
+def infer_format(path: Path, setting: str | None = None) -> str:
+    """The reader format for a file name; raises DataError listing the known suffixes and, when the caller
+    has one, the config key that names the format (``setting``, e.g. "task.format: conll")."""
     suffix = path.suffix.lower()
     if suffix in SUFFIX_FORMATS:
         return SUFFIX_FORMATS[suffix]
@@ -152,7 +177,7 @@ def infer_format(path: Path) -> str:
         return "conll"
     known = sorted(SUFFIX_FORMATS) + sorted(CONLL_SUFFIXES)
     raise DataError(f"{path}: cannot infer the format from suffix {suffix!r}; known suffixes: {known}; "
-                    f"or pass fmt= one of {FORMATS}")
+                    + (f"or set {setting}" if setting else "rename the file with one of them"))
 
 
 def _is_hub_name(source: str) -> bool:

@@ -23,7 +23,7 @@ from collections import Counter
 # The one direction table: the training loop's best checkpoint and the report's tables both read it.
 LOWER_IS_BETTER = {"eval_loss", "loss", "final_loss", "perplexity", "ppl", "wer", "cer", "ter"}
 # Counts a task reports beside its scores: never a quality to select on.
-NOT_SCORES = {"n", "without_reference", "tokens", "unplaced"}
+NOT_SCORES = {"n", "without_reference", "tokens", "unplaced", "tied_predictions"}
 
 
 def higher_is_better(metric: str) -> bool:
@@ -160,27 +160,35 @@ def squad_scores(predictions: list[str], references: list[list[str]]) -> dict[st
 # ---- text generation ----------------------------------------------------------------------------
 
 
-def rouge(predictions: list[str], references: list[str], types=("rouge1", "rouge2", "rougeL")) -> dict[str, float]:
-    """Mean ROUGE F-measure per type (rouge-score with the Porter stemmer)."""
+def rouge(predictions: list[str], references: list, types=("rouge1", "rouge2", "rougeL")) -> dict[str, float]:
+    """Mean ROUGE F-measure per type (rouge-score with the Porter stemmer). An example's reference may be a
+    list of references: its score is the best over them, per type (rouge-score's ``score_multi``, as the
+    multi-reference summarization papers score)."""
     from rouge_score import rouge_scorer
 
     scorer = rouge_scorer.RougeScorer(list(types), use_stemmer=True)
     totals = dict.fromkeys(types, 0.0)
     for pred, ref in zip(predictions, references, strict=True):
-        scores = scorer.score(ref, pred)  # (target, prediction)
+        refs = [ref] if isinstance(ref, str) else list(ref)
+        per = [scorer.score(r, pred) for r in refs]  # (target, prediction)
         for t in types:
-            totals[t] += scores[t].fmeasure
+            totals[t] += max(s[t].fmeasure for s in per)
     n = len(predictions)
     return {t: totals[t] / n if n else 0.0 for t in types}
 
 
-def bleu(predictions: list[str], references: list[str]) -> float:
-    """Corpus BLEU (sacrebleu defaults: 13a tokenisation, exponential smoothing), 0-100."""
+def bleu(predictions: list[str], references: list) -> float:
+    """Corpus BLEU (sacrebleu defaults: 13a tokenisation, exponential smoothing), 0-100. An example's
+    reference may be a list: BLEU then counts n-gram matches against all of them at once (multi-reference
+    BLEU as Papineni et al. define it; examples with fewer references leave the other streams empty)."""
     import sacrebleu
 
     if not predictions:
         return 0.0
-    return float(sacrebleu.corpus_bleu(predictions, [references]).score)
+    refs = [[r] if isinstance(r, str) else list(r) for r in references]
+    width = max(len(r) for r in refs)
+    streams = [[r[k] if k < len(r) else None for r in refs] for k in range(width)]
+    return float(sacrebleu.corpus_bleu(predictions, streams).score)
 
 
 def perplexity(sum_logprob: float, n_tokens: int) -> float:
@@ -189,6 +197,14 @@ def perplexity(sum_logprob: float, n_tokens: int) -> float:
 
 
 # ---- maths --------------------------------------------------------------------------------------
+
+
+def pick_choice(scores: list[float]) -> tuple[int, bool]:
+    """(index of the highest score, whether another choice has exactly that score). A tie means the scores
+    could not tell the choices apart (low-precision logits round them together): the first is picked, and
+    the caller counts it (``tied_predictions`` in the metrics) instead of hiding it."""
+    best = max(range(len(scores)), key=scores.__getitem__)
+    return best, sum(1 for s in scores if s == scores[best]) > 1
 
 
 def numbers_match(prediction: float | None, gold: float, tol: float = 1e-3) -> bool:

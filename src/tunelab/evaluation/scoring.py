@@ -14,14 +14,19 @@
 
 Rows are sorted by length before batching (less padding) and results returned in input order.
 Each call shows a progress bar (rows/s, ETA) on the lead process when stderr is a terminal, unless
-``show_progress(False)`` (``train.progress: false``) turned it off.
+``show_progress(False)`` (``train.progress: false``) turned it off. Within ``progress_to(sink)`` (the training
+loop's evaluations) every call also hands ``sink`` a record ``{"desc", "done", "total", "elapsed_s", "eta_s"}``
+every ``every_s`` seconds and at its end, whatever stderr is: the loop writes them to the run's eval_log.jsonl.
 Every call records ``prompt_mask`` in the model context, so methods that act on prompt positions
 (ReFT) see them during scoring and generation too.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import sys
+import time
 from collections.abc import Sequence
 
 import torch
@@ -36,16 +41,76 @@ from tunelab.runtime import distributed as dist
 _PROGRESS = {"on": True}
 
 
+_FP32_CHOICES: contextvars.ContextVar = contextvars.ContextVar("fp32_choices", default=False)
+_SINK: contextvars.ContextVar = contextvars.ContextVar("progress_sink", default=(None, 0.0))
+
+
+@contextlib.contextmanager
+def choices_fp32(on: bool = True):
+    """Within this block ``score_choices`` runs with autocast off (``eval.choices_fp32``): in the weights' own
+    dtype, fp32 for a float32 model, so low-precision rounding cannot tie two choices. Generation is unaffected."""
+    token = _FP32_CHOICES.set(bool(on))
+    try:
+        yield
+    finally:
+        _FP32_CHOICES.reset(token)
+
+
 def show_progress(on: bool) -> None:
     """Turn the evaluation progress bars on (where stderr is a terminal) or off."""
     _PROGRESS["on"] = bool(on)
 
 
-def _bar(total: int, desc: str):
-    from tqdm.auto import tqdm
+@contextlib.contextmanager
+def progress_to(sink, every_s: float = 30.0):
+    """Within this block, evaluation calls report their progress to ``sink(record)`` (lead process only):
+    every ``every_s`` seconds and when a call finishes."""
+    token = _SINK.set((sink, every_s))
+    try:
+        yield
+    finally:
+        _SINK.reset(token)
 
-    on = _PROGRESS["on"] and dist.is_lead() and sys.stderr.isatty()
-    return tqdm(total=total, desc=desc, unit="row", disable=not on, leave=False, dynamic_ncols=True)
+
+class _Progress:
+    """A tqdm bar (in a terminal) plus periodic records to the ``progress_to`` sink, with an ETA."""
+
+    def __init__(self, total: int, desc: str):
+        from tqdm.auto import tqdm
+
+        on = _PROGRESS["on"] and dist.is_lead() and sys.stderr.isatty()
+        self.bar = tqdm(total=total, desc=desc, unit="row", disable=not on, leave=False, dynamic_ncols=True)
+        self.total, self.desc, self.done = total, desc, 0
+        sink, self.every = _SINK.get()
+        self.sink = sink if dist.is_lead() else None
+        self.t0 = self.last = time.perf_counter()
+
+    def update(self, n: int = 1) -> None:
+        self.bar.update(n)
+        self.done += n
+        now = time.perf_counter()
+        if self.sink is not None and (now - self.last >= self.every or self.done >= self.total):
+            self.last = now
+            self.sink(self.record(now))
+
+    def record(self, now: float) -> dict:
+        elapsed = now - self.t0
+        rate = self.done / elapsed if elapsed > 0 else 0.0
+        eta = (self.total - self.done) / rate if rate > 0 else None
+        return {"desc": self.desc, "done": self.done, "total": self.total, "elapsed_s": round(elapsed, 1),
+                "eta_s": round(eta, 1) if eta is not None else None}
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def progress(total: int, desc: str) -> _Progress:
+    """A progress reporter for an evaluation pass of ``total`` rows (``update(n)``, ``close()``): the terminal
+    bar and the ``progress_to`` records, as the primitives here use; for a family's own batched loop."""
+    return _Progress(total, desc)
+
+
+_bar = progress
 
 
 def _device(model) -> torch.device:
@@ -115,7 +180,8 @@ def score_choices(model, tokenizer, prompts: list[str], choices: list[list[str]]
     """Sum log-probability of each ``choices[i][j]`` following ``prompts[i]``."""
     if len(prompts) != len(choices):
         raise ValueError(f"{len(prompts)} prompts but {len(choices)} choice lists")
-    with inference.inference(model):  # weights cast once for the whole evaluation, not in every forward
+    full = torch.autocast(_device(model).type, enabled=False) if _FP32_CHOICES.get() else contextlib.nullcontext()
+    with full, inference.inference(model):  # weights cast once for the whole evaluation, not in every forward
         return _score_choices(model, tokenizer, prompts, choices, batch_size)
 
 

@@ -140,7 +140,7 @@ def _tokenizer_ids(model: nn.Module, cfg: PromptTuningConfig) -> list[int]:
         except Exception as e:  # noqa: BLE001  (any failure means the same thing to the user)
             raise ValueError(
                 f"prompt_tuning init='text': no tokenizer at {where!r} ({e.__class__.__name__}); "
-                "pass tokenizer=PATH or init_token_ids=[...]"
+                "set method.tokenizer=PATH (a tokenizer folder) or method.init_token_ids=[...]"
             ) from None
     ids = tok(cfg.init_text, add_special_tokens=False)["input_ids"]
     if not ids:

@@ -91,9 +91,10 @@ def train_rows(cfg) -> int:
     """How many training rows the config reads (for an epoch-based budget)."""
     from tunelab.config import task_config
     from tunelab.tasks import TASKS
+    from tunelab.tasks.splits import read_run_data
 
     tcfg = task_config(cfg.task.name, cfg.task.params())
-    return len(TASKS.get(cfg.task.name).read(cfg.data.train, tcfg, limit=cfg.data.max_train, skip_bad=cfg.data.skip_bad_rows))
+    return len(read_run_data(TASKS.get(cfg.task.name), tcfg, cfg.data.model_copy(update={"eval": None} if not cfg.data.eval_split else {}))[0])
 
 
 def plan(mode: str, cfgs: dict, out_dir: Path, *, ref: str | None = None, total: float | None = None,

@@ -46,6 +46,12 @@ class TaskConfig(BaseModel):
     formulation: Literal["lm", "head"] = "lm"
     # Maps the family's canonical field names onto the columns of the user's file.
     fields: dict[str, str] = {}
+    # The eval file's own map when its columns differ from the training file's; None: ``fields``.
+    fields_eval: dict[str, str] | None = None
+    # A known data layout by name (``tunelab tasks NAME`` lists them; see tunelab.data.layouts) or a generic
+    # map {canonical field: column, or a list of columns collected into one list}; None: ``fields`` alone.
+    layout: str | dict[str, str | list[str]] | None = None
+    layout_eval: str | dict[str, str | list[str]] | None = None  # the eval file's layout; None: ``layout``
     # Prompt template (a str.format string over the canonical fields); None = the family default.
     template: str | None = None
     # Wrap prompts in the tokenizer's chat template when it has one.
@@ -154,6 +160,18 @@ def text_pairs(records, source: str, cols: tuple[str, str], build: Callable[[dic
         raise DataError(f"{source}: no records with {cols[0]!r} filled" if optional else
                         f"{source}: no records with both {cols[0]!r} and {cols[1]!r} filled")
     return out
+
+
+def references(value, where: str, col: str) -> list[str]:
+    """The references of a field (summaries, responses): one text, or a list of texts (DialogSum's test set has three,
+    ``task.layout: dialogsum`` collects them); empty ones dropped. The first is the training target."""
+    from tunelab.errors import DataError
+
+    values = value if isinstance(value, list) else [value]
+    bad = next((v for v in values if not isinstance(v, str)), None) if value is not None else None
+    if bad is not None:
+        raise DataError(f"{where}: field {col!r} must be text or a list of texts, got {type(bad).__name__} {str(bad)[:40]!r}")
+    return [v for v in values if v is not None and v.strip()]
 
 
 GEN_KEYS = ("max_new_tokens", "batch_size", "do_sample", "temperature", "top_p", "num_beams", "stop")

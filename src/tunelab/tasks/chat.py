@@ -54,6 +54,8 @@ class Chat:
     name = "chat"
     # The metric names evaluate() may report (a trailing * matches a prefix): compare checks --metric before training.
     metrics = ("rougeL", "perplexity")
+    selectors = ("rows",)  # data path selectors it applies itself (tunelab.tasks.splits)
+    reads_tables = True  # reads Arrow columns, not records: no task.layout (tunelab.data.layouts)
     teaches_stop = True  # training preflight warns when the loss leaves the end-of-turn token out
     Config = ChatConfig
 

@@ -18,6 +18,7 @@ from tunelab.data.encoding import encode_head, encode_lm_document
 from tunelab.data.prompt_splicing import lm_features
 from tunelab.data.readers import read_records
 from tunelab.errors import DataError
+from tunelab.evaluation.metrics import pick_choice
 from tunelab.evaluation.scoring import classify, score_choices
 from tunelab.tasks.base import (
     TASKS,
@@ -163,7 +164,8 @@ class Classification:
             words = cfg.label_words or labels
             prompts = [self.prompt(ex, tokenizer, cfg, labels) for ex in examples]
             scores = score_choices(model, tokenizer, prompts, [words] * len(prompts), batch_size=batch_size, split=split)
-            pred = [max(range(len(s)), key=s.__getitem__) for s in scores]
+            picked = [pick_choice(s) for s in scores]
+            pred, tied = [p for p, _ in picked], sum(t for _, t in picked)
         if missing:
             return {"n": len(examples), "without_reference": missing}, [
                 {"where": ex["_where"], "text": ex["text"], "prediction": labels[p], "reference": labels[g] if g >= 0 else None}
@@ -175,6 +177,8 @@ class Classification:
         if len(labels) == 2:
             metrics["f1"] = float(f1_score(gold, pred, pos_label=1, average="binary", zero_division=0))
         metrics["n"] = len(gold)
+        if cfg.formulation != "head":  # label words whose scores were exactly equal: decided by order
+            metrics["tied_predictions"] = tied
         preds = [{"where": ex["_where"], "text": ex["text"], "prediction": labels[p], "reference": labels[g]}
                  for ex, p, g in zip(examples, pred, gold, strict=True)]
         return metrics, preds

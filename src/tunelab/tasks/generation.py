@@ -32,6 +32,7 @@ from tunelab.tasks.base import (
     TaskConfig,
     field_name,
     gen_args,
+    references,
     render_prompt,
     text_pairs,
     unreferenced,
@@ -51,17 +52,19 @@ class Generation:
     name = "generation"
     # The metric names evaluate() may report (a trailing * matches a prefix): compare checks --metric before training.
     metrics = ("rougeL", "bleu", "perplexity")
+    selectors = ("rows",)  # data path selectors it applies itself (tunelab.tasks.splits)
     teaches_stop = True  # training preflight warns when the loss leaves the end-of-turn token out
     Config = GenerationConfig
 
     def read(self, source, cfg, *, limit=None, skip_bad=False) -> list[dict]:
         icol, xcol, ocol = (field_name(cfg, k) for k in ("instruction", "input", "output"))
         path, rows = split_source(source, "rows")
-        records = read_records(path, skip_bad=skip_bad, text=[icol, ocol])
+        records = read_records(path, skip_bad=skip_bad, text=[icol])
 
         def build(r):
+            refs = [c.strip() for c in references(r[ocol], r["_where"], ocol)]  # one text, or a list of references
             return {"instruction": str(r[icol]).strip(), "input": str(r.get(xcol) or "").strip(),
-                    "output": str(r[ocol]).strip(), "_where": r["_where"]}  # output "": no reference (predict)
+                    "output": refs[0] if refs else "", "references": refs, "_where": r["_where"]}  # "": predict only
 
         return text_pairs(records[rows] if rows is not None else records, source, (icol, ocol), build, limit=limit,
                           skip_bad=skip_bad, keys=("instruction", "output"), hint="{instruction: prompt, output: response}")
@@ -106,7 +109,8 @@ class Generation:
             return {"n": len(examples), "without_reference": missing}, preds
         logp = score_choices(model, tokenizer, prompts, [[r] for r in refs], batch_size=args["batch_size"], split=split)
         n_tokens = sum(len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in refs)
-        metrics = {"rougeL": rouge(outputs, refs, types=("rougeL",))["rougeL"], "bleu": bleu(outputs, refs),
+        every = [ex.get("references") or [ex["output"]] for ex in examples]  # ROUGE best match, BLEU all at once
+        metrics = {"rougeL": rouge(outputs, every, types=("rougeL",))["rougeL"], "bleu": bleu(outputs, every),
                    "perplexity": perplexity(sum(s[0] for s in logp), n_tokens), "n": len(examples)}
         return metrics, preds
 

@@ -1,7 +1,10 @@
 """Named-entity recognition over IOB-tagged tokens (CoNLL-2003 and friends).
 
-Data: CoNLL column files (token first, tag last by default; ``token_col`` / ``tag_col`` move them) or
-JSON/JSONL/CSV records whose ``tokens`` and ``tags`` fields are lists or space-separated strings.
+Data: CoNLL column files (token first, tag last by default; ``token_col`` / ``tag_col`` move them; tab- or
+space-separated, with or without ``-DOCSTART-`` lines; known by suffix, WNUT-17's ``.annotated`` included, or by
+content when the suffix says nothing) or JSON/JSONL/CSV records whose ``tokens`` and ``tags`` fields are lists
+or space-separated strings; tags may be names or ids into ``task.labels`` (the hub's ``ner_tags``:
+``task.layout: conll2003`` / ``wnut_17`` name them).
 
 Formulations:
 - ``lm`` (generative): the model writes the entities as text, ``"PER: John Smith; LOC: Paris"`` (or
@@ -27,7 +30,7 @@ from tunelab.data.readers import infer_format, read_conll, read_records
 from tunelab.errors import DataError
 from tunelab.evaluation import inference
 from tunelab.evaluation.metrics import entities, entity_prf
-from tunelab.evaluation.scoring import generate
+from tunelab.evaluation.scoring import generate, progress
 from tunelab.methods.base import context
 from tunelab.tasks.base import TASKS, HeadSpec, TaskConfig, field_name, gen_args, render_prompt
 
@@ -118,6 +121,32 @@ def first_subtokens(offsets: list[tuple[int, int]], words: list[tuple[int, int]]
     return out
 
 
+def tag_name(tag, labels: list[str] | None) -> str:
+    """A tag as text: names stay; an id (int, or digits) is looked up in ``labels`` (task.labels)."""
+    if isinstance(tag, str) and not tag.strip().isdigit():
+        return tag
+    if isinstance(tag, bool) or not isinstance(tag, int | str):
+        raise ValueError(f"tag {tag!r} is neither a tag name nor an id")
+    if not labels:
+        raise ValueError(f"tag ids such as {tag!r} need the tag names in id order: set task.labels, or task.layout "
+                         "(conll2003, wnut_17) for a hub set")
+    if not 0 <= int(tag) < len(labels):
+        raise ValueError(f"tag id {tag!r} is outside task.labels ({len(labels)} names)")
+    return labels[int(tag)]
+
+
+def looks_like_conll(path: Path) -> bool | None:
+    """For a file whose suffix says nothing: True when its first non-blank line is whitespace-separated token
+    columns (not JSON, not a CSV header), None when it is not there or unreadable."""
+    try:
+        with path.open(encoding="utf-8", errors="replace") as f:
+            line = next((ln for ln in f if ln.strip()), "")
+    except OSError:
+        return None
+    parts = line.split()
+    return bool(line) and line.lstrip()[:1] not in "{[" and len(parts) >= 2
+
+
 class NER:
     name = "ner"
     # The metric names evaluate() may report (a trailing * matches a prefix): compare checks --metric before training.
@@ -128,15 +157,24 @@ class NER:
         conll = cfg.format == "conll"
         if cfg.format == "auto":
             try:
-                conll = infer_format(Path(str(source))) == "conll"
+                conll = infer_format(Path(str(source)), "task.format: conll (token columns) or records") == "conll"
             except DataError:
-                conll = False
+                conll = looks_like_conll(Path(str(source)))  # an unknown suffix: the content decides
+                if conll is None:
+                    raise
         if conll:
             return read_conll(source, cfg.token_col, cfg.tag_col, skip_bad=skip_bad, limit=limit, iob=True)
         tcol, gcol = field_name(cfg, "tokens"), field_name(cfg, "tags")
         out = []
         for r in read_records(source, skip_bad=skip_bad, limit=limit, required=[tcol, gcol]):
-            tokens, tags = (r[c].split() if isinstance(r[c], str) else [str(x) for x in r[c]] for c in (tcol, gcol))
+            tokens, tags = (r[c].split() if isinstance(r[c], str) else list(r[c]) for c in (tcol, gcol))
+            tokens = [str(t) for t in tokens]
+            try:  # tag ids (the hub's ner_tags) name the tags in task.labels order (a layout sets them)
+                tags = [tag_name(t, cfg.labels) for t in tags]
+            except ValueError as e:
+                if skip_bad:
+                    continue
+                raise DataError(f"{r['_where']}: field {gcol!r}: {e}") from None
             if len(tokens) != len(tags):
                 if skip_bad:
                     continue
@@ -256,6 +294,7 @@ class NER:
         out: list[list[str]] = [["O"] * len(ex["tokens"]) for ex in examples]
         order = sorted(range(len(feats)), key=lambda i: -len(feats[i]["input_ids"]))
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        bar = progress(len(order), "tagging")
         with inference.inference(model):
             for b in range(0, len(order), batch_size):
                 batch = order[b : b + batch_size]
@@ -274,7 +313,9 @@ class NER:
                     got = best[torch.tensor([a[0] for a in at]), torch.tensor([a[1] for a in at])].tolist()
                     for (_, _, i, w), k in zip(at, got, strict=True):
                         out[i][w] = id2label[k]
+                bar.update(len(batch))
             context(model).pop("prompt_mask", None)
+        bar.close()
         return out
 
 

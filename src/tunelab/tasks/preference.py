@@ -77,6 +77,7 @@ class PreferenceTask:
     name = "preference"
     # The metric names evaluate() may report (a trailing * matches a prefix): compare checks --metric before training.
     metrics = ("reward_accuracy", "reward_margin", "chosen_logp", "rejected_logp", "logp_accuracy", "eval_loss")
+    selectors = ("rows",)  # data path selectors it applies itself (tunelab.tasks.splits)
     Config = PreferenceConfig
 
     def read(self, source, cfg, *, limit=None, skip_bad=False) -> list[dict]:

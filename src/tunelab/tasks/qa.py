@@ -1,8 +1,10 @@
 """Reading-comprehension QA (SQuAD v1.1 style): answer = a span of the context.
 
 Data: SQuAD JSON (one example per question), or JSON/JSONL/CSV records with ``context``,
-``question``, ``answers`` (a list of strings or one string) and optional ``answer_starts``, ``id``,
-``title``.
+``question``, ``answers`` (a list of strings, one string, the hub's ``{text, answer_start}`` or TriviaQA's
+``{value, aliases}``) and optional ``answer_starts``, ``id``, ``title``. A row without a context is
+closed-book QA (NQ-Open, TriviaQA): the prompt is the question alone (``template_closed_book``), and the
+score the best match over all answers, as for any row (``lm`` and ``seq2seq`` only).
 
 Formulations:
 - ``lm`` (generative): the model writes the answer after the prompt; first reference is the target.
@@ -40,13 +42,13 @@ from typing import Literal
 import torch
 from pydantic import Field, field_validator
 
-from tunelab.data.encoding import encode_lm_document, encode_seq2seq
+from tunelab.data.encoding import encode_lm, encode_lm_document, encode_seq2seq
 from tunelab.data.prompt_splicing import lm_features
 from tunelab.data.readers import read_records
 from tunelab.errors import DataError
 from tunelab.evaluation import inference
 from tunelab.evaluation.metrics import squad_scores
-from tunelab.evaluation.scoring import generate
+from tunelab.evaluation.scoring import generate, progress
 from tunelab.methods.base import context as model_context
 from tunelab.tasks.base import TASKS, HeadSpec, TaskConfig, field_name, gen_args, render_prompt
 from tunelab.tasks.shared import split_source
@@ -55,6 +57,8 @@ DEFAULT_TEMPLATE = (
     "Answer the question with a short phrase copied from the context.\nContext: {context}\nQuestion: {question}"
 )
 SEQ2SEQ_TEMPLATE = "question: {question} context: {context}"
+CLOSED_BOOK_TEMPLATE = "Answer the question with a short phrase.\nQuestion: {question}"
+CLOSED_BOOK_SEQ2SEQ = "question: {question}"
 START, END, BOTH = 1, 2, 3
 
 
@@ -64,6 +68,7 @@ class QAConfig(TaskConfig):
     stride: int = Field(128, ge=0)  # tokens shared by consecutive windows (below task.window)
     max_answer_tokens: int = Field(30, ge=1)
     n_best: int = Field(20, ge=1)  # start/end candidates tried per window
+    template_closed_book: str | None = None  # prompt of rows without a context (closed-book QA); {question}
 
     @field_validator("stride")
     @classmethod
@@ -162,6 +167,19 @@ def install_qa_labels(model):
     return model
 
 
+def answer_list(value) -> list[str]:
+    """Reference answers from a field: one string, a list of strings, hub SQuAD's ``{"text": [...]}`` or
+    TriviaQA's ``{"value": ..., "aliases": [...]}`` (value first, duplicates dropped)."""
+    if isinstance(value, dict):
+        if "text" in value:  # hub SQuAD: the texts pair with answer_start, duplicates included
+            return [str(a) for a in value["text"] if str(a).strip()]
+        value = list(dict.fromkeys(([value["value"]] if value.get("value") else []) + list(value.get("aliases") or [])))
+    if value is None:
+        return []
+    items = [value] if isinstance(value, str | int | float) else list(value)
+    return [str(a) for a in items if str(a).strip()]  # duplicates kept: SQuAD pairs them with answer_starts
+
+
 def answer_mismatch(context: str, answers: list[str], starts) -> str | None:
     """Why the answers do not sit at their ``answer_start`` offsets in ``context`` (None when they do)."""
     if not isinstance(starts, list) or len(starts) != len(answers):
@@ -179,7 +197,12 @@ class QA:
     name = "qa"
     # The metric names evaluate() may report (a trailing * matches a prefix): compare checks --metric before training.
     metrics = ("f1", "exact_match")
+    selectors = ("articles",)  # data path selectors it applies itself (tunelab.tasks.splits)
     Config = QAConfig
+
+    @staticmethod
+    def split_group(ex) -> str:  # data.eval_split keeps an article's questions on one side
+        return ex["title"] or ex["context"] or ex["question"]
 
     def read(self, source, cfg, *, limit=None, skip_bad=False) -> list[dict]:
         path, articles = split_source(source)
@@ -189,34 +212,54 @@ class QA:
             cols = {k: k for k in cols}
             keys = [re.search(r"data\[(\d+)\]", r["_where"])[1] for r in rows]
         else:
-            need = (cols["context"], cols["question"])
-            bad = [(r["_where"], c) for r in rows for c in need if not str(r.get(c) or "").strip()]
+            qcol = cols["question"]
+            bad = [r["_where"] for r in rows if not str(r.get(qcol) or "").strip()]
             if bad and not skip_bad:
-                raise DataError(f"{bad[0][0]}: field {bad[0][1]!r} is missing or empty (required: {list(need)})")
-            rows = [r for r in rows if all(str(r.get(c) or "").strip() for c in need)]
-            keys = [r.get(cols["title"]) or r[cols["context"]] for r in rows]
+                raise DataError(f"{bad[0]}: field {qcol!r} is missing or empty (present: "
+                                f"{sorted(k for k in next(r for r in rows if r['_where'] == bad[0]) if k != '_where')})")
+            rows = [r for r in rows if str(r.get(qcol) or "").strip()]
+            keys = [r.get(cols["title"]) or r.get(cols["context"]) or r[qcol] for r in rows]
         if articles is not None:
             rows = select_articles(rows, articles, keys)
             if not rows:
                 raise DataError(f"{source}: the article selection holds no questions ({len(set(keys))} articles in the file)")
         out = []
         for r in rows:
-            answers = r.get(cols["answers"]) or []
-            answers = [answers] if isinstance(answers, str) else [str(a) for a in answers]
+            answers = answer_list(r.get(cols["answers"]))
             if not answers:
                 if skip_bad:
                     continue
                 raise DataError(f"{r['_where']}: field {cols['answers']!r} is missing or empty (unanswerable questions are not supported)")
-            ctx = str(r[cols["context"]])
-            starts = r.get(cols["answer_starts"]) or [ctx.find(a) for a in answers]
-            wrong = answer_mismatch(ctx, answers, starts)  # checked for every formulation, before training
+            ctx = str(r.get(cols["context"]) or "").strip() and str(r[cols["context"]])
+            if not ctx:  # closed-book QA (NQ-Open, TriviaQA): the question alone, answers scored by best match
+                if cfg.formulation == "head":
+                    raise DataError(f"{r['_where']}: field {cols['context']!r} is missing or empty, and task.formulation=head "
+                                    "extracts the answer from the context; for closed-book QA (question + answers, no "
+                                    "context) use task.formulation: lm (or seq2seq)")
+                out.append({"id": str(r.get(cols["id"], r["_where"])), "title": r.get(cols["title"], ""), "context": "",
+                            "question": str(r[cols["question"]]), "answers": answers, "answer_starts": [],
+                            "_where": r["_where"]})
+                continue
+            starts = r.get(cols["answer_starts"])
+            if isinstance(r.get(cols["answers"]), dict) and not starts:  # hub SQuAD: answers {text, answer_start}
+                starts = r[cols["answers"]].get("answer_start")
+            if not starts:  # no offsets given: where the answers first occur in the context
+                starts = [ctx.find(a) for a in answers]
+                lost = next((a for a, k in zip(answers, starts, strict=True) if k < 0), None)
+                if lost is not None:  # checked for every formulation: a misaligned file, not a closed-book one
+                    if skip_bad:
+                        continue
+                    raise DataError(f"{r['_where']}: answer {lost!r} does not occur in the context (the row gives no "
+                                    "answer_starts); for closed-book QA (question + answers, no context) leave the context "
+                                    "out, e.g. task.layout: nq_open")
+            wrong = answer_mismatch(ctx, answers, starts)  # checked before training
             if wrong:
                 if skip_bad:
                     continue
                 raise DataError(f"{r['_where']}: {wrong}")
             out.append({"id": str(r.get(cols["id"], r["_where"])), "title": r.get(cols["title"], ""), "context": ctx,
                         "question": str(r[cols["question"]]), "answers": answers,
-                        "answer_starts": [int(s) for s in starts], "_where": r["_where"]})
+                        "answer_starts": [int(k) for k in starts], "_where": r["_where"]})
         return out[:limit] if limit is not None else out
 
     def head(self, cfg, examples):
@@ -245,6 +288,11 @@ class QA:
                              f"task.window={cfg.window} would not cut it; set task.window={n}")
 
     def prompt(self, ex, tokenizer, cfg) -> str:
+        if not ex["context"]:  # closed-book: the question alone (task.template_closed_book)
+            if cfg.formulation == "seq2seq":
+                return (cfg.template_closed_book or CLOSED_BOOK_SEQ2SEQ).format(question=ex["question"])
+            text = (cfg.template_closed_book or CLOSED_BOOK_TEMPLATE).format(question=ex["question"])
+            return render_prompt(tokenizer, text, cfg.chat)
         if cfg.formulation == "seq2seq":
             return (cfg.template or SEQ2SEQ_TEMPLATE).format(context=ex["context"], question=ex["question"])
         text = (cfg.template or DEFAULT_TEMPLATE).format(context=ex["context"], question=ex["question"])
@@ -253,6 +301,8 @@ class QA:
     def encode(self, ex, tokenizer, cfg, max_length) -> dict:
         if cfg.formulation == "seq2seq":
             return encode_seq2seq(tokenizer, self.prompt(ex, tokenizer, cfg), ex["answers"][0], max_length)
+        if cfg.formulation != "head" and not ex["context"]:
+            return encode_lm(tokenizer, self.prompt(ex, tokenizer, cfg), ex["answers"][0], max_length)
         if cfg.formulation != "head":
             return encode_lm_document(tokenizer, lambda c: self.prompt({**ex, "context": c}, tokenizer, cfg),
                                       ex["context"], ex["answers"][0], max_length)
@@ -276,9 +326,10 @@ class QA:
         """``[self.encode(ex, ...) for ex in rows]`` in batched tokenizer calls (`tunelab.data.prompt_splicing`); lm only."""
         if cfg.formulation != "lm":
             return None
-        return lm_features(self, rows, tokenizer, cfg, max_length, slots=("context", "question"),
+        return lm_features(self, rows, tokenizer, cfg, max_length,
+                           slots=lambda ex: ("context", "question") if ex["context"] else ("question",),
                            render=lambda ex, v: self.prompt({**ex, **v}, tokenizer, cfg),
-                           group=lambda ex: 0, target=lambda ex: ex["answers"][0])
+                           group=lambda ex: bool(ex["context"]), target=lambda ex: ex["answers"][0])
 
     def evaluate(self, model, tokenizer, examples, cfg, *, batch_size=16, gen=None, split=False):
         if cfg.formulation == "head":
@@ -299,6 +350,7 @@ class QA:
         best: list = [None] * len(examples)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         order = sorted(range(len(feats)), key=lambda k: -len(feats[k][1]["input_ids"]))
+        bar = progress(len(order), "extracting")
         with inference.inference(model):
             for b in range(0, len(order), batch_size):
                 batch = [feats[k] for k in order[b : b + batch_size]]
@@ -323,7 +375,9 @@ class QA:
                 for (i, w), span in zip(batch, spans, strict=True):
                     if span is not None and (best[i] is None or span[0] > best[i][0]):
                         best[i] = (span[0], w["offsets"][span[1]][0], w["offsets"][span[2]][1])
+                bar.update(len(batch))
             model_context(model).pop("prompt_mask", None)
+        bar.close()
         return [examples[i]["context"][b[1] : b[2]] if b else "" for i, b in enumerate(best)]
 
 

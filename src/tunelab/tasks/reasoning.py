@@ -29,7 +29,7 @@ from typing import Literal
 from tunelab.data.encoding import encode_lm
 from tunelab.data.readers import read_records
 from tunelab.errors import DataError
-from tunelab.evaluation.metrics import numbers_match
+from tunelab.evaluation.metrics import numbers_match, pick_choice
 from tunelab.evaluation.scoring import generate, score_choices
 from tunelab.tasks.base import TASKS, TaskConfig, field_name, gen_args, render_prompt
 
@@ -59,6 +59,40 @@ def answer_kind(answer: str) -> str | None:
         return None
 
 
+def choice_list(value, where: str, col: str) -> tuple[list[str], list[str]]:
+    """(labels, texts) of a choices field: ``{"label": [...], "text": [...]}`` (CSQA, ARC, OpenBookQA), a list of
+    texts (MMLU, HellaSwag, PIQA's collected ``sol1``/``sol2``: labelled A, B, ...), or a list of
+    ``{"label", "text"}`` records."""
+    if isinstance(value, dict) and "text" in value:
+        texts = [str(t) for t in value["text"]]
+        labels = [str(x) for x in value.get("label") or [chr(65 + i) for i in range(len(texts))]]
+    elif isinstance(value, list) and value and all(isinstance(v, dict) and "text" in v for v in value):
+        texts = [str(v["text"]) for v in value]
+        labels = [str(v.get("label") or chr(65 + i)) for i, v in enumerate(value)]
+    elif isinstance(value, list) and value and all(isinstance(v, str | int | float) for v in value):
+        texts, labels = [str(v) for v in value], [chr(65 + i) for i in range(len(value))]
+    else:
+        raise DataError(f"{where}: field {col!r} must be a list of choices or {{label: [...], text: [...]}}, got {str(value)[:60]!r}")
+    if len(labels) != len(texts) or len(set(labels)) != len(labels) or len(texts) < 2:
+        raise DataError(f"{where}: field {col!r} needs two or more choices with distinct labels, got labels {labels}")
+    return labels, texts
+
+
+def gold_label(raw, labels: list[str], texts: list[str], where: str, col: str) -> str:
+    """The right choice's label from a label ("B"), a 0-based index (1, "1") or the choice's text."""
+    if isinstance(raw, bool) or raw is None:
+        raise DataError(f"{where}: field {col!r} is missing or not a choice ({raw!r})")
+    text = str(raw).strip()
+    if text in labels:
+        return text
+    if text.lstrip("-").isdigit() and 0 <= int(text) < len(labels):
+        return labels[int(text)]
+    if text in texts:
+        return labels[texts.index(text)]
+    raise DataError(f"{where}: field {col!r} = {raw!r} is not one of the choice labels {labels}, an index below "
+                    f"{len(labels)} or a choice's text")
+
+
 def candidates(instruction: str, answer: str) -> list[str]:
     """The labels a choice question offers: its "Answer format: a/b/c" line, else the labels of the
     gold answer's family (answerN / optionN / solutionN) that the instruction names."""
@@ -86,8 +120,10 @@ def extract_letter(text: str) -> str | None:
 
 
 def extract_choice(text: str, choices: list[str]) -> str | None:
-    m = re.search("|".join(re.escape(c) for c in sorted(choices, key=len, reverse=True)), text.lower())
-    return m[0] if m else None
+    """The first choice label named in ``text`` (case-blind; the label as the choices spell it)."""
+    by_lower = {c.lower(): c for c in choices}
+    m = re.search("|".join(re.escape(c) for c in sorted(by_lower, key=len, reverse=True)), text.lower())
+    return by_lower[m[0]] if m else None
 
 
 def from_gsm8k(question: str, solution: str) -> tuple[str, str]:
@@ -121,6 +157,9 @@ class Reasoning:
 
     def _example(self, r, cfg, icol, xcol, ocol, acol) -> dict:
         where = r["_where"]
+        ccol = field_name(cfg, "choices")
+        if r.get(ccol) not in (None, "", [], {}):  # multiple choice as the hub ships it (CSQA, ARC, MMLU, ...)
+            return self._multiple_choice(r, cfg, ccol, acol)
         if icol not in r and "question" in r and "####" in str(r.get("answer", "")):
             output, answer = from_gsm8k(str(r["question"]), str(r["answer"]))
             ex = {"instruction": str(r["question"]).strip(), "input": "", "output": output, "answer": answer}
@@ -142,6 +181,20 @@ class Reasoning:
             if ex["answer"] not in ex["choices"]:
                 raise DataError(f"{where}: gold answer {ex['answer']!r} is not among the offered choices {ex['choices']}")
         return ex
+
+    def _multiple_choice(self, r, cfg, ccol, acol) -> dict:
+        """A question with its choices listed as "A. text" lines; the target is the gold label after
+        ``answer_prefix``; evaluation scores each label (``kind`` choice)."""
+        where = r["_where"]
+        qcol, xcol = field_name(cfg, "question"), field_name(cfg, "context")
+        labels, texts = choice_list(r[ccol], where, ccol)
+        question = " ".join(str(r.get(c) or "").strip() for c in (xcol, qcol) if str(r.get(c) or "").strip())
+        if not question:
+            raise DataError(f"{where}: field {qcol!r} is missing or empty (present: {sorted(k for k in r if k != '_where')})")
+        answer = gold_label(r.get(acol), labels, texts, where, acol)
+        options = "\n".join(f"{lab}. {t}" for lab, t in zip(labels, texts, strict=True))
+        return {"instruction": question, "input": options, "output": "", "answer": answer, "kind": "choice",
+                "choices": labels, "_where": where}
 
     def head(self, cfg, examples):
         if cfg.formulation != "lm":
@@ -166,12 +219,14 @@ class Reasoning:
         gen_idx = [i for i in range(len(examples)) if i not in set(scored)]
         outputs: list = [None] * len(examples)
         pred: list = [None] * len(examples)
+        tied: list = [False] * len(examples)
         if scored:
             sep = " " if cfg.answer_prefix else ""
             scores = score_choices(model, tokenizer, [prompts[i] + cfg.answer_prefix for i in scored],
                                    [[sep + c for c in examples[i]["choices"]] for i in scored], batch_size=batch_size, split=split)
             for i, s in zip(scored, scores, strict=True):
-                pred[i] = examples[i]["choices"][max(range(len(s)), key=s.__getitem__)]
+                best, tied[i] = pick_choice(s)
+                pred[i] = examples[i]["choices"][best]
                 outputs[i] = {c: round(v, 4) for c, v in zip(examples[i]["choices"], s, strict=True)}
         if gen_idx:
             args = gen_args(gen, batch_size, max_new_tokens=256)
@@ -184,8 +239,11 @@ class Reasoning:
         correct = [self._correct(ex, p, cfg) for ex, p in zip(examples, pred, strict=True)]
         metrics = {"accuracy": sum(correct) / len(examples), "n": len(examples),
                    "no_answer": sum(pred[i] is None for i in gen_idx)}
-        preds = [{"where": ex["_where"], "input": ex["instruction"], "output": o, "prediction": p, "reference": ex["answer"], "correct": c}
-                 for ex, o, p, c in zip(examples, outputs, pred, correct, strict=True)]
+        if scored:  # choices whose top scores were exactly equal: decided by order, not by the model
+            metrics["tied_predictions"] = sum(tied)
+        preds = [{"where": ex["_where"], "input": ex["instruction"], "output": o, "prediction": p, "reference": ex["answer"],
+                  "correct": c, **({"tied": True} if t else {})}
+                 for ex, o, p, c, t in zip(examples, outputs, pred, correct, tied, strict=True)]
         return metrics, preds
 
     @staticmethod

@@ -12,6 +12,7 @@ from tunelab.data.encoding import Collator
 from tunelab.data.feature_cache import ArrowExamples
 from tunelab.errors import DataError
 from tunelab.evaluation import inference
+from tunelab.evaluation.scoring import progress
 from tunelab.models import chunked_loss, lm_loss
 
 _FRAGMENT = re.compile(r"^(?P<path>.*)#(?P<key>\w+)=(?P<value>[^#]*)$")
@@ -74,15 +75,19 @@ def nll(model, tokenizer, feats: list[dict], batch_size: int = 8) -> tuple[float
         probe = batch_of(order[-2:])  # the shortest rows: a cheap probe
         chunked = lm_loss.supports_loss_inputs(model, probe) and lm_loss.supports_chunked_loss(model, probe)
         step = max(1, batch_size if chunked else min(batch_size, 4))  # full-vocabulary logits are large
+        bar = progress(len(order), "scoring tokens")
         for s in range(0, len(order), step):
             batch = batch_of(order[s:s + step])
             if chunked:
                 t, c, r = chunked_loss.token_stats(model, lm_loss.loss_inputs(batch))
                 total, count, right = total + t, count + c, right + r
+                bar.update(len(order[s:s + step]))
                 continue
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
             target = batch["labels"][:, 1:]
             total += float(torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, ignore_index=-100, reduction="sum"))
             count += int((target != -100).sum())
             right += int(((logits.argmax(-1) == target) & (target != -100)).sum())
+            bar.update(len(order[s:s + step]))
+        bar.close()
     return total, count, right

@@ -1,7 +1,8 @@
 """Abstractive summarization (SAMSum dialogues and any document/summary pairs).
 
 Data: JSON/JSONL/CSV records with ``dialogue`` (the text to summarise) and ``summary`` (the
-reference), optional ``id``. Windows line ends (SAMSum's ``\\r\\n``) become ``\\n``. Records whose text
+reference, or a list of references: ROUGE then scores each example's best match, as multi-reference
+papers do; ``task.layout: dialogsum`` collects DialogSum's ``summary1..3``), optional ``id``. Windows line ends (SAMSum's ``\\r\\n``) become ``\\n``. Records whose text
 or summary is empty (SAMSum train has one empty dialogue) are dropped and counted in the log; a
 record without the fields at all is an error naming file, line and field.
 
@@ -27,6 +28,7 @@ from tunelab.tasks.base import (
     TaskConfig,
     field_name,
     gen_args,
+    references,
     render_prompt,
     text_pairs,
     unreferenced,
@@ -53,9 +55,11 @@ class Summarization:
     def read(self, source, cfg, *, limit=None, skip_bad=False) -> list[dict]:
         dcol, scol, icol = (field_name(cfg, k) for k in ("dialogue", "summary", "id"))
         def build(r):
-            return {"id": str(r.get(icol, r["_where"])), "dialogue": clean(r[dcol]), "summary": clean(r[scol]), "_where": r["_where"]}
+            refs = [clean(v) for v in references(r[scol], r["_where"], scol)]
+            return {"id": str(r.get(icol, r["_where"])), "dialogue": clean(r[dcol]), "summary": refs[0] if refs else "",
+                    "references": refs, "_where": r["_where"]}
 
-        return text_pairs(read_records(source, skip_bad=skip_bad, text=[dcol, scol]), source, (dcol, scol), build, limit=limit,
+        return text_pairs(read_records(source, skip_bad=skip_bad, text=[dcol]), source, (dcol, scol), build, limit=limit,
                           skip_bad=skip_bad, keys=("dialogue", "summary"), hint="{dialogue: article, summary: highlights}")
 
     def head(self, cfg, examples):
@@ -87,10 +91,13 @@ class Summarization:
         args = gen_args(gen, batch_size, max_new_tokens=64)
         outputs = generate(model, tokenizer, [self.prompt(ex, tokenizer, cfg) for ex in examples], **args, split=split)
         preds = [{"id": ex["id"], "where": ex["_where"], "input": ex["dialogue"], "prediction": o,
-                  **({"reference": ex["summary"]} if ex["summary"] else {})} for ex, o in zip(examples, outputs, strict=True)]
+                  **({"reference": ex["summary"]} if ex["summary"] else {}),
+                  **({"references": ex["references"]} if len(ex.get("references") or []) > 1 else {})} for ex, o in zip(examples, outputs, strict=True)]
         if missing := unreferenced(examples, "summary"):  # prompts alone (tunelab predict): no metrics
             return {"n": len(examples), "without_reference": missing}, preds
-        return {**rouge(outputs, [ex["summary"] for ex in examples]), "n": len(examples)}, preds
+        # every reference counts: an example scores its best match (rouge-score's score_multi)
+        refs = [ex.get("references") or [ex["summary"]] for ex in examples]
+        return {**rouge(outputs, refs), "n": len(examples)}, preds
 
 
 TASKS.register(Summarization.name, Summarization())

@@ -33,6 +33,8 @@ class Text:
     name = "text"
     # The metric names evaluate() may report (a trailing * matches a prefix): compare checks --metric before training.
     metrics = ("token_accuracy", "perplexity")
+    selectors = ("rows",)  # data path selectors it applies itself (tunelab.tasks.splits)
+    reads_tables = True  # reads Arrow columns, not records: no task.layout (tunelab.data.layouts)
     Config = TextConfig
 
     def read(self, source, cfg, *, limit=None, skip_bad=False):

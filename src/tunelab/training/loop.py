@@ -22,6 +22,7 @@ import math
 import os
 import random
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import NamedTuple
@@ -35,7 +36,7 @@ from tunelab.data import feature_cache
 from tunelab.data.encoding import Collator, batches
 from tunelab.evaluation import inference
 from tunelab.evaluation.metrics import better, higher_is_better, selection_metric
-from tunelab.evaluation.scoring import show_progress
+from tunelab.evaluation.scoring import choices_fp32, progress_to, show_progress
 from tunelab.methods import method_config
 from tunelab.methods.base import METHODS, method_state_dict
 from tunelab.methods.load_checks import check_tensors
@@ -49,12 +50,13 @@ from tunelab.runtime.atomic_files import atomic_write_text, remove_stale
 from tunelab.runtime.precision import autocast, autocast_dtype, peak_memory_mb, pick_device
 from tunelab.tasks import TASKS
 from tunelab.tasks.base import check_reported
+from tunelab.tasks.splits import read_run_data
 from tunelab.training import cpu_attention, optimizer, tracking
 from tunelab.training.checkpoint import save_checkpoint
 from tunelab.training.divergence import check_step
-from tunelab.training.preflight import check_data_sources, check_run, overlap_warning, warn_lr, warn_rank
+from tunelab.training.preflight import check_data_sources, check_run, memory_note, overlap_warning, warn_lr, warn_rank
 from tunelab.training.resume import start_position
-from tunelab.training.run_directory import BEST_JSON
+from tunelab.training.run_directory import BEST_JSON, EVAL_LOG, TASK_JSON
 from tunelab.training.run_lock import RunLock, StopOnSignal, Stopped, stop_says_where
 
 # ---------------------------------------------------------------- environment
@@ -91,23 +93,30 @@ class Run:
     """Everything a run needs, loaded once: task, data, model with its method, features."""
 
     tracker = None  # tunelab.training.tracking.Tracker of a training run (lead process only)
+    log_path = None  # eval_log.jsonl of a training run (lead process): evaluations write their progress there
+    step = 0  # the training step an evaluation belongs to (its progress lines carry it)
 
-    def __init__(self, cfg: RunConfig):
+    def __init__(self, cfg: RunConfig, fitted: dict | None = None):
+        """``fitted``: what a finished run's fit added to its task config (``task.json``, e.g. the labels): no
+        fit then, so no training data is needed; settings the config names itself win."""
         self.cfg = cfg
         self.dir = cfg.run_dir()
         show_progress(cfg.train.progress)  # evaluation bars follow train.progress too
         self.task = TASKS.get(cfg.task.name)
         self.tcfg = task_config(cfg.task.name, cfg.task.params())
+        if fitted:
+            self.tcfg = self.tcfg.model_copy(update={k: v for k, v in fitted.items() if k not in self.tcfg.model_fields_set})
         self.device = pick_device(cfg.train.device)
         self.amp = autocast_dtype(cfg.train.precision, self.device)
         d = cfg.data
         if not d.train and not d.eval:
             raise ValueError("data.train and data.eval are both empty: nothing to train or evaluate")
-        read = dict(skip_bad=d.skip_bad_rows)
-        self.train_ex = self.task.read(d.train, self.tcfg, limit=d.max_train, **read) if d.train else []
-        self.eval_ex = self.task.read(d.eval, self.tcfg, limit=d.max_eval, **read) if d.eval else []
-        if hasattr(self.task, "fit"):
+        self.train_ex, self.eval_ex = read_run_data(self.task, self.tcfg, d)  # layouts, #rows=, data.eval_split
+        self.fitted: dict = {}  # what fit() set: saved as task.json for evaluations of the finished run
+        if hasattr(self.task, "fit") and fitted is None:
+            given = self.tcfg
             self.tcfg = self.task.fit(self.tcfg, self.train_ex or self.eval_ex)
+            self.fitted = {k: v for k, v in self.tcfg.model_dump(mode="json").items() if getattr(given, k) != getattr(self.tcfg, k)}
         head = self.task.head(self.tcfg, self.train_ex or self.eval_ex)
         self.causal = head is None
         if d.pack and not self.causal:
@@ -128,11 +137,12 @@ class Run:
         """What the batch's loss is a mean over (targets, or the objective's units, e.g. pairs)."""
         return self.objective.units(batch) if self.objective else loss_tokens(batch, self.causal)
 
-    def evaluate(self) -> tuple[dict, list[dict]]:
+    def evaluate(self, phase: str = "final") -> tuple[dict, list[dict]]:
         if not self.eval_ex:
             return {}, []
         t0 = time.perf_counter()
-        with autocast(self.device, self.amp):  # ranks share the examples unless the model is sharded
+        watch = progress_to(_eval_progress(self, phase)) if self.log_path else contextlib.nullcontext()
+        with watch, choices_fp32(self.cfg.eval.choices_fp32), autocast(self.device, self.amp):  # ranks share the examples unless the model is sharded
             metrics, preds = self.task.evaluate(self.model, self.tok, self.eval_ex, self.tcfg, batch_size=self.cfg.eval.batch_size,
                                                 gen=self.cfg.eval.gen(), split=not dist.is_sharded(self.model))
         check_reported(self.task, metrics)
@@ -166,6 +176,20 @@ class Run:
                     total += float(loss) * n
                     count += n
         return total / max(count, 1)
+
+
+def _eval_progress(r: Run, phase: str):
+    """The sink of an evaluation's progress (``tunelab.evaluation.scoring.progress_to``): a line in the run's
+    eval_log.jsonl, ``{"time", "step", "phase", "desc", "done", "total", "elapsed_s", "eta_s"}`` (log.jsonl keeps
+    its step and eval lines alone), and where stderr is not a terminal (no bar there) the same in words on the
+    console."""
+    def sink(rec: dict) -> None:
+        with open(r.log_path, "a") as f:
+            f.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "step": r.step, "phase": phase, **rec}) + "\n")
+        if r.cfg.train.progress and not sys.stderr.isatty():
+            eta = f", about {rec['eta_s']:.0f} s left" if rec["eta_s"] else ""
+            dist.log(f"evaluation {phase}: {rec['desc']} {rec['done']}/{rec['total']} rows in {rec['elapsed_s']:.0f} s{eta}")
+    return sink
 
 
 def run(cfg: RunConfig) -> dict:
@@ -220,6 +244,12 @@ def _run(cfg: RunConfig, t_start: float) -> dict:
         atomic_write_text(out / "config.yaml", dump_config(cfg))
     if lead:
         (out / "metrics.json").unlink(missing_ok=True)  # a metrics.json always belongs to the config beside it
+        r.log_path = out / EVAL_LOG
+        # the fitted task config (labels from the training data): `tunelab eval RUN` reads it, not data.train
+        atomic_write_text(out / TASK_JSON, json.dumps(r.fitted, indent=2))
+    note = memory_note(cfg, r.model, r.device) if r.train_ex else None
+    if note:
+        dist.log(f"note: {note}")
     r.tracker = tracking.start(cfg, lead)
     record: dict = {}
     for w in warn_lr(cfg.method.name, cfg.method.params(), cfg.train.lr) if r.train_ex else []:
@@ -231,7 +261,7 @@ def _run(cfg: RunConfig, t_start: float) -> dict:
     if cfg.eval.before and r.eval_ex:
         with stop_says_where("during the evaluation before training (eval.before): nothing was trained yet; "
                              "run the same `tunelab train` command again to start"):
-            before, _ = r.evaluate()
+            before, _ = r.evaluate("before training")
         record["before"] = before
         if r.tracker:
             r.tracker.log_eval(0, before)
@@ -251,7 +281,8 @@ def _run(cfg: RunConfig, t_start: float) -> dict:
     with stop_says_where(f"during the final evaluation: training finished and the trained method is saved in "
                          f"{out / 'method'}, but metrics.json was not written; run the same `tunelab train` command "
                          "again to evaluate it (nothing is trained again)"):
-        final, preds = r.evaluate()
+        r.step = getattr(r, "position", {}).get("step", 0)
+        final, preds = r.evaluate("after training")
     if getattr(r, "position", None) and r.position.get("best") is not None:  # evaluated during training
         _keep_best(model, final, out, r.position)
     record = {"metrics": final, **record}
@@ -499,7 +530,8 @@ class _Training:
         tc, step = self.r.cfg.train, self.pos["step"]
         if self.log_f is not None:  # the lead process
             self.log_step(facts)
-        if tc.eval_every and step % tc.eval_every == 0 and step < self.total:
+        every = eval_every(self.r.cfg)
+        if every and step % every == 0 and step < self.total:
             _eval_and_keep_best(self.r, dist.unwrap(self.model), self.out, self.pos, self.log_f)
         if tc.save_every and step % tc.save_every == 0 and step < self.total:
             self.save()
@@ -543,8 +575,14 @@ def _last_saved(ckpt: Path) -> Path | None:
     return next((p for p in (ckpt / "last", ckpt / "prev", ckpt / ".last.old") if p.exists()), None)
 
 
+def eval_every(cfg: RunConfig) -> int:
+    """Steps between evaluations during training: eval.every_steps, or its older name train.eval_every; 0: none."""
+    return cfg.eval.every_steps or cfg.train.eval_every
+
+
 def _eval_and_keep_best(r: Run, model, out: Path, pos: dict, log_f) -> None:
-    metrics, _ = r.evaluate()  # the same on every rank
+    r.step = pos["step"]
+    metrics, _ = r.evaluate(f"at step {pos['step']}")  # the same on every rank
     if not metrics:
         return
     if log_f:
@@ -577,8 +615,17 @@ def _keep_best(model, metrics: dict, out: Path, pos: dict) -> None:
 
 
 def evaluate_run(cfg: RunConfig, method_dir: str | os.PathLike | None = None) -> tuple[dict, list[dict]]:
-    """Score ``cfg``'s eval set with the base model, or with the saved method in ``method_dir``."""
-    r = Run(cfg)
+    """Score ``cfg``'s eval set with the base model, or with the saved method in ``method_dir``.
+
+    A trained run's fitted task config (``task.json``: labels and the like) stands in for its training data,
+    which is then not read (unless data.eval_split carves the eval set out of it)."""
+    fitted = None
+    saved = cfg.run_dir() / TASK_JSON
+    if method_dir is not None and saved.exists():
+        fitted = json.loads(saved.read_text())
+        if not cfg.data.eval_split:
+            cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"train": None})})
+    r = Run(cfg, fitted)
     if method_dir is not None:
         tunelab.load(r.model, method_dir)
     r.model.to(r.device)

@@ -152,3 +152,73 @@ def overlap_warning(train_ex: list[dict], eval_ex: list[dict]) -> str | None:
     return (f"warning: {len(dup)} of {len(eval_ex)} eval examples also occur in the training data (identical "
             f"content{', e.g. ' + str(first) if first else ''}): the eval score overstates how the model does "
             "on new data; remove them from one of the sets")
+
+
+# ---------------------------------------------------------------- memory
+MEMORY_SHARE = 0.5  # a note when the estimated activations pass this share of the free memory,
+WEIGHTS_TIMES, NOTE_GB = 5, 2.0  # or pass NOTE_GB and WEIGHTS_TIMES the model's weights
+
+
+def activation_bytes(model_config, batch: int, length: int, *, checkpointing: bool, bytes_per_value: int = 2,
+                     eager_attention: bool = False) -> float:
+    """Estimated activation memory of one training micro-batch of a decoder (Korthikanti et al. 2022, "Reducing
+    Activation Recomputation in Large Transformer Models", eq. 2 without tensor parallelism): per layer
+    ``s b h (34 + 5 a s / h)`` bytes at 16 bits, the ``5 a s / h`` attention-score term only where attention is
+    computed eagerly (fused kernels do not store the scores); scaled by ``bytes_per_value / 2``. With gradient
+    checkpointing only each layer's input is kept (``2 s b h`` bytes a layer) plus one layer recomputed. The
+    fp32 logits and their gradient (``2 x 4 s b V`` bytes) come on top either way."""
+    h = getattr(model_config, "hidden_size", None) or getattr(model_config, "d_model", None) or 0
+    layers = getattr(model_config, "num_hidden_layers", None) or getattr(model_config, "num_layers", None) or 0
+    heads = getattr(model_config, "num_attention_heads", None) or 1
+    vocab = getattr(model_config, "vocab_size", None) or 0
+    s, b = length, batch
+    per_layer = s * b * h * (34 + (5 * heads * s / h if eager_attention and h else 0)) * bytes_per_value / 2
+    body = (2 * s * b * h * layers * bytes_per_value / 2 + per_layer) if checkpointing else per_layer * layers
+    return body + 2 * 4 * s * b * vocab
+
+
+def free_memory_bytes(device) -> float | None:
+    """Free memory where the activations will live: the CUDA device's, else the machine's available RAM."""
+    import torch
+
+    try:
+        if getattr(device, "type", str(device)) == "cuda":
+            return float(torch.cuda.mem_get_info(device)[0])
+        import os
+
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return float(line.split()[1]) * 1024
+        return float(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (OSError, ValueError, RuntimeError, AttributeError):
+        return None
+
+
+def memory_note(cfg, model, device, free: float | None = None) -> str | None:
+    """A one-line note before training when the planned micro-batch (train.batch_size x data.max_length) needs
+    activations that are large next to the free memory (or many times the model's weights, and over a few GB):
+    it names train.gradient_checkpointing and packing."""
+    free = free_memory_bytes(device) if free is None else free
+    mc = getattr(model, "config", None)
+    if not free or mc is None:
+        return None
+    b, s = cfg.train.batch_size, cfg.data.max_length
+    wide = 4 if cfg.train.precision == "fp32" or (cfg.train.precision == "auto" and getattr(device, "type", str(device)) == "cpu") else 2
+    eager = getattr(mc, "_attn_implementation", None) == "eager"
+    need = activation_bytes(mc, b, s, checkpointing=cfg.train.gradient_checkpointing, bytes_per_value=wide, eager_attention=eager)
+    gb = 1024**3
+    weights = sum(p.numel() * p.element_size() for p in model.parameters()) if hasattr(model, "parameters") else 0
+    heavy = weights and need >= WEIGHTS_TIMES * weights and need >= NOTE_GB * gb
+    if need < MEMORY_SHARE * free and not heavy:
+        return None
+    if cfg.train.gradient_checkpointing:
+        fix = "lower train.batch_size and raise train.grad_accum (the same step), or data.max_length"
+    else:
+        saved = activation_bytes(mc, b, s, checkpointing=True, bytes_per_value=wide, eager_attention=eager)
+        fix = (f"train.gradient_checkpointing=true would need about {saved / gb:.1f} GB (a forward pass more per step); "
+               "or lower train.batch_size and raise train.grad_accum")
+    pack = "" if cfg.data.pack else "; data.pack=true packs short rows together instead of padding them to the longest"
+    times = f", {need / weights:.0f}x the model's weights" if weights else ""
+    return (f"train.batch_size={b} x data.max_length={s} tokens may need about {need / gb:.1f} GB of activations "
+            f"(estimate{times}) with {free / gb:.1f} GB free: {fix}{pack}")

@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 BEST_JSON = "best.json"  # in checkpoints/best: {"step", "metric", "value", "higher_is_better"}
+TASK_JSON = "task.json"  # the run's task config as training fitted it (labels from the data)
+EVAL_LOG = "eval_log.jsonl"  # progress of the run's evaluations (rows done, ETA), every 30 s and at each pass's end
 CHECKPOINTS = ("final", "best")
 
 
@@ -37,7 +39,7 @@ def method_dir(run_dir: str | Path, checkpoint: str = "final") -> Path:
     if not (best / "method.json").exists():
         raise FileNotFoundError(
             f"{run_dir}: no best checkpoint here (expected {best}); training keeps one when it evaluates during "
-            "training (train.eval_every > 0 and an eval set)")
+            "training (eval.every_steps, or train.eval_every, > 0 and an eval set)")
     return best
 
 
@@ -100,7 +102,9 @@ def _head_from_data(task, tcfg, cfg, run_dir: Path, kind: str):
     try:
         if not source:
             raise DataError("data.train and data.eval are both empty")
-        examples = task.read(source, tcfg, limit=limit, skip_bad=d.skip_bad_rows)
+        from tunelab.tasks.splits import read_examples
+
+        examples = read_examples(task, source, tcfg, limit=limit, skip_bad=d.skip_bad_rows)
     except (OSError, DataError) as e:
         raise ValueError(
             f"{run_dir}: this run trained a {kind} head whose labels {run_dir / 'method' / 'method.json'} does not "

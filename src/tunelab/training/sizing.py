@@ -146,10 +146,10 @@ def bench_config(cfg: RunConfig, steps: int, warmup: int, out_dir: str) -> RunCo
     evaluation, no resume, a log line per step."""
     n = warmup + steps
     rows = cfg.train.batch_size * cfg.train.grad_accum * steps
-    data = cfg.data.model_copy(update={"max_train": min(cfg.data.max_train or rows, rows), "eval": None})
+    data = cfg.data.model_copy(update={"max_train": min(cfg.data.max_train or rows, rows), "eval": None, "eval_split": None})
     train = cfg.train.model_copy(update={"max_steps": n, "log_every": 1, "progress": False, "resume": False,
                                          "save_every": 0, "eval_every": 0})
-    ev = cfg.eval.model_copy(update={"before": False})
+    ev = cfg.eval.model_copy(update={"before": False, "every_steps": 0})
     return cfg.model_copy(update={"data": data, "train": train, "eval": ev, "output_dir": out_dir})
 
 
