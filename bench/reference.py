@@ -126,12 +126,14 @@ def _train_result(impl, cfg, device, amp, batches, times, warmup, counts, pad_id
     } | (extra or {})
 
 
-def peft_loop(cfg: RunConfig, steps: int, warmup: int, peak_flops: float, *, lora: dict, quantize: bool = False,
-              defaults: bool = False, checkpointing: bool = False, loftq: bool = False) -> dict:
-    """PEFT LoRA (``lora``: LoraConfig kwargs) in a plain loop; ``defaults``: PEFT's and a plain
-    loop's defaults (LoraConfig() as is, fp32, shuffled batches) instead of tunelab's settings;
-    ``loftq``: over the NF4 base Q_T and from the (A_T, B_T) that tunelab's LoftQ computes for cfg."""
-    from peft import LoraConfig, get_peft_model
+def peft_loop(cfg: RunConfig, steps: int, warmup: int, peak_flops: float, *, lora: dict | None = None,
+              tuner: dict | None = None, quantize: bool = False, defaults: bool = False, checkpointing: bool = False,
+              loftq: bool = False) -> dict:
+    """PEFT LoRA (``lora``: LoraConfig kwargs) in a plain loop; ``tuner``: another PEFT tuner instead
+    ({"peft_type": "VERA", ...its config kwargs}, as ``get_peft_config`` takes them); ``defaults``:
+    PEFT's and a plain loop's defaults (LoraConfig() as is, fp32, shuffled batches) instead of tunelab's
+    settings; ``loftq``: over the NF4 base Q_T and from the (A_T, B_T) that tunelab's LoftQ computes for cfg."""
+    from peft import LoraConfig, get_peft_config, get_peft_model
 
     device = pick_device(cfg.train.device)
     amp = None if defaults else autocast_dtype(cfg.train.precision, device)
@@ -151,7 +153,8 @@ def peft_loop(cfg: RunConfig, steps: int, warmup: int, peak_flops: float, *, lor
                 mod.weight = torch.nn.Parameter(start[name][0], requires_grad=False)
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **lora))
+    pcfg = get_peft_config({"task_type": "CAUSAL_LM", **tuner}) if tuner else LoraConfig(task_type="CAUSAL_LM", **lora)
+    model = get_peft_model(model, pcfg)
     if start:
         with torch.no_grad():
             for name, mod in model.named_modules():
@@ -164,11 +167,15 @@ def peft_loop(cfg: RunConfig, steps: int, warmup: int, peak_flops: float, *, lor
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times, loss = _timed_loop(model, batches, cfg, device, amp, warmup, lr)
-    res = _train_result("peft", cfg, device, amp, batches, times, warmup, counts, r.tok.pad_token_id, peak_flops, loss)
+    impl = f"peft-{tuner['peft_type'].lower()}" if tuner else "peft"
+    res = _train_result(impl, cfg, device, amp, batches, times, warmup, counts, r.tok.pad_token_id, peak_flops, loss)
     res["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     res["settings"] = {k: v for k, v in model.peft_config["default"].to_dict().items()
-                       if k in ("r", "lora_alpha", "lora_dropout", "target_modules")}
-    res["settings"]["target_modules"] = sorted(res["settings"]["target_modules"] or [])
+                       if k in ("peft_type", "r", "lora_alpha", "lora_dropout", "target_modules", "feedforward_modules")}
+    for k in ("target_modules", "feedforward_modules"):
+        if k in res["settings"]:
+            res["settings"][k] = sorted(res["settings"][k] or [])
+    res["settings"]["peft_type"] = str(getattr(res["settings"].get("peft_type"), "value", res["settings"].get("peft_type")))
     return res
 
 

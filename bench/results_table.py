@@ -4,9 +4,10 @@
     python bench/results_table.py --check      # exit 1 when a committed table differs from its rebuild
     python bench/results_table.py runs/families/*   # a before/after table from run directories (eval.before=true)
 
-A generated table sits between ``<!-- results-table: DIR -->`` and ``<!-- /results-table -->`` (``DIR`` a
-comparison's committed result files: ``summary.csv``, ``results.md``, ``manifest.json``, under
-``docs/results/``); what is between the markers is rebuilt from those files only, with the exact command
+A generated table sits between ``<!-- results-table: DIR [STYLE] -->`` and ``<!-- /results-table -->`` (``DIR``
+a comparison's committed result files: ``summary.csv``, ``results.md``, ``manifest.json``, under
+``docs/results/``; ``STYLE``: ``full`` (default), ``short``, or ``costs``: full plus each method's mean
+training tokens/s and peak memory); what is between the markers is rebuilt from those files only, with the exact command
 that made them in the table's heading. ``tests/test_results_tables.py`` checks that the committed tables
 equal their rebuild.
 """
@@ -57,9 +58,11 @@ def comparison_table(result_dir: str | Path, style: str = "full") -> str:
     if style == "short":
         out += [f"| method | {metric} (mean) | 95% CI | vs best: Δ, Holm p |", "|---|---:|---:|---|"]
     else:
+        costs = style == "costs"
         out += [f"| method | {metric} (mean) | 95% CI (seeds × examples) | seed sd | per seed | "
-                "vs best: Δ [95% CI] | p | Holm p | tied with best | trainable | % of model |",
-                "|---|---:|---:|---:|---|---:|---:|---:|---|---:|---:|"]
+                "vs best: Δ [95% CI] | p | Holm p | tied with best | trainable | % of model |"
+                + (" train tokens/s | peak memory MB |" if costs else ""),
+                "|---|---:|---:|---:|---|---:|---:|---:|---|---:|---:|" + ("---:|---:|" if costs else "")]
     for r in rows:
         ci = "–" if r.get(f"{metric}_lo") in ("", None) else f"[{_f(r[f'{metric}_lo'])}, {_f(r[f'{metric}_hi'])}]"
         best = r.get("is_best") == "True"
@@ -77,7 +80,9 @@ def comparison_table(result_dir: str | Path, style: str = "full") -> str:
             pct = r.get("trainable_percent_mean")
             out.append(f"| {r['label']} | {_f(r[f'{metric}_mean'])} | {ci} | {_f(r.get(f'{metric}_std'))} | "
                        f"{r.get(f'{metric}_per_seed') or '–'} | {dci} | {p} | {ph} | {tied} | "
-                       f"{_count(r.get('trainable_params_mean'))} | {'–' if not pct else f'{float(pct):.3g}%'} |")
+                       f"{_count(r.get('trainable_params_mean'))} | {'–' if not pct else f'{float(pct):.3g}%'} |"
+                       + (f" {_f(r.get('train_tokens_per_s_mean'), 0)} | {_f(r.get('peak_memory_mb_mean'), 0)} |"
+                          if style == "costs" else ""))
     return "\n".join(out) + "\n"
 
 

@@ -10,6 +10,8 @@ noted, the same rows, batches, precision and hyperparameters on both sides):
 
     full           tunelab full fine-tuning        vs the Hugging Face Trainer
     lora           tunelab LoRA r8 all-linear      vs PEFT LoRA, same settings, plain PyTorch loop
+    vera, ia3      PEFT's VeRA / IA3 through tunelab's bridge (its default targets, lr 1e-3 / 5e-3)
+                                                   vs the same PEFT tuner by get_peft_model, plain PyTorch loop
     lora-defaults  tunelab LoRA, all its defaults  vs PEFT LoraConfig() defaults, fp32, shuffled batches
     lora-ckpt      lora with gradient checkpointing on both sides (its cost: compare with lora)
     qlora          tunelab QLoRA (NF4 base)        vs PEFT LoRA over a torchao NF4 base
@@ -76,6 +78,14 @@ TEXT = ["task.name=text", f"data.train={DATA / 'samsum/train.json'}", "task.fiel
 CONFIGS = {
     "full": {"tunelab": ["method.name=full", "train.lr=2e-5"], "ref": ("trainer", {})},
     "lora": {"tunelab": LORA, "ref": ("peft", {"lora": PEFT_LORA})},
+    # PEFT's own tuners through tunelab's bridge (tunelab.methods.peft_bridge) vs the same tuner with
+    # get_peft_model in a plain loop; the bridge's default targets for LLaMA (q_proj, v_proj; IA3 also
+    # down_proj as its feed-forward module) spelled out for PEFT
+    "vera": {"tunelab": ["method.name=vera", "train.lr=1e-3"],
+             "ref": ("peft", {"tuner": {"peft_type": "VERA", "target_modules": ["q_proj", "v_proj"]}})},
+    "ia3": {"tunelab": ["method.name=ia3", "train.lr=5e-3"],
+            "ref": ("peft", {"tuner": {"peft_type": "IA3", "target_modules": ["q_proj", "v_proj", "down_proj"],
+                                       "feedforward_modules": ["down_proj"]}})},
     "lora-defaults": {"tunelab": ["method.name=lora"], "ref": ("peft", {"lora": {}, "defaults": True})},
     "lora-ckpt": {"tunelab": [*LORA, "train.gradient_checkpointing=true"],
                   "ref": ("peft", {"lora": PEFT_LORA, "checkpointing": True})},

@@ -128,3 +128,19 @@ def test_methods_lists_native_and_bridged_apart():
     for name in (*TUNERS, "peft"):
         assert f"\n{name} " in bridged, name
     assert "default lr: 0.005" in bridged  # ia3's
+
+
+# the lr each PEFT method_comparison experiment named in TUNERS trains with (huggingface/peft,
+# method_comparison/MetaMathQA: default_training_params.json's 1e-4 unless the experiment's own
+# training_params.json sets one: vera/llama-3.2-3B-default 1e-3, ia3/...-lr0.005, lokr/...-lr0.003)
+PEFT_EXPERIMENT_LR = {"vera": 1e-3, "ia3": 5e-3, "lokr": 3e-3, "adalora": 1e-4, "oft": 1e-4, "boft": 1e-4,
+                      "loha": 1e-4, "fourierft": 1e-4, "hra": 1e-4, "ln_tuning": 1e-4}
+
+
+@pytest.mark.parametrize("name", list(TUNERS))
+def test_recommended_lr_is_the_lr_of_the_peft_experiment_it_cites(name):
+    from tunelab.training.optimizer import default_lr
+
+    peft_type, lr, source = TUNERS[name][:3]
+    assert lr == PEFT_EXPERIMENT_LR[name] and f"{name}/llama-3.2-3B" in source
+    assert default_lr(name) == lr and default_lr("peft", {"peft_type": peft_type}) == lr

@@ -45,3 +45,22 @@ def test_a_changed_result_file_makes_the_table_stale(tmp_path, monkeypatch):
     assert rt.docs_tables() == ["doc.md"]
     with pytest.raises(FileNotFoundError):
         rt.comparison_table("nowhere")
+
+
+def test_the_costs_style_adds_tokens_per_s_and_peak_memory():
+    rt = load()
+    src = next(m["dir"] for m in rt.BLOCK.finditer((ROOT / "docs/results.md").read_text()))
+    import csv
+
+    rows = list(csv.DictReader((ROOT / src / "summary.csv").open()))
+    table = rt.comparison_table(src, "costs").splitlines()
+    header = next(ln for ln in table if ln.startswith("| method |"))
+    assert header.endswith("| train tokens/s | peak memory MB |")
+    for r in rows:
+        line = next(ln for ln in table if ln.startswith(f"| {r['label']} |"))
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert len(cells) == header.count("|") - 1
+        tok = r["train_tokens_per_s_mean"]
+        assert cells[-2] == ("–" if tok == "" else f"{float(tok):.0f}")
+        assert cells[-1] == f"{float(r['peak_memory_mb_mean']):.0f}"
+    assert "tokens/s" not in rt.comparison_table(src, "full")

@@ -46,9 +46,10 @@ RESERVED = {"peft_type", "task_type", "base_model_name_or_path", "revision", "in
 
 # short name -> (PEFT type, recommended AdamW lr, where the lr comes from, default targets, paper)
 # "method_comparison" is PEFT's benchmark (method_comparison/MetaMathQA, Llama-3.2-3B, AdamW, 5000 steps):
-# its default experiments for these tuners run with default_training_params.json's lr 1e-4.
+# its experiments run with default_training_params.json's lr 1e-4 unless their own training_params.json sets
+# one (vera/llama-3.2-3B-default: 1e-3; the ia3 and lokr experiments: the lr in their names).
 TUNERS = {
-    "vera": ("VERA", 1e-4, "PEFT method_comparison vera/llama-3.2-3B-default (lr 1e-4)", "qv",
+    "vera": ("VERA", 1e-3, "PEFT method_comparison vera/llama-3.2-3B-default (its training_params.json: lr 1e-3)", "qv",
              "VeRA, Kopiczko et al. 2024, arXiv:2310.11454"),
     "ia3": ("IA3", 5e-3, "PEFT method_comparison ia3/llama-3.2-3B-all-attn-5k-lr0.005", "ia3",
             "(IA)^3, Liu et al. 2022 (T-Few), arXiv:2205.05638"),
