@@ -31,6 +31,7 @@ import math
 
 import numpy as np
 
+from tunelab.report import advise_checks as checks
 from tunelab.report import fit as fitmod
 from tunelab.report.advise_checks import MIN_SIZES, form_band, plateau, target_of  # noqa: F401 (API)
 from tunelab.report.stats import t_interval
@@ -190,13 +191,23 @@ def analyse(rows: list[dict], manifest: dict, metric: str, higher: bool) -> dict
         mp = metric_map([p["loss"] for p in all_small], [p["metric"] for p in all_small])
     methods, fits, boots, errors, plateaus = {}, {}, {}, {}, {}
     chance = manifest.get("chance_loss")
+    floors = _floors(fit_pts, higher)
     for label, ps in fit_pts.items():
         plateaus[label] = pl = plateau(ps, chance)
-        ps = [p for p in ps if {"d": p["d"], "x": p["x"]} not in pl["at_chance"]]
-        left = len({p["d"] for p in ps})
-        if left < MIN_SIZES:
-            errors[label] = (f"refused: only {left} data size(s) above chance, a law A·D^-beta + E needs "
-                             f"{MIN_SIZES}; train the small sizes longer (advise.steps: full) or start them higher")
+        pl["at_floor"] = floors.get(label, [])
+        for c in pl["at_floor"]:
+            where = "" if c["x"] is None else f" (X = {c['x']:g})"
+            pl["warnings"].append(f"{c['d']:g} rows{where}: {metric} {c['metric']:.4g} in every seed, "
+                                  f"{c['why']}; left out of the fit")
+        out = pl["at_chance"] + [{"d": c["d"], "x": c["x"]} for c in pl["at_floor"]]
+        ps = [p for p in ps if {"d": p["d"], "x": p["x"]} not in out]
+        form = "data" if any(p["x"] is None for p in ps) or len({p["x"] for p in ps}) < 2 else "multiplicative"
+        k = checks.law_params(form)
+        left = len({(p["d"], p["x"]) for p in ps})
+        if left <= k:
+            why = "above chance or the metric's floor" if out else "measured"
+            errors[label] = (f"refused: {left} data size(s) {why}, and the law {fitmod.FORMULAS[form]} has {k} "
+                             f"parameters: it needs at least {k + 1} sizes to be fitted, not solved exactly")
             continue
         try:
             f = _fit(ps)
@@ -208,7 +219,8 @@ def analyse(rows: list[dict], manifest: dict, metric: str, higher: bool) -> dict
         loss = float(_predict(f, [d_full], x_full)[0])
         m = apply_map(mp, loss)
         methods[label] = {
-            "fit": f.to_dict(), "points": len(ps), "loss": loss, "loss_ci": _summary(boots[label]),
+            "fit": f.to_dict(), "points": len(ps), "sizes_fitted": left, "loss": loss,
+            "loss_ci": _summary(boots[label]),
             "metric": None if m is None else float(m),
             "metric_ci": _summary(apply_map(mp, boots[label])) if mp else {"lo": None, "hi": None},
             "backtest": backtest(ps), "plateau": pl,
@@ -216,6 +228,7 @@ def analyse(rows: list[dict], manifest: dict, metric: str, higher: bool) -> dict
         bt = methods[label]["backtest"]
         methods[label]["good"] = bool((bt.get("diagnostics") or {}).get("good")) and not pl["concave"]
         methods[label]["form_band"] = form_band(bt, loss, d_full)
+        _ranges(methods[label], ps, d_full, mp, metric)
     if fits:
         n = min(len(b) for b in boots.values())
         names = list(boots)
@@ -225,7 +238,8 @@ def analyse(rows: list[dict], manifest: dict, metric: str, higher: bool) -> dict
             methods[k]["p_win"] = float(w / n) if n else None
     winner = min(methods, key=lambda k: methods[k]["loss"]) if methods else None
     sizes = sorted(small)
-    result = {
+    call = verdict_of(methods, errors, winner, pts, sizes, d_full, higher)
+    result = {**call,
         "metric": metric, "higher_is_better": higher, "full_size": d_full, "x_full": x_full, "sizes": sizes,
         "methods": methods, "errors": errors, "winner": winner, "metric_map": mp, "chance_loss": chance,
         "target": shown, "target_key": tkey,
@@ -253,6 +267,97 @@ def analyse(rows: list[dict], manifest: dict, metric: str, higher: bool) -> dict
             sign = -1 if higher else 1
             result["true_winner_by_metric"] = min(by_metric, key=lambda k: sign * truth[k]["metric"]["mean"])
     return result
+
+
+def _top(pts: dict[str, list[dict]]) -> float:
+    vals = [p["metric"] for ps in pts.values() for p in ps if isinstance(p["metric"], int | float)]
+    return 100.0 if vals and max(vals) > 1.0 else 1.0
+
+
+def _floors(fit_pts: dict[str, list[dict]], higher: bool) -> dict[str, list[dict]]:
+    """Per method, the cells whose task metric is stuck at its floor (checks.floor_cells), found from
+    the metric itself whatever the law is fitted to: no advise.chance_loss needed."""
+    top = _top(fit_pts)
+    as_loss = {k: [{"d": p["d"], "x": p["x"], "loss": (top - p["metric"]) if higher else p["metric"]}
+                   for p in ps if isinstance(p["metric"], int | float)] for k, ps in fit_pts.items()}
+    checks.mark_worst(as_loss)
+    out = {}
+    for k, ps in as_loss.items():
+        cells = checks.floor_cells(ps, top if higher else None)["at_floor"]
+        out[k] = [{**c, "metric": (top - c["value"]) if higher else c["value"]} for c in cells]
+    return out
+
+
+def _ranges(p: dict, ps: list[dict], d_full: float, mp: dict | None, metric: str) -> None:
+    """The stated ranges: the seed bootstrap joined with the backtest-scaled band (the law's form),
+    widened down to the measured best when the law falls faster than the data make plausible, mapped
+    to the metric and kept inside the metric's range."""
+    from tunelab.report.stats import metric_range
+
+    rng = checks.widened(p["loss_ci"], p.get("form_band") or {})
+    pl = checks.plausible_range(ps, p["loss"], d_full)
+    p["plausibility"] = pl
+    if not pl["plausible"] and rng["lo"] is not None:  # the law is not believed: the range runs up to
+        largest = max(q["d"] for q in ps)  # what the largest small size measured
+        rng["hi"] = max(rng["hi"], float(np.mean([q["loss"] for q in ps if q["d"] == largest])))
+    p["loss_range"] = rng
+    if mp is None or rng["lo"] is None:
+        p["metric_range"] = {"lo": None, "hi": None}
+        return
+    a, b = (float(apply_map(mp, v)) for v in (rng["lo"], rng["hi"]))
+    lo, hi = min(a, b), max(a, b)
+    bounds = metric_range(metric) or (None, None)
+    if bounds[0] is not None:
+        top = 100.0 if max(abs(lo), abs(hi), abs(p["metric"] or 0)) > 1.0 and bounds[1] == 1.0 else bounds[1]
+        lo, hi = max(bounds[0], lo), min(top, hi)
+    p["metric_range"] = {"lo": lo, "hi": hi}
+
+
+def _measured_at(pts: dict[str, list[dict]], size: float) -> dict[str, float]:
+    out = {}
+    for k, ps in pts.items():
+        v = [p["metric"] for p in ps if p["d"] == size and isinstance(p["metric"], int | float)]
+        if v:
+            out[k] = float(np.mean(v))
+    return out
+
+
+def verdict_of(methods: dict, errors: dict, winner: str | None, pts: dict, sizes: list, d_full: float,
+               higher: bool) -> dict:
+    """The call advise makes: ``pick`` (the method to use), ``tied`` (the methods whose stated ranges
+    overlap the pick's: too close to call), ``verdict`` (predicted | too_close | too_little_data) and
+    its sentence. With no method fitted, or a method left unfitted that measured better at the
+    largest small size than the predicted winner, the truth is "too little data to predict"; the
+    pick is then the best measured at the largest small size, said to be no prediction."""
+    sign = 1 if higher else -1
+    measured = _measured_at(pts, max(sizes)) if sizes else {}
+    best_measured = max(measured, key=lambda k: sign * measured[k]) if measured else None
+    more = checks.suggest_sizes(sizes, d_full, 2) if sizes else []
+    run = ", ".join(str(s) for s in more)
+    unfitted_better = [k for k in errors if k in measured and winner in measured
+                       and sign * (measured[k] - measured[winner]) > 0]
+    if winner is None or unfitted_better:
+        why = ("no method could be fitted" if winner is None else
+               f"{', '.join(unfitted_better)} could not be fitted and measured better than {winner} at {max(sizes):g} rows")
+        return {"pick": best_measured, "tied": [], "verdict": "too_little_data", "suggest_sizes": more,
+                "verdict_text": (f"Too little data to predict ({why}); run sizes {run} (advise --sizes). "
+                                 f"Best measured at {max(sizes):g} rows: {best_measured} (a measurement, not a prediction).")}
+    w = methods[winner].get("loss_range") or {}
+    tied = [winner]
+    for k, p in methods.items():
+        r = p.get("loss_range") or {}
+        if k != winner and None not in (w.get("lo"), r.get("lo")) and r["lo"] <= w["hi"]:
+            tied.append(k)
+    flagged = [k for k in tied if not (methods[k].get("plausibility") or {}).get("plausible", True)]
+    note = (f" The law of {', '.join(flagged)} falls faster than the measured points make plausible; its "
+            "range runs up to its largest measured value.") if flagged else ""
+    if len(tied) > 1:
+        return {"pick": winner, "tied": tied, "verdict": "too_close", "suggest_sizes": more,
+                "verdict_text": (f"Too close to call: {', '.join(tied)} have overlapping predicted ranges; "
+                                 f"{winner} is ahead on the point prediction. Larger small sizes ({run}) "
+                                 "would narrow the ranges." + note)}
+    return {"pick": winner, "tied": tied, "verdict": "predicted", "suggest_sizes": more,
+            "verdict_text": f"Predicted winner: {winner}; no other method's range reaches it." + note}
 
 
 def backtest(ps: list[dict]) -> dict:
@@ -301,7 +406,7 @@ def table_rows(result: dict) -> tuple[list[str], list[list[str]]]:
     truth = result.get("truth") or {}
     tn = result.get("target", "eval loss")
     heads = ["method", "law", "beta", "E", f"predicted {tn} @ {result['full_size']:g}", "95% interval",
-             "backtest-scaled range", f"predicted {m}", "95% interval", "P(best)", "backtest error (fit / constant)",
+             "backtest-scaled range", f"predicted {m}", "95% interval", "stated range (seeds + form)", "P(best)", "backtest error (fit / constant)",
              "fit"]
     if truth:
         heads += [f"true {tn} (95% CI)", f"true {m} (95% CI)", f"{tn} error", f"{m} error"]
@@ -315,7 +420,8 @@ def table_rows(result: dict) -> tuple[list[str], list[list[str]]]:
             back, verdict = bt.get("error", "–"), "–"
         fp = p["fit"]["params"]
         cells = [label, p["fit"]["formula"], _f(fp.get("beta"), 3), _f(fp.get("E"), 3), _f(p["loss"]), _ci(p["loss_ci"]),
-                 _ci(p.get("form_band") or {}), _f(p["metric"]), _ci(p["metric_ci"]), _f(p.get("p_win"), 2), back, verdict]
+                 _ci(p.get("form_band") or {}), _f(p["metric"]), _ci(p["metric_ci"]),
+                 _ci(p.get("metric_range") or {}), _f(p.get("p_win"), 2), back, verdict]
         if truth:
             t = truth.get(label)
             if t:
@@ -333,12 +439,17 @@ def markdown(result: dict) -> str:
     heads, rows = table_rows(result)
     lines = [f"## Advice: which method wins at {result['full_size']:g} training rows", ""]
     w = result.get("winner")
-    if w:
+    verdict = result.get("verdict", "predicted")
+    if verdict == "too_little_data":
+        lines.append(f"**Too little data to predict.** {result['verdict_text']}")
+    elif w:
         p = result["methods"][w]
         among = f" among the fitted methods ({', '.join(result['errors'])} not fitted)" if result.get("errors") else ""
-        lines.append(f"**Predicted winner: {w}**{among} ({result.get('target', 'eval loss')} {p['loss']:.4g} {_ci(p['loss_ci'])}, "
-                     f"{result['metric']} {_f(p['metric'])} {_ci(p['metric_ci'])}, best in "
-                     f"{100 * (p.get('p_win') or 0):.0f}% of {result['n_boot']} seed-bootstrap refits).")
+        head = f"**Predicted winner: {w}**" if verdict == "predicted" else f"**Too close to call: {', '.join(result['tied'])}**"
+        lines.append(f"{head}{among} ({result.get('target', 'eval loss')} {p['loss']:.4g} {_ci(p.get('loss_range') or p['loss_ci'])}, "
+                     f"{result['metric']} {_f(p['metric'])} {_ci(p.get('metric_range') or p['metric_ci'])}, best in "
+                     f"{100 * (p.get('p_win') or 0):.0f}% of {result['n_boot']} seed-bootstrap refits). "
+                     f"{result.get('verdict_text', '')}")
     if "true_winner" in result:
         ok = "correct" if result["true_winner"] == w else "WRONG"
         lines.append(f"Verified at the full size: lowest true {result.get('target', 'eval loss')}: {result['true_winner']} (prediction {ok}); "
