@@ -120,9 +120,15 @@ def commit(message: str, enabled: bool) -> None:
     if not enabled:
         return
     rel = str(RESULTS.relative_to(ROOT))
-    subprocess.run(["git", "add", rel], cwd=ROOT, check=False)
-    r = subprocess.run(["git", "commit", "-q", "-m", message, "--", rel], cwd=ROOT, capture_output=True, text=True)
-    if r.returncode and "nothing to commit" not in r.stdout + r.stderr:
+    import time
+
+    for _ in range(10):  # another git command in this checkout may hold the index lock for a moment
+        subprocess.run(["git", "add", rel], cwd=ROOT, check=False, capture_output=True)
+        r = subprocess.run(["git", "commit", "-q", "-m", message, "--", rel], cwd=ROOT, capture_output=True, text=True)
+        if "index.lock" not in r.stderr:
+            break
+        time.sleep(3)
+    if r.returncode and "nothing to commit" not in r.stdout + r.stderr and "no changes added" not in r.stdout:
         print(f"warning: git commit failed ({r.stderr.strip() or r.stdout.strip()}); the files are written", file=sys.stderr)
 
 
@@ -204,6 +210,12 @@ def prediction_of(result: dict) -> dict:
 
 
 def git_head() -> str | None:
+    """The commit of the advise code that made a prediction (ADVISE_CODE_COMMIT when the scoring runs
+    from a snapshot of the source while the checkout moves on)."""
+    import os
+
+    if os.environ.get("ADVISE_CODE_COMMIT"):
+        return os.environ["ADVISE_CODE_COMMIT"]
     r = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     return r.stdout.strip() or None
 
