@@ -12,7 +12,7 @@ different character, small sizes, full size, budget rule). For each case, in thi
    prediction (pick, the tied group, predicted metric and range per method) is written to
    ``docs/results/advise/<case>.prediction.json`` with the small runs' metrics in
    ``<case>.points.csv`` BEFORE any full-size run. An existing prediction file is never redone.
-2. the truth: every method at the full size with 3 seeds (the same advise directory, ``--verify``;
+2. the truth: every method at the full size with 3 seeds (``TRUTH_SEEDS``) (the same advise directory, ``--verify``;
    finished runs are reused) -> ``<case>.truth.csv``.
 3. the score -> ``<case>.score.json``: for advise and each baseline, the pick, whether it is right
    (the true winner, or inside the truth's tied group: methods within 2 standard errors of the
@@ -51,6 +51,7 @@ CASES = {  # name -> advise config; LoRA's label is "lora", full fine-tuning's "
     "boolq": "examples/advise_boolq.yaml",
 }
 STRATEGIES = ("advise", "largest_small", "always_lora", "always_full", "most_params")
+TRUTH_SEEDS = [0, 1, 2]  # the truth at the full size (the small sizes use each case's advise.seeds)
 TIE_SE = 2.0  # methods within this many standard errors of the difference from the true best are tied
 
 
@@ -168,7 +169,8 @@ def advise_inputs(out_dir: Path) -> dict:
 def run_advise(case: dict, out_dir: Path, jobs: int, verify: bool) -> None:
     from tunelab.sweeps.advise import advise
 
-    advise(case["path"], [], out_dir=out_dir, verify=verify, executor="local", executor_options={"jobs": jobs},
+    advise(case["path"], [], out_dir=out_dir, verify=verify, verify_seeds=TRUTH_SEEDS if verify else None,
+           executor="local", executor_options={"jobs": jobs},
            say=lambda m: print(f"[{case['name']}] {m}", file=sys.stderr, flush=True))
 
 
