@@ -236,13 +236,16 @@ def analyse(rows: list[dict], manifest: dict, metric: str, higher: bool) -> dict
         wins = np.bincount(stack.argmin(axis=0), minlength=len(names)) if n else np.zeros(len(names))
         for k, w in zip(names, wins, strict=True):
             methods[k]["p_win"] = float(w / n) if n else None
+    limits = manifest.get("limits")
+    for label, why in ((limits or {}).get("left_out") or {}).items():
+        errors[label] = why  # never trained: the pick is among the methods that fit
     winner = min(methods, key=lambda k: methods[k]["loss"]) if methods else None
     sizes = sorted(small)
     call = verdict_of(methods, errors, winner, pts, sizes, d_full, higher)
     result = {**call,
         "metric": metric, "higher_is_better": higher, "full_size": d_full, "x_full": x_full, "sizes": sizes,
         "methods": methods, "errors": errors, "winner": winner, "metric_map": mp, "chance_loss": chance,
-        "target": shown, "target_key": tkey,
+        "target": shown, "target_key": tkey, "limits": limits,
         "plateau": plateaus,
         "crossings": crossings(fits, x_full, sizes[0] / 10, d_full * 10) if len(fits) > 1 and sizes else [],
         "n_boot": min((len(b) for b in boots.values()), default=0),
@@ -477,6 +480,7 @@ def markdown(result: dict) -> str:
             lines.append(f"- warning ({label} backtest): {wn}")
     for label, e in result.get("errors", {}).items():
         lines.append(f"- {label}: not fitted: {e}")
+    lines += limits_lines(result.get("limits"))
     lines.append("\nIntervals on predictions: 2.5-97.5 percentiles of refits on seed-bootstrap resamples, so "
                  "they measure seed noise only, not whether the law's form is right: the backtest says that "
                  "(the largest small size held out and predicted, mean relative error, beside predicting it with "
@@ -484,6 +488,25 @@ def markdown(result: dict) -> str:
                  "backtest-scaled range widens the prediction by that error times the number of such extrapolation "
                  "steps (in log D) from the largest size to the full one: a rough allowance for the law's form.")
     return "\n".join(lines) + "\n"
+
+
+def limits_lines(limits: dict | None) -> list[str]:
+    """What the --time / --memory limits did, and which of them bound the answer."""
+    if not limits:
+        return []
+    asked = [f"time {limits['time_s']:g} s" if limits.get("time_s") else None,
+             f"memory {limits['memory_mb']:,.0f} MB" if limits.get("memory_mb") else None]
+    out = [f"\nLimits: {', '.join(a for a in asked if a)} (each method probed at the full size on this machine: "
+           + "; ".join(f"{k} {p['s_per_step']:.3g} s/step, peak {p['peak_memory_mb']:,.0f} MB"
+                       for k, p in limits.get("probe", {}).items() if "s_per_step" in p) + ")."]
+    for label, why in (limits.get("left_out") or {}).items():
+        out.append(f"- {label}: {why}")
+    for label, st in (limits.get("steps") or {}).items():
+        out.append(f"- {label}: predicted at {st['fit']} steps, what fits the time, not its planned {st['planned']}")
+    bound = limits.get("bound") or []
+    out.append(f"The limit that bound the answer: {' and '.join(bound)}." if bound else
+               "Neither limit bound the answer: every method fits, at its planned steps.")
+    return out
 
 
 def plot(result: dict, pts: dict[str, list[dict]]) -> bytes | None:
