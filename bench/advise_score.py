@@ -3,7 +3,8 @@
     python bench/advise_score.py --runs /tmp/advise-score --jobs 2            # every case, resumable
     python bench/advise_score.py --runs /tmp/advise-score --cases sst2,mrpc   # some cases
     python bench/advise_score.py --rescore      # re-score from the committed files only (no training)
-    python bench/advise_score.py --table        # print the score table (docs/results.md's advise section)
+    python bench/advise_score.py --table        # print the score table from the committed score files
+    python bench/advise_score.py --write        # rebuild the table in docs/results.md (--check: exit 1 if stale)
 
 Each case (``CASES``) is an advise config in examples/ (task + formulation, model, >= 3 methods of
 different character, small sizes, full size, budget rule). For each case, in this order:
@@ -378,6 +379,23 @@ def table(results: Path | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
+DOC = ROOT / "docs" / "results.md"
+MARK = ("<!-- advise-score-table -->\n", "<!-- /advise-score-table -->")
+
+
+def doc_table(write: bool, doc: Path | None = None) -> bool:
+    """Rebuild the score table between the markers in docs/results.md; True when it was stale."""
+    doc = doc or DOC
+    text = doc.read_text()
+    start, end = text.index(MARK[0]) + len(MARK[0]), text.index(MARK[1])
+    fresh = table()
+    if text[start:end] == fresh:
+        return False
+    if write:
+        doc.write_text(text[:start] + fresh + text[end:])
+    return True
+
+
 # ----------------------------------------------------------------------------------- main
 
 def do_case(name: str, runs: Path | None, jobs: int, do_commit: bool, rescore: bool) -> dict | None:
@@ -423,10 +441,16 @@ def main(argv=None) -> int:
     ap.add_argument("--commit", action="store_true", help="git-commit docs/results/advise/ after each step")
     ap.add_argument("--rescore", action="store_true", help="no training: re-score from the committed files")
     ap.add_argument("--table", action="store_true", help="print the score table from the committed score files")
+    ap.add_argument("--write", action="store_true", help="rebuild the score table in docs/results.md")
+    ap.add_argument("--check", action="store_true", help="exit 1 when docs/results.md's score table is stale")
     args = ap.parse_args(argv)
     if args.table:
         print(table(), end="")
         return 0
+    if args.write or args.check:
+        stale = doc_table(write=args.write)
+        print(f"{DOC.relative_to(ROOT)}: score table {'rebuilt' if stale and args.write else 'stale' if stale else 'up to date'}")
+        return 1 if stale and args.check else 0
     names = [c.strip() for c in args.cases.split(",") if c.strip()]
     unknown = [c for c in names if c not in CASES]
     if unknown:
