@@ -21,6 +21,16 @@ point). The fit is then evaluated at the full size (and the chosen X):
   fewer than 3 sizes above it is refused, and a curve that is flat then falls (concave in log-log,
   which A·D^-beta + E cannot be) is flagged (``plateau``);
 - target: the eval loss by default; ``advise.target: accuracy`` fits 1 - accuracy (``target_of``);
+- never a confident answer from too little (``advise_checks``): a law needs more (size, X) cells
+  than parameters; cells whose metric is stuck at its floor (F1 0; every seed at the sweep's one
+  worst value, as one class predicted for every row) are left out without ``chance_loss``; the
+  stated range (``metric_range``) joins the seed bootstrap with the backtest-scaled band and stays
+  inside the metric's range; a prediction below the steepest measured fall continued in log D is
+  flagged and its range reaches back to the largest size's value; ``verdict_of`` gives the call:
+  ``predicted``, ``too_close`` (ranges overlap the winner's: the tied group) or ``too_little_data``
+  (nothing fitted, or an unfitted method measured better: "run sizes X");
+- limits (``--time``/``--memory``, sweeps.advise.apply_limits): methods left out are listed with the
+  reason, and the report says which limit bound the answer;
 - verification (``--verify``): runs at the full size itself; prediction, truth (mean and 95% t-interval
   over seeds) and error per method.
 """
