@@ -157,3 +157,12 @@ def test_the_report_page_shows_the_verdict_in_bold(tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     page = build_report(tmp_path).read_text()
     assert "<strong>Predicted winner: a</strong>" in page and "**Predicted winner" not in page
+
+
+def test_the_same_runs_in_another_order_give_the_same_advice():
+    rows, runs = rows_for({"a": err_law(2.0, 0.4, 0.05), "b": err_law(1.0, 0.3, 0.1)}, SIZES)
+    manifest = {"sizes": SIZES, "full_size": 4096, "target": "accuracy"}
+    one = ra.analyse(rows, {**manifest, "runs": runs}, "accuracy", True)
+    two = ra.analyse(rows[::-1], {**manifest, "runs": runs[::-1]}, "accuracy", True)
+    for k in ("a", "b"):
+        assert one["methods"][k]["metric_range"] == pytest.approx(two["methods"][k]["metric_range"], rel=1e-6)

@@ -110,7 +110,8 @@ def bootstrap(pts: list[dict], f: fitmod.Fit, d_full: float, x_full, n_boot: int
     n_boot = N_BOOT if n_boot is None else n_boot
     rng = np.random.default_rng(seed)
     cells: dict[tuple, list[dict]] = {}
-    for p in pts:
+    # in a fixed order (size, X, seed), so that the same runs give the same resamples however they were listed
+    for p in sorted(pts, key=lambda q: (q["d"], q["x"] if q["x"] is not None else -1.0, str(q.get("seed")))):
         cells.setdefault((p["d"], p["x"]), []).append(p)
     grid = _start(f, pts)
     out = []
