@@ -166,3 +166,16 @@ def test_the_same_runs_in_another_order_give_the_same_advice():
     two = ra.analyse(rows[::-1], {**manifest, "runs": runs[::-1]}, "accuracy", True)
     for k in ("a", "b"):
         assert one["methods"][k]["metric_range"] == pytest.approx(two["methods"][k]["metric_range"], rel=1e-6)
+
+
+def test_the_stated_range_allows_for_the_seeds_a_user_will_run():
+    # Seeds 0.02 apart at the two largest sizes (pooled sd 0.014): the range grows by 2·sd/√2 = 0.02
+    # on each side beyond the law's own; the smaller sizes' wider spread is not used.
+    ps = [{"d": d, "x": None, "loss": v} for d, vs in
+          {64: (0.5, 0.6), 128: (0.40, 0.42), 256: (0.30, 0.32), 512: (0.25, 0.27)}.items() for v in vs]
+    noise = checks.run_noise(ps)
+    assert noise["n"] == 2 and noise["sd"] == pytest.approx(0.01 * 2**0.5) and noise["half"] == pytest.approx(0.02)
+    res = analyse({"a": err_law(2.0, 0.4, 0.05), "b": err_law(1.0, 0.3, 0.2)}, SIZES, 4096)
+    p = res["methods"]["a"]
+    assert p["loss_range"]["hi"] - p["law_range"]["hi"] == pytest.approx(p["run_noise"]["half"])
+    assert p["run_noise"]["half"] > 0

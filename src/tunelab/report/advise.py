@@ -309,6 +309,10 @@ def _ranges(p: dict, ps: list[dict], d_full: float, mp: dict | None, metric: str
     from tunelab.report.stats import metric_range
 
     rng = checks.widened(p["loss_ci"], p.get("form_band") or {})
+    p["law_range"] = dict(rng)  # the law's own uncertainty: what the tie between methods is judged on
+    p["run_noise"] = noise = checks.run_noise(ps)
+    if rng["lo"] is not None:
+        rng = {"lo": max(0.0, rng["lo"] - noise["half"]), "hi": rng["hi"] + noise["half"]}
     pl = checks.plausible_range(ps, p["loss"], d_full)
     p["plausibility"] = pl
     if not pl["plausible"] and rng["lo"] is not None:  # the law is not believed: the range runs up to
@@ -356,10 +360,10 @@ def verdict_of(methods: dict, errors: dict, winner: str | None, pts: dict, sizes
         return {"pick": best_measured, "tied": [], "verdict": "too_little_data", "suggest_sizes": more,
                 "verdict_text": (f"Too little data to predict ({why}); run sizes {run} (advise --sizes). "
                                  f"Best measured at {max(sizes):g} rows: {best_measured} (a measurement, not a prediction).")}
-    w = methods[winner].get("loss_range") or {}
+    w = methods[winner].get("law_range") or {}
     tied = [winner]
     for k, p in methods.items():
-        r = p.get("loss_range") or {}
+        r = p.get("law_range") or {}
         if k != winner and None not in (w.get("lo"), r.get("lo")) and r["lo"] <= w["hi"]:
             tied.append(k)
     flagged = [k for k in tied if not (methods[k].get("plausibility") or {}).get("plausible", True)]

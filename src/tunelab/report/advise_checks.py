@@ -188,3 +188,20 @@ def widened(boot: dict, band: dict, lo_bound: float = 0.0) -> dict:
     if not los or not his:
         return {"lo": None, "hi": None}
     return {"lo": max(lo_bound, min(los)), "hi": max(his)}
+
+
+def run_noise(ps: list[dict]) -> dict:
+    """How far the mean of one new set of seeds may land from the law's mean: the pooled spread of the
+    seeds within each (size, X) cell (sd) and the seeds per cell (n). The stated range is for what a
+    user will measure (a mean over n seeds), so it is widened by 2·sd/√n on each side. The spread is
+    taken at the two largest sizes (seeds disagree more on fewer rows)."""
+    top = sorted({p["d"] for p in ps})[-2:]
+    cells: dict[tuple, list[float]] = {}
+    for p in ps:
+        if p["d"] in top:
+            cells.setdefault((p["d"], p["x"]), []).append(p["loss"])
+    ss = sum(float(np.sum((np.asarray(v) - np.mean(v)) ** 2)) for v in cells.values())
+    dof = sum(len(v) - 1 for v in cells.values())
+    n = int(np.median([len(v) for v in cells.values()])) if cells else 0
+    sd = math.sqrt(ss / dof) if dof > 0 else 0.0
+    return {"sd": sd, "n": n, "half": 2 * sd / math.sqrt(n) if n else 0.0}
