@@ -179,3 +179,14 @@ def test_the_stated_range_allows_for_the_seeds_a_user_will_run():
     p = res["methods"]["a"]
     assert p["loss_range"]["hi"] - p["law_range"]["hi"] == pytest.approx(p["run_noise"]["half"])
     assert p["run_noise"]["half"] > 0
+
+
+def test_too_close_to_call_picks_the_best_measured_at_the_largest_small_size():
+    # b is flatter (the law puts a ahead at 4,096 rows) but measured better at 512 rows; the ranges
+    # overlap, so the pick is the measurement nearest the full size, and the law's winner is named.
+    a = err_law(2.0, 0.4, 0.05)
+    b_err = {64: a(64) - 0.06, 128: a(128) - 0.03, 256: a(256) - 0.012, 512: a(512) - 0.003}
+    b = {d: [1 - e * (1 + n) for n in NOISE.values()] for d, e in b_err.items()}
+    res = analyse({"a": a, "b": b}, SIZES, 4096)
+    assert res["verdict"] == "too_close" and res["law_winner"] == "a" and res["pick"] == "b"
+    assert "b measured best at 512 rows and is the pick" in res["verdict_text"]

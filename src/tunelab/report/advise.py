@@ -370,10 +370,14 @@ def verdict_of(methods: dict, errors: dict, winner: str | None, pts: dict, sizes
     note = (f" The law of {', '.join(flagged)} falls faster than the measured points make plausible; its "
             "range runs up to its largest measured value.") if flagged else ""
     if len(tied) > 1:
-        return {"pick": winner, "tied": tied, "verdict": "too_close", "suggest_sizes": more,
+        # The laws cannot separate them: the measurement nearest the full size decides the pick.
+        near = [k for k in tied if k in measured]
+        pick = max(near, key=lambda k: sign * measured[k]) if near else winner
+        why = (f"{winner} is ahead on the point prediction" if pick == winner else
+               f"{winner} is ahead on the point prediction, {pick} measured best at {max(sizes):g} rows and is the pick")
+        return {"pick": pick, "tied": tied, "verdict": "too_close", "suggest_sizes": more, "law_winner": winner,
                 "verdict_text": (f"Too close to call: {', '.join(tied)} have overlapping predicted ranges; "
-                                 f"{winner} is ahead on the point prediction. Larger small sizes ({run}) "
-                                 "would narrow the ranges." + note)}
+                                 f"{why}. Larger small sizes ({run}) would narrow the ranges." + note)}
     return {"pick": winner, "tied": tied, "verdict": "predicted", "suggest_sizes": more,
             "verdict_text": f"Predicted winner: {winner}; no other method's range reaches it." + note}
 
