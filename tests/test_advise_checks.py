@@ -190,3 +190,15 @@ def test_too_close_to_call_picks_the_best_measured_at_the_largest_small_size():
     res = analyse({"a": a, "b": b}, SIZES, 4096)
     assert res["verdict"] == "too_close" and res["law_winner"] == "a" and res["pick"] == "b"
     assert "b measured best at 512 rows and is the pick" in res["verdict_text"]
+
+
+def test_a_metric_that_does_not_improve_with_data_is_not_extrapolated():
+    # At a fixed step budget more rows can mean fewer passes and no gain (CoNLL NER here: F1 0.33 at
+    # 32 rows, 0.23 at 256): the prediction is the largest size's value, said so, not the law's.
+    falls = {64: 0.33, 128: 0.30, 256: 0.26, 512: 0.23}
+    curves = {"falls": {d: [v, v + 0.003, v - 0.003] for d, v in falls.items()}, "learns": err_law(2.0, 0.4, 0.5)}
+    res = analyse(curves, SIZES, 4096, metric="f1")
+    p = res["methods"]["falls"]
+    assert p["metric"] == pytest.approx(0.23) and "law_prediction" in p and "no gain with data" in p["no_gain"]
+    assert p["metric_range"]["lo"] <= 0.23 <= p["metric_range"]["hi"]
+    assert "no gain with data" in ra.markdown(res) and "no_gain" not in res["methods"]["learns"]

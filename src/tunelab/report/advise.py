@@ -240,6 +240,7 @@ def analyse(rows: list[dict], manifest: dict, metric: str, higher: bool) -> dict
         methods[label]["good"] = bool((bt.get("diagnostics") or {}).get("good")) and not pl["concave"]
         methods[label]["form_band"] = form_band(bt, loss, d_full)
         _ranges(methods[label], ps, d_full, mp, metric)
+        _no_gain(methods[label], ps, mp, metric)
     if fits:
         n = min(len(b) for b in boots.values())
         names = list(boots)
@@ -306,7 +307,6 @@ def _ranges(p: dict, ps: list[dict], d_full: float, mp: dict | None, metric: str
     """The stated ranges: the seed bootstrap joined with the backtest-scaled band (the law's form),
     widened down to the measured best when the law falls faster than the data make plausible, mapped
     to the metric and kept inside the metric's range."""
-    from tunelab.report.stats import metric_range
 
     rng = checks.widened(p["loss_ci"], p.get("form_band") or {})
     p["law_range"] = dict(rng)  # the law's own uncertainty: what the tie between methods is judged on
@@ -319,16 +319,51 @@ def _ranges(p: dict, ps: list[dict], d_full: float, mp: dict | None, metric: str
         largest = max(q["d"] for q in ps)  # what the largest small size measured
         rng["hi"] = max(rng["hi"], float(np.mean([q["loss"] for q in ps if q["d"] == largest])))
     p["loss_range"] = rng
+    p["metric_range"] = _metric_range(rng, mp, metric, p["metric"])
+
+
+def _metric_range(rng: dict, mp: dict | None, metric: str, point) -> dict:
+    """A range of the fitted target mapped to the metric, inside the metric's own range."""
+    from tunelab.report.stats import metric_range
+
     if mp is None or rng["lo"] is None:
-        p["metric_range"] = {"lo": None, "hi": None}
-        return
+        return {"lo": None, "hi": None}
     a, b = (float(apply_map(mp, v)) for v in (rng["lo"], rng["hi"]))
     lo, hi = min(a, b), max(a, b)
     bounds = metric_range(metric) or (None, None)
     if bounds[0] is not None:
-        top = 100.0 if max(abs(lo), abs(hi), abs(p["metric"] or 0)) > 1.0 and bounds[1] == 1.0 else bounds[1]
+        top = 100.0 if max(abs(lo), abs(hi), abs(point or 0)) > 1.0 and bounds[1] == 1.0 else bounds[1]
         lo, hi = max(bounds[0], lo), min(top, hi)
-    p["metric_range"] = {"lo": lo, "hi": hi}
+    return {"lo": lo, "hi": hi}
+
+
+def _no_gain(p: dict, ps: list[dict], mp: dict | None, metric: str) -> None:
+    """The law describes a target that falls as data grows. Where the small sizes show no such fall
+    (the largest size's mean not below the smallest's by more than the seeds' noise: e.g. at a fixed
+    step budget, more rows seen fewer times), it has nothing to extrapolate: the prediction becomes
+    the largest size's mean, its range that mean ± the seeds' noise joined with the law's, and the
+    method says so (``no_gain``)."""
+    by: dict[float, list[float]] = {}
+    for q in ps:
+        by.setdefault(q["d"], []).append(q["loss"])
+    sizes = sorted(by)
+    first, last = float(np.mean(by[sizes[0]])), float(np.mean(by[sizes[-1]]))
+    half = (p.get("run_noise") or {}).get("half", 0.0)
+    if last < first - half:
+        return
+    p["law_prediction"] = {"loss": p["loss"], "metric": p["metric"]}
+    p["loss"] = last
+    m = apply_map(mp, last)
+    p["metric"] = None if m is None else float(m)
+    p["law_range"] = {"lo": max(0.0, last - half), "hi": last + half}
+    rng = p.get("loss_range") or {}
+    if rng.get("lo") is not None:
+        p["loss_range"] = {"lo": min(rng["lo"], p["law_range"]["lo"]), "hi": max(rng["hi"], p["law_range"]["hi"])}
+    else:
+        p["loss_range"] = dict(p["law_range"])
+    p["metric_range"] = _metric_range(p["loss_range"], mp, metric, p["metric"])
+    p["no_gain"] = (f"no gain with data at the small sizes ({first:.4g} at {sizes[0]:g} rows, {last:.4g} at "
+                    f"{sizes[-1]:g}): predicted as the largest size's value, not extrapolated by the law")
 
 
 def _measured_at(pts: dict[str, list[dict]], size: float) -> dict[str, float]:
@@ -497,6 +532,9 @@ def markdown(result: dict) -> str:
     for label, p in result["methods"].items():
         for wn in (p["backtest"].get("diagnostics") or {}).get("warnings", []):
             lines.append(f"- warning ({label} backtest): {wn}")
+    for label, p in result["methods"].items():
+        if p.get("no_gain"):
+            lines.append(f"- {label}: {p['no_gain']}")
     for label, e in result.get("errors", {}).items():
         lines.append(f"- {label}: not fitted: {e}")
     lines += limits_lines(result.get("limits"))
