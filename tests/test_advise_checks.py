@@ -107,12 +107,12 @@ def test_accuracy_at_the_majority_class_is_detected_as_a_floor():
     assert any("every seed at the same worst value" in w for w in res["plateau"]["stuck"]["warnings"])
 
 
-def test_no_floor_when_nothing_learned_differently():
-    # Every cell at the same value: nothing to compare with, so no cell is called the floor (a real
-    # law with varied values is never one either).
+def test_identical_runs_everywhere_are_degenerate_and_a_real_law_is_not():
+    # Every run at one value: nothing learned anywhere (each cell flagged); a real law with varied
+    # values never is.
     same = [{"d": d, "x": None, "loss": 0.45} for d in SIZES for _ in range(3)]
     checks.mark_worst({"a": same})
-    assert checks.floor_cells(same, 1.0)["at_floor"] == []
+    assert [c["d"] for c in checks.floor_cells(same, 1.0)["at_floor"]] == SIZES
     varied = [{"d": d, "x": None, "loss": 0.5 * d ** -0.3 * (1 + n)} for d in SIZES for n in (0, 0.01, -0.01)]
     checks.mark_worst({"a": varied})
     assert checks.floor_cells(varied, 1.0)["at_floor"] == []
@@ -202,3 +202,14 @@ def test_a_metric_that_does_not_improve_with_data_is_not_extrapolated():
     assert p["metric"] == pytest.approx(0.23) and "law_prediction" in p and "no gain with data" in p["no_gain"]
     assert p["metric_range"]["lo"] <= 0.23 <= p["metric_range"]["hi"]
     assert "no gain with data" in ra.markdown(res) and "no_gain" not in res["methods"]["learns"]
+
+
+def test_a_value_recurring_exactly_across_runs_is_a_degenerate_output():
+    # One class for every row scores that class's share (0.647 here) whatever the method, size and seed.
+    share = 0.6466666666666667
+    stuck = {64: [share, share, share], 128: [share, share, share], 256: [0.66, 0.67, 0.68], 512: [0.70, 0.71, 0.72]}
+    other = {64: [share, 0.55, 0.56], 128: [0.60, 0.61, 0.62], 256: [0.65, 0.66, 0.64], 512: [0.69, 0.70, 0.71]}
+    res = analyse({"stuck": stuck, "other": other}, SIZES, 4096)
+    assert [c["d"] for c in res["plateau"]["stuck"]["at_floor"]] == [64, 128]
+    assert res["plateau"]["other"]["at_floor"] == []  # one run at that value is not a cell at the floor
+    assert any("recurs exactly across runs" in w for w in res["plateau"]["stuck"]["warnings"])

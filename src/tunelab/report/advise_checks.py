@@ -98,6 +98,7 @@ def form_band(bt: dict, loss: float, d_full: float) -> dict:
 # ---------------------------------------------------------------- never a confident answer from too little
 
 FLOOR_TOL = 1e-9
+REPEATS = 4  # runs (in at least 2 cells) sharing one exact metric value: a degenerate output
 
 
 def law_params(form: str) -> int:
@@ -114,9 +115,11 @@ def floor_cells(pts: list[dict], floor_loss: float | None) -> dict:
     the fitted target, lower is better); ``floor_loss`` None skips the first test. The sweep-wide
     worst value comes in as ``worst`` on each point (set by ``mark_worst``)."""
     cells: dict[tuple, list[float]] = {}
+    degen: dict[tuple, list[bool]] = {}
     worst = None
     for p in pts:
         cells.setdefault((p["d"], p["x"]), []).append(p["loss"])
+        degen.setdefault((p["d"], p["x"]), []).append(bool(p.get("degenerate")))
         worst = p.get("worst", worst)
     out = []
     for (d, x), vals in sorted(cells.items(), key=lambda kv: (kv[0][1] or 0, kv[0][0])):
@@ -124,9 +127,12 @@ def floor_cells(pts: list[dict], floor_loss: float | None) -> dict:
         at_top = floor_loss is not None and lo >= floor_loss - FLOOR_TOL * max(1.0, abs(floor_loss))
         same_worst = (len(vals) >= 2 and hi - lo <= FLOOR_TOL * max(1.0, abs(hi)) and worst is not None
                       and abs(hi - worst["loss"]) <= FLOOR_TOL * max(1.0, abs(hi)) and worst["spread"])
-        if at_top or same_worst:
-            out.append({"d": d, "x": x, "value": hi, "why": "metric at its floor" if at_top else
-                        "every seed at the same worst value of the sweep (one class predicted for every row?)"})
+        degenerate = len(vals) >= 2 and all(degen[(d, x)])
+        if at_top or same_worst or degenerate:
+            why = ("metric at its floor" if at_top else
+                   "every seed at the same worst value of the sweep (one class predicted for every row?)" if same_worst
+                   else "every seed at a value that recurs exactly across runs (one class predicted for every row?)")
+            out.append({"d": d, "x": x, "value": float(np.mean(vals)), "why": why})
     return {"at_floor": out}
 
 
@@ -142,9 +148,17 @@ def mark_worst(all_pts: dict[str, list[dict]]) -> None:
     if not means:
         return
     w = {"loss": max(means), "spread": max(means) - min(means) > FLOOR_TOL * max(1.0, abs(max(means)))}
+    # A value that recurs exactly in several runs of different cells is a degenerate output (one class
+    # for every row scores that class's share of the eval set, whatever the method, size and seed).
+    seen: dict[float, set] = {}
+    for label, ps in all_pts.items():
+        for i, p in enumerate(ps):
+            seen.setdefault(round(p["loss"], 9), set()).add((label, p["d"], p["x"], i))
+    repeated = {v for v, runs in seen.items() if len(runs) >= REPEATS and len({r[:3] for r in runs}) >= 2}
     for ps in all_pts.values():
         for p in ps:
             p["worst"] = w
+            p["degenerate"] = round(p["loss"], 9) in repeated
 
 
 def plausible_range(ps: list[dict], loss: float, d_full: float) -> dict:
