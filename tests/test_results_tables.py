@@ -47,6 +47,17 @@ def test_a_changed_result_file_makes_the_table_stale(tmp_path, monkeypatch):
         rt.comparison_table("nowhere")
 
 
+def test_the_advise_score_table_equals_its_rebuild_from_the_committed_score_files(tmp_path, monkeypatch):
+    spec = importlib.util.spec_from_file_location("advise_score", ROOT / "bench" / "advise_score.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.doc_table(write=False) is False, "run: python bench/advise_score.py --write"
+    doc = tmp_path / "results.md"
+    doc.write_text("x\n" + mod.MARK[0] + "| an old table |\n" + mod.MARK[1] + "\ny\n")
+    assert mod.doc_table(write=True, doc=doc) is True and mod.doc_table(write=False, doc=doc) is False
+    assert mod.table() in doc.read_text() and "an old table" not in doc.read_text()
+
+
 def test_the_costs_style_adds_tokens_per_s_and_peak_memory():
     rt = load()
     src = next(m["dir"] for m in rt.BLOCK.finditer((ROOT / "docs/results.md").read_text()))

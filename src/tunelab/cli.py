@@ -399,6 +399,10 @@ def advise(
     verify: bool = typer.Option(None, "--verify/--no-verify", help="also train at the full size: prediction vs truth"),
     verify_seeds: str = typer.Option(None, "--verify-seeds", help="seeds for the full-size check (default: all)"),
     out: Path = typer.Option(None, "--out", help="output directory (default runs/advise-<config>)"),
+    time_limit: str = typer.Option(None, "--time", help="training time the full-size run may take here, e.g. 2h: "
+                                   "every method is predicted at the steps that fit"),
+    memory_limit: str = typer.Option(None, "--memory", help="peak memory a run may use, e.g. 24GB: methods that do "
+                                     "not fit are left out, with the reason"),
     executor: str = EXECUTOR,
     jobs: int = JOBS,
     gpus_per_run: int = GPUS_PER_RUN,
@@ -414,7 +418,8 @@ def advise(
     out_dir = _guard(run_advise, config, overrides or [], _split(methods), size_list, full_size, out,
                      seeds=seed_list, budget=budget, verify=verify,
                      verify_seeds=_ints(verify_seeds, "--verify-seeds", minimum=0), executor=executor,
-                     executor_options=_executor_options(jobs, gpus_per_run, ray_address, storage, retries))
+                     executor_options=_executor_options(jobs, gpus_per_run, ray_address, storage, retries),
+                     time_limit=time_limit, memory_limit=memory_limit)
     _report_summary(out_dir)
 
 

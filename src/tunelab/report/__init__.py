@@ -20,7 +20,6 @@ import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from html import escape as _esc
 from pathlib import Path
 
 from tunelab.report import html, plots, stats, tables
@@ -287,7 +286,7 @@ def _advise_section(r: Runs) -> Section:
     md = advise.markdown(result)
     heads, cells = advise.table_rows(result)
     page = (f"<h2>Advice at {result['full_size']:g} rows</h2>"
-            + "".join(f'<p class="note">{_esc(x)}</p>' for x in md.splitlines()[2:4] if x)
+            + "".join(f'<p class="note">{html.inline_markdown(x)}</p>' for x in md.splitlines()[2:4] if x)
             + html.text_table(heads, cells)
             + f'<div class="plots">{html.figure(png, "eval loss vs data size: fits, predictions, truth")}</div>')
     return Section(markdown_before=md + "\n## All data sizes\n\n", html=page)

@@ -21,6 +21,16 @@ point). The fit is then evaluated at the full size (and the chosen X):
   fewer than 3 sizes above it is refused, and a curve that is flat then falls (concave in log-log,
   which A·D^-beta + E cannot be) is flagged (``plateau``);
 - target: the eval loss by default; ``advise.target: accuracy`` fits 1 - accuracy (``target_of``);
+- never a confident answer from too little (``advise_checks``): a law needs more (size, X) cells
+  than parameters; cells whose metric is stuck at its floor (F1 0; every seed at the sweep's one
+  worst value, as one class predicted for every row) are left out without ``chance_loss``; the
+  stated range (``metric_range``) joins the seed bootstrap with the backtest-scaled band and stays
+  inside the metric's range; a prediction below the steepest measured fall continued in log D is
+  flagged and its range reaches back to the largest size's value; ``verdict_of`` gives the call:
+  ``predicted``, ``too_close`` (ranges overlap the winner's: the tied group) or ``too_little_data``
+  (nothing fitted, or an unfitted method measured better: "run sizes X");
+- limits (``--time``/``--memory``, sweeps.advise.apply_limits): methods left out are listed with the
+  reason, and the report says which limit bound the answer;
 - verification (``--verify``): runs at the full size itself; prediction, truth (mean and 95% t-interval
   over seeds) and error per method.
 """
@@ -31,6 +41,7 @@ import math
 
 import numpy as np
 
+from tunelab.report import advise_checks as checks
 from tunelab.report import fit as fitmod
 from tunelab.report.advise_checks import MIN_SIZES, form_band, plateau, target_of  # noqa: F401 (API)
 from tunelab.report.stats import t_interval
@@ -99,7 +110,8 @@ def bootstrap(pts: list[dict], f: fitmod.Fit, d_full: float, x_full, n_boot: int
     n_boot = N_BOOT if n_boot is None else n_boot
     rng = np.random.default_rng(seed)
     cells: dict[tuple, list[dict]] = {}
-    for p in pts:
+    # in a fixed order (size, X, seed), so that the same runs give the same resamples however they were listed
+    for p in sorted(pts, key=lambda q: (q["d"], q["x"] if q["x"] is not None else -1.0, str(q.get("seed")))):
         cells.setdefault((p["d"], p["x"]), []).append(p)
     grid = _start(f, pts)
     out = []
@@ -190,13 +202,23 @@ def analyse(rows: list[dict], manifest: dict, metric: str, higher: bool) -> dict
         mp = metric_map([p["loss"] for p in all_small], [p["metric"] for p in all_small])
     methods, fits, boots, errors, plateaus = {}, {}, {}, {}, {}
     chance = manifest.get("chance_loss")
+    floors = _floors(fit_pts, higher)
     for label, ps in fit_pts.items():
         plateaus[label] = pl = plateau(ps, chance)
-        ps = [p for p in ps if {"d": p["d"], "x": p["x"]} not in pl["at_chance"]]
-        left = len({p["d"] for p in ps})
-        if left < MIN_SIZES:
-            errors[label] = (f"refused: only {left} data size(s) above chance, a law A·D^-beta + E needs "
-                             f"{MIN_SIZES}; train the small sizes longer (advise.steps: full) or start them higher")
+        pl["at_floor"] = floors.get(label, [])
+        for c in pl["at_floor"]:
+            where = "" if c["x"] is None else f" (X = {c['x']:g})"
+            pl["warnings"].append(f"{c['d']:g} rows{where}: {metric} {c['metric']:.4g} in every seed, "
+                                  f"{c['why']}; left out of the fit")
+        out = pl["at_chance"] + [{"d": c["d"], "x": c["x"]} for c in pl["at_floor"]]
+        ps = [p for p in ps if {"d": p["d"], "x": p["x"]} not in out]
+        form = "data" if any(p["x"] is None for p in ps) or len({p["x"] for p in ps}) < 2 else "multiplicative"
+        k = checks.law_params(form)
+        left = len({(p["d"], p["x"]) for p in ps})
+        if left <= k:
+            why = "above chance or the metric's floor" if out else "measured"
+            errors[label] = (f"refused: {left} data size(s) {why}, and the law {fitmod.FORMULAS[form]} has {k} "
+                             f"parameters: it needs at least {k + 1} sizes to be fitted, not solved exactly")
             continue
         try:
             f = _fit(ps)
@@ -208,7 +230,8 @@ def analyse(rows: list[dict], manifest: dict, metric: str, higher: bool) -> dict
         loss = float(_predict(f, [d_full], x_full)[0])
         m = apply_map(mp, loss)
         methods[label] = {
-            "fit": f.to_dict(), "points": len(ps), "loss": loss, "loss_ci": _summary(boots[label]),
+            "fit": f.to_dict(), "points": len(ps), "sizes_fitted": left, "loss": loss,
+            "loss_ci": _summary(boots[label]),
             "metric": None if m is None else float(m),
             "metric_ci": _summary(apply_map(mp, boots[label])) if mp else {"lo": None, "hi": None},
             "backtest": backtest(ps), "plateau": pl,
@@ -216,6 +239,8 @@ def analyse(rows: list[dict], manifest: dict, metric: str, higher: bool) -> dict
         bt = methods[label]["backtest"]
         methods[label]["good"] = bool((bt.get("diagnostics") or {}).get("good")) and not pl["concave"]
         methods[label]["form_band"] = form_band(bt, loss, d_full)
+        _ranges(methods[label], ps, d_full, mp, metric)
+        _no_gain(methods[label], ps, mp, metric)
     if fits:
         n = min(len(b) for b in boots.values())
         names = list(boots)
@@ -223,12 +248,16 @@ def analyse(rows: list[dict], manifest: dict, metric: str, higher: bool) -> dict
         wins = np.bincount(stack.argmin(axis=0), minlength=len(names)) if n else np.zeros(len(names))
         for k, w in zip(names, wins, strict=True):
             methods[k]["p_win"] = float(w / n) if n else None
+    limits = manifest.get("limits")
+    for label, why in ((limits or {}).get("left_out") or {}).items():
+        errors[label] = why  # never trained: the pick is among the methods that fit
     winner = min(methods, key=lambda k: methods[k]["loss"]) if methods else None
     sizes = sorted(small)
-    result = {
+    call = verdict_of(methods, errors, winner, pts, sizes, d_full, higher)
+    result = {**call,
         "metric": metric, "higher_is_better": higher, "full_size": d_full, "x_full": x_full, "sizes": sizes,
         "methods": methods, "errors": errors, "winner": winner, "metric_map": mp, "chance_loss": chance,
-        "target": shown, "target_key": tkey,
+        "target": shown, "target_key": tkey, "limits": limits,
         "plateau": plateaus,
         "crossings": crossings(fits, x_full, sizes[0] / 10, d_full * 10) if len(fits) > 1 and sizes else [],
         "n_boot": min((len(b) for b in boots.values()), default=0),
@@ -253,6 +282,139 @@ def analyse(rows: list[dict], manifest: dict, metric: str, higher: bool) -> dict
             sign = -1 if higher else 1
             result["true_winner_by_metric"] = min(by_metric, key=lambda k: sign * truth[k]["metric"]["mean"])
     return result
+
+
+def _top(pts: dict[str, list[dict]]) -> float:
+    vals = [p["metric"] for ps in pts.values() for p in ps if isinstance(p["metric"], int | float)]
+    return 100.0 if vals and max(vals) > 1.0 else 1.0
+
+
+def _floors(fit_pts: dict[str, list[dict]], higher: bool) -> dict[str, list[dict]]:
+    """Per method, the cells whose task metric is stuck at its floor (checks.floor_cells), found from
+    the metric itself whatever the law is fitted to: no advise.chance_loss needed."""
+    top = _top(fit_pts)
+    as_loss = {k: [{"d": p["d"], "x": p["x"], "loss": (top - p["metric"]) if higher else p["metric"]}
+                   for p in ps if isinstance(p["metric"], int | float)] for k, ps in fit_pts.items()}
+    checks.mark_worst(as_loss)
+    out = {}
+    for k, ps in as_loss.items():
+        cells = checks.floor_cells(ps, top if higher else None)["at_floor"]
+        out[k] = [{**c, "metric": (top - c["value"]) if higher else c["value"]} for c in cells]
+    return out
+
+
+def _ranges(p: dict, ps: list[dict], d_full: float, mp: dict | None, metric: str) -> None:
+    """The stated ranges: the seed bootstrap joined with the backtest-scaled band (the law's form),
+    widened down to the measured best when the law falls faster than the data make plausible, mapped
+    to the metric and kept inside the metric's range."""
+
+    rng = checks.widened(p["loss_ci"], p.get("form_band") or {})
+    p["law_range"] = dict(rng)  # the law's own uncertainty: what the tie between methods is judged on
+    p["run_noise"] = noise = checks.run_noise(ps)
+    if rng["lo"] is not None:
+        rng = {"lo": max(0.0, rng["lo"] - noise["half"]), "hi": rng["hi"] + noise["half"]}
+    pl = checks.plausible_range(ps, p["loss"], d_full)
+    p["plausibility"] = pl
+    if not pl["plausible"] and rng["lo"] is not None:  # the law is not believed: the range runs up to
+        largest = max(q["d"] for q in ps)  # what the largest small size measured
+        rng["hi"] = max(rng["hi"], float(np.mean([q["loss"] for q in ps if q["d"] == largest])))
+    p["loss_range"] = rng
+    p["metric_range"] = _metric_range(rng, mp, metric, p["metric"])
+
+
+def _metric_range(rng: dict, mp: dict | None, metric: str, point) -> dict:
+    """A range of the fitted target mapped to the metric, inside the metric's own range."""
+    from tunelab.report.stats import metric_range
+
+    if mp is None or rng["lo"] is None:
+        return {"lo": None, "hi": None}
+    a, b = (float(apply_map(mp, v)) for v in (rng["lo"], rng["hi"]))
+    lo, hi = min(a, b), max(a, b)
+    bounds = metric_range(metric) or (None, None)
+    if bounds[0] is not None:
+        top = 100.0 if max(abs(lo), abs(hi), abs(point or 0)) > 1.0 and bounds[1] == 1.0 else bounds[1]
+        lo, hi = max(bounds[0], lo), min(top, hi)
+    return {"lo": lo, "hi": hi}
+
+
+def _no_gain(p: dict, ps: list[dict], mp: dict | None, metric: str) -> None:
+    """The law describes a target that falls as data grows. Where the small sizes show no such fall
+    (the largest size's mean not below the smallest's by more than the seeds' noise: e.g. at a fixed
+    step budget, more rows seen fewer times), it has nothing to extrapolate: the prediction becomes
+    the largest size's mean, its range that mean ± the seeds' noise joined with the law's, and the
+    method says so (``no_gain``)."""
+    by: dict[float, list[float]] = {}
+    for q in ps:
+        by.setdefault(q["d"], []).append(q["loss"])
+    sizes = sorted(by)
+    first, last = float(np.mean(by[sizes[0]])), float(np.mean(by[sizes[-1]]))
+    half = (p.get("run_noise") or {}).get("half", 0.0)
+    if last < first - half:
+        return
+    p["law_prediction"] = {"loss": p["loss"], "metric": p["metric"]}
+    p["loss"] = last
+    m = apply_map(mp, last)
+    p["metric"] = None if m is None else float(m)
+    p["law_range"] = {"lo": max(0.0, last - half), "hi": last + half}
+    rng = p.get("loss_range") or {}
+    if rng.get("lo") is not None:
+        p["loss_range"] = {"lo": min(rng["lo"], p["law_range"]["lo"]), "hi": max(rng["hi"], p["law_range"]["hi"])}
+    else:
+        p["loss_range"] = dict(p["law_range"])
+    p["metric_range"] = _metric_range(p["loss_range"], mp, metric, p["metric"])
+    p["no_gain"] = (f"no gain with data at the small sizes ({first:.4g} at {sizes[0]:g} rows, {last:.4g} at "
+                    f"{sizes[-1]:g}): predicted as the largest size's value, not extrapolated by the law")
+
+
+def _measured_at(pts: dict[str, list[dict]], size: float) -> dict[str, float]:
+    out = {}
+    for k, ps in pts.items():
+        v = [p["metric"] for p in ps if p["d"] == size and isinstance(p["metric"], int | float)]
+        if v:
+            out[k] = float(np.mean(v))
+    return out
+
+
+def verdict_of(methods: dict, errors: dict, winner: str | None, pts: dict, sizes: list, d_full: float,
+               higher: bool) -> dict:
+    """The call advise makes: ``pick`` (the method to use), ``tied`` (the methods whose stated ranges
+    overlap the pick's: too close to call), ``verdict`` (predicted | too_close | too_little_data) and
+    its sentence. With no method fitted, or a method left unfitted that measured better at the
+    largest small size than the predicted winner, the truth is "too little data to predict"; the
+    pick is then the best measured at the largest small size, said to be no prediction."""
+    sign = 1 if higher else -1
+    measured = _measured_at(pts, max(sizes)) if sizes else {}
+    best_measured = max(measured, key=lambda k: sign * measured[k]) if measured else None
+    more = checks.suggest_sizes(sizes, d_full, 2) if sizes else []
+    run = ", ".join(str(s) for s in more)
+    unfitted_better = [k for k in errors if k in measured and winner in measured
+                       and sign * (measured[k] - measured[winner]) > 0]
+    if winner is None or unfitted_better:
+        why = ("no method could be fitted" if winner is None else
+               f"{', '.join(unfitted_better)} could not be fitted and measured better than {winner} at {max(sizes):g} rows")
+        return {"pick": best_measured, "tied": [], "verdict": "too_little_data", "suggest_sizes": more,
+                "verdict_text": (f"Too little data to predict ({why}); run sizes {run} (advise --sizes). "
+                                 f"Best measured at {max(sizes):g} rows: {best_measured} (a measurement, not a prediction).")}
+    w = methods[winner].get("law_range") or {}
+    tied = [winner]
+    for k, p in methods.items():
+        r = p.get("law_range") or {}
+        if k != winner and None not in (w.get("lo"), r.get("lo")) and r["lo"] <= w["hi"]:
+            tied.append(k)
+    flagged = [k for k in tied if not (methods[k].get("plausibility") or {}).get("plausible", True)]
+    note = (f" The law of {', '.join(flagged)} falls faster than the measured points make plausible; its "
+            "range runs up to its largest measured value.") if flagged else ""
+    if len(tied) > 1:
+        # The laws cannot separate them: the measurement nearest the full size decides the pick.
+        near = [k for k in tied if k in measured]
+        pick = max(near, key=lambda k: sign * measured[k]) if near else winner
+        why = (f"{winner} is ahead on the point prediction" if pick == winner else
+               f"{winner} is ahead on the point prediction, {pick} measured best at {max(sizes):g} rows and is the pick")
+        return {"pick": pick, "tied": tied, "verdict": "too_close", "suggest_sizes": more, "law_winner": winner,
+                "verdict_text": (f"Too close to call: {', '.join(tied)} have overlapping predicted ranges; "
+                                 f"{why}. Larger small sizes ({run}) would narrow the ranges." + note)}
+    return {"pick": winner, "tied": tied, "verdict": "predicted", "suggest_sizes": more,
+            "verdict_text": f"Predicted winner: {winner}; no other method's range reaches it." + note}
 
 
 def backtest(ps: list[dict]) -> dict:
@@ -301,7 +463,7 @@ def table_rows(result: dict) -> tuple[list[str], list[list[str]]]:
     truth = result.get("truth") or {}
     tn = result.get("target", "eval loss")
     heads = ["method", "law", "beta", "E", f"predicted {tn} @ {result['full_size']:g}", "95% interval",
-             "backtest-scaled range", f"predicted {m}", "95% interval", "P(best)", "backtest error (fit / constant)",
+             "backtest-scaled range", f"predicted {m}", "95% interval", "stated range (seeds + form)", "P(best)", "backtest error (fit / constant)",
              "fit"]
     if truth:
         heads += [f"true {tn} (95% CI)", f"true {m} (95% CI)", f"{tn} error", f"{m} error"]
@@ -315,7 +477,8 @@ def table_rows(result: dict) -> tuple[list[str], list[list[str]]]:
             back, verdict = bt.get("error", "–"), "–"
         fp = p["fit"]["params"]
         cells = [label, p["fit"]["formula"], _f(fp.get("beta"), 3), _f(fp.get("E"), 3), _f(p["loss"]), _ci(p["loss_ci"]),
-                 _ci(p.get("form_band") or {}), _f(p["metric"]), _ci(p["metric_ci"]), _f(p.get("p_win"), 2), back, verdict]
+                 _ci(p.get("form_band") or {}), _f(p["metric"]), _ci(p["metric_ci"]),
+                 _ci(p.get("metric_range") or {}), _f(p.get("p_win"), 2), back, verdict]
         if truth:
             t = truth.get(label)
             if t:
@@ -333,12 +496,17 @@ def markdown(result: dict) -> str:
     heads, rows = table_rows(result)
     lines = [f"## Advice: which method wins at {result['full_size']:g} training rows", ""]
     w = result.get("winner")
-    if w:
+    verdict = result.get("verdict", "predicted")
+    if verdict == "too_little_data":
+        lines.append(f"**Too little data to predict.** {result['verdict_text']}")
+    elif w:
         p = result["methods"][w]
         among = f" among the fitted methods ({', '.join(result['errors'])} not fitted)" if result.get("errors") else ""
-        lines.append(f"**Predicted winner: {w}**{among} ({result.get('target', 'eval loss')} {p['loss']:.4g} {_ci(p['loss_ci'])}, "
-                     f"{result['metric']} {_f(p['metric'])} {_ci(p['metric_ci'])}, best in "
-                     f"{100 * (p.get('p_win') or 0):.0f}% of {result['n_boot']} seed-bootstrap refits).")
+        head = f"**Predicted winner: {w}**" if verdict == "predicted" else f"**Too close to call: {', '.join(result['tied'])}**"
+        lines.append(f"{head}{among} ({result.get('target', 'eval loss')} {p['loss']:.4g} {_ci(p.get('loss_range') or p['loss_ci'])}, "
+                     f"{result['metric']} {_f(p['metric'])} {_ci(p.get('metric_range') or p['metric_ci'])}, best in "
+                     f"{100 * (p.get('p_win') or 0):.0f}% of {result['n_boot']} seed-bootstrap refits). "
+                     f"{result.get('verdict_text', '')}")
     if "true_winner" in result:
         ok = "correct" if result["true_winner"] == w else "WRONG"
         lines.append(f"Verified at the full size: lowest true {result.get('target', 'eval loss')}: {result['true_winner']} (prediction {ok}); "
@@ -364,8 +532,12 @@ def markdown(result: dict) -> str:
     for label, p in result["methods"].items():
         for wn in (p["backtest"].get("diagnostics") or {}).get("warnings", []):
             lines.append(f"- warning ({label} backtest): {wn}")
+    for label, p in result["methods"].items():
+        if p.get("no_gain"):
+            lines.append(f"- {label}: {p['no_gain']}")
     for label, e in result.get("errors", {}).items():
         lines.append(f"- {label}: not fitted: {e}")
+    lines += limits_lines(result.get("limits"))
     lines.append("\nIntervals on predictions: 2.5-97.5 percentiles of refits on seed-bootstrap resamples, so "
                  "they measure seed noise only, not whether the law's form is right: the backtest says that "
                  "(the largest small size held out and predicted, mean relative error, beside predicting it with "
@@ -373,6 +545,25 @@ def markdown(result: dict) -> str:
                  "backtest-scaled range widens the prediction by that error times the number of such extrapolation "
                  "steps (in log D) from the largest size to the full one: a rough allowance for the law's form.")
     return "\n".join(lines) + "\n"
+
+
+def limits_lines(limits: dict | None) -> list[str]:
+    """What the --time / --memory limits did, and which of them bound the answer."""
+    if not limits:
+        return []
+    asked = [f"time {limits['time_s']:g} s" if limits.get("time_s") else None,
+             f"memory {limits['memory_mb']:,.0f} MB" if limits.get("memory_mb") else None]
+    out = [f"\nLimits: {', '.join(a for a in asked if a)} (each method probed at the full size on this machine: "
+           + "; ".join(f"{k} {p['s_per_step']:.3g} s/step, peak {p['peak_memory_mb']:,.0f} MB"
+                       for k, p in limits.get("probe", {}).items() if "s_per_step" in p) + ")."]
+    for label, why in (limits.get("left_out") or {}).items():
+        out.append(f"- {label}: {why}")
+    for label, st in (limits.get("steps") or {}).items():
+        out.append(f"- {label}: predicted at {st['fit']} steps, what fits the time, not its planned {st['planned']}")
+    bound = limits.get("bound") or []
+    out.append(f"The limit that bound the answer: {' and '.join(bound)}." if bound else
+               "Neither limit bound the answer: every method fits, at its planned steps.")
+    return out
 
 
 def plot(result: dict, pts: dict[str, list[dict]]) -> bytes | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import datetime as _dt
+import re
 from html import escape
 
 from tunelab.report.tables import fmt_count, fmt_num, summary_cells, summary_headers
@@ -60,6 +61,14 @@ def _table(headers: list[str], body_rows: list[str], sortable: bool = True) -> s
     cls = ' class="sortable"' if sortable else ""
     table = f"<table{cls}><thead><tr>{head}</tr></thead><tbody>{''.join(body_rows)}</tbody></table>"
     return f'<div class="scroll">{table}</div>'
+
+
+def inline_markdown(text: str) -> str:
+    """One line of the Markdown the reports write, as HTML: escaped, with **bold** and `code` rendered
+    (the report's notes are Markdown; shown escaped, the HTML read a literal "**Predicted winner**")."""
+    out = escape(text)
+    out = re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", out)
+    return re.sub(r"`([^`]+)`", r"<code>\1</code>", out)
 
 
 def text_table(headers: list[str], rows: list[list[str]]) -> str:

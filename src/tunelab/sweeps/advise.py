@@ -19,6 +19,11 @@
       verify: false                   # also train at full_size and report prediction vs truth
                                       #   (true: with every seed; a list such as [0]: with those seeds)
       out_dir: runs/advise
+      time: 2h                        # optional: the time the full-size run may train on this machine
+                                      #   (s, m, h); each method's seconds per step come from the sizing
+                                      #   probe and every run trains the steps that fit (at most the plan's)
+      memory: 24GB                    # optional: peak memory a run may use (MB, GB, GiB); a method whose
+                                      #   probed peak does not fit is left out, with the reason
 
 Runs go to ``OUT/runs/<label>[-x<value>]-n<size>-s<seed>`` (finished runs are reused), then the
 report (``tunelab.report.advise``) writes advise.json, results.md and report.html. Every run trains
@@ -63,11 +68,15 @@ def advise(
     say: Callable[[str], None] = to_stderr,
     executor: Executor | str | None = None,
     executor_options: dict | None = None,
+    time_limit: str | float | None = None,
+    memory_limit: str | float | None = None,
+    limits_probe: Callable | None = None,
 ) -> Path:
     """Run the small-size sweep (and, with ``verify``, the full size), then write the advice.
     ``executor`` trains the runs: an ``Executor``, or "local" / "ray" with ``executor_options``
     (jobs, gpus_per_run, ray_address, storage, retries; see tunelab.sweeps.executors); default: the
-    section's ``executor`` keys, else local."""
+    section's ``executor`` keys, else local. ``time_limit`` ("2h") and ``memory_limit`` ("24GB"), or
+    advise.time / advise.memory: see ``apply_limits``; ``limits_probe`` replaces the sizing probe (tests)."""
     raw, sweep = read_sweep_config(cfg_path, overrides)
     section = sweep.get("advise", {})
     executor = executor_from(section, executor, **(executor_options or {}))
@@ -132,11 +141,16 @@ def advise(
         raise ValueError(f"advise.chance_loss: {chance!r} is not a positive number (the eval loss of a model "
                          "that has learned nothing, e.g. 0.6931 = ln 2 for a balanced binary head)")
     budget_info = _match_per_size(plan, budget or section.get("budget"), out_dir, section, say, max(sizes))
+    time_s = parse_duration(time_limit if time_limit is not None else section.get("time"))
+    memory_mb = parse_memory(memory_limit if memory_limit is not None else section.get("memory"))
+    limits = None
+    if time_s is not None or memory_mb is not None:
+        plan, limits = apply_limits(plan, full_size, time_s, memory_mb, out_dir, say, limits_probe or probe_run)
     manifest = {
         "kind": "advise", "config": str(cfg_path), "overrides": list(overrides), "methods": labels,
         "sizes": sizes, "full_size": full_size, "verify": verify, "factor": factor, "x_full": x_full,
         "seeds": seeds, "budget": budget_info, "metric": section.get("metric"), "steps": steps_mode,
-        "chance_loss": None if chance is None else float(chance), "target": target,
+        "chance_loss": None if chance is None else float(chance), "target": target, "limits": limits,
         "runs": [run.info for run in plan],
     }
     from tunelab.report.stats import environment
@@ -215,3 +229,127 @@ def _match_per_size(plan: list[PlannedRun], mode, out_dir: Path, section: dict, 
         set_key(run.raw, "train.max_steps", max(1, math.floor(ref_steps * costs[ref] / costs[run.label])))
     res["note"] += f"; applied at every data size as steps x cost({ref}) / cost(method)"
     return res
+
+
+_TIME_UNITS = {"s": 1.0, "sec": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0, "d": 86400.0}
+_MEMORY_UNITS = {"mb": 1.0, "mib": 1.0, "gb": 1000.0 ** 3 / 2**20, "gib": 1024.0, "tb": 1000.0 ** 4 / 2**20,
+                 "tib": 1024.0**2}
+
+
+def parse_duration(v) -> float | None:
+    """Seconds from "90s", "45m", "2h", "1.5h" or a number of seconds; None stays None."""
+    return _parse(v, _TIME_UNITS, "s", "--time / advise.time", "2h, 45m or 90s")
+
+
+def parse_memory(v) -> float | None:
+    """MiB from "24GB", "512MB", "16GiB" or a number of MB; None stays None."""
+    return _parse(v, _MEMORY_UNITS, "mb", "--memory / advise.memory", "24GB, 16GiB or 512MB")
+
+
+def _parse(v, units: dict, default: str, where: str, examples: str) -> float | None:
+    import re
+
+    if v is None:
+        return None
+    if isinstance(v, int | float) and not isinstance(v, bool):
+        value, unit = float(v), default
+    else:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(v))
+        if not m or (m.group(2) and m.group(2).lower() not in units):
+            raise ValueError(f"{where}: {v!r} is not a quantity like {examples}")
+        value, unit = float(m.group(1)), (m.group(2) or default).lower()
+    if value <= 0:
+        raise ValueError(f"{where}: {v!r} must be more than 0")
+    return value * units[unit]
+
+
+def probe_run(cfg, out_dir: Path) -> dict:
+    """The sizing probe (``tunelab bench``, training.sizing) of one method's full-size config in its
+    own process, so that each method's peak memory is its own: seconds per optimizer step and peak
+    memory (RSS on CPU, allocated on CUDA)."""
+    import json
+    import subprocess
+    import sys
+
+    from tunelab.sweeps.runner import write_request
+
+    spec = write_request(cfg)
+    res = out_dir / "bench.json"
+    proc = subprocess.run([sys.executable, "-m", "tunelab", "bench", str(spec), "--steps", "4",
+                           "--eval-examples", "0", "--json", str(res)], capture_output=True, text=True)
+    if proc.returncode or not res.exists():
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        return {"error": f"the sizing probe failed: {tail[0]}"}
+    train = json.loads(res.read_text())["train"]
+    return {"s_per_step": float(train["step_s"]["median"]), "peak_memory_mb": float(train["peak_memory_mb"]),
+            "device": train.get("device")}
+
+
+def apply_limits(plan: list[PlannedRun], full_size: int, time_s: float | None, memory_mb: float | None,
+                 out_dir: Path, say, probe) -> tuple[list[PlannedRun], dict]:
+    """advise under a budget. Each method's full-size config is probed once (``probe``, cached in
+    OUT/limits.json): a method whose peak memory exceeds ``memory_mb`` is left out with the reason
+    (none of its runs train); with ``time_s``, a method trains at most the steps that fit the time
+    at its probed seconds per step: when fewer than the full-size run's planned steps, every run of
+    that method trains exactly those steps (the law is then fitted at the compute the user can
+    spend, as advise.steps: full does), and a method not even one step fits is left out. Returns the
+    plan that remains and the record the report shows (which limit bound the answer)."""
+    import json
+
+    from tunelab.sweeps import budget as bud
+
+    cache = out_dir / "limits.json"
+    cached = json.loads(cache.read_text()) if cache.exists() else {}
+    probes = dict(cached.get("probe", {})) if cached.get("full_size") == full_size else {}
+    firsts: dict[str, PlannedRun] = {}
+    for run in plan:
+        firsts.setdefault(run.label, run)
+    for label, run in firsts.items():
+        if label in probes:
+            continue
+        cfg = run.config()
+        probe_dir = out_dir / "probe" / label
+        cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"max_train": full_size}),
+                                     "output_dir": str(probe_dir)})
+        say(f"limits: probing {label} (speed and peak memory at {full_size} rows)")
+        probes[label] = probe(cfg, probe_dir)
+    left_out, steps, bound = {}, {}, set()
+    for label, run in firsts.items():
+        p = probes[label]
+        if "error" in p:
+            left_out[label] = p["error"]
+            continue
+        if memory_mb is not None and p["peak_memory_mb"] > memory_mb:
+            left_out[label] = (f"left out: its probed peak memory {p['peak_memory_mb']:,.0f} MB does not fit the "
+                               f"memory limit {memory_mb:,.0f} MB")
+            bound.add("memory")
+            continue
+        if time_s is not None:
+            planned = bud.planned_steps(run.config(), full_size)
+            fit = int(time_s // p["s_per_step"])
+            if fit < 1:
+                left_out[label] = (f"left out: one step takes {p['s_per_step']:.3g} s, more than the time limit "
+                                   f"{time_s:g} s")
+                bound.add("time")
+                continue
+            if fit < planned:
+                steps[label] = {"planned": planned, "fit": fit}
+                bound.add("time")
+    kept = []
+    for run in plan:
+        if run.label in left_out:
+            continue
+        if run.label in steps:
+            set_key(run.raw, "train.max_steps", steps[run.label]["fit"])
+        kept.append(run)
+    if not kept:
+        raise ValueError("advise: no method fits the limits: " + "; ".join(f"{k}: {v}" for k, v in left_out.items()))
+    for label, why in left_out.items():
+        say(f"limits: {label} {why}")
+    for label, st in steps.items():
+        say(f"limits: {label} trains {st['fit']} of its {st['planned']} planned steps (what fits the time)")
+    record = {"time_s": time_s, "memory_mb": memory_mb, "full_size": full_size, "probe": probes,
+              "left_out": left_out, "steps": steps, "bound": sorted(bound)}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps(record, indent=2))
+    return kept, record
