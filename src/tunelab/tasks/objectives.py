@@ -122,6 +122,14 @@ def _reference(model):
     return model, contextlib.nullcontext()  # nothing attached: the model is its own reference
 
 
+def needs_frozen_copy(model) -> None:
+    """Before the first step of an objective with a reference: a method without an off switch (full
+    fine-tuning) gets a frozen copy of the model as it is now (``_reference`` then uses it)."""
+    if not has_switch(model) and "tunelab_reference" not in model.__dict__:
+        frozen = copy.deepcopy(model).eval().requires_grad_(False)
+        model.__dict__["tunelab_reference"] = (frozen,)  # a tuple: not registered as a submodule
+
+
 class Preference:
     """A preference objective (``kind``: dpo | simpo | orpo) over chosen-then-rejected batches."""
 
@@ -137,9 +145,8 @@ class Preference:
 
     def prepare(self, model) -> None:
         """Before the first step: keep a frozen copy for a method without an off switch (DPO only)."""
-        if self.kind == "dpo" and not has_switch(model) and "tunelab_reference" not in model.__dict__:
-            frozen = copy.deepcopy(model).eval().requires_grad_(False)
-            model.__dict__["tunelab_reference"] = (frozen,)  # a tuple: not registered as a submodule
+        if self.kind == "dpo":
+            needs_frozen_copy(model)
 
     def units(self, batch: dict) -> int:
         """What the batch's loss is a mean over: pairs."""
