@@ -119,8 +119,8 @@ def run_job(job: dict, runs: Path) -> dict:
     return row
 
 
-def table(path: Path) -> str:
-    res = json.loads(path.read_text())
+def table(paths: list[Path]) -> str:
+    res = {"rows": [r for p in paths for r in json.loads(p.read_text())["rows"]]}
     lines = ["| data | objective | method | held-out exact match before -> after | mean reward, first 5 -> last 5 steps "
              "| rollout tok/s | training tok/s | train time s | peak memory MB |", "|---|---|---|---|---|---|---|---|---|"]
     base = {r["data"]: r["before_accuracy"] for r in res["rows"] if r["before_accuracy"] is not None}
@@ -149,7 +149,7 @@ def main() -> None:
     ap.add_argument("--gsm-dev", type=int, default=40, help="GSM8K test questions scored")
     ap.add_argument("--only", help="comma-separated job names to run")
     ap.add_argument("--job", help=argparse.SUPPRESS)  # internal: run one job in this process, print its row
-    ap.add_argument("--table", type=Path, help="print the markdown table of a results file and exit")
+    ap.add_argument("--table", type=Path, nargs="+", help="print the markdown table of results files and exit")
     args = ap.parse_args()
     if args.table:
         print(table(args.table))

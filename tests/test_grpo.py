@@ -188,12 +188,16 @@ def _prompts(path, n, seed):
 
 
 def _cfg(tiny_dir, tmp_path, out, *extra):
-    return load_config(None, [
+    return load_config(None, _overrides(tiny_dir, tmp_path, out, *extra))
+
+
+def _overrides(tiny_dir, tmp_path, out, *extra):
+    return [
         f"model.name={tiny_dir}", "method.name=lora", "task.name=rl", "task.chat=false", "task.reward=[my_rewards:digits]",
         "task.num_generations=8", "task.max_new_tokens=4", f"data.train={_prompts(tmp_path / 'train.jsonl', 16, 0)}",
         f"data.eval={_prompts(tmp_path / 'dev.jsonl', 8, 1)}", "train.batch_size=2", "train.lr=3e-2",
         "train.progress=false", "train.precision=fp32", "train.threads=1", "train.log_every=1", "train.seed=0",
-        f"output_dir={out}", *extra])
+        f"output_dir={out}", *extra]
 
 
 def _log(out):
@@ -260,3 +264,58 @@ def test_bad_reward_is_refused_before_training(tiny_dir, tmp_path, user_rewards,
     with pytest.raises(ValueError, match=error):
         train_mod.run(_cfg(tiny_dir, tmp_path, tmp_path / "run", "train.max_steps=2", f"task.reward=[{reward}]"))
     assert not started
+
+
+def test_two_processes_each_sample_their_own_groups(tiny_dir, tmp_path, user_rewards, monkeypatch):
+    """torchrun with 2 processes (gloo): each rank rolls out its own prompts (whole groups), the run trains,
+    and the ranks sample independently (their first steps' rewards are not copies of each other)."""
+    import os
+
+    from test_distributed import launch
+
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path.parent / "my_rewards_dir"), os.environ.get("PYTHONPATH", "")]))
+    mod = tmp_path.parent / "my_rewards_dir"
+    mod.mkdir(exist_ok=True)
+    (mod / "my_rewards.py").write_text(
+        "import json, os\n"
+        "def digits(completion, example):\n"
+        "    with open(os.environ['GRPO_SEEN'] + os.environ['RANK'], 'a') as f:\n"
+        "        f.write(json.dumps([example['prompt'], completion]) + '\\n')\n"
+        "    return sum(c.isdigit() for c in completion) / max(1, len(completion.replace(' ', '')))\n")
+    monkeypatch.setenv("GRPO_SEEN", str(tmp_path / "seen."))
+    out = tmp_path / "two"
+    cfg = [*(f"{a}" for a in _overrides(tiny_dir, tmp_path, out)), "train.max_steps=2", "train.batch_size=1"]
+    res = launch({"runs": [cfg]}, tmp_path, "grpo", 2)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["run"]["world_size"] == 2 and len(_log(out)) == 2
+    seen = {r: [json.loads(ln) for ln in (tmp_path / f"seen.{r}").read_text().splitlines()] for r in (0, 1)}
+    # per rank: the reward check before training (1 row), 2 steps x 1 prompt x 8 completions, then the
+    # final evaluation's 8 dev rows (every rank scores the gathered generations)
+    train = {r: seen[r][1:17] for r in (0, 1)}
+    for r in (0, 1):
+        assert len(seen[r]) == 1 + 16 + 8
+        assert len({p for p, _ in train[r][:8]}) == 1 and len({p for p, _ in train[r][8:]}) == 1  # a group: one prompt
+    assert {p for p, _ in train[0]}.isdisjoint({p for p, _ in train[1]})  # each rank its own prompts
+    assert len({c for r in (0, 1) for _, c in train[r]}) > 8  # sampled apart, not copies
+
+
+def test_compare_runs_grpo_across_methods(tiny_dir, tmp_path):
+    """`tunelab compare` on an rl config: each method trains with GRPO and is ranked on held-out accuracy."""
+    import yaml
+
+    from tunelab.sweeps.compare import compare
+
+    cfg = {"model": str(tiny_dir), "method": {"name": "lora"},
+           "task": {"name": "rl", "chat": False, "reward": ["length"], "num_generations": 4, "max_new_tokens": 3},
+           "data": {"train": str(_prompts(tmp_path / "t.jsonl", 8, 0)), "eval": str(_prompts(tmp_path / "d.jsonl", 4, 1))},
+           "train": {"max_steps": 2, "batch_size": 2, "progress": False, "precision": "fp32", "threads": 1}}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    out = compare(path, methods=["lora", "loreft:rank=2"], seeds=[0], out_dir=tmp_path / "cmp", say=lambda m: None)
+    for run in ("lora-s0", "loreft-rank2-s0"):
+        m = json.loads((out / "runs" / run / "metrics.json").read_text())
+        assert m["run"]["steps"] == 2 and m["metrics"]["n"] == 4 and "accuracy" in m["metrics"]
+        assert "eval_loss" not in m["metrics"]  # GRPO has no held-out loss
+        assert "reward" in _log(out / "runs" / run)[0]
+    assert "accuracy" in (out / "results.md").read_text()

@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from tunelab.data.encoding import Collator
+from tunelab.runtime import distributed as dist
 from tunelab.tasks import rewards as rw
 from tunelab.tasks.objectives import IGNORE, _reference, needs_frozen_copy
 
@@ -167,10 +168,13 @@ class GRPO:
         eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
         t0 = time.perf_counter()
         was = model.training
+        # a seed drawn from torch's global RNG (saved in checkpoints), offset by the rank: ranks sample apart
+        seed = int(torch.randint(0, 2**62, (1,)).item()) + 1_000_003 * dist.rank()
+        gen = torch.Generator(device=device).manual_seed(seed)
         with inference.inference(model, shared=False):
             toks = decoding.complete(model, tokenizer, rows, max_new_tokens=cfg.max_new_tokens, batch_size=len(rows),
                                      eos=eos_ids, do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p,
-                                     top_k=cfg.top_k)
+                                     top_k=cfg.top_k, generator=gen)
         model.train(was)
         seconds = time.perf_counter() - t0
         texts = [tokenizer.decode(t, skip_special_tokens=True) for t in toks]
