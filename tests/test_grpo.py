@@ -319,3 +319,20 @@ def test_compare_runs_grpo_across_methods(tiny_dir, tmp_path):
         assert "eval_loss" not in m["metrics"]  # GRPO has no held-out loss
         assert "reward" in _log(out / "runs" / run)[0]
     assert "accuracy" in (out / "results.md").read_text()
+
+
+def test_prompts_without_answers_give_predictions_only(tmp_path):
+    from tunelab.tasks import TASKS
+    from tunelab.tasks.base import targets_optional
+
+    task = TASKS.get("rl")
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps({"prompt": "What is 2 + 2?"}) + "\n")
+    with pytest.raises(Exception, match="answer"):
+        task.read(str(path), task.Config())
+    with targets_optional():
+        rows = task.read(str(path), task.Config())
+    assert rows[0]["answer"] == ""
+    model, tok = tiny_llama(), __import__("conftest").tiny_tokenizer_obj()
+    metrics, preds = task.evaluate(model, tok, rows, task.Config(chat=False, max_new_tokens=2))
+    assert metrics == {"n": 1, "without_reference": 1} and "prediction" in preds[0] and "reference" not in preds[0]

@@ -33,7 +33,15 @@ from tunelab.data.readers import read_records
 from tunelab.errors import DataError
 from tunelab.evaluation.scoring import generate, tokenize_prompt
 from tunelab.tasks import rewards as rw
-from tunelab.tasks.base import TASKS, TaskConfig, field_name, gen_args, render_prompt, targets_are_optional
+from tunelab.tasks.base import (
+    TASKS,
+    TaskConfig,
+    field_name,
+    gen_args,
+    render_prompt,
+    targets_are_optional,
+    unreferenced,
+)
 from tunelab.tasks.grpo import GRPO
 from tunelab.tasks.shared import split_source
 
@@ -148,6 +156,9 @@ class RLTask:
             totals.append(sum(w * vals[name] for name, _, w, _ in fns))
             preds.append({"where": ex["_where"], "input": ex["prompt"], "prediction": out, "reference": ex["answer"],
                           "reward": totals[-1]})
+        if missing := unreferenced(examples, "answer"):  # prompts alone (tunelab predict): no metrics
+            return {"n": len(examples), "without_reference": missing}, [
+                {k: v for k, v in p.items() if k not in ("reference", "reward")} for p in preds]
         n = max(len(examples), 1)
         first = fns[0][0]
         metrics = {"accuracy": sum(per[first]) / n, "reward": sum(totals) / n,
