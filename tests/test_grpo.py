@@ -336,3 +336,25 @@ def test_prompts_without_answers_give_predictions_only(tmp_path):
     model, tok = tiny_llama(), __import__("conftest").tiny_tokenizer_obj()
     metrics, preds = task.evaluate(model, tok, rows, task.Config(chat=False, max_new_tokens=2))
     assert metrics == {"n": 1, "without_reference": 1} and "prediction" in preds[0] and "reference" not in preds[0]
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_kl_reference_is_the_off_switch_or_a_frozen_copy(tiny_dir, tmp_path, user_rewards, monkeypatch, method):
+    """beta > 0: LoRA's reference is the model with its update switched off (no copy); full fine-tuning keeps
+    a frozen copy made before step 1. Either way the first step's KL is 0 (the policy is still the base)."""
+    from tunelab.tasks.grpo import GRPO
+
+    seen = {}
+    real = GRPO.prepare
+
+    def spy(self, model):
+        real(self, model)
+        seen["copy"] = "tunelab_reference" in model.__dict__
+
+    monkeypatch.setattr(GRPO, "prepare", spy)
+    out = tmp_path / "run"
+    train_mod.run(_cfg(tiny_dir, tmp_path, out, "train.max_steps=3", f"method.name={method}", "task.beta=0.1",
+                       "train.lr=1e-2"))
+    log = _log(out)
+    assert seen["copy"] == (method == "full")
+    assert log[0]["kl"] == pytest.approx(0.0, abs=1e-6) and log[-1]["kl"] > 1e-6
