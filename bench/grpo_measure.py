@@ -8,7 +8,7 @@ interrupted measurement keeps the jobs that finished); each GRPO run directory g
 
     python examples/write_grpo_sums.py --out runs/grpo-data
     python bench/grpo_measure.py --data runs/grpo-data --runs runs/grpo-bench --out bench/results/cpu-2core-grpo-sums.json
-    python bench/grpo_measure.py --table bench/results/cpu-2core-grpo-sums.json     # the docs table
+    python bench/grpo_measure.py --table bench/results/cpu-2core-grpo-*.json --plot docs/img/grpo_reward.png
 """
 
 from __future__ import annotations
@@ -42,6 +42,9 @@ def jobs(data: Path, steps: int, dev: int, gsm_steps: int, gsm_dev: int) -> list
                                      f"data.train={data / 'grpo_sums_sft_train.jsonl'}", "eval.loss=false"], "score": score},
         {"name": "dpo-lora", "objective": "DPO (right vs wrong)", "method": "lora", "data": "sums",
          "train": COMMON + budget + ["task.name=preference", "task.objective=dpo", "method.name=lora", "train.lr=1e-3",
+                                     f"data.train={data / 'grpo_sums_pairs_train.jsonl'}", "eval.loss=false"], "score": score},
+        {"name": "dpo-lora-lr2e-4", "objective": "DPO (right vs wrong)", "method": "lora", "data": "sums",
+         "train": COMMON + budget + ["task.name=preference", "task.objective=dpo", "method.name=lora", "train.lr=2e-4",
                                      f"data.train={data / 'grpo_sums_pairs_train.jsonl'}", "eval.loss=false"], "score": score},
         {"name": "grpo-loreft", "objective": "GRPO", "method": "loreft", "data": "sums",
          "train": COMMON + RL + budget + ["method.name=loreft", "method.rank=4", "method.layers=[3,9,18,24]",
@@ -120,10 +123,29 @@ def run_job(job: dict, runs: Path) -> dict:
     return row
 
 
+def reward_plot(paths: list[Path]) -> bytes:
+    """Mean reward per step of every GRPO row of the results files (a 5-step running mean)."""
+    from tunelab.report.plots import _figure, png_bytes
+
+    fig, ax = _figure()
+    for p in paths:
+        for r in json.loads(p.read_text())["rows"]:
+            ys = r.get("reward_per_step")
+            if ys:
+                smooth = [sum(ys[max(0, i - 4): i + 1]) / len(ys[max(0, i - 4): i + 1]) for i in range(len(ys))]
+                ax.plot(range(1, len(ys) + 1), smooth, linewidth=1.6, label=f"{r['data']}: {r['method']}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("mean reward (5-step running mean)")
+    ax.legend(fontsize=8)
+    return png_bytes(fig)
+
+
 def table(paths: list[Path]) -> str:
     res = {"rows": [r for p in paths for r in json.loads(p.read_text())["rows"]]}
-    lines = ["| data | objective | method | held-out exact match before -> after | mean reward, first 5 -> last 5 steps "
-             "| rollout tok/s | training tok/s | train time s | peak memory MB |", "|---|---|---|---|---|---|---|---|---|"]
+    lrs = {j["name"]: next(a.split("=", 1)[1] for a in j["train"] if a.startswith("train.lr="))
+           for j in jobs(Path("."), 0, 0, 0, 0)}
+    lines = ["| data | objective | method | lr | held-out exact match before -> after | mean reward, first 5 -> last 5 steps "
+             "| rollout tok/s | training tok/s | train time s | peak memory MB |", "|---|---|---|---|---|---|---|---|---|---|"]
     base = {r["data"]: r["before_accuracy"] for r in res["rows"] if r["before_accuracy"] is not None}
 
     def f(v, d=3):
@@ -132,7 +154,7 @@ def table(paths: list[Path]) -> str:
     for r in res["rows"]:
         before = r["before_accuracy"] if r["before_accuracy"] is not None else base.get(r["data"])
         rew = f"{f(r.get('reward_first5'))} -> {f(r.get('reward_last5'))}" if "reward_first5" in r else "–"
-        lines.append(f"| {r['data']} (n={r['n_eval']}) | {r['objective']} | {r['method']} | {f(before)} -> "
+        lines.append(f"| {r['data']} (n={r['n_eval']}) | {r['objective']} | {r['method']} | {lrs[r['name']]} | {f(before)} -> "
                      f"{f(r['after_accuracy'])} | {rew} | {f(r.get('rollout_tokens_per_s'), 1)} | "
                      f"{f(r.get('train_tokens_per_s'), 1)} | {r['train_time_s']:.0f} | {r['peak_memory_mb']:.0f} |")
     return "\n".join(lines)
@@ -151,9 +173,12 @@ def main() -> None:
     ap.add_argument("--only", help="comma-separated job names to run")
     ap.add_argument("--job", help=argparse.SUPPRESS)  # internal: run one job in this process, print its row
     ap.add_argument("--table", type=Path, nargs="+", help="print the markdown table of results files and exit")
+    ap.add_argument("--plot", type=Path, help="with --table: also draw every GRPO row's reward per step into this PNG")
     args = ap.parse_args()
     if args.table:
         print(table(args.table))
+        if args.plot:
+            args.plot.write_bytes(reward_plot(args.table))
         return
     all_jobs = jobs(args.data.resolve(), args.steps, args.dev, args.gsm_steps, args.gsm_dev)
     if args.job:
