@@ -140,11 +140,19 @@ def reward_plot(paths: list[Path]) -> bytes:
     return png_bytes(fig)
 
 
+def wilson(p: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson 95% interval of a share p of n (inside [0, 1] whatever p)."""
+    if not n:
+        return 0.0, 1.0
+    centre, half = (p + z * z / (2 * n)) / (1 + z * z / n), z * (p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5 / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
 def table(paths: list[Path]) -> str:
     res = {"rows": [r for p in paths for r in json.loads(p.read_text())["rows"]]}
     lrs = {j["name"]: next(a.split("=", 1)[1] for a in j["train"] if a.startswith("train.lr="))
            for j in jobs(Path("."), 0, 0, 0, 0)}
-    lines = ["| data | objective | method | lr | held-out exact match before -> after | mean reward, first 5 -> last 5 steps "
+    lines = ["| data | objective | method | lr | held-out exact match before -> after [Wilson 95% of after] | mean reward, first 5 -> last 5 steps "
              "| rollout tok/s | training tok/s | train time s | peak memory MB |", "|---|---|---|---|---|---|---|---|---|---|"]
     base = {r["data"]: r["before_accuracy"] for r in res["rows"] if r["before_accuracy"] is not None}
 
@@ -155,7 +163,7 @@ def table(paths: list[Path]) -> str:
         before = r["before_accuracy"] if r["before_accuracy"] is not None else base.get(r["data"])
         rew = f"{f(r.get('reward_first5'))} -> {f(r.get('reward_last5'))}" if "reward_first5" in r else "–"
         lines.append(f"| {r['data']} (n={r['n_eval']}) | {r['objective']} | {r['method']} | {lrs[r['name']]} | {f(before)} -> "
-                     f"{f(r['after_accuracy'])} | {rew} | {f(r.get('rollout_tokens_per_s'), 1)} | "
+                     f"{f(r['after_accuracy'])} [{f(wilson(r['after_accuracy'], r['n_eval'])[0], 2)}, {f(wilson(r['after_accuracy'], r['n_eval'])[1], 2)}] | {rew} | {f(r.get('rollout_tokens_per_s'), 1)} | "
                      f"{f(r.get('train_tokens_per_s'), 1)} | {r['train_time_s']:.0f} | {r['peak_memory_mb']:.0f} |")
     return "\n".join(lines)
 
