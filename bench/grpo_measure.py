@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 import time
@@ -29,7 +30,17 @@ RL = ["task.name=rl", "task.reward=[numeric]", "task.num_generations=8", "task.m
       "task.temperature=0.7"]
 
 
-def jobs(data: Path, steps: int, dev: int, gsm_steps: int, gsm_dev: int) -> list[dict]:
+def jobs(data: Path, steps: int, dev: int, gsm_steps: int, gsm_dev: int, seed: int = 0) -> list[dict]:
+    """Every job at ``seed`` (a seed other than 0 suffixes the names with -s<seed>)."""
+    out = _jobs(data, steps, dev, gsm_steps, gsm_dev)
+    if seed:
+        for j in out:
+            j["name"] += f"-s{seed}"
+            j["train"] = j["train"] + [f"train.seed={seed}"]
+    return out
+
+
+def _jobs(data: Path, steps: int, dev: int, gsm_steps: int, gsm_dev: int) -> list[dict]:
     train_rl, dev_rl = data / "grpo_sums_train.jsonl", f"{data / 'grpo_sums_dev.jsonl'}#rows=0:{dev}"
     budget = [f"train.max_steps={steps}", "train.batch_size=2"]
     score = RL + [f"data.eval={dev_rl}"]  # how every sums job is scored
@@ -140,6 +151,11 @@ def reward_plot(paths: list[Path]) -> bytes:
     return png_bytes(fig)
 
 
+def seed_of(name: str) -> int:
+    m = re.search(r"-s(\d+)$", name)
+    return int(m.group(1)) if m else 0
+
+
 def wilson(p: float, n: int, z: float = 1.96) -> tuple[float, float]:
     """The Wilson 95% interval of a share p of n (inside [0, 1] whatever p)."""
     if not n:
@@ -151,9 +167,9 @@ def wilson(p: float, n: int, z: float = 1.96) -> tuple[float, float]:
 def table(paths: list[Path]) -> str:
     res = {"rows": [r for p in paths for r in json.loads(p.read_text())["rows"]]}
     lrs = {j["name"]: next(a.split("=", 1)[1] for a in j["train"] if a.startswith("train.lr="))
-           for j in jobs(Path("."), 0, 0, 0, 0)}
-    lines = ["| data | objective | method | lr | held-out exact match before -> after [Wilson 95% of after] | mean reward, first 5 -> last 5 steps "
-             "| rollout tok/s | training tok/s | train time s | peak memory MB |", "|---|---|---|---|---|---|---|---|---|---|"]
+           for seed in (0, 1, 2) for j in jobs(Path("."), 0, 0, 0, 0, seed)}
+    lines = ["| data | objective | method | lr | seed | held-out exact match before -> after [Wilson 95% of after] | mean reward, first 5 -> last 5 steps "
+             "| rollout tok/s | training tok/s | train time s | peak memory MB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     base = {r["data"]: r["before_accuracy"] for r in res["rows"] if r["before_accuracy"] is not None}
 
     def f(v, d=3):
@@ -162,7 +178,7 @@ def table(paths: list[Path]) -> str:
     for r in res["rows"]:
         before = r["before_accuracy"] if r["before_accuracy"] is not None else base.get(r["data"])
         rew = f"{f(r.get('reward_first5'))} -> {f(r.get('reward_last5'))}" if "reward_first5" in r else "–"
-        lines.append(f"| {r['data']} (n={r['n_eval']}) | {r['objective']} | {r['method']} | {lrs[r['name']]} | {f(before)} -> "
+        lines.append(f"| {r['data']} (n={r['n_eval']}) | {r['objective']} | {r['method']} | {lrs[r['name']]} | {seed_of(r['name'])} | {f(before)} -> "
                      f"{f(r['after_accuracy'])} [{f(wilson(r['after_accuracy'], r['n_eval'])[0], 2)}, {f(wilson(r['after_accuracy'], r['n_eval'])[1], 2)}] | {rew} | {f(r.get('rollout_tokens_per_s'), 1)} | "
                      f"{f(r.get('train_tokens_per_s'), 1)} | {r['train_time_s']:.0f} | {r['peak_memory_mb']:.0f} |")
     return "\n".join(lines)
@@ -179,6 +195,7 @@ def main() -> None:
     ap.add_argument("--gsm-steps", type=int, default=16, help="optimizer steps of the GSM8K job")
     ap.add_argument("--gsm-dev", type=int, default=40, help="GSM8K test questions scored")
     ap.add_argument("--only", help="comma-separated job names to run")
+    ap.add_argument("--seed", type=int, default=0, help="training seed of every job (names get -s<seed> unless 0)")
     ap.add_argument("--job", help=argparse.SUPPRESS)  # internal: run one job in this process, print its row
     ap.add_argument("--table", type=Path, nargs="+", help="print the markdown table of results files and exit")
     ap.add_argument("--plot", type=Path, help="with --table: also draw every GRPO row's reward per step into this PNG")
@@ -188,14 +205,14 @@ def main() -> None:
         if args.plot:
             args.plot.write_bytes(reward_plot(args.table))
         return
-    all_jobs = jobs(args.data.resolve(), args.steps, args.dev, args.gsm_steps, args.gsm_dev)
+    all_jobs = jobs(args.data.resolve(), args.steps, args.dev, args.gsm_steps, args.gsm_dev, args.seed)
     if args.job:
         row = run_job(next(j for j in all_jobs if j["name"] == args.job), args.runs.resolve())
         print("ROW " + json.dumps(row))
         return
     res = json.loads(args.out.read_text()) if args.out.exists() else {
         "machine": "shared CPU, 2 cores (other jobs running beside it), torch threads 1", "model": "smollm2-135m",
-        "seeds": [0], "command": " ".join(["python", "bench/grpo_measure.py", *sys.argv[1:]]), "rows": []}
+        "seeds": [args.seed], "command": " ".join(["python", "bench/grpo_measure.py", *sys.argv[1:]]), "rows": []}
     done = {r["name"] for r in res["rows"]}
     for job in all_jobs:
         if job["name"] in done or (args.only and job["name"] not in args.only.split(",")):
@@ -205,7 +222,7 @@ def main() -> None:
             continue
         p = subprocess.run([sys.executable, __file__, "--data", str(args.data), "--runs", str(args.runs), "--steps",
                             str(args.steps), "--dev", str(args.dev), "--gsm-steps", str(args.gsm_steps), "--gsm-dev",
-                            str(args.gsm_dev), "--job", job["name"]], capture_output=True, text=True)
+                            str(args.gsm_dev), "--seed", str(args.seed), "--job", job["name"]], capture_output=True, text=True)
         rows = [ln[4:] for ln in p.stdout.splitlines() if ln.startswith("ROW ")]
         if p.returncode or not rows:
             print(f"{job['name']}: failed (exit {p.returncode})\n{p.stderr[-3000:]}", flush=True)
