@@ -3,7 +3,10 @@
 It calls ``model(**batch).loss`` and knows nothing about which method is attached. Per optimizer
 step it accumulates ``grad_accum`` micro-batches, weighting each micro-batch's mean loss by its
 share of the step's loss tokens (so the step's gradient is the token-mean over the whole step,
-whatever the padding), clips, steps AdamW and the warmup + linear/cosine schedule.
+whatever the padding), clips, steps AdamW and the warmup + linear/cosine schedule. The task's
+objective, when it has one, gives the loss instead; it may also make each step's batches itself from
+the drawn ones (``step_batches``: GRPO samples and scores its completions there) and ask for each drawn
+batch to serve ``reuse`` optimizer steps. The loop calls these hooks without knowing whose they are.
 
 Exact resume: the batch order is a pure function of (seed, epoch) (``tunelab.data.encoding.batches``), and a
 checkpoint holds the trainable tensors, the optimizer state, the step/epoch/batch position and the
@@ -470,8 +473,9 @@ class _Training:
             if hasattr(obj, "step_batches"):  # the objective makes the step's batches itself (e.g. sampled rollouts)
                 with autocast(r.device, r.amp):
                     micro = obj.step_batches(self.base, r.tok, micro)
-            self.held = micro
-        micro = self.held
+            self.held = micro if _reuse(r) > 1 else None
+        else:
+            micro = self.held
         loss, gnorm = self.optimizer_step(micro)
         dt = time.perf_counter() - t0
         n_tok = dist.all_sum(sum(real_tokens(b, r.tok.pad_token_id) for b in micro))
