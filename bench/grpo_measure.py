@@ -144,7 +144,7 @@ def reward_plot(paths: list[Path]) -> bytes:
             ys = r.get("reward_per_step")
             if ys:
                 smooth = [sum(ys[max(0, i - 4): i + 1]) / len(ys[max(0, i - 4): i + 1]) for i in range(len(ys))]
-                ax.plot(range(1, len(ys) + 1), smooth, linewidth=1.6, label=f"{r['data']}: {r['method']}")
+                ax.plot(range(1, len(ys) + 1), smooth, linewidth=1.6, label=f"{r['data']}: {r['method']}, seed {seed_of(r['name'])}")
     ax.set_xlabel("step")
     ax.set_ylabel("mean reward (5-step running mean)")
     ax.legend(fontsize=8)
