@@ -27,6 +27,8 @@ ROWS = {
     "generation": [{"instruction": f"say {i}", "input": "", "output": "hello"} for i in range(10)],
     "ner": [{"tokens": ["John", "lives", str(i)], "tags": ["B-PER", "O", "O"]} for i in range(10)],
     "preference": [{"prompt": f"q {i}", "chosen": "good", "rejected": "bad"} for i in range(10)],
+    "rl": [{"prompt": f"What is {i} + 1?", "answer": str(i + 1)} for i in range(10)],
+    "unpaired": [{"prompt": f"q {i}", "completion": "good" if i % 2 else "bad", "label": bool(i % 2)} for i in range(10)],
     "qa": [{"context": f"Mary lives in Paris {i}", "question": "who", "answers": ["Mary"], "title": f"t{i}"} for i in range(10)],
     "reasoning": [{"instruction": f"Tom had {i} apples", "input": "", "output": "", "answer": str(i)} for i in range(10)],
     "summarization": [{"dialogue": f"Tom: hi {i}", "summary": "Tom says hi"} for i in range(10)],

@@ -140,6 +140,8 @@ DEFAULT_ROWS: dict[str, dict] = {
     "ner": {"tokens": ["John", "lives", "in", "Paris"], "tags": ["B-PER", "O", "O", "B-LOC"]},
     "preference": {"prompt": "Say hi.", "chosen": "Hi!", "rejected": "No."},
     "qa": {"context": "Mary lives in Paris.", "question": "Who lives in Paris?", "answers": ["Mary"]},
+    "rl": {"prompt": "What is 17 + 25?", "answer": "42"},
+    "unpaired": {"prompt": "Say hi.", "completion": "Hi!", "label": True},
     "reasoning": {"instruction": "Tom had 3 apples and bought 4. How many?", "input": "",
                   "output": "3 + 4 = 7. The answer is 7.", "answer": "7"},
     "summarization": {"id": "1", "dialogue": "Tom: hi\nMary: hello", "summary": "Tom and Mary greet."},

@@ -1,4 +1,4 @@
-"""Training objectives beyond token cross-entropy: preference tuning (DPO, SimPO, ORPO).
+"""Training objectives beyond token cross-entropy: preference tuning (DPO, SimPO, ORPO, KTO).
 
 The loop asks the task for an objective (``task.objective(cfg)``); without one it trains the token
 cross-entropy ``model(**batch).loss``. A preference batch holds 2B rows: B chosen sequences, then
@@ -17,8 +17,15 @@ log pi(y|x) = sum over the response tokens of log p, and |y| the response length
                tokens of all the batch's chosen rows (every real token but each row's first), one number
                per batch, as TRL computes it; in a pair's loss each pair carries B * its share of that sum
            NLL (orpo_nll "response", the ORPO paper's): each pair's chosen response token-mean NLL, -a(y_w)
+    KTO    (unpaired rows: prompt x, completion y, label desirable or not; tunelab.tasks.unpaired)
+           r = log pi(y|x) - log pi_ref(y|x)
+           z0 = max(0, mean over the batch of (log pi(y'|x) - log pi_ref(y'|x)))   (detached; y' is the
+                completion of the batch's previous row: mismatched pairs estimate the KL)
+           loss = desirable_weight * (1 - sigmoid(beta * (r - z0)))        for a desirable row
+           loss = undesirable_weight * (1 - sigmoid(beta * (z0 - r)))      for an undesirable row
+           the batch's loss is the mean over its rows
 
-as TRL 1.16.0 computes them: trl/trainer/dpo_trainer.py `DPOTrainer._compute_loss` (loss_type "sigmoid",
+as TRL 1.16.0 computes them (KTO: trl/trainer/kto_trainer.py `KTOTrainer._compute_loss`, loss_type "kto"); trl/trainer/dpo_trainer.py `DPOTrainer._compute_loss` (loss_type "sigmoid",
 or "robust" when label_smoothing > 0: TRL 1.16's "sigmoid" ignores label_smoothing, so the conservative
 DPO of earlier TRL releases is not available there); trl/experimental/cpo/cpo_trainer.py
 `CPOTrainer.cpo_loss` (loss_type "simpo"); trl/experimental/orpo/orpo_trainer.py
@@ -66,6 +73,17 @@ def sequence_logps(model, batch: dict, whole: bool = False):
     every = real[:, 1:] & real[:, :-1]  # a token predicted from a real token of its own row
     tok = torch.gather(logp_all, 2, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
     return (*out, (tok * every).sum(-1), every.sum(-1))
+
+
+def kto_loss(pol: torch.Tensor, ref: torch.Tensor, desirable: torch.Tensor, kl: torch.Tensor, beta: float = 0.1,
+             desirable_weight: float = 1.0, undesirable_weight: float = 1.0) -> torch.Tensor:
+    """Per-example KTO loss from summed completion log-probabilities of the policy (``pol``) and the
+    reference (``ref``), the examples' labels (``desirable``, bool) and the batch's KL estimate ``kl``
+    (detached, >= 0): desirable rows first, then undesirable ones, as TRL orders them."""
+    ratio = pol - ref
+    good = desirable_weight * (1 - torch.sigmoid(beta * (ratio[desirable] - kl)))
+    bad = undesirable_weight * (1 - torch.sigmoid(beta * (kl - ratio[~desirable])))
+    return torch.cat([good, bad])
 
 
 def smoothed_sigmoid_loss(z: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
@@ -122,6 +140,14 @@ def _reference(model):
     return model, contextlib.nullcontext()  # nothing attached: the model is its own reference
 
 
+def needs_frozen_copy(model) -> None:
+    """Before the first step of an objective with a reference: a method without an off switch (full
+    fine-tuning) gets a frozen copy of the model as it is now (``_reference`` then uses it)."""
+    if not has_switch(model) and "tunelab_reference" not in model.__dict__:
+        frozen = copy.deepcopy(model).eval().requires_grad_(False)
+        model.__dict__["tunelab_reference"] = (frozen,)  # a tuple: not registered as a submodule
+
+
 class Preference:
     """A preference objective (``kind``: dpo | simpo | orpo) over chosen-then-rejected batches."""
 
@@ -137,9 +163,8 @@ class Preference:
 
     def prepare(self, model) -> None:
         """Before the first step: keep a frozen copy for a method without an off switch (DPO only)."""
-        if self.kind == "dpo" and not has_switch(model) and "tunelab_reference" not in model.__dict__:
-            frozen = copy.deepcopy(model).eval().requires_grad_(False)
-            model.__dict__["tunelab_reference"] = (frozen,)  # a tuple: not registered as a submodule
+        if self.kind == "dpo":
+            needs_frozen_copy(model)
 
     def units(self, batch: dict) -> int:
         """What the batch's loss is a mean over: pairs."""

@@ -70,12 +70,13 @@ def _whole(x) -> bool:
 
 
 def check_fits(path: str | Path, state: dict, model, optimizer, *, epoch_batches: int | None = None,
-               grad_accum: int = 1, global_batch: int | None = None) -> None:
+               grad_accum: int = 1, global_batch: int | None = None, reuse: int = 1) -> None:
     """ValueError naming the file and the field unless the checkpoint fits this run exactly: every
     trainable tensor is one the model's method owns, of its shape and a floating dtype (none missing);
     every optimizer tensor belongs to a parameter and has its shape; every position field has its type
     and range, and the step, epoch and batch agree with each other (``epoch_batches`` batches an epoch,
-    ``grad_accum`` of them a step), so the run would resume where it stopped, not elsewhere."""
+    ``grad_accum`` of them a step, each used for ``reuse`` steps), so the run would resume where it stopped,
+    not elsewhere."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -100,7 +101,7 @@ def check_fits(path: str | Path, state: dict, model, optimizer, *, epoch_batches
                              f"({epoch_batches} batches)")
         same_batches = global_batch is None or pos.get("global_batch", global_batch) == global_batch
         done = pos["epoch"] * epoch_batches + pos["batch"]
-        if same_batches and done != pos["step"] * grad_accum:
+        if same_batches and done != -(-pos["step"] // reuse) * grad_accum:
             raise ValueError(
                 f"{state_p}: position epoch {pos['epoch']}, batch {pos['batch']} is not where step {pos['step']} "
                 f"ends ({pos['step']} x {grad_accum} micro-batches of {epoch_batches} per epoch): the checkpoint "

@@ -3,7 +3,10 @@
 It calls ``model(**batch).loss`` and knows nothing about which method is attached. Per optimizer
 step it accumulates ``grad_accum`` micro-batches, weighting each micro-batch's mean loss by its
 share of the step's loss tokens (so the step's gradient is the token-mean over the whole step,
-whatever the padding), clips, steps AdamW and the warmup + linear/cosine schedule.
+whatever the padding), clips, steps AdamW and the warmup + linear/cosine schedule. The task's
+objective, when it has one, gives the loss instead; it may also make each step's batches itself from
+the drawn ones (``step_batches``: GRPO samples and scores its completions there) and ask for each drawn
+batch to serve ``reuse`` optimizer steps. The loop calls these hooks without knowing whose they are.
 
 Exact resume: the batch order is a pure function of (seed, epoch) (``tunelab.data.encoding.batches``), and a
 checkpoint holds the trainable tensors, the optimizer state, the step/epoch/batch position and the
@@ -147,7 +150,8 @@ class Run:
                                                 gen=self.cfg.eval.gen(), split=not dist.is_sharded(self.model))
         check_reported(self.task, metrics)
         # a task may report it itself (on the way); rows without references (tunelab predict) have none
-        if self.cfg.eval.loss and "eval_loss" not in metrics and not metrics.get("without_reference"):
+        held_out = getattr(self.objective, "scores_held_out", True)  # an objective without a held-out loss says so
+        if self.cfg.eval.loss and held_out and "eval_loss" not in metrics and not metrics.get("without_reference"):
             with autocast(self.device, self.amp):
                 metrics["eval_loss"] = self.eval_loss()
         self.eval_time_s = getattr(self, "eval_time_s", 0.0) + time.perf_counter() - t0  # every evaluation of the run
@@ -310,11 +314,12 @@ def _train(r: Run, model, out: Path, lead: bool) -> dict:
     tc = r.cfg.train
     feats = _train_features(r)
     epoch_batches = len(_epoch_batches(r, feats.lengths, 0))
-    total = _total_steps(tc, epoch_batches)
+    reuse = _reuse(r)
+    total = _total_steps(tc, epoch_batches, reuse)
     base, model, levers = _prepare_model(r, model, feats)
     params, opt, sched, lr = _optimizer_and_schedule(r.cfg, model, total)
     pos = start_position(out, tc, model, opt, sched, total=total, rows=len(feats.lengths), lead=lead,
-                         epoch_batches=epoch_batches)
+                         epoch_batches=epoch_batches, reuse=reuse)
     if lead and pos["step"] == 0:  # starting afresh: a best checkpoint of an earlier run is not this run's
         shutil.rmtree(out / "checkpoints" / "best", ignore_errors=True)
     t = _Training(r=r, feats=feats, model=model, base=base, params=params, opt=opt, sched=sched, levers=levers,
@@ -362,9 +367,21 @@ def _epoch_batches(r: Run, lengths, epoch: int) -> list:
     )
 
 
-def _total_steps(tc, epoch_batches: int) -> int:
-    """train.max_steps, else train.epochs worth of optimizer steps (``grad_accum`` batches each)."""
-    steps_per_epoch = max(1, epoch_batches // tc.grad_accum)
+def _reuse(r: Run) -> int:
+    """Optimizer steps per drawn batch: 1, or what the objective asks (GRPO's num_iterations: each rollout
+    batch is optimised that many times). Checkpoints then fall between drawn batches only."""
+    reuse = getattr(r.objective, "reuse", 1)
+    if reuse > 1 and r.cfg.train.save_every and r.cfg.train.save_every % reuse:
+        raise ValueError(f"train.save_every={r.cfg.train.save_every} is not a multiple of the {reuse} optimizer steps each "
+                         f"batch is used for ({getattr(r.objective, 'reuse_key', 'the objective')}): a checkpoint must "
+                         "fall between batches to resume exactly")
+    return reuse
+
+
+def _total_steps(tc, epoch_batches: int, reuse: int = 1) -> int:
+    """train.max_steps, else train.epochs worth of optimizer steps (``grad_accum`` batches each, each
+    drawn batch used ``reuse`` times)."""
+    steps_per_epoch = max(1, epoch_batches // tc.grad_accum) * reuse
     return tc.max_steps if tc.max_steps is not None else math.ceil(tc.epochs * steps_per_epoch)
 
 
@@ -460,6 +477,7 @@ class _Training:
     log_f: object = None  # log.jsonl, open on the lead process
     bar: object = None  # the progress bar (lead process, train.progress)
     stop: StopOnSignal | None = None
+    held: list | None = None  # the drawn micro-batches while the objective reuses them (``_reuse``)
 
     def __post_init__(self):
         self.ckpt = self.out / "checkpoints"
@@ -481,9 +499,16 @@ class _Training:
     def step(self) -> _StepFacts:
         """One optimizer step over train.grad_accum micro-batches, timed; the whole-run figures in
         ``pos`` move on with it."""
-        r, pos = self.r, self.pos
+        r, pos, obj = self.r, self.pos, self.r.objective
         t0 = time.perf_counter()
-        micro = [{k: v.to(r.device) for k, v in self.next_batch().items()} for _ in range(r.cfg.train.grad_accum)]
+        if self.held is None or pos["step"] % _reuse(r) == 0:
+            micro = [{k: v.to(r.device) for k, v in self.next_batch().items()} for _ in range(r.cfg.train.grad_accum)]
+            if hasattr(obj, "step_batches"):  # the objective makes the step's batches itself (e.g. sampled rollouts)
+                with autocast(r.device, r.amp):
+                    micro = obj.step_batches(self.base, r.tok, micro)
+            self.held = micro if _reuse(r) > 1 else None
+        else:
+            micro = self.held
         loss, gnorm = self.optimizer_step(micro)
         dt = time.perf_counter() - t0
         n_tok = dist.all_sum(sum(real_tokens(b, r.tok.pad_token_id) for b in micro))
@@ -546,6 +571,7 @@ class _Training:
                "tokens_per_s": facts.tokens / facts.seconds, "elapsed_s": pos["train_time_s"]}
         if facts.grad_norm is not None:
             rec["grad_norm"] = float(facts.grad_norm)
+        rec["step_s"] = facts.seconds
         if obj:  # e.g. reward accuracy and margin of the step's last micro-batch
             rec.update(obj.last)
         if pos["step"] % self.r.cfg.train.log_every == 0 or pos["step"] in (1, self.total):
@@ -555,7 +581,8 @@ class _Training:
                 tracker.log_step(rec)
         if self.bar:
             self.bar.update(1)
-            self.bar.set_postfix(loss=f"{facts.loss:.4f}", tok_s=f"{pos['tokens'] / pos['train_time_s']:,.0f}")
+            extra = {k: f"{obj.last[k]:.3g}" for k in getattr(obj, "bar_keys", ()) if k in getattr(obj, "last", {})}
+            self.bar.set_postfix(loss=f"{facts.loss:.4f}", tok_s=f"{pos['tokens'] / pos['train_time_s']:,.0f}", **extra)
 
     def save(self) -> None:
         save_checkpoint(self.ckpt / "last", dist.unwrap(self.model), self.opt, self.sched, self.pos)
@@ -564,7 +591,7 @@ class _Training:
         """After SIGTERM/SIGINT on any process: save a checkpoint and raise ``Stopped`` saying how to resume."""
         stop, step = self.stop, self.pos["step"]
         signum = dist.all_sum(stop.signum or 0) if dist.active() else stop.signum
-        if signum and step < self.total:
+        if signum and step < self.total and step % _reuse(self.r) == 0:  # between drawn batches (see ``_reuse``)
             self.save()
             name = stop.name or f"signal {signum}"
             raise Stopped(f"stopped by {name} at step {step} of {self.total}: checkpoint saved in {self.ckpt / 'last'}; "

@@ -17,7 +17,7 @@ from tunelab.training.checkpoint import check_fits, load_checkpoint, verify_chec
 
 
 def start_position(out: Path, tc, model, opt, sched, *, total: int, rows: int, lead: bool,
-                   epoch_batches: int | None = None) -> dict:
+                   epoch_batches: int | None = None, reuse: int = 1) -> dict:
     """Where training starts: step 0, or the checkpoint every process agrees on (``agree_last``),
     loaded into ``model``, ``opt`` and ``sched`` (the RNG states too). The lead process drops the
     log lines past it. ``pos`` holds the step/epoch/batch position, the best eval score and the
@@ -27,7 +27,7 @@ def start_position(out: Path, tc, model, opt, sched, *, total: int, rows: int, l
            "tokens": 0, "train_time_s": 0.0, "loss": None, "loss_sum": 0.0}
     def fits(path: Path, state: dict) -> None:  # every tensor against the model, every field of the state
         check_fits(path, state, dist.unwrap(model), opt, epoch_batches=epoch_batches, grad_accum=tc.grad_accum,
-                   global_batch=pos["global_batch"])
+                   global_batch=pos["global_batch"], reuse=reuse)
 
     last = agree_last(out / "checkpoints", lead, total, fits) if tc.resume else None
     if last is not None:
