@@ -114,9 +114,9 @@ def test_signal_during_the_final_evaluation_says_where_it_stopped(signum, tiny_d
     out = tmp_path / "run"
     real = train_mod.Run.evaluate
 
-    def interrupted(self):
+    def interrupted(self, *args, **kwargs):
         os.kill(os.getpid(), signum)  # the handler runs here, inside the evaluation
-        return real(self)
+        return real(self, *args, **kwargs)
 
     monkeypatch.setattr(train_mod.Run, "evaluate", interrupted)
     with pytest.raises(Stopped, match="during the final evaluation.*method is saved") as e:
