@@ -47,12 +47,23 @@ def comparison_table(result_dir: str | Path, style: str = "full") -> str:
     metric = manifest.get("metric") or next(k[: -len("_mean")] for k in rows[0] if k.endswith("_mean"))
     verdict = next((ln for ln in (d / "results.md").read_text().splitlines() if ln.startswith("**Verdict")), "")
     warning = next((ln for ln in (d / "results.md").read_text().splitlines() if ln.startswith("Warning:")), "")
-    cmd = " ".join(["tunelab compare", manifest["config"], *manifest.get("overrides", [])])
+    cmd = " ".join(["tunelab compare", manifest["config"], *manifest.get("overrides", []),
+                    *(["--tune lr"] if manifest.get("tuning") else [])])
     seeds = ", ".join(str(s) for s in manifest.get("seeds", []))
     out = [f"Command: `{cmd}` (seeds {seeds}); result files: `{result_dir}/`; this table: "
            "`python bench/results_table.py --write`.", ""]
     if verdict:
         out += [verdict, ""]
+    tuning = manifest.get("tuning") or {}
+    if tuning:  # --tune lr: each method's trials, from the manifest
+        split = next(iter(tuning.values())).get("split", "")
+        out += [f"Learning-rate search (`--tune lr`, scored on {split}):", "",
+                "| method | trial lr | " + next(iter(tuning.values())).get("metric", "score") + " | picked |",
+                "|---|---:|---:|---|"]
+        for label, t in tuning.items():
+            out += [f"| {label} | {lr:.3g} | {score:.3f} | {'yes' if lr == t.get('best_lr') else ''} |"
+                    for lr, score in t.get("scores", [])]
+        out += ["", "At the picked rates, on the eval set:", ""]
     if warning:
         out += [warning, ""]
     if style == "short":
