@@ -47,13 +47,21 @@ def comparison_table(result_dir: str | Path, style: str = "full") -> str:
     metric = manifest.get("metric") or next(k[: -len("_mean")] for k in rows[0] if k.endswith("_mean"))
     verdict = next((ln for ln in (d / "results.md").read_text().splitlines() if ln.startswith("**Verdict")), "")
     warning = next((ln for ln in (d / "results.md").read_text().splitlines() if ln.startswith("Warning:")), "")
+    mode = (manifest.get("budget") or {}).get("mode")
     cmd = " ".join(["tunelab compare", manifest["config"], *manifest.get("overrides", []),
-                    *(["--tune lr"] if manifest.get("tuning") else [])])
+                    *(["--tune lr"] if manifest.get("tuning") else []),
+                    *([f"--budget {mode}"] if mode and mode != "steps" else [])])
     seeds = ", ".join(str(s) for s in manifest.get("seeds", []))
     out = [f"Command: `{cmd}` (seeds {seeds}); result files: `{result_dir}/`; this table: "
            "`python bench/results_table.py --write`.", ""]
     if verdict:
         out += [verdict, ""]
+    budget = manifest.get("budget") or {}
+    if budget.get("per_label"):  # compare.budget flops|time: the probe's cost per step and the steps it gave
+        unit = "flops_per_step" if budget.get("mode") == "flops" else "s_per_step"
+        shown = "FLOPs" if unit == "flops_per_step" else "s"
+        cells = ", ".join(f"{label} {b['steps']} steps ({b[unit]:.3g} {shown}/step)" for label, b in budget["per_label"].items())
+        out += [f"Budget: {budget['note']}: {cells}.", ""]
     tuning = manifest.get("tuning") or {}
     if tuning:  # --tune lr: each method's trials, from the manifest
         split = next(iter(tuning.values())).get("split", "")
