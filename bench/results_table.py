@@ -105,9 +105,55 @@ def comparison_table(result_dir: str | Path, style: str = "full") -> str:
     return "\n".join(out) + "\n"
 
 
+def scaling_table(result_dirs: str) -> str:
+    """The Markdown for one or more ``tunelab scale`` sweeps (comma-separated dirs, one per seed) from their
+    committed manifest.json / scaling.json: each seed's multiplicative fit, and with several seeds the
+    mean and 95% t-interval of the exponents over the seeds."""
+    import math
+    from statistics import mean, stdev
+
+    from scipy import stats
+
+    dirs = result_dirs.split(",")
+    rows, cmds = [], []
+    for d in dirs:
+        manifest = json.loads((ROOT / d / "manifest.json").read_text())
+        result = json.loads((ROOT / d / "scaling.json").read_text())
+        fit = next(f for f in result["fits"] if f.get("form") == "multiplicative" and "params" in f)
+        seeds = manifest.get("seeds") or [0]
+        cmds.append(" ".join(["tunelab scale", manifest["config"], *manifest.get("overrides", [])]))
+        rows.append((seeds[0], fit, result))
+    target = rows[0][2].get("target", "eval loss")
+    out = [f"Command{'s' if len(cmds) > 1 else ''}: " + "; ".join(f"`{c}`" for c in cmds)
+           + f"; result files: {', '.join(f'`{d}/`' for d in dirs)}; this table: `python bench/results_table.py --write`.",
+           "", f"Target: {target}. Fit: L = A·X^-alpha·D^-beta + E, the largest size held out.", "",
+           "| seed | A | alpha (factor) | beta (data) | E | held-out mean rel. error | constant baseline's error | verdict |",
+           "|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for seed, fit, _ in rows:
+        p, diag = fit["params"], fit.get("diagnostics") or {}
+        base = fit.get("baseline_errors", {}).get("mean_rel_error")
+        out.append(f"| {seed} | {p['A']:.3f} | {p['alpha']:.4f} | {p['beta']:.3f} | {p['E']:.3f} | "
+                   f"{100 * fit['errors']['mean_rel_error']:.1f}% | {'–' if base is None else f'{100 * base:.1f}%'} | "
+                   f"{'good' if diag.get('good') else 'NOT a good fit'} |")
+    if len(rows) > 1:
+        def ci(vals):
+            m, n = mean(vals), len(vals)
+            h = stats.t.ppf(0.975, n - 1) * stdev(vals) / math.sqrt(n)
+            return f"{m:.3f} [{m - h:.3f}, {m + h:.3f}]"
+        out.append(f"| **mean [95% t-interval]** | | {ci([f['params']['alpha'] for _, f, _ in rows])} | "
+                   f"{ci([f['params']['beta'] for _, f, _ in rows])} | | "
+                   f"{100 * mean(f['errors']['mean_rel_error'] for _, f, _ in rows):.1f}% | | |")
+    return "\n".join(out) + "\n"
+
+
 def rebuild(text: str) -> str:
-    """``text`` with every generated block rebuilt from its result files."""
-    return BLOCK.sub(lambda m: m.group(1) + comparison_table(m["dir"], m["style"] or "full") + m.group(5), text)
+    """``text`` with every generated block rebuilt from its result files (style ``scaling``: scale sweeps)."""
+    def table(m) -> str:
+        if m["style"] == "scaling":
+            return scaling_table(m["dir"])
+        return comparison_table(m["dir"], m["style"] or "full")
+
+    return BLOCK.sub(lambda m: m.group(1) + table(m) + m.group(5), text)
 
 
 def docs_tables(write: bool = False) -> list[str]:

@@ -20,10 +20,11 @@ def load():
 
 def test_committed_tables_equal_their_rebuild():
     rt = load()
-    blocks = [m["dir"] for name in rt.DOCS for m in rt.BLOCK.finditer((ROOT / name).read_text())]
+    blocks = [(d, m["style"]) for name in rt.DOCS for m in rt.BLOCK.finditer((ROOT / name).read_text())
+              for d in m["dir"].split(",")]  # a scaling table may join several sweeps (one per seed)
     assert blocks, "no generated table in README.md or docs/results.md"
-    for d in blocks:
-        for f in ("summary.csv", "results.md", "manifest.json"):
+    for d, style in blocks:
+        for f in ("summary.csv", "results.md", "manifest.json") + (("scaling.json",) if style == "scaling" else ()):
             assert (ROOT / d / f).is_file(), f"{d}/{f}: the result files behind a table must be committed"
     assert rt.docs_tables(write=False) == [], "run: python bench/results_table.py --write"
 
@@ -75,3 +76,21 @@ def test_the_costs_style_adds_tokens_per_s_and_peak_memory():
         assert cells[-2] == ("–" if tok == "" else f"{float(tok):.0f}")
         assert cells[-1] == f"{float(r['peak_memory_mb_mean']):.0f}"
     assert "tokens/s" not in rt.comparison_table(src, "full")
+
+
+def test_a_changed_scaling_fit_changes_its_table(tmp_path, monkeypatch):
+    """The scaling style reads each seed's scaling.json: a changed exponent changes the row and the interval."""
+    import json
+
+    rt = load()
+    for s in (0, 1):
+        shutil.copytree(ROOT / f"docs/results/sst2-scale-s{s}", tmp_path / f"s{s}")
+    monkeypatch.setattr(rt, "ROOT", tmp_path)
+    before = rt.scaling_table("s0,s1")
+    assert "| 0 | " in before and "| 1 | " in before and "mean [95% t-interval]" in before
+    path = tmp_path / "s1" / "scaling.json"
+    result = json.loads(path.read_text())
+    next(f for f in result["fits"] if f["form"] == "multiplicative")["params"]["beta"] = 0.9
+    path.write_text(json.dumps(result))
+    after = rt.scaling_table("s0,s1")
+    assert after != before and "| 0.900 |" in after
