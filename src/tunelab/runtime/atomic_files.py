@@ -29,6 +29,15 @@ def readable(path: str | Path, directory: bool = False) -> None:
     os.chmod(path, (0o755 if directory else 0o644) & ~_umask())
 
 
+
+def _staging_dir(target: Path) -> Path:
+    """A new group-readable temporary folder beside ``target`` (same filesystem: its moves are renames)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    readable(tmp, directory=True)
+    return tmp
+
+
 @contextlib.contextmanager
 def atomic_dir(target: str | Path, keep: str | Path | None = None):
     """Yield a temporary directory beside ``target``; on success it replaces ``target`` whole.
@@ -38,9 +47,7 @@ def atomic_dir(target: str | Path, keep: str | Path | None = None):
     ``keep``, the old ``target`` is moved there instead of being removed (the previous checkpoint).
     """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    readable(tmp, directory=True)
+    tmp = _staging_dir(target)
     try:
         yield tmp
         for f in tmp.iterdir():
@@ -149,9 +156,7 @@ def files_into(target: str | Path, *, overwrite: bool = False):
     rename); into an existing one only the written files move, and with ``overwrite`` they replace
     the files of the same names (without it, a name clash is an error and nothing is replaced)."""
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    readable(tmp, directory=True)
+    tmp = _staging_dir(target)
     try:
         yield tmp
         for f in tmp.rglob("*"):
