@@ -7,7 +7,9 @@
 A generated table sits between ``<!-- results-table: DIR [STYLE] -->`` and ``<!-- /results-table -->`` (``DIR``
 a comparison's committed result files: ``summary.csv``, ``results.md``, ``manifest.json``, under
 ``docs/results/``; ``STYLE``: ``full`` (default), ``short``, or ``costs``: full plus each method's mean
-training tokens/s and peak memory); what is between the markers is rebuilt from those files only, with the exact command
+training tokens/s and peak memory; ``scaling``: comma-joined ``tunelab scale`` sweeps; ``runs``: single
+``tunelab train`` runs with ``eval.before=true``, one sub-directory per run holding its ``metrics.json`` and
+``config.yaml``, and ``commands.txt`` beside them, the command(s) that made them); what is between the markers is rebuilt from those files only, with the exact command
 that made them in the table's heading. ``tests/test_results_tables.py`` checks that the committed tables
 equal their rebuild.
 """
@@ -151,6 +153,8 @@ def rebuild(text: str) -> str:
     def table(m) -> str:
         if m["style"] == "scaling":
             return scaling_table(m["dir"])
+        if m["style"] == "runs":
+            return runs_table(m["dir"])
         return comparison_table(m["dir"], m["style"] or "full")
 
     return BLOCK.sub(lambda m: m.group(1) + table(m) + m.group(5), text)
@@ -193,6 +197,23 @@ def row(run: Path) -> str | None:
             f"{m['n']} | {facts['wall_time_s'] / 60:.1f} | {cells} |")
 
 
+HEADER = ("| run | task (formulation) | model | method | training budget | eval n | minutes | metric before → after |\n"
+          "|---|---|---|---|---|---|---|---|")
+
+
+def runs_table(result_dir: str) -> str:
+    """The before/after Markdown of committed single runs: ``result_dir/*/metrics.json`` (+ ``config.yaml``),
+    in the order of ``commands.txt``'s runs when it names them, else by name; the commands head the table."""
+    d = ROOT / result_dir
+    commands = [ln.strip() for ln in (d / "commands.txt").read_text().splitlines() if ln.strip()]
+    runs = sorted((p for p in d.iterdir() if (p / "metrics.json").exists()),
+                  key=lambda p: (next((i for i, c in enumerate(commands) if p.name in c), len(commands)), p.name))
+    rows = [r for r in (row(p) for p in runs) if r]
+    out = [f"Command{'s' if len(commands) > 1 else ''}: " + "; ".join(f"`{c}`" for c in commands)
+           + f"; result files: `{result_dir}/`; this table: `python bench/results_table.py --write`.", "", HEADER, *rows]
+    return "\n".join(out) + "\n"
+
+
 def main(args: list[str]) -> int:
     import argparse
 
@@ -208,8 +229,7 @@ def main(args: list[str]) -> int:
         for name in stale:
             print(f"{verb}: {name}")
         return 1 if stale and opts.check else 0
-    print("| run | task (formulation) | model | method | training budget | eval n | minutes | metric before → after |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(HEADER)
     for p in opts.runs:
         r = row(Path(p))
         if r:

@@ -24,8 +24,15 @@ def test_committed_tables_equal_their_rebuild():
               for d in m["dir"].split(",")]  # a scaling table may join several sweeps (one per seed)
     assert blocks, "no generated table in README.md or docs/results.md"
     for d, style in blocks:
-        for f in ("summary.csv", "results.md", "manifest.json") + (("scaling.json",) if style == "scaling" else ()):
-            assert (ROOT / d / f).is_file(), f"{d}/{f}: the result files behind a table must be committed"
+        if style == "runs":  # single runs: the commands, and each run's metrics.json and config.yaml
+            runs = [p for p in (ROOT / d).iterdir() if p.is_dir()]
+            assert (ROOT / d / "commands.txt").is_file() and runs, f"{d}: commands.txt and the run directories"
+            needed = [p / f for p in runs for f in ("metrics.json", "config.yaml")]
+        else:
+            needed = [ROOT / d / f for f in ("summary.csv", "results.md", "manifest.json")
+                      + (("scaling.json",) if style == "scaling" else ())]
+        for f in needed:
+            assert f.is_file(), f"{f.relative_to(ROOT)}: the result files behind a table must be committed"
     assert rt.docs_tables(write=False) == [], "run: python bench/results_table.py --write"
 
 
