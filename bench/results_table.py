@@ -9,7 +9,8 @@ a comparison's committed result files: ``summary.csv``, ``results.md``, ``manife
 ``docs/results/``; ``STYLE``: ``full`` (default), ``short``, or ``costs``: full plus each method's mean
 training tokens/s and peak memory; ``scaling``: comma-joined ``tunelab scale`` sweeps; ``runs``: single
 ``tunelab train`` runs with ``eval.before=true``, one sub-directory per run holding its ``metrics.json`` and
-``config.yaml``, and ``commands.txt`` beside them, the command(s) that made them); what is between the markers is rebuilt from those files only, with the exact command
+``config.yaml``, and ``commands.txt`` beside them, the command(s) that made them; ``grpo``: comma-joined
+``bench/grpo_measure.py`` result files, through that script's own table); what is between the markers is rebuilt from those files only, with the exact command
 that made them in the table's heading. ``tests/test_results_tables.py`` checks that the committed tables
 equal their rebuild.
 """
@@ -148,6 +149,18 @@ def scaling_table(result_dirs: str) -> str:
     return "\n".join(out) + "\n"
 
 
+def grpo_table(result_files: str) -> str:
+    """The GRPO/SFT/DPO table of ``bench/grpo_measure.py`` from its committed result files (comma-joined)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("grpo_measure", ROOT / "bench" / "grpo_measure.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    files = result_files.split(",")
+    return (f"Command: `python bench/grpo_measure.py --table {' '.join(files)}`; this table: "
+            "`python bench/results_table.py --write`.\n\n" + mod.table([ROOT / f for f in files]) + "\n")
+
+
 def rebuild(text: str) -> str:
     """``text`` with every generated block rebuilt from its result files (style ``scaling``: scale sweeps)."""
     def table(m) -> str:
@@ -155,6 +168,8 @@ def rebuild(text: str) -> str:
             return scaling_table(m["dir"])
         if m["style"] == "runs":
             return runs_table(m["dir"])
+        if m["style"] == "grpo":
+            return grpo_table(m["dir"])
         return comparison_table(m["dir"], m["style"] or "full")
 
     return BLOCK.sub(lambda m: m.group(1) + table(m) + m.group(5), text)
