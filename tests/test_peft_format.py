@@ -128,6 +128,23 @@ def test_import_a_peft_classifier_adapter_loads_and_trains_the_head(tmp_path):
         assert (ours(X[:, :8]).logits - ref).abs().max() < 1e-5
 
 
+def test_import_takes_the_heads_peft_0_22_lists_for_every_classifier(tmp_path):
+    """PEFT >= 0.22 saves modules_to_save = classifier, score, pre_classifier (DistilBERT's head layer) for any
+    SEQ_CLS adapter, whichever of them the model has: such an adapter imports, with the same logits."""
+    pm = peft.get_peft_model(tiny_bert(), peft.LoraConfig(r=2, target_modules=["query"], task_type="SEQ_CLS"))
+    with torch.no_grad():
+        pm.base_model.model.classifier.modules_to_save["default"].weight.add_(0.5)
+    pm.eval()
+    with torch.no_grad():
+        ref = pm(input_ids=X[:, :8]).logits
+    pm.save_pretrained(str(tmp_path))
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps(dict(cfg, modules_to_save=["classifier", "score", "pre_classifier"])))
+    ours = import_peft(tiny_bert(), tmp_path)
+    with torch.no_grad():
+        assert (ours(X[:, :8]).logits - ref).abs().max() < 1e-5
+
+
 def test_import_errors_name_the_file_and_key(tmp_path):
     with pytest.raises(FileNotFoundError, match="adapter_config.json"):
         import_peft(tiny_llama(), tmp_path)

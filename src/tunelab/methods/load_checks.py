@@ -83,7 +83,9 @@ def _number(v) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
 
 
-HEAD_PARTS = (*HEAD_NAMES, "pooler")  # a BERT base without a pooler gets a fresh one with its head
+# A BERT base without a pooler gets a fresh one with its head; PEFT >= 0.22 adds "pre_classifier" (DistilBERT's
+# head layer, absent elsewhere) to every SEQ_CLS adapter's modules_to_save.
+HEAD_PARTS = (*HEAD_NAMES, "pooler", "pre_classifier")
 
 
 def check_peft_config(cfg: dict, path: Path, new_heads=()) -> None:
