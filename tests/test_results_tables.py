@@ -21,10 +21,12 @@ def load():
 def test_committed_tables_equal_their_rebuild():
     rt = load()
     blocks = [(d, m["style"]) for name in rt.DOCS for m in rt.BLOCK.finditer((ROOT / name).read_text())
-              for d in m["dir"].split(",")]  # a scaling table may join several sweeps (one per seed)
+              for d in m["dir"].split(",")]  # a scaling or grpo table may join several result sets
     assert blocks, "no generated table in README.md or docs/results.md"
     for d, style in blocks:
-        if style == "runs":  # single runs: the commands, and each run's metrics.json and config.yaml
+        if style == "grpo":  # bench/grpo_measure.py's result files
+            needed = [ROOT / f for f in d.split(",")]
+        elif style == "runs":  # single runs: the commands, and each run's metrics.json and config.yaml
             runs = [p for p in (ROOT / d).iterdir() if p.is_dir()]
             assert (ROOT / d / "commands.txt").is_file() and runs, f"{d}: commands.txt and the run directories"
             needed = [p / f for p in runs for f in ("metrics.json", "config.yaml")]
@@ -101,3 +103,27 @@ def test_a_changed_scaling_fit_changes_its_table(tmp_path, monkeypatch):
     path.write_text(json.dumps(result))
     after = rt.scaling_table("s0,s1")
     assert after != before and "| 0.900 |" in after
+
+
+def test_a_changed_run_metric_changes_the_runs_table(tmp_path, monkeypatch):
+    """The runs style reads each committed run's metrics.json: a changed after-training score changes its row,
+    and a run directory without metrics.json is not shown."""
+    import json
+
+    rt = load()
+    src = next(m["dir"] for m in rt.BLOCK.finditer((ROOT / "docs/results.md").read_text()) if m["style"] == "runs")
+    shutil.copytree(ROOT / src, tmp_path / "r")
+    monkeypatch.setattr(rt, "ROOT", tmp_path)
+    before = rt.runs_table("r")
+    runs = sorted(p for p in (tmp_path / "r").iterdir() if p.is_dir())
+    assert before.startswith("Command") and all(f"| {p.name} |" in before for p in runs)
+    path = runs[0] / "metrics.json"
+    data = json.loads(path.read_text())
+    section = data["metrics"] if "metrics" in data else data
+    key = next(k for k, v in section.items() if isinstance(v, float) and k not in ("eval_loss",))
+    section[key] = 0.123456
+    path.write_text(json.dumps(data))
+    after = rt.runs_table("r")
+    assert after != before and "→ 0.123" in after
+    path.unlink()
+    assert f"| {runs[0].name} |" not in rt.runs_table("r")
