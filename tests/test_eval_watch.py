@@ -14,24 +14,14 @@ from typer.testing import CliRunner
 from tunelab.cli import app
 from tunelab.config import load_config
 
-from conftest import tiny_llama, tiny_tokenizer_obj
-
 runner = CliRunner()
 ROWS = [{"text": f"the cat sat {i}", "label": "yes" if i % 2 else "no"} for i in range(8)]
 
 
-@pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny-llama")
-    tiny_llama().save_pretrained(d)
-    tiny_tokenizer_obj().save_pretrained(d)
-    return d
-
-
-def write_run(tmp_path, llama_dir, *overrides):
+def write_run(tmp_path, tiny_dir, *overrides):
     (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
     (tmp_path / "dev.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS[:4]))
-    cfg = {"model": str(llama_dir), "method": {"name": "lora", "r": 2}, "task": {"name": "classification", "chat": False},
+    cfg = {"model": str(tiny_dir), "method": {"name": "lora", "r": 2}, "task": {"name": "classification", "chat": False},
            "data": {"train": "train.jsonl", "eval": "dev.jsonl", "max_length": 48},
            "train": {"max_steps": 4, "batch_size": 2, "lr": 1e-3, "progress": True, "precision": "fp32", "threads": 1},
            "eval": {"batch_size": 2}, "output_dir": str(tmp_path / "run")}
@@ -41,9 +31,9 @@ def write_run(tmp_path, llama_dir, *overrides):
     return tmp_path / "run", res.output
 
 
-def test_every_steps_evaluates_logs_tracks_and_keeps_the_best(tmp_path, llama_dir):
+def test_every_steps_evaluates_logs_tracks_and_keeps_the_best(tmp_path, tiny_dir):
     pytest.importorskip("tensorboard")
-    run, output = write_run(tmp_path, llama_dir, "eval.every_steps=2", "eval.before=true", "train.report_to=tensorboard")
+    run, output = write_run(tmp_path, tiny_dir, "eval.every_steps=2", "eval.before=true", "train.report_to=tensorboard")
     lines = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
     evals = [x for x in lines if "eval" in x]
     assert [x["step"] for x in evals] == [2] and "accuracy" in evals[0]["eval"]  # step 4 is the final evaluation
@@ -68,8 +58,8 @@ def test_every_steps_evaluates_logs_tracks_and_keeps_the_best(tmp_path, llama_di
         load_config(None, ["eval.every_steps=2", "train.eval_every=3"])
 
 
-def test_eval_of_a_run_does_not_read_the_training_file(tmp_path, llama_dir):
-    run, _ = write_run(tmp_path, llama_dir)
+def test_eval_of_a_run_does_not_read_the_training_file(tmp_path, tiny_dir):
+    run, _ = write_run(tmp_path, tiny_dir)
     assert json.loads((run / "task.json").read_text()) == {"labels": ["no", "yes"]}
     (tmp_path / "train.jsonl").rename(tmp_path / "moved.jsonl")  # gone: eval must not need it
     res = runner.invoke(app, ["eval", str(run)])

@@ -14,17 +14,7 @@ from tunelab.cli import app
 from tunelab.errors import DataError
 from tunelab.tasks import TASKS
 
-from conftest import tiny_llama, tiny_tokenizer_obj
-
 runner = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny-llama")
-    tiny_llama().save_pretrained(d)
-    tiny_tokenizer_obj().save_pretrained(d)
-    return d
 
 
 def jsonl(path, rows):
@@ -32,9 +22,9 @@ def jsonl(path, rows):
     return path
 
 
-def train_config(tmp_path, llama_dir, task: dict, data: dict, **extra) -> dict:
+def train_config(tmp_path, tiny_dir, task: dict, data: dict, **extra) -> dict:
     """Write a config YAML (data paths relative to it), run `tunelab train` on it, return metrics.json."""
-    cfg = {"model": str(llama_dir), "method": {"name": "lora", "r": 2}, "task": {"chat": False, **task},
+    cfg = {"model": str(tiny_dir), "method": {"name": "lora", "r": 2}, "task": {"chat": False, **task},
            "data": {"max_length": 64, **data},
            "train": {"max_steps": 2, "batch_size": 2, "lr": 1e-3, "progress": False, "precision": "fp32", "threads": 1},
            "eval": {"max_new_tokens": 3, **extra.pop("eval", {})}, "output_dir": str(tmp_path / "run"), **extra}
@@ -64,7 +54,7 @@ def test_closed_book_qa_reads_question_and_answer_list(tmp_path):
         qa.read(str(tmp_path / "nq.jsonl"), qa.Config(fields={"answers": "answer"}, formulation="head"))
 
 
-def test_closed_book_qa_trains_and_scores_best_match_over_the_answers(tmp_path, llama_dir, monkeypatch):
+def test_closed_book_qa_trains_and_scores_best_match_over_the_answers(tmp_path, tiny_dir, monkeypatch):
     jsonl(tmp_path / "train.jsonl", NQ_OPEN)
     jsonl(tmp_path / "dev.jsonl", NQ_OPEN)
     import tunelab.tasks.qa as qa_mod
@@ -74,7 +64,7 @@ def test_closed_book_qa_trains_and_scores_best_match_over_the_answers(tmp_path, 
     monkeypatch.setattr(qa_mod, "generate", lambda model, tok, prompts, **k: [next(said) for _ in prompts])
     dev = [NQ_OPEN[3], NQ_OPEN[0], NQ_OPEN[1], NQ_OPEN[2]]
     jsonl(tmp_path / "dev.jsonl", dev)
-    m = train_config(tmp_path, llama_dir, {"name": "qa", "layout": "nq_open"}, {"train": "train.jsonl", "eval": "dev.jsonl"})
+    m = train_config(tmp_path, tiny_dir, {"name": "qa", "layout": "nq_open"}, {"train": "train.jsonl", "eval": "dev.jsonl"})
     assert m["metrics"]["exact_match"] == 0.75 and m["metrics"]["n"] == 4
 
 
@@ -85,10 +75,10 @@ CSQA = [{"id": f"q{i}", "question": q, "question_concept": "cup",
                                                       ("where does the dog sat", "B"), ("where is the mat", "B")])]
 
 
-def test_csqa_rows_train_and_score_each_choice_label(tmp_path, llama_dir):
+def test_csqa_rows_train_and_score_each_choice_label(tmp_path, tiny_dir):
     jsonl(tmp_path / "train_rand_split.jsonl", CSQA)
     jsonl(tmp_path / "dev_rand_split.jsonl", CSQA[:3])
-    m = train_config(tmp_path, llama_dir, {"name": "reasoning", "layout": "csqa"},
+    m = train_config(tmp_path, tiny_dir, {"name": "reasoning", "layout": "csqa"},
                      {"train": "train_rand_split.jsonl", "eval": "dev_rand_split.jsonl"})["metrics"]
     assert m["n"] == 3 and 0 <= m["accuracy"] <= 1 and "tied_predictions" in m
     preds = [json.loads(x) for x in (tmp_path / "run" / "predictions.jsonl").read_text().splitlines()]
@@ -159,7 +149,7 @@ def test_a_layout_that_does_not_fit_names_the_columns_and_the_layouts_that_would
 
 
 # ---------------------------------------------------------------- multi-reference summaries (DialogSum)
-def test_dialogsum_test_file_scores_against_all_three_references(tmp_path, llama_dir, monkeypatch):
+def test_dialogsum_test_file_scores_against_all_three_references(tmp_path, tiny_dir, monkeypatch):
     train = [{"id": f"train_{i}", "dialogue": "#Person1#: hi\n#Person2#: hello", "summary": "they say hello",
               "topic": "greeting"} for i in range(4)]
     test = [{"id": f"test_{i}", "dialogue": "#Person1#: hi\n#Person2#: bye", "summary1": "Tom says hi",
@@ -171,7 +161,7 @@ def test_dialogsum_test_file_scores_against_all_three_references(tmp_path, llama
 
     # the model writes each row's second reference: only scoring against every reference gives ROUGE 1
     monkeypatch.setattr(summ, "generate", lambda model, tok, prompts, **k: [f"Mary says bye {i}" for i in range(len(prompts))])
-    m = train_config(tmp_path, llama_dir, {"name": "summarization", "layout": "dialogsum"},
+    m = train_config(tmp_path, tiny_dir, {"name": "summarization", "layout": "dialogsum"},
                      {"train": "dialogsum.train.jsonl", "eval": "dialogsum.test.jsonl"})["metrics"]
     assert m["n"] == 3 and m["rouge1"] == pytest.approx(1.0) and m["rougeL"] == pytest.approx(1.0)
 
@@ -187,10 +177,10 @@ def test_multi_reference_rouge_and_bleu():
     assert bleu(["a dog runs fast today", "hello there my friend"], ["x y z", "hello there my friend"]) < 100.0
 
 
-def test_fields_eval_maps_the_eval_files_own_columns(tmp_path, llama_dir):
+def test_fields_eval_maps_the_eval_files_own_columns(tmp_path, tiny_dir):
     jsonl(tmp_path / "train.jsonl", [{"dialogue": "Tom: hi", "summary": "Tom says hi"}] * 4)
     jsonl(tmp_path / "eval.jsonl", [{"text": "Tom: hi", "gold": "Tom says hi"}] * 2)
-    m = train_config(tmp_path, llama_dir, {"name": "summarization", "fields_eval": {"dialogue": "text", "summary": "gold"}},
+    m = train_config(tmp_path, tiny_dir, {"name": "summarization", "fields_eval": {"dialogue": "text", "summary": "gold"}},
                      {"train": "train.jsonl", "eval": "eval.jsonl"})["metrics"]
     assert m["n"] == 2
 
@@ -201,10 +191,10 @@ CONLL03 = ("-DOCSTART- -X- -X- O\n\nJohn NNP B-NP B-PER\nSmith NNP I-NP I-PER\nl
            "Paris NNP B-NP B-LOC\n\n")
 
 
-def test_wnut17_annotated_files_train_and_score(tmp_path, llama_dir):
+def test_wnut17_annotated_files_train_and_score(tmp_path, tiny_dir):
     (tmp_path / "wnut17train.conll").write_text(WNUT * 2)
     (tmp_path / "emerging.test.annotated").write_text(WNUT)
-    m = train_config(tmp_path, llama_dir, {"name": "ner"}, {"train": "wnut17train.conll", "eval": "emerging.test.annotated"})
+    m = train_config(tmp_path, tiny_dir, {"name": "ner"}, {"train": "wnut17train.conll", "eval": "emerging.test.annotated"})
     assert m["metrics"]["n"] == 2 and "f1" in m["metrics"]
 
 
@@ -239,13 +229,13 @@ def test_unknown_suffix_error_names_the_config_key(tmp_path):
 
 
 # ---------------------------------------------------------------- a CSV sentiment set (IMDB as a Kaggle CSV)
-def test_imdb_csv_trains_with_a_held_out_share(tmp_path, llama_dir):
+def test_imdb_csv_trains_with_a_held_out_share(tmp_path, tiny_dir):
     with open(tmp_path / "IMDB Dataset.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["review", "sentiment"])
         for i in range(10):
             w.writerow([f"A fine film, {i}.<br /><br />Truly." if i % 2 else f"Dull, {i}.", "positive" if i % 2 else "negative"])
-    m = train_config(tmp_path, llama_dir, {"name": "sentiment", "layout": "imdb_csv"},
+    m = train_config(tmp_path, tiny_dir, {"name": "sentiment", "layout": "imdb_csv"},
                      {"train": "IMDB Dataset.csv", "eval_split": 0.3})
     assert m["metrics"]["n"] == 3 and "accuracy" in m["metrics"] and "tied_predictions" in m["metrics"]
     assert m["run"]["data_rows"] == 7  # the held-out rows are not trained on
@@ -294,12 +284,12 @@ def test_docs_list_every_layout_with_its_example_row():
         assert f"| `{lay.name}` |" in doc and f"`{json.dumps(lay.example)}`" in doc, lay.name
 
 
-def test_nli_pairs_with_label_ids_train_through_a_layout(tmp_path, llama_dir):
+def test_nli_pairs_with_label_ids_train_through_a_layout(tmp_path, tiny_dir):
     rows = [{"premise": "the cat sat", "hypothesis": h, "label": y} for h, y in
             (("a cat sat", 0), ("the dog sat", 2), ("a cat is", 1), ("no cat", -1))] * 2  # -1: no gold label (dropped)
     jsonl(tmp_path / "snli_1.0_train.jsonl", rows)
     jsonl(tmp_path / "snli_1.0_dev.jsonl", rows)
-    m = train_config(tmp_path, llama_dir, {"name": "classification", "layout": "snli"},
+    m = train_config(tmp_path, tiny_dir, {"name": "classification", "layout": "snli"},
                      {"train": "snli_1.0_train.jsonl", "eval": "snli_1.0_dev.jsonl"})["metrics"]
     assert m["n"] == 6 and "macro_f1" in m
     preds = [json.loads(x) for x in (tmp_path / "run" / "predictions.jsonl").read_text().splitlines()]

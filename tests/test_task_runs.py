@@ -13,18 +13,10 @@ from tunelab.config import load_config
 from tunelab.results import read_metrics
 from tunelab.tasks import TASKS
 
-from conftest import SHARED_DATA, tiny_llama, tiny_tokenizer_obj
+from conftest import SHARED_DATA, tiny_tokenizer_obj
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 FAMILIES = ("ner", "qa", "summarization", "generation", "reasoning")
-
-
-@pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny-llama")
-    tiny_llama().save_pretrained(d)
-    tiny_tokenizer_obj().save_pretrained(d)
-    return d
 
 
 @pytest.fixture(scope="module")
@@ -65,12 +57,12 @@ def fixture_data(tmp_path, task):
 
 
 @pytest.mark.parametrize("task,formulation", [(t, "lm") for t in FAMILIES] + [("ner", "head"), ("qa", "head")])
-def test_two_steps_through_the_loop(task, formulation, llama_dir, bert_dir, tmp_path, monkeypatch):
+def test_two_steps_through_the_loop(task, formulation, tiny_dir, bert_dir, tmp_path, monkeypatch):
     train, dev = fixture_data(tmp_path, task)
     if dev == train:  # the same rows under another name: train == eval is refused as a leak
         dev = train.with_name("dev-" + train.name)
         dev.write_text(train.read_text())
-    model = bert_dir if formulation == "head" else llama_dir
+    model = bert_dir if formulation == "head" else tiny_dir
     cfg = load_config(None, [
         f"model.name={model}", "method.name=full", f"task.name={task}", f"task.formulation={formulation}",
         "task.chat=false", f"data.train={train}", f"data.eval={dev}", "data.max_length=48",
