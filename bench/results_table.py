@@ -221,9 +221,9 @@ def runs_table(result_dir: str) -> str:
     in the order of ``commands.txt``'s runs when it names them, else by name; the commands head the table."""
     d = ROOT / result_dir
     commands = [ln.strip() for ln in (d / "commands.txt").read_text().splitlines() if ln.strip()]
-    runs = sorted((p for p in d.iterdir() if (p / "metrics.json").exists()),
+    runs = sorted((p for p in d.iterdir() if p.is_dir()),
                   key=lambda p: (next((i for i, c in enumerate(commands) if p.name in c), len(commands)), p.name))
-    rows = [r for r in (row(p) for p in runs) if r]
+    rows = [r for r in map(row, runs) if r]  # row() skips a run without metrics.json
     out = [f"Command{'s' if len(commands) > 1 else ''}: " + "; ".join(f"`{c}`" for c in commands)
            + f"; result files: `{result_dir}/`; this table: `python bench/results_table.py --write`.", "", HEADER, *rows]
     return "\n".join(out) + "\n"
