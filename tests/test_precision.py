@@ -1,7 +1,7 @@
 """cast_weights: the same results as autocast's per-call casts, originals restored, trainables left alone."""
 
 import torch
-from tests.conftest import tiny_llama
+from conftest import tiny_llama
 
 import tunelab
 from tunelab.runtime.precision import cast_weights, saved_bytes

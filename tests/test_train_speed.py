@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
-from tests.conftest import tiny_llama
+from conftest import tiny_llama
 from tests.test_train import cfg_for, data, losses  # noqa: F401  (data: the fixture)
 
 import tunelab
